@@ -48,6 +48,17 @@ def _layer_types(hf: Mapping[str, Any], n_layers: int, default_pattern: int | No
     return ["global" if (i + 1) % pattern == 0 else "sliding" for i in range(n_layers)]
 
 
+# Hugging Face activation names (ACT2FN keys) -> ours. gelu_new and gelu_fast are the tanh approximation too.
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
+                "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh"}
+
+
+def _act(name: str) -> str:
+    if name not in _ACTIVATIONS:
+        raise UnsupportedModelError(f"activation {name!r} is not supported; supported: {', '.join(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]
+
+
 def _token_ids(hf: Mapping[str, Any]) -> dict[str, Any]:
     eos = hf.get("eos_token_id")
     eos_list = [] if eos is None else (list(eos) if isinstance(eos, (list, tuple)) else [eos])
@@ -68,13 +79,16 @@ def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
         )
 
     if mt == "gpt2":
+        if hf.get("scale_attn_by_inverse_layer_idx"):
+            raise UnsupportedModelError("GPT-2 with scale_attn_by_inverse_layer_idx is not supported")
         d_model, n_heads = hf["n_embd"], hf["n_head"]
         return ModelConfig(
             architecture="gpt2", n_layers=hf["n_layer"], d_model=d_model, n_heads=n_heads, n_kv_heads=n_heads,
             d_head=d_model // n_heads, d_mlp=hf.get("n_inner") or 4 * d_model, d_vocab=hf["vocab_size"],
             n_ctx=hf.get("n_positions", 1024), norm="layer", norm_eps=hf.get("layer_norm_epsilon", 1e-5),
             positional="learned", attn_bias=True, attn_out_bias=True, gated_mlp=False,
-            act_fn={"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}.get(hf.get("activation_function", "gelu_new"), "gelu"),
+            attn_scale=None if hf.get("scale_attn_weights", True) else 1.0,
+            act_fn=_act(hf.get("activation_function", "gelu_new")),
             mlp_bias=True, tied_embeddings=True, default_prepend_bos=True, **_token_ids(hf),
         )
 
@@ -88,7 +102,11 @@ def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
         **_token_ids(hf),
     )
     if mt in GEMMA_FAMILY:
+        if hf.get("use_bidirectional_attention"):
+            raise UnsupportedModelError("bidirectional Gemma (an embedding model) is unsupported; the engine is causal")
         act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+        if mt == "gemma" and act == "gelu":  # legacy Gemma 1 configs say "gelu" and mean the tanh approximation
+            act = "gelu_pytorch_tanh"
         base, scaling = _rope(hf, "full_attention")
         is3, is2 = mt == "gemma3_text", mt == "gemma2"
         local_base = _rope(hf, "sliding_attention")[0] if is3 else None
@@ -100,19 +118,25 @@ def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
             attn_softcap=hf.get("attn_logit_softcapping"), final_softcap=hf.get("final_logit_softcapping"),
             sliding_window=hf.get("sliding_window") if (is3 or is2) else None,
             layer_types=_layer_types(hf, n_layers, 6 if is3 else (2 if is2 else None)) if (is3 or is2) else [],
-            gated_mlp=True, act_fn="gelu_tanh" if "tanh" in act or act == "gelu" else "gelu",
+            gated_mlp=True, act_fn=_act(act),
             embed_scale=math.sqrt(d_model), tied_embeddings=hf.get("tie_word_embeddings", True),
             default_prepend_bos=True,
         )
     base, scaling = _rope(hf)
     # Qwen 2 ships a sliding_window value but only uses it when use_sliding_window is set.
     window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+    layer_types: list[str] = []
+    if window and hf.get("layer_types"):
+        layer_types = _layer_types(hf, n_layers, None)
+    elif window:  # older Qwen configs: layers from max_window_layers on slide
+        first = hf.get("max_window_layers", 28)  # transformers' default
+        layer_types = ["sliding" if i >= first else "global" for i in range(n_layers)]
     return ModelConfig(
         architecture=mt, **common, qk_norm=mt == "qwen3", rope_base=base, rope_scaling=scaling,
         attn_bias=mt == "qwen2" or bool(hf.get("attention_bias")), attn_out_bias=bool(hf.get("attention_bias")),
-        sliding_window=window, layer_types=_layer_types(hf, n_layers, None) if window else [],
-        gated_mlp=True, act_fn="silu" if hf.get("hidden_act", "silu") == "silu" else "gelu",
-        mlp_bias=bool(hf.get("mlp_bias")), tied_embeddings=hf.get("tie_word_embeddings", mt != "llama"),
+        sliding_window=window, layer_types=layer_types,
+        gated_mlp=True, act_fn=_act(hf.get("hidden_act", "silu")),
+        mlp_bias=bool(hf.get("mlp_bias")), tied_embeddings=hf.get("tie_word_embeddings", False),  # HF's default here
         default_prepend_bos=mt == "llama",
     )
 

@@ -1,0 +1,478 @@
+"""Hermetic exactness tests: a tiny random `transformers` model of every supported family, converted with
+`featurelens.from_transformers`, must give the same logits, activations, padded logits and greedy generations.
+
+Nothing is downloaded: every model is built from a config here with random (deliberately non-trivial) weights,
+so a wrong norm offset, bias, rope base, window, scale or cap shows up as a logit difference.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import featurelens as fl  # noqa: E402
+from featurelens.engine.generate import generate_tokens  # noqa: E402
+from featurelens.engine.hooks import BLOCK_HOOKS  # noqa: E402
+
+VOCAB = 96
+BATCH, SEQ = 2, 40
+WINDOW = 7  # tiny sliding window: SEQ and every generation run well past it
+TOL = 1e-4
+
+# --------------------------------------------------------------------------- tiny configs, one per family
+
+_LLAMA_COMMON = dict(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=112, num_hidden_layers=3, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+    pad_token_id=0,
+)
+
+
+def _gemma() -> Any:  # Gemma 1: (1 + w) norms, sqrt(d_model) embedding scale, MQA, head_dim != d_model / heads
+    return transformers.GemmaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=24, max_position_embeddings=256, rope_theta=500.0, rms_norm_eps=1e-6,
+        hidden_act="gelu_pytorch_tanh",
+    )
+
+
+def _gemma2() -> Any:  # soft-capped scores and logits (small caps so they bind), alternating sliding windows
+    return transformers.Gemma2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, query_pre_attn_scalar=24,
+        attn_logit_softcapping=3.0, final_logit_softcapping=5.0, sliding_window=WINDOW, rope_theta=1000.0,
+    )
+
+
+def _gemma3() -> Any:  # sliding + global layers with two rope bases (global one linearly scaled), qk-norm
+    return transformers.Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, max_position_embeddings=256, query_pre_attn_scalar=20,
+        sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"] * 2,
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 50.0},
+            "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10_000.0},
+        },
+    )
+
+
+def _llama() -> Any:  # SmolLM2-like: tied embeddings, GQA
+    return transformers.LlamaConfig(**_LLAMA_COMMON, tie_word_embeddings=True, rope_theta=1000.0)
+
+
+def _llama3_untied() -> Any:  # llama3 rope scaling whose three frequency bands all occur at head_dim 16
+    return transformers.LlamaConfig(
+        **_LLAMA_COMMON, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 10_000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+    )
+
+
+def _qwen2() -> Any:  # biases on q, k, v (not on o)
+    return transformers.Qwen2Config(**_LLAMA_COMMON, tie_word_embeddings=False, rope_theta=2000.0)
+
+
+def _qwen2_sliding() -> Any:  # use_sliding_window: layers from max_window_layers on slide
+    return transformers.Qwen2Config(
+        **_LLAMA_COMMON, tie_word_embeddings=True, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1,
+    )
+
+
+def _qwen3() -> Any:  # qk-norm, head_dim (24) != d_model / heads (16)
+    return transformers.Qwen3Config(**_LLAMA_COMMON, head_dim=24, tie_word_embeddings=True, rope_theta=3000.0)
+
+
+def _gpt2() -> Any:  # learned positions, LayerNorm with bias, Conv1D weights, biases everywhere
+    return transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, n_positions=128, activation_function="gelu_new",
+        bos_token_id=1, eos_token_id=2,
+    )
+
+
+FAMILIES: dict[str, tuple[Callable[[], Any], str]] = {
+    "gemma": (_gemma, "GemmaForCausalLM"),
+    "gemma2": (_gemma2, "Gemma2ForCausalLM"),
+    "gemma3_text": (_gemma3, "Gemma3ForCausalLM"),
+    "llama": (_llama, "LlamaForCausalLM"),
+    "llama3_untied": (_llama3_untied, "LlamaForCausalLM"),
+    "qwen2": (_qwen2, "Qwen2ForCausalLM"),
+    "qwen2_sliding": (_qwen2_sliding, "Qwen2ForCausalLM"),
+    "qwen3": (_qwen3, "Qwen3ForCausalLM"),
+    "gpt2": (_gpt2, "GPT2LMHeadModel"),
+}
+
+
+def _randomize(model: torch.nn.Module, seed: int) -> None:
+    """Every parameter random and far from its default: norm weights around 1 (or around 0.5 for Gemma's
+    1 + w), biases non-zero, matrices scaled by 1/sqrt(fan_in) so activations stay O(1)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            r = torch.randn(p.shape, generator=g)
+            if "norm" in name or ".ln_" in name:
+                p.copy_(0.5 + 0.3 * r if p.dim() == 1 and name.endswith("weight") else 0.2 * r)
+            elif p.dim() == 1:  # biases
+                p.copy_(0.3 * r)
+            elif "embed_tokens" in name or "wte" in name or "lm_head" in name:
+                p.copy_(r)
+            elif "wpe" in name:
+                p.copy_(0.5 * r)
+            else:  # nn.Linear is [out, in]; GPT-2's Conv1D is [in, out]
+                fan_in = p.shape[0] if type(model).__name__.startswith("GPT2") else p.shape[1]
+                p.copy_(r / math.sqrt(fan_in))
+
+
+def _build(family: str) -> tuple[str, Any, fl.HookedTransformer]:
+    make_config, cls_name = FAMILIES[family]
+    hf_cfg = make_config()
+    hf_cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    hf = getattr(transformers, cls_name)(hf_cfg).eval()
+    _randomize(hf, seed=len(family))
+    if not hf_cfg.to_dict().get("tie_word_embeddings", True) and hasattr(hf, "lm_head"):
+        assert hf.lm_head.weight.data_ptr() != hf.get_input_embeddings().weight.data_ptr()
+    ours = fl.from_transformers(hf)
+    return family, hf, ours
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny matrices: threads only add overhead (tenfold on a busy machine). Restored after this module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def pair(request) -> tuple[str, Any, fl.HookedTransformer]:
+    """(family, HF model, our model) on the same random weights."""
+    return _build(request.param)
+
+
+def _tokens(seed: int = 0, batch: int = BATCH, seq: int = SEQ) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, seq), generator=g)
+
+
+def _hf_logits(hf: Any, tokens: torch.Tensor, **kw: Any) -> Any:
+    with torch.no_grad():
+        return hf(input_ids=tokens, use_cache=False, **kw)
+
+
+# --------------------------------------------------------------------------- exactness against transformers
+
+
+def test_config_is_what_the_family_needs(pair):
+    family, hf, ours = pair
+    cfg = ours.cfg
+    if family in ("gemma2", "gemma3_text", "qwen2_sliding"):
+        assert "sliding" in cfg.layer_types and "global" in cfg.layer_types and cfg.sliding_window == WINDOW
+    if family != "gpt2":
+        assert cfg.n_kv_heads < cfg.n_heads  # GQA / MQA really exercised
+    if family == "llama3_untied":
+        assert not cfg.tied_embeddings and not torch.equal(ours.net.W_U, ours.net.W_E)
+    if family in ("gemma", "qwen3"):
+        assert cfg.d_head * cfg.n_heads != cfg.d_model
+
+
+def test_logits_match_transformers(pair):
+    family, hf, ours = pair
+    tokens = _tokens()
+    expected = _hf_logits(hf, tokens).logits
+    got = ours(tokens)
+    assert got.shape == expected.shape == (BATCH, SEQ, VOCAB)
+    assert expected.abs().max() > 1.0  # the test would be vacuous on near-zero logits
+    diff = (got - expected).abs().max().item()
+    assert diff < TOL, f"{family}: max abs logit diff {diff:.2e}"
+
+
+def test_gemma2_softcaps_bind():
+    _, _, ours = _build("gemma2")
+    tokens = _tokens()
+    logits = ours(tokens)
+    assert logits.abs().max() > 0.8 * ours.cfg.final_softcap  # the final cap is reached, not idle
+    _, cache = ours.run_with_cache(tokens, names_filter=lambda n: n.endswith("attn.hook_attn_scores"))
+    finite = [s[torch.isfinite(s)] for s in cache.values()]
+    assert max(s.abs().max().item() for s in finite) > 0.8 * ours.cfg.attn_softcap
+
+
+# --------------------------------------------------------------------------- run_with_cache
+
+
+def _expected_shape(name: str, cfg: fl.ModelConfig, b: int, p: int) -> tuple[int, ...]:
+    site = name.split(".", 2)[2] if name.startswith("blocks.") else name
+    D, h, kv, d, M = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_mlp
+    if site.endswith("hook_scale"):
+        return (b, p, 1)
+    return {
+        "attn.hook_q": (b, p, h, d), "attn.hook_rot_q": (b, p, h, d), "attn.hook_z": (b, p, h, d),
+        "attn.hook_k": (b, p, kv, d), "attn.hook_v": (b, p, kv, d), "attn.hook_rot_k": (b, p, kv, d),
+        "attn.hook_attn_scores": (b, h, p, p), "attn.hook_pattern": (b, h, p, p),
+        "mlp.hook_pre": (b, p, M), "mlp.hook_pre_linear": (b, p, M), "mlp.hook_post": (b, p, M),
+    }.get(site, (b, p, D))
+
+
+def test_run_with_cache_every_hook(pair):
+    family, hf, ours = pair
+    cfg = ours.cfg
+    tokens = _tokens(seed=1)
+    logits, cache = ours.run_with_cache(tokens)
+
+    # every documented site of every layer is there
+    gemma_post = cfg.post_attn_norm
+    for layer in range(cfg.n_layers):
+        for site in BLOCK_HOOKS:
+            present = f"blocks.{layer}.{site}" in cache
+            optional = (site.startswith(("ln1_post", "ln2_post")) and not gemma_post) or (
+                site == "mlp.hook_pre_linear" and not cfg.gated_mlp)
+            assert present != optional, f"{family}: blocks.{layer}.{site} present={present}"
+    assert ("hook_pos_embed" in cache) == (cfg.positional == "learned")
+    assert set(cache) == set(ours.hook_names)
+    for name, act in cache.items():
+        assert tuple(act.shape) == _expected_shape(name, cfg, BATCH, SEQ), name
+
+    # caching every hook (which takes the explicit norm and attention paths) changes nothing
+    assert (logits - ours(tokens)).abs().max() < TOL
+
+    # activations agree with transformers' hidden states and attention weights
+    out = _hf_logits(hf, tokens, output_hidden_states=True, output_attentions=True)
+    hs = out.hidden_states
+    assert len(hs) == cfg.n_layers + 1
+    assert (cache["resid_pre", 0] - hs[0]).abs().max() < TOL
+    for layer in range(cfg.n_layers - 1):  # HF's last entry has the final norm applied
+        diff = (cache["resid_post", layer] - hs[layer + 1]).abs().max() / hs[layer + 1].abs().max()
+        assert diff < TOL, f"{family}: resid_post {layer} rel diff {diff:.2e}"
+    for layer in range(cfg.n_layers):
+        pattern = cache["pattern", layer]
+        assert (pattern - out.attentions[layer]).abs().max() < TOL, f"{family}: pattern {layer}"
+        assert torch.allclose(pattern.sum(-1), torch.ones(()), atol=1e-5)
+        q, k = torch.arange(SEQ)[:, None], torch.arange(SEQ)[None, :]
+        allowed = k <= q
+        if cfg.layer_types[layer] == "sliding":
+            allowed &= q - k < cfg.sliding_window
+        assert (pattern[..., ~allowed] == 0).all()
+
+
+def test_stop_at_layer_returns_residual(pair):
+    family, hf, ours = pair
+    tokens = _tokens(seed=2)
+    _, full = ours.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_resid_pre"))
+    # as in TransformerLens: block 1 never runs, so its hooks are not recorded; block 0's output is returned
+    resid, cache = ours.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_resid_post"), stop_at_layer=1)
+    assert list(cache) == ["blocks.0.hook_resid_post"]
+    assert torch.equal(cache["resid_post", 0], resid)
+    assert torch.allclose(resid, full["resid_pre", 1], atol=1e-6)
+
+
+# --------------------------------------------------------------------------- padding
+
+
+def test_left_padding_matches_unpadded(pair):
+    family, hf, ours = pair
+    lengths = [SEQ - 13, SEQ]
+    rows = [_tokens(seed=3 + i, batch=1, seq=n)[0] for i, n in enumerate(lengths)]
+    tokens = torch.zeros(len(rows), SEQ, dtype=torch.long)
+    mask = torch.zeros(len(rows), SEQ, dtype=torch.long)
+    for i, r in enumerate(rows):
+        tokens[i, SEQ - len(r):] = r
+        mask[i, SEQ - len(r):] = 1
+    padded = ours(tokens, attention_mask=mask)
+    padded_explicit = ours.run_with_hooks(
+        tokens, fwd_hooks=[(lambda n: n.endswith("hook_pattern"), lambda x, hook: None)], attention_mask=mask)
+    for i, r in enumerate(rows):
+        alone = ours(r[None])[0]
+        for got in (padded[i], padded_explicit[i]):
+            diff = (got[SEQ - len(r):] - alone).abs().max().item()
+            assert diff < TOL, f"{family}: row {i} padded vs alone {diff:.2e}"
+
+
+# --------------------------------------------------------------------------- generation with the KV cache
+
+
+def _greedy_no_cache(model: fl.HookedTransformer, row: list[int], n: int) -> list[int]:
+    seq = list(row)
+    for _ in range(n):
+        seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    return seq[len(row):]
+
+
+def test_generate_with_kv_cache_matches_full_forwards(pair):
+    family, hf, ours = pair
+    n_new = 2 * WINDOW + 1  # decoding goes well past the sliding window
+    prompt = _tokens(seed=5, batch=1, seq=5)
+    out = ours.generate(prompt, max_new_tokens=n_new, temperature=0.0, stop_at_eos=False)
+    assert out.shape == (1, 5 + n_new)
+    assert torch.equal(out[0, :5], prompt[0])
+    assert out[0, 5:].tolist() == _greedy_no_cache(ours, prompt[0].tolist(), n_new), family
+    # the explicit attention path (a pattern hook stays on during decoding) uses the cache and windows the same way
+    steps: list[int] = []
+    with ours.hooks([("blocks.0.attn.hook_pattern", lambda x, hook: steps.append(x.shape[-1]))]):
+        out_explicit = ours.generate(prompt, max_new_tokens=n_new, temperature=0.0, stop_at_eos=False)
+    assert torch.equal(out_explicit, out)
+    assert steps == list(range(5, 5 + n_new))  # one prefill, then one query against a growing cache per step
+
+
+def test_batched_generation_with_padding_matches_each_prompt(pair):
+    family, hf, ours = pair
+    n_new = WINDOW + 3
+    rows = [_tokens(seed=6, batch=1, seq=3)[0].tolist(), _tokens(seed=7, batch=1, seq=11)[0].tolist()]
+    new = generate_tokens(ours, rows, max_new_tokens=n_new, temperature=0.0, top_p=None, top_k=None, seed=None,
+                          stop_tokens=set())
+    for row, got in zip(rows, new):
+        assert got == _greedy_no_cache(ours, row, n_new), family
+    with ours.hooks([(lambda n: n.endswith("attn.hook_pattern"), lambda x, hook: None)]):
+        explicit = generate_tokens(ours, rows, max_new_tokens=n_new, temperature=0.0, top_p=None, top_k=None,
+                                   seed=None, stop_tokens=set())
+    assert explicit == new
+
+
+def test_generation_matches_transformers_greedy(pair):
+    family, hf, ours = pair
+    prompt = _tokens(seed=8, batch=1, seq=4)
+    n_new = WINDOW + 4
+    seq = prompt.clone()
+    with torch.no_grad():
+        for _ in range(n_new):
+            nxt = hf(input_ids=seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], dim=1)
+    out = ours.generate(prompt, max_new_tokens=n_new, temperature=0.0, stop_at_eos=False)
+    assert torch.equal(out, seq), family
+
+
+# --------------------------------------------------------------------------- explicit attention path
+
+
+def test_explicit_attention_matches_sdpa(pair):
+    family, hf, ours = pair
+    tokens = _tokens(seed=9)
+    fast = ours(tokens)
+    seen: list[str] = []
+    explicit = ours.run_with_hooks(
+        tokens, fwd_hooks=[(lambda n: n.endswith("attn.hook_pattern"), lambda x, hook: seen.append(hook.name))])
+    assert len(seen) == ours.cfg.n_layers
+    diff = (fast - explicit).abs().max().item()
+    assert diff < TOL, f"{family}: explicit vs SDPA {diff:.2e}"
+
+
+# --------------------------------------------------------------------------- config variants and legacy configs
+
+
+def _variant(config_cls: str, model_cls: str, **kw: Any) -> Callable[[], Any]:
+    def build() -> Any:
+        cfg = getattr(transformers, config_cls)(**kw)
+        cfg._attn_implementation = "eager"
+        return getattr(transformers, model_cls)(cfg)
+    return build
+
+
+def _gemma3_multimodal() -> Any:  # the Gemma 3 4B+ wrapper: language model under model.language_model
+    cfg = transformers.Gemma3Config(
+        text_config=_gemma3().to_dict(), mm_tokens_per_image=4,
+        vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14),
+    )
+    cfg._attn_implementation = "eager"
+    cfg.text_config._attn_implementation = "eager"
+    return transformers.Gemma3ForConditionalGeneration(cfg)
+
+
+_GPT2_SMALL = dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2)
+VARIANTS: dict[str, Callable[[], Any]] = {
+    # Gemma 2/3 read hidden_activation literally: "gelu" is the exact GELU there (only Gemma 1 means tanh by it)
+    "gemma2_exact_gelu": lambda: _variant("Gemma2Config", "Gemma2ForCausalLM", **{
+        **_gemma2().to_dict(), "hidden_activation": "gelu"})(),
+    "gemma1_legacy_gelu": _variant("GemmaConfig", "GemmaForCausalLM", vocab_size=VOCAB, hidden_size=64,
+                                   intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=4, head_dim=16, hidden_act="gelu"),
+    "llama_biases": _variant("LlamaConfig", "LlamaForCausalLM", **_LLAMA_COMMON, attention_bias=True, mlp_bias=True),
+    "llama_gelu_tanh": _variant("LlamaConfig", "LlamaForCausalLM", **_LLAMA_COMMON, hidden_act="gelu_pytorch_tanh"),
+    "qwen3_attention_bias": _variant("Qwen3Config", "Qwen3ForCausalLM", **_LLAMA_COMMON, head_dim=24,
+                                     attention_bias=True),
+    "gpt2_exact_gelu_unscaled": _variant("GPT2Config", "GPT2LMHeadModel", **_GPT2_SMALL, activation_function="gelu",
+                                         scale_attn_weights=False),
+    "gemma3_multimodal_wrapper": _gemma3_multimodal,
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_variant_logits_match_transformers(variant):
+    torch.manual_seed(0)
+    hf = VARIANTS[variant]().eval()
+    _randomize(hf, seed=11)
+    ours = fl.from_transformers(hf)
+    tokens = _tokens(seed=12)
+    expected = _hf_logits(hf, tokens).logits
+    diff = (ours(tokens) - expected).abs().max().item()
+    assert diff < TOL, f"{variant}: max abs logit diff {diff:.2e}"
+
+
+@pytest.mark.parametrize("hf_config, message", [
+    ({**_GPT2_SMALL, "model_type": "gpt2", "activation_function": "relu"}, "activation 'relu'"),
+    ({**_GPT2_SMALL, "model_type": "gpt2", "scale_attn_by_inverse_layer_idx": True}, "inverse_layer_idx"),
+    ({**_gemma3().to_dict(), "use_bidirectional_attention": True}, "bidirectional"),
+    ({"model_type": "mistral"}, "not supported"),
+])
+def test_unsupported_configs_are_refused(hf_config, message):
+    from featurelens.models.convert import UnsupportedModelError, config_from_hf
+
+    with pytest.raises(UnsupportedModelError, match=message):
+        config_from_hf(hf_config)
+
+
+_TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_attention_heads=4, bos_token_id=1,
+             eos_token_id=2, pad_token_id=0, max_position_embeddings=512)
+# config.json files as found on the hub, written before transformers 5 (flat rope keys, no layer_types)
+LEGACY = {
+    "gemma3_270m": dict(_TINY, model_type="gemma3_text", num_hidden_layers=6, num_key_value_heads=1, head_dim=32,
+                        query_pre_attn_scalar=32, rope_theta=1e6, rope_local_base_freq=1e4, rope_scaling=None,
+                        sliding_window=16, hidden_activation="gelu_pytorch_tanh", use_bidirectional_attention=False,
+                        layer_types=["sliding_attention"] * 5 + ["full_attention"]),
+    "gemma3_4b_text": dict(_TINY, model_type="gemma3_text", num_hidden_layers=7, num_key_value_heads=2, head_dim=32,
+                           query_pre_attn_scalar=32, rope_theta=1e6, rope_local_base_freq=1e4,
+                           rope_scaling={"rope_type": "linear", "factor": 8.0}, sliding_window=16,
+                           sliding_window_pattern=6, hidden_activation="gelu_pytorch_tanh"),
+    "gemma2": dict(_TINY, model_type="gemma2", num_hidden_layers=4, num_key_value_heads=2, head_dim=16,
+                   query_pre_attn_scalar=16, rope_theta=1e4, sliding_window=16, attn_logit_softcapping=50.0,
+                   final_logit_softcapping=30.0, hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh"),
+    "gemma": dict(_TINY, model_type="gemma", num_hidden_layers=2, num_key_value_heads=1, head_dim=24,
+                  hidden_act="gelu", hidden_activation=None, rope_theta=1e4),
+    "llama3": dict(_TINY, model_type="llama", num_hidden_layers=2, num_key_value_heads=2, rope_theta=5e5,
+                   rope_scaling={"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                 "original_max_position_embeddings": 64, "rope_type": "llama3"},
+                   tie_word_embeddings=True),
+    "llama_linear_old_key": dict(_TINY, model_type="llama", num_hidden_layers=2,
+                                 rope_scaling={"type": "linear", "factor": 2.0}),
+    "qwen2": dict(_TINY, model_type="qwen2", num_hidden_layers=4, num_key_value_heads=2, rope_theta=1e6,
+                  sliding_window=131072, use_sliding_window=False, max_window_layers=28, tie_word_embeddings=True),
+    "qwen2_sliding": dict(_TINY, model_type="qwen2", num_hidden_layers=4, num_key_value_heads=2, rope_theta=1e6,
+                          sliding_window=16, use_sliding_window=True, max_window_layers=2),
+    "qwen3": dict(_TINY, model_type="qwen3", num_hidden_layers=4, num_key_value_heads=2, head_dim=32, rope_theta=1e6,
+                  sliding_window=None, use_sliding_window=False, max_window_layers=28),
+    "gpt2": dict(model_type="gpt2", vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_ctx=64, n_positions=64,
+                 activation_function="gelu_new", bos_token_id=1, eos_token_id=2),
+}
+
+
+@pytest.mark.parametrize("name", list(LEGACY))
+def test_legacy_config_json_reads_as_transformers_reads_it(name):
+    """A raw (pre-transformers-5) config.json converts to the same engine config as transformers' reading of it."""
+    from featurelens.engine.model import rope_inv_freq
+    from featurelens.models.convert import config_from_hf
+
+    raw = LEGACY[name]
+    ours = config_from_hf(dict(raw))
+    oracle = config_from_hf(transformers.CONFIG_MAPPING[raw["model_type"]].from_dict(dict(raw)).to_dict())
+    a, b = ours.to_dict(), oracle.to_dict()
+    a.pop("rope_scaling"), b.pop("rope_scaling")  # same meaning, different spelling: compare the frequencies
+    assert a == b
+    if ours.positional == "rope":
+        for layer in range(ours.n_layers):
+            scaled = not (ours.layer_types[layer] == "sliding" and ours.rope_local_base is not None)
+            assert torch.equal(rope_inv_freq(ours, ours.rope_base_for(layer), scaled),
+                               rope_inv_freq(oracle, oracle.rope_base_for(layer), scaled)), layer
