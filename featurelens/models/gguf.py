@@ -87,12 +87,15 @@ def gguf_to_hf(path: Path) -> tuple[dict[str, Any], Callable[[str], torch.Tensor
         "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
         "pad_token_id": _field(reader, "tokenizer.ggml.padding_token_id"),
     }
+    # Gemma 2/3 27B scale queries by d_model/n_heads; every other size by d_head. GGUF metadata does not
+    # say which, so (as llama.cpp does) decide by size: the 27B models are the ones with 46 or 62 layers.
+    query_scalar = d_model // n_heads if a("block_count") in (46, 62) else d_head
     if arch == "gemma3":
         # The GGUF metadata omits what llama.cpp hard-codes for Gemma 3: the local rope base and the 5:1 pattern.
         hf.update(rope_local_base_freq=10_000.0, sliding_window=a("attention.sliding_window"),
-                  sliding_window_pattern=6, query_pre_attn_scalar=d_head, hidden_activation="gelu_pytorch_tanh")
+                  sliding_window_pattern=6, query_pre_attn_scalar=query_scalar, hidden_activation="gelu_pytorch_tanh")
     if arch == "gemma2":
-        hf.update(sliding_window=a("attention.sliding_window"), query_pre_attn_scalar=d_head,
+        hf.update(sliding_window=a("attention.sliding_window"), query_pre_attn_scalar=query_scalar,
                   attn_logit_softcapping=a("attn_logit_softcapping"), final_logit_softcapping=a("final_logit_softcapping"))
     if arch == "qwen2":
         hf["attention_bias"] = False  # q/k/v biases are implied by the family; o_proj has none
