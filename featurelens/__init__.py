@@ -19,3 +19,48 @@ __all__ = [
     "ModelConfig", "UnknownHookError", "UnknownModelError", "data_dir", "from_transformers", "list_models",
     "load_model", "set_data_dir",
 ]
+
+# Interventions: steering, clamping, ablation, activation and attribution patching.
+from .interventions import (  # noqa: E402
+    Ablate, Clamp, GenerationComparison, Metric, Steer, SteeringVector, activation_patching, answer_prob,
+    attribution_patching, compare_generations, intervention_hooks, logit_diff, save_heatmap, steering_vector,
+)
+
+__all__ += [
+    "Ablate", "Clamp", "GenerationComparison", "Metric", "Steer", "SteeringVector", "activation_patching",
+    "answer_prob", "attribution_patching", "compare_generations", "intervention_hooks", "logit_diff",
+    "save_heatmap", "steering_vector",
+]
+
+# Data: text corpora, packed contexts, activation streams (and their on-disk cache).
+from .data import (  # noqa: E402
+    DEFAULT_CORPUS, ActivationStore, CacheMismatchError, CorpusError, iter_texts, load_contexts, open_source,
+)
+
+__all__ += [
+    "ActivationStore", "CacheMismatchError", "CorpusError", "DEFAULT_CORPUS", "iter_texts", "load_contexts",
+    "open_source",
+]
+
+# Sparse dictionaries: SAEs and transcoders (train, evaluate, save and load in SAELens's layout).
+from .dictionaries import (  # noqa: E402
+    CorruptDictionaryError, DictionaryConfig, DictionaryMetrics, SparseDictionary, TranscoderSet, evaluate_dictionary,
+    load_dictionary, save_dictionary, train_sae, train_transcoders,
+)
+
+__all__ += [
+    "CorruptDictionaryError", "DictionaryConfig", "DictionaryMetrics", "SparseDictionary", "TranscoderSet",
+    "evaluate_dictionary", "load_dictionary", "save_dictionary", "train_sae", "train_transcoders",
+]
+
+# Feature analysis: dashboards, logit lens, labels, and search by concept, text and output token.
+from .analysis import (  # noqa: E402
+    AutoExplainer, DictionaryAnalysis, DictionaryModelMismatchError, Explainer, FeatureDashboard, FeatureIndexError,
+    NotAnalyzedError, analyze, explain, open_dictionary,
+)
+from .search import EmptyQueryError  # noqa: E402
+
+__all__ += [
+    "AutoExplainer", "DictionaryAnalysis", "DictionaryModelMismatchError", "EmptyQueryError", "Explainer",
+    "FeatureDashboard", "FeatureIndexError", "NotAnalyzedError", "analyze", "explain", "open_dictionary",
+]

@@ -9,7 +9,7 @@ from typing import Callable
 from .. import paths
 
 # Modules that define `register(subparsers)`; each adds its subcommands with a `func(args) -> int` default.
-_COMMAND_MODULES = ("models",)
+_COMMAND_MODULES = ("models", "interventions", "train", "analysis")
 
 
 def build_parser() -> argparse.ArgumentParser:

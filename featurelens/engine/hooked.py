@@ -184,6 +184,21 @@ class HookedTransformer(torch.nn.Module):
     def reset_hooks(self) -> None:
         self._persistent_hooks.clear()
 
+    def steer(self, source: Any, features: Any = None, *, mode: str = "relative", positions: Any = "all"):
+        """Context manager: steer every forward pass and generation step inside the block.
+
+        >>> with model.steer(sae, {1234: 8.0}):             # strength x decoder direction at the SAE's hook
+        ...     model.generate("I think the weather today is", max_new_tokens=20, seed=0)
+        >>> with model.steer([fl.Clamp(sae, 1234, 20.0), fl.Ablate(sae, 77)]): ...
+        >>> with model.steer(fl.steering_vector(model, happy, sad, ("resid_post", 6)), 4.0): ...
+
+        See featurelens.interventions.steering for modes ("relative" to the feature's max activation, or
+        "absolute") and positions ("all", "prompt", "generated", or a list of token positions).
+        """
+        from ..interventions.steering import steer
+
+        return steer(self, source, features, mode=mode, positions=positions)
+
     # ----------------------------------------------------------------- forward passes
     def forward(
         self,
@@ -262,6 +277,7 @@ class HookedTransformer(torch.nn.Module):
         stop_at_eos: bool = True,
         prepend_bos: bool | None = None,
         return_new_only: bool = False,
+        interventions: Sequence[Any] | None = None,
     ) -> Any:
         """Continue prompts with a KV cache; greedy when temperature == 0.
 
@@ -270,7 +286,13 @@ class HookedTransformer(torch.nn.Module):
         `model.hooks(...)` apply at every step.
 
         >>> model.generate("The capital of France is", max_new_tokens=10, temperature=0.0)
+
+        `interventions` (fl.Steer, fl.Clamp, fl.Ablate) stay on for this generation only.
         """
+        if interventions:
+            with self.steer(interventions):
+                return self.generate(input, max_new_tokens, temperature, top_p, top_k, seed, stop_tokens,
+                                     stop_at_eos, prepend_bos, return_new_only)
         from .generate import generate_tokens  # local import keeps this module about the forward pass
 
         single = isinstance(input, str)

@@ -46,14 +46,22 @@ _LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
 
 
 class HookPoint:
-    """What a hook function receives besides the activation: its name and layer."""
+    """What a hook function receives besides the activation: its name and layer.
 
-    __slots__ = ("name", "_layer")
+    During a call it also says where the activation sits in the sequence:
+    `positions` [b, p] holds the token positions of this call (pad-aware), and `past` is how many
+    positions a KV cache already held before it: 0 for a plain forward pass or a generation's
+    prompt, > 0 for the one-token steps of `generate`.
+    """
+
+    __slots__ = ("name", "_layer", "positions", "past")
 
     def __init__(self, name: str):
         self.name = name
         m = _LAYER_RE.match(name)
         self._layer = int(m.group(1)) if m else None
+        self.positions: torch.Tensor | None = None
+        self.past = 0
 
     def layer(self) -> int:
         if self._layer is None:

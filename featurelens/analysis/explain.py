@@ -1,0 +1,240 @@
+"""Explanations: a short label per feature, from a pluggable `Explainer`, stored with its provenance.
+
+The built-in `AutoExplainer` (provenance "auto:v1") needs no model and no network. It reads what a feature fires on
+and what it promotes:
+
+- **fires on**: the tokens at the maximum of its top examples, when a few of them recur (e.g. ``"film", "movie"``);
+  plus a class when most of them share one (numbers, punctuation, capitalized words, line breaks, word pieces);
+- **context**: words that recur in its top examples' windows and are rare in other features' windows (TF-IDF over
+  features: a word scores by the fraction of the feature's top examples containing it times log(N / df));
+- **promotes**: the word-like tokens its logit lens pushes up most.
+
+e.g. ``"film", "movie" | context: review, acting, plot | promotes: critics, buff``.
+
+To plug in another explainer (an LLM, say), subclass `Explainer`, give it a `provenance` such as "llm:my-model",
+and implement `explain` (or `explain_batch`); then ``fl.explain(path, MyExplainer())`` labels every feature. The
+current label of a feature is the user's (`set_label`), else the newest one written.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from abc import ABC, abstractmethod
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+from ..store import FeatureStore
+
+_WORD = re.compile(r"[A-Za-z][A-Za-z'\-]{1,}")
+STOPWORDS = frozenset("""
+a about above after again against all also am an and any are aren't as at be because been before being below between
+both but by can can't cannot could couldn't did didn't do does doesn't doing don't down during each few for from further
+had hadn't has hasn't have haven't having he he'd he'll he's her here here's hers herself him himself his how how's i i'd
+i'll i'm i've if in into is isn't it it's its itself just let's me more most mustn't my myself no nor not now of off on
+once only or other ought our ours ourselves out over own same shan't she she'd she'll she's should shouldn't so some such
+than that that's the their theirs them themselves then there there's these they they'd they'll they're they've this
+those through to too under until up us very was wasn't we we'd we'll we're we've were weren't what what's when when's
+where where's which while who who's whom why why's will with won't would wouldn't you you'd you'll you're you've your
+yours yourself yourselves s t d ll re ve m o y one two get got like just also would could much many well even still
+""".split())
+
+
+@dataclass
+class Example:
+    """One example as an explainer sees it: token strings, the feature's activation on each, the key token."""
+
+    tokens: list[str]
+    acts: list[float]
+    index: int  # position of the example's token (the max for top examples) within `tokens`
+    act: float
+
+    @property
+    def token(self) -> str:
+        return self.tokens[self.index]
+
+    @property
+    def text(self) -> str:
+        return "".join(self.tokens)
+
+
+@dataclass
+class FeatureEvidence:
+    """What an explainer may use about one feature."""
+
+    index: int
+    density: float
+    max_act: float
+    top_examples: list[Example] = field(default_factory=list)
+    promotes: list[str] = field(default_factory=list)
+    suppresses: list[str] = field(default_factory=list)
+
+
+class Explainer(ABC):
+    """Turns a feature's evidence into a short label. Subclasses set `provenance` and implement `explain`."""
+
+    provenance: str = "explainer"
+
+    def fit(self, evidence: Sequence[FeatureEvidence]) -> None:  # noqa: B027 - optional hook
+        """See every feature's evidence first (for statistics across features); optional."""
+
+    @abstractmethod
+    def explain(self, ev: FeatureEvidence) -> str | None:
+        """A short label, or None to leave the feature unlabeled."""
+
+    def explain_batch(self, evs: Sequence[FeatureEvidence]) -> list[str | None]:
+        """Label several features (override to batch calls to a remote model)."""
+        return [self.explain(ev) for ev in evs]
+
+
+def _norm_token(s: str) -> str:
+    t = s.strip()
+    if not t:
+        return "\\n" if "\n" in s else "␣"
+    return t.lower() if t[:1].isalpha() else t
+
+
+def _token_class(s: str, next_tok: str | None) -> str | None:
+    t = s.strip()
+    if not t:
+        return "line breaks" if "\n" in s else "spaces"
+    if t.isdigit() or re.fullmatch(r"[\d.,]+", t):
+        return "numbers"
+    if all(not c.isalnum() for c in t):
+        return "punctuation"
+    if t[0].isupper() and s.startswith(" "):
+        return "capitalized words"
+    if next_tok is not None and next_tok[:1].isalpha() and not next_tok.startswith(" ") and s[:1] in (" ", "▁"):
+        return "word beginnings"
+    return None
+
+
+class AutoExplainer(Explainer):
+    """The built-in, model-free explainer (see the module docstring)."""
+
+    provenance = "auto:v1"
+
+    def __init__(self, n_examples: int = 20, n_tokens: int = 3, n_context: int = 3, n_promotes: int = 3):
+        self.n_examples, self.n_tokens, self.n_context, self.n_promotes = n_examples, n_tokens, n_context, n_promotes
+        self.df: Counter[str] = Counter()
+        self.n_docs = 0
+
+    @staticmethod
+    def _words(ex: Example) -> set[str]:
+        return {w.lower().strip("'-") for w in _WORD.findall(ex.text)} - STOPWORDS
+
+    def fit(self, evidence: Sequence[FeatureEvidence]) -> None:
+        self.df = Counter()
+        self.n_docs = 0
+        for ev in evidence:
+            words: set[str] = set()
+            for ex in ev.top_examples[: self.n_examples]:
+                words |= self._words(ex)
+            if words:
+                self.df.update(words)
+                self.n_docs += 1
+
+    def explain(self, ev: FeatureEvidence) -> str | None:
+        exs = ev.top_examples[: self.n_examples]
+        if not exs:
+            return "dead (never fired)"
+        n = len(exs)
+        # tokens at the maximum
+        toks = Counter(_norm_token(ex.token) for ex in exs)
+        main = [t for t, c in toks.most_common(self.n_tokens) if c >= max(2, math.ceil(0.15 * n))]
+        if not main and n <= 2:
+            main = [toks.most_common(1)[0][0]]
+        classes = Counter(_token_class(ex.token, ex.tokens[ex.index + 1] if ex.index + 1 < len(ex.tokens) else None)
+                          for ex in exs)
+        cls, cls_n = classes.most_common(1)[0]
+        parts = []
+        head = ", ".join(f'"{t}"' for t in main)
+        if cls is not None and cls_n >= 0.6 * n:
+            head = f"{cls} ({head})" if head else cls
+        if head:
+            parts.append(head)
+        # context words
+        per_ex = [self._words(ex) for ex in exs]
+        tf = Counter(w for ws in per_ex for w in ws)
+        main_set = {m.strip().lower() for m in main}
+        n_docs = max(self.n_docs, 1)
+        scored = []
+        for w, c in tf.items():
+            if c < max(2, math.ceil(0.2 * n)) or w in main_set or len(w) < 3:
+                continue
+            idf = math.log((n_docs + 1) / (self.df.get(w, 0) + 1)) + 1.0
+            scored.append(((c / n) * idf, w))
+        scored.sort(reverse=True)
+        ctx = [w for _, w in scored[: self.n_context]]
+        if ctx:
+            parts.append("context: " + ", ".join(ctx))
+        # what it promotes
+        prom = []
+        for s in ev.promotes:
+            t = s.strip()
+            if len(t) >= 2 and any(ch.isalpha() for ch in t) and t.lower() not in prom:
+                prom.append(t.lower())
+            if len(prom) >= self.n_promotes:
+                break
+        if prom:
+            parts.append("promotes: " + ", ".join(prom))
+        return " | ".join(parts) if parts else "(no clear pattern)"
+
+
+# ----------------------------------------------------------------------------------------------- running
+def evidence_from_store(store: FeatureStore, n_examples: int = 20) -> list[FeatureEvidence]:
+    """Every feature's evidence, read in one pass over the store."""
+    strings = store.token_strings()
+    rows = {r[0]: r for r in store.conn.execute("SELECT idx, density, max_act FROM features")}
+    lens = {i: (up, down) for i, up, down in store.logit_lists()}
+    out: dict[int, FeatureEvidence] = {
+        i: FeatureEvidence(index=i, density=r[1], max_act=r[2],
+                           promotes=[strings.get(t, "") for t, _ in lens.get(i, ([], []))[0]],
+                           suppresses=[strings.get(t, "") for t, _ in lens.get(i, ([], []))[1]])
+        for i, r in rows.items()}
+    for f, exs in store.top_examples_all(n_examples):
+        ev = out.get(f)
+        if ev is None:
+            continue
+        for e in exs:
+            toks = [strings.get(t, "") for t in e["tokens"]]
+            ev.top_examples.append(Example(toks, e["acts"], e["pos"] - e["start"], e["act"]))
+    return [out[i] for i in sorted(out)]
+
+
+def explain_store(store: FeatureStore, explainer: Explainer, features: Iterable[int] | None = None,
+                  batch: int = 512, progress: bool = True) -> int:
+    """Label features with `explainer`, one transaction per batch; returns how many were labeled."""
+    from tqdm.auto import tqdm
+
+    if not isinstance(explainer, Explainer):
+        raise TypeError(f"explainer must be an Explainer, got {type(explainer).__name__}")
+    evidence = evidence_from_store(store)
+    explainer.fit(evidence)
+    if features is not None:
+        wanted = set(int(f) for f in features)
+        evidence = [ev for ev in evidence if ev.index in wanted]
+    n = 0
+    bar = tqdm(total=len(evidence), unit="feat", desc=f"labels ({explainer.provenance})", disable=not progress,
+               file=sys.stderr, dynamic_ncols=True)
+    for k in range(0, len(evidence), batch):
+        part = evidence[k:k + batch]
+        labels = explainer.explain_batch(part)
+        rows = [(ev.index, explainer.provenance, lab) for ev, lab in zip(part, labels) if lab]
+        with store.transaction():
+            store.write_labels(rows)
+        n += len(rows)
+        bar.update(len(part))
+    bar.close()
+    return n
+
+
+def explain(analysis: Any, explainer: Explainer | None = None, features: Iterable[int] | None = None,
+            progress: bool = True) -> int:
+    """Label the features of an analyzed dictionary (a path or a DictionaryAnalysis) with `explainer`."""
+    from .open import open_dictionary
+
+    a = analysis if hasattr(analysis, "store") else open_dictionary(analysis)
+    return explain_store(a.store, explainer or AutoExplainer(), features, progress=progress)

@@ -1,0 +1,230 @@
+"""`open_dictionary(path)`: an analyzed dictionary, its feature dashboards, labels and searches."""
+
+from __future__ import annotations
+
+import numbers
+import os
+from pathlib import Path
+from typing import Any
+
+from ..store import BUILD_DIR, DB_FILE, USER, FeatureStore, analysis_dir_for_path, data_analysis_dir
+from .dashboard import FeatureDashboard, TokenExample
+
+
+class NotAnalyzedError(FileNotFoundError):
+    """The dictionary has no finished analysis."""
+
+
+class FeatureIndexError(IndexError, ValueError):
+    """A feature index outside the dictionary."""
+
+
+def default_analysis_dir(sae: Any, sae_dir: Path | None, model_name: str | None = None) -> Path:
+    if sae_dir is not None:
+        return analysis_dir_for_path(sae_dir)
+    from .run import dictionary_fingerprint
+
+    name = model_name or getattr(sae.cfg, "model_name", "") or "model"
+    return data_analysis_dir(f"{name}-{sae.cfg.hook_name}-{sae.cfg.d_sae}", dictionary_fingerprint(sae))
+
+
+def find_analysis(path: Any) -> Path:
+    """The analysis directory for a dictionary directory, an analysis directory, its database, or a dictionary."""
+    if not isinstance(path, (str, Path)):
+        from .run import resolve_dictionary
+
+        sae, d = resolve_dictionary(path)
+        cands = [default_analysis_dir(sae, d)]
+    else:
+        p = Path(path).expanduser()
+        if p.is_file() and p.name == DB_FILE:
+            return p.parent
+        if not p.exists():
+            raise FileNotFoundError(f"{p}: no such dictionary or analysis directory")
+        cands = [p, p / "analysis", analysis_dir_for_path(p)]
+    for c in cands:
+        if (c / DB_FILE).is_file():
+            return c
+    partial = [c for c in cands if (c / BUILD_DIR / DB_FILE).is_file()]
+    where = partial[0] if partial else cands[-1]
+    hint = (f"an analysis was started in {where / BUILD_DIR} but did not finish; run `featurelens analyze {path}` "
+            f"again to resume it") if partial else f"run `featurelens analyze {path}` (or fl.analyze) first"
+    raise NotAnalyzedError(f"{path}: this dictionary has not been analyzed: {hint}")
+
+
+def open_dictionary(path: Any, *, model: Any = None) -> "DictionaryAnalysis":
+    """Open the analysis of a dictionary (its directory, its analysis directory, or a SparseDictionary).
+
+    >>> fd = fl.open_dictionary("~/sae-l6")
+    >>> fd.feature(1234)           # dashboard data; displays as HTML in Jupyter
+    >>> fd.search("legal document")
+    """
+    dictionary = None if isinstance(path, (str, Path)) else path
+    return DictionaryAnalysis(find_analysis(path), dictionary=dictionary, model=model)
+
+
+class DictionaryAnalysis:
+    """An analyzed dictionary: dashboards (`feature`), labels (`label`, `set_label`) and the three searches."""
+
+    def __init__(self, adir: str | Path, dictionary: Any = None, model: Any = None):
+        self.dir = Path(adir)
+        path = self.dir / DB_FILE
+        writable = os.access(self.dir, os.W_OK) and (not path.exists() or os.access(path, os.W_OK))
+        self.store = FeatureStore(path, readonly=not writable)
+        self.meta = self.store.meta()
+        if self.meta.get("status") != "complete":
+            raise NotAnalyzedError(f"{path}: the analysis is not complete")
+        self._dictionary = dictionary
+        self._model = model
+        self.timings: Any = None
+
+    # ----------------------------------------------------------------- facts
+    @property
+    def n_features(self) -> int:
+        return int(self.meta["dictionary"]["d_sae"])
+
+    def __len__(self) -> int:
+        return self.n_features
+
+    @property
+    def hook_name(self) -> str:
+        return self.meta["dictionary"]["hook_name"]
+
+    @property
+    def model_name(self) -> str:
+        return self.meta["dictionary"].get("model_name") or self.meta.get("model", "")
+
+    def __repr__(self) -> str:
+        c = self.meta.get("corpus", {})
+        return (f"DictionaryAnalysis({self.n_features} features, {self.model_name} {self.hook_name}, "
+                f"{c.get('n_tokens', 0):,} tokens of {c.get('source')}, at {self.dir})")
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> "DictionaryAnalysis":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------- lazily loaded model and dictionary
+    @property
+    def dictionary(self) -> Any:
+        if self._dictionary is None:
+            from .run import _load_dictionary
+
+            p = self.meta["dictionary"].get("path")
+            if not p or not Path(p).exists():
+                raise FileNotFoundError(f"the dictionary this analysis was made from is not at {p!r} any more; pass "
+                                        f"it: open_dictionary(sae) or DictionaryAnalysis(dir, dictionary=sae)")
+            self._dictionary = _load_dictionary(p)
+        return self._dictionary
+
+    @property
+    def model(self) -> Any:
+        if self._model is None:
+            from ..models.loader import load_model
+
+            self._model = load_model(self.model_name)
+        return self._model
+
+    # ----------------------------------------------------------------- features
+    def check_index(self, idx: Any) -> int:
+        if isinstance(idx, bool) or not isinstance(idx, numbers.Integral):
+            try:
+                if isinstance(idx, str) and idx.strip().lstrip("-").isdigit():
+                    idx = int(idx)
+                else:
+                    raise TypeError
+            except TypeError:
+                raise FeatureIndexError(f"a feature index is an integer, got {idx!r}") from None
+        idx = int(idx)
+        if not 0 <= idx < self.n_features:
+            raise FeatureIndexError(f"feature index {idx} is out of range: this dictionary has {self.n_features:,} "
+                                    f"features (0 to {self.n_features - 1:,})")
+        return idx
+
+    def feature(self, idx: int) -> FeatureDashboard:
+        """The dashboard data of feature `idx`."""
+        idx = self.check_index(idx)
+        row = self.store.feature(idx)
+        if row is None:
+            raise NotAnalyzedError(f"feature {idx} is missing from {self.store.path}; re-run the analysis")
+        exs = self.store.examples(idx)
+        ids = {t for e in exs for t in e["tokens"]} | {t for t, _ in row["logit_up"] + row["logit_down"]}
+        strings = self.store.token_strings(ids)
+        labels_all = self.store.current_labels()
+        labels = self.store.labels(idx)
+        cur = labels[0] if labels else None
+
+        def lab(i: int) -> str | None:
+            v = labels_all.get(i)
+            return v[0] if v else None
+
+        def example(e: dict[str, Any]) -> TokenExample:
+            return TokenExample(tokens=[strings.get(t, f"<{t}>") for t in e["tokens"]], acts=e["acts"],
+                                index=e["pos"] - e["start"], act=e["act"], ctx=e["ctx"], pos=e["pos"],
+                                bin=e["bin"] if e["kind"] == "quantile" else None)
+
+        hist = self.meta.get("hist", {})
+        return FeatureDashboard(
+            index=idx, d_sae=self.n_features, model=self.model_name, hook_name=self.hook_name,
+            label=cur["label"] if cur else None, label_provenance=cur["provenance"] if cur else None, labels=labels,
+            density=row["density"], n_fires=row["n_fires"], n_tokens=int(self.meta.get("stats", {}).get("n_tokens", 0)),
+            max_act=row["max_act"], mean_act=row["mean_act"], hist_edges=hist.get("edges", []),
+            hist_counts=row["hist"].tolist() if row["hist"] is not None else [],
+            logit_up=[(strings.get(t, f"<{t}>"), t, v) for t, v in row["logit_up"]],
+            logit_down=[(strings.get(t, f"<{t}>"), t, v) for t, v in row["logit_down"]],
+            similar=[(i, c, lab(i)) for i, c in row["similar"]],
+            cofiring=[(i, j, p, n, lab(i)) for i, j, p, n in row["cofire"]],
+            top_examples=[example(e) for e in exs if e["kind"] == "top"],
+            quantile_examples=[example(e) for e in exs if e["kind"] == "quantile"],
+        )
+
+    __getitem__ = feature
+
+    # ----------------------------------------------------------------- labels
+    def label(self, idx: int) -> str | None:
+        labels = self.store.labels(self.check_index(idx))
+        return labels[0]["label"] if labels else None
+
+    def labels(self) -> dict[int, str]:
+        """feature -> current label (the user's, else the newest)."""
+        return {f: l for f, (l, _) in self.store.current_labels().items()}
+
+    def set_label(self, idx: int, label: str | None) -> None:
+        """Set a feature's label by hand (provenance "user"); None removes the user's label."""
+        idx = self.check_index(idx)
+        if label is not None:
+            if not isinstance(label, str) or not label.strip():
+                raise ValueError("a label is a non-empty string (use None to remove your label)")
+            label = label.strip()
+        if self.store.readonly:
+            raise PermissionError(f"{self.store.path} is read-only")
+        self.store.set_label(idx, label, USER)
+
+    def explain(self, explainer: Any = None, features: Any = None, progress: bool = True) -> int:
+        """Label features with an `Explainer` (default: the built-in one); returns how many were labeled."""
+        from .explain import AutoExplainer, explain_store
+
+        return explain_store(self.store, explainer or AutoExplainer(), features, progress=progress)
+
+    # ----------------------------------------------------------------- searches
+    def search(self, query: str, k: int = 10, method: str = "auto") -> list[Any]:
+        """Features by meaning: `query` against labels and top snippets (sentence embeddings, else lexical)."""
+        from ..search.concept import concept_search
+
+        return concept_search(self.store, query, k=k, method=method)
+
+    def search_text(self, text: str, k: int = 10) -> Any:
+        """The features that fire on `text`: overall and per token."""
+        from ..search.inference import search_text
+
+        return search_text(self, text, k=k)
+
+    def search_promotes(self, token: str | int, k: int = 10) -> list[Any]:
+        """The features whose logit lens pushes `token` up most."""
+        from ..search.inference import search_promotes
+
+        return search_promotes(self, token, k=k)

@@ -1,0 +1,169 @@
+"""`featurelens analyze`, `search` and `feature`: dashboards, concept / text / token search, one feature's page."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("analyze", help="build dashboards, labels and the search index for every feature of a dictionary",
+                       description="Stream held-out text through the model and the dictionary and store, for every "
+                                   "feature, its top and quantile examples, density, histogram, logit lens, similar and "
+                                   "co-firing features, an automatic label and a search embedding. Resumable: run it "
+                                   "again after an interruption.")
+    p.add_argument("path", help="the dictionary directory (SAELens layout: cfg.json + sae_weights.safetensors)")
+    p.add_argument("-m", "--model", default=None, help="the model (default: the one the dictionary was trained on)")
+    p.add_argument("--source", default=None, help="text source (default: the embedded corpus nlp-corpus; a .txt, "
+                                                   ".jsonl or .parquet file, or hf:name)")
+    p.add_argument("--n-tokens", type=int, default=500_000, help="tokens to read (default 500,000)")
+    p.add_argument("--batch-size", type=int, default=16, help="contexts per forward pass (default 16)")
+    p.add_argument("--ctx-len", type=int, default=128, help="tokens per context (default 128)")
+    p.add_argument("--split", default="test", choices=["test", "train", "all"], help="corpus split (default test)")
+    p.add_argument("--out", default=None, help="analysis directory (default: <dictionary>/analysis)")
+    p.add_argument("--overwrite", action="store_true", help="rebuild a finished analysis (your labels are kept)")
+    p.add_argument("--no-embed", action="store_true", help="skip the search embeddings (search falls back to lexical)")
+    p.add_argument("--checkpoint-every", type=float, default=120.0, help="seconds between saves (default 120)")
+    p.add_argument("--device", default=None, help="cpu (default) or cuda")
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("search", help="find features by concept, by text they fire on, or by a token they promote",
+                       description="search PATH \"legal document\" ranks features by meaning (labels and top snippets); "
+                                   "--text shows the features that fire on a text, overall and per token; --promotes "
+                                   "shows the features whose logit lens pushes a token up most.")
+    p.add_argument("path", help="an analyzed dictionary (its directory)")
+    p.add_argument("query", nargs="?", default=None, help="what the features should be about")
+    p.add_argument("--text", default=None, help="features that fire on this text")
+    p.add_argument("--promotes", default=None, metavar="TOKEN", help="features that push this output token up, e.g. "
+                                                                    "' Paris' (mind the leading space)")
+    p.add_argument("-k", "--top", type=int, default=10, help="how many features (default 10)")
+    p.add_argument("--method", default="auto", choices=["auto", "embedding", "lexical"],
+                   help="concept search: sentence embeddings (auto when installed) or lexical BM25")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("feature", help="one feature's dashboard in the terminal (or as an HTML page)")
+    p.add_argument("path", help="an analyzed dictionary (its directory)")
+    p.add_argument("index", help="the feature index")
+    p.add_argument("--html", default=None, metavar="FILE", help="write a standalone HTML page to FILE")
+    p.add_argument("--json", action="store_true", help="print the dashboard data as JSON")
+    p.add_argument("--set-label", default=None, metavar="TEXT", help="replace the feature's label with your own")
+    p.add_argument("--clear-label", action="store_true", help="remove your label (the automatic one shows again)")
+    p.set_defaults(func=cmd_feature)
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from ..analysis import analyze
+    from ..models.loader import load_model
+    from ..analysis.run import resolve_dictionary
+
+    sae, _ = resolve_dictionary(args.path)
+    name = args.model or getattr(sae.cfg, "model_name", "")
+    if not name:
+        raise ValueError("the dictionary does not say which model it was trained on; pass --model")
+    model = load_model(name, device=args.device)
+    if args.device:
+        sae = sae.to(args.device)
+        sae.source = args.path
+    result = analyze(model, sae if args.device else args.path, args.source, n_tokens=args.n_tokens,
+                     batch_size=args.batch_size, ctx_len=args.ctx_len, split=args.split, out=args.out,
+                     overwrite=args.overwrite, embed=not args.no_embed, checkpoint_every=args.checkpoint_every)
+    print(result)
+    return 0
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def _short(s: str, n: int = 110) -> str:
+    s = " ".join(s.split())
+    return s if len(s) <= n else s[: n - 1] + "…"
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from ..analysis import open_dictionary
+
+    modes = [m for m in (args.query is not None, args.text is not None, args.promotes is not None) if m]
+    if len(modes) != 1:
+        raise ValueError('give exactly one of: a query ("legal document"), --text TEXT, or --promotes TOKEN')
+    if args.top <= 0:
+        raise ValueError(f"-k must be positive, got {args.top}")
+    fd = open_dictionary(args.path)
+    console = _console()
+    if args.query is not None:
+        hits = fd.search(args.query, k=args.top, method=args.method)
+        if args.json:
+            print(json.dumps([asdict(h) for h in hits], indent=2))
+            return 0
+        method = hits[0].method if hits else args.method
+        t = Table(title=f"features about {args.query!r} ({method} search)", show_lines=True)
+        for col, kw in (("#", {"justify": "right"}), ("feature", {"justify": "right"}), ("score", {"justify": "right"}),
+                        ("label", {}), ("top snippet", {})):
+            t.add_column(col, **kw)
+        for r, h in enumerate(hits, 1):
+            t.add_row(str(r), str(h.feature), f"{h.score:.3f}", h.label or "", _short(h.snippets[0]) if h.snippets else "")
+        console.print(t)
+        if not hits:
+            console.print("no matching features")
+        return 0
+    if args.text is not None:
+        res = fd.search_text(args.text, k=args.top)
+        if args.json:
+            print(json.dumps({"tokens": res.tokens, "overall": [asdict(h) for h in res.overall],
+                              "per_token": res.per_token}, indent=2))
+            return 0
+        t = Table(title=f"features firing on {args.text!r}")
+        for col in ("feature", "max act", "% of its max", "at token", "label"):
+            t.add_column(col, justify="left" if col in ("label", "at token") else "right")
+        for h in res.overall:
+            t.add_row(str(h.feature), f"{h.max_act:.3g}", f"{h.relative:.0%}", repr(res.tokens[h.token_index]),
+                      h.label or "")
+        console.print(t)
+        pt = Table(title="per token (strongest features)")
+        pt.add_column("token")
+        pt.add_column("features (activation)")
+        for tok, row in zip(res.tokens, res.per_token):
+            pt.add_row(repr(tok), "  ".join(f"#{f} {a:.3g}" + (f" {_short(l, 40)}" if l else "")
+                                            for f, a, _, l in row[:3]))
+        console.print(pt)
+        return 0
+    hits = fd.search_promotes(args.promotes, k=args.top)
+    if args.json:
+        print(json.dumps([asdict(h) for h in hits], indent=2))
+        return 0
+    t = Table(title=f"features that push {args.promotes!r} up (logit lens)")
+    for col in ("feature", "logit", "z", "label"):
+        t.add_column(col, justify="left" if col == "label" else "right")
+    for h in hits:
+        t.add_row(str(h.feature), f"{h.logit:+.3g}", f"{h.zscore:.1f}", h.label or "")
+    console.print(t)
+    return 0
+
+
+def cmd_feature(args: argparse.Namespace) -> int:
+    from ..analysis import open_dictionary
+
+    fd = open_dictionary(args.path)
+    idx = fd.check_index(args.index)
+    if args.set_label is not None and args.clear_label:
+        raise ValueError("give --set-label or --clear-label, not both")
+    if args.set_label is not None:
+        fd.set_label(idx, args.set_label)
+    elif args.clear_label:
+        fd.set_label(idx, None)
+    dash = fd.feature(idx)
+    if args.html:
+        dash.to_html(args.html)
+        print(f"wrote {args.html}", file=sys.stderr)
+    if args.json:
+        print(dash.to_json(indent=2))
+    elif not args.html:
+        _console().print(dash)
+    return 0

@@ -1,0 +1,177 @@
+"""`featurelens steer` (default and steered generations side by side) and `featurelens patch` (patching heatmaps)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+from rich.console import Console
+from rich.table import Table
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from .models import _model_args
+
+    p = sub.add_parser("steer", help="generate with features steered, clamped or ablated, next to the default output")
+    _model_args(p)
+    p.add_argument("prompt")
+    p.add_argument("--dict", required=True, metavar="PATH", help="a saved sparse dictionary (SAELens layout)")
+    p.add_argument("--layer", type=int, default=None, help="which layer's transcoder, when --dict is a transcoder set")
+    p.add_argument("--feature", action="append", default=[], metavar="IDX:STRENGTH",
+                   help="add STRENGTH x the feature's decoder direction, e.g. 1234:+8 or 77:-4 (repeatable)")
+    p.add_argument("--clamp", action="append", default=[], metavar="IDX:VALUE",
+                   help="hold the feature's activation at VALUE (repeatable)")
+    p.add_argument("--ablate", action="append", default=[], metavar="IDX", help="clamp the feature to 0 (repeatable)")
+    p.add_argument("--mode", choices=("relative", "absolute"), default="relative",
+                   help="strength relative to the feature's max activation when known (default), or absolute")
+    p.add_argument("--positions", choices=("all", "prompt", "generated"), default="all")
+    p.add_argument("--max-new-tokens", type=int, default=30)
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy; default 0.7")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0, help="the same seed drives both generations (default 0)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_steer)
+
+    p = sub.add_parser("patch", help="activation (or attribution) patching heatmap, saved as PNG and JSON")
+    _model_args(p)
+    p.add_argument("--clean", required=True, help='the prompt with the behaviour, e.g. "The Eiffel Tower is in"')
+    p.add_argument("--corrupt", required=True, help='the same prompt with a few tokens changed, e.g. "The Colosseum is in"')
+    p.add_argument("--answer", required=True, help='the clean answer token, e.g. " Paris"')
+    p.add_argument("--wrong", default=None, help="the corrupt answer token; with it the metric is the logit "
+                   "difference, without it the probability of --answer")
+    p.add_argument("--hook", default="resid_pre", choices=("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z"),
+                   help="what to patch: a site per layer x position, or z = single heads per layer (default resid_pre)")
+    p.add_argument("--layers", default=None, help="comma-separated layers (default: all)")
+    p.add_argument("--normalize", action="store_true", help="scale so 0 = corrupt run, 1 = clean run")
+    p.add_argument("--attribution", action="store_true", help="the gradient estimate (one forward+backward) instead")
+    p.add_argument("--batch-size", type=int, default=32, help="patched runs per forward pass")
+    p.add_argument("--out", default=None, metavar="PATH", help="where to write PATH.png and PATH.json "
+                   "(default ./patch-HOOK)")
+    p.add_argument("--json", action="store_true", help="print the grid as JSON")
+    p.set_defaults(func=cmd_patch)
+
+
+def _load_model(args: argparse.Namespace):
+    from .models import _load
+
+    return _load(args)
+
+
+def _load_dictionary(path: str, layer: int | None):
+    from ..dictionaries import load_dictionary
+
+    sae = load_dictionary(path)
+    if not hasattr(sae, "W_dec") and hasattr(sae, "layers"):  # a transcoder set: one transcoder per layer
+        if layer is None:
+            raise ValueError(f"{path} holds transcoders for layers {sae.layers}: pick one with --layer")
+        if layer not in sae:
+            raise ValueError(f"--layer {layer}: {path} has transcoders for layers {sae.layers}")
+        return sae[layer]
+    if layer is not None:
+        raise ValueError(f"--layer is for transcoder sets; {path} is a single dictionary at {sae.cfg.hook_name}")
+    return sae
+
+
+def parse_pair(spec: str, flag: str, what: str) -> tuple[int, float]:
+    """"1234:+8" -> (1234, 8.0), with errors that name the flag."""
+    idx, sep, value = spec.partition(":")
+    if not sep:
+        raise ValueError(f"{flag} {spec!r}: expected IDX:{what.upper()}, e.g. 1234:+8")
+    try:
+        feature = int(idx)
+    except ValueError:
+        raise ValueError(f"{flag} {spec!r}: feature index {idx!r} is not an integer") from None
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"{flag} {spec!r}: {what} {value!r} is not a number") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{flag} {spec!r}: {what} must be finite")
+    return feature, number
+
+
+def cmd_steer(args: argparse.Namespace) -> int:
+    import warnings
+
+    from ..interventions import Ablate, Clamp, Steer, compare_generations
+
+    steers = [parse_pair(s, "--feature", "strength") for s in args.feature]
+    clamps = [parse_pair(s, "--clamp", "value") for s in args.clamp]
+    ablations = []
+    for s in args.ablate:
+        try:
+            ablations.append(int(s))
+        except ValueError:
+            raise ValueError(f"--ablate {s!r}: feature index is not an integer") from None
+    if not (steers or clamps or ablations):
+        raise ValueError("nothing to do: give at least one --feature IDX:STRENGTH, --clamp IDX:VALUE or --ablate IDX")
+    sae = _load_dictionary(args.dict, args.layer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the note travels with the result instead
+        interventions = ([Steer(sae, f, s, mode=args.mode, positions=args.positions) for f, s in steers]
+                         + [Clamp(sae, f, v, positions=args.positions) for f, v in clamps]
+                         + [Ablate(sae, f, positions=args.positions) for f in ablations])
+    model = _load_model(args)
+    result = compare_generations(model, args.prompt, interventions, max_new_tokens=args.max_new_tokens,
+                                 seed=args.seed, temperature=args.temperature, top_p=args.top_p)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
+    console = Console()
+    table = Table(title=f"{args.prompt!r}  (seed {args.seed}, temperature {args.temperature})", show_lines=True)
+    table.add_column("default", ratio=1)
+    table.add_column("steered: " + "; ".join(result.interventions), ratio=1)
+    table.add_row(result.default, result.steered)
+    console.print(table)
+    for note in result.notes:
+        console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+    return 0
+
+
+def cmd_patch(args: argparse.Namespace) -> int:
+    from ..interventions import (activation_patching, answer_prob, attribution_patching, logit_diff, patching_labels,
+                                 save_heatmap)
+
+    layers = None
+    if args.layers:
+        try:
+            layers = [int(x) for x in args.layers.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--layers {args.layers!r}: expected comma-separated integers, e.g. 0,6,12") from None
+    model = _load_model(args)
+    metric = logit_diff(args.answer, args.wrong) if args.wrong is not None else answer_prob(args.answer)
+    rows, cols = patching_labels(model, args.clean, args.corrupt, args.hook, layers)  # checks lengths early
+    if args.attribution:
+        scores = attribution_patching(model, args.clean, args.corrupt, metric, hook=args.hook, layers=layers,
+                                      normalize=args.normalize)
+    else:
+        scores = activation_patching(model, args.clean, args.corrupt, metric, hook=args.hook, layers=layers,
+                                     normalize=args.normalize, batch_size=args.batch_size, progress=True)
+    kind = "attribution" if args.attribution else "activation"
+    title = (f"{kind} patching of {args.hook}: {metric!r}{' (normalized)' if args.normalize else ''}\n"
+             f"clean {args.clean!r} -> corrupt {args.corrupt!r}")
+    meta = {"kind": kind, "hook": args.hook, "clean": args.clean, "corrupt": args.corrupt, "answer": args.answer,
+            "wrong": args.wrong, "metric": repr(metric), "normalized": args.normalize, "model": model.name}
+    paths = save_heatmap(scores, args.out or f"patch-{args.hook}", row_labels=rows, col_labels=cols, title=title,
+                         xlabel="head" if args.hook == "z" else "position", ylabel="layer", meta=meta)
+    if args.json:
+        print(json.dumps({**meta, "rows": rows, "cols": cols, "values": scores.tolist(),
+                          "json": str(paths["json"]), "png": str(paths["png"]) if paths["png"] else None}, indent=1))
+        return 0
+    console = Console()
+    table = Table(title=title.replace("\n", "  "))
+    table.add_column("layer")
+    for c in cols:
+        table.add_column(c, justify="right")
+    lim = float(scores.abs().max()) or 1.0
+    for r, row in zip(rows, scores.tolist()):
+        cells = []
+        for v in row:
+            shade = int(40 + 180 * min(abs(v) / lim, 1.0))
+            color = f"rgb({255 - shade // 2},{255 - shade},{255 - shade})" if v < 0 else f"rgb({255 - shade},{255 - shade},{255 - shade // 2})"
+            cells.append(f"[black on {color}]{v:7.2f}[/]")
+        table.add_row(r, *cells)
+    console.print(table)
+    console.print(f"wrote {paths['json']}" + (f" and {paths['png']}" if paths["png"] else " (no PNG: pip install matplotlib)"))
+    return 0

@@ -1,0 +1,157 @@
+"""`featurelens train` (SAEs and transcoders) and `featurelens eval PATH`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+def _int(text: str) -> int:
+    """Integers with underscores or a k/M suffix: 2_000_000, 2M, 500k."""
+    t = text.strip().replace("_", "").replace(",", "")
+    mult = {"k": 1_000, "m": 1_000_000, "b": 1_000_000_000}.get(t[-1:].lower(), 1)
+    try:
+        return int(float(t[:-1]) * mult) if mult > 1 else int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from ..dictionaries.sae import ARCHITECTURES
+
+    p = sub.add_parser("train", help="train a sparse autoencoder on a hook, or per-layer transcoders",
+                       description="Train a sparse dictionary on a model's activations and save it in SAELens's "
+                                   "layout. Progress shows live L0 and explained variance; checkpoints allow --resume.")
+    p.add_argument("-m", "--model", default=None, help="model name, .gguf file or HF directory (default gemma-3-270m)")
+    p.add_argument("--hook", help="hook to train an SAE on, e.g. blocks.6.hook_resid_post")
+    p.add_argument("--transcoder", action="store_true",
+                   help="train transcoders blocks.L.ln2.hook_normalized -> blocks.L.hook_mlp_out instead")
+    p.add_argument("--layers", default="all", help="transcoder layers: 'all' (default) or e.g. 0,3,6")
+    p.add_argument("--skip", action="store_true", help="transcoders: add a linear skip connection")
+    p.add_argument("--arch", default="topk", choices=ARCHITECTURES, help="architecture (default topk)")
+    p.add_argument("--k", type=_int, default=None, help="active latents per token for topk / batchtopk (default 32)")
+    p.add_argument("--width", type=_int, default=None, help="dictionary size (default 8192; transcoders 4096)")
+    p.add_argument("--tokens", type=_int, default=None, help="training tokens (default 2M; transcoders 1M)")
+    p.add_argument("--out", default=None, help="output directory (default under the data directory)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default depends on --arch)")
+    p.add_argument("--batch-size", type=_int, default=4096, help="tokens per step (default 4096)")
+    p.add_argument("--l1-coefficient", type=float, default=None, help="relu: L1 penalty")
+    p.add_argument("--l0-coefficient", type=float, default=None, help="jumprelu: L0 penalty")
+    p.add_argument("--source", default="nlp-corpus", help="corpus: nlp-corpus (default), a .txt/.jsonl/.parquet "
+                                                          "file, or hf:name[:config][:split]")
+    p.add_argument("--ctx-len", type=_int, default=128, help="context length (default 128)")
+    p.add_argument("--checkpoint-every", type=_int, default=None, help="steps between checkpoints (default ~10 per run)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
+    p.add_argument("--overwrite", action="store_true", help="start over, discarding what --out holds")
+    p.add_argument("--eval", action="store_true", help="evaluate the result afterwards (as `featurelens eval`)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="L0, explained variance, CE loss recovered, dead/dense features of a dictionary")
+    p.add_argument("path", help="a dictionary directory (ours or SAELens's), a transcoder set, or a params.npz")
+    p.add_argument("-m", "--model", default=None, help="model to splice into (default: the one the dictionary names)")
+    p.add_argument("--tokens", type=_int, default=100_000, help="held-out tokens for L0 / FVU / dead / dense")
+    p.add_argument("--ce-contexts", type=_int, default=32, help="held-out contexts for CE loss (0 skips)")
+    p.add_argument("--source", default="nlp-corpus", help="corpus whose test split to use")
+    p.add_argument("--ctx-len", type=_int, default=128)
+    p.add_argument("--hook", default=None, help="override the dictionary's hook (e.g. for a Gemma Scope file)")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.set_defaults(func=cmd_eval)
+
+
+def _load_model(name: str | None) -> Any:
+    from ..models.loader import DEFAULT_MODEL, load_model
+
+    return load_model(name or DEFAULT_MODEL)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ..dictionaries import train_sae, train_transcoders
+
+    if args.transcoder and args.hook:
+        raise ValueError("give --hook for an SAE or --transcoder for transcoders, not both")
+    if not args.transcoder and not args.hook:
+        raise ValueError("give --hook HOOK (e.g. blocks.6.hook_resid_post) to train an SAE, or --transcoder")
+    options = {k: v for k, v in (("l1_coefficient", args.l1_coefficient), ("l0_coefficient", args.l0_coefficient))
+               if v is not None}
+    common = dict(arch=args.arch, k=args.k, out=args.out, lr=args.lr, batch_size=args.batch_size, source=args.source,
+                  ctx_len=args.ctx_len, resume=args.resume, overwrite=args.overwrite, seed=args.seed,
+                  checkpoint_every=args.checkpoint_every, **options)
+    model = _load_model(args.model)
+    if args.transcoder:
+        result = train_transcoders(model, layers=args.layers, width=args.width or 4096, tokens=args.tokens or 1_000_000,
+                                   skip=args.skip, **common)
+        first = next(iter(result))
+        out = Path(first.source).parent
+        print(f"saved {len(result)} transcoders (layers {result.layers}) to {out}")
+        for layer, tc in result.items():
+            _print_train_summary(f"layer {layer}", tc.stats)
+    else:
+        if args.skip:
+            raise ValueError("--skip is for transcoders")
+        result = train_sae(model, args.hook, width=args.width or 8192, tokens=args.tokens or 2_000_000, **common)
+        out = Path(result.source)
+        print(f"saved {result!r} to {out}")
+        _print_train_summary(args.hook, result.stats)
+    if args.eval:
+        _report(_evaluate(model, result, args.ctx_len, args.source, 100_000, 32), as_json=False)
+    else:
+        print(f"evaluate it with: featurelens eval {out}")
+    return 0
+
+
+def _print_train_summary(name: str, stats: dict[str, Any]) -> None:
+    m = stats.get("final_train_metrics", {})
+    print(f"  {name}: {stats.get('tokens_trained', 0):,} tokens, {stats.get('steps', 0)} steps; "
+          f"last steps L0 {m.get('l0', math.nan):.1f}, explained variance {1 - m.get('fvu', math.nan):.3f}, "
+          f"dead {m.get('dead', math.nan):.1%}")
+
+
+def _evaluate(model: Any, dictionary: Any, ctx_len: int, source: str, tokens: int, ce_contexts: int) -> Any:
+    from ..dictionaries import evaluate_dictionary
+
+    return evaluate_dictionary(model, dictionary, tokens=tokens, ce_contexts=ce_contexts, source=source,
+                               ctx_len=ctx_len)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ..dictionaries import SparseDictionary, load_dictionary
+
+    dictionary = load_dictionary(args.path, hook_name=args.hook)
+    first = dictionary if isinstance(dictionary, SparseDictionary) else next(iter(dictionary))
+    model = _load_model(args.model or first.cfg.model_name or None)
+    _report(_evaluate(model, dictionary, args.ctx_len, args.source, args.tokens, args.ce_contexts), args.json)
+    return 0
+
+
+_ROWS = (("L0", "l0", "{:.1f}"), ("explained variance", "explained_variance", "{:.4f}"), ("FVU", "fvu", "{:.4f}"),
+         ("dead features", "dead_fraction", "{:.2%}"), ("dense features (>10%)", "dense_fraction", "{:.2%}"),
+         ("CE loss clean", "ce_clean", "{:.4f}"), ("CE loss spliced", "ce_spliced", "{:.4f}"),
+         ("CE loss zero-ablated", "ce_zero_ablation", "{:.4f}"), ("CE loss recovered", "ce_loss_recovered", "{:.2%}"),
+         ("KL(clean || spliced)", "kl_div", "{:.4f}"), ("eval tokens", "eval_tokens", "{:,}"),
+         ("CE tokens", "ce_tokens", "{:,}"))
+
+
+def _report(result: Any, as_json: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    results = result if isinstance(result, dict) else {"": result}
+    if as_json:
+        print(json.dumps({str(k): v.to_dict() for k, v in results.items()} if isinstance(result, dict)
+                         else result.to_dict(), indent=2))
+        return
+    table = Table()
+    table.add_column("metric")
+    for key in results:
+        table.add_column(f"layer {key}" if isinstance(key, int) else (str(key) or "value"), justify="right")
+    for label, attr, fmt in _ROWS:
+        cells = []
+        for m in results.values():
+            v = getattr(m, attr)
+            cells.append("-" if isinstance(v, float) and math.isnan(v) else fmt.format(v))
+        table.add_row(label, *cells)
+    Console().print(table)

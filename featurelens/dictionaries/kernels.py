@@ -1,0 +1,145 @@
+"""Autograd pieces for training sparse dictionaries fast on a CPU.
+
+TopK-style dictionaries touch k of d_sae latents per token, but a plain PyTorch implementation pays for all of
+them three more times: a dense decoder matmul, and dense gradient matmuls for the encoder and decoder. Here a
+step costs one dense matmul (the encoder's forward pass, which must see every latent to pick the top k) and
+sparse work proportional to batch * k * d for the rest:
+
+* `SelectedEncode`: pre-activations of the selected latents, whose backward writes only their encoder columns.
+* `SparseDecode`:   sum_j vals[b, j] * W_dec[idx[b, j]] (an embedding bag) with a sampled-matmul backward.
+
+Also the JumpReLU straight-through estimators (Rajamanoharan et al. 2024): the threshold gets a gradient
+from a rectangle kernel of width `bandwidth` around it; the input does not.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+
+
+def _scatter_matrix(idx: torch.Tensor, vals: torch.Tensor, n_latents: int) -> torch.Tensor:
+    """Sparse [n_latents, batch] matrix with vals[b, j] at (idx[b, j], b)."""
+    batch, k = idx.shape
+    rows = torch.arange(batch, device=idx.device).repeat_interleave(k)
+    ind = torch.stack([idx.reshape(-1), rows])
+    return torch.sparse_coo_tensor(ind, vals.reshape(-1), (n_latents, batch), check_invariants=False)
+
+
+def _gathered_dot(idx: torch.Tensor, a: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """out[b, j] = a[b] . W[idx[b, j]]  for a [B, d], W [n, d]: a sampled matmul, never the dense [B, n]."""
+    batch, k = idx.shape
+    if a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64):
+        crow = torch.arange(0, batch * k + 1, k, device=idx.device)
+        pattern = torch.sparse_csr_tensor(crow, idx.reshape(-1), torch.zeros(batch * k, dtype=a.dtype),
+                                          (batch, W.shape[0]), check_invariants=False)
+        return torch.sparse.sampled_addmm(pattern, a, W.T, beta=0.0).values().view(batch, k)
+    return torch.einsum("bkd,bd->bk", W[idx], a)
+
+
+class SelectedEncode(torch.autograd.Function):
+    """values[b, j] = ((x - b_dec) @ W_enc + b_enc)[b, idx[b, j]], computed by the caller without autograd.
+
+    Passing `values` in saves recomputing them; the backward fills only the selected encoder columns
+    (W_enc is stored latent-major, so its transpose is contiguous and each column a contiguous row).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, b_dec: torch.Tensor | None, W_enc: torch.Tensor, b_enc: torch.Tensor,
+                idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        x_in = x - b_dec if b_dec is not None else x
+        ctx.save_for_backward(x_in, W_enc, idx)
+        ctx.has_b_dec = b_dec is not None
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        x_in, W_enc, idx = ctx.saved_tensors
+        n = W_enc.shape[1]
+        grad_b_enc = torch.zeros(n, dtype=grad.dtype, device=grad.device).index_add_(0, idx.reshape(-1), grad.reshape(-1))
+        grad_W_enc = None
+        if ctx.needs_input_grad[2]:
+            grad_W_enc = torch.sparse.mm(_scatter_matrix(idx, grad, n), x_in).T  # strides match W_enc's
+        grad_b_dec = -(W_enc @ grad_b_enc) if ctx.has_b_dec and ctx.needs_input_grad[1] else None
+        return None, grad_b_dec, grad_W_enc, grad_b_enc, None, None
+
+
+class SparseDecode(torch.autograd.Function):
+    """out[b] = sum_j vals[b, j] * W_dec[idx[b, j]]."""
+
+    @staticmethod
+    def forward(ctx: Any, vals: torch.Tensor, idx: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(vals, idx, W_dec)
+        return F.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum")
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
+        vals, idx, W_dec = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_vals = _gathered_dot(idx, grad_out, W_dec) if ctx.needs_input_grad[0] else None
+        grad_W = torch.sparse.mm(_scatter_matrix(idx, vals, W_dec.shape[0]), grad_out) if ctx.needs_input_grad[2] else None
+        return grad_vals, None, grad_W
+
+
+def sparse_decode(vals: torch.Tensor, idx: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+    return SparseDecode.apply(vals, idx, W_dec)
+
+
+# ----------------------------------------------------------------------------------------------- JumpReLU
+def _rectangle(z: torch.Tensor) -> torch.Tensor:
+    return ((z > -0.5) & (z < 0.5)).to(z.dtype)
+
+
+class JumpReLU(torch.autograd.Function):
+    """pre * (pre > threshold); d/d threshold = -(threshold / bandwidth) * rect((pre - threshold) / bandwidth)."""
+
+    @staticmethod
+    def forward(ctx: Any, pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        pre, threshold = ctx.saved_tensors
+        bw = ctx.bandwidth
+        grad_pre = grad * (pre > threshold)
+        grad_thr = (-(threshold / bw) * _rectangle((pre - threshold) / bw) * grad).reshape(-1, pre.shape[-1]).sum(0)
+        return grad_pre, grad_thr, None
+
+
+class Step(torch.autograd.Function):
+    """1[pre > threshold] (for an L0 penalty); d/d threshold = -(1 / bandwidth) * rect((pre - threshold) / bandwidth)."""
+
+    @staticmethod
+    def forward(ctx: Any, pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        pre, threshold = ctx.saved_tensors
+        bw = ctx.bandwidth
+        grad_thr = (-(1.0 / bw) * _rectangle((pre - threshold) / bw) * grad).reshape(-1, pre.shape[-1]).sum(0)
+        return None, grad_thr, None
+
+
+# ----------------------------------------------------------------------------------------------- init helpers
+@torch.no_grad()
+def geometric_median(x: torch.Tensor, iters: int = 30, tol: float = 1e-5) -> torch.Tensor:
+    """The point minimizing the sum of distances to the rows of x (Weiszfeld's algorithm)."""
+    y = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x - y).norm(dim=1).clamp_min(1e-8)
+        y_new = (w[:, None] * x).sum(0) / w.sum()
+        moved = (y_new - y).norm()
+        y = y_new
+        if moved <= tol * max(float(y.norm()), 1.0):
+            break
+    return y

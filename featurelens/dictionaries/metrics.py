@@ -1,0 +1,216 @@
+"""How good is a dictionary: sparsity, reconstruction, and what splicing it into the model costs.
+
+* L0: mean number of active features per token.
+* FVU (fraction of variance unexplained) = sum ||y - y_hat||^2 / sum ||y - mean(y)||^2 over the evaluation
+  tokens; explained variance = 1 - FVU. (y is the input for an SAE, the output hook for a transcoder.)
+* Dead features: never active on the evaluation tokens; dense: active on more than `dense_threshold` of them.
+* Spliced into the model (held-out contexts): next-token cross-entropy with the hook replaced by the
+  dictionary's output, against the clean model and against zero-ablating the hook.
+  CE loss recovered = (CE_zero - CE_spliced) / (CE_zero - CE_clean); KL = KL(clean || spliced) per token.
+  BOS positions are left as they are in every run (dictionaries are trained without them); the prediction made
+  at the first position (from BOS alone) is not counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from .sae import SparseDictionary, TranscoderSet
+
+
+@dataclass
+class DictionaryMetrics:
+    l0: float = float("nan")
+    explained_variance: float = float("nan")
+    fvu: float = float("nan")
+    mse: float = float("nan")  # per token, summed over dimensions
+    dead_fraction: float = float("nan")
+    dense_fraction: float = float("nan")
+    eval_tokens: int = 0
+    ce_clean: float = float("nan")
+    ce_spliced: float = float("nan")
+    ce_zero_ablation: float = float("nan")
+    ce_loss_recovered: float = float("nan")
+    kl_div: float = float("nan")  # KL(clean || spliced), nats per token
+    kl_zero_ablation: float = float("nan")
+    ce_tokens: int = 0
+    feature_density: torch.Tensor | None = field(default=None, repr=False)  # fraction of eval tokens each fires on
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("feature_density")
+        return d
+
+
+class ReconstructionAccumulator:
+    """Running sums for L0, FVU, MSE and feature firing counts of one dictionary over batches {hook: [n, d]}."""
+
+    def __init__(self, sae: SparseDictionary):
+        self.sae = sae
+        self.n, self.sse, self.l0_sum, self.sum_y2 = 0, 0.0, 0.0, 0.0
+        self.sum_y = torch.zeros(sae.d_out, dtype=torch.float64)
+        self.fires = torch.zeros(sae.d_sae, dtype=torch.long)
+
+    @torch.no_grad()
+    def update(self, batch: Mapping[str, torch.Tensor]) -> None:
+        sae = self.sae
+        x, y = batch[sae.hook_name], batch[sae.hook_name_out]
+        x, y = x.reshape(len(x), -1).to(sae.device), y.reshape(len(y), -1).to(sae.device)
+        y_hat, f = sae.forward_with_features(x)
+        active = f > 0
+        self.n += len(x)
+        self.sse += float((y_hat.double() - y.double()).pow(2).sum())
+        self.l0_sum += float(active.sum())
+        self.fires += active.sum(0).cpu()
+        self.sum_y += y.double().sum(0).cpu()
+        self.sum_y2 += float(y.double().pow(2).sum())
+
+    def result(self, dense_threshold: float = 0.1) -> DictionaryMetrics:
+        n = self.n
+        if n == 0:
+            raise ValueError("no evaluation tokens")
+        sst = self.sum_y2 - float(self.sum_y.pow(2).sum()) / n
+        fvu = self.sse / max(sst, 1e-30)
+        density = self.fires.double() / n
+        return DictionaryMetrics(l0=self.l0_sum / n, explained_variance=1 - fvu, fvu=fvu, mse=self.sse / n,
+                                 dead_fraction=float((self.fires == 0).double().mean()),
+                                 dense_fraction=float((density > dense_threshold).double().mean()),
+                                 eval_tokens=n, feature_density=density.float())
+
+
+def reconstruction_metrics(sae: SparseDictionary, batches: Iterable[Mapping[str, torch.Tensor]],
+                           dense_threshold: float = 0.1) -> DictionaryMetrics:
+    """L0, FVU / explained variance, MSE, dead and dense fractions over batches {hook: [n, d]}."""
+    acc = ReconstructionAccumulator(sae)
+    for batch in batches:
+        acc.update(batch)
+    return acc.result(dense_threshold)
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0], x.shape[1], -1)
+
+
+def splice_hooks(sae: SparseDictionary, not_bos: torch.Tensor, mode: str = "dictionary") -> list[tuple[str, Any]]:
+    """Hooks that replace the dictionary's output hook (non-BOS positions) by its reconstruction, or by zeros."""
+    saved: dict[str, torch.Tensor] = {}
+    keep = not_bos[:, :, None]
+
+    def grab(act: torch.Tensor, hook: Any) -> None:
+        saved["x"] = act
+
+    def put(act: torch.Tensor, hook: Any) -> torch.Tensor:
+        if mode == "zero":
+            new = torch.zeros_like(_flat(act))
+        else:
+            x = _flat(saved["x"]) if sae.cfg.transcoder else _flat(act)
+            new = sae(x).to(act.dtype)
+        return torch.where(keep, new, _flat(act)).reshape(act.shape)
+
+    hooks = [(sae.hook_name_out, put)]
+    if sae.cfg.transcoder and mode != "zero":
+        hooks.insert(0, (sae.hook_name, grab))
+    return hooks
+
+
+def _token_ce(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs at positions 1..p-2, CE of predicting tokens 2..p-1) -- the prediction from BOS is skipped."""
+    logp = F.log_softmax(logits[:, 1:-1].float(), dim=-1)
+    ce = -logp.gather(-1, tokens[:, 2:, None]).squeeze(-1)
+    return logp, ce
+
+
+@torch.no_grad()
+def splice_metrics(model: Any, saes: "SparseDictionary | list[SparseDictionary]", contexts: torch.Tensor,
+                   batch_size: int = 2, progress: bool = False) -> dict[str, float]:
+    """CE loss clean / spliced / zero-ablated, CE loss recovered and KL, over contexts [n, ctx] (BOS first).
+
+    Several dictionaries are spliced in together (and zero-ablated together), e.g. all layers' transcoders.
+    """
+    from tqdm.auto import tqdm
+
+    saes = [saes] if isinstance(saes, SparseDictionary) else list(saes)
+    if contexts.shape[1] < 3:
+        raise ValueError("contexts must hold at least 3 tokens")
+    bos = model.cfg.bos_token_id
+    tot = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "kl": 0.0, "kl_zero": 0.0}
+    count = 0
+    for i in tqdm(range(0, len(contexts), batch_size), desc="CE loss", disable=not progress, leave=False):
+        tokens = contexts[i:i + batch_size].to(model.device)
+        not_bos = tokens != bos if bos is not None else torch.ones_like(tokens, dtype=torch.bool)
+        clean_logp, ce_clean = _token_ce(model(tokens), tokens)
+        tot["clean"] += float(ce_clean.sum())
+        for mode, key, kl_key in (("dictionary", "spliced", "kl"), ("zero", "zero", "kl_zero")):
+            hooks = [h for sae in saes for h in splice_hooks(sae, not_bos, mode)]
+            logp, ce = _token_ce(model.run_with_hooks(tokens, fwd_hooks=hooks), tokens)
+            tot[key] += float(ce.sum())
+            tot[kl_key] += float((clean_logp.exp() * (clean_logp - logp)).sum())
+            del logp
+        count += ce_clean.numel()
+        del clean_logp
+    ce = {k: v / count for k, v in tot.items()}
+    denom = ce["zero"] - ce["clean"]
+    return {"ce_clean": ce["clean"], "ce_spliced": ce["spliced"], "ce_zero_ablation": ce["zero"],
+            "ce_loss_recovered": (ce["zero"] - ce["spliced"]) / denom if abs(denom) > 1e-9 else float("nan"),
+            "kl_div": ce["kl"], "kl_zero_ablation": ce["kl_zero"], "ce_tokens": count}
+
+
+def evaluate_dictionary(model: Any, sae: "SparseDictionary | TranscoderSet", *, tokens: int | None = 100_000,
+                        ce_contexts: int = 32, source: Any = "nlp-corpus", ctx_len: int = 128,
+                        contexts: torch.Tensor | None = None, dense_threshold: float = 0.1, batch_size: int = 4096,
+                        progress: bool = True) -> "DictionaryMetrics | dict[int, DictionaryMetrics]":
+    """Measure a dictionary on held-out text (the corpus's test split, or `contexts`).
+
+    tokens: evaluation tokens for L0 / FVU / dead and dense fractions (None: the whole split).
+    ce_contexts: contexts for the spliced cross-entropy (0 skips it).
+    A TranscoderSet gives {layer: metrics} (each layer spliced alone) plus {"all": ...} for all layers spliced
+    together (only CE and KL filled in).
+    """
+    from ..data import load_contexts
+    from .api import model_batches
+
+    if contexts is None:
+        contexts = load_contexts(model, source, ctx_len, "test", progress=progress)
+    members = sae.items() if isinstance(sae, TranscoderSet) else [(None, sae)]
+    for _, d in members:
+        for hook in {d.hook_name, d.hook_name_out}:
+            if hook not in model.hook_names:
+                from ..engine.hooks import UnknownHookError
+
+                raise UnknownHookError(hook, model.hook_names)
+    hooks = sorted({h for _, d in members for h in (d.hook_name, d.hook_name_out)})
+    bos = model.cfg.bos_token_id
+    per_row = (contexts != bos).sum(1) if bos is not None else torch.full((len(contexts),), contexts.shape[1])
+    rows = int(per_row.sum())
+    n_tok = min(tokens or rows, rows)
+    n_ctx = int((per_row.cumsum(0) < n_tok).sum()) + 1  # only the contexts the token budget needs
+    recon_contexts = contexts[:n_ctx]
+    accs = [ReconstructionAccumulator(d) for _, d in members]
+    seen = 0
+    for batch in model_batches(model, hooks, recon_contexts, batch_size, epochs=1)(0):  # one forward pass feeds every member
+        batch = {h: v[:n_tok - seen] for h, v in batch.items()}
+        for acc in accs:
+            acc.update(batch)
+        seen += len(batch[hooks[0]])
+        if seen >= n_tok:
+            break
+    results: dict[Any, DictionaryMetrics] = {}
+    for (key, d), acc in zip(members, accs):
+        m = acc.result(dense_threshold)
+        if ce_contexts:
+            for k, v in splice_metrics(model, d, contexts[:ce_contexts], progress=progress).items():
+                setattr(m, k, v)
+        results[key] = m
+    if isinstance(sae, TranscoderSet):
+        if ce_contexts and len(sae) > 1:
+            together = DictionaryMetrics()
+            for k, v in splice_metrics(model, list(sae), contexts[:ce_contexts], progress=progress).items():
+                setattr(together, k, v)
+            results["all"] = together
+        return results
+    return results[None]

@@ -1,0 +1,453 @@
+"""Training sparse dictionaries (SAEs and transcoders) on a stream of activation batches.
+
+The recipe, per dictionary:
+
+* Inputs (and a transcoder's targets) are scaled by a constant so their mean norm is sqrt(d); the constant is
+  folded into the weights at save time, so a saved dictionary reads raw activations.
+* Init: decoder rows random unit vectors, encoder = decoder transpose (shapes permitting), b_dec = the geometric
+  median of the first batch (an SAE's) or its mean (a transcoder's output).
+* Loss: squared error summed over dimensions, plus the architecture's sparsity term:
+  relu: l1_coefficient * sum(f) (decoder rows are unit, so this is Anthropic's norm-weighted L1);
+  jumprelu: l0_coefficient * L0 through a straight-through estimator; topk / batchtopk: none (k is the budget).
+  Sparsity coefficients ramp up linearly over the first `sparsity_warmup` fraction of training.
+* Dead latents (no activation in the last `dead_tokens` tokens) get an AuxK loss (Gao et al. 2024): the top
+  aux_k dead latents reconstruct the remaining error, weighted by aux_coefficient. Used for every architecture.
+* Decoder rows stay unit-norm: the gradient's component along each row is removed, rows renormalized each step.
+* Adam; learning rate: linear warm-up over `warmup` of the tokens, constant, linear decay to 0 over the last
+  `decay`. Encoder offsets (b_enc, thresholds) use `offset_lr_scale` times the rate: they live in
+  pre-activation units, O(1), where weights are O(1/sqrt(d)).
+* BatchTopK: the top k * batch activations over the whole batch; a running average of the smallest kept one
+  becomes the threshold used at inference.
+
+Checkpoints (dictionaries, optimizer state, counters, RNG) are written atomically to <out>/checkpoints/ every
+`checkpoint_every` steps; a run given `resume=True` continues from the newest readable one. Ctrl-C between two
+checkpoints loses only the steps since the last one.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import re
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import torch
+
+from .kernels import JumpReLU, SelectedEncode, Step, geometric_median, sparse_decode
+from .sae import ARCHITECTURES, DictionaryConfig, SparseDictionary
+
+DEFAULT_LR = {"topk": 2e-3, "batchtopk": 2e-3, "relu": 5e-4, "jumprelu": 5e-4}
+CHECKPOINT_FORMAT = 1
+Batches = Callable[[int], Iterable[Mapping[str, torch.Tensor]]]  # tokens already seen -> batches from there on
+
+
+@dataclass
+class TrainConfig:
+    """How to train; everything a checkpoint must agree with to be resumed, plus knobs that may change."""
+
+    arch: str = "topk"
+    width: int = 8192
+    k: int | None = None  # topk / batchtopk (default 32)
+    tokens: int = 2_000_000
+    batch_size: int = 4096
+    lr: float | None = None  # default: DEFAULT_LR[arch]
+    warmup: float = 0.05  # fraction of tokens
+    decay: float = 0.2  # fraction of tokens
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    offset_lr_scale: float = 10.0
+    l1_coefficient: float = 2.0
+    l0_coefficient: float = 2.0
+    sparsity_warmup: float = 0.05
+    jumprelu_bandwidth: float = 0.05
+    jumprelu_init_threshold: float = 0.5
+    batchtopk_threshold_rate: float = 0.01
+    aux_coefficient: float = 1 / 32
+    aux_k: int | None = None  # default d_in // 2
+    dead_tokens: int | None = None  # default min(10M, max(tokens // 5, 10 batches))
+    normalize: bool = True
+    skip: bool = False  # transcoders: linear skip connection
+    checkpoint_every: int | None = None  # steps; default: about ten checkpoints per run
+    seed: int = 0
+
+    # fields a resumed run must share with its checkpoint
+    STRUCTURAL = ("arch", "width", "k", "normalize", "skip", "seed")
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {self.arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+        if self.k is None and self.arch in ("topk", "batchtopk"):
+            self.k = 32
+        if self.k is not None and self.arch not in ("topk", "batchtopk"):
+            raise ValueError(f"k applies to topk and batchtopk, not {self.arch} (its sparsity comes from "
+                             f"{'l1_coefficient' if self.arch == 'relu' else 'l0_coefficient'})")
+        _positive_int("width", self.width)
+        _positive_int("tokens", self.tokens)
+        _positive_int("batch_size", self.batch_size)
+        if self.k is not None:
+            _positive_int("k", self.k)
+            if self.k > self.width:
+                raise ValueError(f"k={self.k} must not exceed the width {self.width}")
+        if self.lr is None:
+            self.lr = DEFAULT_LR[self.arch]
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        for name in ("warmup", "decay", "sparsity_warmup"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} is a fraction of the tokens in [0, 1), got {getattr(self, name)!r}")
+        if self.checkpoint_every is not None:
+            _positive_int("checkpoint_every", self.checkpoint_every)
+        self.adam_betas = tuple(self.adam_betas)  # type: ignore[assignment]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _positive_int(name: str, v: Any) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+
+def lr_factor(progress: float, warmup: float, decay: float) -> float:
+    """Multiplier on the base rate at `progress` (fraction of tokens done): warm-up, plateau, linear decay to 0."""
+    f = min(1.0, progress / warmup) if warmup > 0 else 1.0
+    if decay > 0 and progress > 1 - decay:
+        f *= max(0.0, (1 - progress) / decay)
+    return max(f, 1e-3 if progress < 1 else 0.0)
+
+
+# ----------------------------------------------------------------------------------------------- one dictionary
+class Learner:
+    """One dictionary being trained: its parameters (in normalized units), optimizer and counters."""
+
+    def __init__(self, name: str, cfg: DictionaryConfig, tcfg: TrainConfig):
+        self.name, self.tcfg = name, tcfg
+        self.sae = SparseDictionary(cfg)
+        self.hook_in, self.hook_out = cfg.hook_name, cfg.hook_name_out or cfg.hook_name
+        self.scale_in = self.scale_out = 1.0
+        self.initialized = False
+        self.since_fired = torch.zeros(cfg.d_sae, dtype=torch.long)
+        self.bt_threshold: float | None = None
+        self.ema: dict[str, float] = {}
+        sae = self.sae
+        if sae.threshold is not None:
+            sae.threshold.data.fill_(tcfg.jumprelu_init_threshold)
+        offsets = [sae.b_enc] + ([sae.threshold] if cfg.arch == "jumprelu" else [])
+        weights = [p for p in sae.parameters() if all(p is not q for q in offsets) and p is not sae.threshold]
+        self.opt = torch.optim.Adam([{"params": weights, "lr_scale": 1.0},
+                                     {"params": offsets, "lr_scale": tcfg.offset_lr_scale}],
+                                    lr=tcfg.lr, betas=tcfg.adam_betas)
+        self.dead_tokens = tcfg.dead_tokens or min(10_000_000, max(tcfg.tokens // 5, 10 * tcfg.batch_size))
+        self.aux_k = tcfg.aux_k or max(1, cfg.d_in // 2)
+
+    @torch.no_grad()
+    def _initialize(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        sae = self.sae
+        if self.tcfg.normalize:
+            self.scale_in = float(sae.d_in**0.5 / x.norm(dim=1).mean().clamp_min(1e-12))
+            self.scale_out = float(sae.d_out**0.5 / y.norm(dim=1).mean().clamp_min(1e-12)) if sae.cfg.transcoder else self.scale_in
+        y = y * self.scale_out
+        sae.b_dec.copy_(y.mean(0) if sae.cfg.transcoder else geometric_median(y))
+        self.initialized = True
+
+    def _select(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(indices [B, kk], pre-activation values there, mask of kept entries or None when all are kept)."""
+        k = self.sae.cfg.k
+        if self.sae.cfg.arch == "topk":
+            vals, idx = pre.topk(k, dim=-1, sorted=False)
+            return idx, vals, None
+        # batchtopk: candidates = each row's top 4k (exact unless one token holds more than 4k of the batch's top)
+        cand_v, cand_i = pre.topk(min(pre.shape[1], 4 * k), dim=-1, sorted=False)
+        n_keep = min(k * pre.shape[0], cand_v.numel())
+        cut = cand_v.reshape(-1).topk(n_keep, sorted=False).values.min()
+        keep = (cand_v >= cut) & (cand_v > 0)
+        width = max(1, int(keep.sum(1).max()))
+        vals, pos = cand_v.masked_fill(~keep, float("-inf")).topk(width, dim=-1)
+        mask = torch.isfinite(vals)
+        return cand_i.gather(1, pos), vals.masked_fill(~mask, 0.0), mask
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, lr: float, sparsity_scale: float) -> dict[str, float]:
+        sae, cfg, tcfg = self.sae, self.sae.cfg, self.tcfg
+        x, y = x.to(sae.dtype), y.to(sae.dtype)
+        if not self.initialized:
+            self._initialize(x, y)
+        x, y = x * self.scale_in, y * self.scale_out
+        for group in self.opt.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+        b_dec_in = sae.b_dec if cfg.apply_b_dec_to_input else None
+        sparsity = x.new_zeros(())
+        if cfg.arch in ("topk", "batchtopk"):
+            with torch.no_grad():
+                pre = (x - sae.b_dec if b_dec_in is not None else x) @ sae.W_enc + sae.b_enc
+                idx, vals, mask = self._select(pre)
+            acts = SelectedEncode.apply(x, b_dec_in, sae.W_enc, sae.b_enc, idx, vals).relu()
+            if mask is not None:
+                acts = acts * mask
+            recon = sparse_decode(acts, idx, sae.W_dec) + sae.b_dec
+            active = acts.detach() > 0
+            l0 = active.sum(1).float().mean()
+            fired = idx[active]
+        else:
+            pre_g = sae.pre_activation(x)
+            pre = pre_g.detach()
+            if cfg.arch == "relu":
+                f = pre_g.relu()
+                sparsity = tcfg.l1_coefficient * f.sum(-1).mean()
+            else:
+                f = JumpReLU.apply(pre_g, sae.threshold, tcfg.jumprelu_bandwidth)
+                sparsity = tcfg.l0_coefficient * Step.apply(pre_g, sae.threshold, tcfg.jumprelu_bandwidth).sum(-1).mean()
+            recon = f @ sae.W_dec + sae.b_dec
+            active = f.detach() > 0
+            l0 = active.sum(1).float().mean()
+            fired = active.any(0).nonzero().squeeze(1)
+        if sae.W_skip is not None:
+            recon = recon + x @ sae.W_skip.T
+        err = recon - y
+        mse = err.pow(2).sum(-1).mean()
+        loss = mse + sparsity_scale * sparsity
+
+        dead = self.since_fired >= self.dead_tokens
+        n_dead = int(dead.sum())
+        aux = x.new_zeros(())
+        if n_dead and tcfg.aux_coefficient > 0:
+            with torch.no_grad():
+                aux_v, aux_i = pre.masked_fill(~dead, float("-inf")).topk(min(self.aux_k, n_dead), dim=-1, sorted=False)
+            aux_acts = SelectedEncode.apply(x, b_dec_in, sae.W_enc, sae.b_enc, aux_i, aux_v).relu()
+            aux = (sparse_decode(aux_acts, aux_i, sae.W_dec) + err.detach()).pow(2).sum(-1).mean()
+            loss = loss + tcfg.aux_coefficient * aux
+
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        with torch.no_grad():
+            W, g = sae.W_dec, sae.W_dec.grad
+            if g is not None:
+                g -= (g * W).sum(1, keepdim=True) * W
+            self.opt.step()
+            W /= W.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            if cfg.arch == "jumprelu":
+                sae.threshold.clamp_(min=1e-6)
+            self.since_fired += x.shape[0]
+            self.since_fired[fired.to(torch.long)] = 0
+            if cfg.arch == "batchtopk" and active.any():
+                low = float(acts.detach()[active].min())
+                r = tcfg.batchtopk_threshold_rate
+                self.bt_threshold = low if self.bt_threshold is None else (1 - r) * self.bt_threshold + r * low
+            var = (y - y.mean(0)).pow(2).sum()
+            stats = {"loss": float(loss), "mse": float(mse), "fvu": float(err.pow(2).sum() / var.clamp_min(1e-12)),
+                     "l0": float(l0), "dead": n_dead / sae.d_sae, "aux": float(aux)}
+        for key, v in stats.items():
+            self.ema[key] = v if key not in self.ema else 0.9 * self.ema[key] + 0.1 * v
+        return stats
+
+    def export(self) -> SparseDictionary:
+        """The dictionary as saved: batchtopk's threshold set, scaling folded, decoder rows unit-norm."""
+        sae = copy.deepcopy(self.sae)
+        with torch.no_grad():
+            if sae.cfg.arch == "batchtopk":
+                sae.threshold.fill_(self.bt_threshold if self.bt_threshold is not None else 0.0)
+            sae.fold_activation_scale(self.scale_in, self.scale_out)
+            sae.fold_decoder_norms()
+        for p in sae.parameters():
+            p.requires_grad_(False)
+        return sae.eval()
+
+    def state(self) -> dict[str, Any]:
+        return {"name": self.name, "config": self.sae.cfg.to_dict(), "params": self.sae.state_dict(),
+                "optimizer": self.opt.state_dict(), "scale_in": self.scale_in, "scale_out": self.scale_out,
+                "initialized": self.initialized, "since_fired": self.since_fired.clone(),
+                "bt_threshold": self.bt_threshold, "ema": dict(self.ema)}
+
+    def restore(self, st: Mapping[str, Any]) -> None:
+        self.sae.load_state_dict(st["params"])
+        self.opt.load_state_dict(st["optimizer"])
+        self.scale_in, self.scale_out = float(st["scale_in"]), float(st["scale_out"])
+        self.initialized = bool(st["initialized"])
+        self.since_fired = st["since_fired"].clone()
+        self.bt_threshold = st["bt_threshold"]
+        self.ema = dict(st["ema"])
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+_CKPT_RE = re.compile(r"^step-(\d{8})\.pt$")
+
+
+def _checkpoints(ckdir: Path) -> list[Path]:
+    if not ckdir.is_dir():
+        return []
+    found = [p for p in ckdir.iterdir() if _CKPT_RE.match(p.name)]
+    return sorted(found, key=lambda p: int(_CKPT_RE.match(p.name).group(1)), reverse=True)  # type: ignore[union-attr]
+
+
+def save_checkpoint(ckdir: Path, state: dict[str, Any], keep: int = 2) -> Path:
+    ckdir.mkdir(parents=True, exist_ok=True)
+    path = ckdir / f"step-{state['step']:08d}.pt"
+    tmp = ckdir / f".{path.name}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    for old in _checkpoints(ckdir)[keep:]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_latest_checkpoint(ckdir: Path) -> tuple[dict[str, Any], Path] | None:
+    """The newest checkpoint that reads back; a damaged newest one is reported and skipped."""
+    for path in _checkpoints(ckdir):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if state.get("format") != CHECKPOINT_FORMAT:
+                raise ValueError(f"unknown checkpoint format {state.get('format')!r}")
+            return state, path
+        except Exception as e:  # a truncated or foreign file: fall back to the previous checkpoint
+            warnings.warn(f"{path}: unreadable checkpoint ({e}); trying an older one", stacklevel=2)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- the loop
+@dataclass
+class RunResult:
+    learners: list[Learner]
+    steps: int
+    tokens: int
+    seconds: float
+    resumed_from: int | None  # step
+
+
+def run_training(learners: list[Learner], batches: Batches, tcfg: TrainConfig, out: Path | None,
+                 resume: bool = False, progress: bool = True, desc: str = "training",
+                 stop_after_steps: int | None = None) -> RunResult:
+    """Train `learners` together on one stream: `batches(tokens_seen)` yields {hook: [n, d]} with rows aligned.
+
+    Checkpoints go to <out>/checkpoints (none when out is None). `stop_after_steps` ends the run early
+    (as an interruption would), for tests and benchmarks.
+    """
+    from tqdm.auto import tqdm
+
+    ckdir = out / "checkpoints" if out is not None else None
+    step, tokens_seen, resumed_from = 0, 0, None
+    if resume and ckdir is not None:
+        found = load_latest_checkpoint(ckdir)
+        if found is not None:
+            state, path = found
+            _check_resumable(state, tcfg, learners, path)
+            by_name = {st["name"]: st for st in state["learners"]}
+            for lr_ in learners:
+                lr_.restore(by_name[lr_.name])
+            step, tokens_seen, resumed_from = int(state["step"]), int(state["tokens_seen"]), int(state["step"])
+            torch.set_rng_state(state["rng"])
+    est_steps = math.ceil(tcfg.tokens / tcfg.batch_size)
+    every = tcfg.checkpoint_every or max(1, math.ceil(est_steps / 10))
+
+    def checkpoint() -> None:
+        if ckdir is not None:
+            save_checkpoint(ckdir, {"format": CHECKPOINT_FORMAT, "step": step, "tokens_seen": tokens_seen,
+                                    "train_config": tcfg.to_dict(), "rng": torch.get_rng_state(),
+                                    "learners": [lr_.state() for lr_ in learners]})
+
+    t0, steps_run = time.perf_counter(), 0
+    bar = tqdm(total=tcfg.tokens, initial=min(tokens_seen, tcfg.tokens), unit="tok", unit_scale=True, desc=desc,
+               disable=not progress, dynamic_ncols=True, smoothing=0.05, file=sys.stderr)
+    try:
+        it = iter(batches(tokens_seen))
+        while tokens_seen < tcfg.tokens:
+            if stop_after_steps is not None and steps_run >= stop_after_steps:
+                break
+            try:
+                batch = next(it)
+            except StopIteration:
+                warnings.warn(f"the activation stream ended after {tokens_seen:,} of {tcfg.tokens:,} tokens", stacklevel=2)
+                break
+            frac = tokens_seen / tcfg.tokens
+            lr = tcfg.lr * lr_factor(frac, tcfg.warmup, tcfg.decay)  # type: ignore[operator]
+            sparsity_scale = min(1.0, frac / tcfg.sparsity_warmup) if tcfg.sparsity_warmup > 0 else 1.0
+            n = 0
+            for learner in learners:
+                x, y = _pair(batch, learner)
+                learner.step(x, y, lr, sparsity_scale)
+                n = x.shape[0]
+            step, tokens_seen, steps_run = step + 1, tokens_seen + n, steps_run + 1
+            bar.update(n)
+            if progress:
+                bar.set_postfix(_postfix(learners), refresh=False)
+            if step % every == 0 and tokens_seen < tcfg.tokens:
+                checkpoint()
+    finally:
+        bar.close()
+    return RunResult(learners, step, tokens_seen, time.perf_counter() - t0, resumed_from)
+
+
+def _pair(batch: Mapping[str, torch.Tensor], learner: Learner) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        x, y = batch[learner.hook_in], batch[learner.hook_out]
+    except KeyError as e:
+        raise KeyError(f"the activation batch has no {e.args[0]!r} (it has {', '.join(batch)})") from None
+    x, y = x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1)
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"input and output batches differ in length: {x.shape[0]} vs {y.shape[0]}")
+    return x, y
+
+
+def _postfix(learners: list[Learner]) -> dict[str, str]:
+    mean = lambda key: sum(lr_.ema.get(key, float("nan")) for lr_ in learners) / len(learners)  # noqa: E731
+    return {"L0": f"{mean('l0'):.1f}", "EV": f"{1 - mean('fvu'):.3f}", "dead": f"{mean('dead'):.1%}"}
+
+
+def _check_resumable(state: dict[str, Any], tcfg: TrainConfig, learners: list[Learner], path: Path) -> None:
+    saved = state.get("train_config", {})
+    diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {getattr(tcfg, k)!r}" for k in TrainConfig.STRUCTURAL
+             if saved.get(k) != getattr(tcfg, k)]
+    names = {st["name"] for st in state["learners"]}
+    missing = [lr_.name for lr_ in learners if lr_.name not in names]
+    if missing:
+        diffs.append(f"dictionaries {missing} are not in the checkpoint (it has {sorted(names)})")
+    for st in state["learners"]:
+        mine = next((lr_ for lr_ in learners if lr_.name == st["name"]), None)
+        if mine is not None and (st["config"]["d_in"], st["config"]["d_out"]) != (mine.sae.d_in, mine.sae.d_out):
+            diffs.append(f"{st['name']}: checkpoint d_in/d_out {st['config']['d_in']}/{st['config']['d_out']}, "
+                         f"now {mine.sae.d_in}/{mine.sae.d_out}")
+    if diffs:
+        raise ValueError(f"cannot resume from {path}: the run differs from it ({'; '.join(diffs)}); "
+                         "use the same settings, or start over with overwrite=True (--overwrite)")
+
+
+def clear_checkpoints(out: Path) -> None:
+    ckdir = out / "checkpoints"
+    if ckdir.is_dir():
+        shutil.rmtree(ckdir)
+
+
+def iterate_tensors(x: torch.Tensor, batch_size: int, hook: str, y: torch.Tensor | None = None,
+                    hook_out: str | None = None, seed: int = 0, epochs: int | None = None) -> Batches:
+    """Batches from activations already in memory (shuffled each epoch): for cached activations and tests."""
+
+    def gen(tokens_seen: int) -> Iterator[dict[str, torch.Tensor]]:
+        n = x.shape[0]
+        g = torch.Generator().manual_seed(seed)
+        epoch, skip = 0, tokens_seen
+        while epochs is None or epoch < epochs:
+            perm = torch.randperm(n, generator=g)
+            for s in range(0, n - batch_size + 1, batch_size):
+                if skip >= batch_size:
+                    skip -= batch_size
+                    continue
+                rows = perm[s:s + batch_size]
+                batch = {hook: x[rows]}
+                if y is not None and hook_out is not None:
+                    batch[hook_out] = y[rows]
+                yield batch
+            epoch += 1
+
+    return gen

