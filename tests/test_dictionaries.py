@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -33,6 +32,18 @@ def sparse_data(n=40_000, d=64, n_feat=128, k_true=4, seed=0):
 @pytest.fixture(scope="module")
 def data():
     return sparse_data()
+
+
+@pytest.fixture(autouse=True)
+def one_thread(request):
+    """Synthetic tests run many small ops; on a shared machine one thread beats two threads waiting on each other."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def train_synthetic(x, arch, tokens=300_000, width=256, batch_size=1024, y=None, out=None, **kw):
@@ -372,19 +383,21 @@ def test_train_sae_on_gemma_and_ce_loss_recovered(gemma, tmp_path):
     train = fl.load_contexts(gemma, split="train", progress=False)[:48]
     test = fl.load_contexts(gemma, split="test", progress=False)[:16]
     hook = "blocks.4.hook_resid_post"
-    sae = fl.train_sae(gemma, hook, arch="topk", k=16, width=512, tokens=6000, batch_size=1024, out=tmp_path / "sae",
-                       contexts=train, progress=False)
-    assert sae.cfg.d_in == gemma.cfg.d_model and sae.stats["tokens_trained"] >= 6000
+    # one pass over ~5,900 tokens in small batches with a high rate: a tiny SAE, but a real one
+    sae = fl.train_sae(gemma, hook, arch="topk", k=16, width=512, tokens=5800, batch_size=128, lr=5e-3,
+                       out=tmp_path / "sae", contexts=train, progress=False)
+    assert sae.cfg.d_in == gemma.cfg.d_model and sae.stats["tokens_trained"] >= 5800
     back = fl.load_dictionary(tmp_path / "sae")
     assert back.cfg.hook_name == hook and back.cfg.model_name == gemma.name
     assert not (tmp_path / "sae" / "checkpoints").exists()
-    m = fl.evaluate_dictionary(gemma, back, contexts=test, tokens=2000, ce_contexts=2, progress=False)
-    assert m.eval_tokens == 2000 and m.l0 <= 16
-    assert 0.3 < m.explained_variance <= 1
+    m = fl.evaluate_dictionary(gemma, back, contexts=test, tokens=1500, ce_contexts=2, progress=False)
+    print(m.to_dict())
+    assert m.eval_tokens == 1500 and m.l0 <= 16
+    assert 0.5 < m.explained_variance <= 1
     assert m.ce_clean < m.ce_spliced < m.ce_zero_ablation
-    assert 0.3 < m.ce_loss_recovered <= 1.0 and m.kl_div > 0
+    assert 0.5 < m.ce_loss_recovered <= 1.0 and m.kl_div > 0
     with pytest.raises(ValueError, match="already holds a trained dictionary"):
-        fl.train_sae(gemma, hook, k=16, width=512, tokens=6000, out=tmp_path / "sae", contexts=train, progress=False)
+        fl.train_sae(gemma, hook, k=16, width=512, tokens=5800, out=tmp_path / "sae", contexts=train, progress=False)
 
 
 @pytest.mark.slow

@@ -124,6 +124,15 @@ def test_generation_interventions_and_positions(gemma, sae, paris):
     first_default = gemma.to_str_tokens(default, prepend_bos=False)[0]
     assert late.startswith(first_default) and "Paris" in late[len(first_default):]
     assert gemma.generate(PROMPT, interventions=[fl.Steer(sae, 0, 60.0, positions="prompt")], **kw).startswith(" Paris")
+    # explicit token positions: only the last prompt position matters for the next token
+    last = gemma.to_tokens(PROMPT).shape[1] - 1
+    p0 = next_prob(gemma, PROMPT, paris)
+    with gemma.steer(sae, {0: 20.0}, positions=[last]):
+        assert next_prob(gemma, PROMPT, paris) > p0 + 0.2
+    with gemma.steer(sae, {0: 20.0}, positions=[1]):
+        assert abs(next_prob(gemma, PROMPT, paris) - p0) < 0.1
+    batch = gemma.generate([PROMPT, "Hello"], interventions=[fl.Steer(sae, 0, 60.0)], **kw)  # left-padded batch
+    assert all(text.startswith(" Paris") for text in batch)
 
 
 def test_compare_generations_is_reproducible(gemma, sae):
@@ -272,6 +281,12 @@ def test_head_patching(gemma):
 def test_answer_prob_metric_and_heatmap_files(gemma, tmp_path):
     grid = fl.activation_patching(gemma, CLEAN, CORRUPT, fl.answer_prob(" Paris"), hook="mlp_out", layers=[17])
     assert grid.shape == (1, 6) and bool(((grid >= 0) & (grid <= 1)).all())
+    # any function of the logits works as a metric (it sees all positions' logits)
+    paris, rome = gemma.to_single_token(" Paris"), gemma.to_single_token(" Rome")
+    custom = fl.activation_patching(gemma, CLEAN, CORRUPT, lambda lg: lg[:, -1, paris] - lg[:, -1, rome],
+                                    hook="resid_post", layers=[17])
+    builtin = fl.activation_patching(gemma, CLEAN, CORRUPT, fl.logit_diff(paris, rome), hook="resid_post", layers=[17])
+    torch.testing.assert_close(custom, builtin, atol=1e-3, rtol=1e-5)
     paths = fl.save_heatmap(grid, tmp_path / "h", row_labels=["L17"], title="t")
     assert paths["png"].stat().st_size > 0 and paths["png"].read_bytes()[:4] == b"\x89PNG"
     assert json.loads(paths["json"].read_text())["values"] == grid.tolist()
@@ -295,7 +310,7 @@ def test_bad_inputs(gemma, sae):
     with pytest.raises(ValueError, match="made for model 'smollm2-135m'"):
         gemma.generate(PROMPT, max_new_tokens=1, interventions=[fl.Ablate(other_model, 0)])
     with pytest.raises(fl.UnknownHookError):
-        with gemma.steer(ToyDictionary(sae.W_dec.clone(), "blocks.40.hook_resid_post"), {0: 1.0}):
+        with gemma.steer(ToyDictionary(sae.W_dec.clone(), "blocks.40.hook_resid_post"), {0: 1.0}, mode="absolute"):
             pass
     with pytest.raises(ValueError, match="writes to blocks.12.hook_resid_post"):
         fl.Steer(sae, 0, 1.0, hook="blocks.3.hook_resid_post")
@@ -319,7 +334,7 @@ def test_cli_patch_writes_png_and_json(gemma, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli_int, "_load_model", lambda args: gemma)
     out = tmp_path / "patch"
     rc = main(["patch", "--clean", CLEAN, "--corrupt", CORRUPT, "--answer", " Paris", "--wrong", " Rome",
-               "--hook", "resid_post", "--layers", "17", "--normalize", "--out", str(out)])
+               "--hook", "resid_post", "--layers", "17", "--out", str(out)])  # normalized by default
     assert rc == 0
     data = json.loads(out.with_suffix(".json").read_text())
     assert data["values"][0][-1] == pytest.approx(1.0, abs=1e-4) and data["rows"] == ["L17"]

@@ -37,6 +37,7 @@ class AccumulatorConfig:
     hist_bins: int = 80  # up to 10 ** (lo + bins / per_decade) = 1e5
     cofire: bool = True
     cofire_pairs: int = 2_000_000  # most (token, feature, feature) triples counted per batch
+    threads: int | None = 1  # torch threads for the update (its many small ops run faster on one; None: leave)
 
     @property
     def window(self) -> int:
@@ -73,6 +74,16 @@ class Accumulator:
     def update(self, acts: torch.Tensor, valid: torch.Tensor, ctx_offset: int) -> None:
         """acts [B, T, d] (non-negative; modified in place), valid [B, T] bool (False: BOS, padding), the global
         index of the batch's first context."""
+        before = torch.get_num_threads()
+        if self.cfg.threads is not None and self.cfg.threads != before:
+            torch.set_num_threads(self.cfg.threads)
+        try:
+            self._update(acts, valid, ctx_offset)
+        finally:
+            if torch.get_num_threads() != before:
+                torch.set_num_threads(before)
+
+    def _update(self, acts: torch.Tensor, valid: torch.Tensor, ctx_offset: int) -> None:
         cfg = self.cfg
         B, T, d = acts.shape
         if d != cfg.d_sae:

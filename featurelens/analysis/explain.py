@@ -100,7 +100,7 @@ def _token_class(s: str, next_tok: str | None) -> str | None:
     t = s.strip()
     if not t:
         return "line breaks" if "\n" in s else "spaces"
-    if t.isdigit() or re.fullmatch(r"[\d.,]+", t):
+    if any(c.isdigit() for c in t) and re.fullmatch(r"[\d.,:/%$-]+", t):
         return "numbers"
     if all(not c.isalnum() for c in t):
         return "punctuation"
@@ -109,6 +109,11 @@ def _token_class(s: str, next_tok: str | None) -> str | None:
     if next_tok is not None and next_tok[:1].isalpha() and not next_tok.startswith(" ") and s[:1] in (" ", "▁"):
         return "word beginnings"
     return None
+
+
+def _is_word_token(s: str) -> bool:
+    t = s.strip()
+    return s[:1] in (" ", "▁") and len(t) >= 2 and t.isascii() and t.isalpha()
 
 
 class AutoExplainer(Explainer):
@@ -141,11 +146,15 @@ class AutoExplainer(Explainer):
         if not exs:
             return "dead (never fired)"
         n = len(exs)
-        # tokens at the maximum
+        # tokens at the maximum (counted case-insensitively, shown in their most common spelling)
         toks = Counter(_norm_token(ex.token) for ex in exs)
+        spelling: dict[str, Counter[str]] = {}
+        for ex in exs:
+            spelling.setdefault(_norm_token(ex.token), Counter())[ex.token.strip() or _norm_token(ex.token)] += 1
         main = [t for t, c in toks.most_common(self.n_tokens) if c >= max(2, math.ceil(0.15 * n))]
         if not main and n <= 2:
             main = [toks.most_common(1)[0][0]]
+        main = [spelling[t].most_common(1)[0][0] for t in main]
         classes = Counter(_token_class(ex.token, ex.tokens[ex.index + 1] if ex.index + 1 < len(ex.tokens) else None)
                           for ex in exs)
         cls, cls_n = classes.most_common(1)[0]
@@ -170,16 +179,15 @@ class AutoExplainer(Explainer):
         ctx = [w for _, w in scored[: self.n_context]]
         if ctx:
             parts.append("context: " + ", ".join(ctx))
-        # what it promotes
-        prom = []
-        for s in ev.promotes:
-            t = s.strip()
-            if len(t) >= 2 and any(ch.isalpha() for ch in t) and t.lower() not in prom:
-                prom.append(t.lower())
-            if len(prom) >= self.n_promotes:
-                break
-        if prom:
-            parts.append("promotes: " + ", ".join(prom))
+        # what it promotes: only when its top tokens read as words (whole words, not pieces of other scripts'
+        # words: the logit lens of early-layer features is mostly such noise)
+        wordlike = [s.strip().lower() for s in ev.promotes[:5] if _is_word_token(s)]
+        if len(wordlike) >= 2:
+            prom: list[str] = []
+            for w in wordlike:
+                if w not in prom:
+                    prom.append(w)
+            parts.append("promotes: " + ", ".join(prom[: self.n_promotes]))
         return " | ".join(parts) if parts else "(no clear pattern)"
 
 

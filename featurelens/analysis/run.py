@@ -26,15 +26,14 @@ stream (d_out != d_model) get no logit lens.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -99,7 +98,7 @@ def resolve_dictionary(dictionary: Any) -> tuple[Any, Path | None]:
     """A dictionary object or a path -> (dictionary, its directory or None)."""
     if isinstance(dictionary, (str, Path)):
         sae = _load_dictionary(dictionary)
-        p = Path(dictionary).expanduser()
+        p = Path(dictionary).expanduser().resolve()
         return sae, (p.parent if p.is_file() else p)
     for attr in ("encode", "W_dec", "cfg"):
         if not hasattr(dictionary, attr):
@@ -185,7 +184,7 @@ def select_contexts(model: Any, data: Any, n_tokens: int | None, ctx_len: int, s
         train = load_contexts(model, source, ctx_len=ctx_len, split="train", progress=progress)
         extra = min(need - len(ctx), len(train))
         if extra:
-            # Trainers read the train split from its start; its end is the part least likely to have been seen.
+            # Taken from the end of the train split: a dictionary trained on part of it most often used its start.
             ctx = torch.cat([ctx, train[len(train) - extra:]])
             info["extra_train_contexts"] = extra
             if progress:
@@ -471,6 +470,40 @@ def logit_lens_weights(model: Any, sae: Any) -> torch.Tensor | None:
     return W * norm.w.detach().float().cpu()
 
 
+class LogitLens:
+    """Top promoted / suppressed tokens of many directions at once, exact and fast.
+
+    The full [n, vocab] product runs in bfloat16 (several times faster on CPU) only to pick 5x more candidates than
+    needed; their logits are then recomputed in float32 and re-ranked, so the reported tokens and values are the
+    float32 ones. Mean and standard deviation over the vocabulary are exact: both are linear / quadratic in the
+    direction (mean = w . mean_v(U_v), E[(w . U_v)^2] = w^T (U U^T / V) w)."""
+
+    def __init__(self, model: Any):
+        E = model.net.unembed.detach().float().cpu()  # [V, D]
+        self.E = E
+        self.Ub = E.to(torch.bfloat16).T.contiguous()  # [D, V]
+        self.mu = E.mean(0)  # [D]
+        self.G = (E.T @ E) / E.shape[0]  # [D, D]
+
+    def top(self, W: torch.Tensor, k: int) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor],
+                                                     torch.Tensor, torch.Tensor]:
+        V = self.E.shape[0]
+        c = min(V, 5 * k)
+        L = W.to(torch.bfloat16) @ self.Ub  # [n, V]
+        cu = L.topk(c, dim=1).indices
+        cd = L.topk(c, dim=1, largest=False).indices
+        del L
+        out = []
+        for cand, largest in ((cu, True), (cd, False)):
+            exact = torch.bmm(self.E[cand], W[:, :, None]).squeeze(2)  # [n, c]
+            v, j = exact.topk(min(k, c), dim=1, largest=largest)
+            out.append((cand.gather(1, j), v))
+        mean = W @ self.mu
+        var = ((W @ self.G) * W).sum(1) - mean ** 2
+        std = (var.clamp(min=0) * V / max(V - 1, 1)).sqrt()
+        return out[0], out[1], mean, std
+
+
 def _finalize(model: Any, sae: Any, acc: Accumulator, contexts: torch.Tensor, store: FeatureStore,
               timings: AnalysisTimings, progress: bool) -> None:
     from tqdm.auto import tqdm
@@ -478,7 +511,7 @@ def _finalize(model: Any, sae: Any, acc: Accumulator, contexts: torch.Tensor, st
     d = acc.cfg.d_sae
     start = int(store.get("finalized", 0))
     W_eff = logit_lens_weights(model, sae)
-    W_U = model.W_U.detach().float().cpu() if W_eff is not None else None
+    lens_ctx = LogitLens(model) if W_eff is not None else None
     W_dec = sae.W_dec.detach().float().cpu()
     W_n = W_dec / W_dec.norm(dim=1, keepdim=True).clamp(min=1e-12)
     n_tok = max(int(acc.n_tokens), 1)
@@ -490,6 +523,8 @@ def _finalize(model: Any, sae: Any, acc: Accumulator, contexts: torch.Tensor, st
     T = ctx_np.shape[1]
     before, after = acc.cfg.before, acc.cfg.after
     known_tokens = set(store.token_strings().keys())
+    sep_ids = [t for t in (model.cfg.bos_token_id, model.cfg.pad_token_id) if t is not None]
+    seps = np.array(sep_ids, dtype=ctx_np.dtype) if sep_ids else None
     tok = model.tokenizer
     bar = tqdm(total=d, initial=start, unit="feat", desc="dashboards", disable=not progress, file=sys.stderr,
                dynamic_ncols=True)
@@ -498,18 +533,14 @@ def _finalize(model: Any, sae: Any, acc: Accumulator, contexts: torch.Tensor, st
         # logit lens
         t0 = time.perf_counter()
         lens: dict[int, tuple[list, list, float, float]] = {}
-        if W_eff is not None:
+        if lens_ctx is not None:
             for b0 in range(f0, f1, 128):
                 b1 = min(f1, b0 + 128)
-                L = W_eff[b0:b1] @ W_U  # [b, V]
-                up = L.topk(N_LOGIT, dim=1)
-                down = (-L).topk(N_LOGIT, dim=1)
-                mean, std = L.mean(1), L.std(1)
+                (ui, uv), (di, dv), mean, std = lens_ctx.top(W_eff[b0:b1], N_LOGIT)
                 for i in range(b1 - b0):
-                    lens[b0 + i] = ([[int(t), round(float(v), 4)] for t, v in zip(up.indices[i], up.values[i])],
-                                    [[int(t), round(-float(v), 4)] for t, v in zip(down.indices[i], down.values[i])],
+                    lens[b0 + i] = ([[int(t), round(float(v), 4)] for t, v in zip(ui[i], uv[i])],
+                                    [[int(t), round(float(v), 4)] for t, v in zip(di[i], dv[i])],
                                     float(mean[i]), float(std[i]))
-                del L
         t1 = time.perf_counter()
         # decoder similarity, co-firing
         S = W_n[f0:f1] @ W_n.T
@@ -552,6 +583,14 @@ def _finalize(model: Any, sae: Any, acc: Accumulator, contexts: torch.Tensor, st
                         continue
                     p = int(poss[k])
                     s, e = max(0, p - before), min(T, p + after + 1)
+                    if seps is not None:  # keep to the example's own document: packed contexts join several
+                        seg = np.isin(ctx_np[c, s:e], seps)
+                        left = np.flatnonzero(seg[: p - s])
+                        right = np.flatnonzero(seg[p - s + 1:])
+                        if len(left):
+                            s += int(left[-1]) + 1
+                        if len(right):
+                            e = p + 1 + int(right[0])
                     w = wins[k].float().numpy()[s - (p - before): e - (p - before)]
                     toks = ctx_np[c, s:e]
                     new_tokens.update(toks.tolist())

@@ -43,7 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hook", default="resid_pre", choices=("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z"),
                    help="what to patch: a site per layer x position, or z = single heads per layer (default resid_pre)")
     p.add_argument("--layers", default=None, help="comma-separated layers (default: all)")
-    p.add_argument("--normalize", action="store_true", help="scale so 0 = corrupt run, 1 = clean run")
+    p.add_argument("--raw", action="store_true", help="show the metric itself instead of the normalized score "
+                   "(0 = corrupt run, 1 = clean run; the default)")
     p.add_argument("--attribution", action="store_true", help="the gradient estimate (one forward+backward) instead")
     p.add_argument("--batch-size", type=int, default=32, help="patched runs per forward pass")
     p.add_argument("--out", default=None, metavar="PATH", help="where to write PATH.png and PATH.json "
@@ -120,10 +121,12 @@ def cmd_steer(args: argparse.Namespace) -> int:
         return 0
     console = Console()
     table = Table(title=f"{args.prompt!r}  (seed {args.seed}, temperature {args.temperature})", show_lines=True)
-    table.add_column("default", ratio=1)
-    table.add_column("steered: " + "; ".join(result.interventions), ratio=1)
+    table.add_column("default", ratio=1, overflow="fold")
+    table.add_column("steered", ratio=1, overflow="fold")
     table.add_row(result.default, result.steered)
     console.print(table)
+    for line in result.interventions:
+        console.print(f"  {line}", highlight=False)
     for note in result.notes:
         console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
     return 0
@@ -142,19 +145,23 @@ def cmd_patch(args: argparse.Namespace) -> int:
     model = _load_model(args)
     metric = logit_diff(args.answer, args.wrong) if args.wrong is not None else answer_prob(args.answer)
     rows, cols = patching_labels(model, args.clean, args.corrupt, args.hook, layers)  # checks lengths early
+    m_clean, m_corrupt = metric.evaluate(model, args.clean), metric.evaluate(model, args.corrupt)
+    normalize = not args.raw
     if args.attribution:
         scores = attribution_patching(model, args.clean, args.corrupt, metric, hook=args.hook, layers=layers,
-                                      normalize=args.normalize)
+                                      normalize=normalize)
     else:
         scores = activation_patching(model, args.clean, args.corrupt, metric, hook=args.hook, layers=layers,
-                                     normalize=args.normalize, batch_size=args.batch_size, progress=True)
+                                     normalize=normalize, batch_size=args.batch_size, progress=True)
     kind = "attribution" if args.attribution else "activation"
-    title = (f"{kind} patching of {args.hook}: {metric!r}{' (normalized)' if args.normalize else ''}\n"
-             f"clean {args.clean!r} -> corrupt {args.corrupt!r}")
+    title = (f"{kind} patching of {args.hook}: {metric!r}{' (0 = corrupt, 1 = clean)' if normalize else ''}\n"
+             f"clean {args.clean!r} ({m_clean:.3g}) -> corrupt {args.corrupt!r} ({m_corrupt:.3g})")
     meta = {"kind": kind, "hook": args.hook, "clean": args.clean, "corrupt": args.corrupt, "answer": args.answer,
-            "wrong": args.wrong, "metric": repr(metric), "normalized": args.normalize, "model": model.name}
+            "wrong": args.wrong, "metric": repr(metric), "normalized": normalize, "clean_metric": m_clean,
+            "corrupt_metric": m_corrupt, "model": model.name}
     paths = save_heatmap(scores, args.out or f"patch-{args.hook}", row_labels=rows, col_labels=cols, title=title,
-                         xlabel="head" if args.hook == "z" else "position", ylabel="layer", meta=meta)
+                         xlabel="head" if args.hook == "z" else "position", ylabel="layer", meta=meta,
+                         center=0.0 if normalize else m_corrupt)
     if args.json:
         print(json.dumps({**meta, "rows": rows, "cols": cols, "values": scores.tolist(),
                           "json": str(paths["json"]), "png": str(paths["png"]) if paths["png"] else None}, indent=1))
@@ -164,12 +171,14 @@ def cmd_patch(args: argparse.Namespace) -> int:
     table.add_column("layer")
     for c in cols:
         table.add_column(c, justify="right")
-    lim = float(scores.abs().max()) or 1.0
+    center = 0.0 if normalize else m_corrupt
+    lim = float((scores - center).abs().max()) or 1.0
     for r, row in zip(rows, scores.tolist()):
         cells = []
         for v in row:
-            shade = int(40 + 180 * min(abs(v) / lim, 1.0))
-            color = f"rgb({255 - shade // 2},{255 - shade},{255 - shade})" if v < 0 else f"rgb({255 - shade},{255 - shade},{255 - shade // 2})"
+            shade = int(40 + 180 * min(abs(v - center) / lim, 1.0))
+            lo, hi = 255 - shade, 255 - shade // 2  # red below the centre, blue above, as in the PNG
+            color = f"rgb({hi},{lo},{lo})" if v < center else f"rgb({lo},{lo},{hi})"
             cells.append(f"[black on {color}]{v:7.2f}[/]")
         table.add_row(r, *cells)
     console.print(table)

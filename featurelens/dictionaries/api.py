@@ -84,9 +84,16 @@ def model_batches(model: Any, hooks: Sequence[str], contexts: torch.Tensor, batc
     return gen
 
 
-def _chunk_for(tokens: int, contexts: torch.Tensor) -> int:
-    """Chunk size: CHUNK_CONTEXTS, or fewer when the whole run needs fewer contexts (a short run computes no more)."""
-    return max(1, min(CHUNK_CONTEXTS, -(-tokens // max(1, contexts.shape[1] - 1)) + 1))
+CHUNK_BYTES = 2**30  # activations held per chunk (the store's buffer briefly holds about twice that)
+
+
+def chunk_for(tokens: int, contexts: torch.Tensor, row_width: int) -> int:
+    """Contexts per chunk: CHUNK_CONTEXTS, fewer when a chunk's activations (row_width floats a token, all hooks)
+    would pass CHUNK_BYTES (18 layers' transcoders), and no more than the whole run needs (a short run)."""
+    ctx = contexts.shape[1]
+    by_memory = CHUNK_BYTES // (ctx * row_width * 4)
+    by_need = -(-tokens // max(1, ctx - 1)) + 1
+    return max(1, min(CHUNK_CONTEXTS, by_memory, by_need))
 
 
 def _check_hook(model: Any, hook: str) -> None:
@@ -130,7 +137,10 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
     if has_ckpt and not resume:
         raise ValueError(f"{out} holds an unfinished training run; pass resume=True (--resume) to continue it, "
                          f"or overwrite=True (--overwrite) to start over")
-    if finished and not has_ckpt and not resume:
+    if finished and not has_ckpt:
+        if resume:
+            raise ValueError(f"{out} holds a finished dictionary: nothing to resume (overwrite=True / --overwrite "
+                             f"trains it again)")
         raise ValueError(f"{out} already holds a trained dictionary; choose another out, or overwrite=True (--overwrite)")
 
 
@@ -172,7 +182,7 @@ def train_sae(model: Any, hook: str, *, arch: str = "topk", k: int | None = None
         from ..data import load_contexts
 
         contexts = load_contexts(model, source, ctx_len, "train", progress=progress)
-    batches = model_batches(model, [hook], contexts, tcfg.batch_size, seed, chunk_contexts=_chunk_for(tokens, contexts))
+    batches = model_batches(model, [hook], contexts, tcfg.batch_size, seed, chunk_contexts=chunk_for(tokens, contexts, d))
     res = run_training([learner], batches, tcfg, out, resume=resume, progress=progress,
                        desc=f"{arch} SAE {hook}")
     sae = learner.export()
@@ -233,7 +243,8 @@ def train_transcoders(model: Any, layers: "str | int | Sequence[int]" = "all", *
         from ..data import load_contexts
 
         contexts = load_contexts(model, source, ctx_len, "train", progress=progress)
-    batches = model_batches(model, hooks, contexts, tcfg.batch_size, seed, chunk_contexts=_chunk_for(tokens, contexts))
+    width = sum(lrn.sae.d_in + lrn.sae.d_out for lrn in learners)
+    batches = model_batches(model, hooks, contexts, tcfg.batch_size, seed, chunk_contexts=chunk_for(tokens, contexts, width))
     res = run_training(learners, batches, tcfg, out, resume=resume, progress=progress,
                        desc=f"{arch} transcoders x{len(learners)}")
     tset = TranscoderSet({layer: lrn.export() for layer, lrn in zip(wanted, learners)})

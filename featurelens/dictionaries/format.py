@@ -27,6 +27,7 @@ then featurelens.json, so an interrupted save never leaves a truncated file behi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -140,7 +141,7 @@ def save_dictionary(sae: SparseDictionary, path: str | Path, stats: dict[str, An
 
     path = Path(path).expanduser()
     path.mkdir(parents=True, exist_ok=True)
-    cfg = sae.cfg
+    cfg = dataclasses.replace(sae.cfg, dtype=str(sae.dtype).replace("torch.", ""))  # what the tensors really are
     tensors = {name: p.detach().to("cpu").contiguous() for name, p in sae.named_parameters()}
     tensors = {"W_enc": tensors["W_enc"], "W_dec": tensors["W_dec"], "b_enc": tensors["b_enc"],
                "b_dec": tensors["b_dec"], **{k: v for k, v in tensors.items() if k in ("threshold", "W_skip")}}

@@ -172,7 +172,7 @@ def evaluate_dictionary(model: Any, sae: "SparseDictionary | TranscoderSet", *, 
     together (only CE and KL filled in).
     """
     from ..data import load_contexts
-    from .api import model_batches
+    from .api import chunk_for, model_batches
 
     if contexts is None:
         contexts = load_contexts(model, source, ctx_len, "test", progress=progress)
@@ -192,7 +192,9 @@ def evaluate_dictionary(model: Any, sae: "SparseDictionary | TranscoderSet", *, 
     recon_contexts = contexts[:n_ctx]
     accs = [ReconstructionAccumulator(d) for _, d in members]
     seen = 0
-    for batch in model_batches(model, hooks, recon_contexts, batch_size, epochs=1)(0):  # one forward pass feeds every member
+    row_width = sum(d.d_in + d.d_out for _, d in members)
+    chunk = chunk_for(n_tok, recon_contexts, row_width)
+    for batch in model_batches(model, hooks, recon_contexts, batch_size, epochs=1, chunk_contexts=chunk)(0):
         batch = {h: v[:n_tok - seen] for h, v in batch.items()}
         for acc in accs:
             acc.update(batch)

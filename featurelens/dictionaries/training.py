@@ -384,6 +384,13 @@ def run_training(learners: list[Learner], batches: Batches, tcfg: TrainConfig, o
                 bar.set_postfix(_postfix(learners), refresh=False)
             if step % every == 0 and tokens_seen < tcfg.tokens:
                 checkpoint()
+    except KeyboardInterrupt:
+        bar.close()
+        found = _checkpoints(ckdir) if ckdir is not None else []
+        if found:
+            print(f"\ninterrupted at step {step}; the last checkpoint is {found[0]}: run again with resume=True "
+                  f"(--resume) to continue from it", file=sys.stderr)
+        raise
     finally:
         bar.close()
     return RunResult(learners, step, tokens_seen, time.perf_counter() - t0, resumed_from)

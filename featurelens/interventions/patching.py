@@ -61,6 +61,17 @@ class Metric:
 
         return Metric(self.kind, tok(self.answer), None if self.wrong is None else tok(self.wrong), self.position)
 
+    def evaluate(self, model: "HookedTransformer", input: Any) -> torch.Tensor:
+        """The metric on `input` (a prompt, prompts or tokens): [b] float32, or a float for one prompt.
+
+        >>> fl.logit_diff(" Paris", " Rome").evaluate(model, "The Eiffel Tower is in")
+        """
+        metric = self.resolve(model)
+        tokens = model._as_tokens(input)
+        with torch.inference_mode():
+            values = _metric_values(model, tokens, metric, [])
+        return float(values[0]) if tokens.shape[0] == 1 else values
+
     def at_position(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [b, V] at the metric's position -> [b]."""
         if isinstance(self.answer, str) or isinstance(self.wrong, str):

@@ -20,11 +20,12 @@ def save_heatmap(
     xlabel: str = "",
     ylabel: str = "",
     meta: dict[str, Any] | None = None,
+    center: float = 0.0,
 ) -> dict[str, Path | None]:
     """Write `path`.json (values, labels, meta) and `path`.png; returns {"json": ..., "png": ...}.
 
-    The colour scale is diverging and centred on 0. The PNG needs matplotlib; without it only the JSON is
-    written (with a warning) and "png" is None.
+    The colour scale is diverging and centred on `center` (e.g. the corrupt run's metric for raw patching
+    values). The PNG needs matplotlib; without it only the JSON is written (with a warning) and "png" is None.
 
     >>> fl.save_heatmap(scores, "patch-resid_pre", row_labels=rows, col_labels=cols, title="resid_pre patching")
     """
@@ -53,8 +54,8 @@ def save_heatmap(
 
     h, w = arr.shape
     fig, ax = plt.subplots(figsize=(min(2 + 0.9 * w, 24), min(1.5 + 0.35 * h, 24)))
-    lim = float(arr.abs().max()) or 1.0
-    im = ax.imshow(arr.numpy(), cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
+    lim = float((arr - center).abs().max()) or 1.0
+    im = ax.imshow(arr.numpy(), cmap="RdBu", vmin=center - lim, vmax=center + lim, aspect="auto")
     ax.set_xticks(range(w), cols, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(h), rows, fontsize=8)
     ax.set_xlabel(xlabel)
@@ -65,7 +66,7 @@ def save_heatmap(
             for j in range(w):
                 v = float(arr[i, j])
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
-                        color="white" if abs(v) > 0.6 * lim else "black")
+                        color="white" if abs(v - center) > 0.6 * lim else "black")
     fig.colorbar(im, ax=ax, shrink=0.8)
     fig.tight_layout()
     png_path = base.with_suffix(".png")

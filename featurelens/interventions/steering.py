@@ -479,9 +479,10 @@ def steering_vector(model: "HookedTransformer", prompts_a: Sequence[str] | str, 
     name = _hook_str(hook)
     if name not in model.hook_names:
         raise UnknownHookError(name, model.hook_names)
-    means = []
+    means, counts = [], []
     for prompts in (prompts_a, prompts_b):
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        counts.append(len(prompts))
         if not prompts:
             raise ValueError("steering_vector needs at least one prompt on each side")
         rows = [model.encode(t) for t in prompts]
@@ -495,8 +496,7 @@ def steering_vector(model: "HookedTransformer", prompts_a: Sequence[str] | str, 
             per_prompt.append(acts[i, len(r) - 1] if reduce == "last" else acts[i, start:len(r)].mean(0))
         means.append(torch.stack(per_prompt).mean(0))
     vec = (means[0] - means[1]).to(model.dtype)
-    return SteeringVector(vec, name, model.name, note=f"mean({len(prompts_a) if not isinstance(prompts_a, str) else 1} "
-                          f"prompts) - mean({len(prompts_b) if not isinstance(prompts_b, str) else 1}), reduce={reduce}")
+    return SteeringVector(vec, name, model.name, note=f"mean of {counts[0]} - mean of {counts[1]} prompts, reduce={reduce}")
 
 
 def _stop_after(model: "HookedTransformer", name: str) -> int | None:

