@@ -4,9 +4,9 @@
     python benchmarks/analysis.py [--dictionary DIR] [--width 8192] [--k 32] [--hook blocks.6.hook_resid_post]
                                   [--tokens 500000] [--batch-size 16] [--threads N] [--no-embed] [--json out.json]
 
-Without --dictionary it builds a TopK SAE of the given width and k on the hook (random directions: the cost of
-every stage depends on the width, k and token count, not on what the features mean; pass a trained dictionary
-to measure exactly that one). It runs the whole analysis (stream, dashboards, labels, search embeddings) into a
+Without --dictionary it builds a TopK SAE of the given width and k on the hook whose features are real activations
+(see `exemplar_dictionary`): the cost of every stage depends on the width, k, token count and how many features
+fire, not on what they mean; pass a trained dictionary to measure exactly that one. It runs the whole analysis (stream, dashboards, labels, search embeddings) into a
 temporary directory over the held-out split of the embedded corpus, then prints the breakdown:
 
   model forward     the model run up to the hook (stop_at_layer = hook layer + 1)
@@ -32,6 +32,31 @@ import time
 import torch
 
 
+def exemplar_dictionary(fl, model, hook: str, width: int, k: int):
+    """A TopK SAE whose features are `width` real activations of the train split (centred, unit length): every
+    token fires the k exemplars nearest to it, so, as in a trained dictionary (and unlike random directions, of
+    which a few hundred win every token), most features fire on some part of the corpus."""
+    from featurelens.analysis.run import _hook_stop
+    from featurelens.dictionaries import DictionaryConfig, SparseDictionary
+
+    torch.manual_seed(0)
+    ctx = fl.load_contexts(model, "nlp-corpus", ctx_len=128, split="train", progress=False)
+    ctx = ctx[torch.randperm(len(ctx))[: max(1, 2 * width // 127)]]
+    with torch.inference_mode():
+        _, cache = model.run_with_cache(ctx, names_filter=[hook], stop_at_layer=_hook_stop(hook, model.cfg.n_layers))
+    x = cache[hook][:, 1:].reshape(-1, model.cfg.d_model).float()  # BOS left out
+    x = x[torch.randperm(len(x))[:width]]
+    mean = x.mean(0)
+    dirs = torch.nn.functional.normalize(x - mean, dim=1)
+    sae = SparseDictionary(DictionaryConfig(d_in=model.cfg.d_model, d_sae=width, arch="topk", k=k, hook_name=hook,
+                                            model_name=model.name))
+    with torch.no_grad():
+        sae.W_dec.copy_(dirs)
+        sae.W_enc.copy_(dirs.T)
+        sae.b_dec.copy_(mean)
+    return sae
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dictionary", default=None, help="a trained dictionary directory (default: a random TopK SAE)")
@@ -49,15 +74,11 @@ def main() -> int:
         torch.set_num_threads(args.threads)
 
     import featurelens as fl
-    from featurelens.dictionaries import DictionaryConfig, SparseDictionary
-
     model = fl.load_model(args.model)
     if args.dictionary:
         sae = fl.load_dictionary(args.dictionary)
     else:
-        torch.manual_seed(0)
-        sae = SparseDictionary(DictionaryConfig(d_in=model.cfg.d_model, d_sae=args.width, arch="topk", k=args.k,
-                                                hook_name=args.hook, model_name=model.name))
+        sae = exemplar_dictionary(fl, model, args.hook, args.width, args.k)
     contexts = fl.load_contexts(model, "nlp-corpus", ctx_len=128, split="test")
     print(f"{model.name} {sae.cfg.hook_name}, dictionary width {sae.cfg.d_sae}, {args.tokens:,} tokens, "
           f"{torch.get_num_threads()} torch threads", flush=True)

@@ -12,7 +12,11 @@
    script creates that environment on first use (python -m venv; pip install torch==2.13.0 sae-lens) unless
    --saelens-venv names one.
 3. Times both the same way: the moment each batch is requested; tokens/s over the steps after --warmup-steps.
-   Prints tokens/s for each and the ratio.
+   Prints tokens/s for each and the ratio. featurelens picks latents with a bfloat16 encoder pass where bfloat16
+   matmuls are fast (AVX512-BF16 / AMX CPUs); a second featurelens row shows the all-float32 speed.
+
+On a machine shared with other jobs, pass --threads 1: two OpenMP threads competing with another busy process
+slow every small kernel down several times, which measures the neighbours rather than the trainers.
 
 Both run on the CPU with the same torch version and thread count. SAELens runs with its defaults
 (dense activations, rescale_acts_by_decoder_norm) and, as a second row, use_sparse_activations=True (which, with
@@ -76,12 +80,12 @@ def cache_activations(model_name: str, hook: str, tokens: int, path: Path) -> No
     save_file({"x": torch.cat(parts)[:tokens].contiguous()}, str(path))
 
 
-def featurelens_speed(x: torch.Tensor, args: argparse.Namespace) -> float:
+def featurelens_speed(x: torch.Tensor, args: argparse.Namespace, select_dtype: str = "auto") -> float:
     from featurelens.dictionaries import DictionaryConfig, Learner, TrainConfig, run_training
 
     steps = args.steps + args.warmup_steps
     tcfg = TrainConfig(arch="topk", width=args.width, k=args.k, tokens=steps * args.batch_size,
-                       batch_size=args.batch_size, lr=args.lr)
+                       batch_size=args.batch_size, lr=args.lr, select_dtype=select_dtype)
     learner = Learner("sae", DictionaryConfig(d_in=x.shape[1], d_sae=args.width, arch="topk", k=args.k,
                                               hook_name=args.hook), tcfg)
     stamps: list[float] = []
@@ -154,8 +158,14 @@ def main() -> int:
     x = load_file(str(acts))["x"]
     print(f"cached activations: {tuple(x.shape)}; TopK k={args.k}, width {args.width}, batch {args.batch_size}, "
           f"{args.steps} timed steps after {args.warmup_steps}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    from featurelens.dictionaries.kernels import bf16_matmul_is_fast
+
     rows = {"featurelens": featurelens_speed(x, args)}
-    print(f"featurelens                       {rows['featurelens']:>10,.0f} tokens/s", flush=True)
+    how = "bfloat16 selection" if bf16_matmul_is_fast("cpu") else "float32: this CPU has no fast bfloat16"
+    print(f"featurelens ({how})".ljust(34) + f"{rows['featurelens']:>10,.0f} tokens/s", flush=True)
+    if bf16_matmul_is_fast("cpu"):
+        rows["featurelens (float32 selection)"] = featurelens_speed(x, args, "float32")
+        print(f"featurelens (float32 selection)   {rows['featurelens (float32 selection)']:>10,.0f} tokens/s", flush=True)
     if not args.skip_saelens:
         py = saelens_python(args)
         for name, sparse in (("SAELens", False), ("SAELens (use_sparse_activations)", True)):

@@ -268,10 +268,10 @@ def test_labels_are_editable_and_pluggable(gemma, trained_sae, small_contexts, t
         provenance = "test:shout"
 
         def explain(self, ev):
-            return ev.top_examples[0].token.strip().upper() if ev.top_examples else None
+            return f"SHOUT {ev.top_examples[0].token!r}" if ev.top_examples else None
 
     assert fl.explain(a, Shouting(), features=[f], progress=False) == 1
-    assert a.label(f) == a.feature(f).top_examples[0].token.strip().upper()
+    assert a.label(f) == f"SHOUT {a.feature(f).top_examples[0].token!r}"
     a.set_label(f, "  my own label ")
     assert a.label(f) == "my own label" and a.feature(f).label_provenance == "user"
     assert {r["provenance"] for r in a.store.labels(f)} == {"auto:v1", "test:shout", "user"}

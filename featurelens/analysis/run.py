@@ -99,13 +99,16 @@ def resolve_dictionary(dictionary: Any) -> tuple[Any, Path | None]:
     if isinstance(dictionary, (str, Path)):
         sae = _load_dictionary(dictionary)
         p = Path(dictionary).expanduser().resolve()
+        if not hasattr(sae, "encode"):  # a set of per-layer transcoders
+            raise ValueError(f"{p} holds several dictionaries ({type(sae).__name__}); analyze one of them, e.g. "
+                             f"{p / 'layer_0'}")
         return sae, (p.parent if p.is_file() else p)
     for attr in ("encode", "W_dec", "cfg"):
         if not hasattr(dictionary, attr):
             raise TypeError(f"expected a dictionary (with encode, W_dec and cfg) or its directory, got "
                             f"{type(dictionary).__name__}")
     src = getattr(dictionary, "source", None)
-    return dictionary, (Path(src) if src is not None else None)
+    return dictionary, (Path(src).expanduser().resolve() if src is not None else None)
 
 
 def dictionary_fingerprint(sae: Any) -> str:

@@ -56,18 +56,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     from ..analysis import analyze
-    from ..models.loader import load_model
     from ..analysis.run import resolve_dictionary
+    from ..models.loader import load_model
 
-    sae, _ = resolve_dictionary(args.path)
+    sae, path = resolve_dictionary(args.path)
     name = args.model or getattr(sae.cfg, "model_name", "")
     if not name:
         raise ValueError("the dictionary does not say which model it was trained on; pass --model")
     model = load_model(name, device=args.device)
     if args.device:
         sae = sae.to(args.device)
-        sae.source = args.path
-    result = analyze(model, sae if args.device else args.path, args.source, n_tokens=args.n_tokens,
+    sae.source = path
+    result = analyze(model, sae, args.source, n_tokens=args.n_tokens,
                      batch_size=args.batch_size, ctx_len=args.ctx_len, split=args.split, out=args.out,
                      overwrite=args.overwrite, embed=not args.no_embed, checkpoint_every=args.checkpoint_every)
     print(result)

