@@ -105,10 +105,11 @@ def cmd_search(args: argparse.Namespace) -> int:
         method = hits[0].method if hits else args.method
         t = Table(title=f"features about {args.query!r} ({method} search)", show_lines=True)
         for col, kw in (("#", {"justify": "right"}), ("feature", {"justify": "right"}), ("score", {"justify": "right"}),
-                        ("label", {}), ("top snippet", {})):
+                        ("label", {}), ("top snippets (near the max token)", {})):
             t.add_column(col, **kw)
         for r, h in enumerate(hits, 1):
-            t.add_row(str(r), str(h.feature), f"{h.score:.3f}", h.label or "", _short(h.snippets[0]) if h.snippets else "")
+            t.add_row(str(r), str(h.feature), f"{h.score:.3f}", h.label or "",
+                      "\n".join(_short(s, 90) for s in h.near_max[:2]))
         console.print(t)
         if not hits:
             console.print("no matching features")

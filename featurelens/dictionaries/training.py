@@ -385,6 +385,9 @@ def run_training(learners: list[Learner], batches: Batches, tcfg: TrainConfig, o
             except StopIteration:
                 warnings.warn(f"the activation stream ended after {tokens_seen:,} of {tcfg.tokens:,} tokens", stacklevel=2)
                 break
+            left = tcfg.tokens - tokens_seen
+            if any(len(v) > left for v in batch.values()):  # the last batch stops at the token budget
+                batch = {h: v[:left] for h, v in batch.items()}
             frac = tokens_seen / tcfg.tokens
             lr = tcfg.lr * lr_factor(frac, tcfg.warmup, tcfg.decay)  # type: ignore[operator]
             sparsity_scale = min(1.0, frac / tcfg.sparsity_warmup) if tcfg.sparsity_warmup > 0 else 1.0

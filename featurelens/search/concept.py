@@ -37,8 +37,9 @@ class SearchHit:
     feature: int
     score: float
     label: str | None
-    snippets: list[str] = field(default_factory=list)
+    snippets: list[str] = field(default_factory=list)  # its top examples' windows, strongest first
     method: str = ""
+    near_max: list[str] = field(default_factory=list)  # the same, cut to a few tokens around the max token
 
     def __str__(self) -> str:
         return f"#{self.feature} ({self.score:.3f}) {self.label or ''}"
@@ -159,5 +160,5 @@ def concept_search(store: FeatureStore, query: str, k: int = 10, method: str = "
         if used == "lexical" and scores[j] <= 0:
             break
         hits.append(SearchHit(feature=f, score=float(scores[j]), label=labels.get(f, (None,))[0],
-                              snippets=shown.get(f, []), method=used))
+                              snippets=shown.get(f, []), method=used, near_max=texts[f][1:]))
     return hits

