@@ -11,7 +11,8 @@ The recipe, per dictionary:
   jumprelu: l0_coefficient * L0 through a straight-through estimator; topk / batchtopk: none (k is the budget).
   Sparsity coefficients ramp up linearly over the first `sparsity_warmup` fraction of training.
 * Dead latents (no activation in the last `dead_tokens` tokens) get an AuxK loss (Gao et al. 2024): the top
-  aux_k dead latents reconstruct the remaining error, weighted by aux_coefficient. Used for every architecture.
+  aux_k dead latents' pre-activations (not ReLU'd, so negative ones get a gradient too) reconstruct the
+  remaining error, weighted by aux_coefficient. Used for every architecture.
 * Decoder rows stay unit-norm: the gradient's component along each row is removed, rows renormalized each step.
 * Adam; learning rate: linear warm-up over `warmup` of the tokens, constant, linear decay to 0 over the last
   `decay`. Encoder offsets (b_enc, thresholds) use `offset_lr_scale` times the rate: they live in
@@ -234,7 +235,9 @@ class Learner:
                 dead_idx = dead.nonzero().squeeze(1)
                 aux_v, local = pre[:, dead_idx].topk(min(self.aux_k, n_dead), dim=-1, sorted=False)
                 aux_v, aux_i = aux_v.to(x.dtype), dead_idx[local]
-            aux_acts = SelectedEncode.apply(x, b_dec_in, sae.W_enc, sae.b_enc, aux_i, aux_v).relu()
+            # no ReLU here (as in Gao et al.): a dead latent's pre-activation is usually negative, and the gradient
+            # must reach it to bring it back
+            aux_acts = SelectedEncode.apply(x, b_dec_in, sae.W_enc, sae.b_enc, aux_i, aux_v)
             aux = (sparse_decode(aux_acts, aux_i, sae.W_dec) + err.detach()).pow(2).sum(-1).mean()
             loss = loss + tcfg.aux_coefficient * aux
 

@@ -350,6 +350,7 @@ class Transformer(nn.Module):
         )
         self.hook_points = {name: HookPoint(name) for name in self.hook_names}
         self._inv_freq: dict[tuple[float, bool], torch.Tensor] = {}
+        self._rope_tables: dict[tuple, dict] = {}  # (p, device, dtype, inference) -> rope cache of positions 0..p-1
 
     @property
     def unembed(self) -> torch.Tensor:
@@ -427,9 +428,15 @@ class Transformer(nn.Module):
         if self.W_pos is not None:
             resid = resid + ctx("hook_pos_embed", self.W_pos[positions])
         n_run = cfg.n_layers if stop_at_layer is None else stop_at_layer
-        rope_cache: dict = {}
-        # Without padding every row has the same positions: rotary tables [1, p, 1, d] broadcast over the batch.
+        # Without padding every row has the same positions: rotary tables [1, p, 1, d] broadcast over the batch,
+        # and for positions 0..p-1 they are the same on every call, so they are kept (for the last few lengths).
         rope_positions = positions if attention_mask is not None else positions[:1]
+        rope_cache: dict = {}
+        if attention_mask is None and past == 0:
+            key = (p, device, self.W_E.dtype, torch.is_inference_mode_enabled())
+            if key not in self._rope_tables and len(self._rope_tables) >= 4:
+                self._rope_tables.clear()
+            rope_cache = self._rope_tables.setdefault(key, {})
         for layer in range(n_run):
             resid = self.blocks[layer](resid, ctx, self._rope(layer, rope_positions, rope_cache))
         if ctx.kv_cache is not None and n_run == cfg.n_layers:
