@@ -21,7 +21,13 @@ cached residual stream agrees before it times anything.
 Achieved FLOP/s counts matmul FLOPs analytically: 2 x (weights touched by matmuls) x tokens, plus the
 attention scores and pattern @ values over the causal (and sliding-window) key range, plus the
 unembedding in (a). It is reported as a fraction of this machine's float32 matmul peak, measured in
-the same run (large square `torch.matmul`, best of several).
+the same run (large square `torch.matmul`, best of several): "% peak" against the best matmul seen in the
+whole run, "% round" against a 2048^3 matmul probe timed in the same round as the runs it is set
+against (the median over rounds), which is the fairer figure on a machine shared with other work.
+
+Timings interleave the two libraries (tf, fl, probe, tf, fl, probe, ...), after a warm-up run each, and
+report medians. On a machine where other processes compete for the cores, every parallel region waits for
+a descheduled thread, so results swing with the load: compare ratios from the same run, and try --threads 1.
 """
 
 from __future__ import annotations

@@ -201,12 +201,19 @@ def _read_gemma_scope(path: Path) -> dict[str, torch.Tensor]:
 
 def _config_from_saelens(cfg: dict[str, Any], meta: dict[str, Any] | None) -> DictionaryConfig:
     """cfg.json (ours, SAELens 5.x flat, or 6.x with a metadata block) -> DictionaryConfig."""
-    if meta and isinstance(meta.get("config"), dict):
-        return DictionaryConfig.from_dict(meta["config"])
     md = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
 
     def get(key: str, default: Any = None) -> Any:
         return cfg.get(key, md.get(key, default))
+
+    if meta and isinstance(meta.get("config"), dict):  # ours: featurelens.json has the full config
+        ours = DictionaryConfig.from_dict(meta["config"])
+        if (cfg.get("d_in"), cfg.get("d_sae")) != (ours.d_in, ours.d_sae):
+            raise ValueError(f"cfg.json says d_in={cfg.get('d_in')}, d_sae={cfg.get('d_sae')} but {META_FILE} says "
+                             f"d_in={ours.d_in}, d_sae={ours.d_sae}")
+        ours.hook_name = get("hook_name") or ours.hook_name  # cfg.json wins where a person may have edited it
+        ours.model_name = get("model_name") or ours.model_name
+        return ours
 
     arch_name = cfg.get("architecture") or ("topk" if get("activation_fn", get("activation_fn_str")) == "topk" else "standard")
     if arch_name not in _FROM_SAELENS:

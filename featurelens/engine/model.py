@@ -239,9 +239,8 @@ class Attention(nn.Module):
         z = ctx(n["hook_z"], z.transpose(1, 2))  # [b, p, h, d] (SDPA's output is laid out so: no copy)
         return F.linear(z.reshape(b, p, h * d), self.W_O, self.b_O)  # [b, p, D]
 
-
     def _qk_norm_rope(self, x: torch.Tensor, rope: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """QK-norm then rotary embedding of queries and keys together, in 4 passes instead of ~20.
+        """QK-norm then rotary embedding of queries and keys together: 6 passes over them instead of ~24.
 
         x [b, p, h + kv, d] (a view into the qkv output). With s = 1/rms(x) and w the norm weight,
         rope(x s w) = (x s) * (w cos) + roll(x s, d/2) * (roll(w, d/2) sign sin), where sign is -1 on the first
