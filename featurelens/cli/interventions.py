@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import time
 
 from rich.console import Console
 from rich.table import Table
+
+from ..paths import sub_dir
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -48,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--attribution", action="store_true", help="the gradient estimate (one forward+backward) instead")
     p.add_argument("--batch-size", type=int, default=32, help="patched runs per forward pass")
     p.add_argument("--out", default=None, metavar="PATH", help="where to write PATH.png and PATH.json "
-                   "(default ./patch-HOOK)")
+                   "(default <data dir>/patching/patch-HOOK-<time>)")
     p.add_argument("--json", action="store_true", help="print the grid as JSON")
     p.set_defaults(func=cmd_patch)
 
@@ -159,7 +162,8 @@ def cmd_patch(args: argparse.Namespace) -> int:
     meta = {"kind": kind, "hook": args.hook, "clean": args.clean, "corrupt": args.corrupt, "answer": args.answer,
             "wrong": args.wrong, "metric": repr(metric), "normalized": normalize, "clean_metric": m_clean,
             "corrupt_metric": m_corrupt, "model": model.name}
-    paths = save_heatmap(scores, args.out or f"patch-{args.hook}", row_labels=rows, col_labels=cols, title=title,
+    out = args.out or str(sub_dir("patching") / f"patch-{args.hook}-{time.strftime('%Y%m%d-%H%M%S')}")
+    paths = save_heatmap(scores, out, row_labels=rows, col_labels=cols, title=title,
                          xlabel="head" if args.hook == "z" else "position", ylabel="layer", meta=meta,
                          center=0.0 if normalize else m_corrupt)
     if args.json:

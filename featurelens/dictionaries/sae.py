@@ -219,7 +219,7 @@ class SparseDictionary(nn.Module):
         TopK selection is by pre-activation, so for topk this is exact only when all norms are equal (always
         the case for dictionaries trained here, whose rows are unit already); other dictionaries are refused.
         """
-        norms = self.W_dec.norm(dim=1)
+        norms = self.W_dec.norm(dim=1).clamp_min(1e-12)  # an all-zero row stays zero
         if self.cfg.arch == "topk" and not torch.allclose(norms, norms[0].expand_as(norms), rtol=1e-4):
             raise ValueError("cannot fold unequal decoder norms into a topk dictionary without changing its output")
         self.W_dec.div_(norms[:, None])
