@@ -68,7 +68,8 @@ class TrainConfig:
     l0_coefficient: float = 2.0
     sparsity_warmup: float = 0.05
     jumprelu_bandwidth: float = 0.05
-    jumprelu_init_threshold: float = 0.5
+    jumprelu_init_threshold: float = 0.5  # used when init_l0 is 0
+    init_l0: float = 64.0  # relu / jumprelu: initial biases / thresholds make latents fire on ~init_l0 per token
     batchtopk_threshold_rate: float = 0.01
     aux_coefficient: float = 1 / 32
     aux_k: int | None = None  # default d_in // 2
@@ -162,6 +163,18 @@ class Learner:
             self.scale_out = float(sae.d_out**0.5 / y.norm(dim=1).mean().clamp_min(1e-12)) if sae.cfg.transcoder else self.scale_in
         y = y * self.scale_out
         sae.b_dec.copy_(y.mean(0) if sae.cfg.transcoder else geometric_median(y))
+        if sae.cfg.arch in ("relu", "jumprelu") and self.tcfg.init_l0:
+            # Start each latent firing on about init_l0 / d_sae of the tokens: a ReLU's bias (or a JumpReLU's
+            # threshold) at that quantile of its first-batch pre-activations. Otherwise most latents start silent
+            # (JumpReLU) or all start on (ReLU), and a short run spends its budget getting out of that.
+            pre = sae.pre_activation(x * self.scale_in)
+            q = min(max(1.0 - self.tcfg.init_l0 / sae.d_sae, 0.0), 1.0)
+            cut = pre.float().quantile(q, dim=0) if pre.shape[0] * pre.shape[1] < 2**24 else \
+                pre.kthvalue(max(1, min(pre.shape[0], round(q * pre.shape[0]))), dim=0).values
+            if sae.cfg.arch == "relu":
+                sae.b_enc.sub_(cut)
+            else:
+                sae.threshold.copy_(cut.clamp_min(1e-3))
         self.initialized = True
 
     def _select(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
