@@ -3,6 +3,7 @@
 
     python benchmarks/analysis.py [--dictionary DIR] [--width 8192] [--k 32] [--hook blocks.6.hook_resid_post]
                                   [--tokens 500000] [--batch-size 16] [--threads N] [--no-embed] [--json out.json]
+                                  [--out DIR]
 
 Without --dictionary it builds a TopK SAE of the given width and k on the hook whose features are real activations
 (see `exemplar_dictionary`): the cost of every stage depends on the width, k, token count and how many features
@@ -69,6 +70,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--no-embed", action="store_true", help="skip the search embeddings")
     ap.add_argument("--json", default=None, help="also write the results to this file")
+    ap.add_argument("--out", default=None, help="keep the analysis in this directory (default: a temporary one); "
+                                                "it must not hold a finished analysis")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -82,7 +85,8 @@ def main() -> int:
     contexts = fl.load_contexts(model, "nlp-corpus", ctx_len=128, split="test")
     print(f"{model.name} {sae.cfg.hook_name}, dictionary width {sae.cfg.d_sae}, {args.tokens:,} tokens, "
           f"{torch.get_num_threads()} torch threads", flush=True)
-    with tempfile.TemporaryDirectory() as out:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = args.out or tmp
         t0 = time.perf_counter()
         res = fl.analyze(model, sae, None, n_tokens=args.tokens, batch_size=args.batch_size, out=out,
                          embed=not args.no_embed, progress=True)

@@ -413,6 +413,11 @@ def test_train_transcoders_on_gemma_one_stream(gemma, tmp_path):
     assert back[2].cfg.hook_name == "blocks.2.ln2.hook_normalized"
     assert back[2].cfg.hook_name_out == "blocks.2.hook_mlp_out"
     assert torch.equal(back[1].W_dec, tset[1].W_dec)
+    test = fl.load_contexts(gemma, split="test", progress=False)[:4]
+    res = fl.evaluate_dictionary(gemma, back, contexts=test, tokens=400, ce_contexts=1, progress=False)
+    assert set(res) == {1, 2, "all"}
+    assert res[1].eval_tokens == 400 and res[1].l0 <= 8 and res["all"].ce_spliced > res["all"].ce_clean
+    assert res[1].ce_clean == res[2].ce_clean == res["all"].ce_clean  # one clean pass, shared
 
 
 @pytest.mark.slow

@@ -127,7 +127,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             t.add_row(str(h.feature), f"{h.max_act:.3g}", f"{h.relative:.0%}", repr(res.tokens[h.token_index]),
                       h.label or "")
         console.print(t)
-        pt = Table(title="per token (strongest features)")
+        pt = Table(title="per token (features nearest their own maximum)")
         pt.add_column("token")
         pt.add_column("features (activation)")
         for tok, row in zip(res.tokens, res.per_token):

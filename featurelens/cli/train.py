@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--source", default="nlp-corpus", help="corpus: nlp-corpus (default), a .txt/.jsonl/.parquet "
                                                           "file, or hf:name[:config][:split]")
     p.add_argument("--ctx-len", type=_int, default=128, help="context length (default 128)")
-    p.add_argument("--checkpoint-every", type=_int, default=None, help="steps between checkpoints (default ~10 per run)")
+    p.add_argument("--checkpoint-every", type=_int, default=None, help="steps between checkpoints (default: every 10 minutes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
     p.add_argument("--overwrite", action="store_true", help="start over, discarding what --out holds")

@@ -132,32 +132,45 @@ def splice_metrics(model: Any, saes: "SparseDictionary | list[SparseDictionary]"
 
     Several dictionaries are spliced in together (and zero-ablated together), e.g. all layers' transcoders.
     """
+    saes = [saes] if isinstance(saes, SparseDictionary) else list(saes)
+    return splice_metrics_groups(model, {None: saes}, contexts, batch_size, progress)[None]
+
+
+@torch.no_grad()
+def splice_metrics_groups(model: Any, groups: dict[Any, list[SparseDictionary]], contexts: torch.Tensor,
+                          batch_size: int = 2, progress: bool = False) -> dict[Any, dict[str, float]]:
+    """`splice_metrics` for several groups of dictionaries at once: the clean pass is shared."""
     from tqdm.auto import tqdm
 
-    saes = [saes] if isinstance(saes, SparseDictionary) else list(saes)
     if contexts.shape[1] < 3:
         raise ValueError("contexts must hold at least 3 tokens")
     bos = model.cfg.bos_token_id
-    tot = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "kl": 0.0, "kl_zero": 0.0}
-    count = 0
-    for i in tqdm(range(0, len(contexts), batch_size), desc="CE loss", disable=not progress, leave=False):
+    tot = {g: {"spliced": 0.0, "zero": 0.0, "kl": 0.0, "kl_zero": 0.0} for g in groups}
+    clean_total, count = 0.0, 0
+    steps = range(0, len(contexts), batch_size)
+    for i in tqdm(steps, desc="CE loss", disable=not progress, leave=False):
         tokens = contexts[i:i + batch_size].to(model.device)
         not_bos = tokens != bos if bos is not None else torch.ones_like(tokens, dtype=torch.bool)
         clean_logp, ce_clean = _token_ce(model(tokens), tokens)
-        tot["clean"] += float(ce_clean.sum())
-        for mode, key, kl_key in (("dictionary", "spliced", "kl"), ("zero", "zero", "kl_zero")):
-            hooks = [h for sae in saes for h in splice_hooks(sae, not_bos, mode)]
-            logp, ce = _token_ce(model.run_with_hooks(tokens, fwd_hooks=hooks), tokens)
-            tot[key] += float(ce.sum())
-            tot[kl_key] += float((clean_logp.exp() * (clean_logp - logp)).sum())
-            del logp
+        clean_total += float(ce_clean.sum())
         count += ce_clean.numel()
+        for g, saes in groups.items():
+            for mode, key, kl_key in (("dictionary", "spliced", "kl"), ("zero", "zero", "kl_zero")):
+                hooks = [h for sae in saes for h in splice_hooks(sae, not_bos, mode)]
+                logp, ce = _token_ce(model.run_with_hooks(tokens, fwd_hooks=hooks), tokens)
+                tot[g][key] += float(ce.sum())
+                tot[g][kl_key] += float((clean_logp.exp() * (clean_logp - logp)).sum())
+                del logp
         del clean_logp
-    ce = {k: v / count for k, v in tot.items()}
-    denom = ce["zero"] - ce["clean"]
-    return {"ce_clean": ce["clean"], "ce_spliced": ce["spliced"], "ce_zero_ablation": ce["zero"],
-            "ce_loss_recovered": (ce["zero"] - ce["spliced"]) / denom if abs(denom) > 1e-9 else float("nan"),
-            "kl_div": ce["kl"], "kl_zero_ablation": ce["kl_zero"], "ce_tokens": count}
+    out = {}
+    clean = clean_total / count
+    for g, t in tot.items():
+        ce = {k: v / count for k, v in t.items()}
+        denom = ce["zero"] - clean
+        out[g] = {"ce_clean": clean, "ce_spliced": ce["spliced"], "ce_zero_ablation": ce["zero"],
+                  "ce_loss_recovered": (ce["zero"] - ce["spliced"]) / denom if abs(denom) > 1e-9 else float("nan"),
+                  "kl_div": ce["kl"], "kl_zero_ablation": ce["kl_zero"], "ce_tokens": count}
+    return out
 
 
 def evaluate_dictionary(model: Any, sae: "SparseDictionary | TranscoderSet", *, tokens: int | None = 100_000,
@@ -201,18 +214,14 @@ def evaluate_dictionary(model: Any, sae: "SparseDictionary | TranscoderSet", *, 
         seen += len(batch[hooks[0]])
         if seen >= n_tok:
             break
-    results: dict[Any, DictionaryMetrics] = {}
-    for (key, d), acc in zip(members, accs):
-        m = acc.result(dense_threshold)
-        if ce_contexts:
-            for k, v in splice_metrics(model, d, contexts[:ce_contexts], progress=progress).items():
-                setattr(m, k, v)
-        results[key] = m
-    if isinstance(sae, TranscoderSet):
-        if ce_contexts and len(sae) > 1:
-            together = DictionaryMetrics()
-            for k, v in splice_metrics(model, list(sae), contexts[:ce_contexts], progress=progress).items():
-                setattr(together, k, v)
-            results["all"] = together
-        return results
-    return results[None]
+    results: dict[Any, DictionaryMetrics] = {key: acc.result(dense_threshold) for (key, _), acc in zip(members, accs)}
+    if ce_contexts:
+        groups = {key: [d] for key, d in members}
+        if isinstance(sae, TranscoderSet) and len(sae) > 1:
+            groups["all"] = list(sae)
+            results["all"] = DictionaryMetrics()
+        spliced = splice_metrics_groups(model, groups, contexts[:ce_contexts], progress=progress)
+        for key, values in spliced.items():
+            for k, v in values.items():
+                setattr(results[key], k, v)
+    return results if isinstance(sae, TranscoderSet) else results[None]

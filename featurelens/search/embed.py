@@ -41,13 +41,16 @@ class MiniLMEmbedder(Embedder):
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
-        verbosity = hf_logging.get_verbosity()
+        verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()  # its "Loading weights" bar would clutter every search's output
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
             self.model = AutoModel.from_pretrained(str(model_dir), local_files_only=True).eval()
         finally:
             hf_logging.set_verbosity(verbosity)
+            if bars:
+                hf_logging.enable_progress_bar()
         from ..analysis.run import fast_bf16
 
         if fast_bf16():  # 2-3x faster on an AVX-512 CPU; cosines agree with float32 to ~1e-4

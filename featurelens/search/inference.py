@@ -85,8 +85,10 @@ def search_text(analysis: Any, text: str, k: int = 10, per_token: int = 5) -> Te
                for i in order]
     rows = []
     for t in range(f.shape[0]):
-        v, i = f[t].topk(min(per_token, f.shape[1]))
-        rows.append([(int(ii), float(vv), float(rel[t, ii]), labels.get(int(ii))) for vv, ii in zip(v, i) if vv > 0])
+        # Ranked like `overall`, by the share of each feature's own maximum: raw activations would put Gemma's dense,
+        # huge-norm features (firing on half of all tokens) first at every position.
+        r, i = rel[t].topk(min(per_token, f.shape[1]))
+        rows.append([(int(ii), float(f[t, ii]), float(rr), labels.get(int(ii))) for rr, ii in zip(r, i) if rr > 0])
     return TextSearchResult(text=text, tokens=strs, overall=overall, per_token=rows)
 
 
