@@ -82,7 +82,6 @@ def main() -> int:
         sae = fl.load_dictionary(args.dictionary)
     else:
         sae = exemplar_dictionary(fl, model, args.hook, args.width, args.k)
-    contexts = fl.load_contexts(model, "nlp-corpus", ctx_len=128, split="test")
     print(f"{model.name} {sae.cfg.hook_name}, dictionary width {sae.cfg.d_sae}, {args.tokens:,} tokens, "
           f"{torch.get_num_threads()} torch threads", flush=True)
     with tempfile.TemporaryDirectory() as tmp:

@@ -302,8 +302,10 @@ def test_bad_inputs(gemma, sae):
         fl.Steer(sae, 16, 1.0)
     with pytest.raises(IndexError, match="out of range"):
         fl.Ablate(sae, -1)
-    with pytest.raises(TypeError, match="integer index"):
+    with pytest.raises(fl.FeatureIndexError, match="a feature index is an integer, got 'seven'"):
         fl.Steer(sae, "seven", 1.0)
+    assert fl.Steer(sae, "3", 1.0).feature == 3  # as typed on a command line
+    assert fl.Ablate(sae, torch.tensor(5)).feature == 5
     with pytest.raises(ValueError, match="positions"):
         fl.Steer(sae, 0, 1.0, positions="middle")
     other_model = ToyDictionary(sae.W_dec.clone(), HOOK, model_name="smollm2-135m")

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import numbers
 import os
 from pathlib import Path
 from typing import Any
 
 from ..store import BUILD_DIR, DB_FILE, USER, FeatureStore, analysis_dir_for_path, data_analysis_dir
+from ..dictionaries.sae import FeatureIndexError, check_feature_index  # noqa: F401  (re-exported)
 from .dashboard import FeatureDashboard, TokenExample
 
 
 class NotAnalyzedError(FileNotFoundError):
     """The dictionary has no finished analysis."""
-
-
-class FeatureIndexError(IndexError, ValueError):
-    """A feature index outside the dictionary."""
 
 
 def default_analysis_dir(sae: Any, sae_dir: Path | None, model_name: str | None = None) -> Path:
@@ -131,19 +127,7 @@ class DictionaryAnalysis:
 
     # ----------------------------------------------------------------- features
     def check_index(self, idx: Any) -> int:
-        if isinstance(idx, bool) or not isinstance(idx, numbers.Integral):
-            try:
-                if isinstance(idx, str) and idx.strip().lstrip("-").isdigit():
-                    idx = int(idx)
-                else:
-                    raise TypeError
-            except TypeError:
-                raise FeatureIndexError(f"a feature index is an integer, got {idx!r}") from None
-        idx = int(idx)
-        if not 0 <= idx < self.n_features:
-            raise FeatureIndexError(f"feature index {idx} is out of range: this dictionary has {self.n_features:,} "
-                                    f"features (0 to {self.n_features - 1:,})")
-        return idx
+        return check_feature_index(idx, self.n_features)
 
     def feature(self, idx: int) -> FeatureDashboard:
         """The dashboard data of feature `idx`."""

@@ -528,7 +528,6 @@ def _finalize(model: Any, sae: Any, acc: Accumulator, contexts: torch.Tensor, st
     lens_ctx = LogitLens(model) if W_eff is not None else None
     W_dec = sae.W_dec.detach().float().cpu()
     W_n = W_dec / W_dec.norm(dim=1, keepdim=True).clamp(min=1e-12)
-    n_tok = max(int(acc.n_tokens), 1)
     density = acc.density()
     mean_act = acc.mean_act()
     C = acc.cofire

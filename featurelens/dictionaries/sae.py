@@ -39,6 +39,30 @@ ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
+
+class FeatureIndexError(IndexError, ValueError):
+    """A feature index outside a dictionary, or not an integer (an IndexError, and a ValueError so that the CLI
+    reports it as bad input)."""
+
+
+def check_feature_index(index: Any, n_features: int, where: str = "") -> int:
+    """`index` as an int in [0, n_features), accepting ints, numpy integers, 0-d tensors and digit strings (from a
+    command line or URL); anything else raises FeatureIndexError naming the value and the valid range.
+
+    >>> check_feature_index("12", 8192)
+    12
+    """
+    value = index.item() if isinstance(index, torch.Tensor) and index.numel() == 1 else index
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value.strip())
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise FeatureIndexError(f"a feature index is an integer, got {index!r} ({type(index).__name__})")
+    idx = value.__index__()
+    if not 0 <= idx < n_features:
+        raise FeatureIndexError(f"feature {idx} is out of range: this dictionary{f' ({where})' if where else ''} "
+                                f"has {n_features:,} features (0 to {n_features - 1:,})")
+    return idx
+
 @dataclass
 class DictionaryConfig:
     """Shape and kind of a dictionary; what cfg.json says (see `format.py`)."""

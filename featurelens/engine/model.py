@@ -6,16 +6,15 @@ h=query heads, kv=key/value heads, d=d_head, D=d_model, M=d_mlp, V=d_vocab.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .hooks import ActivationCache, HookFn, HookPoint, UnknownHookError, hook_layer, hook_names_for
+from .hooks import HookFn, HookPoint, UnknownHookError, hook_names_for
 
 FwdHooks = Sequence[tuple["str | Callable[[str], bool]", HookFn]]
 

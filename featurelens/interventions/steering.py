@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import torch
 
+from ..dictionaries.sae import FeatureIndexError, check_feature_index  # noqa: F401  (re-exported)
 from ..engine.hooks import HookPoint, UnknownHookError, full_hook_name
 
 if TYPE_CHECKING:
@@ -45,10 +46,6 @@ POSITION_MODES = ("all", "prompt", "generated")
 
 
 # --------------------------------------------------------------------------- validation helpers
-class FeatureIndexError(IndexError, ValueError):
-    """A feature index outside the dictionary (an IndexError, and a ValueError so the CLI reports it plainly)."""
-
-
 def _number(value: Any, what: str) -> float:
     """A real number (int, float, numpy or 0-d tensor), else a clear TypeError."""
     if isinstance(value, torch.Tensor) and value.numel() == 1:
@@ -90,18 +87,7 @@ def _d_sae(dictionary: Any) -> int:
 
 
 def _feature_index(dictionary: Any, feature: Any) -> int:
-    if isinstance(feature, bool):
-        raise TypeError(f"feature must be an integer index, got {feature!r}")
-    try:
-        idx = operator.index(feature.item() if isinstance(feature, torch.Tensor) else feature)
-    except TypeError:
-        raise TypeError(f"feature must be an integer index, got {feature!r} ({type(feature).__name__})") from None
-    d_sae = _d_sae(dictionary)
-    if not 0 <= idx < d_sae:
-        name = getattr(dictionary.cfg, "hook_name", "")
-        raise FeatureIndexError(f"feature {idx} is out of range: this dictionary{f' ({name})' if name else ''} "
-                         f"has {d_sae} features, 0..{d_sae - 1}")
-    return idx
+    return check_feature_index(feature, _d_sae(dictionary), getattr(dictionary.cfg, "hook_name", ""))
 
 
 _MAX_ACT_CACHE: "weakref.WeakKeyDictionary[Any, torch.Tensor]" = weakref.WeakKeyDictionary()
