@@ -149,6 +149,8 @@ def test_auto_explainer_labels():
     assert "promotes: critics, reviews" in lab
     assert ex.explain(_ev(["1", "9", "2", "7", "1"])).startswith("numbers")
     assert "punctuation" in ex.explain(_ev([",", ";", ",", ",", "."]))
+    assert ex.explain(_ev([" York", " Boston", " York", " Paris", " Rome"])).startswith('capitalized words ("York"')
+    assert ex.explain(_ev([" Paris"] * 9 + [" Rome"])).startswith('"Paris"')  # one word: its class adds nothing
     assert "promotes" not in ex.explain(_ev([" a", " a"], promotes=["ictures", "xam", " ok"]))  # pieces: no
     from featurelens.analysis.explain import FeatureEvidence
 
@@ -195,7 +197,7 @@ def test_analysis_store_and_dashboard(analyzed):
     assert float(W[f] @ W[g]) == pytest.approx(cos, abs=1e-3)
     assert float((W @ W[f]).topk(2).values[1]) == pytest.approx(cos, abs=1e-3)
     assert d.cofiring and all(0 < j <= 1 and 0 < p <= 1 for _, j, p, _, _ in d.cofiring)
-    assert d.label and d.label_provenance == "auto:v1"
+    assert d.label and d.label_provenance == "auto:v2"
     # views
     page = d.to_html()
     assert page.startswith("<!DOCTYPE html>") and "<script" not in page and 'class="fl-tok' in page
@@ -258,11 +260,36 @@ def test_interrupted_analysis_resumes_to_the_same_result(gemma, trained_sae, sma
         assert c.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
+def test_ctrl_c_saves_the_stream_and_the_rerun_continues(gemma, trained_sae, small_contexts, tmp_path, capsys):
+    import signal
+
+    sae = fl.load_dictionary(trained_sae)
+    calls = {"n": 0}
+    encode = sae.encode
+
+    def encode_then_ctrl_c(x):  # a real SIGINT, as Ctrl-C sends, during the third batch
+        calls["n"] += 1
+        if calls["n"] == 3:
+            signal.raise_signal(signal.SIGINT)
+        return encode(x)
+
+    sae.encode = encode_then_ctrl_c
+    with pytest.raises(KeyboardInterrupt):
+        _small_analysis(gemma, sae, small_contexts, tmp_path / "a", checkpoint_every=1e9)
+    assert "saved after 384 of 512 tokens" in capsys.readouterr().err  # 3 batches of 2 x 64 tokens
+    sae.encode = encode
+    resumed = _small_analysis(gemma, sae, small_contexts, tmp_path / "a")
+    assert resumed.timings.tokens == 512 - 384  # only the rest was streamed
+    straight = _small_analysis(gemma, trained_sae, small_contexts, tmp_path / "b")
+    for name in ("n_fires", "max_act", "mean_act"):
+        np.testing.assert_allclose(resumed.store.column(name), straight.store.column(name))
+
+
 def test_labels_are_editable_and_pluggable(gemma, trained_sae, small_contexts, tmp_path):
     a = _small_analysis(gemma, trained_sae, small_contexts, tmp_path)
     f = int(np.nanargmax(a.store.column("n_fires")))
     auto = a.label(f)
-    assert a.store.labels(f)[0]["provenance"] == "auto:v1"
+    assert a.store.labels(f)[0]["provenance"] == "auto:v2"
 
     class Shouting(fl.Explainer):
         provenance = "test:shout"
@@ -274,7 +301,7 @@ def test_labels_are_editable_and_pluggable(gemma, trained_sae, small_contexts, t
     assert a.label(f) == f"SHOUT {a.feature(f).top_examples[0].token!r}"
     a.set_label(f, "  my own label ")
     assert a.label(f) == "my own label" and a.feature(f).label_provenance == "user"
-    assert {r["provenance"] for r in a.store.labels(f)} == {"auto:v1", "test:shout", "user"}
+    assert {r["provenance"] for r in a.store.labels(f)} == {"auto:v2", "test:shout", "user"}
     a.set_label(f, None)
     assert a.label(f) != "my own label" and auto
     with pytest.raises(ValueError):

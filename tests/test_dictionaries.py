@@ -208,6 +208,39 @@ def test_interrupted_run_resumes_from_last_checkpoint(tmp_path, data):
         assert torch.allclose(a, b, atol=1e-6)  # same result as the uninterrupted run
 
 
+def test_ctrl_c_finishes_the_step_and_checkpoints_it(tmp_path, data):
+    import signal
+
+    x, _ = data
+    common = dict(arch="topk", width=128, k=8, tokens=50 * 512, batch_size=512, checkpoint_every=1000)
+
+    def learner():
+        torch.manual_seed(0)
+        tcfg = TrainConfig(**common)
+        return Learner("d", DictionaryConfig(d_in=64, d_sae=128, arch="topk", k=8, hook_name="in"), tcfg), tcfg
+
+    def sigint_at(batches, at):  # a real SIGINT, as a terminal's Ctrl-C sends, while batch `at` is being fetched
+        def gen(tokens_seen):
+            for i, b in enumerate(batches(tokens_seen)):
+                if i == at:
+                    signal.raise_signal(signal.SIGINT)
+                yield b
+        return gen
+
+    ref, tcfg = learner()
+    run_training([ref], iterate_tensors(x, 512, "in"), tcfg, None, progress=False)
+    first, tcfg = learner()
+    with pytest.raises(KeyboardInterrupt):
+        run_training([first], sigint_at(iterate_tensors(x, 512, "in"), 22), tcfg, tmp_path, progress=False)
+    assert [p.name for p in (tmp_path / "checkpoints").glob("step-*.pt")] == ["step-00000023.pt"]  # nothing lost
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    second, tcfg = learner()
+    res = run_training([second], iterate_tensors(x, 512, "in"), tcfg, tmp_path, resume=True, progress=False)
+    assert res.resumed_from == 23 and res.steps == 50
+    for a, b in zip(ref.sae.parameters(), second.sae.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
 def test_damaged_latest_checkpoint_falls_back(tmp_path, data):
     x, _ = data
     tcfg = TrainConfig(arch="topk", width=64, k=4, tokens=30 * 256, batch_size=256, checkpoint_every=10)

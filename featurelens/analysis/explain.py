@@ -1,6 +1,6 @@
 """Explanations: a short label per feature, from a pluggable `Explainer`, stored with its provenance.
 
-The built-in `AutoExplainer` (provenance "auto:v1") needs no model and no network. It reads what a feature fires on
+The built-in `AutoExplainer` (provenance "auto:v2") needs no model and no network. It reads what a feature fires on
 and what it promotes:
 
 - **fires on**: the tokens at the maximum of its top examples, when a few of them recur (e.g. ``"film", "movie"``);
@@ -119,7 +119,7 @@ def _is_word_token(s: str) -> bool:
 class AutoExplainer(Explainer):
     """The built-in, model-free explainer (see the module docstring)."""
 
-    provenance = "auto:v1"
+    provenance = "auto:v2"
 
     def __init__(self, n_examples: int = 20, n_tokens: int = 3, n_context: int = 3, n_promotes: int = 3):
         self.n_examples, self.n_tokens, self.n_context, self.n_promotes = n_examples, n_tokens, n_context, n_promotes
@@ -158,9 +158,11 @@ class AutoExplainer(Explainer):
         classes = Counter(_token_class(ex.token, ex.tokens[ex.index + 1] if ex.index + 1 < len(ex.tokens) else None)
                           for ex in exs)
         cls, cls_n = classes.most_common(1)[0]
+        # One word at nearly every maximum says more than its class: '"Paris"', not 'capitalized words ("Paris")'.
+        one_word = cls in ("capitalized words", "word beginnings") and toks.most_common(1)[0][1] >= 0.8 * n
         parts = []
         head = ", ".join(f'"{t}"' for t in main)
-        if cls is not None and cls_n >= 0.6 * n:
+        if cls is not None and cls_n >= 0.6 * n and not (one_word and head):
             head = f"{cls} ({head})" if head else cls
         if head:
             parts.append(head)

@@ -8,7 +8,7 @@ Stages (progress is saved within each, so an interrupted run resumes where it st
    every `checkpoint_every` seconds and at the end of the stream.
 2. **finalize** per chunk of features, one SQLite transaction each: density, histogram, top and quantile examples
    with their token windows, the logit lens, the most similar features by decoder cosine, top co-firing features.
-3. **labels**: the built-in explainer (provenance "auto:v1") labels every feature.
+3. **labels**: the built-in explainer (provenance "auto:v2") labels every feature.
 4. **embed**: search documents (label + top snippets) are embedded for concept search (skipped without the
    embedding model; search then falls back to lexical).
 
@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..interrupt import deferred_interrupt
 from ..store import BUILD_DIR, DB_FILE, USER, FeatureStore, analysis_dir_for_path, data_analysis_dir
 from .accumulate import Accumulator, AccumulatorConfig
 
@@ -428,7 +429,7 @@ def _stream(model: Any, sae: Any, acc: Accumulator, contexts: torch.Tensor, done
     last_save = time.perf_counter()
     n_batches = 0
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), deferred_interrupt() as interrupt:
             while done < n_ctx:
                 tokens = contexts[done: done + batch_size]
                 t0 = time.perf_counter()
@@ -447,7 +448,7 @@ def _stream(model: Any, sae: Any, acc: Accumulator, contexts: torch.Tensor, done
                 done += B
                 n_batches += 1
                 bar.update(B * T)
-                if done >= n_ctx or time.perf_counter() - last_save >= checkpoint_every or \
+                if done >= n_ctx or time.perf_counter() - last_save >= checkpoint_every or interrupt.requested or \
                         (stop_after is not None and n_batches >= stop_after):
                     t4 = time.perf_counter()
                     _save_state(acc, state_path, done)
@@ -455,6 +456,10 @@ def _stream(model: Any, sae: Any, acc: Accumulator, contexts: torch.Tensor, done
                     last_save = time.perf_counter()
                 if stop_after is not None and n_batches >= stop_after and done < n_ctx:
                     return True
+                if interrupt.requested and done < n_ctx:  # Ctrl-C: the state is saved; stop
+                    print(f"analysis saved after {done * T:,} of {n_ctx * T:,} tokens: run it again to continue",
+                          file=sys.stderr)
+                    raise KeyboardInterrupt
     finally:
         bar.close()
     return False

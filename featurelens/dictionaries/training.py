@@ -22,7 +22,8 @@ The recipe, per dictionary:
 
 Checkpoints (dictionaries, optimizer state, counters, RNG) are written atomically to <out>/checkpoints/ every
 `checkpoint_every` steps (default: every ten minutes); the last two are kept. A run given `resume=True` continues
-from the newest readable one; Ctrl-C loses only the steps since the last checkpoint.
+from the newest readable one. Ctrl-C finishes the current step and checkpoints it before stopping, so nothing is lost
+(a second Ctrl-C stops at once, losing only the steps since the last checkpoint).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 
+from ..interrupt import deferred_interrupt
 from .kernels import JumpReLU, SelectedEncode, Step, bf16_matmul_is_fast, gathered_dot, geometric_median, sparse_decode
 from .sae import ARCHITECTURES, DictionaryConfig, SparseDictionary
 
@@ -393,40 +395,45 @@ def run_training(learners: list[Learner], batches: Batches, tcfg: TrainConfig, o
     bar = tqdm(total=tcfg.tokens, initial=min(tokens_seen, tcfg.tokens), unit="tok", unit_scale=True, desc=desc,
                disable=not progress, dynamic_ncols=True, smoothing=0.05, file=sys.stderr)
     try:
-        it = iter(batches(tokens_seen))
-        while tokens_seen < tcfg.tokens:
-            if stop_after_steps is not None and steps_run >= stop_after_steps:
-                break
-            try:
-                batch = next(it)
-            except StopIteration:
-                warnings.warn(f"the activation stream ended after {tokens_seen:,} of {tcfg.tokens:,} tokens", stacklevel=2)
-                break
-            left = tcfg.tokens - tokens_seen
-            if any(len(v) > left for v in batch.values()):  # the last batch stops at the token budget
-                batch = {h: v[:left] for h, v in batch.items()}
-            frac = tokens_seen / tcfg.tokens
-            lr = tcfg.lr * lr_factor(frac, tcfg.warmup, tcfg.decay)  # type: ignore[operator]
-            sparsity_scale = min(1.0, frac / tcfg.sparsity_warmup) if tcfg.sparsity_warmup > 0 else 1.0
-            n = 0
-            for learner in learners:
-                x, y = _pair(batch, learner)
-                learner.step(x, y, lr, sparsity_scale)
-                n = x.shape[0]
-            step, tokens_seen, steps_run = step + 1, tokens_seen + n, steps_run + 1
-            bar.update(n)
-            if progress:
-                bar.set_postfix(_postfix(learners), refresh=False)
-            due = (step % tcfg.checkpoint_every == 0 if tcfg.checkpoint_every
-                   else time.perf_counter() - last_checkpoint >= CHECKPOINT_SECONDS)
-            if due and tokens_seen < tcfg.tokens:
-                checkpoint()
-                last_checkpoint = time.perf_counter()
+        with deferred_interrupt() as stop:
+            it = iter(batches(tokens_seen))
+            while tokens_seen < tcfg.tokens:
+                if stop_after_steps is not None and steps_run >= stop_after_steps:
+                    break
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    warnings.warn(f"the activation stream ended after {tokens_seen:,} of {tcfg.tokens:,} tokens",
+                                  stacklevel=2)
+                    break
+                left = tcfg.tokens - tokens_seen
+                if any(len(v) > left for v in batch.values()):  # the last batch stops at the token budget
+                    batch = {h: v[:left] for h, v in batch.items()}
+                frac = tokens_seen / tcfg.tokens
+                lr = tcfg.lr * lr_factor(frac, tcfg.warmup, tcfg.decay)  # type: ignore[operator]
+                sparsity_scale = min(1.0, frac / tcfg.sparsity_warmup) if tcfg.sparsity_warmup > 0 else 1.0
+                n = 0
+                for learner in learners:
+                    x, y = _pair(batch, learner)
+                    learner.step(x, y, lr, sparsity_scale)
+                    n = x.shape[0]
+                step, tokens_seen, steps_run = step + 1, tokens_seen + n, steps_run + 1
+                bar.update(n)
+                if progress:
+                    bar.set_postfix(_postfix(learners), refresh=False)
+                due = (step % tcfg.checkpoint_every == 0 if tcfg.checkpoint_every
+                       else time.perf_counter() - last_checkpoint >= CHECKPOINT_SECONDS)
+                if due and tokens_seen < tcfg.tokens:
+                    checkpoint()
+                    last_checkpoint = time.perf_counter()
+                if stop.requested and tokens_seen < tcfg.tokens:  # Ctrl-C: save this step, then stop
+                    checkpoint()
+                    raise KeyboardInterrupt
     except KeyboardInterrupt:
         bar.close()
         found = _checkpoints(ckdir) if ckdir is not None else []
         if found:
-            print(f"\ninterrupted at step {step}; the last checkpoint is {found[0]}: run again with resume=True "
+            print(f"\ninterrupted at step {step}; the last checkpoint is {found[0].name}: run again with resume=True "
                   f"(--resume) to continue from it", file=sys.stderr)
         raise
     finally:

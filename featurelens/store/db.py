@@ -10,7 +10,7 @@ Tables (all keyed by the feature index):
                 across activation quantiles (kind "quantile", bin 0 = lowest); each holds a window of token ids
                 (int32) and the feature's activation on every token of it (float16), and where it sits in the corpus
     tokens      token id -> its text, for every token shown anywhere (so reading needs no tokenizer)
-    labels      (feature, provenance) -> label: "auto:v1" from the built-in explainer, "user" for edits,
+    labels      (feature, provenance) -> label: "auto:v2" from the built-in explainer, "user" for edits,
                 whatever name another explainer gives; the current label is the user's, else the newest
     embeddings  (feature, embedding model) -> float32 vectors [n, dim] of the feature's search texts (its label,
                 then its top snippets) and the sha1 of those texts (a changed label makes them stale: re-embedded)
