@@ -436,7 +436,7 @@ def test_train_sae_on_gemma_and_ce_loss_recovered(gemma, tmp_path):
 
 
 @pytest.mark.slow
-def test_train_transcoders_on_gemma_one_stream(gemma, tmp_path):
+def test_train_transcoders_on_gemma_one_stream(gemma, tmp_path, capsys):
     train = fl.load_contexts(gemma, split="train", progress=False)[:24]
     tset = fl.train_transcoders(gemma, layers=[1, 2], arch="topk", k=8, width=256, tokens=2048, batch_size=512,
                                 out=tmp_path / "tc", contexts=train, progress=False)
@@ -451,6 +451,11 @@ def test_train_transcoders_on_gemma_one_stream(gemma, tmp_path):
     assert set(res) == {1, 2, "all"}
     assert res[1].eval_tokens == 400 and res[1].l0 <= 8 and res["all"].ce_spliced > res["all"].ce_clean
     assert res[1].ce_clean == res[2].ce_clean == res["all"].ce_clean  # one clean pass, shared
+    from featurelens.cli.train import _report
+
+    _report(res, as_json=False)  # what `featurelens eval` prints: a row per layer, then all spliced together
+    rows = [ln.split("│")[1].strip() for ln in capsys.readouterr().out.splitlines() if ln.count("│") > 3]
+    assert rows[-3:] == ["1", "2", "all"]
 
 
 @pytest.mark.slow

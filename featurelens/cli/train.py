@@ -144,14 +144,27 @@ def _report(result: Any, as_json: bool) -> None:
         print(json.dumps({str(k): v.to_dict() for k, v in results.items()} if isinstance(result, dict)
                          else result.to_dict(), indent=2))
         return
-    table = Table()
-    table.add_column("metric")
-    for key in results:
-        table.add_column(f"layer {key}" if isinstance(key, int) else (str(key) or "value"), justify="right")
-    for label, attr, fmt in _ROWS:
-        cells = []
-        for m in results.values():
-            v = getattr(m, attr)
-            cells.append("-" if isinstance(v, float) and math.isnan(v) else fmt.format(v))
-        table.add_row(label, *cells)
+    if len(results) == 1:  # one dictionary: a metric per row
+        table = Table()
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        m = next(iter(results.values()))
+        for label, attr, fmt in _ROWS:
+            table.add_row(label, _cell(getattr(m, attr), fmt))
+    else:  # transcoders: a layer per row (and "all" spliced in together), the main metrics as columns
+        table = Table(caption=f"{next(iter(results.values())).eval_tokens:,} tokens; CE loss over "
+                              f"{next(iter(results.values())).ce_tokens:,} tokens; "
+                              f"CE clean {next(iter(results.values())).ce_clean:.4f}")
+        table.add_column("layer")
+        wide = ("l0", "explained_variance", "dead_fraction", "dense_fraction", "ce_spliced", "ce_zero_ablation",
+                "ce_loss_recovered", "kl_div")
+        rows = [r for r in _ROWS if r[1] in wide]
+        for label, _, _ in rows:
+            table.add_column(label.replace(" features", "").replace("CE loss ", "CE "), justify="right")
+        for key, m in results.items():
+            table.add_row(str(key), *(_cell(getattr(m, attr), fmt) for _, attr, fmt in rows))
     Console().print(table)
+
+
+def _cell(value: Any, fmt: str) -> str:
+    return "-" if isinstance(value, float) and math.isnan(value) else fmt.format(value)
