@@ -156,11 +156,12 @@ def _report(result: Any, as_json: bool) -> None:
                               f"{next(iter(results.values())).ce_tokens:,} tokens; "
                               f"CE clean {next(iter(results.values())).ce_clean:.4f}")
         table.add_column("layer")
-        wide = ("l0", "explained_variance", "dead_fraction", "dense_fraction", "ce_spliced", "ce_zero_ablation",
-                "ce_loss_recovered", "kl_div")
+        wide = {"l0": "L0", "explained_variance": "expl. var.", "dead_fraction": "dead", "dense_fraction": "dense",
+                "ce_spliced": "CE spliced", "ce_zero_ablation": "CE zeroed", "ce_loss_recovered": "CE recov.",
+                "kl_div": "KL"}
         rows = [r for r in _ROWS if r[1] in wide]
-        for label, _, _ in rows:
-            table.add_column(label.replace(" features", "").replace("CE loss ", "CE "), justify="right")
+        for _, attr, _ in rows:
+            table.add_column(wide[attr], justify="right")
         for key, m in results.items():
             table.add_row(str(key), *(_cell(getattr(m, attr), fmt) for _, attr, fmt in rows))
     Console().print(table)
