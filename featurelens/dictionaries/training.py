@@ -383,6 +383,9 @@ def run_training(learners: list[Learner], batches: Batches, tcfg: TrainConfig, o
                 lr_.restore(by_name[lr_.name])
             step, tokens_seen, resumed_from = int(state["step"]), int(state["tokens_seen"]), int(state["step"])
             torch.set_rng_state(state["rng"])
+            if progress:
+                print(f"resuming from {path.name}: step {step}, {tokens_seen:,} of {tcfg.tokens:,} tokens",
+                      file=sys.stderr)
 
     def checkpoint() -> None:
         if ckdir is not None:
