@@ -2,7 +2,7 @@
 
 Inside `deferred_interrupt()`, the first Ctrl-C (SIGINT) only sets `requested`; the job's loop checks it after each
 step, saves its state and raises KeyboardInterrupt. A second Ctrl-C interrupts at once, as usual. Outside the main
-thread (where Python cannot install signal handlers) it does nothing and Ctrl-C behaves normally.
+thread (where Python cannot install signal handlers), or where SIGINT is ignored, it changes nothing.
 
 >>> with deferred_interrupt() as stop:
 ...     for step in range(3):
@@ -31,6 +31,9 @@ def deferred_interrupt(message: str = "stopping after this step to save progress
         yield req
         return
     previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.SIG_IGN:  # started with SIGINT ignored (nohup, a background job): leave it so
+        yield req
+        return
 
     def on_sigint(signum: int, frame: object) -> None:
         if req.requested:  # the second Ctrl-C: the user does not want to wait

@@ -31,3 +31,14 @@ def shared_corpus() -> Path:
     if not SHARED_CORPUS.is_file():
         pytest.skip(f"shared corpus copy not found at {SHARED_CORPUS}")
     return SHARED_CORPUS
+
+
+@pytest.fixture
+def sigint_default():
+    """SIGINT handled as in an interactive Python (a KeyboardInterrupt), whatever the test runner inherited: CI may
+    start the suite with SIGINT ignored, as shells do for background jobs."""
+    import signal
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)

@@ -6,8 +6,10 @@ trained once per data directory (a few minutes on a 2-core CPU) and then read fr
 
 from __future__ import annotations
 
+import hashlib
 import re
 import sqlite3
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +20,7 @@ from featurelens.analysis.accumulate import Accumulator, AccumulatorConfig
 from featurelens.dictionaries import DictionaryConfig, SparseDictionary
 
 # The trained fixture: small enough to train in minutes on a laptop CPU, big enough for token-level concepts.
-TRAINED = {"hook": "blocks.2.hook_resid_post", "arch": "topk", "k": 16, "width": 2048, "tokens": 150_000}
+TRAINED = {"hook": "blocks.6.hook_resid_post", "arch": "topk", "k": 16, "width": 2048, "tokens": 150_000}
 ANALYSIS_TOKENS = 32_768
 
 
@@ -27,7 +29,12 @@ ANALYSIS_TOKENS = 32_768
 def trained_sae(gemma):
     """A TopK SAE trained on the embedded corpus, cached in the data directory (trained on first use)."""
     key = "-".join(str(v) for v in TRAINED.values()).replace(".", "_")
-    path = fl.data_dir() / "test-fixtures" / f"gemma-3-270m-sae-{key}-v1"
+    # Keyed by the training code too: a dictionary trained by older code must not stand in for what this code makes.
+    code = hashlib.sha1()
+    for name in ("dictionaries/training.py", "dictionaries/sae.py", "dictionaries/kernels.py", "dictionaries/api.py",
+                 "data/activations.py"):
+        code.update((Path(fl.__file__).parent / name).read_bytes())
+    path = fl.data_dir() / "test-fixtures" / f"gemma-3-270m-sae-{key}-{code.hexdigest()[:10]}"
     if not (path / "cfg.json").is_file():
         fl.train_sae(gemma, TRAINED["hook"], arch=TRAINED["arch"], k=TRAINED["k"], width=TRAINED["width"],
                      tokens=TRAINED["tokens"], batch_size=1024, out=path, overwrite=True, progress=False)
@@ -260,7 +267,8 @@ def test_interrupted_analysis_resumes_to_the_same_result(gemma, trained_sae, sma
         assert c.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
-def test_ctrl_c_saves_the_stream_and_the_rerun_continues(gemma, trained_sae, small_contexts, tmp_path, capsys):
+def test_ctrl_c_saves_the_stream_and_the_rerun_continues(gemma, trained_sae, small_contexts, tmp_path, capsys,
+                                                         sigint_default):
     import signal
 
     sae = fl.load_dictionary(trained_sae)

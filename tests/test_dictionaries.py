@@ -208,7 +208,7 @@ def test_interrupted_run_resumes_from_last_checkpoint(tmp_path, data):
         assert torch.allclose(a, b, atol=1e-6)  # same result as the uninterrupted run
 
 
-def test_ctrl_c_finishes_the_step_and_checkpoints_it(tmp_path, data):
+def test_ctrl_c_finishes_the_step_and_checkpoints_it(tmp_path, data, sigint_default):
     import signal
 
     x, _ = data
