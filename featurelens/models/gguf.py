@@ -135,6 +135,8 @@ def gguf_to_hf(path: Path) -> tuple[dict[str, Any], Callable[[str], torch.Tensor
         except Exception as e:
             raise CorruptFileError(f"{path}: tensor {gname} cannot be decoded ({e})") from e
         arr = np.ascontiguousarray(arr, dtype=np.float32).reshape([int(s) for s in reversed(t.shape)])
+        if not arr.flags.writeable:  # float32 tensors come straight from the read-only memory map
+            arr = arr.copy()
         w = torch.from_numpy(arr)
         if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             # llama.cpp interleaves rotary halves in q and k; undo it to the HF layout.
