@@ -182,14 +182,19 @@ def _interrupting(batches, after):
     return gen
 
 
+def _resumable_learner(steps, checkpoint_every):
+    """A small TopK learner, the same each time it is made: for runs compared before and after an interruption."""
+    torch.manual_seed(0)
+    tcfg = TrainConfig(arch="topk", width=128, k=8, tokens=steps * 512, batch_size=512,
+                       checkpoint_every=checkpoint_every)
+    return Learner("d", DictionaryConfig(d_in=64, d_sae=128, arch="topk", k=8, hook_name="in"), tcfg), tcfg
+
+
 def test_interrupted_run_resumes_from_last_checkpoint(tmp_path, data):
     x, _ = data
-    common = dict(arch="topk", width=128, k=8, tokens=60 * 512, batch_size=512, checkpoint_every=10)
 
     def learner():
-        torch.manual_seed(0)
-        tcfg = TrainConfig(**common)
-        return Learner("d", DictionaryConfig(d_in=64, d_sae=128, arch="topk", k=8, hook_name="in"), tcfg), tcfg
+        return _resumable_learner(steps=60, checkpoint_every=10)
 
     ref, tcfg = learner()
     run_training([ref], iterate_tensors(x, 512, "in"), tcfg, None, progress=False)
@@ -212,12 +217,9 @@ def test_ctrl_c_finishes_the_step_and_checkpoints_it(tmp_path, data, sigint_defa
     import signal
 
     x, _ = data
-    common = dict(arch="topk", width=128, k=8, tokens=50 * 512, batch_size=512, checkpoint_every=1000)
 
     def learner():
-        torch.manual_seed(0)
-        tcfg = TrainConfig(**common)
-        return Learner("d", DictionaryConfig(d_in=64, d_sae=128, arch="topk", k=8, hook_name="in"), tcfg), tcfg
+        return _resumable_learner(steps=50, checkpoint_every=1000)
 
     def sigint_at(batches, at):  # a real SIGINT, as a terminal's Ctrl-C sends, while batch `at` is being fetched
         def gen(tokens_seen):

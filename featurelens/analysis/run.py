@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..dictionaries.kernels import bf16_matmul_is_fast
 from ..interrupt import deferred_interrupt
 from ..store import BUILD_DIR, DB_FILE, USER, FeatureStore, analysis_dir_for_path, data_analysis_dir
 from .accumulate import Accumulator, AccumulatorConfig
@@ -478,28 +479,19 @@ def logit_lens_weights(model: Any, sae: Any) -> torch.Tensor | None:
     return W * norm.w.detach().float().cpu()
 
 
-def fast_bf16(device: Any = "cpu") -> bool:
-    """Whether bfloat16 matmuls are fast here (CUDA, or a CPU whose oneDNN runs them natively: AVX-512)."""
-    if torch.device(device).type == "cuda":
-        return True
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception:
-        return False
-
-
 class LogitLens:
     """Top promoted / suppressed tokens of many directions at once, exact and fast.
 
-    Where bfloat16 is fast (`fast_bf16`), the full [n, vocab] product runs in bfloat16 (4-5x faster on an AVX-512
-    CPU) only to pick 5x more candidates than needed; their logits are then recomputed in float32 and re-ranked,
-    so the reported tokens and values are the float32 ones. Mean and standard deviation over the vocabulary are exact: both are linear / quadratic in the
-    direction (mean = w . mean_v(U_v), E[(w . U_v)^2] = w^T (U U^T / V) w)."""
+    Where bfloat16 is fast (`bf16_matmul_is_fast`), the full [n, vocab] product runs in bfloat16 (4-5x faster on
+    an AVX512-BF16 CPU) only to pick 5x more candidates than needed; their logits are then recomputed in float32
+    and re-ranked, so the reported tokens and values are the float32 ones. Mean and standard deviation over the
+    vocabulary are exact: both are linear / quadratic in the direction
+    (mean = w . mean_v(U_v), E[(w . U_v)^2] = w^T (U U^T / V) w)."""
 
     def __init__(self, model: Any):
         E = model.net.unembed.detach().float().cpu()  # [V, D]
         self.E = E
-        self.dtype = torch.bfloat16 if fast_bf16() else torch.float32
+        self.dtype = torch.bfloat16 if bf16_matmul_is_fast("cpu") else torch.float32
         self.Ub = E.to(self.dtype).T.contiguous()  # [D, V]
         self.mu = E.mean(0)  # [D]
         self.G = (E.T @ E) / E.shape[0]  # [D, D]

@@ -144,17 +144,16 @@ def _report(result: Any, as_json: bool) -> None:
         print(json.dumps({str(k): v.to_dict() for k, v in results.items()} if isinstance(result, dict)
                          else result.to_dict(), indent=2))
         return
+    first = next(iter(results.values()))
     if len(results) == 1:  # one dictionary: a metric per row
         table = Table()
         table.add_column("metric")
         table.add_column("value", justify="right")
-        m = next(iter(results.values()))
         for label, attr, fmt in _ROWS:
-            table.add_row(label, _cell(getattr(m, attr), fmt))
+            table.add_row(label, _cell(getattr(first, attr), fmt))
     else:  # transcoders: a layer per row (and "all" spliced in together), the main metrics as columns
-        table = Table(caption=f"{next(iter(results.values())).eval_tokens:,} tokens; CE loss over "
-                              f"{next(iter(results.values())).ce_tokens:,} tokens; "
-                              f"CE clean {next(iter(results.values())).ce_clean:.4f}")
+        table = Table(caption=f"{first.eval_tokens:,} tokens; CE loss over {first.ce_tokens:,} tokens; "
+                              f"CE clean {first.ce_clean:.4f}")
         table.add_column("layer")
         wide = {"l0": "L0", "explained_variance": "expl. var.", "dead_fraction": "dead", "dense_fraction": "dense",
                 "ce_spliced": "CE spliced", "ce_zero_ablation": "CE zeroed", "ce_loss_recovered": "CE recov.",

