@@ -37,14 +37,13 @@ def exemplar_dictionary(fl, model, hook: str, width: int, k: int):
     """A TopK SAE whose features are `width` real activations of the train split (centred, unit length): every
     token fires the k exemplars nearest to it, so, as in a trained dictionary (and unlike random directions, of
     which a few hundred win every token), most features fire on some part of the corpus."""
-    from featurelens.analysis.run import _hook_stop
     from featurelens.dictionaries import DictionaryConfig, SparseDictionary
 
     torch.manual_seed(0)
     ctx = fl.load_contexts(model, "nlp-corpus", ctx_len=128, split="train", progress=False)
     ctx = ctx[torch.randperm(len(ctx))[: max(1, 2 * width // 127)]]
     with torch.inference_mode():
-        _, cache = model.run_with_cache(ctx, names_filter=[hook], stop_at_layer=_hook_stop(hook, model.cfg.n_layers))
+        _, cache = model.run_with_cache(ctx, names_filter=[hook], stop_at_layer=model.hook_spec(hook).stop_layer)
     x = cache[hook][:, 1:].reshape(-1, model.cfg.d_model).float()  # BOS left out
     x = x[torch.randperm(len(x))[:width]]
     mean = x.mean(0)

@@ -279,9 +279,16 @@ def main() -> None:
             print(f"{name if lib == 'transformers' else '':<36} {lib:<13} {med[lib]:>9.3f} {n_tok / med[lib]:>8.0f} "
                   f"{gf:>8.1f} {100 * gf / peak:>6.1f}% {100 * rnd:>7.1f}% {ratio:>6}")
     print()
-    print(f"peak = best float32 matmul seen in this run ({peak:.1f} GFLOP/s); % round = achieved / the 2048^3 matmul "
-          f"probe timed in the same round (median over rounds). FLOPs per token (matmuls, analytic): "
+    print(f"% peak  = achieved matmul GFLOP/s (median run) / the best float32 matmul seen anywhere in this run "
+          f"({peak:.1f} GFLOP/s, {peak_n}^3 or a probe): the figure the goals and the README quote.")
+    print(f"% round = achieved / the 2048^3 matmul probe timed in the same round (median over rounds): the steadier "
+          f"figure on a shared machine. FLOPs per token (matmuls, analytic): "
           + ", ".join(f"{n.split()[0]} {r / args.seq / 1e6:.1f} M" for n, _, _, r in rows))
+    default_threads = "torch's default" if not args.threads else f"--threads {args.threads}, not torch's default"
+    for name, t, probes, flops_seq in rows:
+        gf = flops_seq * args.batch / statistics.median(t["featurelens"]) / 1e9
+        print(f"{name.split()[0]} featurelens: {100 * gf / peak:.0f}% of peak ({gf:.1f} of {peak:.1f} GFLOP/s), "
+              f"{torch.get_num_threads()} threads ({default_threads}), median of {args.repeats} runs")
     for name, t, _, _ in rows:
         print(f"  {name.split()[0]} runs (s): " + "; ".join(f"{k} " + " ".join(f"{x:.2f}" for x in v) for k, v in t.items()))
 

@@ -12,7 +12,7 @@ from .models.gguf import CorruptFileError
 from .models.loader import DEFAULT_MODEL, UnknownModelError, from_transformers, list_models, load_model
 from .paths import data_dir, set_data_dir
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "ActivationCache", "CorruptFileError", "DEFAULT_MODEL", "EmptyPromptError", "HookPoint", "HookedTransformer",
@@ -23,13 +23,13 @@ __all__ = [
 # Interventions: steering, clamping, ablation, activation and attribution patching.
 from .interventions import (  # noqa: E402
     Ablate, Clamp, GenerationComparison, Metric, Steer, SteeringVector, activation_patching, answer_prob,
-    attribution_patching, compare_generations, intervention_hooks, logit_diff, save_heatmap, steering_vector,
+    attribution_patching, compare_generations, intervention_hooks, logit_diff, save_heatmap, steer, steering_vector,
 )
 
 __all__ += [
     "Ablate", "Clamp", "GenerationComparison", "Metric", "Steer", "SteeringVector", "activation_patching",
     "answer_prob", "attribution_patching", "compare_generations", "intervention_hooks", "logit_diff",
-    "save_heatmap", "steering_vector",
+    "save_heatmap", "steer", "steering_vector",
 ]
 
 # Data: text corpora, packed contexts, activation streams (and their on-disk cache).
@@ -47,7 +47,11 @@ from .dictionaries import (  # noqa: E402
     CorruptDictionaryError, DictionaryConfig, DictionaryMetrics, SparseDictionary, TranscoderSet, evaluate_dictionary,
     load_dictionary, save_dictionary, train_sae, train_transcoders,
 )
+from .dictionaries import (  # noqa: E402  (cross-layer transcoders, circuit-tracer's layout)
+    CLTConfig, CrossLayerTranscoder, load_circuit_tracer, save_circuit_tracer, train_clt,
+)
 
+__all__ += ["CLTConfig", "CrossLayerTranscoder", "load_circuit_tracer", "save_circuit_tracer", "train_clt"]
 __all__ += [
     "CorruptDictionaryError", "DictionaryConfig", "DictionaryMetrics", "SparseDictionary", "TranscoderSet",
     "evaluate_dictionary", "load_dictionary", "save_dictionary", "train_sae", "train_transcoders",
@@ -56,11 +60,16 @@ __all__ += [
 # Feature analysis: dashboards, logit lens, labels, and search by concept, text and output token.
 from .analysis import (  # noqa: E402
     AutoExplainer, DictionaryAnalysis, DictionaryModelMismatchError, Explainer, FeatureDashboard, FeatureIndexError,
-    NotAnalyzedError, analyze, explain, open_dictionary,
+    NotAnalyzedError, analyze, explain, open_analysis,
 )
 from .search import EmptyQueryError  # noqa: E402
 
 __all__ += [
     "AutoExplainer", "DictionaryAnalysis", "DictionaryModelMismatchError", "EmptyQueryError", "Explainer",
-    "FeatureDashboard", "FeatureIndexError", "NotAnalyzedError", "analyze", "explain", "open_dictionary",
+    "FeatureDashboard", "FeatureIndexError", "NotAnalyzedError", "analyze", "explain", "open_analysis",
 ]
+
+# Attribution graphs: a prompt's path from tokens through transcoder features to its next token.
+from .attribution import AttributionGraph, attribute, feature_intervention, load_graph  # noqa: E402
+
+__all__ += ["AttributionGraph", "attribute", "feature_intervention", "load_graph"]

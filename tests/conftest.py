@@ -1,7 +1,18 @@
-"""Shared fixtures. The embedded models convert once into the data directory (about 40 s), then load in seconds."""
+"""Shared fixtures, test isolation and the test tiers.
+
+Isolation: the whole run uses a temporary data directory ($FEATURELENS_HOME, also seen by the subprocesses tests
+start) and the corpus copy in ../shared ($FEATURELENS_CORPUS): never the user's ~/.cache/featurelens, never npm or
+the network. What is slow to rebuild and depends only on the code and the pinned inputs (the converted embedded
+models, the trained fixture dictionary) is kept between runs in the repository's gitignored .test-cache/, linked
+into the temporary data directory.
+
+Tiers: tests that need an embedded model (converted on first use, about 40 s) or the trained fixture are marked
+`slow`, automatically when they use one of the fixtures below. `pytest -m "not slow"` runs in under a minute.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +20,37 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CORPUS = REPO.parent / "shared" / "data" / "nlp-corpus" / "sentences.jsonl.gz"
+TEST_CACHE = REPO / ".test-cache"  # gitignored
+CACHED_SUBDIRS = ("downloads", "models", "test-fixtures")  # data-directory parts kept between runs
+# Fixtures that load an embedded model or train a dictionary: a test using one (directly or through another
+# fixture) belongs to the slow tier.
+SLOW_FIXTURES = {"gemma", "smollm", "trained_sae", "analyzed"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_data_dir(tmp_path_factory):
+    """A temporary data directory and the shared corpus copy, for the whole run (subprocesses included)."""
+    from featurelens import paths
+    from featurelens.data import corpus
+
+    home = tmp_path_factory.mktemp("featurelens-home")
+    for sub in CACHED_SUBDIRS:
+        (TEST_CACHE / sub).mkdir(parents=True, exist_ok=True)
+        (home / sub).symlink_to(TEST_CACHE / sub, target_is_directory=True)
+    mp = pytest.MonkeyPatch()
+    mp.setenv(paths.ENV_VAR, str(home))
+    # Set even when the copy is missing: reading the corpus then fails naming the file, instead of going online.
+    mp.setenv(corpus.CORPUS_ENV_VAR, str(SHARED_CORPUS))
+    mp.setattr(paths, "_override", None)
+    assert paths.data_dir() == home
+    yield home
+    mp.undo()
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +71,7 @@ def smollm():
 @pytest.fixture(scope="session")
 def shared_corpus() -> Path:
     if not SHARED_CORPUS.is_file():
-        pytest.skip(f"shared corpus copy not found at {SHARED_CORPUS}")
+        pytest.fail(f"the corpus copy is missing: the tests expect it at {SHARED_CORPUS} (../shared beside the repo)")
     return SHARED_CORPUS
 
 
@@ -42,3 +84,8 @@ def sigint_default():
     before = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, before)
+
+
+def pytest_report_header(config):
+    return [f"featurelens test data: temporary directory per run; models cached in {TEST_CACHE}; "
+            f"corpus {SHARED_CORPUS}" + ("" if SHARED_CORPUS.is_file() else " (MISSING)")]

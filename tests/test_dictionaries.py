@@ -13,7 +13,7 @@ from featurelens.dictionaries import (
     CorruptDictionaryError, DictionaryConfig, Learner, SparseDictionary, TrainConfig, iterate_tensors,
     load_dictionary, reconstruction_metrics, run_training, save_dictionary,
 )
-from featurelens.dictionaries.kernels import SelectedEncode, sparse_decode
+from featurelens.dictionaries.autograd import SelectedEncode, sparse_decode
 from featurelens.dictionaries.training import lr_factor
 
 
@@ -119,6 +119,41 @@ def test_sparse_kernels_match_dense_autograd():
     params = [W_enc, b_enc, b_dec, W_dec]
     for g1, g2 in zip(torch.autograd.grad(dense, params), torch.autograd.grad(sparse, params)):
         assert torch.allclose(g1, g2, atol=1e-9)
+
+
+def test_bfloat16_selection_picks_the_float32_latents():
+    """Training may pick TopK latents with a bfloat16 encoder pass (fast on AVX512-BF16 / AMX CPUs), then compute
+    their values in float32. The choice must match float32's on almost every row, and where it does not, the
+    latents swapped must be near-ties at the k-th place (within bfloat16's rounding), not different features."""
+    from featurelens.dictionaries.training import encode_for_training
+
+    x, feats = sparse_data(n=4096, d=64, n_feat=128, k_true=4, seed=3)
+    x = x - x.mean(0)
+    x = x * (64 ** 0.5 / x.norm(dim=1).mean())  # training's units: mean norm sqrt(d_in)
+    g = torch.Generator().manual_seed(0)
+    width, k = 512, 16
+    W_enc = torch.cat([feats.T, 0.3 * torch.randn(64, width - 128, generator=g)], 1)  # [d_in, width]
+    b_enc = 0.1 * torch.randn(width, generator=g)
+    tcfg = TrainConfig(arch="topk", width=width, k=k)
+
+    def chosen(dtype):
+        enc = encode_for_training("topk", k, x, None, W_enc, b_enc, None, tcfg, dtype)
+        return torch.zeros(len(x), width, dtype=torch.bool).scatter_(1, enc.idx, True), enc
+
+    f32, _ = chosen(None)
+    bf16, enc = chosen(torch.bfloat16)
+    same_rows = (f32 == bf16).all(1).float().mean().item()
+    overlap = (f32 & bf16).sum().item() / f32.sum().item()
+    print(f"bfloat16 selection: identical latent sets on {same_rows:.1%} of rows, {overlap:.2%} of latents")
+    assert same_rows > 0.85 and overlap > 0.99  # seeded data: 91% and 99.5% here
+    pre = x @ W_enc + b_enc  # float32
+    kth = pre.topk(k, dim=1).values[:, -1:]  # [n, 1]
+    swapped_in = bf16 & ~f32
+    tol = 2 ** -7 * (x.abs() @ W_enc.abs() + b_enc.abs())  # bfloat16's rounding bound on each pre-activation
+    assert bool(((kth - pre).abs() <= 2 * tol)[swapped_in].all())
+    # the values of the chosen latents are float32's, not bfloat16's
+    vals = enc.acts.detach()
+    torch.testing.assert_close(vals, pre.gather(1, enc.idx).relu(), atol=1e-5, rtol=1e-5)
 
 
 def test_transcoder_with_skip_learns_linear_plus_sparse():
@@ -471,6 +506,49 @@ def test_bad_hook_and_sizes_on_gemma(gemma, tmp_path):
 
 
 @pytest.mark.slow
+def test_ctrl_c_in_train_sae_on_the_corpus_then_train_resume(gemma, tmp_path, monkeypatch, capsys, sigint_default):
+    """The real data path: train_sae streams the embedded corpus through the model; a real SIGINT arrives while the
+    model computes the activations; `featurelens train --resume` then finishes the same dictionary that an
+    uninterrupted run makes."""
+    import signal
+
+    from featurelens.cli import main
+    from featurelens.cli import train as cli_train
+
+    hook, steps, batch = "blocks.2.hook_resid_post", 6, 256
+    kw = dict(arch="topk", k=8, width=128, tokens=steps * batch, batch_size=batch)
+    ref = fl.train_sae(gemma, hook, out=tmp_path / "ref", progress=False, **kw)
+
+    forward_passes = 0
+
+    def ctrl_c(act, hook):  # Ctrl-C as a terminal sends it, in the middle of computing a batch of activations
+        nonlocal forward_passes
+        forward_passes += 1
+        if forward_passes == 1:
+            signal.raise_signal(signal.SIGINT)
+
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        with gemma.hooks(fwd_hooks=[(hook, ctrl_c)]):
+            fl.train_sae(gemma, hook, out=out, progress=False, **kw)
+    assert forward_passes >= 1
+    saved = sorted(p.name for p in (out / "checkpoints").glob("step-*.pt"))
+    assert len(saved) == 1 and not (out / "cfg.json").exists()  # the finished step was saved, nothing more
+    step = int(saved[0][len("step-"):-len(".pt")])
+    assert 1 <= step < steps
+
+    monkeypatch.setattr(cli_train, "_load_model", lambda name: gemma)
+    rc = main(["train", "-m", "gemma-3-270m", "--hook", hook, "-k", "8", "--width", "128", "--tokens",
+               str(steps * batch), "--batch-size", str(batch), "--out", str(out), "--resume"])
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err
+    assert f"resuming from step-{step:08d}.pt" in printed.out + printed.err
+    back = fl.load_dictionary(out)
+    for name, a in ref.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[name], a, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.slow
 def test_cli_train_and_eval(gemma, tmp_path, capsys):
     from featurelens.cli import main
 
@@ -485,3 +563,65 @@ def test_cli_train_and_eval(gemma, tmp_path, capsys):
     assert rc == 0 and metrics["eval_tokens"] == 1000 and metrics["l0"] <= 8 and "ce_loss_recovered" in metrics
     assert main(["train", "--hook", "blocks.2.hook_resid_post", "--k", "0", "--out", str(tmp_path / "z")]) == 2
     assert "k must be a positive integer" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------- splicing
+def _splice_dictionary(transcoder: bool = False, skip: bool = False, seed: int = 0) -> SparseDictionary:
+    kw = dict(transcoder=True, d_out=12, skip=skip, hook_name="blocks.1.ln2.hook_normalized",
+              hook_name_out="blocks.1.hook_mlp_out") if transcoder else dict(hook_name="blocks.1.hook_resid_post")
+    d = SparseDictionary(DictionaryConfig(d_in=10, d_sae=32, arch="relu", **kw))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in d.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return d
+
+
+def _run(hooks, acts):
+    """Call splice hooks as the engine would (in forward order), on activations {hook: [b, p, n]}."""
+    from types import SimpleNamespace
+
+    out = dict(acts)
+    for name, fn in hooks:
+        r = fn(out[name], SimpleNamespace(name=name, past=0, positions=None))
+        if r is not None:
+            out[name] = r
+    return out
+
+
+def test_splice_replaces_by_the_reconstruction_where_asked():
+    from featurelens.dictionaries import splice_hooks
+
+    d = _splice_dictionary()
+    x = torch.randn(2, 5, 10)
+    where = torch.ones(2, 5, dtype=torch.bool)
+    where[:, 0] = False  # e.g. BOS
+    with torch.no_grad():
+        y = _run(splice_hooks(d, keep_error=False, where=where), {d.hook_name: x})[d.hook_name]
+        torch.testing.assert_close(y[:, 1:], d(x[:, 1:]))
+    assert torch.equal(y[:, 0], x[:, 0])
+    assert torch.equal(_run(splice_hooks(d, keep_error=True), {d.hook_name: x})[d.hook_name], x)  # nothing to do
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_splice_with_an_edit_keeps_the_error_and_reads_a_transcoders_input(skip):
+    from featurelens.dictionaries import splice_hooks
+
+    tc = _splice_dictionary(transcoder=True, skip=skip)
+    x, y = torch.randn(2, 5, 10), torch.randn(2, 5, 12)
+
+    def edit(f):
+        f[..., 3], f[..., 7] = 4.0, 0.0
+        return f
+
+    with torch.no_grad():
+        f = tc.encode(x)
+        f_set = edit(f.clone())
+        out = _run(splice_hooks(tc, keep_error=True, edit=edit), {tc.hook_name: x, tc.hook_name_out: y})
+        assert torch.equal(out[tc.hook_name], x)  # the input hook is only read
+        # error kept: y' - decode(f') == y - decode(f)
+        torch.testing.assert_close(out[tc.hook_name_out] - tc.decode(f_set, x), y - tc.decode(f, x))
+        alone = _run(splice_hooks(tc, keep_error=False, edit=edit), {tc.hook_name: x, tc.hook_name_out: y})
+        torch.testing.assert_close(alone[tc.hook_name_out], tc.decode(f_set, x))
+    with pytest.raises(RuntimeError, match="did not run before"):
+        _run(splice_hooks(tc, keep_error=False)[1:], {tc.hook_name_out: y})

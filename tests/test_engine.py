@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import time
@@ -24,18 +25,46 @@ def _hf_from_gguf(gguf: Path):
     return AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
 
 
+@pytest.mark.slow  # loads the embedded models (by name, not through a fixture)
 @pytest.mark.parametrize("name,fixture", [("gemma-3-270m", "gemma"), ("smollm2-135m", "smollm")])
 def test_logits_match_transformers_on_same_weights(name, fixture, request):
-    """The oracle: transformers dequantizes the same GGUF file its own way and runs its own forward pass."""
+    """The oracle: transformers dequantizes the same GGUF file its own way and runs its own forward pass. Compared
+    on a left-padded batch (the first row unpadded) and on a sequence longer than Gemma 3's 512-token sliding window."""
     model = request.getfixturevalue(fixture)
     hf = _hf_from_gguf(EMBEDDED[name].locate())
-    tokens = model.to_tokens([TEXT, TEXT[:60]], padding_side="right")
+    rows = [model.encode(TEXT), model.encode(TEXT[:60])]
+    tokens, mask = model.pad(rows, side="left")
+    assert mask[1].sum() < mask[0].sum() == tokens.shape[1]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # transformers counts positions from the first real token only if told
     with torch.inference_mode():
-        ours = model(tokens[:1])
-        theirs = hf(tokens[:1]).logits
+        ours = model(tokens, attention_mask=mask)
+        theirs = hf(tokens, attention_mask=mask, position_ids=positions).logits
+    real = mask.bool()
+    assert ours.shape == (2, tokens.shape[1], model.cfg.d_vocab)
+    diff = (ours - theirs)[real].abs().max().item()
+    assert diff < 1e-3, f"{name}: max abs logit difference on the padded batch {diff}"
+
+    window = model.cfg.sliding_window or 512
+    n = window + 100
+    body = rows[0][1:] * (n // len(rows[0]) + 1)
+    long = torch.tensor([rows[0][:1] + body[: n - 1]])  # BOS, then the text over and over
+    tail = n - window  # the positions whose sliding window cuts off the start
+    last_logits = lambda: model.unembed(model(long, stop_at_layer=model.cfg.n_layers)[:, -tail:])  # noqa: E731
+    with torch.inference_mode():
+        ours, theirs = last_logits(), hf(long, logits_to_keep=tail).logits
+    assert ours.shape == theirs.shape == (1, tail, model.cfg.d_vocab)
     diff = (ours - theirs).abs().max().item()
-    assert diff < 1e-3, f"{name}: max abs logit difference {diff}"
-    assert ours.shape == (1, tokens.shape[1], model.cfg.d_vocab)
+    assert diff < 1e-3, f"{name}: max abs logit difference on {n} tokens {diff}"
+    sliding = [b.attn for b in model.blocks if b.attn.window is not None]
+    if sliding:  # the window binds: without it the same comparison fails, so the check above can tell
+        try:
+            for attn in sliding:
+                attn.window = None
+            with torch.inference_mode():
+                assert (last_logits() - theirs).abs().max() > 1e-2
+        finally:
+            for attn in sliding:
+                attn.window = window
 
 
 def test_gemma_answers_paris(gemma):
@@ -69,6 +98,22 @@ def test_run_with_cache_indexing_and_shapes(gemma):
     torch.testing.assert_close(full["resid_pre", 5], full["resid_post", 4])
     with pytest.raises(KeyError, match="not cached"):
         cache["blocks.3.hook_mlp_out"]
+
+
+def test_docstring_examples_are_what_the_model_prints(gemma):
+    """Every example in the HookedTransformer and hook-spec docstrings runs, and prints what the docstring says."""
+    import doctest
+
+    from featurelens.engine import hooked, hookspec
+
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    n_examples = 0
+    for module in (hooked, hookspec):
+        for test in doctest.DocTestFinder().find(module, globs={"fl": fl, "torch": torch, "model": gemma}):
+            n_examples += len(test.examples)
+            runner.run(test)
+    assert runner.summarize(verbose=False).failed == 0
+    assert n_examples >= 15
 
 
 def test_stop_at_layer_computes_nothing_later(gemma):
@@ -207,12 +252,149 @@ def test_cached_load_is_fast(gemma):
     assert time.process_time() - t0 < 5.0
 
 
+@pytest.mark.slow  # loads the embedded models (by name, not through a fixture)
 def test_cli_next_token_and_errors():
     run = lambda *a: subprocess.run([sys.executable, "-m", "featurelens", *a], capture_output=True, text=True, timeout=300)  # noqa: E731
-    ok = run("next-token", "-m", "gemma-3-270m", "The Eiffel Tower is located in the city of", "--json", "-k", "3")
+    ok = run("next-token", "-m", "gemma-3-270m", "The Eiffel Tower is located in the city of", "--json", "-n", "3")
     assert ok.returncode == 0, ok.stderr
     assert '" Paris"' in ok.stdout
     bad = run("generate", "-m", "nope", "hi")
     assert bad.returncode == 2 and "Known names" in bad.stderr and "Traceback" not in bad.stderr
     empty = run("generate", "")
     assert empty.returncode == 2 and "empty prompt" in empty.stderr
+
+
+# --------------------------------------------------------------------------- GGUF metadata and the model cache
+# Small synthetic files only: nothing here converts a real model.
+
+
+def _write_gguf(path: Path, rope_base: object = 5000.0) -> Path:
+    import numpy as np
+    from gguf import GGUFWriter
+
+    w = GGUFWriter(str(path), "llama")
+    w.add_uint32("llama.block_count", 1)
+    w.add_uint32("llama.embedding_length", 8)
+    w.add_uint32("llama.feed_forward_length", 16)
+    w.add_uint32("llama.attention.head_count", 2)
+    if isinstance(rope_base, str):
+        w.add_string("llama.rope.freq_base", rope_base)
+    else:
+        w.add_float32("llama.rope.freq_base", rope_base)
+    w.add_tensor("token_embd.weight", np.ones((32, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_gguf_field_that_cannot_be_read_names_the_key(tmp_path):
+    from featurelens.models.gguf import _field, gguf_to_hf, open_gguf
+
+    good = _write_gguf(tmp_path / "good.gguf")
+    hf, _ = gguf_to_hf(good)
+    assert hf["rope_theta"] == 5000.0 and hf["num_hidden_layers"] == 1
+    reader = open_gguf(good)
+    assert _field(reader, "llama.rope.scale_linear", 1.0, number=True) == 1.0  # absent optional key: the default
+
+    # present but of the wrong kind: an error naming the key, never the default base of 1e4
+    bad = _write_gguf(tmp_path / "bad.gguf", rope_base="ten thousand")
+    with pytest.raises(fl.CorruptFileError, match=r"llama\.rope\.freq_base.*should be a number"):
+        gguf_to_hf(bad)
+
+    class Unreadable:  # a field whose bytes do not decode
+        def contents(self):
+            raise IndexError("index 7 is out of bounds")
+
+    reader.fields["llama.rope.freq_base"] = Unreadable()
+    with pytest.raises(fl.CorruptFileError, match=r"good\.gguf.*'llama\.rope\.freq_base' cannot be read"):
+        _field(reader, "llama.rope.freq_base", 10_000.0, number=True)
+
+
+def _tiny_cache(d: Path, source_id: str, fmt: int | None = None) -> fl.HookedTransformer:
+    """A converted-model cache as _convert_gguf writes it (without the tokenizer), of a tiny random model."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from featurelens.models.loader import CACHE_FORMAT
+
+    cfg = fl.ModelConfig(architecture="llama", n_layers=1, d_model=8, n_heads=2, n_kv_heads=1, d_head=4, d_mlp=16,
+                         d_vocab=32)
+    model = fl.HookedTransformer(cfg)
+    g = torch.Generator().manual_seed(len(source_id))
+    for p in model.parameters():
+        p.data = torch.randn(p.shape, generator=g)
+    d.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "model.safetensors"))
+    meta = {"format": CACHE_FORMAT if fmt is None else fmt, "source": "src.gguf", "source_id": source_id,
+            "config": cfg.to_dict()}
+    (d / "config.json").write_text(json.dumps(meta))
+    return model
+
+
+def test_stale_or_foreign_cache_is_converted_again(tmp_path, monkeypatch, capsys):
+    from featurelens.models import loader
+
+    monkeypatch.setenv("FEATURELENS_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(loader, "_load_tokenizer", lambda path: None)
+    src = tmp_path / "src.gguf"
+    src.write_bytes(b"GGUF" + bytes(range(256)) * 8)
+    conversions: list[str] = []
+
+    def convert(name, gguf_path, source_id, progress=True):  # stands in for dequantizing a real GGUF file
+        conversions.append(source_id)
+        d = loader.cache_dir_for(name)
+        shutil.rmtree(d, ignore_errors=True)
+        _tiny_cache(d, source_id)
+        return d
+
+    monkeypatch.setattr(loader, "_convert_gguf", convert)
+    load = lambda: loader._load_cached("tiny", lambda: src, lambda: loader.source_fingerprint(src), torch.float32, None)  # noqa: E731
+    tokens = torch.tensor([[1, 2, 3]])
+    d = loader.cache_dir_for("tiny")
+
+    current = _tiny_cache(d, loader.source_fingerprint(src))
+    torch.testing.assert_close(load()(tokens), current(tokens))  # a current cache is used as it is
+    assert conversions == []
+
+    src.write_bytes(b"GGUF" + bytes(reversed(range(256))) * 8)  # same size, other content: a foreign cache
+    load()
+    assert conversions == [loader.source_fingerprint(src)]
+    assert f"{d} was converted from another file" in capsys.readouterr().out
+    load()
+    assert len(conversions) == 1  # the rebuilt cache is current
+
+    _tiny_cache(d, loader.source_fingerprint(src), fmt=1)  # an older cache format: converted again too
+    load()
+    assert len(conversions) == 2 and "cache format 1" in capsys.readouterr().out
+
+    (d / "config.json").write_text("{not json")  # unreadable: refused, naming the directory, and left alone
+    with pytest.raises(fl.CorruptFileError, match=f"delete {d}"):
+        load()
+    assert len(conversions) == 2 and (d / "config.json").read_text() == "{not json"
+
+
+def test_failed_conversion_leaves_no_temporary_directory(tmp_path, monkeypatch):
+    from featurelens.models import loader
+
+    monkeypatch.setenv("FEATURELENS_HOME", str(tmp_path / "home"))
+    models = loader.cache_dir_for("x").parent
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 64)  # right magic bytes, nothing else
+    slug = f"bad-{bad.stat().st_size}"
+    orphan = models / f".{slug}.tmp-{2**22 + 1}"  # left by a conversion whose process was killed (no such pid)
+    orphan.mkdir()
+    with pytest.raises(fl.CorruptFileError, match="bad.gguf"):
+        fl.load_model(str(bad))
+    assert list(models.iterdir()) == []
+
+    def interrupted(hf):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loader, "config_from_hf", interrupted)  # Ctrl-C in the middle of a conversion
+    good = _write_gguf(tmp_path / "good.gguf")
+    with pytest.raises(KeyboardInterrupt):
+        fl.load_model(str(good))
+    assert list(models.iterdir()) == []

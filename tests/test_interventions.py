@@ -66,15 +66,15 @@ def test_feature_logit_lens_promotes_its_token(gemma, sae, paris):
 
 def test_steering_raises_and_ablation_lowers_next_token_probability(gemma, sae, paris):
     p0 = next_prob(gemma, PROMPT, paris)
-    with gemma.steer(sae, {0: 20.0}):  # relative: 20 x the stored max activation 200 along the direction
+    with fl.steer(gemma, sae, {0: 20.0}):  # relative: 20 x the stored max activation 200 along the direction
         p_steer = next_prob(gemma, PROMPT, paris)
-    with gemma.steer([fl.Ablate(sae, 0)]):
+    with fl.steer(gemma, [fl.Ablate(sae, 0)]):
         p_ablate = next_prob(gemma, PROMPT, paris)
     print(f"P(' Paris'): default {p0:.4f}, steered {p_steer:.4f}, ablated {p_ablate:.6f}")
     assert 0.02 < p0 < 0.5
     assert p_steer > p0 + 0.2 and p_steer > 2 * p0
     assert p_ablate < p0 / 10
-    with gemma.steer(sae, {0: -20.0}):  # a negative strength suppresses
+    with fl.steer(gemma, sae, {0: -20.0}):  # a negative strength suppresses
         assert next_prob(gemma, PROMPT, paris) < p0 / 10
     assert next_prob(gemma, PROMPT, paris) == pytest.approx(p0, rel=1e-5)  # hooks are gone after the block
 
@@ -94,7 +94,7 @@ def test_relative_and_absolute_strength(sae):
 def test_clamp_keeps_the_reconstruction_error(gemma, sae):
     with torch.inference_mode():
         _, cache = gemma.run_with_cache(PROMPT, names_filter=HOOK, stop_at_layer=13)
-        with gemma.steer([fl.Clamp(sae, 3, 50.0), fl.Clamp(sae, 5, 0.0)]):
+        with fl.steer(gemma, [fl.Clamp(sae, {3: 50.0, 5: 0.0})]):  # both from one encoding
             _, clamped = gemma.run_with_cache(PROMPT, names_filter=HOOK, stop_at_layer=13)
     x, y = cache[HOOK][0], clamped[HOOK][0]
     f = sae.encode(x)
@@ -103,7 +103,7 @@ def test_clamp_keeps_the_reconstruction_error(gemma, sae):
     err_before = x - sae.decode(f)
     err_after = y - sae.decode(f_set)
     torch.testing.assert_close(err_after, err_before, atol=1e-2, rtol=1e-5)  # activations are ~1e4 in size
-    with torch.inference_mode(), gemma.steer([fl.Clamp(sae, 3, 50.0)]):
+    with torch.inference_mode(), fl.steer(gemma, [fl.Clamp(sae, 3, 50.0)]):
         _, single = gemma.run_with_cache(PROMPT, names_filter=HOOK, stop_at_layer=13)
     # With a tied unit-norm encoder a single clamped feature reads back exactly where it was active (where it
     # was not, the ReLU hid a negative pre-activation that the encoder sees again); two non-orthogonal ones would not.
@@ -118,7 +118,7 @@ def test_generation_interventions_and_positions(gemma, sae, paris):
     default = gemma.generate(PROMPT, **kw)
     steered = gemma.generate(PROMPT, interventions=[fl.Steer(sae, 0, 60.0)], **kw)
     assert steered.startswith(" Paris") and steered.count("Paris") >= 2 and steered != default
-    with gemma.steer(sae, {0: 60.0}, positions="generated"):
+    with fl.steer(gemma, sae, {0: 60.0}, positions="generated"):
         late = gemma.generate(PROMPT, **kw)
     # the first new token is predicted at the prompt's last position, which "generated" leaves alone
     first_default = gemma.to_str_tokens(default, prepend_bos=False)[0]
@@ -127,9 +127,9 @@ def test_generation_interventions_and_positions(gemma, sae, paris):
     # explicit token positions: only the last prompt position matters for the next token
     last = gemma.to_tokens(PROMPT).shape[1] - 1
     p0 = next_prob(gemma, PROMPT, paris)
-    with gemma.steer(sae, {0: 20.0}, positions=[last]):
+    with fl.steer(gemma, sae, {0: 20.0}, positions=[last]):
         assert next_prob(gemma, PROMPT, paris) > p0 + 0.2
-    with gemma.steer(sae, {0: 20.0}, positions=[1]):
+    with fl.steer(gemma, sae, {0: 20.0}, positions=[1]):
         assert abs(next_prob(gemma, PROMPT, paris) - p0) < 0.1
     batch = gemma.generate([PROMPT, "Hello"], interventions=[fl.Steer(sae, 0, 60.0)], **kw)  # left-padded batch
     assert all(text.startswith(" Paris") for text in batch)
@@ -155,14 +155,14 @@ def test_steering_vector_is_a_difference_of_means(gemma, paris):
     mean_vec = fl.steering_vector(gemma, a, b, hook)  # mean over positions (BOS left out)
     assert mean_vec.vector.shape == vec.vector.shape and not torch.allclose(mean_vec.vector, vec.vector)
     p0 = next_prob(gemma, "My favourite city is", paris)
-    with gemma.steer(vec, 2.0):
+    with fl.steer(gemma, vec, 2.0):
         assert next_prob(gemma, "My favourite city is", paris) > p0
 
 
 # --------------------------------------------------------------------------- the real SparseDictionary
 @pytest.fixture(scope="module")
 def real_sae(sae):
-    dicts = pytest.importorskip("featurelens.dictionaries")
+    import featurelens.dictionaries as dicts
     cfg = dicts.DictionaryConfig(d_in=640, d_sae=16, arch="relu", hook_name=HOOK, model_name="gemma-3-270m")
     real = dicts.SparseDictionary(cfg)
     with torch.no_grad():
@@ -175,14 +175,14 @@ def real_sae(sae):
 
 def test_real_dictionary_steers_like_the_stand_in(gemma, sae, real_sae, paris):
     for make in (lambda d: fl.Steer(d, 0, 4000.0, mode="absolute"), lambda d: fl.Ablate(d, 0)):
-        with gemma.steer([make(sae)]):
+        with fl.steer(gemma, [make(sae)]):
             want = next_prob(gemma, PROMPT, paris)
-        with gemma.steer([make(real_sae)]):
+        with fl.steer(gemma, [make(real_sae)]):
             assert next_prob(gemma, PROMPT, paris) == pytest.approx(want, rel=1e-3, abs=1e-6)
 
 
 def test_transcoder_clamp_reads_input_and_writes_output(gemma):
-    dicts = pytest.importorskip("featurelens.dictionaries")
+    import featurelens.dictionaries as dicts
     read, write = "blocks.5.ln2.hook_normalized", "blocks.5.hook_mlp_out"
     cfg = dicts.DictionaryConfig(d_in=640, d_sae=8, arch="relu", transcoder=True, hook_name=read,
                                  hook_name_out=write, model_name="gemma-3-270m")
@@ -191,7 +191,7 @@ def test_transcoder_clamp_reads_input_and_writes_output(gemma):
         tc.b_enc.fill_(0.5)  # some features fire
     with torch.inference_mode():
         _, base = gemma.run_with_cache(PROMPT, names_filter=[read, write], stop_at_layer=6)
-        with gemma.steer([fl.Clamp(tc, 2, 5.0), fl.Steer(tc, 1, 3.0, mode="absolute")]):
+        with fl.steer(gemma, [fl.Clamp(tc, 2, 5.0), fl.Steer(tc, 1, 3.0, mode="absolute")]):
             _, moved = gemma.run_with_cache(PROMPT, names_filter=[read, write], stop_at_layer=6)
         f2 = tc.encode(base[read])[..., 2]
     torch.testing.assert_close(moved[read], base[read])  # the input hook is only read
@@ -236,8 +236,17 @@ def test_resid_pre_grid_and_attribution_correlation(gemma, resid_grids):
     # the last layer's resid_pre at the last position gets most but not all back (its attention reads the corrupt tokens)
     recovered = (float(exact[-1, -1]) - corrupt_ld) / (clean_ld - corrupt_ld)
     assert 0.9 < recovered < 1.0 + 1e-3
-    r = float(torch.corrcoef(torch.stack([exact.flatten(), approx.flatten()]))[0, 1])
-    print(f"attribution vs activation patching (resid_pre, {exact.numel()} cells): Pearson r = {r:.3f}")
+    # The comparison is over the cells where the prompts' activations differ: elsewhere both methods give the corrupt
+    # value exactly, and those free agreements would inflate the correlation.
+    names = [f"blocks.{layer}.hook_resid_pre" for layer in range(gemma.cfg.n_layers)]
+    with torch.inference_mode():
+        caches = [gemma.run_with_cache(p, names_filter=names)[1] for p in (CLEAN, CORRUPT)]
+    differ = torch.stack([(caches[0][n][0] - caches[1][n][0]).norm(dim=-1) > 1e-4 for n in names])  # [layers, pos]
+    assert not differ[:, :2].any() and differ[:, 2:].any(0).all()  # before the first differing token: identical
+    assert int(differ.sum()) >= exact.numel() // 2
+    r = float(torch.corrcoef(torch.stack([exact[differ], approx[differ]]))[0, 1])
+    print(f"attribution vs activation patching (resid_pre, {int(differ.sum())} cells where the prompts differ): "
+          f"Pearson r = {r:.3f}")
     assert r > 0.8
 
 
@@ -312,13 +321,14 @@ def test_bad_inputs(gemma, sae):
     with pytest.raises(ValueError, match="made for model 'smollm2-135m'"):
         gemma.generate(PROMPT, max_new_tokens=1, interventions=[fl.Ablate(other_model, 0)])
     with pytest.raises(fl.UnknownHookError):
-        with gemma.steer(ToyDictionary(sae.W_dec.clone(), "blocks.40.hook_resid_post"), {0: 1.0}, mode="absolute"):
+        with fl.steer(gemma, ToyDictionary(sae.W_dec.clone(), "blocks.40.hook_resid_post"), {0: 1.0},
+                      mode="absolute"):
             pass
     with pytest.raises(ValueError, match="writes to blocks.12.hook_resid_post"):
         fl.Steer(sae, 0, 1.0, hook="blocks.3.hook_resid_post")
     wrong_width = ToyDictionary(torch.randn(4, 640), "blocks.3.attn.hook_z")  # z is 4 heads x 256 = 1024 wide
     with pytest.raises(ValueError, match="width 640.*width 1024"):
-        with gemma.steer(wrong_width, {0: 1.0}, mode="absolute"):
+        with fl.steer(gemma, wrong_width, {0: 1.0}, mode="absolute"):
             gemma("Hi")
     with pytest.raises(ValueError, match=r"same number of tokens(.|\n)*'osseum'(.|\n)*' Louvre'"):
         fl.activation_patching(gemma, "The Colosseum is in", "The Louvre is in", fl.logit_diff(" Paris", " Rome"))
@@ -346,17 +356,6 @@ def test_cli_patch_writes_png_and_json(gemma, tmp_path, monkeypatch, capsys):
     assert rc == 2 and "same number of tokens" in capsys.readouterr().err
 
 
-def test_cli_steer_rejects_bad_specs(capsys):
-    from featurelens.cli import main
-
-    assert main(["steer", "Hello", "--dict", "nowhere", "--feature", "12:lots"]) == 2
-    assert "strength 'lots' is not a number" in capsys.readouterr().err
-    assert main(["steer", "Hello", "--dict", "nowhere", "--feature", "12"]) == 2
-    assert "expected IDX:STRENGTH" in capsys.readouterr().err
-    assert main(["steer", "Hello", "--dict", "nowhere"]) == 2
-    assert "nothing to do" in capsys.readouterr().err
-
-
 def test_cli_steer_end_to_end(gemma, real_sae, tmp_path, monkeypatch, capsys):
     from featurelens.cli import interventions as cli_int
     from featurelens.cli import main
@@ -364,18 +363,18 @@ def test_cli_steer_end_to_end(gemma, real_sae, tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(cli_int, "_load_model", lambda args: gemma)
     path = save_dictionary(real_sae, tmp_path / "sae", stats={"max_activation": [200.0] + [10.0] * 15})
-    rc = main(["steer", PROMPT, "--dict", str(path), "--feature", "0:+20", "--ablate", "3", "--max-new-tokens", "3",
+    rc = main(["steer", str(path), PROMPT, "--feature", "0:+20", "--ablate", "3", "--max-new-tokens", "3",
                "--temperature", "0", "--json"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     assert out["steered"].startswith(" Paris") and out["default"] != out["steered"]
     assert "x max act 200" in out["interventions"][0]
-    assert main(["steer", PROMPT, "--dict", str(path), "--feature", "99:+2"]) == 2
+    assert main(["steer", str(path), PROMPT, "--feature", "99:+2"]) == 2
     assert "feature 99 is out of range" in capsys.readouterr().err
     real_sae.cfg.model_name = "smollm2-135m"
     try:
         other = save_dictionary(real_sae, tmp_path / "other")
     finally:
         real_sae.cfg.model_name = "gemma-3-270m"
-    assert main(["steer", PROMPT, "--dict", str(other), "--feature", "0:+2", "--mode", "absolute"]) == 2
+    assert main(["steer", str(other), PROMPT, "--feature", "0:+2", "--mode", "absolute"]) == 2
     assert "made for model 'smollm2-135m'" in capsys.readouterr().err

@@ -3,18 +3,25 @@ features), automatic labels, and the analyzed dictionary you open to read them.
 
 >>> import featurelens as fl
 >>> fl.analyze(model, "~/sae-l6")                 # resumable, with progress bars
->>> fd = fl.open_dictionary("~/sae-l6")
+>>> fd = fl.open_analysis("~/sae-l6")
 >>> fd.feature(1234)                              # FeatureDashboard: HTML in Jupyter, .to_html("f.html")
 >>> fd.search("film review"); fd.search_text("The Eiffel Tower is in Paris"); fd.search_promotes(" Paris")
+
+Modules: `build` (`analyze`, the stage machine) with its stages `contexts`, `stream`, `finalize` and `explain`
+(labels); `results` (`open_analysis`, `DictionaryAnalysis`); `accumulate` (streaming statistics); `dashboard`.
 """
 
+from ..dictionaries.compat import DictionaryModelMismatchError, check_compatible
+from ..dictionaries.logit_lens import logit_lens_weights
+from ..dictionaries.sae import FeatureIndexError
 from .accumulate import Accumulator, AccumulatorConfig
+from .build import analyze
 from .dashboard import FeatureDashboard, TokenExample
-from .explain import AutoExplainer, Example, Explainer, FeatureEvidence, explain
-from .open import DictionaryAnalysis, FeatureIndexError, NotAnalyzedError, open_dictionary
-from .run import AnalysisTimings, DictionaryModelMismatchError, analyze, check_compatible, logit_lens_weights
+from .explain import AutoExplainer, Example, Explainer, FeatureEvidence
+from .results import DictionaryAnalysis, NotAnalyzedError, explain, open_analysis
+from .timings import AnalysisTimings
 
 __all__ = ["Accumulator", "AccumulatorConfig", "AnalysisTimings", "AutoExplainer", "DictionaryAnalysis",
            "DictionaryModelMismatchError", "Example", "Explainer", "FeatureDashboard", "FeatureEvidence",
            "FeatureIndexError", "NotAnalyzedError", "TokenExample", "analyze", "check_compatible", "explain",
-           "logit_lens_weights", "open_dictionary"]
+           "logit_lens_weights", "open_analysis"]

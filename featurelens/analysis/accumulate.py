@@ -23,6 +23,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from ..engine.errors import InputError
 
 
 @dataclass
@@ -87,7 +88,7 @@ class Accumulator:
         cfg = self.cfg
         B, T, d = acts.shape
         if d != cfg.d_sae:
-            raise ValueError(f"activations have {d} features, the accumulator {cfg.d_sae}")
+            raise InputError(f"activations have {d} features, the accumulator {cfg.d_sae}")
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.n_batches))
         acts.masked_fill_(~valid[..., None], 0.0)
         flat = acts.view(B * T, d)
@@ -223,7 +224,7 @@ class Accumulator:
             cur = getattr(self, k)
             v = state[k]
             if v.shape != cur.shape:
-                raise ValueError(f"saved state {k} has shape {tuple(v.shape)}, expected {tuple(cur.shape)}")
+                raise InputError(f"saved state {k} has shape {tuple(v.shape)}, expected {tuple(cur.shape)}")
             setattr(self, k, v.to(cur.dtype).clone())
         if self.cofire is not None:
             self.cofire.zero_()

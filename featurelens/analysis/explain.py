@@ -24,22 +24,12 @@ import sys
 from abc import ABC, abstractmethod
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 from ..store import FeatureStore
+from ..text import STOPWORDS
 
 _WORD = re.compile(r"[A-Za-z][A-Za-z'\-]{1,}")
-STOPWORDS = frozenset("""
-a about above after again against all also am an and any are aren't as at be because been before being below between
-both but by can can't cannot could couldn't did didn't do does doesn't doing don't down during each few for from further
-had hadn't has hasn't have haven't having he he'd he'll he's her here here's hers herself him himself his how how's i i'd
-i'll i'm i've if in into is isn't it it's its itself just let's me more most mustn't my myself no nor not now of off on
-once only or other ought our ours ourselves out over own same shan't she she'd she'll she's should shouldn't so some such
-than that that's the their theirs them themselves then there there's these they they'd they'll they're they've this
-those through to too under until up us very was wasn't we we'd we'll we're we've were weren't what what's when when's
-where where's which while who who's whom why why's will with won't would wouldn't you you'd you'll you're you've your
-yours yourself yourselves s t d ll re ve m o y one two get got like just also would could much many well even still
-""".split())
 
 
 @dataclass
@@ -239,12 +229,3 @@ def explain_store(store: FeatureStore, explainer: Explainer, features: Iterable[
         bar.update(len(part))
     bar.close()
     return n
-
-
-def explain(analysis: Any, explainer: Explainer | None = None, features: Iterable[int] | None = None,
-            progress: bool = True) -> int:
-    """Label the features of an analyzed dictionary (a path or a DictionaryAnalysis) with `explainer`."""
-    from .open import open_dictionary
-
-    a = analysis if hasattr(analysis, "store") else open_dictionary(analysis)
-    return explain_store(a.store, explainer or AutoExplainer(), features, progress=progress)

@@ -1,15 +1,22 @@
-"""The `featurelens` command line. Each subcommand lives in its own module and registers itself here."""
+"""The `featurelens` command line. Each subcommand lives in its own module and registers itself here.
+
+Errors: featurelens's own errors (`featurelens.errors.FeaturelensError` and its subclasses: an unknown model or hook,
+a corrupt file, a bad feature index, ...) print as one line and exit with status 2. Anything else is a bug: its
+traceback is shown (exit status 1). `--debug` shows the traceback of every error.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from typing import Callable
 
 from .. import paths
+from ..errors import FeaturelensError
 
 # Modules that define `register(subparsers)`; each adds its subcommands with a `func(args) -> int` default.
-_COMMAND_MODULES = ("models", "interventions", "train", "analysis")
+_COMMAND_MODULES = ("models", "interventions", "train", "analysis", "serve", "graph")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="featurelens", description="Offline mechanistic interpretability.")
     parser.add_argument("--data-dir", help=f"where artifacts live (default ${paths.ENV_VAR} or ~/.cache/featurelens)")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of every error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for mod in _COMMAND_MODULES:
         importlib.import_module(f"{__name__}.{mod}").register(sub)
@@ -24,8 +32,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit status (0 ok, 1 a bug, 2 bad input or usage, 130 interrupted).
+
+    >>> main(["next-token", "The capital of France is", "-n", "3"])  # doctest: +SKIP
+    0
+    """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse already printed the usage error (or --help)
+        return e.code if isinstance(e.code, int) else 2
     if args.data_dir:
         paths.set_data_dir(args.data_dir)
     func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
@@ -35,13 +51,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return func(args) or 0
     except KeyboardInterrupt:
+        if args.debug:
+            traceback.print_exc()
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, KeyError, FileNotFoundError, TypeError) as e:
-        # User errors (unknown model, bad hook, empty prompt, corrupt file): one clear line, no traceback.
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"featurelens: error: {msg}", file=sys.stderr)
+    except FeaturelensError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"featurelens: error: {e}", file=sys.stderr)
         return 2
+    except Exception:
+        traceback.print_exc()
+        print("featurelens: this is a bug in featurelens (the traceback above says where); please report it",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

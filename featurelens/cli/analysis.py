@@ -7,6 +7,9 @@ import json
 import sys
 from dataclasses import asdict
 
+from ..errors import InputError
+from .train import _int
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("analyze", help="build dashboards, labels and the search index for every feature of a dictionary",
@@ -16,9 +19,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "again after an interruption.")
     p.add_argument("path", help="the dictionary directory (SAELens layout: cfg.json + sae_weights.safetensors)")
     p.add_argument("-m", "--model", default=None, help="the model (default: the one the dictionary was trained on)")
-    p.add_argument("--source", default=None, help="text source (default: the embedded corpus nlp-corpus; a .txt, "
-                                                   ".jsonl or .parquet file, or hf:name)")
-    p.add_argument("--n-tokens", type=int, default=500_000, help="tokens to read (default 500,000)")
+    p.add_argument("--corpus", default=None, help="text source (default: the embedded corpus nlp-corpus, or the "
+                                                   "file in $FEATURELENS_CORPUS; a .txt, .jsonl or .parquet file, or "
+                                                   "hf:name)")
+    p.add_argument("--tokens", type=_int, default=500_000, help="tokens to read (default 500k)")
     p.add_argument("--batch-size", type=int, default=16, help="contexts per forward pass (default 16)")
     p.add_argument("--ctx-len", type=int, default=128, help="tokens per context (default 128)")
     p.add_argument("--split", default="test", choices=["test", "train", "all"], help="corpus split (default test)")
@@ -38,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text", default=None, help="features that fire on this text")
     p.add_argument("--promotes", default=None, metavar="TOKEN", help="features that push this output token up, e.g. "
                                                                     "' Paris' (mind the leading space)")
-    p.add_argument("-k", "--top", type=int, default=10, help="how many features (default 10)")
+    p.add_argument("-n", "--rows", type=int, default=10, help="how many features to list (default 10)")
     p.add_argument("--method", default="auto", choices=["auto", "embedding", "lexical"],
                    help="concept search: sentence embeddings (auto when installed) or lexical BM25")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -56,18 +60,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     from ..analysis import analyze
-    from ..analysis.run import resolve_dictionary
+    from ..dictionaries.compat import resolve_dictionary
     from ..models.loader import load_model
 
     sae, path = resolve_dictionary(args.path)
     name = args.model or getattr(sae.cfg, "model_name", "")
     if not name:
-        raise ValueError("the dictionary does not say which model it was trained on; pass --model")
+        raise InputError("the dictionary does not say which model it was trained on; pass --model")
     model = load_model(name, device=args.device)
     if args.device:
         sae = sae.to(args.device)
     sae.source = path
-    result = analyze(model, sae, args.source, n_tokens=args.n_tokens,
+    result = analyze(model, sae, args.corpus, n_tokens=args.tokens,
                      batch_size=args.batch_size, ctx_len=args.ctx_len, split=args.split, out=args.out,
                      overwrite=args.overwrite, embed=not args.no_embed, checkpoint_every=args.checkpoint_every)
     print(result)
@@ -88,17 +92,17 @@ def _short(s: str, n: int = 110) -> str:
 def cmd_search(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from ..analysis import open_dictionary
+    from ..analysis import open_analysis
 
     modes = [m for m in (args.query is not None, args.text is not None, args.promotes is not None) if m]
     if len(modes) != 1:
-        raise ValueError('give exactly one of: a query ("legal document"), --text TEXT, or --promotes TOKEN')
-    if args.top <= 0:
-        raise ValueError(f"-k must be positive, got {args.top}")
-    fd = open_dictionary(args.path)
+        raise InputError('give exactly one of: a query ("legal document"), --text TEXT, or --promotes TOKEN')
+    if args.rows <= 0:
+        raise InputError(f"--rows must be positive, got {args.rows}")
+    fd = open_analysis(args.path)
     console = _console()
     if args.query is not None:
-        hits = fd.search(args.query, k=args.top, method=args.method)
+        hits = fd.search(args.query, k=args.rows, method=args.method)
         if args.json:
             print(json.dumps([asdict(h) for h in hits], indent=2))
             return 0
@@ -115,7 +119,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             console.print("no matching features")
         return 0
     if args.text is not None:
-        res = fd.search_text(args.text, k=args.top)
+        res = fd.search_text(args.text, k=args.rows)
         if args.json:
             print(json.dumps({"tokens": res.tokens, "overall": [asdict(h) for h in res.overall],
                               "per_token": res.per_token}, indent=2))
@@ -135,7 +139,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                                             for f, a, _, l in row[:3]))
         console.print(pt)
         return 0
-    hits = fd.search_promotes(args.promotes, k=args.top)
+    hits = fd.search_promotes(args.promotes, k=args.rows)
     if args.json:
         print(json.dumps([asdict(h) for h in hits], indent=2))
         return 0
@@ -149,12 +153,12 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_feature(args: argparse.Namespace) -> int:
-    from ..analysis import open_dictionary
+    from ..analysis import open_analysis
 
-    fd = open_dictionary(args.path)
+    fd = open_analysis(args.path)
     idx = fd.check_index(args.index)
     if args.set_label is not None and args.clear_label:
-        raise ValueError("give --set-label or --clear-label, not both")
+        raise InputError("give --set-label or --clear-label, not both")
     if args.set_label is not None:
         fd.set_label(idx, args.set_label)
     elif args.clear_label:

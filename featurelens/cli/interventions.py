@@ -10,6 +10,7 @@ import time
 from rich.console import Console
 from rich.table import Table
 
+from ..errors import InputError
 from ..paths import sub_dir
 
 
@@ -18,9 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("steer", help="generate with features steered, clamped or ablated, next to the default output")
     _model_args(p)
+    p.add_argument("path", help="a saved sparse dictionary (its directory, SAELens layout) or a transcoder set")
     p.add_argument("prompt")
-    p.add_argument("--dict", required=True, metavar="PATH", help="a saved sparse dictionary (SAELens layout)")
-    p.add_argument("--layer", type=int, default=None, help="which layer's transcoder, when --dict is a transcoder set")
+    p.add_argument("--layer", type=int, default=None, help="which layer's transcoder, when PATH is a transcoder set")
     p.add_argument("--feature", action="append", default=[], metavar="IDX:STRENGTH",
                    help="add STRENGTH x the feature's decoder direction, e.g. 1234:+8 or 77:-4 (repeatable)")
     p.add_argument("--clamp", action="append", default=[], metavar="IDX:VALUE",
@@ -68,12 +69,12 @@ def _load_dictionary(path: str, layer: int | None):
     sae = load_dictionary(path)
     if not hasattr(sae, "W_dec") and hasattr(sae, "layers"):  # a transcoder set: one transcoder per layer
         if layer is None:
-            raise ValueError(f"{path} holds transcoders for layers {sae.layers}: pick one with --layer")
+            raise InputError(f"{path} holds transcoders for layers {sae.layers}: pick one with --layer")
         if layer not in sae:
-            raise ValueError(f"--layer {layer}: {path} has transcoders for layers {sae.layers}")
+            raise InputError(f"--layer {layer}: {path} has transcoders for layers {sae.layers}")
         return sae[layer]
     if layer is not None:
-        raise ValueError(f"--layer is for transcoder sets; {path} is a single dictionary at {sae.cfg.hook_name}")
+        raise InputError(f"--layer is for transcoder sets; {path} is a single dictionary at {sae.cfg.hook_name}")
     return sae
 
 
@@ -81,17 +82,17 @@ def parse_pair(spec: str, flag: str, what: str) -> tuple[int, float]:
     """"1234:+8" -> (1234, 8.0), with errors that name the flag."""
     idx, sep, value = spec.partition(":")
     if not sep:
-        raise ValueError(f"{flag} {spec!r}: expected IDX:{what.upper()}, e.g. 1234:+8")
+        raise InputError(f"{flag} {spec!r}: expected IDX:{what.upper()}, e.g. 1234:+8")
     try:
         feature = int(idx)
     except ValueError:
-        raise ValueError(f"{flag} {spec!r}: feature index {idx!r} is not an integer") from None
+        raise InputError(f"{flag} {spec!r}: feature index {idx!r} is not an integer") from None
     try:
         number = float(value)
     except ValueError:
-        raise ValueError(f"{flag} {spec!r}: {what} {value!r} is not a number") from None
+        raise InputError(f"{flag} {spec!r}: {what} {value!r} is not a number") from None
     if not math.isfinite(number):
-        raise ValueError(f"{flag} {spec!r}: {what} must be finite")
+        raise InputError(f"{flag} {spec!r}: {what} must be finite")
     return feature, number
 
 
@@ -107,10 +108,10 @@ def cmd_steer(args: argparse.Namespace) -> int:
         try:
             ablations.append(int(s))
         except ValueError:
-            raise ValueError(f"--ablate {s!r}: feature index is not an integer") from None
+            raise InputError(f"--ablate {s!r}: feature index is not an integer") from None
     if not (steers or clamps or ablations):
-        raise ValueError("nothing to do: give at least one --feature IDX:STRENGTH, --clamp IDX:VALUE or --ablate IDX")
-    sae = _load_dictionary(args.dict, args.layer)
+        raise InputError("nothing to do: give at least one --feature IDX:STRENGTH, --clamp IDX:VALUE or --ablate IDX")
+    sae = _load_dictionary(args.path, args.layer)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the note travels with the result instead
         interventions = ([Steer(sae, f, s, mode=args.mode, positions=args.positions) for f, s in steers]
@@ -144,7 +145,7 @@ def cmd_patch(args: argparse.Namespace) -> int:
         try:
             layers = [int(x) for x in args.layers.split(",") if x.strip()]
         except ValueError:
-            raise ValueError(f"--layers {args.layers!r}: expected comma-separated integers, e.g. 0,6,12") from None
+            raise InputError(f"--layers {args.layers!r}: expected comma-separated integers, e.g. 0,6,12") from None
     model = _load_model(args)
     metric = logit_diff(args.answer, args.wrong) if args.wrong is not None else answer_prob(args.answer)
     rows, cols = patching_labels(model, args.clean, args.corrupt, args.hook, layers)  # checks lengths early

@@ -8,6 +8,8 @@ import json
 from rich.console import Console
 from rich.table import Table
 
+from ..errors import InputError
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="what can be loaded and what is already converted")
@@ -20,14 +22,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=30)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens only")
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("next-token", help="the most likely next tokens with their probabilities")
     _model_args(p)
     p.add_argument("prompt")
-    p.add_argument("-k", "--top-k", type=int, default=10)
+    p.add_argument("-n", "--rows", type=int, default=10, help="how many tokens to list (default 10)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_next_token)
 
@@ -81,12 +83,12 @@ def cmd_next_token(args: argparse.Namespace) -> int:
     import torch
 
     model = _load(args)
-    if args.top_k <= 0:
-        raise ValueError(f"--top-k must be positive, got {args.top_k}")
+    if args.rows <= 0:
+        raise InputError(f"--rows must be positive, got {args.rows}")
     with torch.inference_mode():
         logits = model(args.prompt)[0, -1]
     probs = logits.float().softmax(-1)
-    top = probs.topk(min(args.top_k, probs.numel()))
+    top = probs.topk(min(args.rows, probs.numel()))
     rows = [{"rank": i + 1, "token": model.to_string([int(t)]), "id": int(t), "prob": float(p)}
             for i, (p, t) in enumerate(zip(top.values, top.indices))]
     if args.json:

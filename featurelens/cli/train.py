@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ..errors import InputError
+
 
 def _int(text: str) -> int:
     """Integers with underscores or a k/M suffix: 2_000_000, 2M, 500k."""
@@ -30,9 +32,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--transcoder", action="store_true",
                    help="train transcoders blocks.L.ln2.hook_normalized -> blocks.L.hook_mlp_out instead")
     p.add_argument("--layers", default="all", help="transcoder layers: 'all' (default) or e.g. 0,3,6")
-    p.add_argument("--skip", action="store_true", help="transcoders: add a linear skip connection")
-    p.add_argument("--arch", default="topk", choices=ARCHITECTURES, help="architecture (default topk)")
-    p.add_argument("--k", type=_int, default=None, help="active latents per token for topk / batchtopk (default 32)")
+    p.add_argument("--clt", action="store_true",
+                   help="train a cross-layer transcoder: layer L's features write to the MLP outputs of L and every "
+                        "later layer (--width is features per layer, default 2048; --arch default batchtopk)")
+    p.add_argument("--skip", action=argparse.BooleanOptionalAction, default=None,
+                   help="transcoders: an affine skip from the MLP input to its output, trained jointly (default on "
+                        "for --transcoder, off for --clt); --no-skip trains plain transcoders")
+    p.add_argument("--loss", default=None, choices=("mse", "normalized_mse"),
+                   help="reconstruction loss (default mse; normalized_mse weighs each token by its target's norm)")
+    p.add_argument("--reuse", type=_int, default=None,
+                   help="serve each token's activations this many times from an in-memory bfloat16 shuffle buffer "
+                        "(default 1: every step on fresh tokens)")
+    p.add_argument("--arch", default=None, choices=ARCHITECTURES, help="architecture (default topk; batchtopk for --clt)")
+    p.add_argument("-k", "--k", type=_int, default=None, help="active latents per token for topk / batchtopk (default 32)")
     p.add_argument("--width", type=_int, default=None, help="dictionary size (default 8192; transcoders 4096)")
     p.add_argument("--tokens", type=_int, default=None, help="training tokens (default 2M; transcoders 1M)")
     p.add_argument("--out", default=None, help="output directory (default under the data directory)")
@@ -40,8 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=_int, default=4096, help="tokens per step (default 4096)")
     p.add_argument("--l1-coefficient", type=float, default=None, help="relu: L1 penalty")
     p.add_argument("--l0-coefficient", type=float, default=None, help="jumprelu: L0 penalty")
-    p.add_argument("--source", default="nlp-corpus", help="corpus: nlp-corpus (default), a .txt/.jsonl/.parquet "
-                                                          "file, or hf:name[:config][:split]")
+    p.add_argument("--corpus", default="nlp-corpus", help="nlp-corpus (default: the embedded corpus, or the file in "
+                                                          "$FEATURELENS_CORPUS), a .txt/.jsonl/.parquet file, or "
+                                                          "hf:name[:config][:split]")
     p.add_argument("--ctx-len", type=_int, default=128, help="context length (default 128)")
     p.add_argument("--checkpoint-every", type=_int, default=None, help="steps between checkpoints (default: every 10 minutes)")
     p.add_argument("--seed", type=int, default=0)
@@ -55,7 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-m", "--model", default=None, help="model to splice into (default: the one the dictionary names)")
     p.add_argument("--tokens", type=_int, default=100_000, help="held-out tokens for L0 / FVU / dead / dense")
     p.add_argument("--ce-contexts", type=_int, default=32, help="held-out contexts for CE loss (0 skips)")
-    p.add_argument("--source", default="nlp-corpus", help="corpus whose test split to use")
+    p.add_argument("--corpus", default="nlp-corpus", help="corpus whose test split to use (default nlp-corpus)")
     p.add_argument("--ctx-len", type=_int, default=128)
     p.add_argument("--hook", default=None, help="override the dictionary's hook (e.g. for a Gemma Scope file)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
@@ -69,21 +82,29 @@ def _load_model(name: str | None) -> Any:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ..dictionaries import train_sae, train_transcoders
+    from ..dictionaries import train_clt, train_sae, train_transcoders
 
-    if args.transcoder and args.hook:
-        raise ValueError("give --hook for an SAE or --transcoder for transcoders, not both")
-    if not args.transcoder and not args.hook:
-        raise ValueError("give --hook HOOK (e.g. blocks.6.hook_resid_post) to train an SAE, or --transcoder")
-    options = {k: v for k, v in (("l1_coefficient", args.l1_coefficient), ("l0_coefficient", args.l0_coefficient))
-               if v is not None}
-    common = dict(arch=args.arch, k=args.k, out=args.out, lr=args.lr, batch_size=args.batch_size, source=args.source,
+    if sum(map(bool, (args.transcoder, args.hook, args.clt))) > 1:
+        raise InputError("give one of --hook (an SAE), --transcoder (per-layer transcoders) or --clt (a cross-layer "
+                         "transcoder)")
+    if not args.transcoder and not args.hook and not args.clt:
+        raise InputError("give --hook HOOK (e.g. blocks.6.hook_resid_post) to train an SAE, --transcoder, or --clt")
+    options = {k: v for k, v in (("l1_coefficient", args.l1_coefficient), ("l0_coefficient", args.l0_coefficient),
+                                 ("loss", args.loss), ("reuse", args.reuse)) if v is not None}
+    arch = args.arch or ("batchtopk" if args.clt else "topk")
+    common = dict(arch=arch, k=args.k, out=args.out, lr=args.lr, batch_size=args.batch_size, source=args.corpus,
                   ctx_len=args.ctx_len, resume=args.resume, overwrite=args.overwrite, seed=args.seed,
                   checkpoint_every=args.checkpoint_every, **options)
     model = _load_model(args.model)
-    if args.transcoder:
+    if args.clt:
+        result = train_clt(model, layers=args.layers, width=args.width or 2048, tokens=args.tokens or 1_000_000,
+                           skip=bool(args.skip), **common)
+        out = Path(result.source)
+        print(f"saved {result!r} to {out}")
+        _print_train_summary("CLT", result.stats)
+    elif args.transcoder:
         result = train_transcoders(model, layers=args.layers, width=args.width or 4096, tokens=args.tokens or 1_000_000,
-                                   skip=args.skip, **common)
+                                   skip=True if args.skip is None else args.skip, **common)
         first = next(iter(result))
         out = Path(first.source).parent
         print(f"saved {len(result)} transcoders (layers {result.layers}) to {out}")
@@ -91,13 +112,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             _print_train_summary(f"layer {layer}", tc.stats)
     else:
         if args.skip:
-            raise ValueError("--skip is for transcoders")
+            raise InputError("--skip is for transcoders")
         result = train_sae(model, args.hook, width=args.width or 8192, tokens=args.tokens or 2_000_000, **common)
         out = Path(result.source)
         print(f"saved {result!r} to {out}")
         _print_train_summary(args.hook, result.stats)
     if args.eval:
-        _report(_evaluate(model, result, args.ctx_len, args.source, 100_000, 32), as_json=False)
+        _report(_evaluate(model, result, args.ctx_len, args.corpus, 100_000, 32), as_json=False)
     else:
         print(f"evaluate it with: featurelens eval {out}")
     return 0
@@ -121,9 +142,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..dictionaries import SparseDictionary, load_dictionary
 
     dictionary = load_dictionary(args.path, hook_name=args.hook)
-    first = dictionary if isinstance(dictionary, SparseDictionary) else next(iter(dictionary))
-    model = _load_model(args.model or first.cfg.model_name or None)
-    _report(_evaluate(model, dictionary, args.ctx_len, args.source, args.tokens, args.ce_contexts), args.json)
+    model = _load_model(args.model or dictionary.cfg.model_name or None)
+    _report(_evaluate(model, dictionary, args.ctx_len, args.corpus, args.tokens, args.ce_contexts), args.json)
     return 0
 
 

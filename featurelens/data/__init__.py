@@ -2,10 +2,11 @@
 
 from .activations import ActivationStore, CacheMismatchError, ShuffleBuffer
 from .corpus import DEFAULT_CORPUS, CorpusError, CorpusNotFoundError, TextSource, iter_texts, open_source
-from .tokens import DEFAULT_CTX_LEN, build_contexts, contexts_dir, load_contexts, pack, split_indices, tokenize
+from .tokens import (DEFAULT_CTX_LEN, build_contexts, content_mask, contexts_dir, load_contexts, pack, split_indices,
+                     tokenize)
 
 __all__ = [
     "ActivationStore", "CacheMismatchError", "CorpusError", "CorpusNotFoundError", "DEFAULT_CORPUS", "DEFAULT_CTX_LEN",
-    "ShuffleBuffer", "TextSource", "build_contexts", "contexts_dir", "iter_texts", "load_contexts", "open_source",
-    "pack", "split_indices", "tokenize",
+    "ShuffleBuffer", "TextSource", "build_contexts", "content_mask", "contexts_dir", "iter_texts", "load_contexts",
+    "open_source", "pack", "split_indices", "tokenize",
 ]

@@ -20,42 +20,35 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 
-from ..engine.hooks import UnknownHookError, full_hook_name, hook_layer
+from ..dtypes import dtype_name, parse_dtype
+from ..engine.hooks import full_hook_name
+from ..io import atomic_save, atomic_write_json
 from ..models.gguf import CorruptFileError
 from ..paths import sub_dir
 from .corpus import DEFAULT_CORPUS
 from .tokens import DEFAULT_CTX_LEN, _slug, load_contexts
+from ..engine.errors import FeaturelensError, InputError, MissingFileError
 
 CACHE_FORMAT = 1
 MANIFEST = "manifest.json"
 TOKENS_KEY = "tokens"  # token id of each row, stored in shards and yielded with return_tokens=True
-_NOT_PER_TOKEN = ("attn.hook_pattern", "attn.hook_attn_scores")
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = ("float32", "float16", "bfloat16")  # what a cache may store
 
 
-class CacheMismatchError(ValueError):
+class CacheMismatchError(FeaturelensError, ValueError):
     """An activation cache directory made for other settings (model, contexts, hooks, BOS handling, dtype)."""
 
 
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    atomic_save(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
 
 
 class ShuffleBuffer:
@@ -126,26 +119,24 @@ class ActivationStore:
                  cache_dir: "str | Path | None" = None, shard_tokens: int | None = None, drop_last: bool = False,
                  return_tokens: bool = False, progress: bool = True):
         if batch_size <= 0 or model_batch_size <= 0:
-            raise ValueError(f"batch_size and model_batch_size must be positive, got {batch_size}, {model_batch_size}")
+            raise InputError(f"batch_size and model_batch_size must be positive, got {batch_size}, {model_batch_size}")
         if buffer_tokens < batch_size:
-            raise ValueError(f"buffer_tokens ({buffer_tokens}) must be at least batch_size ({batch_size})")
+            raise InputError(f"buffer_tokens ({buffer_tokens}) must be at least batch_size ({batch_size})")
         self.model = model
         self.hooks = self._check_hooks(hooks)
         if contexts is None:
             if model is None:
-                raise ValueError("give a model (or contexts and a finished cache_dir)")
+                raise InputError("give a model (or contexts and a finished cache_dir)")
             contexts = load_contexts(model, source, ctx_len, split, max_tokens, text_field=text_field,
                                      progress=progress)
         if contexts.dim() != 2 or contexts.shape[0] == 0:
-            raise ValueError(f"contexts must be token ids [n, ctx_len] with n > 0, got shape {tuple(contexts.shape)}")
+            raise InputError(f"contexts must be token ids [n, ctx_len] with n > 0, got shape {tuple(contexts.shape)}")
         self.contexts = contexts.long().cpu()
         self.batch_size, self.model_batch_size, self.buffer_tokens = batch_size, model_batch_size, buffer_tokens
         self.keep_bos, self.shuffle, self.seed, self.drop_last = keep_bos, shuffle, seed, drop_last
         self.return_tokens, self.progress = return_tokens, progress
         self.bos_token_id = model.cfg.bos_token_id if model is not None else None
-        if isinstance(dtype, str) and dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-        self.dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
+        self.dtype = parse_dtype(dtype, DTYPES) if isinstance(dtype, str) else dtype
         if device is None:
             device = model.device if model is not None else "cpu"
         self.device = torch.device(device)
@@ -166,25 +157,20 @@ class ActivationStore:
             hooks = [hooks]
         names = [full_hook_name(*h) if isinstance(h, tuple) else h for h in hooks]
         if not names:
-            raise ValueError("give at least one hook name")
+            raise InputError("give at least one hook name")
         if len(set(names)) != len(names):
-            raise ValueError(f"duplicate hook names in {names}")
-        if self.model is not None:
-            for n in names:
-                if n not in self.model.hook_names:
-                    raise UnknownHookError(n, self.model.hook_names)
+            raise InputError(f"duplicate hook names in {names}")
         for n in names:
-            if n.endswith(_NOT_PER_TOKEN):
-                raise ValueError(f"{n} is not one vector per token (it is [batch, head, q_pos, k_pos]); the store "
+            if self.model is not None and not self.model.hook_spec(n).per_token:  # UnknownHookError when absent
+                raise InputError(f"{n} is not one vector per token (it is [batch, head, q_pos, k_pos]); the store "
                                  f"takes per-token hooks such as blocks.L.hook_resid_post or blocks.L.attn.hook_z")
         return names
 
     @property
     def stop_at_layer(self) -> int | None:
         """The forward pass stops before this block: one past the last layer any hook needs (None: full model)."""
-        if any(n.startswith("ln_final") for n in self._run_hooks):
-            return None
-        return max(hook_layer(n) if hook_layer(n) is not None else -1 for n in self._run_hooks) + 1
+        stops = [self.model.hook_spec(n).stop_layer for n in self._run_hooks]
+        return None if None in stops else max(stops)
 
     @property
     def d(self) -> dict[str, int]:
@@ -214,14 +200,12 @@ class ActivationStore:
 
     # ----------------------------------------------------------------------------------------- the model
     def _probe_dims(self) -> dict[str, int]:
-        dims = {k: v.shape[1] for k, v in self._compute(self.contexts[:1, :2])[0].items()}
-        self.stats["contexts_computed"] -= 1
-        return dims
+        return {n: self.model.hook_spec(n).width for n in self._run_hooks}
 
     def _compute(self, tokens: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """One forward pass over contexts [b, p] -> ({hook: [rows, d]}, token ids [rows]), BOS rows dropped."""
         if self.model is None:
-            raise ValueError(f"the activation cache in {self.cache_dir} is not finished; pass the model to finish it")
+            raise InputError(f"the activation cache in {self.cache_dir} is not finished; pass the model to finish it")
         with torch.inference_mode():
             _, cache = self.model.run_with_cache(tokens.to(self.model.device), names_filter=self._run_hooks,
                                                  stop_at_layer=self.stop_at_layer)
@@ -287,7 +271,7 @@ class ActivationStore:
     def _open_cache(self, cache_dir: "str | Path", shard_tokens: int | None) -> None:
         if str(cache_dir) == "auto":
             if self.model is None:
-                raise ValueError("cache_dir='auto' needs the model; give the cache's path instead")
+                raise InputError("cache_dir='auto' needs the model; give the cache's path instead")
             key = json.dumps([self._contexts_sha1(), sorted(self.hooks), self.keep_bos,
                               str(self.dtype or self.model.dtype)])
             digest = hashlib.sha1(key.encode()).hexdigest()[:10]
@@ -310,7 +294,7 @@ class ActivationStore:
             m["shards"] = {k: s for k, s in m["shards"].items() if (d / s["file"]).is_file()}
             return
         if self.model is None:
-            raise FileNotFoundError(f"no activation cache in {d} (no {MANIFEST})")
+            raise MissingFileError(f"no activation cache in {d} (no {MANIFEST})")
         self.dtype = self.dtype or self.model.dtype
         dims = self._dims = self._probe_dims()
         ctx_len = self.contexts.shape[1]
@@ -323,12 +307,12 @@ class ActivationStore:
         n = len(self.contexts)
         m = {"format": CACHE_FORMAT, "model": self.model.name, "hooks": self.hooks, "d": dims,
              "keep_bos": self.keep_bos, "bos_token_id": self.bos_token_id,
-             "dtype": str(self.dtype).replace("torch.", ""), "n_contexts": n, "ctx_len": ctx_len,
+             "dtype": dtype_name(self.dtype), "n_contexts": n, "ctx_len": ctx_len,
              "contexts_sha1": self._contexts_sha1(), "contexts_per_shard": per_shard,
              "n_shards": -(-n // per_shard), "n_tokens": self.n_tokens, "tokens_done": 0, "complete": False,
              "shards": {}}
-        _atomic_save({"tokens": self.contexts.to(torch.int32)}, d / "contexts.safetensors")
-        _atomic_write_json(path, m)
+        _save_tensors({"tokens": self.contexts.to(torch.int32)}, d / "contexts.safetensors")
+        atomic_write_json(path, m, indent=1)
         self._manifest = m
 
     def _check_manifest(self, m: dict[str, Any]) -> None:
@@ -346,12 +330,12 @@ class ActivationStore:
         missing = [h for h in self.hooks if h not in m["hooks"]]
         if missing:
             problems.append(f"hooks {m['hooks']} (it lacks {missing})")
-        if self.dtype is not None and m["dtype"] != str(self.dtype).replace("torch.", ""):
+        if self.dtype is not None and m["dtype"] != dtype_name(self.dtype):
             problems.append(f"dtype {m['dtype']}")
         if problems:
             raise CacheMismatchError(f"the activation cache in {where} was made with {'; '.join(problems)}. Use "
                                      f"another cache_dir, or delete {where} to start again")
-        self.dtype = _DTYPES[m["dtype"]]
+        self.dtype = parse_dtype(m["dtype"], DTYPES)
         self.bos_token_id = m["bos_token_id"]
 
     @classmethod
@@ -363,14 +347,14 @@ class ActivationStore:
         d = Path(cache_dir).expanduser()
         path = d / MANIFEST
         if not path.is_file():
-            raise FileNotFoundError(f"no activation cache in {d} (no {MANIFEST})")
+            raise MissingFileError(f"no activation cache in {d} (no {MANIFEST})")
         try:
             m = json.loads(path.read_text())
             contexts = load_file(str(d / "contexts.safetensors"))["tokens"]
         except Exception as e:
             raise CorruptFileError(f"the activation cache in {d} is unreadable ({e})") from e
         if model is None and not m.get("complete"):
-            raise ValueError(f"the activation cache in {d} is not finished ({m['tokens_done']:,} of {m['n_tokens']:,} "
+            raise InputError(f"the activation cache in {d} is not finished ({m['tokens_done']:,} of {m['n_tokens']:,} "
                              f"tokens); pass the model to finish it")
         kwargs.setdefault("keep_bos", m["keep_bos"])
         return cls(model, hooks if hooks is not None else m["hooks"], contexts, cache_dir=d, **kwargs)
@@ -414,11 +398,11 @@ class ActivationStore:
         file = f"shard-{i:05d}.safetensors"
         tensors = {h: torch.cat([a[h] for a in acts]).cpu() for h in m["hooks"]}
         tensors[TOKENS_KEY] = torch.cat(toks).cpu()
-        _atomic_save(tensors, self.cache_dir / file)  # the shard first, then the manifest that lists it
+        _save_tensors(tensors, self.cache_dir / file)  # the shard first, then the manifest that lists it
         per = m["contexts_per_shard"]
         m["shards"][str(i)] = {"file": file, "rows": len(tensors[TOKENS_KEY]),
                                "contexts": [i * per, min((i + 1) * per, m["n_contexts"])]}
         m["tokens_done"] = sum(s["rows"] for s in m["shards"].values())
         m["complete"] = len(m["shards"]) == m["n_shards"]
-        _atomic_write_json(self.cache_dir / MANIFEST, m)
+        atomic_write_json(self.cache_dir / MANIFEST, m, indent=1)
         self.stats["shards_written"] += 1

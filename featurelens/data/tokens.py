@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 import re
 import sys
 import time
@@ -31,8 +30,10 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from ..io import atomic_save, atomic_write_json
 from ..paths import sub_dir
 from .corpus import DEFAULT_CORPUS, CorpusError, TextSource, iter_texts, open_source
+from ..engine.errors import InputError
 
 DEFAULT_CTX_LEN = 128
 TEST_EVERY = 20
@@ -64,7 +65,7 @@ class Packer:
 
     def __init__(self, ctx_len: int, bos_id: int, sep_id: int | None):
         if ctx_len < 2:
-            raise ValueError(f"ctx_len must be at least 2 (BOS and one token), got {ctx_len}")
+            raise InputError(f"ctx_len must be at least 2 (BOS and one token), got {ctx_len}")
         self.ctx_len, self.bos_id, self.sep_id = ctx_len, bos_id, sep_id
         self._carry = np.empty(0, dtype=np.int32)
         self._carry_sep = np.empty(0, dtype=bool)
@@ -117,7 +118,7 @@ def pack(docs: Iterable[Sequence[int]], ctx_len: int, bos_id: int, sep_id: int |
 def split_indices(n: int, split: str, test_every: int = TEST_EVERY) -> torch.Tensor:
     """Indices of the contexts in a split: "test" is every test_every-th context, "train" the rest."""
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise InputError(f"split must be one of {SPLITS}, got {split!r}")
     idx = torch.arange(n)
     if split == "all":
         return idx
@@ -133,9 +134,9 @@ def _separator_id(model: Any, separator: "str | int | None") -> int | None:
         return model.cfg.bos_token_id
     if separator == "eos":
         if not model.cfg.eos_token_ids:
-            raise ValueError("this model has no EOS token; use separator='bos' or a token id")
+            raise InputError("this model has no EOS token; use separator='bos' or a token id")
         return model.cfg.eos_token_ids[0]
-    raise ValueError(f"separator must be 'bos', 'eos', a token id or None, got {separator!r}")
+    raise InputError(f"separator must be 'bos', 'eos', a token id or None, got {separator!r}")
 
 
 def _slug(name: str) -> str:
@@ -162,9 +163,9 @@ def build_contexts(model: Any, source: "str | Path | TextSource | Sequence[str]"
     from tqdm.auto import tqdm
 
     if getattr(model, "tokenizer", None) is None:
-        raise ValueError("packing text needs a model with a tokenizer")
+        raise InputError("packing text needs a model with a tokenizer")
     if model.cfg.bos_token_id is None:
-        raise ValueError(f"{model.name} has no BOS token; contexts start with BOS")
+        raise InputError(f"{model.name} has no BOS token; contexts start with BOS")
     src = open_source(source, text_field, progress=progress)
     d = contexts_dir(model, src, ctx_len, text_field=text_field, separator=separator, max_texts=max_texts)
     out = d / "contexts.safetensors"
@@ -191,12 +192,9 @@ def build_contexts(model: Any, source: "str | Path | TextSource | Sequence[str]"
             "dropped_tail_tokens": packer.dropped_tail, "n_contexts": len(rows), "test_every": TEST_EVERY,
             "seconds": round(seconds, 2)}
     d.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    save_file({"tokens": torch.from_numpy(rows)}, str(tmp), metadata={k: str(v) for k, v in meta.items()})
-    os.replace(tmp, out)
-    tmp_meta = d / f".meta.json.tmp-{os.getpid()}"
-    tmp_meta.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp_meta, d / "meta.json")
+    atomic_save(out, lambda tmp: save_file({"tokens": torch.from_numpy(rows)}, str(tmp),
+                                           metadata={k: str(v) for k, v in meta.items()}))
+    atomic_write_json(d / "meta.json", meta)
     if progress:
         print(f"featurelens: packed {n_texts:,} documents ({packer.n_doc_tokens:,} tokens) into {len(rows):,} "
               f"contexts of {ctx_len} in {seconds:.1f}s -> {d}", file=sys.stderr, flush=True)
@@ -217,9 +215,9 @@ def load_contexts(model: Any, source: "str | Path | TextSource | Sequence[str]" 
     from safetensors.torch import load_file
 
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise InputError(f"split must be one of {SPLITS}, got {split!r}")
     if max_tokens is not None and max_tokens <= 0:
-        raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+        raise InputError(f"max_tokens must be positive, got {max_tokens}")
     path = build_contexts(model, source, ctx_len, text_field=text_field, separator=separator, max_texts=max_texts,
                           rebuild=rebuild, progress=progress)
     try:
@@ -233,3 +231,13 @@ def load_contexts(model: Any, source: "str | Path | TextSource | Sequence[str]" 
     if max_tokens is not None:
         tokens = tokens[: max(1, max_tokens // ctx_len)]
     return tokens
+
+
+def content_mask(tokens: torch.Tensor, model: Any) -> torch.Tensor:
+    """[..., p] bool: the tokens whose activations count, i.e. neither BOS (an attention sink with outlier
+    activations) nor padding."""
+    valid = torch.ones_like(tokens, dtype=torch.bool)
+    for tid in (model.cfg.bos_token_id, model.cfg.pad_token_id):
+        if tid is not None:
+            valid &= tokens != tid
+    return valid

@@ -21,23 +21,26 @@ Read side, besides our own files: SAELens 5.x (flat) and 6.x ("metadata" block) 
 comes from config.json, else from the path (.../gemma-scope-2b-pt-res/layer_12/..., .../resid_post/layer_6_...),
 else from the caller (hook_name=...).
 
-Writes are atomic per file (written to a temporary name, flushed, then os.replace'd): weights first, then cfg.json,
-then featurelens.json, so an interrupted save never leaves a truncated file behind.
+Writes are atomic per file (`featurelens.io`: written to a temporary name, fsynced, then renamed): weights first,
+then cfg.json, then featurelens.json, so an interrupted save never leaves a truncated file behind.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
+from ..dtypes import dtype_name
+from ..engine.hooks import hook_layer
+from ..io import atomic_save, atomic_write_json
 from ..models.gguf import CorruptFileError
 from .sae import DictionaryConfig, SparseDictionary, TranscoderSet
+from ..engine.errors import InputError, MissingFileError
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -60,20 +63,8 @@ class CorruptDictionaryError(CorruptFileError):
 
 
 # ----------------------------------------------------------------------------------------------- writing
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    _atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2, default=str) + "\n"))
+    atomic_write_json(path, obj, default=str)
 
 
 def saelens_architecture(cfg: DictionaryConfig) -> str:
@@ -85,11 +76,6 @@ def saelens_architecture(cfg: DictionaryConfig) -> str:
         return "topk"
     base = "topk" if cfg.arch == "topk" else "jumprelu"
     return f"{base}_skip_transcoder" if cfg.skip else f"{base}_transcoder"
-
-
-def _layer_of(hook: str | None) -> int | None:
-    m = re.match(r"^blocks\.(\d+)\.", hook or "")
-    return int(m.group(1)) if m else None
 
 
 def saelens_config(cfg: DictionaryConfig) -> dict[str, Any]:
@@ -104,7 +90,7 @@ def saelens_config(cfg: DictionaryConfig) -> dict[str, Any]:
         "device": "cpu",
         "model_name": cfg.model_name,
         "hook_name": cfg.hook_name,
-        "hook_layer": _layer_of(cfg.hook_name) or 0,
+        "hook_layer": hook_layer(cfg.hook_name or "") or 0,
         "hook_head_index": None,
         "activation_fn": act,
         "activation_fn_str": act,
@@ -127,13 +113,13 @@ def saelens_config(cfg: DictionaryConfig) -> dict[str, Any]:
     if cfg.transcoder:
         out["d_out"] = cfg.d_out
         out["hook_name_out"] = cfg.hook_name_out
-        out["hook_layer_out"] = _layer_of(cfg.hook_name_out) or 0
+        out["hook_layer_out"] = hook_layer(cfg.hook_name_out or "") or 0
         out["hook_head_index_out"] = None
     return out
 
 
-def save_dictionary(sae: SparseDictionary, path: str | Path, stats: dict[str, Any] | None = None) -> Path:
-    """Write `sae` to the directory `path` (created if needed); returns the path.
+def save_dictionary(dictionary: SparseDictionary, path: str | Path, stats: dict[str, Any] | None = None) -> Path:
+    """Write `dictionary` to the directory `path` (created if needed); returns the path.
 
     `stats` (training settings, metrics) goes to featurelens.json together with the featurelens config.
     """
@@ -141,11 +127,11 @@ def save_dictionary(sae: SparseDictionary, path: str | Path, stats: dict[str, An
 
     path = Path(path).expanduser()
     path.mkdir(parents=True, exist_ok=True)
-    cfg = dataclasses.replace(sae.cfg, dtype=str(sae.dtype).replace("torch.", ""))  # what the tensors really are
-    tensors = {name: p.detach().to("cpu").contiguous() for name, p in sae.named_parameters()}
+    cfg = dataclasses.replace(dictionary.cfg, dtype=dtype_name(dictionary.dtype))  # what the tensors really are
+    tensors = {name: p.detach().to("cpu").contiguous() for name, p in dictionary.named_parameters()}
     tensors = {"W_enc": tensors["W_enc"], "W_dec": tensors["W_dec"], "b_enc": tensors["b_enc"],
                "b_dec": tensors["b_dec"], **{k: v for k, v in tensors.items() if k in ("threshold", "W_skip")}}
-    _atomic_write(path / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    atomic_save(path / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     _write_json(path / CFG_FILE, saelens_config(cfg))
     meta = {"featurelens_format": FORMAT_VERSION, "kind": "dictionary", "config": cfg.to_dict()}
     if stats:
@@ -171,7 +157,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing (a dictionary needs {WEIGHTS_FILE} beside {CFG_FILE})")
+        raise MissingFileError(f"{path}: missing (a dictionary needs {WEIGHTS_FILE} beside {CFG_FILE})")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             return {k: f.get_tensor(k) for k in f.keys()}
@@ -209,7 +195,7 @@ def _config_from_saelens(cfg: dict[str, Any], meta: dict[str, Any] | None) -> Di
     if meta and isinstance(meta.get("config"), dict):  # ours: featurelens.json has the full config
         ours = DictionaryConfig.from_dict(meta["config"])
         if (cfg.get("d_in"), cfg.get("d_sae")) != (ours.d_in, ours.d_sae):
-            raise ValueError(f"cfg.json says d_in={cfg.get('d_in')}, d_sae={cfg.get('d_sae')} but {META_FILE} says "
+            raise InputError(f"cfg.json says d_in={cfg.get('d_in')}, d_sae={cfg.get('d_sae')} but {META_FILE} says "
                              f"d_in={ours.d_in}, d_sae={ours.d_sae}")
         ours.hook_name = get("hook_name") or ours.hook_name  # cfg.json wins where a person may have edited it
         ours.model_name = get("model_name") or ours.model_name
@@ -217,14 +203,14 @@ def _config_from_saelens(cfg: dict[str, Any], meta: dict[str, Any] | None) -> Di
 
     arch_name = cfg.get("architecture") or ("topk" if get("activation_fn", get("activation_fn_str")) == "topk" else "standard")
     if arch_name not in _FROM_SAELENS:
-        raise ValueError(f"unsupported SAELens architecture {arch_name!r} (featurelens reads {', '.join(_FROM_SAELENS)})")
+        raise InputError(f"unsupported SAELens architecture {arch_name!r} (featurelens reads {', '.join(_FROM_SAELENS)})")
     arch, transcoder, skip = _FROM_SAELENS[arch_name]
     k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
     norm = cfg.get("normalize_activations")
     if norm not in (None, "none", False):
-        raise ValueError(f"normalize_activations={norm!r} is not supported; fold the scaling into the weights first")
+        raise InputError(f"normalize_activations={norm!r} is not supported; fold the scaling into the weights first")
     if cfg.get("rescale_acts_by_decoder_norm"):
-        raise ValueError("rescale_acts_by_decoder_norm=true is not supported; fold the decoder norms first")
+        raise InputError("rescale_acts_by_decoder_norm=true is not supported; fold the decoder norms first")
     hook_out = get("hook_name_out")
     apply_b = cfg.get("apply_b_dec_to_input", not transcoder)
     if arch == "topk" and hook_out and not transcoder:
@@ -239,10 +225,13 @@ def _config_from_saelens(cfg: dict[str, Any], meta: dict[str, Any] | None) -> Di
     )
 
 
-def _check_and_load(sae: SparseDictionary, tensors: dict[str, torch.Tensor], source: Path) -> SparseDictionary:
-    cfg = sae.cfg
-    expected = {name: tuple(p.shape) for name, p in sae.named_parameters()}
+def _check_and_load(dictionary: SparseDictionary, tensors: dict[str, torch.Tensor], source: Path) -> SparseDictionary:
+    cfg = dictionary.cfg
+    expected = {name: tuple(p.shape) for name, p in dictionary.named_parameters()}
     missing = [n for n in expected if n not in tensors]
+    if "W_skip" in tensors and "W_skip" not in expected:  # read as plain, it would silently lose its linear path
+        raise CorruptDictionaryError(f"{source}: holds W_skip (a skip transcoder) but its config says no skip "
+                                     f"connection; fix the config (skip / a *_skip_transcoder architecture)")
     if missing:
         raise CorruptDictionaryError(f"{source}: missing tensor(s) {', '.join(missing)} "
                                      f"(a {saelens_architecture(cfg)} dictionary needs {', '.join(expected)})")
@@ -254,9 +243,9 @@ def _check_and_load(sae: SparseDictionary, tensors: dict[str, torch.Tensor], sou
         if not torch.isfinite(tensors[name]).all():
             raise CorruptDictionaryError(f"{source}: {name} contains NaN or infinite values")
     with torch.no_grad():
-        for name, p in sae.named_parameters():
+        for name, p in dictionary.named_parameters():
             p.copy_(tensors[name].to(p.dtype))
-    return sae
+    return dictionary
 
 
 _HF_HOOKS = (  # Gemma Scope 2 config.json hook points -> ours
@@ -287,7 +276,7 @@ def _guess_gemma_scope_hooks(path: Path) -> tuple[str, str | None]:
                            (("attn_out", "-att"), "attn.hook_z")):
             if any(k in s for k in keys):
                 return f"blocks.{layer}.{site}", None
-    raise ValueError(f"{path}: cannot tell which hook this Gemma Scope file reads; pass hook_name=... "
+    raise InputError(f"{path}: cannot tell which hook this Gemma Scope file reads; pass hook_name=... "
                      f"(and hook_name_out=... for a transcoder)")
 
 
@@ -300,22 +289,35 @@ def load_dictionary(path: str | Path, *, device: str | torch.device = "cpu", hoo
     """
     path = Path(path).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such dictionary (expected a directory with {CFG_FILE} and {WEIGHTS_FILE})")
+        raise MissingFileError(f"{path}: no such dictionary (expected a directory with {CFG_FILE} and {WEIGHTS_FILE})")
     if path.is_file():
         if path.name.endswith(".npz") or path.name == GS2_FILE:
             return _load_gemma_scope(path, device, hook_name, hook_name_out, model_name)
-        if path.name in (CFG_FILE, WEIGHTS_FILE, META_FILE):
+        if path.name in (CFG_FILE, WEIGHTS_FILE, META_FILE, "config.yaml"):
             path = path.parent
         else:
-            raise ValueError(f"{path}: not a dictionary (pass its directory, or a Gemma Scope params.npz)")
+            raise InputError(f"{path}: not a dictionary (pass its directory, or a Gemma Scope params.npz)")
     meta = _read_json(path / META_FILE) if (path / META_FILE).is_file() else None
     if meta is not None and meta.get("kind") == "transcoder_set":
         return _load_transcoder_set(path, meta, device)
+    from .clt import clt_config_json, load_clt  # cross-layer transcoders; circuit-tracer's layout (config.yaml)
+
+    if clt_config_json(path) is not None:
+        return load_clt(path, device=device)
+    if (path / "config.yaml").is_file() and not (path / CFG_FILE).is_file():
+        from .circuit_tracer_format import load_circuit_tracer
+
+        return load_circuit_tracer(path, device=device, model_name=model_name)
+    if not (path / CFG_FILE).is_file():
+        from .circuit_tracer_format import gemma_scope_clt_files, load_gemma_scope_clt
+
+        if gemma_scope_clt_files(path) is not None:
+            return load_gemma_scope_clt(path, device=device, model_name=model_name)
     if not (path / CFG_FILE).is_file():
         for name in (NPZ_FILE, GS2_FILE):
             if (path / name).is_file():
                 return _load_gemma_scope(path / name, device, hook_name, hook_name_out, model_name)
-        raise FileNotFoundError(f"{path / CFG_FILE}: missing (a dictionary directory holds {CFG_FILE} and {WEIGHTS_FILE})")
+        raise MissingFileError(f"{path / CFG_FILE}: missing (a dictionary directory holds {CFG_FILE} and {WEIGHTS_FILE})")
     raw_cfg = _read_json(path / CFG_FILE)
     try:
         cfg = _config_from_saelens(raw_cfg, meta)
@@ -324,10 +326,10 @@ def load_dictionary(path: str | Path, *, device: str | torch.device = "cpu", hoo
         raise CorruptDictionaryError(f"{path / (META_FILE if meta else CFG_FILE)}: {msg}") from None
     _override(cfg, hook_name, hook_name_out, model_name)
     tensors = _read_safetensors(path / WEIGHTS_FILE)
-    sae = _check_and_load(SparseDictionary(cfg), tensors, path / WEIGHTS_FILE)
-    sae.stats = (meta or {}).get("stats", {})
-    sae.source = path
-    return sae.to(device)
+    dictionary = _check_and_load(SparseDictionary(cfg), tensors, path / WEIGHTS_FILE)
+    dictionary.stats = (meta or {}).get("stats", {})
+    dictionary.source = path
+    return dictionary.to(device)
 
 
 def _override(cfg: DictionaryConfig, hook_name: str | None, hook_name_out: str | None, model_name: str | None) -> None:
@@ -335,7 +337,7 @@ def _override(cfg: DictionaryConfig, hook_name: str | None, hook_name_out: str |
         cfg.hook_name = hook_name
     if hook_name_out is not None:
         if not cfg.transcoder:
-            raise ValueError("hook_name_out is for transcoders; this file holds an SAE")
+            raise InputError("hook_name_out is for transcoders; this file holds an SAE")
         cfg.hook_name_out = hook_name_out
     if model_name is not None:
         cfg.model_name = model_name
@@ -359,9 +361,9 @@ def _load_gemma_scope(path: Path, device: Any, hook_name: str | None, hook_name_
                            transcoder=transcoder, d_out=d_out, skip="W_skip" in tensors, hook_name=hook_name,
                            hook_name_out=hook_name_out, model_name=model_name or str(hf_cfg.get("model_name", "")),
                            apply_b_dec_to_input=False)
-    sae = _check_and_load(SparseDictionary(cfg), tensors, path)
-    sae.stats, sae.source = {}, path
-    return sae.to(device)
+    dictionary = _check_and_load(SparseDictionary(cfg), tensors, path)
+    dictionary.stats, dictionary.source = {}, path
+    return dictionary.to(device)
 
 
 # ----------------------------------------------------------------------------------------------- transcoder sets
@@ -372,7 +374,8 @@ def save_transcoder_set(tset: TranscoderSet, path: str | Path, stats: dict[str, 
     for layer, tc in tset.items():
         save_dictionary(tc, path / f"layer_{layer}", (stats or {}).get(str(layer)))
     index = {"featurelens_format": FORMAT_VERSION, "kind": "transcoder_set",
-             "layers": {str(layer): f"layer_{layer}" for layer in tset.layers}}
+             "layers": {str(layer): f"layer_{layer}" for layer in tset.layers},
+             "n_layers_model": getattr(tset, "n_layers_model", None)}
     _write_json(path / META_FILE, index)
     return path
 
@@ -383,8 +386,13 @@ def _load_transcoder_set(path: Path, meta: dict[str, Any], device: Any) -> Trans
         raise CorruptDictionaryError(f"{path / META_FILE}: a transcoder set needs a non-empty 'layers' mapping")
     loaded = {}
     for layer, sub in layers.items():
+        if not (path / sub).is_dir():
+            raise MissingFileError(f"{path / sub}: missing: {path / META_FILE} lists layer {layer} there")
         tc = load_dictionary(path / sub, device=device)
         if not isinstance(tc, SparseDictionary):
             raise CorruptDictionaryError(f"{path / sub}: expected one transcoder")
         loaded[int(layer)] = tc
-    return TranscoderSet(loaded)
+    widths = {(tc.d_in, tc.d_out) for tc in loaded.values()}
+    if len(widths) > 1:
+        raise CorruptDictionaryError(f"{path}: the layers' transcoders disagree on d_in / d_out ({sorted(widths)})")
+    return TranscoderSet(loaded, n_layers_model=meta.get("n_layers_model"))

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from .sae import SparseDictionary, TranscoderSet
+from .splice import splice_hooks
+from ..engine.errors import InputError
 
 
 @dataclass
@@ -50,18 +52,18 @@ class DictionaryMetrics:
 class ReconstructionAccumulator:
     """Running sums for L0, FVU, MSE and feature firing counts of one dictionary over batches {hook: [n, d]}."""
 
-    def __init__(self, sae: SparseDictionary):
-        self.sae = sae
+    def __init__(self, dictionary: SparseDictionary):
+        self.dictionary = dictionary
         self.n, self.sse, self.l0_sum, self.sum_y2 = 0, 0.0, 0.0, 0.0
-        self.sum_y = torch.zeros(sae.d_out, dtype=torch.float64)
-        self.fires = torch.zeros(sae.d_sae, dtype=torch.long)
+        self.sum_y = torch.zeros(dictionary.d_out, dtype=torch.float64)
+        self.fires = torch.zeros(dictionary.d_sae, dtype=torch.long)
 
     @torch.no_grad()
     def update(self, batch: Mapping[str, torch.Tensor]) -> None:
-        sae = self.sae
-        x, y = batch[sae.hook_name], batch[sae.hook_name_out]
-        x, y = x.reshape(len(x), -1).to(sae.device), y.reshape(len(y), -1).to(sae.device)
-        y_hat, f = sae.forward_with_features(x)
+        dictionary = self.dictionary
+        x, y = batch[dictionary.hook_name], batch[dictionary.hook_name_out]
+        x, y = x.reshape(len(x), -1).to(dictionary.device), y.reshape(len(y), -1).to(dictionary.device)
+        y_hat, f = dictionary.forward_with_features(x)
         active = f > 0
         self.n += len(x)
         self.sse += float((y_hat.double() - y.double()).pow(2).sum())
@@ -73,7 +75,7 @@ class ReconstructionAccumulator:
     def result(self, dense_threshold: float = 0.1) -> DictionaryMetrics:
         n = self.n
         if n == 0:
-            raise ValueError("no evaluation tokens")
+            raise InputError("no evaluation tokens")
         sst = self.sum_y2 - float(self.sum_y.pow(2).sum()) / n
         fvu = self.sse / max(sst, 1e-30)
         density = self.fires.double() / n
@@ -83,39 +85,25 @@ class ReconstructionAccumulator:
                                  eval_tokens=n, feature_density=density.float())
 
 
-def reconstruction_metrics(sae: SparseDictionary, batches: Iterable[Mapping[str, torch.Tensor]],
+def reconstruction_metrics(dictionary: SparseDictionary, batches: Iterable[Mapping[str, torch.Tensor]],
                            dense_threshold: float = 0.1) -> DictionaryMetrics:
     """L0, FVU / explained variance, MSE, dead and dense fractions over batches {hook: [n, d]}."""
-    acc = ReconstructionAccumulator(sae)
+    acc = ReconstructionAccumulator(dictionary)
     for batch in batches:
         acc.update(batch)
     return acc.result(dense_threshold)
 
 
-def _flat(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(x.shape[0], x.shape[1], -1)
-
-
-def splice_hooks(sae: SparseDictionary, not_bos: torch.Tensor, mode: str = "dictionary") -> list[tuple[str, Any]]:
-    """Hooks that replace the dictionary's output hook (non-BOS positions) by its reconstruction, or by zeros."""
-    saved: dict[str, torch.Tensor] = {}
+def zero_ablation_hooks(dictionary: SparseDictionary, not_bos: torch.Tensor) -> list[tuple[str, Any]]:
+    """Hooks that zero the dictionary's output hook at non-BOS positions (the baseline CE loss recovered is measured
+    against)."""
     keep = not_bos[:, :, None]
 
-    def grab(act: torch.Tensor, hook: Any) -> None:
-        saved["x"] = act
+    def zero(act: torch.Tensor, hook: Any) -> torch.Tensor:
+        flat = act.reshape(act.shape[0], act.shape[1], -1)
+        return torch.where(keep, torch.zeros_like(flat), flat).reshape(act.shape)
 
-    def put(act: torch.Tensor, hook: Any) -> torch.Tensor:
-        if mode == "zero":
-            new = torch.zeros_like(_flat(act))
-        else:
-            x = _flat(saved["x"]) if sae.cfg.transcoder else _flat(act)
-            new = sae(x.to(sae.device)).to(device=act.device, dtype=act.dtype)
-        return torch.where(keep, new, _flat(act)).reshape(act.shape)
-
-    hooks = [(sae.hook_name_out, put)]
-    if sae.cfg.transcoder and mode != "zero":
-        hooks.insert(0, (sae.hook_name, grab))
-    return hooks
+    return [(dictionary.hook_name_out, zero)]
 
 
 def _token_ce(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,14 +114,14 @@ def _token_ce(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor,
 
 
 @torch.no_grad()
-def splice_metrics(model: Any, saes: "SparseDictionary | list[SparseDictionary]", contexts: torch.Tensor,
+def splice_metrics(model: Any, dictionaries: "SparseDictionary | list[SparseDictionary]", contexts: torch.Tensor,
                    batch_size: int = 2, progress: bool = False) -> dict[str, float]:
     """CE loss clean / spliced / zero-ablated, CE loss recovered and KL, over contexts [n, ctx] (BOS first).
 
     Several dictionaries are spliced in together (and zero-ablated together), e.g. all layers' transcoders.
     """
-    saes = [saes] if isinstance(saes, SparseDictionary) else list(saes)
-    return splice_metrics_groups(model, {None: saes}, contexts, batch_size, progress)[None]
+    dictionaries = [dictionaries] if isinstance(dictionaries, SparseDictionary) else list(dictionaries)
+    return splice_metrics_groups(model, {None: dictionaries}, contexts, batch_size, progress)[None]
 
 
 @torch.no_grad()
@@ -143,7 +131,7 @@ def splice_metrics_groups(model: Any, groups: dict[Any, list[SparseDictionary]],
     from tqdm.auto import tqdm
 
     if contexts.shape[1] < 3:
-        raise ValueError("contexts must hold at least 3 tokens")
+        raise InputError("contexts must hold at least 3 tokens")
     bos = model.cfg.bos_token_id
     tot = {g: {"spliced": 0.0, "zero": 0.0, "kl": 0.0, "kl_zero": 0.0} for g in groups}
     clean_total, count = 0.0, 0
@@ -154,9 +142,14 @@ def splice_metrics_groups(model: Any, groups: dict[Any, list[SparseDictionary]],
         clean_logp, ce_clean = _token_ce(model(tokens), tokens)
         clean_total += float(ce_clean.sum())
         count += ce_clean.numel()
-        for g, saes in groups.items():
+        for g, dictionaries in groups.items():
             for mode, key, kl_key in (("dictionary", "spliced", "kl"), ("zero", "zero", "kl_zero")):
-                hooks = [h for sae in saes for h in splice_hooks(sae, not_bos, mode)]
+                if hasattr(dictionaries, "hooks"):  # a replacement model (replacement.Replacement): several MLPs
+                    hooks = dictionaries.hooks(not_bos, mode)
+                else:
+                    hooks = [h for d in dictionaries for h in (
+                        splice_hooks(d, keep_error=False, where=not_bos) if mode == "dictionary"
+                        else zero_ablation_hooks(d, not_bos))]
                 logp, ce = _token_ce(model.run_with_hooks(tokens, fwd_hooks=hooks), tokens)
                 tot[g][key] += float(ce.sum())
                 tot[g][kl_key] += float((clean_logp.exp() * (clean_logp - logp)).sum())
@@ -173,7 +166,7 @@ def splice_metrics_groups(model: Any, groups: dict[Any, list[SparseDictionary]],
     return out
 
 
-def evaluate_dictionary(model: Any, sae: "SparseDictionary | TranscoderSet", *, tokens: int | None = 100_000,
+def evaluate_dictionary(model: Any, dictionary: "SparseDictionary | TranscoderSet", *, tokens: int | None = 100_000,
                         ce_contexts: int = 32, source: Any = "nlp-corpus", ctx_len: int = 128,
                         contexts: torch.Tensor | None = None, dense_threshold: float = 0.1, batch_size: int = 4096,
                         progress: bool = True) -> "DictionaryMetrics | dict[int, DictionaryMetrics]":
@@ -185,18 +178,24 @@ def evaluate_dictionary(model: Any, sae: "SparseDictionary | TranscoderSet", *, 
     together (only CE and KL filled in).
     """
     from ..data import load_contexts
-    from .api import chunk_for, model_batches
+    from .batches import chunk_for, model_batches
 
+    if not isinstance(dictionary, (SparseDictionary, TranscoderSet)) and hasattr(dictionary, "output_layers"):
+        from .replacement import evaluate_replacement  # a cross-layer transcoder: per layer and all at once
+
+        return evaluate_replacement(model, dictionary, tokens=tokens, ce_contexts=ce_contexts, source=source,
+                                    ctx_len=ctx_len, contexts=contexts, dense_threshold=dense_threshold,
+                                    batch_size=batch_size, progress=progress)
+    if isinstance(dictionary, TranscoderSet):
+        from .clt import check_fits_model
+
+        check_fits_model(dictionary, model)  # layers, hooks and widths, naming the layer that does not fit
     if contexts is None:
         contexts = load_contexts(model, source, ctx_len, "test", progress=progress)
-    members = sae.items() if isinstance(sae, TranscoderSet) else [(None, sae)]
-    for _, d in members:
-        for hook in {d.hook_name, d.hook_name_out}:
-            if hook not in model.hook_names:
-                from ..engine.hooks import UnknownHookError
-
-                raise UnknownHookError(hook, model.hook_names)
+    members = dictionary.items() if isinstance(dictionary, TranscoderSet) else [(None, dictionary)]
     hooks = sorted({h for _, d in members for h in (d.hook_name, d.hook_name_out)})
+    for hook in hooks:
+        model.hook_spec(hook)  # UnknownHookError, with the close matches
     bos = model.cfg.bos_token_id
     per_row = (contexts != bos).sum(1) if bos is not None else torch.full((len(contexts),), contexts.shape[1])
     rows = int(per_row.sum())
@@ -217,11 +216,11 @@ def evaluate_dictionary(model: Any, sae: "SparseDictionary | TranscoderSet", *, 
     results: dict[Any, DictionaryMetrics] = {key: acc.result(dense_threshold) for (key, _), acc in zip(members, accs)}
     if ce_contexts:
         groups = {key: [d] for key, d in members}
-        if isinstance(sae, TranscoderSet) and len(sae) > 1:
-            groups["all"] = list(sae)
+        if isinstance(dictionary, TranscoderSet) and len(dictionary) > 1:
+            groups["all"] = list(dictionary)
             results["all"] = DictionaryMetrics()
         spliced = splice_metrics_groups(model, groups, contexts[:ce_contexts], progress=progress)
         for key, values in spliced.items():
             for k, v in values.items():
                 setattr(results[key], k, v)
-    return results if isinstance(sae, TranscoderSet) else results[None]
+    return results if isinstance(dictionary, TranscoderSet) else results[None]

@@ -34,12 +34,31 @@ from typing import Any
 
 import torch
 from torch import nn
+from ..dtypes import DTYPES
+from ..engine.errors import FeaturelensError, InputError
 
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+_DTYPES = DTYPES  # the names a DictionaryConfig.dtype may take
 
 
-class FeatureIndexError(IndexError, ValueError):
+def sparse_activation(arch: str, pre: torch.Tensor, k: int | None = None,
+                      threshold: torch.Tensor | None = None) -> torch.Tensor:
+    """The inference-time activation of an architecture on pre-activations [..., d_sae] (shared by every
+    dictionary kind: SAEs, transcoders, cross-layer transcoders).
+
+    >>> sparse_activation("topk", torch.tensor([[3.0, -1.0, 2.0]]), k=1)
+    tensor([[3., 0., 0.]])
+    """
+    if arch == "relu":
+        return pre.relu()
+    if arch == "topk":
+        vals, idx = pre.topk(k, dim=-1, sorted=False)  # type: ignore[arg-type]
+        return torch.zeros_like(pre).scatter_(-1, idx, vals.relu())
+    # jumprelu, and batchtopk at inference: keep what clears the (learned) threshold
+    return pre * (pre > threshold)
+
+
+class FeatureIndexError(FeaturelensError, IndexError, ValueError):
     """A feature index outside a dictionary, or not an integer (an IndexError, and a ValueError so that the CLI
     reports it as bad input)."""
 
@@ -83,28 +102,28 @@ class DictionaryConfig:
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
-            raise ValueError(f"unknown architecture {self.arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+            raise InputError(f"unknown architecture {self.arch!r}; choose one of {', '.join(ARCHITECTURES)}")
         for name in ("d_in", "d_sae"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+                raise InputError(f"{name} must be a positive integer, got {v!r}")
         if self.arch in ("topk", "batchtopk"):
             if self.k is None or isinstance(self.k, bool) or not isinstance(self.k, int) or self.k <= 0:
-                raise ValueError(f"{self.arch} needs k, a positive integer, got {self.k!r}")
+                raise InputError(f"{self.arch} needs k, a positive integer, got {self.k!r}")
             if self.k > self.d_sae:
-                raise ValueError(f"k={self.k} is larger than the dictionary width {self.d_sae}")
+                raise InputError(f"k={self.k} is larger than the dictionary width {self.d_sae}")
         if self.d_out is None:
             self.d_out = self.d_in
         elif not self.transcoder and self.d_out != self.d_in:
-            raise ValueError(f"an SAE reconstructs its input: d_out={self.d_out} must equal d_in={self.d_in}")
+            raise InputError(f"an SAE reconstructs its input: d_out={self.d_out} must equal d_in={self.d_in}")
         if self.skip and not self.transcoder:
-            raise ValueError("a skip connection (W_skip) is only for transcoders")
+            raise InputError("a skip connection (W_skip) is only for transcoders")
         if self.apply_b_dec_to_input is None:
             self.apply_b_dec_to_input = not self.transcoder
         if self.apply_b_dec_to_input and self.transcoder:
-            raise ValueError("apply_b_dec_to_input makes no sense for a transcoder (b_dec lives in the output space)")
+            raise InputError("apply_b_dec_to_input makes no sense for a transcoder (b_dec lives in the output space)")
         if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+            raise InputError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -196,7 +215,7 @@ class SparseDictionary(nn.Module):
     # ----------------------------------------------------------------- forward pieces
     def _input(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.d_in:
-            raise ValueError(f"expected activations with last dimension d_in={self.d_in}, got shape {tuple(x.shape)}")
+            raise InputError(f"expected activations with last dimension d_in={self.d_in}, got shape {tuple(x.shape)}")
         x = x.to(self.dtype)
         return x - self.b_dec if self.cfg.apply_b_dec_to_input else x
 
@@ -206,14 +225,7 @@ class SparseDictionary(nn.Module):
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         """The inference-time activation for this architecture."""
-        arch = self.cfg.arch
-        if arch == "relu":
-            return pre.relu()
-        if arch == "topk":
-            vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)  # type: ignore[arg-type]
-            return torch.zeros_like(pre).scatter_(-1, idx, vals.relu())
-        # jumprelu, and batchtopk at inference: keep what clears the (learned) threshold
-        return pre * (pre > self.threshold)
+        return sparse_activation(self.cfg.arch, pre, self.cfg.k, self.threshold)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Feature activations [..., d_sae] of activations x [..., d_in]."""
@@ -224,7 +236,7 @@ class SparseDictionary(nn.Module):
         out = f.to(self.dtype) @ self.W_dec + self.b_dec
         if self.W_skip is not None:
             if x is None:
-                raise ValueError("this transcoder has a skip connection: call decode(f, x) with its input x")
+                raise InputError("this transcoder has a skip connection: call decode(f, x) with its input x")
             out = out + x.to(self.dtype) @ self.W_skip.T
         return out
 
@@ -245,7 +257,7 @@ class SparseDictionary(nn.Module):
         """
         norms = self.W_dec.norm(dim=1).clamp_min(1e-12)  # an all-zero row stays zero
         if self.cfg.arch == "topk" and not torch.allclose(norms, norms[0].expand_as(norms), rtol=1e-4):
-            raise ValueError("cannot fold unequal decoder norms into a topk dictionary without changing its output")
+            raise InputError("cannot fold unequal decoder norms into a topk dictionary without changing its output")
         self.W_dec.div_(norms[:, None])
         self.W_enc.mul_(norms[None, :])
         self.b_enc.mul_(norms)
@@ -278,9 +290,15 @@ class TranscoderSet(nn.Module):
     >>> tset.layers              # [0, 1, ..., 17]
     """
 
-    def __init__(self, transcoders: dict[int, SparseDictionary]):
+    def __init__(self, transcoders: dict[int, SparseDictionary], n_layers_model: int | None = None):
         super().__init__()
+        if not transcoders:
+            raise ValueError("a transcoder set needs at least one transcoder")
+        for layer, tc in transcoders.items():
+            if not tc.cfg.transcoder:
+                raise ValueError(f"layer {layer}: {tc!r} is an SAE, not a transcoder")
         self._by_layer = nn.ModuleDict({str(layer): tc for layer, tc in sorted(transcoders.items())})
+        self.n_layers_model = n_layers_model  # the model's layer count where known (trainers and loaders set it)
 
     @property
     def layers(self) -> list[int]:
@@ -307,3 +325,49 @@ class TranscoderSet(nn.Module):
     def __repr__(self) -> str:
         first = next(iter(self._by_layer.values()), None)
         return f"TranscoderSet(layers={self.layers}, each {first!r})"
+
+    # ----------------------------------------------------------------- the replacement protocol
+    # The same small interface as `CrossLayerTranscoder`, so that attribution and evaluation treat both alike:
+    # features of layer L read `input_hook(L)`, and write `decoder(L)[f, j]` to `output_hook(output_layers(L)[j])`.
+    @property
+    def d_sae(self) -> int:
+        widths = {tc.d_sae for tc in self}
+        if len(widths) != 1:
+            raise ValueError(f"the transcoders of this set differ in width ({sorted(widths)}); use set[layer].d_sae")
+        return widths.pop()
+
+    @property
+    def cfg(self) -> DictionaryConfig:
+        """The first layer's config (model name, architecture): what the set has in common."""
+        return next(iter(self)).cfg
+
+    def input_hook(self, layer: int) -> str:
+        return self[layer].hook_name
+
+    def output_hook(self, layer: int) -> str:
+        return self[layer].hook_name_out
+
+    def encode_layer(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """Feature activations [..., d_sae] of layer `layer` from its MLP input x [..., d_in]."""
+        return self[layer].encode(x)
+
+    def decoder(self, layer: int) -> torch.Tensor:
+        """Decoder [d_sae, 1, d_out]: what each feature of `layer` writes to each of `output_layers(layer)`."""
+        return self[layer].W_dec[:, None, :]
+
+    def output_layers(self, layer: int) -> list[int]:
+        self[layer]  # noqa: B018 -- raises KeyError naming the layers this set has
+        return [layer]
+
+    def skip_out(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+        """The affine skip's contribution x @ W_skip.T [..., d_out] at `layer`, or None without a skip."""
+        tc = self[layer]
+        return None if tc.W_skip is None else x.to(tc.dtype) @ tc.W_skip.T
+
+    def b_dec_out(self, layer: int) -> torch.Tensor:
+        """The bias [d_out] added at output layer `layer`."""
+        return self[layer].b_dec
+
+    def reconstruct(self, inputs: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """{layer: MLP output estimate [..., d_out]} from {layer: MLP input [..., d_in]} (each layer on its own)."""
+        return {layer: self[layer](x) for layer, x in inputs.items()}

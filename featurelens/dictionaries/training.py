@@ -19,6 +19,11 @@ The recipe, per dictionary:
   pre-activation units, O(1), where weights are O(1/sqrt(d)).
 * BatchTopK: the top k * batch activations over the whole batch; a running average of the smallest kept one
   becomes the threshold used at inference.
+* Options for transcoders of heavy-tailed MLP outputs: loss="normalized_mse" weighs each token's error by its own
+  target norm (see `reconstruction_loss`); reuse=R serves every token's activations R times from an in-memory
+  bfloat16 shuffle buffer (`reuse_batches`), so R times fewer forward passes feed the same number of steps.
+* The step's pieces (selection, sparse encode / decode, AuxK, the loss, decoder-norm upkeep) are functions shared
+  by `Learner` and the cross-layer transcoder's learner (`clt.CLTLearner`); `run_training` drives either.
 
 Checkpoints (dictionaries, optimizer state, counters, RNG) are written atomically to <out>/checkpoints/ every
 `checkpoint_every` steps (default: every ten minutes); the last two are kept. A run given `resume=True` continues
@@ -31,7 +36,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import os
 import re
 import shutil
 import sys
@@ -44,8 +48,12 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import torch
 
 from ..interrupt import deferred_interrupt
-from .kernels import JumpReLU, SelectedEncode, Step, bf16_matmul_is_fast, gathered_dot, geometric_median, sparse_decode
+from ..io import atomic_save
+from ..device import bf16_matmul_is_fast
+from .autograd import JumpReLU, SelectedEncode, Step, gathered_dot, sparse_decode
+from .median import geometric_median
 from .sae import ARCHITECTURES, DictionaryConfig, SparseDictionary
+from ..engine.errors import InputError
 
 # Measured on Gemma 3 270M blocks.6.hook_resid_post, width 8192 (see the notes in the report / README).
 DEFAULT_LR = {"topk": 2e-3, "batchtopk": 2e-3, "relu": 1e-3, "jumprelu": 1e-3}
@@ -82,19 +90,24 @@ class TrainConfig:
     select_dtype: str = "auto"  # topk / batchtopk: dtype of the encoder pass that picks latents ("auto": bfloat16
     #                             where its matmuls are fast, else float32); chosen latents' values are float32
     skip: bool = False  # transcoders: linear skip connection
+    loss: str = "mse"  # "mse", or "normalized_mse": each token's error relative to its target's norm (see
+    #                    reconstruction_loss), so that heavy-tailed MLP outputs do not dominate
+    reuse: int = 1  # serve each token's activations this many times (from an in-memory shuffle buffer): the forward
+    #                 pass is the expensive part, so reuse > 1 trades fresh tokens for steps
+    reuse_buffer_tokens: int = 65536  # rows held (as bfloat16) by that buffer
     checkpoint_every: int | None = None  # steps; default: every CHECKPOINT_SECONDS of training
     seed: int = 0
 
     # fields a resumed run must share with its checkpoint
-    STRUCTURAL = ("arch", "width", "k", "normalize", "skip", "seed")
+    STRUCTURAL = ("arch", "width", "k", "normalize", "skip", "seed", "reuse", "reuse_buffer_tokens")
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
-            raise ValueError(f"unknown architecture {self.arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+            raise InputError(f"unknown architecture {self.arch!r}; choose one of {', '.join(ARCHITECTURES)}")
         if self.k is None and self.arch in ("topk", "batchtopk"):
             self.k = 32
         if self.k is not None and self.arch not in ("topk", "batchtopk"):
-            raise ValueError(f"k applies to topk and batchtopk, not {self.arch} (its sparsity comes from "
+            raise InputError(f"k applies to topk and batchtopk, not {self.arch} (its sparsity comes from "
                              f"{'l1_coefficient' if self.arch == 'relu' else 'l0_coefficient'})")
         _positive_int("width", self.width)
         _positive_int("tokens", self.tokens)
@@ -102,18 +115,22 @@ class TrainConfig:
         if self.k is not None:
             _positive_int("k", self.k)
             if self.k > self.width:
-                raise ValueError(f"k={self.k} must not exceed the width {self.width}")
+                raise InputError(f"k={self.k} must not exceed the width {self.width}")
         if self.lr is None:
             self.lr = DEFAULT_LR[self.arch]
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+            raise InputError(f"lr must be a positive number, got {self.lr!r}")
         for name in ("warmup", "decay", "sparsity_warmup"):
             if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"{name} is a fraction of the tokens in [0, 1), got {getattr(self, name)!r}")
+                raise InputError(f"{name} is a fraction of the tokens in [0, 1), got {getattr(self, name)!r}")
         if self.checkpoint_every is not None:
             _positive_int("checkpoint_every", self.checkpoint_every)
         if self.select_dtype not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"select_dtype must be auto, float32 or bfloat16, got {self.select_dtype!r}")
+            raise InputError(f"select_dtype must be auto, float32 or bfloat16, got {self.select_dtype!r}")
+        if self.loss not in LOSSES:
+            raise InputError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        _positive_int("reuse", self.reuse)
+        _positive_int("reuse_buffer_tokens", self.reuse_buffer_tokens)
         self.adam_betas = tuple(self.adam_betas)  # type: ignore[assignment]
 
     def to_dict(self) -> dict[str, Any]:
@@ -122,7 +139,7 @@ class TrainConfig:
 
 def _positive_int(name: str, v: Any) -> None:
     if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        raise InputError(f"{name} must be a positive integer, got {v!r}")
 
 
 def lr_factor(progress: float, warmup: float, decay: float) -> float:
@@ -133,9 +150,155 @@ def lr_factor(progress: float, warmup: float, decay: float) -> float:
     return max(f, 1e-3 if progress < 1 else 0.0)
 
 
+# ----------------------------------------------------------------------------------------------- shared step pieces
+# One implementation of each piece of a training step, used by `Learner` (one dictionary) and by the cross-layer
+# transcoder's learner (`clt.CLTLearner`, one encoder per layer): selection, sparse encode/decode, sparsity terms,
+# AuxK for dead latents, the loss, decoder-norm upkeep.
+def select_latents(pre: torch.Tensor, arch: str, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """topk / batchtopk training selection on pre-activations [B, d_sae]:
+    (indices [B, kk], pre-activation values there, mask of kept entries or None when all are kept)."""
+    if arch == "topk":
+        vals, idx = pre.topk(k, dim=-1, sorted=False)
+        return idx, vals, None
+    # batchtopk: candidates = each row's top 4k (exact unless one token holds more than 4k of the batch's top)
+    cand_v, cand_i = pre.topk(min(pre.shape[1], 4 * k), dim=-1, sorted=False)
+    n_keep = min(k * pre.shape[0], cand_v.numel())
+    cut = cand_v.reshape(-1).topk(n_keep, sorted=False).values.min()
+    keep = (cand_v >= cut) & (cand_v > 0)
+    width = max(1, int(keep.sum(1).max()))
+    vals, pos = cand_v.masked_fill(~keep, float("-inf")).topk(width, dim=-1)
+    mask = torch.isfinite(vals)
+    return cand_i.gather(1, pos), vals.masked_fill(~mask, 0.0), mask
+
+
+@dataclass
+class TrainEncoding:
+    """One encoder's features for a training batch of B tokens."""
+
+    acts: torch.Tensor  # [B, kk] values of the selected latents (topk / batchtopk), or [B, d_sae] dense
+    idx: torch.Tensor | None  # [B, kk] their latent ids; None when acts is dense
+    pre: torch.Tensor  # [B, d_sae] pre-activations, detached (AuxK reads the dead latents' among them)
+    active: torch.Tensor  # bool, acts.shape
+    l0: torch.Tensor  # mean active latents per token
+    fired: torch.Tensor  # ids of the latents that fired in this batch
+    sparsity: torch.Tensor  # the architecture's penalty (0 for topk / batchtopk)
+
+
+def encode_for_training(arch: str, k: int | None, x: torch.Tensor, b_dec_in: torch.Tensor | None,
+                        W_enc: torch.Tensor, b_enc: torch.Tensor, threshold: torch.Tensor | None, tcfg: "TrainConfig",
+                        select_dtype: torch.dtype | None) -> TrainEncoding:
+    """Encode x [B, d_in] (normalized units) with autograd reaching only what the step needs: for topk / batchtopk
+    a dense no-grad pass picks the latents and `SelectedEncode` gives the chosen ones their gradient."""
+    sparsity = x.new_zeros(())
+    if arch in ("topk", "batchtopk"):
+        with torch.no_grad():
+            x_in = x - b_dec_in if b_dec_in is not None else x
+            if select_dtype is None:
+                pre = x_in @ W_enc + b_enc
+                idx, vals, mask = select_latents(pre, arch, k)  # type: ignore[arg-type]
+            else:  # choose in low precision, then compute the chosen values exactly
+                pre = torch.addmm(b_enc.to(select_dtype), x_in.to(select_dtype), W_enc.to(select_dtype))
+                idx, _, mask = select_latents(pre, arch, k)  # type: ignore[arg-type]
+                vals = gathered_dot(idx, x_in, W_enc.T) + b_enc[idx]
+        acts = SelectedEncode.apply(x, b_dec_in, W_enc, b_enc, idx, vals).relu()
+        if mask is not None:
+            acts = acts * mask
+        active = acts.detach() > 0
+        return TrainEncoding(acts, idx, pre, active, active.sum(1).float().mean(), idx[active], sparsity)
+    pre_g = ((x - b_dec_in) if b_dec_in is not None else x) @ W_enc + b_enc
+    if arch == "relu":
+        f = pre_g.relu()
+        sparsity = tcfg.l1_coefficient * f.sum(-1).mean()
+    else:
+        f = JumpReLU.apply(pre_g, threshold, tcfg.jumprelu_bandwidth)
+        sparsity = tcfg.l0_coefficient * Step.apply(pre_g, threshold, tcfg.jumprelu_bandwidth).sum(-1).mean()
+    active = f.detach() > 0
+    return TrainEncoding(f, None, pre_g.detach(), active, active.sum(1).float().mean(),
+                         active.any(0).nonzero().squeeze(1), sparsity)
+
+
+def decode_for_training(enc: TrainEncoding, W_dec: torch.Tensor) -> torch.Tensor:
+    """enc's features times the decoder rows W_dec [d_sae, n] -> [B, n] (a sparse decode for selected latents)."""
+    return sparse_decode(enc.acts, enc.idx, W_dec) if enc.idx is not None else enc.acts @ W_dec
+
+
+def dead_latent_aux(x: torch.Tensor, b_dec_in: torch.Tensor | None, W_enc: torch.Tensor, b_enc: torch.Tensor,
+                    W_dec: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor, aux_k: int,
+                    err: torch.Tensor) -> torch.Tensor:
+    """AuxK (Gao et al. 2024): the top aux_k dead latents' pre-activations reconstruct the error err [B, n]."""
+    with torch.no_grad():  # the dead latents' top pre-activations (their values need not be exact)
+        dead_idx = dead.nonzero().squeeze(1)
+        aux_v, local = pre[:, dead_idx].topk(min(aux_k, len(dead_idx)), dim=-1, sorted=False)
+        aux_v, aux_i = aux_v.to(x.dtype), dead_idx[local]
+    # no ReLU here (as in Gao et al.): a dead latent's pre-activation is usually negative, and the gradient
+    # must reach it to bring it back
+    aux_acts = SelectedEncode.apply(x, b_dec_in, W_enc, b_enc, aux_i, aux_v)
+    return (sparse_decode(aux_acts, aux_i, W_dec) + err.detach()).pow(2).sum(-1).mean()
+
+
+LOSSES = ("mse", "normalized_mse")
+
+
+def reconstruction_loss(err2: torch.Tensor, y2: torch.Tensor, kind: str) -> torch.Tensor:
+    """The reconstruction term from per-token squared errors err2 [B] and squared target norms y2 [B].
+
+    "mse": mean of err2 (Gemma's heavy-tailed MLP outputs let the top 1% of tokens dominate it).
+    "normalized_mse": each token's error relative to its own target norm (floored at a tenth of the batch mean, so
+    near-zero targets do not take over), rescaled by the batch mean so the loss keeps mse's units and learning rate.
+    """
+    if kind == "mse":
+        return err2.mean()
+    mean_y2 = y2.mean().clamp_min(1e-12)
+    return (err2 / y2.clamp_min(0.1 * mean_y2)).mean() * mean_y2
+
+
+@torch.no_grad()
+def project_decoder_grad(W: torch.Tensor) -> None:
+    """Remove the gradient's component along each (unit) decoder row, so a step moves rows along the sphere."""
+    if W.grad is not None:
+        W.grad -= (W.grad * W).sum(1, keepdim=True) * W
+
+
+@torch.no_grad()
+def renormalize_rows(W: torch.Tensor) -> None:
+    W /= W.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def update_batchtopk_threshold(current: float | None, enc: TrainEncoding, rate: float) -> float | None:
+    """Running average of the smallest kept activation: the threshold a batchtopk dictionary uses at inference."""
+    if not enc.active.any():
+        return current
+    low = float(enc.acts.detach()[enc.active].min())
+    return low if current is None else (1 - rate) * current + rate * low
+
+
+def adam_for(weights: list[torch.Tensor], offsets: list[torch.Tensor], tcfg: "TrainConfig") -> torch.optim.Adam:
+    """Adam with encoder offsets (b_enc, JumpReLU thresholds) at offset_lr_scale times the rate."""
+    return torch.optim.Adam([{"params": weights, "lr_scale": 1.0},
+                             {"params": offsets, "lr_scale": tcfg.offset_lr_scale}], lr=tcfg.lr, betas=tcfg.adam_betas)
+
+
+def default_dead_tokens(tcfg: "TrainConfig") -> int:
+    return tcfg.dead_tokens or min(10_000_000, max(tcfg.tokens // 5, 10 * tcfg.batch_size))
+
+
+def choose_select_dtype(tcfg: "TrainConfig", arch: str, device: torch.device) -> torch.dtype | None:
+    low = tcfg.select_dtype == "bfloat16" or (tcfg.select_dtype == "auto" and bf16_matmul_is_fast(device.type))
+    return torch.bfloat16 if low and arch in ("topk", "batchtopk") else None
+
+
+def update_ema(ema: dict[str, float], stats: Mapping[str, float]) -> None:
+    for key, v in stats.items():
+        ema[key] = v if key not in ema else 0.9 * ema[key] + 0.1 * v
+
+
 # ----------------------------------------------------------------------------------------------- one dictionary
 class Learner:
-    """One dictionary being trained: its parameters (in normalized units), optimizer and counters."""
+    """One dictionary being trained: its parameters (in normalized units), optimizer and counters.
+
+    What `run_training` needs of a learner (this class, `clt.CLTLearner`): `name`, `ema`, `train_step(batch, lr,
+    sparsity_scale) -> rows`, `state()` / `restore(state)` and `signature()` (shapes a checkpoint must match).
+    """
 
     def __init__(self, name: str, cfg: DictionaryConfig, tcfg: TrainConfig, device: str | torch.device | None = None):
         self.name, self.tcfg = name, tcfg
@@ -151,13 +314,13 @@ class Learner:
             sae.threshold.data.fill_(tcfg.jumprelu_init_threshold)
         offsets = [sae.b_enc] + ([sae.threshold] if cfg.arch == "jumprelu" else [])
         weights = [p for p in sae.parameters() if all(p is not q for q in offsets) and p is not sae.threshold]
-        self.opt = torch.optim.Adam([{"params": weights, "lr_scale": 1.0},
-                                     {"params": offsets, "lr_scale": tcfg.offset_lr_scale}],
-                                    lr=tcfg.lr, betas=tcfg.adam_betas)
-        self.dead_tokens = tcfg.dead_tokens or min(10_000_000, max(tcfg.tokens // 5, 10 * tcfg.batch_size))
+        self.opt = adam_for(weights, offsets, tcfg)
+        self.dead_tokens = default_dead_tokens(tcfg)
         self.aux_k = tcfg.aux_k or max(1, cfg.d_in // 2)
-        low = tcfg.select_dtype == "bfloat16" or (tcfg.select_dtype == "auto" and bf16_matmul_is_fast(sae.device.type))
-        self.select_dtype = torch.bfloat16 if low and cfg.arch in ("topk", "batchtopk") else None
+        self.select_dtype = choose_select_dtype(tcfg, cfg.arch, sae.device)
+
+    def signature(self) -> dict[str, Any]:
+        return {"d_in": self.sae.d_in, "d_out": self.sae.d_out}
 
     @torch.no_grad()
     def _initialize(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -168,34 +331,14 @@ class Learner:
         y = y * self.scale_out
         sae.b_dec.copy_(y.mean(0) if sae.cfg.transcoder else geometric_median(y))
         if sae.cfg.arch in ("relu", "jumprelu") and self.tcfg.init_l0:
-            # Start each latent firing on about init_l0 / d_sae of the tokens: a ReLU's bias (or a JumpReLU's
-            # threshold) at that quantile of its first-batch pre-activations. Otherwise most latents start silent
-            # (JumpReLU) or all start on (ReLU), and a short run spends its budget getting out of that.
-            pre = sae.pre_activation(x * self.scale_in)
-            q = min(max(1.0 - self.tcfg.init_l0 / sae.d_sae, 0.0), 1.0)
-            cut = pre.float().quantile(q, dim=0) if pre.shape[0] * pre.shape[1] < 2**24 else \
-                pre.kthvalue(max(1, min(pre.shape[0], round(q * pre.shape[0]))), dim=0).values
-            if sae.cfg.arch == "relu":
-                sae.b_enc.sub_(cut)
-            else:
-                sae.threshold.copy_(cut.clamp_min(1e-3))
+            init_sparse_offsets(sae.cfg.arch, sae.pre_activation(x * self.scale_in), sae.b_enc, sae.threshold,
+                                self.tcfg.init_l0)
         self.initialized = True
 
-    def _select(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(indices [B, kk], pre-activation values there, mask of kept entries or None when all are kept)."""
-        k = self.sae.cfg.k
-        if self.sae.cfg.arch == "topk":
-            vals, idx = pre.topk(k, dim=-1, sorted=False)
-            return idx, vals, None
-        # batchtopk: candidates = each row's top 4k (exact unless one token holds more than 4k of the batch's top)
-        cand_v, cand_i = pre.topk(min(pre.shape[1], 4 * k), dim=-1, sorted=False)
-        n_keep = min(k * pre.shape[0], cand_v.numel())
-        cut = cand_v.reshape(-1).topk(n_keep, sorted=False).values.min()
-        keep = (cand_v >= cut) & (cand_v > 0)
-        width = max(1, int(keep.sum(1).max()))
-        vals, pos = cand_v.masked_fill(~keep, float("-inf")).topk(width, dim=-1)
-        mask = torch.isfinite(vals)
-        return cand_i.gather(1, pos), vals.masked_fill(~mask, 0.0), mask
+    def train_step(self, batch: Mapping[str, torch.Tensor], lr: float, sparsity_scale: float) -> int:
+        x, y = _pair(batch, self)
+        self.step(x, y, lr, sparsity_scale)
+        return x.shape[0]
 
     def step(self, x: torch.Tensor, y: torch.Tensor, lr: float, sparsity_scale: float) -> dict[str, float]:
         sae, cfg, tcfg = self.sae, self.sae.cfg, self.tcfg
@@ -206,79 +349,39 @@ class Learner:
         for group in self.opt.param_groups:
             group["lr"] = lr * group["lr_scale"]
         b_dec_in = sae.b_dec if cfg.apply_b_dec_to_input else None
-        sparsity = x.new_zeros(())
-        if cfg.arch in ("topk", "batchtopk"):
-            with torch.no_grad():
-                x_in = x - sae.b_dec if b_dec_in is not None else x
-                if self.select_dtype is None:
-                    pre = x_in @ sae.W_enc + sae.b_enc
-                    idx, vals, mask = self._select(pre)
-                else:  # choose in low precision, then compute the chosen values exactly
-                    dt = self.select_dtype
-                    pre = torch.addmm(sae.b_enc.to(dt), x_in.to(dt), sae.W_enc.to(dt))
-                    idx, _, mask = self._select(pre)
-                    vals = gathered_dot(idx, x_in, sae.W_enc.T) + sae.b_enc[idx]
-            acts = SelectedEncode.apply(x, b_dec_in, sae.W_enc, sae.b_enc, idx, vals).relu()
-            if mask is not None:
-                acts = acts * mask
-            recon = sparse_decode(acts, idx, sae.W_dec) + sae.b_dec
-            active = acts.detach() > 0
-            l0 = active.sum(1).float().mean()
-            fired = idx[active]
-        else:
-            pre_g = sae.pre_activation(x)
-            pre = pre_g.detach()
-            if cfg.arch == "relu":
-                f = pre_g.relu()
-                sparsity = tcfg.l1_coefficient * f.sum(-1).mean()
-            else:
-                f = JumpReLU.apply(pre_g, sae.threshold, tcfg.jumprelu_bandwidth)
-                sparsity = tcfg.l0_coefficient * Step.apply(pre_g, sae.threshold, tcfg.jumprelu_bandwidth).sum(-1).mean()
-            recon = f @ sae.W_dec + sae.b_dec
-            active = f.detach() > 0
-            l0 = active.sum(1).float().mean()
-            fired = active.any(0).nonzero().squeeze(1)
+        enc = encode_for_training(cfg.arch, cfg.k, x, b_dec_in, sae.W_enc, sae.b_enc, sae.threshold, tcfg,
+                                  self.select_dtype)
+        recon = decode_for_training(enc, sae.W_dec) + sae.b_dec
         if sae.W_skip is not None:
             recon = recon + x @ sae.W_skip.T
         err = recon - y
-        mse = err.pow(2).sum(-1).mean()
-        loss = mse + sparsity_scale * sparsity
+        err2 = err.pow(2).sum(-1)
+        mse = err2.mean()
+        loss = reconstruction_loss(err2, y.pow(2).sum(-1), tcfg.loss) + sparsity_scale * enc.sparsity
 
         dead = self.since_fired >= self.dead_tokens
         n_dead = int(dead.sum())
         aux = x.new_zeros(())
         if n_dead and tcfg.aux_coefficient > 0:
-            with torch.no_grad():  # the dead latents' top pre-activations (their values need not be exact)
-                dead_idx = dead.nonzero().squeeze(1)
-                aux_v, local = pre[:, dead_idx].topk(min(self.aux_k, n_dead), dim=-1, sorted=False)
-                aux_v, aux_i = aux_v.to(x.dtype), dead_idx[local]
-            # no ReLU here (as in Gao et al.): a dead latent's pre-activation is usually negative, and the gradient
-            # must reach it to bring it back
-            aux_acts = SelectedEncode.apply(x, b_dec_in, sae.W_enc, sae.b_enc, aux_i, aux_v)
-            aux = (sparse_decode(aux_acts, aux_i, sae.W_dec) + err.detach()).pow(2).sum(-1).mean()
+            aux = dead_latent_aux(x, b_dec_in, sae.W_enc, sae.b_enc, sae.W_dec, enc.pre, dead, self.aux_k, err)
             loss = loss + tcfg.aux_coefficient * aux
 
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         with torch.no_grad():
-            W, g = sae.W_dec, sae.W_dec.grad
-            if g is not None:
-                g -= (g * W).sum(1, keepdim=True) * W
+            project_decoder_grad(sae.W_dec)
             self.opt.step()
-            W /= W.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            renormalize_rows(sae.W_dec)
             if cfg.arch == "jumprelu":
                 sae.threshold.clamp_(min=1e-6)
             self.since_fired += x.shape[0]
-            self.since_fired[fired.to(torch.long)] = 0
-            if cfg.arch == "batchtopk" and active.any():
-                low = float(acts.detach()[active].min())
-                r = tcfg.batchtopk_threshold_rate
-                self.bt_threshold = low if self.bt_threshold is None else (1 - r) * self.bt_threshold + r * low
+            self.since_fired[enc.fired.to(torch.long)] = 0
+            if cfg.arch == "batchtopk":
+                self.bt_threshold = update_batchtopk_threshold(self.bt_threshold, enc, tcfg.batchtopk_threshold_rate)
             var = (y - y.mean(0)).pow(2).sum()
-            stats = {"loss": float(loss), "mse": float(mse), "fvu": float(err.pow(2).sum() / var.clamp_min(1e-12)),
-                     "l0": float(l0), "dead": n_dead / sae.d_sae, "aux": float(aux)}
-        for key, v in stats.items():
-            self.ema[key] = v if key not in self.ema else 0.9 * self.ema[key] + 0.1 * v
+            stats = {"loss": float(loss), "mse": float(mse), "fvu": float(err2.sum() / var.clamp_min(1e-12)),
+                     "l0": float(enc.l0), "dead": n_dead / sae.d_sae, "aux": float(aux)}
+        update_ema(self.ema, stats)
         return stats
 
     def export(self) -> SparseDictionary:
@@ -309,6 +412,22 @@ class Learner:
         self.ema = dict(st["ema"])
 
 
+@torch.no_grad()
+def init_sparse_offsets(arch: str, pre: torch.Tensor, b_enc: torch.Tensor, threshold: torch.Tensor | None,
+                        init_l0: float) -> None:
+    """Start each latent firing on about init_l0 / d_sae of the tokens: a ReLU's bias (or a JumpReLU's threshold)
+    at that quantile of its first-batch pre-activations [B, d_sae]. Otherwise most latents start silent (JumpReLU)
+    or all start on (ReLU), and a short run spends its budget getting out of that."""
+    d_sae = pre.shape[1]
+    q = min(max(1.0 - init_l0 / d_sae, 0.0), 1.0)
+    cut = pre.float().quantile(q, dim=0) if pre.shape[0] * pre.shape[1] < 2**24 else \
+        pre.kthvalue(max(1, min(pre.shape[0], round(q * pre.shape[0]))), dim=0).values
+    if arch == "relu":
+        b_enc.sub_(cut)
+    else:
+        threshold.copy_(cut.clamp_min(1e-3))  # type: ignore[union-attr]
+
+
 # ----------------------------------------------------------------------------------------------- checkpoints
 _CKPT_RE = re.compile(r"^step-(\d{8})\.pt$")
 
@@ -323,16 +442,7 @@ def _checkpoints(ckdir: Path) -> list[Path]:
 def save_checkpoint(ckdir: Path, state: dict[str, Any], keep: int = 2) -> Path:
     ckdir.mkdir(parents=True, exist_ok=True)
     path = ckdir / f"step-{state['step']:08d}.pt"
-    tmp = ckdir / f".{path.name}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_save(path, lambda tmp: torch.save(state, tmp))
     for old in _checkpoints(ckdir)[keep:]:
         old.unlink(missing_ok=True)
     return path
@@ -344,7 +454,7 @@ def load_latest_checkpoint(ckdir: Path) -> tuple[dict[str, Any], Path] | None:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
             if state.get("format") != CHECKPOINT_FORMAT:
-                raise ValueError(f"unknown checkpoint format {state.get('format')!r}")
+                raise InputError(f"unknown checkpoint format {state.get('format')!r}")
             return state, path
         except Exception as e:  # a truncated or foreign file: fall back to the previous checkpoint
             warnings.warn(f"{path}: unreadable checkpoint ({e}); trying an older one", stacklevel=2)
@@ -367,9 +477,13 @@ def run_training(learners: list[Learner], batches: Batches, tcfg: TrainConfig, o
     """Train `learners` together on one stream: `batches(tokens_seen)` yields {hook: [n, d]} with rows aligned.
 
     Checkpoints go to <out>/checkpoints (none when out is None). `stop_after_steps` ends the run early
-    (as an interruption would), for tests and benchmarks.
+    (as an interruption would), for tests and benchmarks. With tcfg.reuse > 1 the stream is served through
+    `reuse_batches` (each row seen `reuse` times; tcfg.tokens counts rows trained on, repeats included).
     """
     from tqdm.auto import tqdm
+
+    if tcfg.reuse > 1:
+        batches = reuse_batches(batches, tcfg.reuse, tcfg.reuse_buffer_tokens, tcfg.batch_size, tcfg.seed)
 
     ckdir = out / "checkpoints" if out is not None else None
     step, tokens_seen, resumed_from = 0, 0, None
@@ -417,9 +531,7 @@ def run_training(learners: list[Learner], batches: Batches, tcfg: TrainConfig, o
                 sparsity_scale = min(1.0, frac / tcfg.sparsity_warmup) if tcfg.sparsity_warmup > 0 else 1.0
                 n = 0
                 for learner in learners:
-                    x, y = _pair(batch, learner)
-                    learner.step(x, y, lr, sparsity_scale)
-                    n = x.shape[0]
+                    n = learner.train_step(batch, lr, sparsity_scale)
                 step, tokens_seen, steps_run = step + 1, tokens_seen + n, steps_run + 1
                 bar.update(n)
                 if progress:
@@ -451,7 +563,7 @@ def _pair(batch: Mapping[str, torch.Tensor], learner: Learner) -> tuple[torch.Te
         raise KeyError(f"the activation batch has no {e.args[0]!r} (it has {', '.join(batch)})") from None
     x, y = x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1)
     if x.shape[0] != y.shape[0]:
-        raise ValueError(f"input and output batches differ in length: {x.shape[0]} vs {y.shape[0]}")
+        raise InputError(f"input and output batches differ in length: {x.shape[0]} vs {y.shape[0]}")
     return x, y
 
 
@@ -462,19 +574,24 @@ def _postfix(learners: list[Learner]) -> dict[str, str]:
 
 def _check_resumable(state: dict[str, Any], tcfg: TrainConfig, learners: list[Learner], path: Path) -> None:
     saved = state.get("train_config", {})
-    diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {getattr(tcfg, k)!r}" for k in TrainConfig.STRUCTURAL
-             if saved.get(k) != getattr(tcfg, k)]
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # a field newer than the checkpoint
+    diffs = [f"{k}: checkpoint {saved.get(k, defaults[k])!r}, now {getattr(tcfg, k)!r}"
+             for k in TrainConfig.STRUCTURAL if saved.get(k, defaults[k]) != getattr(tcfg, k)]
     names = {st["name"] for st in state["learners"]}
     missing = [lr_.name for lr_ in learners if lr_.name not in names]
     if missing:
         diffs.append(f"dictionaries {missing} are not in the checkpoint (it has {sorted(names)})")
     for st in state["learners"]:
         mine = next((lr_ for lr_ in learners if lr_.name == st["name"]), None)
-        if mine is not None and (st["config"]["d_in"], st["config"]["d_out"]) != (mine.sae.d_in, mine.sae.d_out):
-            diffs.append(f"{st['name']}: checkpoint d_in/d_out {st['config']['d_in']}/{st['config']['d_out']}, "
-                         f"now {mine.sae.d_in}/{mine.sae.d_out}")
+        if mine is None:
+            continue
+        sig = mine.signature()
+        saved_sig = {k: st["config"].get(k) for k in sig}
+        if saved_sig != sig:
+            diffs.append(f"{st['name']}: checkpoint " + ", ".join(f"{k}={v}" for k, v in saved_sig.items())
+                         + ", now " + ", ".join(f"{k}={v}" for k, v in sig.items()))
     if diffs:
-        raise ValueError(f"cannot resume from {path}: the run differs from it ({'; '.join(diffs)}); "
+        raise InputError(f"cannot resume from {path}: the run differs from it ({'; '.join(diffs)}); "
                          "use the same settings, or start over with overwrite=True (--overwrite)")
 
 
@@ -506,3 +623,48 @@ def iterate_tensors(x: torch.Tensor, batch_size: int, hook: str, y: torch.Tensor
             epoch += 1
 
     return gen
+
+
+def reuse_batches(batches: Batches, reuse: int, buffer_tokens: int, batch_size: int, seed: int = 0) -> Batches:
+    """Serve every row of `batches` `reuse` times: fill a buffer of buffer_tokens rows (held as bfloat16, half the
+    memory of float32; the activations' own precision is about that anyway), then yield it `reuse` times in fresh
+    random orders, then refill. Resumable at any row like the stream it wraps: buffer b holds the inner stream's rows
+    [b * buffer_tokens, (b + 1) * buffer_tokens) and its orders depend only on (seed, b).
+    """
+    per_buffer = max(batch_size, buffer_tokens // batch_size * batch_size)  # whole batches per pass
+
+    def gen(tokens_seen: int) -> Iterator[dict[str, torch.Tensor]]:
+        b, skip = divmod(tokens_seen, per_buffer * reuse)
+        inner = iter(batches(b * per_buffer))
+        while True:
+            parts, n = [], 0
+            for part in inner:
+                parts.append({h: v.to(torch.bfloat16) if v.is_floating_point() else v for h, v in part.items()})
+                n += len(next(iter(part.values())))
+                if n >= per_buffer:
+                    break
+            if n == 0:
+                return
+            buf = {h: torch.cat([p[h] for p in parts]) for h in parts[0]}
+            extra = {h: v[per_buffer:] for h, v in buf.items()} if n > per_buffer else None
+            buf = {h: v[:per_buffer] for h, v in buf.items()}
+            rows = min(n, per_buffer)
+            g = torch.Generator().manual_seed(seed * 1_000_003 + b)
+            order = torch.cat([torch.randperm(rows, generator=g) for _ in range(reuse)])
+            for s in range(0, len(order), batch_size):
+                if skip >= batch_size:
+                    skip -= batch_size
+                    continue
+                sel = order[s + skip:s + batch_size]
+                skip = 0
+                yield {h: v[sel].float() if v.is_floating_point() else v[sel] for h, v in buf.items()}
+            if extra is not None:  # rows past the buffer (the inner batches need not divide it) start the next one
+                inner = _chain_first(extra, inner)
+            b += 1
+
+    return gen
+
+
+def _chain_first(first: dict[str, torch.Tensor], rest: Iterator[dict[str, torch.Tensor]]) -> Iterator[dict[str, torch.Tensor]]:
+    yield {h: v.float() if v.is_floating_point() else v for h, v in first.items()}
+    yield from rest

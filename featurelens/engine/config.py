@@ -7,6 +7,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
+from .errors import InputError
 
 
 @dataclass
@@ -66,9 +67,9 @@ class ModelConfig:
         if not self.layer_types:
             self.layer_types = ["global"] * self.n_layers
         if len(self.layer_types) != self.n_layers:
-            raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.n_layers} layers")
+            raise InputError(f"layer_types has {len(self.layer_types)} entries for {self.n_layers} layers")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+            raise InputError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
 
     @property
     def q_scale(self) -> float:
@@ -90,5 +91,5 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
+            raise InputError(f"unknown ModelConfig fields: {sorted(unknown)}")
         return cls(**d)

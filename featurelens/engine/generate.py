@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .model import KVCache
+from .errors import InputError
 
 if TYPE_CHECKING:
     from .hooked import HookedTransformer
@@ -46,13 +47,13 @@ def generate_tokens(
 ) -> list[list[int]]:
     """Prompts as token lists -> the new tokens of each (stop token included, nothing after it)."""
     if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+        raise InputError(f"temperature must be >= 0, got {temperature}")
     if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        raise InputError(f"top_p must be in (0, 1], got {top_p}")
     if any(len(r) == 0 for r in rows):
-        raise ValueError("empty prompt: every prompt needs at least one token")
+        raise InputError("empty prompt: every prompt needs at least one token")
     if max_new_tokens == 0:
         return [[] for _ in rows]
     generator = None
@@ -60,7 +61,7 @@ def generate_tokens(
         generator = torch.Generator(device=model.device)
         generator.manual_seed(seed)
 
-    tokens, mask = model._pad(rows, "left")  # [b, p]
+    tokens, mask = model.pad(rows, "left")  # [b, p]
     b, p = tokens.shape
     total = p + max_new_tokens
     cache = KVCache(model.cfg, b, total, model.device, model.dtype)

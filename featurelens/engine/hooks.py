@@ -7,6 +7,7 @@ import re
 from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
+from .errors import FeaturelensError, InputError
 
 HookFn = Callable[[torch.Tensor, "HookPoint"], "torch.Tensor | None"]
 
@@ -36,6 +37,8 @@ BLOCK_HOOKS = (
     "hook_mlp_out",  # [b, p, d_model] what the MLP adds to the residual
     "hook_resid_post",  # [b, p, d_model]
 )
+# hook_embed [b, p, d_model]: the rows of W_E, before Gemma's sqrt(d_model) scale (blocks.0.hook_resid_pre has it);
+# hook_pos_embed [b, p, d_model]: GPT-2's learned position embeddings.
 GLOBAL_HOOKS_BEFORE = ("hook_embed", "hook_pos_embed")
 GLOBAL_HOOKS_AFTER = ("ln_final.hook_scale", "ln_final.hook_normalized")
 
@@ -65,7 +68,7 @@ class HookPoint:
 
     def layer(self) -> int:
         if self._layer is None:
-            raise ValueError(f"hook {self.name!r} is not inside a block")
+            raise InputError(f"hook {self.name!r} is not inside a block")
         return self._layer
 
     def __repr__(self) -> str:
@@ -91,7 +94,7 @@ def hook_layer(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-class UnknownHookError(KeyError):
+class UnknownHookError(FeaturelensError, KeyError):
     """A hook name the model does not have; the message lists the nearest valid ones."""
 
     def __init__(self, name: str, valid: Iterable[str]):

@@ -15,17 +15,27 @@ from torch import nn
 
 from .config import ModelConfig
 from .hooks import HookFn, HookPoint, UnknownHookError, hook_names_for
+from .errors import InputError
 
 FwdHooks = Sequence[tuple["str | Callable[[str], bool]", HookFn]]
 
 
 class ForwardContext:
-    """Per-call state shared by the blocks: active hooks, positions, masks and the KV cache."""
+    """Per-call state shared by the blocks: active hooks, positions, masks and the KV cache.
 
-    __slots__ = ("hooks", "hook_points", "positions", "masks", "kv_cache", "key_valid", "q_start", "buffers")
+    `hooks` maps every hooked name to its forward hooks; a name with only backward hooks is in it too (with an
+    empty list), so the layers' "is this point hooked?" checks take the path that materializes it.
+    """
 
-    def __init__(self, hooks: dict[str, list[HookFn]], hook_points: dict[str, HookPoint]):
+    __slots__ = ("hooks", "bwd_hooks", "hook_points", "positions", "masks", "kv_cache", "key_valid", "q_start",
+                 "buffers")
+
+    def __init__(self, hooks: dict[str, list[HookFn]], hook_points: dict[str, HookPoint],
+                 bwd_hooks: dict[str, list[HookFn]] | None = None):
         self.hooks = hooks
+        self.bwd_hooks = bwd_hooks or {}
+        for name in self.bwd_hooks:
+            self.hooks.setdefault(name, [])
         self.hook_points = hook_points
         self.positions: torch.Tensor | None = None  # [b, p] rotary / learned positions
         self.masks: dict[int | None, torch.Tensor | None] = {}  # window -> [b|1, 1, p, t] bool, None = plain causal
@@ -53,13 +63,43 @@ class ForwardContext:
         for fn in fns:
             out = fn(x, hook)
             if out is not None:
-                if not isinstance(out, torch.Tensor) or out.shape != x.shape:
-                    raise ValueError(
-                        f"hook on {name} returned {type(out).__name__} "
-                        f"{tuple(out.shape) if isinstance(out, torch.Tensor) else ''}; expected a tensor of shape {tuple(x.shape)}"
-                    )
+                _check_replacement(name, out, x)
                 x = out
+        bwd = self.bwd_hooks.get(name)
+        if bwd and torch.is_grad_enabled():
+            x = self._on_gradient(x, hook, bwd)
         return x
+
+    def _on_gradient(self, x: torch.Tensor, hook: HookPoint, fns: list[HookFn]) -> torch.Tensor:
+        """Call the backward hooks with d(output)/d(x) when a backward pass reaches x; a hook's return value
+        replaces the gradient that flows on upstream."""
+        if x.requires_grad:
+            # A node of its own: where two hook points hold the same tensor (hook_embed and blocks.0.hook_resid_pre
+            # without an embedding scale), the later point's replacement must reach the earlier point's hook.
+            x = x.view_as(x)
+        else:  # nothing upstream needs a gradient (frozen weights), but the hook reads this one
+            x = x.detach().requires_grad_(True)
+        positions, past = self.positions, self.q_start  # the hook point is shared: restore this call's view of it
+
+        def on_grad(grad: torch.Tensor) -> torch.Tensor:
+            hook.positions, hook.past = positions, past
+            for fn in fns:
+                out = fn(grad, hook)
+                if out is not None:
+                    _check_replacement(hook.name + " (backward)", out, grad)
+                    grad = out
+            return grad
+
+        x.register_hook(on_grad)
+        return x
+
+
+def _check_replacement(name: str, out: Any, x: torch.Tensor) -> None:
+    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+        raise InputError(
+            f"hook on {name} returned {type(out).__name__} "
+            f"{tuple(out.shape) if isinstance(out, torch.Tensor) else ''}; expected a tensor of shape {tuple(x.shape)}"
+        )
 
 
 class KVCache:
@@ -75,7 +115,7 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         start, end = self.length, self.length + k.shape[2]
         if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; this call needs {end}")
+            raise InputError(f"KV cache holds {self.max_len} positions; this call needs {end}")
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
@@ -351,9 +391,16 @@ class Transformer(nn.Module):
         self._rope_tables: dict[tuple, dict] = {}  # (p, device, dtype, inference) -> rope cache of positions 0..p-1
 
     @property
-    def unembed(self) -> torch.Tensor:
+    def unembed_weight(self) -> torch.Tensor:
         """[V, D]: the unembedding matrix (the embedding itself when tied)."""
         return self.W_E if self.W_U is None else self.W_U
+
+    def unembed(self, resid: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """Final residual [.., D] -> logits [.., V]: final norm (its hooks run), unembedding, soft-cap."""
+        logits = F.linear(self.ln_final(resid, ctx), self.unembed_weight)
+        if self.cfg.final_softcap is not None:
+            logits = torch.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
+        return logits
 
     def _rope(self, layer: int, positions: torch.Tensor, cache: dict) -> tuple[torch.Tensor, ...] | None:
         """(cos, sin, stack(cos, sign * sin)) [b, p, 1, d] for this layer's rope base, once per forward and base."""
@@ -420,7 +467,7 @@ class Transformer(nn.Module):
         ctx.positions = positions
         self.build_masks(ctx, p, past + p, device)
 
-        resid = ctx("hook_embed", F.embedding(tokens, self.W_E))  # [b, p, D]
+        resid = ctx("hook_embed", F.embedding(tokens, self.W_E))  # [b, p, D], rows of W_E: before the scale
         if cfg.embed_scale != 1.0:
             resid = resid * torch.tensor(cfg.embed_scale, dtype=resid.dtype)
         if self.W_pos is not None:
@@ -441,10 +488,7 @@ class Transformer(nn.Module):
             ctx.kv_cache.length += p
         if stop_at_layer is not None:
             return resid
-        logits = F.linear(self.ln_final(resid, ctx), self.unembed)  # [b, p, V]
-        if cfg.final_softcap is not None:
-            logits = torch.tanh(logits / cfg.final_softcap) * cfg.final_softcap
-        return logits
+        return self.unembed(resid, ctx)  # [b, p, V]
 
 
 def resolve_hook_names(name: "str | Callable[[str], bool]", valid: list[str]) -> list[str]:

@@ -1,28 +1,21 @@
 """Interventions: steer, clamp and ablate features; patch activations to test causal hypotheses.
 
-- `steering`: `Steer`, `Clamp`, `Ablate`, `steering_vector`, `compare_generations`, and the hooks behind
-  `model.steer(...)` and `model.generate(..., interventions=[...])`.
+- `types`: `Steer`, `Clamp`, `Ablate`, `SteeringVector`: what to change (each has `.hooks(model)`).
+- `compile`: how they become forward hooks (`intervention_hooks`), through `featurelens.dictionaries.splice`.
+- `steering`: `steer(model, ...)` (a context manager), `steering_vector`, `compare_generations`.
 - `patching`: `activation_patching`, `attribution_patching` and the metrics `logit_diff`, `answer_prob`.
 - `plots`: `save_heatmap` (PNG and JSON).
 """
 
+from .compile import intervention_hooks
 from .patching import Metric, activation_patching, answer_prob, attribution_patching, logit_diff, patching_labels
 from .plots import save_heatmap
-from .steering import (
-    Ablate,
-    Clamp,
-    GenerationComparison,
-    Intervention,
-    Steer,
-    SteeringVector,
-    compare_generations,
-    feature_max_activation,
-    intervention_hooks,
-    steering_vector,
-)
+from .steering import GenerationComparison, as_interventions, compare_generations, steer, steering_vector
+from .types import Ablate, Clamp, Intervention, Steer, SteeringVector, feature_max_activation
 
 __all__ = [
     "Ablate", "Clamp", "GenerationComparison", "Intervention", "Metric", "Steer", "SteeringVector",
-    "activation_patching", "answer_prob", "attribution_patching", "compare_generations", "feature_max_activation",
-    "intervention_hooks", "logit_diff", "patching_labels", "save_heatmap", "steering_vector",
+    "activation_patching", "answer_prob", "as_interventions", "attribution_patching", "compare_generations",
+    "feature_max_activation", "intervention_hooks", "logit_diff", "patching_labels", "save_heatmap", "steer",
+    "steering_vector",
 ]

@@ -20,9 +20,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from ..engine.model import ForwardContext
+from ..engine.errors import InputError
 
 if TYPE_CHECKING:
     from ..engine.hooked import HookedTransformer
@@ -56,7 +55,7 @@ class Metric:
                 return model.to_single_token(t)
             t = int(t)
             if not 0 <= t < model.cfg.d_vocab:
-                raise ValueError(f"token id {t} is outside the vocabulary [0, {model.cfg.d_vocab})")
+                raise InputError(f"token id {t} is outside the vocabulary [0, {model.cfg.d_vocab})")
             return t
 
         return Metric(self.kind, tok(self.answer), None if self.wrong is None else tok(self.wrong), self.position)
@@ -67,7 +66,7 @@ class Metric:
         >>> fl.logit_diff(" Paris", " Rome").evaluate(model, "The Eiffel Tower is in")
         """
         metric = self.resolve(model)
-        tokens = model._as_tokens(input)
+        tokens = model.as_tokens(input)
         with torch.inference_mode():
             values = _metric_values(model, tokens, metric, [])
         return float(values[0]) if tokens.shape[0] == 1 else values
@@ -75,7 +74,7 @@ class Metric:
     def at_position(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [b, V] at the metric's position -> [b]."""
         if isinstance(self.answer, str) or isinstance(self.wrong, str):
-            raise ValueError(f"{self!r} names tokens as text: call metric.resolve(model) first")
+            raise InputError(f"{self!r} names tokens as text: call metric.resolve(model) first")
         logits = logits.float()
         if self.kind == "logit_diff":
             return logits[:, self.answer] - logits[:, self.wrong]
@@ -110,11 +109,7 @@ def _resolve(metric: Any, model: "HookedTransformer") -> Any:
 
 def _final_logits(model: "HookedTransformer", resid: torch.Tensor) -> torch.Tensor:
     """Final residual [b, n, D] -> logits [b, n, V] (final norm, unembedding, soft-cap), for a few positions only."""
-    net = model.net
-    ctx = ForwardContext(model._collect(()), net.hook_points)
-    logits = F.linear(net.ln_final(resid, ctx), net.unembed)
-    cap = model.cfg.final_softcap
-    return torch.tanh(logits / cap) * cap if cap is not None else logits
+    return model.unembed(resid)
 
 
 def _metric_values(model: "HookedTransformer", tokens: torch.Tensor, metric: Any, hooks: list) -> torch.Tensor:
@@ -127,7 +122,7 @@ def _metric_values(model: "HookedTransformer", tokens: torch.Tensor, metric: Any
         if values.dim() == 0:
             values = values[None]
     if values.shape != (tokens.shape[0],):
-        raise ValueError(f"the metric must return one value per batch row ({tokens.shape[0]}), got shape {tuple(values.shape)}")
+        raise InputError(f"the metric must return one value per batch row ({tokens.shape[0]}), got shape {tuple(values.shape)}")
     return values.float()
 
 
@@ -135,15 +130,15 @@ def _metric_values(model: "HookedTransformer", tokens: torch.Tensor, metric: Any
 def _site(hook: str) -> tuple[str, str]:
     site = hook if hook in SITES else _ALIASES.get(hook)
     if site is None:
-        raise ValueError(f"cannot patch hook {hook!r}: choose one of {', '.join(SITES)} (z = single attention heads)")
+        raise InputError(f"cannot patch hook {hook!r}: choose one of {', '.join(SITES)} (z = single attention heads)")
     return site, SITES[site]
 
 
 def pair_tokens(model: "HookedTransformer", clean: Any, corrupt: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Clean and corrupt prompts -> token tensors [1, p] of equal length, or a ValueError showing both tokenizations."""
-    c, k = model._as_tokens(clean), model._as_tokens(corrupt)
+    c, k = model.as_tokens(clean), model.as_tokens(corrupt)
     if c.shape[0] != 1 or k.shape[0] != 1:
-        raise ValueError(f"give one clean and one corrupt prompt (got batches of {c.shape[0]} and {k.shape[0]})")
+        raise InputError(f"give one clean and one corrupt prompt (got batches of {c.shape[0]} and {k.shape[0]})")
     if c.shape != k.shape:
         def show(t: torch.Tensor) -> str:
             try:
@@ -151,7 +146,7 @@ def pair_tokens(model: "HookedTransformer", clean: Any, corrupt: Any) -> tuple[t
             except ValueError:
                 return str(t[0].tolist())
 
-        raise ValueError(
+        raise InputError(
             "clean and corrupt prompts must have the same number of tokens to be patched position by position:\n"
             f"  clean   ({c.shape[1]} tokens): {show(c)}\n"
             f"  corrupt ({k.shape[1]} tokens): {show(k)}\n"
@@ -164,7 +159,7 @@ def _layers(model: "HookedTransformer", layers: Sequence[int] | None) -> list[in
     out = list(range(n)) if layers is None else [int(layer) for layer in layers]
     bad = [layer for layer in out if not 0 <= layer < n]
     if bad or not out:
-        raise ValueError(f"layers must lie in [0, {n}), got {bad or out}")
+        raise InputError(f"layers must lie in [0, {n}), got {bad or out}")
     return out
 
 
@@ -184,7 +179,7 @@ def _baselines(model, clean, corrupt, metric, names) -> tuple[float, float, dict
 def _normalize(scores: torch.Tensor, m_clean: float, m_corrupt: float) -> torch.Tensor:
     span = m_clean - m_corrupt
     if abs(span) < 1e-6:
-        raise ValueError(f"clean and corrupt runs give the same metric ({m_clean:.4g}); there is nothing to normalize by")
+        raise InputError(f"clean and corrupt runs give the same metric ({m_clean:.4g}); there is nothing to normalize by")
     return (scores - m_corrupt) / span
 
 
@@ -209,7 +204,7 @@ def activation_patching(
     """
     site, suffix = _site(hook)
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
     clean_t, corrupt_t = pair_tokens(model, clean, corrupt)
     metric = _resolve(metric, model)
     layers = _layers(model, layers)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from ..engine.errors import InputError
 
 
 def save_heatmap(
@@ -31,11 +32,11 @@ def save_heatmap(
     """
     arr = torch.as_tensor(values).detach().float().cpu()
     if arr.dim() != 2:
-        raise ValueError(f"a heatmap needs a 2-d array, got shape {tuple(arr.shape)}")
+        raise InputError(f"a heatmap needs a 2-d array, got shape {tuple(arr.shape)}")
     rows = list(row_labels) if row_labels is not None else [str(i) for i in range(arr.shape[0])]
     cols = list(col_labels) if col_labels is not None else [str(i) for i in range(arr.shape[1])]
     if len(rows) != arr.shape[0] or len(cols) != arr.shape[1]:
-        raise ValueError(f"{len(rows)} row and {len(cols)} column labels for a {tuple(arr.shape)} array")
+        raise InputError(f"{len(rows)} row and {len(cols)} column labels for a {tuple(arr.shape)} array")
     base = Path(path)
     if base.suffix in (".png", ".json"):
         base = base.with_suffix("")

@@ -12,12 +12,13 @@ from typing import Any, Callable, Mapping
 import torch
 
 from ..engine.config import ModelConfig
+from ..engine.errors import FeaturelensError
 
 SUPPORTED_MODEL_TYPES = ("gemma3_text", "gemma3", "gemma2", "gemma", "llama", "qwen2", "qwen3", "gpt2")
 GEMMA_FAMILY = ("gemma", "gemma2", "gemma3_text")
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(FeaturelensError, ValueError):
     pass
 
 

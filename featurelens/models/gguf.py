@@ -9,9 +9,10 @@ import numpy as np
 import torch
 
 from .convert import UnsupportedModelError
+from ..engine.errors import FeaturelensError, MissingFileError
 
 
-class CorruptFileError(ValueError):
+class CorruptFileError(FeaturelensError, ValueError):
     """A weights file that cannot be read; the message names the file."""
 
 
@@ -19,7 +20,7 @@ def open_gguf(path: Path) -> Any:
     from gguf import GGUFReader
 
     if not path.is_file():
-        raise FileNotFoundError(f"no such GGUF file: {path}")
+        raise MissingFileError(f"no such GGUF file: {path}")
     try:
         with path.open("rb") as f:
             if f.read(4) != b"GGUF":
@@ -31,14 +32,20 @@ def open_gguf(path: Path) -> Any:
         raise CorruptFileError(f"{path} is corrupt or truncated: {type(e).__name__}: {e}") from e
 
 
-def _field(reader: Any, key: str, default: Any = None) -> Any:
+def _field(reader: Any, key: str, default: Any = None, *, number: bool = False) -> Any:
+    """A metadata value; `default` only when the key is absent. A field that is there but cannot be read (or,
+    with number=True, is not a number) raises: a corrupt rope base must not quietly become the default."""
     f = reader.fields.get(key)
     if f is None:
         return default
+    where = getattr(getattr(reader, "data", None), "filename", None) or "GGUF file"
     try:
-        return f.contents()
-    except Exception:
-        return default
+        value = f.contents()
+    except Exception as e:
+        raise CorruptFileError(f"{where}: metadata field {key!r} cannot be read ({type(e).__name__}: {e})") from e
+    if number and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise CorruptFileError(f"{where}: metadata field {key!r} should be a number, got {value!r}")
+    return value
 
 
 _LAYER_MAP = {
@@ -65,7 +72,7 @@ def gguf_to_hf(path: Path) -> tuple[dict[str, Any], Callable[[str], torch.Tensor
     arch = _field(reader, "general.architecture")
     if arch not in ("gemma3", "llama", "qwen2", "qwen3", "gemma2", "gemma"):
         raise UnsupportedModelError(f"{path}: GGUF architecture {arch!r} is not supported")
-    a = lambda k, d=None: _field(reader, f"{arch}.{k}", d)  # noqa: E731
+    a = lambda k, d=None: _field(reader, f"{arch}.{k}", d, number=True)  # noqa: E731  (all numeric)
     n_heads, d_model = a("attention.head_count"), a("embedding_length")
     n_kv = a("attention.head_count_kv", n_heads)
     d_head = a("attention.key_length", d_model // n_heads)
@@ -83,9 +90,9 @@ def gguf_to_hf(path: Path) -> tuple[dict[str, Any], Callable[[str], torch.Tensor
         "rms_norm_eps": a("attention.layer_norm_rms_epsilon", 1e-6),
         "rope_theta": a("rope.freq_base", 10_000.0),
         "max_position_embeddings": a("context_length", 8192),
-        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
-        "pad_token_id": _field(reader, "tokenizer.ggml.padding_token_id"),
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id", number=True),
+        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id", number=True),
+        "pad_token_id": _field(reader, "tokenizer.ggml.padding_token_id", number=True),
     }
     # Gemma 2/3 27B scale queries by d_model/n_heads; every other size by d_head. GGUF metadata does not
     # say which, so (as llama.cpp does) decide by size: the 27B models are the ones with 46 or 62 layers.

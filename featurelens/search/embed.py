@@ -51,7 +51,7 @@ class MiniLMEmbedder(Embedder):
             hf_logging.set_verbosity(verbosity)
             if bars:
                 hf_logging.enable_progress_bar()
-        from ..dictionaries.kernels import bf16_matmul_is_fast
+        from ..device import bf16_matmul_is_fast
 
         if bf16_matmul_is_fast("cpu"):  # 2-3x faster on an AVX512-BF16 CPU; cosines agree with float32 to ~1e-4
             self.model = self.model.to(torch.bfloat16)

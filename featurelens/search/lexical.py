@@ -9,7 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..analysis.explain import STOPWORDS
+from ..text import STOPWORDS
 
 _TOKEN = re.compile(r"[a-z0-9]+")
 

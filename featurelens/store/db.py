@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
+from ..engine.errors import FeaturelensError, InputError
 
 SCHEMA_VERSION = 1
 
@@ -82,7 +83,7 @@ CREATE TABLE IF NOT EXISTS embeddings (
 USER = "user"  # provenance of labels a person wrote
 
 
-class StoreError(ValueError):
+class StoreError(FeaturelensError, ValueError):
     """The analysis database is missing, from another schema, or unreadable."""
 
 
@@ -172,7 +173,7 @@ class FeatureStore:
     def column(self, name: str) -> np.ndarray:
         """One scalar column of every feature, indexed by feature (NaN where missing)."""
         if name not in ("n_fires", "density", "max_act", "mean_act", "logit_mean", "logit_std"):
-            raise ValueError(f"not a scalar feature column: {name!r}")
+            raise InputError(f"not a scalar feature column: {name!r}")
         rows = self.conn.execute(f"SELECT idx, {name} FROM features").fetchall()
         n = max((r[0] for r in rows), default=-1) + 1
         out = np.full(n, np.nan)

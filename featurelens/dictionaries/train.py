@@ -4,118 +4,37 @@
                        tokens=2_000_000, out="~/sae-l6")
     tcs = fl.train_transcoders(model, layers="all", arch="topk", k=32, width=4096, tokens=1_000_000, out="~/tc")
 
-Activations come from `featurelens.data.ActivationStore` over the training split of a corpus (BOS positions left
-out), in chunks of contexts whose order is fixed by the seed, so a resumed run skips exactly the rows it already
-trained on. One forward pass feeds every dictionary of a run (all layers' transcoders at once).
+Activations come from `batches.model_batches` over the training split of a corpus (BOS positions left out), in
+chunks of contexts whose order is fixed by the seed, so a resumed run skips exactly the rows it already trained on.
+One forward pass feeds every dictionary of a run (all layers' transcoders at once). The training loop itself is
+`training.run_training`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 
-from ..engine.hooks import UnknownHookError
+from ..data import load_contexts
+from ..engine.errors import InputError
 from ..paths import sub_dir
+from .batches import chunk_for, model_batches
 from .format import META_FILE, save_dictionary, save_transcoder_set
 from .sae import DictionaryConfig, SparseDictionary, TranscoderSet
-from .training import Batches, Learner, RunResult, TrainConfig, clear_checkpoints, run_training
-
-CHUNK_CONTEXTS = 512  # contexts per forward-and-shuffle chunk (about 65k token rows at ctx_len 128)
+from .training import Learner, RunResult, TrainConfig, clear_checkpoints, run_training
 
 
-def model_batches(model: Any, hooks: Sequence[str], contexts: torch.Tensor, batch_size: int, seed: int = 0,
-                  model_batch_size: int = 32, epochs: int | None = None, chunk_contexts: int = CHUNK_CONTEXTS) -> Batches:
-    """Activation batches {hook: [batch_size, d]} from `contexts`, epoch after epoch, resumable at any row.
-
-    Each epoch orders the contexts by a seeded permutation and cuts them into chunks; each chunk is one
-    ActivationStore pass (shuffled rows, BOS left out). The row sequence is deterministic, so `batches(n)`
-    recomputes only the chunk holding row n and continues from there. With `epochs`, the stream ends after
-    that many (its last batch may be short); without, it goes on.
-    """
-    from ..data import ActivationStore
-
-    bos = model.cfg.bos_token_id
-    n = len(contexts)
-
-    def rows_in(ctx: torch.Tensor) -> int:
-        return int((ctx != bos).sum()) if bos is not None else ctx.numel()
-
-    def gen(tokens_seen: int) -> Iterator[dict[str, torch.Tensor]]:
-        skip, epoch = tokens_seen, 0
-        epoch_rows = rows_in(contexts)
-        if epoch_rows == 0:
-            raise ValueError("the contexts hold no tokens besides BOS")
-        epoch, skip = divmod(skip, epoch_rows)
-        pending: list[dict[str, torch.Tensor]] = []
-        n_pending = 0
-        while epochs is None or epoch < epochs:
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
-            for c in range(0, n, chunk_contexts):
-                chunk = contexts[perm[c:c + chunk_contexts]]
-                rows = rows_in(chunk)
-                if skip >= rows:
-                    skip -= rows
-                    continue
-                store = ActivationStore(model, list(hooks), chunk, batch_size=batch_size, model_batch_size=model_batch_size,
-                                        buffer_tokens=max(batch_size, rows), seed=seed * 100_003 + epoch * 1009 + c,
-                                        dtype=torch.float32, progress=False)
-                for part in store:
-                    if skip:
-                        cut = min(skip, len(part[hooks[0]]))
-                        part = {h: v[cut:] for h, v in part.items()}
-                        skip -= cut
-                    if len(part[hooks[0]]) == 0:
-                        continue
-                    pending.append(part)
-                    n_pending += len(part[hooks[0]])
-                    while n_pending >= batch_size:
-                        merged = {h: torch.cat([p[h] for p in pending]) for h in hooks}
-                        yield {h: v[:batch_size] for h, v in merged.items()}
-                        rest = {h: v[batch_size:] for h, v in merged.items()}
-                        n_pending -= batch_size
-                        pending = [rest] if n_pending else []
-            epoch += 1
-        if n_pending:
-            yield {h: torch.cat([p[h] for p in pending]) for h in hooks}
-
-    return gen
-
-
-CHUNK_BYTES = 2**30  # activations held per chunk (the store's buffer briefly holds about twice that)
-
-
-def chunk_for(tokens: int, contexts: torch.Tensor, row_width: int) -> int:
-    """Contexts per chunk: CHUNK_CONTEXTS, fewer when a chunk's activations (row_width floats a token, all hooks)
-    would pass CHUNK_BYTES (18 layers' transcoders), and no more than the whole run needs (a short run)."""
-    ctx = contexts.shape[1]
-    by_memory = CHUNK_BYTES // (ctx * row_width * 4)
-    by_need = -(-tokens // max(1, ctx - 1)) + 1
-    return max(1, min(CHUNK_CONTEXTS, by_memory, by_need))
-
-
-def _check_hook(model: Any, hook: str) -> None:
-    if hook not in model.hook_names:
-        raise UnknownHookError(hook, model.hook_names)
-    if hook.endswith(("hook_scale", "attn.hook_pattern", "attn.hook_attn_scores")):
-        raise ValueError(f"{hook} is not a per-token activation vector a dictionary can learn; try a residual, "
+def _check_hook(model: Any, hook: str) -> int:
+    """The width of `hook`'s per-token vectors (attention heads flattened), or an error if a dictionary cannot
+    learn it."""
+    spec = model.hook_spec(hook)  # UnknownHookError names the close matches
+    if not spec.per_token or spec.width == 1:
+        raise InputError(f"{hook} is not a per-token activation vector a dictionary can learn; try a residual, "
                          f"MLP or attention output hook such as blocks.6.hook_resid_post")
-
-
-def _hook_width(model: Any, hook: str) -> int:
-    """Width of a hook's per-token vectors (attention heads flattened), from a two-token forward pass."""
-    found: dict[str, int] = {}
-
-    def grab(x: torch.Tensor, hp: Any) -> None:
-        found[hp.name] = x[0, 0].numel()
-
-    layer = int(hook.split(".")[1]) + 1 if hook.startswith("blocks.") else None
-    tokens = torch.tensor([[model.cfg.bos_token_id or 0, model.cfg.bos_token_id or 0]])
-    with torch.inference_mode():
-        model.run_with_hooks(tokens, fwd_hooks=[(hook, grab)], stop_at_layer=layer)
-    return found[hook]
+    return spec.width
 
 
 def _train_options(arch: str, k: int | None, width: int, tokens: int, lr: float | None, batch_size: int,
@@ -135,13 +54,13 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
         clear_checkpoints(out)
         return
     if has_ckpt and not resume:
-        raise ValueError(f"{out} holds an unfinished training run; pass resume=True (--resume) to continue it, "
+        raise InputError(f"{out} holds an unfinished training run; pass resume=True (--resume) to continue it, "
                          f"or overwrite=True (--overwrite) to start over")
     if finished and not has_ckpt:
         if resume:
-            raise ValueError(f"{out} holds a finished dictionary: nothing to resume (overwrite=True / --overwrite "
+            raise InputError(f"{out} holds a finished dictionary: nothing to resume (overwrite=True / --overwrite "
                              f"trains it again)")
-        raise ValueError(f"{out} already holds a trained dictionary; choose another out, or overwrite=True (--overwrite)")
+        raise InputError(f"{out} already holds a trained dictionary; choose another out, or overwrite=True (--overwrite)")
 
 
 def _run_metadata(model: Any, source: Any, ctx_len: int, tcfg: TrainConfig, res: RunResult,
@@ -169,18 +88,15 @@ def train_sae(model: Any, hook: str, *, arch: str = "topk", k: int | None = None
     (l1_coefficient, l0_coefficient, aux_coefficient, dead_tokens, warmup, decay, normalize, ...).
     `contexts` (token ids [n, ctx]) replaces the corpus's training split.
     """
-    _check_hook(model, hook)
+    d = _check_hook(model, hook)
     tcfg = _train_options(arch, k, width, tokens, lr, batch_size, seed, checkpoint_every, options)
     out = Path(out).expanduser() if out is not None else _default_out(model, f"{hook}-{arch}-{width}")
     _prepare_out(out, resume, overwrite)
-    d = _hook_width(model, hook)
     torch.manual_seed(seed)
     cfg = DictionaryConfig(d_in=d, d_sae=width, arch=arch, k=tcfg.k, hook_name=hook, model_name=model.name,
                            metadata={"context_size": ctx_len, "dataset_path": str(source), "prepend_bos": True})
     learner = Learner(hook, cfg, tcfg, device=model.device)
     if contexts is None:
-        from ..data import load_contexts
-
         contexts = load_contexts(model, source, ctx_len, "train", progress=progress)
     batches = model_batches(model, [hook], contexts, tcfg.batch_size, seed, chunk_contexts=chunk_for(tokens, contexts, d))
     res = run_training([learner], batches, tcfg, out, resume=resume, progress=progress,
@@ -201,11 +117,11 @@ def _parse_layers(layers: "str | int | Sequence[int]", n_layers: int) -> list[in
         try:
             layers = [int(s) for s in layers.replace(" ", "").split(",") if s]
         except ValueError:
-            raise ValueError(f"layers must be 'all' or a comma-separated list of integers, got {layers!r}") from None
+            raise InputError(f"layers must be 'all' or a comma-separated list of integers, got {layers!r}") from None
     out = sorted(set(int(x) for x in layers))
     bad = [x for x in out if not 0 <= x < n_layers]
     if not out or bad:
-        raise ValueError(f"layers must lie in 0..{n_layers - 1} (the model has {n_layers} layers); got {list(layers)}")
+        raise InputError(f"layers must lie in 0..{n_layers - 1} (the model has {n_layers} layers); got {list(layers)}")
     return out
 
 
@@ -215,13 +131,16 @@ TRANSCODER_OUT = "blocks.{}.hook_mlp_out"
 
 def train_transcoders(model: Any, layers: "str | int | Sequence[int]" = "all", *, arch: str = "topk",
                       k: int | None = None, width: int = 4096, tokens: int = 1_000_000, out: str | Path | None = None,
-                      lr: float | None = None, batch_size: int = 4096, skip: bool = False, source: Any = "nlp-corpus",
+                      lr: float | None = None, batch_size: int = 4096, skip: bool = True, source: Any = "nlp-corpus",
                       ctx_len: int = 128, resume: bool = False, overwrite: bool = False, progress: bool = True,
                       seed: int = 0, checkpoint_every: int | None = None, contexts: torch.Tensor | None = None,
                       **options: Any) -> TranscoderSet:
     """Train per-layer transcoders (blocks.L.ln2.hook_normalized -> blocks.L.hook_mlp_out) from one stream.
 
-    Saved as <out>/layer_<L>/ (each a SAELens-layout dictionary) plus <out>/featurelens.json; returns the set.
+    skip (default True): each transcoder also has an affine skip W_skip from the MLP input to its output, trained
+    jointly: the linear part of the MLP then needs no features, which is what attribution graphs want; skip=False
+    trains plain transcoders. Saved as <out>/layer_<L>/ (each a SAELens-layout dictionary) plus
+    <out>/featurelens.json; returns the set.
     """
     wanted = _parse_layers(layers, model.cfg.n_layers)
     tcfg = _train_options(arch, k, width, tokens, lr, batch_size, seed, checkpoint_every, {**options, "skip": skip})
@@ -231,23 +150,19 @@ def train_transcoders(model: Any, layers: "str | int | Sequence[int]" = "all", *
     learners, hooks = [], []
     for layer in wanted:
         h_in, h_out = TRANSCODER_IN.format(layer), TRANSCODER_OUT.format(layer)
-        _check_hook(model, h_in)
-        _check_hook(model, h_out)
-        d_in, d_out = _hook_width(model, h_in), _hook_width(model, h_out)
+        d_in, d_out = _check_hook(model, h_in), _check_hook(model, h_out)
         cfg = DictionaryConfig(d_in=d_in, d_sae=width, arch=arch, k=tcfg.k, transcoder=True, d_out=d_out, skip=skip,
                                hook_name=h_in, hook_name_out=h_out, model_name=model.name,
                                metadata={"context_size": ctx_len, "dataset_path": str(source), "prepend_bos": True})
         learners.append(Learner(f"layer_{layer}", cfg, tcfg, device=model.device))
         hooks += [h_in, h_out]
     if contexts is None:
-        from ..data import load_contexts
-
         contexts = load_contexts(model, source, ctx_len, "train", progress=progress)
     width = sum(lrn.sae.d_in + lrn.sae.d_out for lrn in learners)
     batches = model_batches(model, hooks, contexts, tcfg.batch_size, seed, chunk_contexts=chunk_for(tokens, contexts, width))
     res = run_training(learners, batches, tcfg, out, resume=resume, progress=progress,
                        desc=f"{arch} transcoders x{len(learners)}")
-    tset = TranscoderSet({layer: lrn.export() for layer, lrn in zip(wanted, learners)})
+    tset = TranscoderSet({layer: lrn.export() for layer, lrn in zip(wanted, learners)}, n_layers_model=model.cfg.n_layers)
     stats = {str(layer): _run_metadata(model, source, ctx_len, tcfg, res, lrn) for layer, lrn in zip(wanted, learners)}
     save_transcoder_set(tset, out, stats)
     clear_checkpoints(out)

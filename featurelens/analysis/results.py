@@ -1,42 +1,48 @@
-"""`open_dictionary(path)`: an analyzed dictionary, its feature dashboards, labels and searches."""
+"""`open_analysis(path)`: a dictionary's finished analysis (`DictionaryAnalysis`): its feature dashboards, labels
+and the three searches."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
+from ..dictionaries.compat import dictionary_fingerprint, resolve_dictionary
+from ..dictionaries.format import load_dictionary
+from ..dictionaries.sae import check_feature_index
+from ..engine.errors import FeaturelensError, InputError, MissingFileError
+from ..models.loader import load_model
+from ..search.by_text import TextSearchResult, search_text
+from ..search.by_token import PromoteHit, search_promotes
+from ..search.concept import SearchHit, concept_search
 from ..store import BUILD_DIR, DB_FILE, USER, FeatureStore, analysis_dir_for_path, data_analysis_dir
-from ..dictionaries.sae import FeatureIndexError, check_feature_index  # noqa: F401  (re-exported)
 from .dashboard import FeatureDashboard, TokenExample
+from .explain import AutoExplainer, Explainer, explain_store
 
 
-class NotAnalyzedError(FileNotFoundError):
+class NotAnalyzedError(FeaturelensError, FileNotFoundError):
     """The dictionary has no finished analysis."""
 
 
-def default_analysis_dir(sae: Any, sae_dir: Path | None, model_name: str | None = None) -> Path:
-    if sae_dir is not None:
-        return analysis_dir_for_path(sae_dir)
-    from .run import dictionary_fingerprint
-
-    name = model_name or getattr(sae.cfg, "model_name", "") or "model"
-    return data_analysis_dir(f"{name}-{sae.cfg.hook_name}-{sae.cfg.d_sae}", dictionary_fingerprint(sae))
+def default_analysis_dir(dictionary: Any, dict_dir: Path | None, model_name: str | None = None) -> Path:
+    if dict_dir is not None:
+        return analysis_dir_for_path(dict_dir)
+    cfg = dictionary.cfg
+    name = model_name or getattr(cfg, "model_name", "") or "model"
+    return data_analysis_dir(f"{name}-{cfg.hook_name}-{cfg.d_sae}", dictionary_fingerprint(dictionary))
 
 
 def find_analysis(path: Any) -> Path:
     """The analysis directory for a dictionary directory, an analysis directory, its database, or a dictionary."""
     if not isinstance(path, (str, Path)):
-        from .run import resolve_dictionary
-
-        sae, d = resolve_dictionary(path)
-        cands = [default_analysis_dir(sae, d)]
+        dictionary, d = resolve_dictionary(path)
+        cands = [default_analysis_dir(dictionary, d)]
     else:
         p = Path(path).expanduser()
         if p.is_file() and p.name == DB_FILE:
             return p.parent
         if not p.exists():
-            raise FileNotFoundError(f"{p}: no such dictionary or analysis directory")
+            raise MissingFileError(f"{p}: no such dictionary or analysis directory")
         cands = [p, p / "analysis", analysis_dir_for_path(p)]
     for c in cands:
         if (c / DB_FILE).is_file():
@@ -48,10 +54,10 @@ def find_analysis(path: Any) -> Path:
     raise NotAnalyzedError(f"{path}: this dictionary has not been analyzed: {hint}")
 
 
-def open_dictionary(path: Any, *, model: Any = None) -> "DictionaryAnalysis":
-    """Open the analysis of a dictionary (its directory, its analysis directory, or a SparseDictionary).
+def open_analysis(path: Any, *, model: Any = None) -> "DictionaryAnalysis":
+    """Open the finished analysis of a dictionary (its directory, its analysis directory, or a SparseDictionary).
 
-    >>> fd = fl.open_dictionary("~/sae-l6")
+    >>> fd = fl.open_analysis("~/sae-l6")
     >>> fd.feature(1234)           # dashboard data; displays as HTML in Jupyter
     >>> fd.search("legal document")
     """
@@ -108,20 +114,16 @@ class DictionaryAnalysis:
     @property
     def dictionary(self) -> Any:
         if self._dictionary is None:
-            from .run import _load_dictionary
-
             p = self.meta["dictionary"].get("path")
             if not p or not Path(p).exists():
-                raise FileNotFoundError(f"the dictionary this analysis was made from is not at {p!r} any more; pass "
-                                        f"it: open_dictionary(sae) or DictionaryAnalysis(dir, dictionary=sae)")
-            self._dictionary = _load_dictionary(p)
+                raise MissingFileError(f"the dictionary this analysis was made from is not at {p!r} any more; pass "
+                                        f"it: open_analysis(dictionary) or DictionaryAnalysis(dir, dictionary=dictionary)")
+            self._dictionary = load_dictionary(p)
         return self._dictionary
 
     @property
     def model(self) -> Any:
         if self._model is None:
-            from ..models.loader import load_model
-
             self._model = load_model(self.model_name)
         return self._model
 
@@ -182,7 +184,7 @@ class DictionaryAnalysis:
         idx = self.check_index(idx)
         if label is not None:
             if not isinstance(label, str) or not label.strip():
-                raise ValueError("a label is a non-empty string (use None to remove your label)")
+                raise InputError("a label is a non-empty string (use None to remove your label)")
             label = label.strip()
         if self.store.readonly:
             raise PermissionError(f"{self.store.path} is read-only")
@@ -190,25 +192,24 @@ class DictionaryAnalysis:
 
     def explain(self, explainer: Any = None, features: Any = None, progress: bool = True) -> int:
         """Label features with an `Explainer` (default: the built-in one); returns how many were labeled."""
-        from .explain import AutoExplainer, explain_store
-
         return explain_store(self.store, explainer or AutoExplainer(), features, progress=progress)
 
     # ----------------------------------------------------------------- searches
-    def search(self, query: str, k: int = 10, method: str = "auto") -> list[Any]:
+    def search(self, query: str, k: int = 10, method: str = "auto") -> list[SearchHit]:
         """Features by meaning: `query` against labels and top snippets (sentence embeddings, else lexical)."""
-        from ..search.concept import concept_search
-
         return concept_search(self.store, query, k=k, method=method)
 
-    def search_text(self, text: str, k: int = 10) -> Any:
+    def search_text(self, text: str, k: int = 10) -> TextSearchResult:
         """The features that fire on `text`: overall and per token."""
-        from ..search.inference import search_text
-
         return search_text(self, text, k=k)
 
-    def search_promotes(self, token: str | int, k: int = 10) -> list[Any]:
+    def search_promotes(self, token: str | int, k: int = 10) -> list[PromoteHit]:
         """The features whose logit lens pushes `token` up most."""
-        from ..search.inference import search_promotes
-
         return search_promotes(self, token, k=k)
+
+
+def explain(analysis: Any, explainer: Explainer | None = None, features: Iterable[int] | None = None,
+            progress: bool = True) -> int:
+    """Label the features of an analyzed dictionary (a path or a DictionaryAnalysis) with `explainer`."""
+    a = analysis if isinstance(analysis, DictionaryAnalysis) else open_analysis(analysis)
+    return explain_store(a.store, explainer or AutoExplainer(), features, progress=progress)

@@ -1,4 +1,4 @@
-"""Autograd pieces for training sparse dictionaries fast on a CPU.
+"""Custom autograd functions for training sparse dictionaries fast on a CPU.
 
 TopK-style dictionaries touch k of d_sae latents per token, but a plain PyTorch implementation pays for all of
 them three more times: a dense decoder matmul, and dense gradient matmuls for the encoder and decoder. Here a
@@ -8,9 +8,10 @@ sparse work proportional to batch * k * d for the rest:
 * `SelectedEncode`: pre-activations of the selected latents, whose backward writes only their encoder columns.
 * `SparseDecode`:   sum_j vals[b, j] * W_dec[idx[b, j]] (an embedding bag) with a sampled-matmul backward.
 
-The encoder's dense pass only *chooses* latents. Where bfloat16 matmuls are fast (AVX512-BF16 / AMX CPUs,
-GPUs) training makes that choice in bfloat16 (about 4x faster here) and then computes the chosen latents' values
-exactly in float32 (`gathered_dot`), so only near-ties at the k-th place can differ from an exact top-k.
+The encoder's dense pass only *chooses* latents. Where bfloat16 matmuls are fast
+(`featurelens.device.bf16_matmul_is_fast`) training makes that choice in bfloat16 (about 4x faster here) and then
+computes the chosen latents' values exactly in float32 (`gathered_dot`), so only near-ties at the k-th place can
+differ from an exact top-k.
 
 Also the JumpReLU straight-through estimators (Rajamanoharan et al. 2024): the threshold gets a gradient
 from a rectangle kernel of width `bandwidth` around it; the input does not.
@@ -18,7 +19,6 @@ from a rectangle kernel of width `bandwidth` around it; the input does not.
 
 from __future__ import annotations
 
-import functools
 import warnings
 from typing import Any
 
@@ -95,19 +95,6 @@ def sparse_decode(vals: torch.Tensor, idx: torch.Tensor, W_dec: torch.Tensor) ->
     return SparseDecode.apply(vals, idx, W_dec)
 
 
-@functools.lru_cache(maxsize=None)
-def bf16_matmul_is_fast(device_type: str) -> bool:
-    """Whether bfloat16 matmuls beat float32 here: GPUs, and CPUs with AVX512-BF16 or AMX (elsewhere they are emulated)."""
-    if device_type == "cuda":
-        return True
-    if device_type != "cpu":
-        return False
-    try:
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except AttributeError:  # a torch without these probes
-        return False
-
-
 # ----------------------------------------------------------------------------------------------- JumpReLU
 def _rectangle(z: torch.Tensor) -> torch.Tensor:
     return ((z > -0.5) & (z < 0.5)).to(z.dtype)
@@ -146,18 +133,3 @@ class Step(torch.autograd.Function):
         bw = ctx.bandwidth
         grad_thr = (-(1.0 / bw) * _rectangle((pre - threshold) / bw) * grad).reshape(-1, pre.shape[-1]).sum(0)
         return None, grad_thr, None
-
-
-# ----------------------------------------------------------------------------------------------- init helpers
-@torch.no_grad()
-def geometric_median(x: torch.Tensor, iters: int = 30, tol: float = 1e-5) -> torch.Tensor:
-    """The point minimizing the sum of distances to the rows of x (Weiszfeld's algorithm)."""
-    y = x.mean(0)
-    for _ in range(iters):
-        w = 1.0 / (x - y).norm(dim=1).clamp_min(1e-8)
-        y_new = (w[:, None] * x).sum(0) / w.sum()
-        moved = (y_new - y).norm()
-        y = y_new
-        if moved <= tol * max(float(y.norm()), 1.0):
-            break
-    return y

@@ -1,0 +1,93 @@
+"""The streaming stage of an analysis: contexts through the model (up to the dictionary's hook) and the dictionary
+into the per-feature statistics (`Accumulator`), with its state saved to disk so an interrupted run resumes.
+
+The state is written atomically to ``building/state.safetensors`` every `checkpoint_every` seconds, on Ctrl-C, and
+at the end of the stream.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data import content_mask
+from ..interrupt import deferred_interrupt
+from ..io import atomic_save
+from .accumulate import Accumulator
+from .timings import AnalysisTimings
+
+STATE_FILE = "state.safetensors"
+
+
+def load_state(acc: Accumulator, path: Path) -> int:
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    acc.load_state_dict(state)
+    return int(state["n_done"])
+
+
+def save_state(acc: Accumulator, path: Path, done: int) -> None:
+    from safetensors.torch import save_file
+
+    state = acc.state_dict()
+    state["n_done"] = torch.tensor(done, dtype=torch.int64)
+    if "cofire_idx" in state and acc.cfg.d_sae ** 2 < 2**31:
+        state["cofire_idx"] = state["cofire_idx"].to(torch.int32)
+    atomic_save(path, lambda tmp: save_file(state, str(tmp)))
+
+
+def stream(model: Any, dictionary: Any, acc: Accumulator, contexts: torch.Tensor, done: int, batch_size: int,
+           state_path: Path, checkpoint_every: float, timings: AnalysisTimings, progress: bool,
+           stop_after: int | None) -> bool:
+    """Stream contexts[done:] through model and dictionary into acc. Returns True when stopped early (testing)."""
+    from tqdm.auto import tqdm
+
+    hook = dictionary.cfg.hook_name
+    stop = model.hook_spec(hook).stop_layer
+    n_ctx, T = contexts.shape
+    dev = model.device
+    dict_dev = getattr(dictionary, "device", dev)
+    bar = tqdm(total=n_ctx * T, initial=done * T, unit="tok", unit_scale=True, desc="analyzing",
+               disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    last_save = time.perf_counter()
+    n_batches = 0
+    try:
+        with torch.inference_mode(), deferred_interrupt() as interrupt:
+            while done < n_ctx:
+                tokens = contexts[done: done + batch_size]
+                t0 = time.perf_counter()
+                _, cache = model.run_with_cache(tokens.to(dev), names_filter=[hook], stop_at_layer=stop)
+                x = cache[hook]
+                t1 = time.perf_counter()
+                B = x.shape[0]
+                f = dictionary.encode(x.reshape(B * T, -1).to(dict_dev)).float().cpu().view(B, T, -1)
+                t2 = time.perf_counter()
+                acc.update(f, content_mask(tokens, model), done)
+                t3 = time.perf_counter()
+                timings.model_forward += t1 - t0
+                timings.encoding += t2 - t1
+                timings.bookkeeping += t3 - t2
+                timings.tokens += B * T
+                done += B
+                n_batches += 1
+                bar.update(B * T)
+                if done >= n_ctx or time.perf_counter() - last_save >= checkpoint_every or interrupt.requested or \
+                        (stop_after is not None and n_batches >= stop_after):
+                    t4 = time.perf_counter()
+                    save_state(acc, state_path, done)
+                    timings.checkpointing += time.perf_counter() - t4
+                    last_save = time.perf_counter()
+                if stop_after is not None and n_batches >= stop_after and done < n_ctx:
+                    return True
+                if interrupt.requested and done < n_ctx:  # Ctrl-C: the state is saved; stop
+                    print(f"analysis saved after {done * T:,} of {n_ctx * T:,} tokens: run it again to continue",
+                          file=sys.stderr)
+                    raise KeyboardInterrupt
+    finally:
+        bar.close()
+    return False

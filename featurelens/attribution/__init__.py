@@ -1,0 +1,24 @@
+"""Attribution graphs: how a prompt travels from its tokens through transcoder features to its next token.
+
+>>> import featurelens as fl
+>>> g = fl.attribute(model, transcoders, "The capital of France is")
+>>> g.scores                                        # replacement and completeness of the unpruned graph
+>>> g.prune(node_threshold=0.8, edge_threshold=0.98).save("graphs/")
+>>> fl.feature_intervention(model, transcoders, "The capital of France is", [(12, 5, 3071, 0.0)])
+
+Modules: `replacement` (the frozen local replacement model), `attribute` (edges by batched backward passes),
+`graph` (nodes, edges, pruning, scores, paths), `files` (circuit-tracer / Neuronpedia JSON), `intervene`
+(feature interventions), `check` (faithfulness against the real model).
+"""
+
+from .attribute import attribute
+from .check import CheckResult, FaithfulnessReport, check_graph, check_prompts
+from .files import GraphFileError, load_graph
+from .graph import AttributionGraph, GraphPath
+from .intervene import InterventionResult, feature_intervention
+from .replacement import TranscoderMismatchError, as_replacement
+
+__all__ = [
+    "AttributionGraph", "CheckResult", "FaithfulnessReport", "GraphFileError", "GraphPath", "InterventionResult", "TranscoderMismatchError",
+    "as_replacement", "attribute", "check_graph", "check_prompts", "feature_intervention", "load_graph",
+]

@@ -1,0 +1,202 @@
+"""`featurelens graph` (an attribution graph of a prompt, written as circuit-tracer / Neuronpedia JSON),
+`featurelens graph-check` (scores, top paths and faithfulness of a graph file) and `featurelens intervene`
+(set or scale transcoder features at prompt positions)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import FeaturelensError, InputError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from .models import _model_args
+
+    p = sub.add_parser("graph", help="attribution graph of a prompt through transcoders (circuit-tracer JSON)")
+    _model_args(p)
+    _path_and_prompt(p)
+    p.add_argument("--out", default=None, metavar="DIR", help="graph directory (default <data dir>/graphs)")
+    p.add_argument("--slug", default=None, help="file name of the graph (default: from the prompt)")
+    p.add_argument("--max-feature-nodes", type=int, default=None, help="feature rows to compute (default: all active)")
+    p.add_argument("--node-threshold", type=float, default=0.8, help="cumulative influence kept by pruning (0, 1]")
+    p.add_argument("--edge-threshold", type=float, default=0.98, help="cumulative edge influence kept (0, 1]")
+    p.add_argument("--batch-size", type=int, default=256, help="target rows per backward pass")
+    p.add_argument("--no-cards", action="store_true", help="do not write feature cards")
+    p.set_defaults(func=cmd_graph)
+
+    p = sub.add_parser("graph-check", help="scores, top paths and faithfulness (ablations in the real model) of a graph")
+    p.add_argument("file", help="a graph JSON written by `featurelens graph` (or circuit-tracer)")
+    p.add_argument("-m", "--model", default=None, help="model (default: the one recorded in the graph)")
+    p.add_argument("--transcoders", default=None, metavar="DIR", help="default: the ones recorded in the graph")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default=None)
+    p.add_argument("-n", "--features", type=int, default=10, dest="k", help="features to ablate (default 10)")
+    p.add_argument("--paths", type=int, default=5, help="top paths to print (default 5)")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("intervene", help="set or scale transcoder features at prompt positions; compare next tokens")
+    _model_args(p)
+    _path_and_prompt(p)
+    p.add_argument("--set", action="append", default=[], metavar="L:F@POS=VALUE",
+                   help="set feature F of layer L at position POS to VALUE, e.g. 12:3071@5=0 (repeatable)")
+    p.add_argument("--scale", action="append", default=[], metavar="L:F@POS=FACTOR",
+                   help="multiply the feature's activation by FACTOR (repeatable; not with --set)")
+    p.add_argument("--freeze-attention", action="store_true", help="hold attention patterns at the clean run's")
+    p.add_argument("--direct-only", action="store_true",
+                   help="hold every other feature at its clean value (direct effects only)")
+    p.add_argument("--max-new-tokens", type=int, default=0, help="also continue the edited prompt greedily")
+    p.add_argument("-n", "--rows", type=int, default=10, dest="top_k", help="next tokens to list (default 10)")
+    p.set_defaults(func=cmd_intervene)
+
+
+def _path_and_prompt(p: argparse.ArgumentParser) -> None:
+    # PATH PROMPT, as every command that takes a dictionary; `--transcoders PATH PROMPT` reads the same
+    p.add_argument("inputs", nargs="+", metavar="PATH PROMPT",
+                   help="the transcoders (a transcoder set or cross-layer transcoder directory), then the prompt")
+    p.add_argument("--transcoders", default=None, metavar="PATH", help="the transcoders, given as an option")
+
+
+def _split_inputs(args: argparse.Namespace) -> None:
+    """Fill args.transcoders and args.prompt from `PATH PROMPT` or `--transcoders PATH PROMPT`."""
+    given = list(args.inputs)
+    if args.transcoders is None and len(given) == 2:
+        args.transcoders, args.prompt = given
+    elif args.transcoders is not None and len(given) == 1:
+        args.prompt = given[0]
+    else:
+        raise InputError("give the transcoders' directory and then the prompt: PATH \"PROMPT\" "
+                         "(or --transcoders PATH \"PROMPT\")")
+
+
+_EDIT = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*@\s*(-?\d+)\s*=\s*(\S+)\s*$")
+
+
+def parse_edit(text: str) -> tuple[int, int, int, float]:
+    """"12:3071@5=0" -> (layer 12, position 5, feature 3071, value 0.0)."""
+    m = _EDIT.match(text)
+    if not m:
+        raise InputError(f"cannot read {text!r}: write LAYER:FEATURE@POSITION=VALUE, e.g. 12:3071@5=0")
+    try:
+        value = float(m.group(4))
+    except ValueError:
+        raise InputError(f"{text!r}: {m.group(4)!r} is not a number") from None
+    return int(m.group(1)), int(m.group(3)), int(m.group(2)), value
+
+
+def _threshold(name: str, v: float) -> None:
+    if not 0 < v <= 1:
+        raise InputError(f"--{name} must be in (0, 1], got {v}")
+
+
+def _load_transcoders(path: str) -> Any:
+    from ..dictionaries import load_dictionary
+
+    p = Path(path).expanduser()
+    tc = load_dictionary(p)
+    if hasattr(tc, "encode") and not hasattr(tc, "layers"):
+        raise InputError(f"{p} is a single dictionary; attribution needs a transcoder set or a cross-layer transcoder")
+    return tc
+
+
+def _analyses(transcoders: Any) -> dict[int, Any]:
+    """Per-layer analyses of a transcoder set, where they exist (labels, examples and histograms for the cards)."""
+    from ..analysis import open_analysis
+
+    out: dict[int, Any] = {}
+    if not hasattr(transcoders, "items"):
+        return out
+    for layer, tc in transcoders.items():
+        try:
+            out[layer] = open_analysis(tc)
+        except (FeaturelensError, OSError):
+            continue
+    return out
+
+
+def cmd_graph(args: argparse.Namespace) -> int:
+    from ..attribution import attribute
+    from ..paths import sub_dir
+    from .models import _load
+
+    _split_inputs(args)
+    _threshold("node-threshold", args.node_threshold)
+    _threshold("edge-threshold", args.edge_threshold)
+    if not args.prompt.strip():
+        raise InputError("empty prompt: give the text to attribute")
+    transcoders = _load_transcoders(args.transcoders)
+    model = _load(args)
+    missing = sorted(set(range(model.cfg.n_layers)) - set(transcoders.layers))
+    if missing:
+        print(f"note: layers {missing} have no transcoder: each of their MLP outputs is one error node")
+    t0 = time.perf_counter()
+    g = attribute(model, transcoders, args.prompt, max_feature_nodes=args.max_feature_nodes,
+                  batch_size=args.batch_size, transcoders_path=str(Path(args.transcoders).expanduser().resolve()))
+    t_attr = time.perf_counter() - t0
+    pruned = g.prune(args.node_threshold, args.edge_threshold)
+    out = Path(args.out).expanduser() if args.out else sub_dir("graphs")
+    path = pruned.save(out, slug=args.slug, model=model, transcoders=transcoders,
+                       analyses=None if args.no_cards else _analyses(transcoders), cards=not args.no_cards)
+    s = g.scores
+    print(f"{len(g.tokens)} tokens, {g.info['n_active_features']:,} active features, {g.n_features:,} feature rows; "
+          f"attribution {t_attr:.1f} s")
+    print(f"replacement score {s['replacement']:.3f}, completeness {s['completeness']:.3f}")
+    print(f"pruned to {pruned.n_features} features, {pruned.edges.shape[1]:,} edges; top next token "
+          f"{g.logit_strs[0]!r} (p={float(g.logit_probs[0]):.3f})")
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from ..attribution import attribute, check_graph, load_graph
+    from ..models.loader import load_model
+
+    g = load_graph(args.file)
+    s = g.scores
+    print(f"{args.file}: {g.prompt!r}, {g.n_features} features shown, {g.edges.shape[1]:,} edges")
+    print(f"replacement score {s['replacement']:.3f}, completeness {s['completeness']:.3f} (unpruned graph)")
+    print(f"top paths into {g.logit_strs[0]!r}:")
+    for path in g.top_paths(None, k=args.paths):
+        print(f"  {path.score:.4f}  " + " -> ".join(path.labels))
+    model_name = args.model or g.model_name
+    tc_path = args.transcoders or g.transcoders
+    if not model_name or not tc_path or not Path(tc_path).expanduser().exists():
+        raise InputError(f"faithfulness needs the model and transcoders: the graph names model {model_name!r} and "
+                         f"transcoders {tc_path!r}; pass -m and --transcoders")
+    model = load_model(model_name, dtype=args.dtype, device=args.device)
+    transcoders = _load_transcoders(tc_path)
+    full = attribute(model, transcoders, g.tokens, max_feature_nodes=g.info.get("n_feature_rows"))
+    sub = full.subgraph_scores([g.node_id(i) for i in range(g.n_features)])
+    print(f"subgraph of the shown features: replacement {sub['replacement']:.3f}, completeness "
+          f"{sub['completeness']:.3f}")
+    print(check_graph(full, model, transcoders, k=args.k).summary())
+    return 0
+
+
+def cmd_intervene(args: argparse.Namespace) -> int:
+    from ..attribution import feature_intervention
+    from .models import _load
+
+    _split_inputs(args)
+    if args.set and args.scale:
+        raise InputError("use either --set or --scale in one call")
+    if not args.set and not args.scale:
+        raise InputError("nothing to do: give --set L:F@POS=VALUE or --scale L:F@POS=FACTOR")
+    edits = [parse_edit(x) for x in (args.set or args.scale)]
+    transcoders = _load_transcoders(args.transcoders)
+    model = _load(args)
+    r = feature_intervention(model, transcoders, args.prompt, edits, freeze_attention=args.freeze_attention,
+                             direct_only=args.direct_only, mode="set" if args.set else "scale", top_k=args.top_k,
+                             max_new_tokens=args.max_new_tokens)
+    for layer, pos, feat, old, new in r.edits:
+        print(f"layer {layer} feature {feat} at position {pos}: {old:.4g} -> {new:.4g}")
+    print(f"{'before':<30}{'after':<30}")
+    for (s0, _, p0), (s1, _, p1) in zip(r.original_top_tokens, r.top_tokens):
+        print(f"{f'{s0!r} {p0:.3f}':<30}{f'{s1!r} {p1:.3f}':<30}")
+    if r.generation is not None:
+        print(f"continuation before: {r.original_generation!r}")
+        print(f"continuation after:  {r.generation!r}")
+    return 0

@@ -1,0 +1,54 @@
+"""`featurelens serve`: the web app (feature dashboards, search, steering, circuit explorer) in your browser."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import secrets
+
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8765
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="the web app: dashboards, search, steering, circuit explorer (local server)")
+    p.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}: this machine only)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    p.add_argument("--data-dir", dest="serve_data_dir", default=None,
+                   help="the data directory to serve (default: featurelens' data directory)")
+    p.add_argument("--token", default=None, help="access token; required (and made up when not given) when --host "
+                                                 "is not a loopback address")
+    p.set_defaults(func=cmd_serve)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ..errors import InputError
+    from ..paths import data_dir, set_data_dir
+    from ..server import create_app
+
+    if not 0 < args.port < 65536:
+        raise InputError(f"--port must be in 1-65535, got {args.port}")
+    token = args.token
+    if token is not None and not token.strip():
+        raise InputError("--token is empty")
+    if not is_loopback(args.host) and not token:
+        token = secrets.token_urlsafe(18)  # never serve beyond this machine without one
+    if args.serve_data_dir:
+        set_data_dir(args.serve_data_dir)  # models and caches the server makes go where it serves from
+    root = data_dir()
+    app = create_app(root, token=token)
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    url = f"http://{shown}:{args.port}/" + (f"?token={token}" if token else "")
+    print(f"featurelens: serving {root} at {url}", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0

@@ -1,0 +1,242 @@
+"""What the data directory holds, as the web app lists it: models, dictionaries (with their metrics and analyses),
+standalone analyses and saved attribution graphs.
+
+Ids are paths relative to their folder with "/" written as "~", so they fit in one URL segment and say where the
+files are: dictionary "gemma-3-270m~blocks.6.hook_resid_post-topk-8192" is
+<data dir>/dictionaries/gemma-3-270m/blocks.6.hook_resid_post-topk-8192. An analysis stored apart from its
+dictionary (<data dir>/analysis/<slug>) is listed as "@<slug>". A graph is "<set>~<slug>": <data dir>/graphs/<set>/
+holds graph-metadata.json and <slug>.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from ..errors import FeaturelensError, MissingFileError
+
+MAX_DEPTH = 4  # how deep dictionaries/ and graphs/ are searched
+ID_RE = re.compile(r"^@?[A-Za-z0-9._~+=-]{1,400}$")
+SLUG_RE = re.compile(r"^[A-Za-z0-9._+=-]{1,200}$")
+
+
+class UnknownIdError(FeaturelensError, LookupError):
+    """An id (dictionary, graph, job) that names nothing in the data directory."""
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _finite(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def id_of(rel: Path) -> str:
+    return "~".join(rel.parts)
+
+
+def path_of(root: Path, ident: str) -> Path:
+    """The path an id names under `root`, refusing anything that would leave it."""
+    if not isinstance(ident, str) or not ID_RE.match(ident) or any(p in ("", ".", "..") for p in ident.split("~")):
+        raise UnknownIdError(f"{ident!r} is not a valid id (letters, digits, '.', '_', '-', '~' as the folder "
+                             f"separator)")
+    return root.joinpath(*ident.split("~"))
+
+
+# ----------------------------------------------------------------------------------------------- dictionaries
+def dictionary_metrics(d: Path) -> dict[str, float | None]:
+    """L0, explained variance and CE loss recovered from what training (featurelens.json stats) and evaluation
+    (eval.json, or stats["eval"]) wrote; None where nothing was measured."""
+    meta = _read_json(d / "featurelens.json") or {}
+    stats = meta.get("stats") or {}
+    ev = _read_json(d / "eval.json") or stats.get("eval") or {}
+    if isinstance(ev, dict) and "l0" not in ev and len(ev) == 1 and isinstance(next(iter(ev.values())), dict):
+        ev = next(iter(ev.values()))
+    train = stats.get("final_train_metrics") or {}
+    out = {"l0": _finite(ev.get("l0")) if isinstance(ev, dict) else None,
+           "explained_variance": _finite(ev.get("explained_variance")) if isinstance(ev, dict) else None,
+           "ce_loss_recovered": _finite(ev.get("ce_loss_recovered")) if isinstance(ev, dict) else None,
+           "dead_fraction": _finite(ev.get("dead_fraction")) if isinstance(ev, dict) else None,
+           "source": "eval" if isinstance(ev, dict) and ev else None}
+    if out["l0"] is None and _finite(train.get("l0")) is not None:
+        out["l0"] = _finite(train.get("l0"))
+        fvu = _finite(train.get("fvu"))
+        out["explained_variance"] = None if fvu is None else 1.0 - fvu
+        out["dead_fraction"] = _finite(train.get("dead"))
+        out["source"] = "training (last steps)"
+    out["tokens_trained"] = _finite(stats.get("tokens_trained"))
+    return out
+
+
+def _dictionary_entry(root: Path, d: Path) -> dict[str, Any]:
+    cfg = _read_json(d / "cfg.json") or {}
+    meta = _read_json(d / "featurelens.json") or {}
+    layers = meta.get("layers") if isinstance(meta, dict) else None
+    is_set = isinstance(layers, (dict, list)) and not (d / "cfg.json").is_file()
+    if is_set:
+        first = None
+        names = sorted(layers) if isinstance(layers, dict) else []
+        if names:
+            sub = layers[names[0]] if isinstance(layers, dict) else None
+            sub_dir = d / (sub if isinstance(sub, str) else f"layer_{names[0]}")
+            first = _read_json(sub_dir / "cfg.json")
+        cfg = first or {}
+    kind = "transcoders" if is_set or meta.get("kind") in ("clt", "cross_layer_transcoder") else (
+        "transcoder" if cfg.get("transcoder") or cfg.get("hook_name_out") else "sae")
+    own = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    adir = d / "analysis"
+    return {"id": id_of(d.relative_to(root)), "path": str(d), "kind": kind,
+            "model": cfg.get("model_name") or meta.get("model") or "",
+            "hook_name": cfg.get("hook_name", ""), "d_sae": cfg.get("d_sae"),
+            "arch": own.get("arch") or cfg.get("architecture"),
+            "k": own.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k"),
+            "layers": sorted(int(x) for x in layers if str(x).isdigit()) if is_set and isinstance(layers, dict) else None,
+            "metrics": dictionary_metrics(d) if not is_set else {},
+            "analyzed": (adir / "features.sqlite").is_file(), "analysis_dir": str(adir) if adir.is_dir() else None,
+            "analyzed_layers": sorted(layer_analyses(d)) if is_set else None}
+
+
+def layer_analyses(set_dir: Path) -> dict[int, Path]:
+    """{layer: analysis dir} of a transcoder set's layers that were analyzed (`featurelens analyze <set>/layer_L`)."""
+    meta = _read_json(set_dir / "featurelens.json") or {}
+    layers = meta.get("layers") if isinstance(meta, dict) else None
+    out = {}
+    if isinstance(layers, dict):
+        for layer, sub in layers.items():
+            a = set_dir / str(sub) / "analysis"
+            if str(layer).isdigit() and isinstance(sub, str) and (a / "features.sqlite").is_file():
+                out[int(layer)] = a
+    return out
+
+
+def list_dictionaries(data: Path) -> list[dict[str, Any]]:
+    """Every dictionary directory under <data>/dictionaries (cfg.json, or a transcoder set's featurelens.json), and
+    every analysis under <data>/analysis whose dictionary lies elsewhere."""
+    root = data / "dictionaries"
+    out: list[dict[str, Any]] = []
+    if root.is_dir():
+        stack = [(root, 0)]
+        while stack:
+            d, depth = stack.pop()
+            try:
+                children = sorted(p for p in d.iterdir() if p.is_dir())
+            except OSError:
+                continue
+            is_dict = (d / "cfg.json").is_file() or isinstance((_read_json(d / "featurelens.json") or {}).get("layers"),
+                                                                (dict, list))
+            if d != root and is_dict:
+                out.append(_dictionary_entry(root, d))
+                continue  # a transcoder set's layers and an analysis/ folder are parts of it
+            if depth < MAX_DEPTH:
+                stack.extend((c, depth + 1) for c in reversed(children) if c.name not in ("checkpoints", "analysis"))
+    for a in sorted((data / "analysis").glob("*/features.sqlite")) if (data / "analysis").is_dir() else []:
+        out.append(_analysis_entry(a.parent))
+    return out
+
+
+def _analysis_entry(adir: Path) -> dict[str, Any]:
+    from ..store import FeatureStore
+
+    info: dict[str, Any] = {"id": "@" + adir.name, "path": None, "kind": "sae", "model": "", "hook_name": "",
+                            "d_sae": None, "arch": None, "k": None, "layers": None, "metrics": {}, "analyzed": True,
+                            "analysis_dir": str(adir)}
+    try:
+        with FeatureStore(adir / "features.sqlite", readonly=True) as st:
+            d = st.get("dictionary") or {}
+    except Exception:
+        return {**info, "analyzed": False}
+    info.update(path=d.get("path"), model=d.get("model_name", ""), hook_name=d.get("hook_name", ""),
+                d_sae=d.get("d_sae"), arch=d.get("arch"), kind="transcoder" if d.get("transcoder") else "sae")
+    if d.get("path") and Path(d["path"]).is_dir():
+        info["metrics"] = dictionary_metrics(Path(d["path"]))
+    return info
+
+
+def dictionary_dir(data: Path, ident: str) -> tuple[Path | None, Path | None]:
+    """(dictionary directory, analysis directory or None) of a dictionary id."""
+    if isinstance(ident, str) and ident.startswith("@"):
+        a = path_of(data / "analysis", ident[1:])
+        if not (a / "features.sqlite").is_file():
+            raise UnknownIdError(f"no analysis {ident!r} in {data / 'analysis'}")
+        return None, a
+    d = path_of(data / "dictionaries", ident)
+    if not d.is_dir() or not ((d / "cfg.json").is_file() or (d / "featurelens.json").is_file()):
+        raise UnknownIdError(f"no dictionary {ident!r}: {d} is not a dictionary directory; GET /api/dictionaries "
+                             f"lists them")
+    a = d / "analysis"
+    return d, (a if (a / "features.sqlite").is_file() else None)
+
+
+# ----------------------------------------------------------------------------------------------- models
+def list_models(data: Path, dictionaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The embedded models, converted model caches under <data>/models, and models dictionaries name."""
+    from ..models.loader import list_models as embedded
+
+    rows: dict[str, dict[str, Any]] = {}
+    for m in embedded():
+        converted = (data / "models" / m["name"] / "model.safetensors").is_file()  # this data dir's cache
+        rows[m["name"]] = {"name": m["name"], "description": m["description"], "converted": converted,
+                           "available": bool(m["installed"] or converted), "dictionaries": []}
+    mdir = data / "models"
+    if mdir.is_dir():
+        for d in sorted(mdir.iterdir()):
+            if (d / "config.json").is_file() and d.name not in rows:
+                rows[d.name] = {"name": d.name, "description": "converted model", "converted": True,
+                                "available": True, "dictionaries": []}
+    for dic in dictionaries:
+        name = dic.get("model") or ""
+        if not name:
+            continue
+        row = rows.setdefault(name, {"name": name, "description": "named by a dictionary", "converted": False,
+                                     "available": Path(name).expanduser().is_dir() or name.count("/") == 1,
+                                     "dictionaries": []})
+        row["dictionaries"].append(dic["id"])
+    return list(rows.values())
+
+
+# ----------------------------------------------------------------------------------------------- graphs
+def graphs_root(data: Path) -> Path:
+    return data / "graphs"
+
+
+def list_graphs(data: Path) -> list[dict[str, Any]]:
+    """Graphs listed by every graph-metadata.json under <data>/graphs (circuit-tracer's layout)."""
+    root = graphs_root(data)
+    out = []
+    if not root.is_dir():
+        return out
+    for meta in sorted(root.rglob("graph-metadata.json")):
+        if len(meta.relative_to(root).parts) > MAX_DEPTH + 1:
+            continue
+        listing = _read_json(meta) or {}
+        for g in listing.get("graphs", []) if isinstance(listing, dict) else []:
+            slug = g.get("slug") if isinstance(g, dict) else None
+            if not isinstance(slug, str) or not SLUG_RE.match(slug) or not (meta.parent / f"{slug}.json").is_file():
+                continue
+            rel = meta.parent.relative_to(root)
+            out.append({"id": id_of(rel / slug) if rel.parts else slug, "slug": slug, "set": id_of(rel),
+                        "prompt": g.get("prompt", ""), "scan": g.get("scan", ""),
+                        "title_prefix": g.get("title_prefix", ""),
+                        "n_tokens": len(g.get("prompt_tokens") or [])})
+    return out
+
+
+def graph_file(data: Path, ident: str) -> Path:
+    p = path_of(graphs_root(data), ident)
+    f = p.with_name(p.name + ".json")
+    if not f.is_file() or not (f.parent / "graph-metadata.json").is_file():
+        raise UnknownIdError(f"no graph {ident!r} (GET /api/graphs lists them)")
+    return f
+
+
+def require_dir(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise MissingFileError(f"{what} {path} does not exist")
+    return path

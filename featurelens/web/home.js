@@ -1,0 +1,39 @@
+import { h, fmt, pct, table } from "./dom.js";
+import { get, enc } from "./api.js";
+
+export async function homePage(root) {
+  const o = await get("/api/overview");
+  const search = h("form", { class: "bigsearch", onsubmit: (e) => {
+    e.preventDefault();
+    location.hash = `#/search?tab=concept&q=${enc(input.value)}`;
+  } });
+  const input = h("input", { type: "search", name: "q", placeholder: "Search features by concept, e.g. \"animals\"",
+                             "aria-label": "search features" });
+  search.append(input, h("button", { type: "submit", text: "Search" }));
+  const dicts = o.dictionaries;
+  root.append(
+    h("h1", { text: "featurelens" }),
+    h("p", { class: "muted", text: `data directory ${o.data_dir}` }),
+    search,
+    h("h2", { text: "Dictionaries" }),
+    dicts.length ? table(["dictionary", "model", "hook", "kind", "width", "L0", "explained variance",
+                          "CE loss recovered", "dashboards"],
+      dicts.map((d) => [
+        d.analyzed ? h("a", { href: `#/search?tab=concept&d=${enc(d.id)}`, text: d.id, class: "dict-link" })
+                   : h("span", { text: d.id }),
+        d.model, d.hook_name || (d.layers ? `layers ${d.layers.join(",")}` : ""), d.kind, d.d_sae ?? "",
+        fmt(d.metrics.l0), fmt(d.metrics.explained_variance), pct(d.metrics.ce_loss_recovered),
+        d.analyzed ? h("span", { class: "ok", text: "analyzed" }) : h("span", { class: "muted", text: "not analyzed" }),
+      ]))
+      : h("p", { class: "muted", text: "No dictionaries yet: featurelens train ... (see the README)." }),
+    h("h2", { text: "Models" }),
+    table(["model", "description", "converted", "dictionaries"],
+      o.models.map((m) => [m.name, m.description, m.converted ? "yes" : "no", String(m.dictionaries.length)])),
+    h("h2", { text: "Attribution graphs" }),
+    o.graphs.length ? h("ul", { class: "graphs" }, o.graphs.map((g) => h("li", {},
+      h("a", { href: `#/graph/${enc(g.id)}`, text: g.prompt || g.slug, class: "graph-link" }),
+      h("span", { class: "muted", text: `  ${g.scan} · ${g.set}` }))))
+      : h("p", { class: "muted", text: "No saved graphs yet." }),
+    h("p", {}, h("a", { href: "#/graph", text: "Open the circuit explorer →" })),
+  );
+}

@@ -1,0 +1,471 @@
+"""Transcoders for circuit work: skip transcoders, cross-layer transcoders (CLT), the replacement protocol and the
+replacement model's evaluation, circuit-tracer's layout. Tiny random models and synthetic activations: fast."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import featurelens as fl
+from featurelens.dictionaries import (
+    CLTConfig, CorruptDictionaryError, CrossLayerTranscoder, DictionaryConfig, SparseDictionary, TrainConfig,
+    TranscoderSet, load_circuit_tracer, load_dictionary, run_training, save_circuit_tracer, save_clt,
+)
+from featurelens.dictionaries.clt import CLTLayerError, CLTLearner, check_fits_model, decode_contributions
+from featurelens.dictionaries.replacement import Replacement, evaluate_replacement
+from featurelens.dictionaries.training import reuse_batches
+from featurelens.engine.errors import InputError, MissingFileError
+
+D, N_LAYERS = 16, 3
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A 3-layer Gemma-3-shaped model with random weights (no tokenizer, nothing downloaded)."""
+    from featurelens.engine.config import ModelConfig
+    from featurelens.engine.hooked import HookedTransformer
+
+    cfg = ModelConfig(architecture="gemma3", n_layers=N_LAYERS, d_model=D, n_heads=2, n_kv_heads=1, d_head=8, d_mlp=32,
+                      d_vocab=50, post_attn_norm=True, post_mlp_norm=True, act_fn="gelu_tanh", bos_token_id=1)
+    model = HookedTransformer(cfg, name="tiny-random")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+@pytest.fixture(scope="module")
+def contexts():
+    g = torch.Generator().manual_seed(1)
+    toks = torch.randint(2, 50, (48, 12), generator=g)
+    toks[:, 0] = 1
+    return toks
+
+
+def random_clt(arch="jumprelu", skip=True, layers=(0, 1, 2), d_sae=24, k=None, seed=0) -> CrossLayerTranscoder:
+    torch.manual_seed(seed)
+    clt = CrossLayerTranscoder(CLTConfig(layers=list(layers), d_in=D, d_sae=d_sae, arch=arch, k=k, skip=skip,
+                                         model_name="tiny-random", n_layers_model=N_LAYERS))
+    with torch.no_grad():
+        for p in clt.parameters():
+            p.copy_(torch.randn(p.shape) * 0.3)
+        if clt.threshold is not None:
+            for t in clt.threshold:
+                t.copy_(torch.rand(t.shape) * 0.3)
+    return clt.eval()
+
+
+def random_set(skip=True, arch="topk", seed=0, layers=range(N_LAYERS)) -> TranscoderSet:
+    torch.manual_seed(seed)
+    tcs = {}
+    for layer in layers:
+        cfg = DictionaryConfig(d_in=D, d_sae=20, arch=arch, k=4 if arch in ("topk", "batchtopk") else None,
+                               transcoder=True, skip=skip, hook_name=f"blocks.{layer}.ln2.hook_normalized",
+                               hook_name_out=f"blocks.{layer}.hook_mlp_out", model_name="tiny-random")
+        tc = SparseDictionary(cfg)
+        with torch.no_grad():
+            for p in tc.parameters():
+                p.copy_(torch.randn(p.shape) * 0.3)
+            if tc.threshold is not None:
+                tc.threshold.copy_(torch.rand(tc.threshold.shape) * 0.3)
+        tcs[layer] = tc.eval()
+    return TranscoderSet(tcs, n_layers_model=N_LAYERS)
+
+
+# ----------------------------------------------------------------------------------------------- the maths
+def test_clt_output_is_the_sum_of_decoder_contributions_of_layers_up_to_L():
+    clt = random_clt()
+    xs = {l: torch.randn(7, D) for l in clt.layers}
+    out = clt.reconstruct(xs)
+    for L in clt.layers:
+        expected = clt.b_dec_out(L) + xs[L] @ clt.W_skip[clt.index(L)].T
+        for l in clt.layers:
+            if l <= L:
+                expected = expected + clt.encode_layer(l, xs[l]) @ clt.decoder(l)[:, L - l, :]
+        torch.testing.assert_close(out[L], expected, rtol=1e-5, atol=1e-5)
+        # a later layer's features never reach an earlier output
+        changed = dict(xs)
+        changed[clt.layers[-1]] = torch.randn(7, D)
+        if L < clt.layers[-1]:
+            torch.testing.assert_close(clt.reconstruct(changed)[L], out[L])
+    assert clt.output_layers(1) == [1, 2] and clt.decoder(1).shape == (24, 2, D)
+
+
+@pytest.mark.parametrize("kind", ["clt", "set"])
+def test_replacement_protocol_agrees_with_reconstruct(kind):
+    tc = random_clt() if kind == "clt" else random_set(skip=True)
+    xs = {l: torch.randn(5, D) for l in tc.layers}
+    total = {L: tc.b_dec_out(L).expand(5, D).clone() for L in tc.layers}
+    for l in tc.layers:
+        f = tc.encode_layer(l, xs[l])
+        assert f.shape == (5, tc.d_sae)
+        W = tc.decoder(l)
+        assert W.shape == (tc.d_sae, len(tc.output_layers(l)), D)
+        for j, L in enumerate(tc.output_layers(l)):
+            total[L] += f @ W[:, j]
+        skip = tc.skip_out(l, xs[l])
+        assert skip is not None
+        total[l] += skip
+        assert tc.input_hook(l) == f"blocks.{l}.ln2.hook_normalized"
+        assert tc.output_hook(l) == f"blocks.{l}.hook_mlp_out"
+    rec = tc.reconstruct(xs)
+    for L in tc.layers:
+        torch.testing.assert_close(rec[L], total[L], rtol=1e-5, atol=1e-5)
+    plain = random_set(skip=False)
+    assert plain.skip_out(0, xs[0]) is None
+
+
+def test_sparse_decode_matches_dense():
+    W = torch.randn(30, 3, D)
+    f = torch.relu(torch.randn(4, 6, 30) - 1.5)  # mostly zeros
+    parts = decode_contributions(f, W)
+    for j, part in enumerate(parts):
+        torch.testing.assert_close(part, f @ W[:, j], rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- training
+def synthetic_stream(n=6000, n_feat=40, seed=0):
+    """MLP inputs x_l and outputs y_L where y_L = sum over l <= L of sparse codes of x_l times fixed directions."""
+    g = torch.Generator().manual_seed(seed)
+    xs, ys = [], []
+    codes = []
+    for l in range(N_LAYERS):
+        feats = torch.randn(n_feat, D, generator=g)
+        feats /= feats.norm(dim=1, keepdim=True)
+        c = (torch.rand(n, n_feat, generator=g) < 0.08).float() * (torch.rand(n, n_feat, generator=g) + 0.5)
+        codes.append(c)
+        xs.append(c @ feats)
+    outs = [torch.randn(n_feat, N_LAYERS, D, generator=g) * 0.5 for _ in range(N_LAYERS)]
+    for L in range(N_LAYERS):
+        ys.append(sum(codes[l] @ outs[l][:, L] for l in range(L + 1)))
+    data = {f"blocks.{l}.ln2.hook_normalized": xs[l] for l in range(N_LAYERS)}
+    data.update({f"blocks.{l}.hook_mlp_out": ys[l] for l in range(N_LAYERS)})
+
+    def batches(tokens_seen, batch_size=500):
+        i = tokens_seen % n
+        while True:
+            if i + batch_size > n:
+                i = 0
+            yield {h: v[i:i + batch_size] for h, v in data.items()}
+            i += batch_size
+
+    return batches, data
+
+
+@pytest.mark.parametrize("arch,kw", [("batchtopk", {"k": 4}), ("topk", {"k": 4, "loss": "normalized_mse"}),
+                                     ("jumprelu", {})])
+def test_training_a_tiny_clt_reduces_its_loss(arch, kw):
+    batches, data = synthetic_stream()
+    torch.manual_seed(0)
+    tcfg = TrainConfig(arch=arch, width=64, tokens=30_000, batch_size=500, lr=3e-3, **kw)
+    learner = CLTLearner("clt", CLTConfig(layers=[0, 1, 2], d_in=D, d_sae=64, arch=arch, k=tcfg.k), tcfg)
+    xs = [data[f"blocks.{l}.ln2.hook_normalized"][:500] for l in range(N_LAYERS)]
+    ys = [data[f"blocks.{l}.hook_mlp_out"][:500] for l in range(N_LAYERS)]
+    first = learner.step(xs, ys, 0.0, 0.0)["fvu"]  # lr 0: just measures the initial error
+    run_training([learner], batches, tcfg, None, progress=False)
+    assert learner.ema["fvu"] < 0.5 * first, (first, learner.ema)
+    clt = learner.export()
+    with torch.no_grad():
+        rec = clt.reconstruct({l: x for l, x in enumerate(xs)})
+    fvu = sum(float((rec[l] - ys[l]).pow(2).sum()) for l in range(N_LAYERS)) / \
+        sum(float((y - y.mean(0)).pow(2).sum()) for y in ys)
+    assert fvu < 0.5 * first  # the exported (scale-folded) CLT computes what was trained, on raw activations
+
+
+def test_reuse_buffer_serves_each_row_reuse_times_and_resumes():
+    rows = torch.arange(400, dtype=torch.float32)[:, None]
+
+    def inner(tokens_seen):
+        for s in range(tokens_seen, 10_000, 50):
+            yield {"h": rows[s % 400:s % 400 + 50] if s % 400 + 50 <= 400 else rows[:50]}
+
+    gen = reuse_batches(inner, reuse=3, buffer_tokens=200, batch_size=40)
+    out = [b["h"] for _, b in zip(range(15), gen(0))]  # 15 batches = 600 rows = the first buffer 3 times
+    seen = torch.cat(out).squeeze(1)
+    assert sorted(seen.tolist()) == sorted(list(range(200)) * 3)
+    resumed = [b["h"] for _, b in zip(range(5), gen(400))]  # from row 400 of the reuse sequence: batch 10 on
+    for a, b in zip(out[10:], resumed):
+        assert torch.equal(a, b)
+
+
+def test_train_clt_on_a_tiny_model_saves_loads_and_resumes(tiny, contexts, tmp_path):
+    out = tmp_path / "clt"
+    with pytest.raises(KeyboardInterrupt):
+        # stop after 2 steps, as Ctrl-C would, leaving a checkpoint
+        from featurelens.dictionaries import clt as clt_mod
+
+        real = clt_mod.run_training
+
+        def stopping(*a, **kw):
+            kw["stop_after_steps"] = 2
+            real(*a, **kw)
+            raise KeyboardInterrupt
+
+        clt_mod.run_training = stopping
+        try:
+            fl.train_clt(tiny, layers="all", k=3, width=32, tokens=1500, batch_size=100, out=out, contexts=contexts,
+                         checkpoint_every=1, progress=False)
+        finally:
+            clt_mod.run_training = real
+    assert any((out / "checkpoints").glob("step-*.pt"))
+    clt = fl.train_clt(tiny, layers="all", k=3, width=32, tokens=1500, batch_size=100, out=out, contexts=contexts,
+                       resume=True, progress=False)
+    assert clt.stats["resumed_from_step"] == 2 and clt.stats["tokens_trained"] == 1500
+    back = load_dictionary(out)
+    assert isinstance(back, CrossLayerTranscoder) and back.layers == [0, 1, 2]
+    xs = {l: torch.randn(4, D) for l in back.layers}
+    for L, y in clt.reconstruct(xs).items():
+        assert torch.equal(y, back.reconstruct(xs)[L])
+    with pytest.raises(CLTLayerError, match=r"layers \[5\] do not exist: the model has 3 layers"):
+        CLTConfig(layers=[0, 5], d_in=D, d_sae=8, arch="topk", k=2, n_layers_model=3)
+    with pytest.raises(InputError, match="layers must lie in 0..2"):
+        fl.train_clt(tiny, layers=[1, 7], out=tmp_path / "bad", contexts=contexts, progress=False)
+
+
+def test_skip_is_the_default_for_train_transcoders(tiny, contexts, tmp_path):
+    tset = fl.train_transcoders(tiny, layers=[0, 2], k=3, width=32, tokens=600, batch_size=100, out=tmp_path / "tc",
+                                contexts=contexts, progress=False)
+    assert all(tc.cfg.skip and tc.W_skip is not None for tc in tset)
+    plain = fl.train_transcoders(tiny, layers=[1], k=3, width=32, tokens=300, batch_size=100, skip=False,
+                                 out=tmp_path / "plain", contexts=contexts, progress=False)
+    assert plain[1].W_skip is None
+
+
+# ----------------------------------------------------------------------------------------------- the replacement model
+def test_replacement_model_matches_per_layer_splicing_and_diagonal_clt(tiny, contexts):
+    tset = random_set(skip=True, arch="jumprelu")
+    test = contexts[:4]
+    via_splice = fl.evaluate_dictionary(tiny, tset, contexts=test, tokens=200, ce_contexts=2, progress=False)
+    via_replacement = evaluate_replacement(tiny, tset, contexts=test, tokens=200, ce_contexts=2, progress=False)
+    assert set(via_replacement) == {0, 1, 2, "all"}
+    for key in (0, 1, 2, "all"):
+        assert via_replacement[key].ce_spliced == pytest.approx(via_splice[key].ce_spliced, rel=1e-5)
+        assert via_replacement[key].kl_div == pytest.approx(via_splice[key].kl_div, rel=1e-4, abs=1e-7)
+    for layer in (0, 1, 2):
+        assert via_replacement[layer].l0 == pytest.approx(via_splice[layer].l0)
+        assert via_replacement[layer].explained_variance == pytest.approx(via_splice[layer].explained_variance,
+                                                                          rel=1e-5)
+    assert via_replacement["all"].ce_zero_ablation == pytest.approx(via_splice["all"].ce_zero_ablation)
+
+    # a CLT whose features write only to their own layer is the same replacement model
+    clt = CrossLayerTranscoder(CLTConfig(layers=[0, 1, 2], d_in=D, d_sae=20, arch="jumprelu", skip=True))
+    with torch.no_grad():
+        for i, l in enumerate(clt.layers):
+            tc = tset[l]
+            clt.W_enc[i].copy_(tc.W_enc)
+            clt.b_enc[i].copy_(tc.b_enc)
+            clt.threshold[i].copy_(tc.threshold)
+            W = torch.zeros(20, 3 - i, D)
+            W[:, 0] = tc.W_dec
+            clt.W_dec[i].copy_(W.reshape(20, -1))
+            clt.b_dec[i].copy_(tc.b_dec)
+            clt.W_skip[i].copy_(tc.W_skip)
+    res = fl.evaluate_dictionary(tiny, clt, contexts=test, tokens=200, ce_contexts=2, progress=False)
+    assert res["all"].ce_spliced == pytest.approx(via_splice["all"].ce_spliced, rel=1e-5)
+    assert res[1].explained_variance == pytest.approx(via_splice[1].explained_variance, rel=1e-5)
+    # and cross-layer decoders do change it
+    with torch.no_grad():
+        clt.W_dec[0].view(20, 3, D)[:, 2] += 0.5
+    moved = evaluate_replacement(tiny, clt, contexts=test, tokens=200, ce_contexts=2, progress=False)
+    assert moved["all"].ce_spliced != pytest.approx(res["all"].ce_spliced, rel=1e-6)
+    assert moved[0].explained_variance == pytest.approx(res[0].explained_variance, rel=1e-6)  # layer 0 unchanged
+
+
+def test_cli_eval_prints_a_row_per_layer_and_all(tiny, contexts, capsys):
+    from featurelens.cli.train import _report
+
+    res = evaluate_replacement(tiny, random_clt(), contexts=contexts[:4], tokens=100, ce_contexts=1, progress=False)
+    _report(res, as_json=False)
+    rows = [ln.split("│")[1].strip() for ln in capsys.readouterr().out.splitlines() if ln.count("│") > 3]
+    assert rows[-4:] == ["0", "1", "2", "all"]
+
+
+# ----------------------------------------------------------------------------------------------- formats
+def _same_outputs(a, b):
+    xs = {l: torch.randn(9, D) for l in a.layers}
+    ra, rb = a.reconstruct(xs), b.reconstruct(xs)
+    assert set(ra) == set(rb)
+    for L in ra:
+        assert torch.equal(ra[L], rb[L]), L
+    for l in a.layers:
+        assert torch.equal(a.encode_layer(l, xs[l]), b.encode_layer(l, xs[l]))
+
+
+@pytest.mark.parametrize("skip,arch", [(True, "topk"), (False, "topk"), (True, "jumprelu"), (False, "relu")])
+def test_circuit_tracer_round_trip_transcoder_set(tmp_path, skip, arch):
+    import yaml
+    from safetensors import safe_open
+
+    tset = random_set(skip=skip, arch=arch)
+    save_circuit_tracer(tset, tmp_path / "ct", model_name="google/gemma-3-270m")
+    config = yaml.safe_load((tmp_path / "ct" / "config.yaml").read_text())
+    assert config["model_kind"] == "transcoder_set" and config["model_name"] == "google/gemma-3-270m"
+    assert config["feature_input_hook"] == "ln2.hook_normalized" and config["feature_output_hook"] == "hook_mlp_out"
+    assert len(config["transcoders"]) == 3 and (config.get("k") == 4) == (arch == "topk")
+    with safe_open(config["transcoders"][1], "pt") as f:  # circuit-tracer's orientation: W_enc [d_sae, d_model]
+        assert tuple(f.get_slice("W_enc").get_shape()) == (20, D)
+        assert ("W_skip" in f.keys()) == skip
+        assert ("activation_function.threshold" in f.keys()) == (arch == "jumprelu")
+    back = load_dictionary(tmp_path / "ct")
+    assert isinstance(back, TranscoderSet) and back.layers == [0, 1, 2] and back[0].cfg.arch == arch
+    _same_outputs(tset, back)
+    # a moved directory still reads (paths fall back to the files beside config.yaml)
+    (tmp_path / "ct").rename(tmp_path / "moved")
+    _same_outputs(tset, load_circuit_tracer(tmp_path / "moved"))
+
+
+@pytest.mark.parametrize("arch,skip", [("batchtopk", False), ("jumprelu", True), ("relu", False)])
+def test_circuit_tracer_and_own_round_trip_clt(tmp_path, arch, skip):
+    clt = random_clt(arch=arch, skip=skip, k=4 if arch == "batchtopk" else None)
+    if skip:
+        with pytest.warns(UserWarning, match="does not read skip"):
+            save_circuit_tracer(clt, tmp_path / "ct")
+    else:
+        save_circuit_tracer(clt, tmp_path / "ct")
+    names = sorted(p.name for p in (tmp_path / "ct").iterdir())
+    assert "W_dec_2.safetensors" in names and "W_enc_0.safetensors" in names
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "ct" / "W_dec_1.safetensors"), "pt") as f:
+        assert tuple(f.get_slice("W_dec_1").get_shape()) == (24, 2, D)
+    back = load_dictionary(tmp_path / "ct")
+    assert isinstance(back, CrossLayerTranscoder)
+    _same_outputs(clt, back)
+    save_clt(clt, tmp_path / "own")
+    _same_outputs(clt, load_dictionary(tmp_path / "own"))
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+def test_bad_inputs_name_the_file_or_layer(tmp_path, tiny):
+    # a topk CLT has no exact circuit-tracer form
+    with pytest.raises(InputError, match="batchtopk"):
+        save_circuit_tracer(random_clt(arch="topk", k=3, skip=False), tmp_path / "x")
+    # a layer's file missing from a circuit-tracer directory
+    save_circuit_tracer(random_set(), tmp_path / "ct")
+    (tmp_path / "ct" / "layer_1.safetensors").unlink()
+    with pytest.raises(MissingFileError, match="layer 1's file .*layer_1.safetensors is missing"):
+        load_dictionary(tmp_path / "ct")
+    # a CLT file missing a layer
+    clt = random_clt(arch="jumprelu", skip=False)
+    save_circuit_tracer(clt, tmp_path / "clt")
+    (tmp_path / "clt" / "W_dec_2.safetensors").unlink()
+    with pytest.raises(MissingFileError, match=r"W_dec_2.safetensors: missing: layer 2"):
+        load_dictionary(tmp_path / "clt")
+    from safetensors.torch import load_file, save_file
+
+    save_clt(clt, tmp_path / "own")
+    t = load_file(str(tmp_path / "own" / "clt_weights.safetensors"))
+    del t["W_dec_1"]
+    save_file(t, str(tmp_path / "own" / "clt_weights.safetensors"))
+    with pytest.raises(CorruptDictionaryError, match=r"clt_weights.safetensors: layer 1 is missing"):
+        load_dictionary(tmp_path / "own")
+    # a skip transcoder read as a plain one
+    tset = random_set(skip=True)
+    fl.save_dictionary(tset[0], tmp_path / "tc0")
+    import json
+
+    meta = json.loads((tmp_path / "tc0" / "featurelens.json").read_text())
+    meta["config"]["skip"] = False
+    (tmp_path / "tc0" / "featurelens.json").write_text(json.dumps(meta))
+    with pytest.raises(CorruptDictionaryError, match=r"tc0/sae_weights.safetensors: holds W_skip .* says no skip"):
+        load_dictionary(tmp_path / "tc0")
+    # mismatched d_model; layers the model lacks
+    wide = CrossLayerTranscoder(CLTConfig(layers=[0, 1], d_in=D + 4, d_sae=8, arch="topk", k=2))
+    with pytest.raises(InputError, match=r"layer 0: .* width 20 .* d_model=16"):
+        fl.evaluate_dictionary(tiny, wide, contexts=torch.ones(2, 5, dtype=torch.long), progress=False)
+    deep = CrossLayerTranscoder(CLTConfig(layers=[2, 3], d_in=D, d_sae=8, arch="topk", k=2))
+    with pytest.raises(CLTLayerError, match="layer 3, but tiny-random has 3 layers"):
+        check_fits_model(deep, tiny)
+    with pytest.raises(CLTLayerError, match=r"no layer 7; its layers are \[2, 3\]"):
+        deep.encode_layer(7, torch.zeros(D))
+    with pytest.raises(CLTLayerError, match=r"layers \[3\] are missing"):
+        deep.reconstruct({2: torch.zeros(1, D)})
+    with pytest.raises(InputError, match="loss must be one of"):
+        TrainConfig(loss="l1")
+
+
+def test_reads_gemma_scope_2_clt_and_gemma_scope_transcoders_listed_by_circuit_tracer(tmp_path):
+    import numpy as np
+    import yaml
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(3)
+    n, d_sae = 3, 12
+    raw = []
+    for i in range(n):  # Gemma Scope 2's per-layer CLT files: w_dec covers every layer, only >= i is used
+        t = {"w_enc": torch.randn(D, d_sae, generator=g), "w_dec": torch.randn(d_sae, n, D, generator=g),
+             "b_enc": torch.randn(d_sae, generator=g), "b_dec": torch.randn(D, generator=g),
+             "threshold": torch.rand(d_sae, generator=g), "affine_skip_connection": torch.randn(D, D, generator=g)}
+        (tmp_path / "gs2" / f"layer_{i}").mkdir(parents=True)
+        save_file(t, str(tmp_path / "gs2" / f"layer_{i}" / "params.safetensors"))
+        raw.append(t)
+    clt = load_dictionary(tmp_path / "gs2")
+    assert isinstance(clt, CrossLayerTranscoder) and clt.layers == [0, 1, 2] and clt.cfg.arch == "jumprelu"
+    xs = {i: torch.randn(5, D, generator=g) for i in range(n)}
+    for L, y in clt.reconstruct(xs).items():
+        expected = raw[L]["b_dec"] + xs[L] @ raw[L]["affine_skip_connection"]
+        for l in range(L + 1):
+            pre = xs[l] @ raw[l]["w_enc"] + raw[l]["b_enc"]
+            expected = expected + (pre * (pre > raw[l]["threshold"])) @ raw[l]["w_dec"][:, L]
+        torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+
+    # circuit-tracer's Gemma Scope config: a list of params.npz (W_enc [d_model, d_sae], as SAELens)
+    paths = []
+    for i in range(2):
+        f = tmp_path / "gs" / f"layer_{i}" / "params.npz"
+        f.parent.mkdir(parents=True)
+        np.savez(f, W_enc=np.random.randn(D, 10).astype("float32"), W_dec=np.random.randn(10, D).astype("float32"),
+                 b_enc=np.zeros(10, "float32"), b_dec=np.ones(D, "float32"), threshold=np.full(10, 0.1, "float32"))
+        paths.append(str(f))
+    (tmp_path / "gs" / "config.yaml").write_text(yaml.safe_dump({
+        "model_kind": "transcoder_set", "model_name": "google/gemma-2-2b", "feature_input_hook": "ln2.hook_normalized",
+        "feature_output_hook": "hook_mlp_out", "transcoders": paths}))
+    tset = load_dictionary(tmp_path / "gs")
+    assert isinstance(tset, TranscoderSet) and tset.layers == [0, 1] and tset[1].cfg.arch == "jumprelu"
+    assert tset[1].hook_name_out == "blocks.1.hook_mlp_out" and tset.cfg.model_name == "google/gemma-2-2b"
+    w = np.load(paths[1])
+    x = torch.randn(3, D)
+    pre = x @ torch.from_numpy(w["W_enc"])
+    torch.testing.assert_close(tset[1](x), (pre * (pre > 0.1)) @ torch.from_numpy(w["W_dec"]) + 1.0)
+
+
+@pytest.mark.slow
+def test_cli_trains_and_evaluates_a_clt_on_gemma(gemma, tmp_path, capsys):
+    from featurelens.cli import main
+
+    out = tmp_path / "clt"
+    rc = main(["train", "-m", "gemma-3-270m", "--clt", "--layers", "0,1", "--width", "64", "--k", "4", "--tokens",
+               "1024", "--batch-size", "256", "--reuse", "2", "--loss", "normalized_mse", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    assert "CLT" in capsys.readouterr().out
+    clt = load_dictionary(out)
+    assert isinstance(clt, CrossLayerTranscoder) and clt.layers == [0, 1] and clt.cfg.arch == "batchtopk"
+    assert clt.stats["train_config"]["reuse"] == 2 and clt.stats["train_config"]["loss"] == "normalized_mse"
+    rc = main(["eval", str(out), "--tokens", "300", "--ce-contexts", "1"])
+    rows = [ln.split("│")[1].strip() for ln in capsys.readouterr().out.splitlines() if ln.count("│") > 3]
+    assert rc == 0 and rows[-3:] == ["0", "1", "all"]
+    rc = main(["train", "-m", "gemma-3-270m", "--transcoder", "--no-skip", "--layers", "3", "--width", "64",
+               "--k", "4", "--tokens", "512", "--batch-size", "256", "--out", str(tmp_path / "plain")])
+    assert rc == 0 and load_dictionary(tmp_path / "plain")[3].W_skip is None
+    assert main(["train", "--clt", "--transcoder", "--out", str(tmp_path / "z")]) == 2
+    assert "give one of --hook" in capsys.readouterr().err
+
+
+def test_a_transcoder_set_for_another_d_model_is_refused_naming_the_layer(tiny):
+    wide = random_set(skip=True)
+    cfg = DictionaryConfig(d_in=D + 8, d_sae=8, arch="topk", k=2, transcoder=True, d_out=D + 8,
+                           hook_name="blocks.2.ln2.hook_normalized", hook_name_out="blocks.2.hook_mlp_out")
+    tset = TranscoderSet({0: wide[0], 2: SparseDictionary(cfg)})
+    with pytest.raises(InputError, match=r"layer 2: .*width 24 .*d_model=16"):
+        fl.evaluate_dictionary(tiny, tset, contexts=torch.ones(2, 5, dtype=torch.long), progress=False)

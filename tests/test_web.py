@@ -1,0 +1,349 @@
+"""The web app in a real headless Chromium (Debian's /usr/bin/chromium driven by Playwright), against a uvicorn
+server this test starts on a free loopback port over the tiny data directory of tests/test_web_fixtures.py.
+
+The walk: home -> concept search -> feature page (label edit, test your text) -> steer -> circuit explorer (compute
+a graph as a background job, open the saved graph, hover, click a node, pin it, group a supernode, reload with the
+state in the URL, steer from the graph). Any browser console error or page error fails the test, and corpus text
+with HTML in it must never run (a hostile <img onerror> sits in the corpus and in graph labels).
+
+Screenshots go to a temporary directory (printed); with FEATURELENS_README_SCREENSHOTS=1 they are also copied to
+docs/ for the README. The performance test draws a 1,000-node, 10,000-edge graph and prints first-render and
+hover-redraw times measured in the page with performance.now().
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+if not Path(CHROMIUM).exists():
+    pytest.skip(f"{CHROMIUM} is absent (apt-get install chromium; CI installs it)", allow_module_level=True)
+playwright_sync = pytest.importorskip("playwright.sync_api")
+uvicorn = pytest.importorskip("uvicorn")
+
+from featurelens.server import create_app  # noqa: E402
+
+import test_web_fixtures as web  # noqa: E402
+
+ARGS = ["--no-sandbox", "--disable-gpu", "--headless", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    data, model = web.shared_data(tmp_path_factory)  # the tiny model, SAE, analysis and graph of test_server.py
+    app = create_app(data, model_loader=lambda name: model)
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    t = threading.Thread(target=srv.run, daemon=True)
+    t.start()
+    end = time.time() + 30
+    while not srv.started and time.time() < end:
+        time.sleep(0.05)
+    assert srv.started, "uvicorn did not start"
+    yield f"http://127.0.0.1:{port}", data, model
+    srv.should_exit = True
+    t.join(10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright_sync.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, tmp_path):
+    ctx = browser.new_context(viewport={"width": 1400, "height": 900}, accept_downloads=True)
+    pg = ctx.new_page()
+    problems: list[str] = []
+    pg.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+    pg.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    pg.on("dialog", lambda d: (problems.append(f"dialog: {d.message}"), d.dismiss()))
+    pg.problems = problems
+    yield pg
+    ctx.close()
+    assert not problems, "\n".join(problems)
+
+
+class Shots:
+    def __init__(self, page, where: Path):
+        self.page, self.where, self.files = page, where, []
+        where.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, name: str, element: str | None = None) -> None:
+        text = self.page.inner_text("main")
+        assert "[object " not in text and "undefined" not in text, f"{name}: a value was rendered wrongly"
+        f = self.where / f"{name}.png"
+        if element:
+            self.page.locator(element).first.screenshot(path=str(f))
+        else:
+            self.page.evaluate("window.scrollTo(0, 0)")
+            self.page.screenshot(path=str(f), full_page=False)
+        self.files.append(f)
+
+    def publish(self) -> None:
+        print(f"\nscreenshots: {self.where}")
+        if os.environ.get("FEATURELENS_README_SCREENSHOTS"):
+            DOCS.mkdir(exist_ok=True)
+            for f in self.files:
+                shutil.copy(f, DOCS / f"web-{f.name}")
+
+
+def _no_xss(page) -> None:
+    assert page.evaluate("window.__xss") is None, "corpus HTML ran as code"
+
+
+def test_walkthrough(server, page, tmp_path):
+    base, data, model = server
+    shots = Shots(page, tmp_path / "screens")
+
+    # ---- home: dictionaries with metrics, models, saved graphs
+    page.goto(base + "/")
+    page.wait_for_selector("a.dict-link")
+    body = page.inner_text("main")
+    assert web.SAE_ID in body and web.TC_ID in body and web.MODEL in body and web.PROMPT in body
+    row = page.locator("tr", has=page.locator(f"a.dict-link:text-is('{web.SAE_ID}')"))
+    assert "analyzed" in row.inner_text() and "\t4\t" in row.inner_text()  # L0 of a TopK k=4 SAE
+    shots("home")
+
+    # ---- concept search from the home search box
+    page.fill("input[name=q]", "mat")
+    page.press("input[name=q]", "Enter")
+    page.wait_for_selector(".results a.feature-link")
+    assert page.url.split("#")[1].startswith("/search")
+    shots("search-concept")
+    # by text: per-token colours, hover a token for its features; by token: logit-lens promoters
+    page.click("button[data-tab=text]")
+    page.fill("textarea[name=q]", "The cat sat on the mat")
+    page.press("textarea[name=q]", "Enter")
+    page.wait_for_selector(".text-acts .tok")
+    assert page.locator(".text-acts .tok").count() == len(model.to_str_tokens("The cat sat on the mat"))
+    page.locator(".text-acts .tok").nth(6).hover()
+    page.wait_for_selector(".tok-detail .chip a.feature-link")
+    shots("search-text")
+    page.click("button[data-tab=token]")
+    page.fill("textarea[name=q]", " the")
+    page.press("textarea[name=q]", "Enter")
+    page.wait_for_selector(".results .hit a.feature-link")
+    assert "logit +" in page.inner_text(".results")
+    # back to the concept results
+    page.goto(base + "/#/search?tab=concept&q=mat")
+    page.wait_for_selector(".results a.feature-link")
+    first = page.locator(".results a.feature-link").first
+    hit_text = first.inner_text()
+
+    # ---- feature page
+    first.click()
+    page.wait_for_selector(".label-edit")
+    assert page.inner_text("h1").startswith("Feature ")
+    feature = int(page.url.rsplit("/", 1)[1])
+    assert f"#{feature}" in hit_text
+    assert page.locator(".examples .ex").count() > 0 and page.locator(".examples .tok").count() > 0
+    assert page.locator("svg.chart rect").count() > 0  # histogram
+    assert "promotes" in page.inner_text(".boxes")  # logit lens
+    # a token's hover value is its activation
+    tok = page.locator(".examples .tok[data-act]").first
+    assert ":" in tok.get_attribute("title")
+    # label edit, with markup in it shown as text
+    page.fill(".label-edit input", "cats <i>and</i> mats")
+    page.click(".label-edit button")
+    page.wait_for_function("document.querySelector('.label-text').textContent === 'cats <i>and</i> mats'")
+    assert page.inner_text(".provenance").strip() == "(user)"
+    # test your own text
+    page.fill(".test-text textarea", "The cat sat on the mat")
+    page.click(".test-text button")
+    page.wait_for_selector(".test-out .tok")
+    assert [t.inner_text() for t in page.locator(".test-out .tok").all()][:2] == ["<bos>", "The"]
+    _no_xss(page)
+    shots("feature")
+    shots("feature-examples", element=".examples")
+
+    # ---- steer with this feature
+    page.click("a.steer-button")
+    page.wait_for_selector("form.steer")
+    assert page.locator(".feat-idx").first.input_value() == str(feature)
+    page.fill("textarea[name=prompt]", "The cat")
+    page.locator("input[aria-label='max new tokens']").fill("12")
+    page.locator("input[type=range]").first.fill("15")
+    page.click("form.steer button[type=submit]")
+    page.wait_for_function("document.querySelector('.status').textContent === 'done'", timeout=60_000)
+    default = "".join(page.locator("#gen-default .new").all_text_contents())
+    steered = "".join(page.locator("#gen-steered .new").all_text_contents())
+    assert default == model.generate("The cat", max_new_tokens=12, temperature=0.7, seed=0, return_new_only=True)
+    assert steered and page.locator("#gen-default .new").count() >= 2  # arrived token by token
+    shots("steer")
+
+    # ---- circuit explorer: compute a graph in the background, watch its progress, land on it
+    page.goto(base + "/#/graph")
+    page.wait_for_selector("form.graph-form")
+    page.fill("input[aria-label='graph prompt']", "The dog sat")
+    page.fill("input[aria-label='max feature nodes']", "24")
+    page.click("form.graph-form button[type=submit]")
+    page.wait_for_function("location.hash.startsWith('#/graph?job=') || location.hash.startsWith('#/graph/computed')")
+    if "job=" in page.url:  # the job's id is in the URL: a reload picks its progress up again
+        page.reload()
+    page.wait_for_function("location.hash.startsWith('#/graph/computed')", timeout=120_000)
+    page.wait_for_selector("#graph-canvas")
+    assert "The dog sat" in page.inner_text(".graph-prompt")
+
+    # ---- the saved graph: hover, click a node, pin it
+    page.goto(base + f"/#/graph/{web.GRAPH_ID}")
+    page.wait_for_selector("#graph-canvas")
+    page.wait_for_selector(".scores .score")
+    # the pruning and density sliders hide nodes (and their edges) and put the thresholds in the URL
+    count = lambda: page.evaluate("window.__featurelens.visibleNodes")  # noqa: E731
+    all_nodes = count()
+    page.locator("input[aria-label='feature density threshold']").fill("-6")
+    assert count() < all_nodes and '"dens":' in page.url.replace("%22", '"').replace("%3A", ":")
+    page.locator("input[aria-label='feature density threshold']").fill("0")
+    page.locator("input[aria-label='pruning threshold']").fill("0.05")
+    assert count() < all_nodes
+    page.locator("input[aria-label='pruning threshold']").fill("0.8")
+    assert count() == all_nodes
+    feat_id = page.evaluate("""() => { const v = window.__featurelens.view;
+        return v.vis.find((n) => n.feature_type === 'cross layer transcoder' && n.clerp.includes('onerror')).node_id; }""")
+    box = page.locator("#graph-canvas").bounding_box()
+    pos = page.evaluate(f"window.__featurelens.view.nodePosition({feat_id!r})")
+    page.mouse.move(box["x"] + pos["x"], box["y"] + pos["y"])
+    page.wait_for_selector(".tip:not([hidden])")
+    assert "onerror" in page.inner_text(".tip")  # hostile label shown as text
+    page.mouse.click(box["x"] + pos["x"], box["y"] + pos["y"])
+    page.wait_for_selector("#node-card h4")
+    assert page.inner_text("#node-card .card-title").startswith("L")
+    assert "Inputs" in page.inner_text("#node-card") and "Outputs" in page.inner_text("#node-card")
+    page.click("#node-card .pin-button")
+    page.wait_for_selector("#subgraph .pins li")
+    page.wait_for_selector(".scores .sub-score")
+    assert "pinned subgraph" in page.inner_text(".scores")
+    # a supernode with a label
+    page.check("#subgraph .pins input[type=checkbox]")
+    page.fill("input[aria-label='supernode label']", "cat circuit")
+    page.click("text=Group into supernode")
+    page.wait_for_selector("#subgraph .supernodes li")
+    shots("graph")
+    # the state is in the URL: a reload brings it back
+    assert "pins" in page.url and "cat%20circuit" in page.url.replace("+", "%20")
+    page.reload()
+    page.wait_for_selector("#subgraph .pins li")
+    assert "cat circuit" in page.inner_text("#subgraph")
+    assert page.inner_text("#node-card .card-title").startswith("L")
+
+    # ---- steer from the graph: set the pinned feature
+    page.select_option("#graph-steer select", "set")
+    page.fill("#graph-steer input[type=number]", "25")
+    page.click("#graph-steer button.primary")
+    page.wait_for_selector(".probs-live table", timeout=60_000)
+    for side in ("original", "frozen", "live"):
+        assert page.locator(f".probs-{side} tbody tr").count() == 8
+    import httpx
+
+    api = httpx.post(f"{base}/api/graphs/{web.GRAPH_ID}/intervene", timeout=120, json={
+        "interventions": [{"node_id": feat_id, "value": 25.0}], "top_k": 8, "max_new_tokens": 12}).json()
+    for side in ("original", "frozen", "live"):
+        assert page.inner_text(f".cont-{side} .new") == api["continuation"][side].strip("\n") or \
+            page.locator(f".cont-{side} .new").text_content() == api["continuation"][side]
+        shown = [t.inner_text() for t in page.locator(f".probs-{side} tbody tr td:first-child").all()]
+        assert shown == [json.dumps(t["token"], ensure_ascii=False) for t in api[side]]
+    _no_xss(page)
+    shots("graph-steer", element="#graph-steer")
+
+    # ---- save the subgraph with the graph, export both, import the export as a new graph, load the subgraph there
+    page.fill("input[aria-label='subgraph name']", "cat subgraph")
+    page.click("text=Save subgraph")
+    page.wait_for_selector("#subgraph .saved button")
+    with page.expect_download() as dl:
+        page.click("text=Export graph + subgraphs")
+    exported = tmp_path / "exported.json"
+    dl.value.save_as(exported)
+    saved = json.loads(exported.read_text())
+    assert saved["subgraphs"][-1]["name"] == "cat subgraph" and saved["qParams"]["pinnedIds"] == [feat_id]
+    page.set_input_files("input[aria-label='import graph JSON']", str(exported))
+    page.wait_for_function("location.hash.startsWith('#/graph/uploads')")
+    page.wait_for_selector("#subgraph .saved button")
+    assert page.locator("#subgraph .pins li").count() == 0
+    # other tests may have saved subgraphs of their own into the same graph: load this one by its name
+    page.click("#subgraph .saved button:has-text('cat subgraph')")
+    page.wait_for_selector("#subgraph .pins li")
+    assert "cat circuit" in page.inner_text("#subgraph")
+    shots.publish()
+
+
+def test_upload_and_bad_input_shows_errors_not_crashes(server, page, tmp_path):
+    base, data, _ = server
+    page.goto(base + "/#/graph")
+    page.wait_for_selector("input[aria-label='upload graph JSON']")
+    # a graph file circuit-tracer itself wrote (its create_graph_files, from the attribution benchmark)
+    ct = Path(__file__).parent / "data" / "circuit-tracer-graph.json"
+    page.set_input_files("input[aria-label='upload graph JSON']", str(ct))
+    page.wait_for_function("location.hash.startsWith('#/graph/uploads')")
+    page.wait_for_selector("#graph-canvas")
+    page.wait_for_selector(".scores .score")
+    g = json.loads(ct.read_text())
+    assert page.evaluate("window.__featurelens.view.g.nodes.length") == len(g["nodes"])
+    assert page.evaluate("window.__featurelens.visibleNodes") > 0
+    assert g["metadata"]["prompt"] in page.inner_text(".graph-prompt")
+    # a file that is not a graph: the page says what is wrong
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"metadata": {}}))
+    page.goto(base + "/#/graph")
+    page.wait_for_selector("input[aria-label='upload graph JSON']")
+    page.set_input_files("input[aria-label='upload graph JSON']", str(bad))
+    page.wait_for_selector(".error")
+    assert "metadata" in page.inner_text(".error")
+    page.problems[:] = [p for p in page.problems if "422" not in p]  # the browser logs the refused upload
+
+
+def test_big_graph_draws_fast(server, page):
+    """1,000 nodes and 10,000 edges: first render and hover redraw, timed in the page."""
+    import httpx
+
+    base, _, _ = server
+    g = web.synthetic_graph(1000, 10_000)
+    gid = httpx.post(base + "/api/graphs", json=g, timeout=60).json()["id"]
+    page.goto(base + f"/#/graph/{gid}?s=" + '{"nt":1}')
+    page.wait_for_selector("#graph-canvas")
+    page.wait_for_function("window.__featurelens.firstRender !== undefined")
+    first_in_app = page.evaluate("window.__featurelens.firstRender")
+    layout_ms = page.evaluate("window.__featurelens.layoutMs")
+    assert page.evaluate("window.__featurelens.visibleLinks") == 10_000
+    # Canvas work is deferred: reading a pixel back forces it to finish, so these times include the rasterizing.
+    flush = "v.canvas.getContext('2d').getImageData(0, 0, 1, 1)"
+    first = page.evaluate(f"""() => {{ const v = window.__featurelens.view; const t = performance.now();
+        v.layout(); v.draw(); {flush}; return performance.now() - t; }}""")
+    # hover: real mouse events over 30 nodes (each redraw timed in the page), then timed redraws with the flush
+    box = page.locator("#graph-canvas").bounding_box()
+    ids = page.evaluate("window.__featurelens.view.vis.slice(0, 400).filter((n, i) => i % 13 === 0).map((n) => n.node_id)")
+    for nid in ids:
+        p = page.evaluate(f"window.__featurelens.view.nodePosition({nid!r})")
+        # the canvas of a big graph is taller than the window: scroll the node into view, as a user would
+        page.evaluate(f"window.scrollTo(0, window.scrollY + {box['y'] + p['y']} - 300)")
+        box = page.locator("#graph-canvas").bounding_box()
+        page.mouse.move(box["x"] + p["x"], box["y"] + p["y"])
+        assert page.evaluate("window.__featurelens.view.hover && window.__featurelens.view.hover.node_id") is not None
+    times = page.evaluate(f"""(ids) => {{ const v = window.__featurelens.view; return ids.map((id) => {{
+        const t = performance.now(); v.hover = v.byId.get(id); v.redraw(); {flush}; return performance.now() - t; }}); }}""",
+                          ids)
+    times.sort()
+    median, worst = times[len(times) // 2], times[-1]
+    print(f"\n1,000 nodes / 10,000 edges in headless Chromium: first render {first:.0f} ms (layout + draw + raster; "
+          f"{first_in_app:.0f} ms on page load, of which layout {layout_ms:.0f} ms), hover redraw median {median:.1f} ms, worst "
+          f"{worst:.1f} ms over {len(times)} hovers")
+    assert first < 1000 and median < 50

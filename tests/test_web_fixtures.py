@@ -1,0 +1,193 @@
+"""A tiny, hermetic data directory for the web app's tests (tests/test_server.py, tests/test_web.py).
+
+A 2-layer random Llama with a byte-level BPE tokenizer trained here on made-up sentences (some of them HTML- and
+script-like, as the real corpus has), a TopK SAE trained on it and analyzed, per-layer transcoders, and a saved
+attribution graph in circuit-tracer's format over those transcoders. Built in a few seconds, nothing downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MODEL = "tiny-llama"
+SAE_ID = f"{MODEL}~sae"
+TC_ID = f"{MODEL}~transcoders"
+GRAPH_ID = "demo~tiny-prompt"
+HOOK = "blocks.1.hook_resid_post"
+PROMPT = "The cat sat on the mat and"
+HOSTILE = '<img src=x onerror="window.__xss=1">'
+
+_SUBJECTS = ["The cat", "A dog", "My friend", "The teacher", "Our neighbour", "The old man", "A small bird",
+             "The president", "The film", "This book"]
+_VERBS = ["sat on", "looked at", "walked to", "talked about", "read", "liked", "painted", "found", "lost", "wrote"]
+_OBJECTS = ["the mat", "the river", "Paris", "a long letter", "the garden", "the window", "the market",
+            "a red car", "the moon", "the house"]
+_TAILS = ["and smiled.", "in the morning.", "before dinner.", "with great care.", "again and again.", "yesterday.",
+          "for an hour.", "without a word."]
+_MARKUP = ['<script>alert("x")</script> was in the page.', f"The comment said {HOSTILE} and nothing else.",
+           "Use <b>bold</b> & <i>italic</i> tags.", "x < y && y > z is true.", "\"quoted\" and 'single' text."]
+
+
+def sentences(n: int = 600, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    out = [f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} {rng.choice(_TAILS)}"
+           for _ in range(n)]
+    for i in range(0, n, 12):
+        out[i] = _MARKUP[(i // 12) % len(_MARKUP)]
+    return out
+
+
+def _tokenizer(texts: list[str]) -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<bos>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
+
+
+def _contexts(model: Any, texts: list[str], ctx: int = 32) -> torch.Tensor:
+    ids: list[int] = []
+    for t in texts:
+        ids += model.encode(" " + t, prepend_bos=False)
+    n = len(ids) // (ctx - 1)
+    rows = [[model.cfg.bos_token_id] + ids[i * (ctx - 1):(i + 1) * (ctx - 1)] for i in range(n)]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+_BUILT: dict[str, tuple[Path, Any]] = {}
+
+
+def shared_data(tmp_path_factory: Any) -> tuple[Path, Any]:
+    """(data dir, tiny model), built once per test session (test_server.py and test_web.py share it), with
+    featurelens' data directory pointed at it while building so that token caches land there too."""
+    from featurelens import paths
+
+    key = str(tmp_path_factory.getbasetemp())
+    if key not in _BUILT:
+        data = tmp_path_factory.mktemp("webdata")
+        before = paths._override
+        paths.set_data_dir(data)
+        try:
+            _BUILT[key] = (data, build(data))
+        finally:
+            paths._override = before
+    return _BUILT[key]
+
+
+def build(data: Path) -> Any:
+    """Fill `data` (a featurelens data directory); returns the tiny model."""
+    import transformers
+
+    import featurelens as fl
+
+    texts = sentences()
+    mdir = data / "models" / MODEL
+    tok = _tokenizer(texts)
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                   bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=True)
+    hf = transformers.LlamaForCausalLM(cfg)
+    mdir.mkdir(parents=True, exist_ok=True)
+    hf.save_pretrained(mdir)
+    tok.save_pretrained(mdir)
+    model = fl.load_model(mdir)
+    ctx = _contexts(model, texts)
+    train, test = ctx[: len(ctx) * 3 // 4], ctx[len(ctx) * 3 // 4:]
+    ddir = data / "dictionaries" / MODEL
+    fl.train_sae(model, HOOK, arch="topk", k=4, width=96, tokens=12_000, batch_size=256, contexts=train,
+                 out=ddir / "sae", progress=False)
+    fl.analyze(model, ddir / "sae", test, n_tokens=None, batch_size=8, embed=False, progress=False, n_top=8,
+               n_sample=16, window=(6, 2))
+    fl.train_transcoders(model, "all", arch="topk", k=4, width=48, tokens=8_000, batch_size=256, contexts=train,
+                         out=ddir / "transcoders", progress=False)
+    # one transcoder layer analyzed: its features get dashboards (graph node cards) and densities (density slider)
+    fl.analyze(model, ddir / "transcoders" / "layer_1", test, n_tokens=None, batch_size=8, embed=False,
+               progress=False, n_top=8, n_sample=16, window=(6, 2))
+    write_graph(data, model)
+    return model
+
+
+def write_graph(data: Path, model: Any) -> None:
+    """A small graph over the transcoders' features, in circuit-tracer's files (nodes with real layer/feature ids)."""
+    toks = model.to_str_tokens(PROMPT)
+    L = model.cfg.n_layers
+    rng = random.Random(1)
+    nodes: list[dict[str, Any]] = []
+    for p, t in enumerate(toks):
+        nodes.append({"node_id": f"E_{p}_{p}", "feature": p, "layer": "E", "ctx_idx": p, "feature_type": "embedding",
+                      "jsNodeId": f"E_{p}-{p}", "clerp": f'Emb: "{t}"', "influence": None})
+    for layer in range(L):
+        for p in range(1, len(toks)):
+            for f in rng.sample(range(48), 2):
+                nodes.append({"node_id": f"{layer}_{f}_{p}", "feature": (layer + f) * (layer + f + 1) // 2 + f,
+                              "layer": str(layer), "ctx_idx": p, "feature_type": "cross layer transcoder",
+                              "jsNodeId": f"{layer}_{f}-0", "clerp": f"feature {f} {HOSTILE}" if f % 5 == 0 else "",
+                              "influence": rng.random(), "activation": rng.random() * 3})
+            nodes.append({"node_id": f"{layer}_-1_{p}", "feature": -1,
+                          "layer": str(layer), "ctx_idx": p, "feature_type": "mlp reconstruction error",
+                          "jsNodeId": f"{layer}_-1-{p}", "influence": rng.random()})
+    last = len(toks) - 1
+    for i, (tid, prob) in enumerate([(5, 0.6), (9, 0.3)]):
+        nodes.append({"node_id": f"{L + 1}_{tid}_{last}", "feature": tid, "layer": str(L + 1), "ctx_idx": last,
+                      "feature_type": "logit", "token_prob": prob, "is_target_logit": i == 0,
+                      "jsNodeId": f"L_{tid}-{last}", "clerp": f'Output "{model.to_string([tid])}" (p={prob:.3f})'})
+    def rank(n: dict[str, Any]) -> int:
+        return -1 if n["layer"] == "E" else int(n["layer"])
+
+    links = []
+    for tgt in nodes:
+        srcs = [s for s in nodes if rank(s) < rank(tgt) and s["ctx_idx"] <= tgt["ctx_idx"]
+                and tgt["feature_type"] not in ("embedding", "mlp reconstruction error")]
+        for s in rng.sample(srcs, min(4, len(srcs))):
+            links.append({"source": s["node_id"], "target": tgt["node_id"], "weight": round(rng.uniform(-1, 1.5), 4)})
+    graph = {"metadata": {"slug": "tiny-prompt", "scan": MODEL, "transcoder_list": [], "prompt_tokens": toks,
+                          "prompt": PROMPT, "node_threshold": 0.8, "schema_version": 1,
+                          "info": {"featurelens": {"transcoders": TC_ID, "model": MODEL}}},
+             "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
+             "nodes": nodes, "links": links}
+    gdir = data / "graphs" / "demo"
+    gdir.mkdir(parents=True, exist_ok=True)
+    (gdir / "tiny-prompt.json").write_text(json.dumps(graph))
+    (gdir / "graph-metadata.json").write_text(json.dumps({"graphs": [
+        {"slug": "tiny-prompt", "scan": MODEL, "prompt_tokens": toks, "prompt": PROMPT, "title_prefix": ""}]}))
+
+
+def synthetic_graph(n_nodes: int = 1000, n_links: int = 10_000, n_layers: int = 18, n_pos: int = 24,
+                    seed: int = 0) -> dict[str, Any]:
+    """A large random graph in circuit-tracer's format (for the explorer's drawing speed)."""
+    rng = random.Random(seed)
+    nodes = [{"node_id": f"E_{p}_{p}", "feature": p, "layer": "E", "ctx_idx": p, "feature_type": "embedding",
+              "jsNodeId": f"E_{p}-{p}", "clerp": f"tok{p}"} for p in range(n_pos)]
+    nodes += [{"node_id": f"{n_layers + 1}_{t}_{n_pos - 1}", "feature": t, "layer": str(n_layers + 1),
+               "ctx_idx": n_pos - 1, "feature_type": "logit", "token_prob": 0.5 / (i + 1), "jsNodeId": f"L_{t}",
+               "clerp": f'Output "t{t}"'} for i, t in enumerate(range(4))]
+    i = 0
+    while len(nodes) < n_nodes:
+        layer, p = rng.randrange(n_layers), rng.randrange(1, n_pos)
+        nodes.append({"node_id": f"{layer}_{i}_{p}", "feature": i, "layer": str(layer), "ctx_idx": p,
+                      "feature_type": "cross layer transcoder", "jsNodeId": f"{layer}_{i}-0", "clerp": "",
+                      "influence": rng.random(), "activation": rng.random()})
+        i += 1
+    ids = [n["node_id"] for n in nodes]
+    links, seen = [], set()
+    while len(links) < n_links:
+        s, t = rng.choice(ids), rng.choice(ids)
+        if s != t and (s, t) not in seen:
+            seen.add((s, t))
+            links.append({"source": s, "target": t, "weight": rng.uniform(-1, 1)})
+    toks = [f"tok{p}" for p in range(n_pos)]
+    return {"metadata": {"slug": "synthetic", "scan": "synthetic", "transcoder_list": [], "prompt_tokens": toks,
+                         "prompt": " ".join(toks)},
+            "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
+            "nodes": nodes, "links": links}
