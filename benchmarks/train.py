@@ -22,9 +22,11 @@
    since it compares with `>`). When the whole run is shorter than the window, no latent can be dead yet and AuxK is
    inactive on both; the script prints which. Each trainer keeps its own AuxK coefficient.
 
-Both run on the CPU with the same torch version and thread count. featurelens normalizes activations to mean norm
-sqrt(d_in) inside training (and folds the scale back on export); SAELens trains on the raw activations: each
-trainer runs with its own defaults otherwise. On a machine shared with other jobs, pass --threads 1 (two OpenMP
+Both run on the CPU with the same torch version and thread count, on activations scaled to mean norm sqrt(d_in):
+featurelens does this inside training (and folds the scale back on export); SAELens's training runner does it with
+normalize_activations="expected_average_only_in", and since its SAETrainer alone takes rows as given, the script
+scales them before handing them over (Gemma's residual stream has norms in the hundreds; unscaled, SAELens's
+defaults give a negative explained variance after 23 steps). Each trainer runs with its own defaults otherwise. On a machine shared with other jobs, pass --threads 1 (two OpenMP
 threads competing with a busy neighbour measure the neighbour). A smoke run without the model or SAELens:
 
     python -c "import torch; from safetensors.torch import save_file; save_file({'x': torch.randn(6000, 64)}, '/tmp/a.st')"
@@ -59,6 +61,10 @@ a = json.loads(sys.argv[1])
 torch.set_num_threads(a["threads"])
 x = load_file(a["acts"])["x"]
 train, held = x[: len(x) - a["held_out"]], x[len(x) - a["held_out"]:]
+# Dataset-wide scaling to mean norm sqrt(d_in), as featurelens does and as SAELens's own training runner does with
+# normalize_activations="expected_average_only_in"; SAETrainer alone takes the rows as given. FVU is scale-free.
+scale = x.shape[1] ** 0.5 / float(train.norm(dim=-1).mean())
+train, held = train * scale, held * scale
 stamps = []
 def provider():
     g = torch.Generator().manual_seed(0)

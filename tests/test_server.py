@@ -591,8 +591,10 @@ def test_token_is_required_when_set(web_data):
 def test_pages_and_openapi_are_served(client):
     r = client.get("/")
     assert r.status_code == 200 and "app.js" in r.text
-    for f in ("app.js", "dom.js", "api.js", "graph.js", "style.css"):
+    for f in ("app.js", "dom.js", "api.js", "graph.js", "apidoc.js", "style.css"):
         assert client.get(f"/static/{f}").status_code == 200
+    # FastAPI's /docs and /redoc would load their scripts from the web: the app's own #/api page replaces them
+    assert client.get("/docs").status_code == 404 and client.get("/redoc").status_code == 404
     spec = client.get("/openapi.json").json()
     assert "/api/steer/stream" in spec["paths"] and "/api/graphs/{graph}/intervene" in spec["paths"]
 

@@ -311,6 +311,24 @@ def test_upload_and_bad_input_shows_errors_not_crashes(server, page, tmp_path):
     page.problems[:] = [p for p in page.problems if "422" not in p]  # the browser logs the refused upload
 
 
+def test_api_page_describes_every_endpoint_offline(server, page):
+    import httpx
+
+    base, _, _ = server
+    spec = httpx.get(base + "/openapi.json", timeout=30).json()
+    page.goto(base + "/#/api")
+    page.wait_for_selector(".api-op")
+    n_ops = sum(len(item) for item in spec["paths"].values())
+    assert page.locator(".api-op").count() == n_ops
+    steer = page.locator("section.api-op", has_text="/api/steer/stream")
+    assert "max_new_tokens" in steer.first.inner_text()  # request-body fields are listed with their limits
+    requests: list[str] = []
+    page.on("request", lambda r: requests.append(r.url))
+    page.reload()
+    page.wait_for_selector(".api-op")
+    assert requests and all(u.startswith(base) for u in requests), [u for u in requests if not u.startswith(base)]
+
+
 def test_big_graph_draws_fast(server, page):
     """1,000 nodes and 10,000 edges: first render and hover redraw, timed in the page."""
     import httpx

@@ -187,7 +187,8 @@ def create_app(data_dir: str | Path, *, model_loader: Callable[[str], Any] | Non
     jobs = JobManager(data / "server" / "jobs")
     db_lock = threading.RLock()  # one SQLite connection per analysis, shared by the worker threads
 
-    app = FastAPI(title="featurelens", version=_version(),
+    # FastAPI's /docs and /redoc pages load their scripts from the web; the app's own #/api page reads /openapi.json
+    app = FastAPI(title="featurelens", version=_version(), docs_url=None, redoc_url=None,
                   description="Local Neuronpedia: dictionaries, feature dashboards, search, steering and attribution "
                               "graphs over the featurelens data directory. Errors are JSON {\"detail\": message}.")
     app.state.runtime, app.state.jobs = rt, jobs

@@ -1,4 +1,4 @@
-// The JSON API (the same one scripts use; /docs describes it) and server-sent events.
+// The JSON API (the same one scripts use; the API page, #/api, describes it) and server-sent events.
 
 const params = new URLSearchParams(location.search);
 export const TOKEN = params.get("token") || "";

@@ -5,6 +5,7 @@ import { searchPage } from "./search.js";
 import { featurePage } from "./feature.js";
 import { steerPage } from "./steer.js";
 import { graphPage } from "./graph.js";
+import { apiPage } from "./apidoc.js";
 
 const main = document.getElementById("main");
 
@@ -24,7 +25,7 @@ async function render() {
   current = null;
   clear(main);
   document.querySelectorAll("nav a").forEach((a) => a.classList.toggle("active", a.dataset.page === page));
-  const pages = { home: homePage, search: searchPage, feature: featurePage, steer: steerPage, graph: graphPage };
+  const pages = { home: homePage, search: searchPage, feature: featurePage, steer: steerPage, graph: graphPage, api: apiPage };
   const fn = pages[page];
   if (!fn) {
     main.appendChild(errorBox(`no page "${page}"`));
