@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from featurelens.io import atomic_dir
+
 CIRCUIT_TRACER_VERSION = "0.5.0"
 TORCH_PIN = torch.__version__.split("+")[0]  # the wheel this machine already has (CPU build)
 ENV_FORMAT = 1  # bump when the set of installed packages changes
@@ -139,10 +141,7 @@ def export_hf_model(name: str = "gemma-3-270m", progress: bool = True) -> Path:
             t = get(f"layers.{i}.{leaf}")
             if t is not None:
                 tensors[f"model.layers.{i}.{leaf}"] = t.contiguous()
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out) as tmp:  # complete, or not there at all
         cfg = {k: v for k, v in hf_cfg.items() if v is not None}
         cfg["architectures"] = [_ARCHITECTURES.get(cfg["model_type"], cfg["model_type"])]
         cfg["torch_dtype"] = "float32"
@@ -150,11 +149,6 @@ def export_hf_model(name: str = "gemma-3-270m", progress: bool = True) -> Path:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         shutil.copytree(cache_dir_for(name) / "tokenizer", tmp, dirs_exist_ok=True)
         (tmp / ".featurelens-source.json").write_text(json.dumps({"source_id": source_id}))
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -208,10 +202,7 @@ def write_circuit_tracer_transcoders(tset: Any, out: Path, scan: str = "featurel
     outs = {tl_hook(tset.output_hook(l)) for l in layers}
     if len(ins) != 1 or len(outs) != 1:
         raise BenchmarkSetupError(f"circuit-tracer wants one hook pair for all layers, got {ins} -> {outs}")
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out) as tmp:  # complete, or not there at all
         paths = []
         for l in layers:
             tc = tset[l]
@@ -237,11 +228,6 @@ def write_circuit_tracer_transcoders(tset: Any, out: Path, scan: str = "featurel
             config["k"] = int(cfg0.k)
         (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         (tmp / ".featurelens-source.json").write_text(json.dumps({"fingerprint": fp}))
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..engine.errors import InputError
-from .sae import DictionaryConfig, sparse_activation
+from .sae import ConfigBase, DictionaryConfig, sparse_activation
 from .training import (
     TrainConfig, adam_for, choose_select_dtype, clear_checkpoints, dead_latent_aux, decode_for_training,
     default_dead_tokens, encode_for_training, init_sparse_offsets, project_decoder_grad, reconstruction_loss,
@@ -48,7 +48,6 @@ TRANSCODER_IN = "blocks.{}.ln2.hook_normalized"
 TRANSCODER_OUT = "blocks.{}.hook_mlp_out"
 CLT_KIND = "cross_layer_transcoder"
 CLT_WEIGHTS = "clt_weights.safetensors"
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 class CLTLayerError(InputError, KeyError):
@@ -59,7 +58,7 @@ class CLTLayerError(InputError, KeyError):
 
 
 @dataclass
-class CLTConfig:
+class CLTConfig(ConfigBase):
     """Shape and kind of a cross-layer transcoder; what its cfg.json says."""
 
     layers: list[int]  # source (= output) layers, ascending
@@ -101,21 +100,6 @@ class CLTConfig:
                                 hook_name_out=self.hook_out.format(layer), model_name=self.model_name,
                                 dtype=self.dtype)
 
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.dtype]
-
-    @property
-    def has_threshold(self) -> bool:
-        return self.arch in ("jumprelu", "batchtopk")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "CLTConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 class CrossLayerTranscoder(nn.Module):

@@ -49,23 +49,18 @@ class DictionaryMetrics:
         return d
 
 
-class ReconstructionAccumulator:
-    """Running sums for L0, FVU, MSE and feature firing counts of one dictionary over batches {hook: [n, d]}."""
+class ReconstructionSums:
+    """Running sums for L0, FVU, MSE and feature firing counts over (target, reconstruction, features) batches."""
 
-    def __init__(self, dictionary: SparseDictionary):
-        self.dictionary = dictionary
+    def __init__(self, d_out: int, d_sae: int):
         self.n, self.sse, self.l0_sum, self.sum_y2 = 0, 0.0, 0.0, 0.0
-        self.sum_y = torch.zeros(dictionary.d_out, dtype=torch.float64)
-        self.fires = torch.zeros(dictionary.d_sae, dtype=torch.long)
+        self.sum_y = torch.zeros(d_out, dtype=torch.float64)
+        self.fires = torch.zeros(d_sae, dtype=torch.long)
 
-    @torch.no_grad()
-    def update(self, batch: Mapping[str, torch.Tensor]) -> None:
-        dictionary = self.dictionary
-        x, y = batch[dictionary.hook_name], batch[dictionary.hook_name_out]
-        x, y = x.reshape(len(x), -1).to(dictionary.device), y.reshape(len(y), -1).to(dictionary.device)
-        y_hat, f = dictionary.forward_with_features(x)
+    def add(self, y: torch.Tensor, y_hat: torch.Tensor, f: torch.Tensor) -> None:
+        """y, y_hat: [n, d_out]; f: [n, d_sae]."""
         active = f > 0
-        self.n += len(x)
+        self.n += len(y)
         self.sse += float((y_hat.double() - y.double()).pow(2).sum())
         self.l0_sum += float(active.sum())
         self.fires += active.sum(0).cpu()
@@ -83,6 +78,22 @@ class ReconstructionAccumulator:
                                  dead_fraction=float((self.fires == 0).double().mean()),
                                  dense_fraction=float((density > dense_threshold).double().mean()),
                                  eval_tokens=n, feature_density=density.float())
+
+
+class ReconstructionAccumulator(ReconstructionSums):
+    """`ReconstructionSums` of one dictionary, fed batches {hook: [n, d]}."""
+
+    def __init__(self, dictionary: SparseDictionary):
+        super().__init__(dictionary.d_out, dictionary.d_sae)
+        self.dictionary = dictionary
+
+    @torch.no_grad()
+    def update(self, batch: Mapping[str, torch.Tensor]) -> None:
+        dictionary = self.dictionary
+        x, y = batch[dictionary.hook_name], batch[dictionary.hook_name_out]
+        x, y = x.reshape(len(x), -1).to(dictionary.device), y.reshape(len(y), -1).to(dictionary.device)
+        y_hat, f = dictionary.forward_with_features(x)
+        self.add(y, y_hat, f)
 
 
 def reconstruction_metrics(dictionary: SparseDictionary, batches: Iterable[Mapping[str, torch.Tensor]],

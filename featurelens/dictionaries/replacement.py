@@ -15,7 +15,7 @@ from typing import Any, Iterable
 
 import torch
 
-from .metrics import DictionaryMetrics
+from .metrics import DictionaryMetrics, ReconstructionSums
 
 
 class Replacement:
@@ -72,34 +72,6 @@ class Replacement:
         return hooks
 
 
-class _LayerAccumulator:
-    """Running sums for one output layer's reconstruction and one source layer's features (as metrics.py's)."""
-
-    def __init__(self, d_out: int, d_sae: int):
-        self.n, self.sse, self.l0_sum, self.sum_y2 = 0, 0.0, 0.0, 0.0
-        self.sum_y = torch.zeros(d_out, dtype=torch.float64)
-        self.fires = torch.zeros(d_sae, dtype=torch.long)
-
-    def update(self, y: torch.Tensor, y_hat: torch.Tensor, f: torch.Tensor) -> None:
-        active = f > 0
-        self.n += len(y)
-        self.sse += float((y_hat.double() - y.double()).pow(2).sum())
-        self.l0_sum += float(active.sum())
-        self.fires += active.sum(0).cpu()
-        self.sum_y += y.double().sum(0).cpu()
-        self.sum_y2 += float(y.double().pow(2).sum())
-
-    def result(self, dense_threshold: float) -> DictionaryMetrics:
-        n = self.n
-        sst = self.sum_y2 - float(self.sum_y.pow(2).sum()) / n
-        fvu = self.sse / max(sst, 1e-30)
-        density = self.fires.double() / n
-        return DictionaryMetrics(l0=self.l0_sum / n, explained_variance=1 - fvu, fvu=fvu, mse=self.sse / n,
-                                 dead_fraction=float((self.fires == 0).double().mean()),
-                                 dense_fraction=float((density > dense_threshold).double().mean()),
-                                 eval_tokens=n, feature_density=density.float())
-
-
 @torch.no_grad()
 def evaluate_replacement(model: Any, transcoders: Any, *, tokens: int | None = 100_000, ce_contexts: int = 32,
                          source: Any = "nlp-corpus", ctx_len: int = 128, contexts: torch.Tensor | None = None,
@@ -126,7 +98,7 @@ def evaluate_replacement(model: Any, transcoders: Any, *, tokens: int | None = 1
     rows = int(per_row.sum())
     n_tok = min(tokens or rows, rows)
     n_ctx = int((per_row.cumsum(0) < n_tok).sum()) + 1
-    accs = {l: _LayerAccumulator(transcoders.decoder(l).shape[-1], transcoders.decoder(l).shape[0]) for l in layers}
+    accs = {l: ReconstructionSums(transcoders.decoder(l).shape[-1], transcoders.decoder(l).shape[0]) for l in layers}
     seen = 0
     width = sum(model.cfg.d_model for _ in hooks)
     chunk = chunk_for(n_tok, contexts[:n_ctx], width)
@@ -136,7 +108,7 @@ def evaluate_replacement(model: Any, transcoders: Any, *, tokens: int | None = 1
         feats = {l: transcoders.encode_layer(l, x) for l, x in xs.items()}
         y_hat = _decode(transcoders, feats, xs)
         for l in layers:
-            accs[l].update(batch[transcoders.output_hook(l)].to(y_hat[l].dtype), y_hat[l], feats[l])
+            accs[l].add(batch[transcoders.output_hook(l)].to(y_hat[l].dtype), y_hat[l], feats[l])
         seen += len(batch[hooks[0]])
         if seen >= n_tok:
             break

@@ -82,8 +82,29 @@ def check_feature_index(index: Any, n_features: int, where: str = "") -> int:
     return idx
 
 
+class ConfigBase:
+    """What the dataclass configs of dictionaries (`DictionaryConfig`, `CLTConfig`) share: the torch dtype, whether
+    the activation has a threshold, and plain-dict round trips (unknown keys, e.g. from SAELens files, ignored)."""
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]  # type: ignore[attr-defined]
+
+    @property
+    def has_threshold(self) -> bool:
+        return self.arch in ("jumprelu", "batchtopk")  # type: ignore[attr-defined]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Any:
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
 @dataclass
-class DictionaryConfig:
+class DictionaryConfig(ConfigBase):
     """Shape and kind of a dictionary; what cfg.json says (see `format.py`)."""
 
     d_in: int
@@ -124,22 +145,6 @@ class DictionaryConfig:
             raise InputError("apply_b_dec_to_input makes no sense for a transcoder (b_dec lives in the output space)")
         if self.dtype not in _DTYPES:
             raise InputError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.dtype]
-
-    @property
-    def has_threshold(self) -> bool:
-        return self.arch in ("jumprelu", "batchtopk")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DictionaryConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 class SparseDictionary(nn.Module):
