@@ -297,7 +297,9 @@ class AttributionGraph:
                 merged[i] = True
         keep = ~merged[root.edges[0]]  # a merged feature's inputs vanish: errors have none
         tgt, src = root.edges[0][keep], remap[root.edges[1][keep]]
-        A = torch.sparse_coo_tensor(torch.stack([tgt, src]), root.weights[keep].double(), (root.n_nodes,) * 2)
+        # indices < n_nodes by construction: no invariant checks (saying so silences torch's warning that they are off)
+        A = torch.sparse_coo_tensor(torch.stack([tgt, src]), root.weights[keep].double(), (root.n_nodes,) * 2,
+                                    check_invariants=False)
         A = A.coalesce()
         return graph_scores(A.indices(), A.values(), root.n_nodes, root.logit_weights(),
                             root.error_slice, root.token_slice)

@@ -118,7 +118,8 @@ def _analyses(transcoders: Any) -> dict[int, Any]:
 
 
 def cmd_graph(args: argparse.Namespace) -> int:
-    from ..attribution import attribute
+    from ..attribution import as_replacement, attribute
+    from ..attribution.replacement import check_fits
     from ..paths import sub_dir
     from .models import _load
 
@@ -129,6 +130,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
         raise InputError("empty prompt: give the text to attribute")
     transcoders = _load_transcoders(args.transcoders)
     model = _load(args)
+    check_fits(model, as_replacement(transcoders))  # a mismatch is the error to show, before any note on layers
     missing = sorted(set(range(model.cfg.n_layers)) - set(transcoders.layers))
     if missing:
         print(f"note: layers {missing} have no transcoder: each of their MLP outputs is one error node")
