@@ -208,6 +208,8 @@ def test_walkthrough(server, page, tmp_path):
     page.goto(base + f"/#/graph/{web.GRAPH_ID}")
     page.wait_for_selector("#graph-canvas")
     page.wait_for_selector(".scores .score")
+    # nothing pinned yet: no subgraph score, and no stray "null" where it would go
+    assert "null" not in page.inner_text(".scores") and page.locator(".scores .sub-score").count() == 0
     # the pruning and density sliders hide nodes (and their edges) and put the thresholds in the URL
     count = lambda: page.evaluate("window.__featurelens.visibleNodes")  # noqa: E731
     all_nodes = count()

@@ -1,4 +1,4 @@
-import { h, clear, fmt, pct, tokenRow, bars, table, errorBox, showToken } from "./dom.js";
+import { h, append, clear, fmt, pct, tokenRow, bars, table, errorBox, showToken } from "./dom.js";
 import { get, post, put, enc } from "./api.js";
 
 const QNAMES = { 0: "lowest quarter", 1: "second quarter", 2: "third quarter", 3: "top quarter" };
@@ -59,7 +59,7 @@ export async function featurePage(root, parts) {
       examples(xs, f.max_act));
   });
 
-  root.append(
+  append(root, [
     h("h1", {}, `Feature ${f.feature} `, h("span", { class: "muted", text: `of ${f.d_sae} · ${f.model} · ${f.hook_name}` })),
     h("div", { class: "label" }, labelText, prov),
     labelForm,
@@ -75,5 +75,5 @@ export async function featurePage(root, parts) {
     h("h3", { text: "Test your own text" }), ttForm, ttOut,
     h("h3", { text: `Top activations (${f.top_examples.length} contexts)` }), examples(f.top_examples, f.max_act),
     f.quantile_examples.length ? h("h3", { text: "Across activation quantiles" }) : null, ...quant,
-  );
+  ]);
 }

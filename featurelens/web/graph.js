@@ -1,7 +1,7 @@
 // Circuit explorer: an attribution graph on a <canvas> (layers as rows, token positions as columns), with hover,
 // click-for-card, pins, supernodes, pruning and density sliders, scores, subgraph save/export/import, graph
 // computation as a background job, and steering from the graph. The whole view state lives in the URL hash.
-import { h, clear, fmt, pct, table, errorBox, showToken, tokenRow } from "./dom.js";
+import { h, append, clear, fmt, pct, table, errorBox, showToken, tokenRow } from "./dom.js";
 import { get, post, put, events, enc } from "./api.js";
 
 const perf = (window.__featurelens = window.__featurelens || {});
@@ -71,10 +71,10 @@ export async function graphPage(root, parts, query) {
       if (st.clicked !== id) return;
       const fc = c.feature_card;
       if (fc && fc.source === "analysis") {
-        card.append(h("div", { class: "label" }, h("a", { href: `#/feature/${enc(fc.dictionary)}/${fc.feature}`, text: fc.label || `feature ${fc.feature}` })),
+        append(card, [h("div", { class: "label" }, h("a", { href: `#/feature/${enc(fc.dictionary)}/${fc.feature}`, text: fc.label || `feature ${fc.feature}` })),
           h("div", { class: "muted", text: `density ${pct(fc.density, 3)} · max ${fmt(fc.max_act)}` }),
           fc.logit_up.length ? h("div", {}, "promotes ", fc.logit_up.slice(0, 6).map((u) => h("code", { class: "pos", text: JSON.stringify(u.token) + " " }))) : null,
-          ...fc.top_examples.slice(0, 4).map((x) => h("div", { class: "ex" }, tokenRow(x.tokens, x.acts, fc.max_act, x.index))));
+          ...fc.top_examples.slice(0, 4).map((x) => h("div", { class: "ex" }, tokenRow(x.tokens, x.acts, fc.max_act, x.index)))]);
       } else if (fc) {
         card.append(h("pre", { class: "json", text: JSON.stringify(fc, null, 1).slice(0, 2000) }));
       }
@@ -100,8 +100,8 @@ export async function graphPage(root, parts, query) {
     try {
       const r = await post(`/api/graphs/${enc(gid)}/scores`, { pinnedIds: st.pins.length ? st.pins : null });
       if (seq !== scoreSeq) return;
-      clear(scoresBox).append(h("span", { class: "score", text: `graph: replacement ${pct(r.graph.replacement)} · completeness ${pct(r.graph.completeness)}` }),
-        r.subgraph ? h("span", { class: "score sub-score", text: ` | pinned subgraph: replacement ${pct(r.subgraph.replacement)} · completeness ${pct(r.subgraph.completeness)}` }) : null);
+      append(clear(scoresBox), [h("span", { class: "score", text: `graph: replacement ${pct(r.graph.replacement)} · completeness ${pct(r.graph.completeness)}` }),
+        r.subgraph ? h("span", { class: "score sub-score", text: ` | pinned subgraph: replacement ${pct(r.subgraph.replacement)} · completeness ${pct(r.subgraph.completeness)}` }) : null]);
     } catch (e) { clear(scoresBox).appendChild(errorBox(e)); }
   }
 
@@ -175,14 +175,14 @@ export async function graphPage(root, parts, query) {
           value: x.mode.value === "ablate" ? null : Number(x.val.value) })), top_k: 8, max_new_tokens: 12 });
         const probs = (xs, withOrig) => table(withOrig ? ["token", "p", "p before"] : ["token", "p"],
           xs.map((t) => withOrig ? [h("code", { text: JSON.stringify(t.token) }), fmt(t.prob), fmt(t.original_prob)] : [h("code", { text: JSON.stringify(t.token) }), fmt(t.prob)]));
-        clear(out).append(h("div", { class: "side-by-side three" },
+        append(clear(out), [h("div", { class: "side-by-side three" },
           h("div", { class: "probs-original" }, h("h4", { text: "Original" }), probs(r.original, false)),
           h("div", { class: "probs-frozen" }, h("h4", { text: "Intervened, attention frozen" }), probs(r.frozen, true)),
           h("div", { class: "probs-live" }, h("h4", { text: "Intervened, attention live" }), probs(r.live, true))),
           r.continuation ? h("div", { class: "side-by-side three" },
             [["original", "Original continuation"], ["frozen", "Continuation, attention frozen"], ["live", "Continuation, attention live"]].map(([k, title]) =>
               h("div", {}, h("h4", { text: title }), h("div", { class: `gen cont-${k}` }, h("span", { class: "prompt", text: r.prompt }),
-                h("span", { class: "new", text: r.continuation[k] ?? "" }))))) : null);
+                h("span", { class: "new", text: r.continuation[k] ?? "" }))))) : null]);
       } catch (e) { clear(out).appendChild(errorBox(e)); }
     } }), out);
   }
