@@ -73,3 +73,8 @@ __all__ += [
 from .attribution import AttributionGraph, attribute, feature_intervention, load_graph  # noqa: E402
 
 __all__ += ["AttributionGraph", "attribute", "feature_intervention", "load_graph"]
+
+# The main job: from nothing to a fully analysed, browsable model.
+from .pipeline import DemoBudget, run_demo  # noqa: E402
+
+__all__ += ["DemoBudget", "run_demo"]

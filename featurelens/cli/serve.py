@@ -30,25 +30,31 @@ def is_loopback(host: str) -> bool:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from ..paths import set_data_dir
+
+    if args.serve_data_dir:
+        set_data_dir(args.serve_data_dir)  # models and caches the server makes go where it serves from
+    return serve(args.host, args.port, args.token)
+
+
+def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, token: str | None = None) -> int:
+    """Serve featurelens' data directory at http://host:port/ until interrupted (also the end of `demo`)."""
     import uvicorn
 
     from ..errors import InputError
-    from ..paths import data_dir, set_data_dir
+    from ..paths import data_dir
     from ..server import create_app
 
-    if not 0 < args.port < 65536:
-        raise InputError(f"--port must be in 1-65535, got {args.port}")
-    token = args.token
+    if not 0 < port < 65536:
+        raise InputError(f"--port must be in 1-65535, got {port}")
     if token is not None and not token.strip():
         raise InputError("--token is empty")
-    if not is_loopback(args.host) and not token:
+    if not is_loopback(host) and not token:
         token = secrets.token_urlsafe(18)  # never serve beyond this machine without one
-    if args.serve_data_dir:
-        set_data_dir(args.serve_data_dir)  # models and caches the server makes go where it serves from
     root = data_dir()
     app = create_app(root, token=token)
-    shown = f"[{args.host}]" if ":" in args.host else args.host
-    url = f"http://{shown}:{args.port}/" + (f"?token={token}" if token else "")
+    shown = f"[{host}]" if ":" in host else host
+    url = f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
     print(f"featurelens: serving {root} at {url}", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(app, host=host, port=port, log_level="warning")
     return 0

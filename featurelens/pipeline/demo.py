@@ -1,0 +1,422 @@
+"""`run_demo`: the main job. From nothing to a fully analysed model on the embedded default (Gemma 3 270M and the
+embedded corpus), ready to browse in the web app.
+
+    report = fl.run_demo(quick=True)       # about 10 minutes on 2 CPU cores
+    print(report.summary())
+
+Steps, in order (`DEMO_STEPS`):
+
+1. **model**: convert the embedded model once (later runs load the cache);
+2. **corpus**: fetch and tokenize the embedded corpus (training and held-out splits);
+3. **transcoders**: skip transcoders for every layer, the replacement model the graphs are computed on;
+4. **saes**: TopK SAEs on the residual stream of a few layers;
+5. **evaluate**: L0, explained variance, CE loss recovered and KL of every dictionary, and of all transcoders
+   spliced in at once; written beside each dictionary (eval.json), where the web app reads it;
+6. **analyze**: dashboards, labels and the search index of every SAE and transcoder feature;
+7. **graphs**: an attribution graph per prompt, pruned and saved with its scores, then checked by ablating its
+   most influential features in the real model.
+
+Idempotent: a step's key is a hash of the budget it reads and of the keys of the steps it builds on; a step whose
+recorded key matches is reused (and says so), a changed budget redoes that step and what depends on it. Every long
+step resumes by itself after an interruption (training checkpoints, the analysis's saved state, one file per
+graph), and a step is recorded only once it has finished. The record is <data dir>/demo/state.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import InputError
+from ..io import atomic_write_json
+from ..paths import data_dir
+
+PROMPTS = ("The capital of France is", "2 + 2 =", 'The opposite of "small" is "',
+           "The keys to the old cabinet", "The Eiffel Tower is located in the city of")
+STATE_FILE = "state.json"
+GRAPH_SET = "demo"
+
+
+@dataclass(frozen=True)
+class DemoBudget:
+    """Everything the demo's result depends on. `preset` gives the default and the quick budgets, scaled.
+
+    Token counts are training / analysis tokens; the transcoders' analysis reads fewer tokens per layer because
+    there are 18 layers of them.
+    """
+
+    model: str = "gemma-3-270m"
+    ctx_len: int = 128
+    transcoder_tokens: int = 1_000_000
+    transcoder_width: int = 4096
+    transcoder_k: int = 32
+    transcoder_reuse: int = 1
+    sae_layers: tuple[int, ...] = (3, 6, 9)
+    sae_tokens: int = 500_000
+    sae_width: int = 4096
+    sae_k: int = 32
+    eval_tokens: int = 50_000
+    ce_contexts: int = 32
+    analysis_tokens: int = 200_000
+    transcoder_analysis_tokens: int = 40_000
+    prompts: tuple[str, ...] = PROMPTS
+    max_feature_nodes: int = 1024
+    check_features: int = 10
+
+    @classmethod
+    def preset(cls, quick: bool = False, scale: float = 1.0, **overrides: Any) -> "DemoBudget":
+        """The default budget (under 45 minutes on 2 CPU cores) or the quick one (under 10); `scale` multiplies
+        every token budget and the feature rows of the graphs (use it on a bigger machine or a GPU)."""
+        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+            raise InputError(f"scale must be a positive number, got {scale!r}")
+        base = cls() if not quick else cls(
+            transcoder_tokens=150_000, transcoder_width=2048, transcoder_k=16, sae_layers=(6,), sae_tokens=200_000,
+            sae_width=2048, eval_tokens=20_000, ce_contexts=8, analysis_tokens=60_000,
+            transcoder_analysis_tokens=10_000, prompts=PROMPTS[:2], max_feature_nodes=256, check_features=5)
+        scaled = {f: max(1, int(round(getattr(base, f) * scale))) for f in (
+            "transcoder_tokens", "sae_tokens", "eval_tokens", "ce_contexts", "analysis_tokens",
+            "transcoder_analysis_tokens", "max_feature_nodes")}
+        budget = dataclasses.replace(base, **scaled)
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise InputError(f"unknown demo budget field(s) {', '.join(unknown)}")
+        return dataclasses.replace(budget, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class DemoStep:
+    name: str
+    title: str
+    reads: tuple[str, ...]  # the budget fields this step depends on
+    after: tuple[str, ...]  # the steps whose results it builds on
+
+
+DEMO_STEPS = (
+    DemoStep("model", "convert and load the model", ("model",), ()),
+    DemoStep("corpus", "fetch and tokenize the embedded corpus", ("ctx_len",), ("model",)),
+    DemoStep("transcoders", "train skip transcoders for every layer",
+             ("transcoder_tokens", "transcoder_width", "transcoder_k", "transcoder_reuse"), ("corpus",)),
+    DemoStep("saes", "train residual-stream SAEs", ("sae_layers", "sae_tokens", "sae_width", "sae_k"), ("corpus",)),
+    DemoStep("evaluate", "evaluate every dictionary", ("eval_tokens", "ce_contexts"), ("transcoders", "saes")),
+    DemoStep("analyze", "analyse every feature (dashboards, labels, search)",
+             ("analysis_tokens", "transcoder_analysis_tokens"), ("transcoders", "saes")),
+    DemoStep("graphs", "attribution graphs and their faithfulness checks",
+             ("prompts", "max_feature_nodes", "check_features"), ("transcoders", "analyze")),
+)
+STEP_NAMES = tuple(s.name for s in DEMO_STEPS)
+
+# Rough seconds per unit on a 2-core CPU, for the time-left estimate before a step has run (measured with the
+# default budget; the estimate is rescaled by how fast the finished steps actually went).
+_COST = {"model": lambda b: 40.0, "corpus": lambda b: 15.0,
+         "transcoders": lambda b: b.transcoder_tokens / 700 * (b.transcoder_width / 4096) ** 0.7,
+         "saes": lambda b: len(b.sae_layers) * b.sae_tokens / 3000,
+         "evaluate": lambda b: (len(b.sae_layers) + 18) * (b.eval_tokens / 8000 + b.ce_contexts * 0.5),
+         "analyze": lambda b: len(b.sae_layers) * b.analysis_tokens / 2500 + 18 * b.transcoder_analysis_tokens / 800,
+         "graphs": lambda b: len(b.prompts) * (8 + b.max_feature_nodes / 60)}
+
+
+def step_keys(budget: DemoBudget) -> dict[str, str]:
+    """{step: key}: a hash of the budget fields the step reads and of the keys of the steps it builds on."""
+    keys: dict[str, str] = {}
+    for s in DEMO_STEPS:
+        ident = {"reads": {f: getattr(budget, f) for f in s.reads}, "after": [keys[a] for a in s.after]}
+        keys[s.name] = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+    return keys
+
+
+def demo_dir(root: Path | None = None) -> Path:
+    return (root or data_dir()) / "demo"
+
+
+def demo_state(root: Path | None = None) -> dict[str, Any]:
+    """What the last demo runs recorded: {"steps": {name: {"key", "seconds", "summary", ...}}, "budget": ...}."""
+    path = demo_dir(root) / STATE_FILE
+    if not path.is_file():
+        return {"steps": {}}
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        print(f"featurelens: {path} is unreadable; the demo starts over", file=sys.stderr)
+        return {"steps": {}}
+    if not isinstance(state, dict) or not isinstance(state.get("steps"), dict):
+        return {"steps": {}}
+    return state
+
+
+@dataclass
+class DemoReport:
+    """What a demo run did: per step, whether it ran or was reused, its seconds and its summary."""
+
+    budget: DemoBudget
+    root: Path
+    steps: dict[str, dict[str, Any]] = field(default_factory=dict)
+    ran: list[str] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        return sum(float(self.steps[s].get("seconds", 0.0)) for s in self.ran)
+
+    def summary(self) -> str:
+        lines = [f"featurelens demo in {self.root}:"]
+        for s in DEMO_STEPS:
+            rec = self.steps.get(s.name, {})
+            how = "ran" if s.name in self.ran else "reused"
+            lines.append(f"  {s.name:<12} {how:<7} {_clock(rec.get('seconds', 0.0)):>8}  {_one_line(rec.get('summary'))}")
+        lines.append(f"  this run: {_clock(self.seconds)}")
+        return "\n".join(lines)
+
+
+def _clock(seconds: float) -> str:
+    s = int(round(float(seconds)))
+    return f"{s // 60}:{s % 60:02d}" if s < 3600 else f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def _one_line(summary: Any) -> str:
+    if not isinstance(summary, dict):
+        return ""
+    return ", ".join(f"{k} {v}" for k, v in summary.items() if isinstance(v, (str, int, float)))[:110]
+
+
+def run_demo(budget: DemoBudget | None = None, *, quick: bool = False, scale: float = 1.0, device: str | None = None,
+             force: "list[str] | tuple[str, ...]" = (), progress: bool = True,
+             log: Callable[[str], None] | None = None) -> DemoReport:
+    """Run (or finish, or reuse) every demo step; returns the report. Artifacts go under the data directory:
+    dictionaries/<model>/demo-*, graphs/demo/, demo/state.json.
+
+    force: step names to redo even when their record matches.
+
+    >>> report = run_demo(quick=True)   # doctest: +SKIP
+    >>> report.steps["graphs"]["summary"]["graphs"]   # doctest: +SKIP
+    2
+    """
+    budget = budget or DemoBudget.preset(quick=quick, scale=scale)
+    bad = [f for f in force if f not in STEP_NAMES]
+    if bad:
+        raise InputError(f"unknown demo step(s) {', '.join(map(repr, bad))}; the steps are {', '.join(STEP_NAMES)}")
+    return _Demo(budget, device, set(force), progress, log or (lambda m: print(m, file=sys.stderr, flush=True))).run()
+
+
+class _Demo:
+    def __init__(self, budget: DemoBudget, device: str | None, force: set[str], progress: bool,
+                 log: Callable[[str], None]):
+        self.budget, self.device, self.force, self.progress, self.log = budget, device, force, progress, log
+        self.root = data_dir()
+        self.dir = demo_dir(self.root)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.state = demo_state(self.root)
+        self.keys = step_keys(budget)
+        self._model: Any = None
+        safe_model = budget.model.replace("/", "_")
+        self.dict_root = self.root / "dictionaries" / safe_model
+        self.tc_dir = self.dict_root / "demo-transcoders"
+        self.graph_dir = self.root / "graphs" / GRAPH_SET
+
+    # -------------------------------------------------------------------------------------------- bookkeeping
+    def sae_dir(self, layer: int) -> Path:
+        return self.dict_root / f"demo-sae-resid-post-{layer}"
+
+    @property
+    def model(self) -> Any:
+        if self._model is None:
+            from ..models.loader import load_model
+
+            self._model = load_model(self.budget.model, device=self.device)
+        return self._model
+
+    def _save_state(self) -> None:
+        self.state["budget"] = self.budget.to_dict()
+        atomic_write_json(self.dir / STATE_FILE, self.state)
+
+    def _done(self, step: str) -> bool:
+        rec = self.state["steps"].get(step)
+        return (isinstance(rec, dict) and rec.get("key") == self.keys[step] and rec.get("status") == "done"
+                and step not in self.force)
+
+    def _started_same(self, step: str) -> bool:
+        rec = self.state["steps"].get(step)
+        return isinstance(rec, dict) and rec.get("key") == self.keys[step] and rec.get("status") == "running"
+
+    def run(self) -> DemoReport:
+        report = DemoReport(self.budget, self.root)
+        todo = [s for s in DEMO_STEPS if not self._done(s.name)]
+        estimate = {s.name: _COST[s.name](self.budget) for s in todo}
+        measured = predicted = 0.0
+        t_start = time.perf_counter()
+        for i, s in enumerate(DEMO_STEPS, 1):
+            head = f"[{i}/{len(DEMO_STEPS)}] {s.name}: {s.title}"
+            if self._done(s.name):
+                rec = self.state["steps"][s.name]
+                self.log(f"{head}: done earlier ({_clock(rec.get('seconds', 0))}), reusing it")
+                report.steps[s.name] = rec
+                continue
+            rate = measured / predicted if predicted > 30 else 1.0
+            left = sum(estimate[n] for n in estimate if n not in report.ran) * rate
+            self.log(f"{head}: about {_clock(estimate[s.name] * rate)} (the demo: about {_clock(left)} left)")
+            self.state["steps"][s.name] = {"key": self.keys[s.name], "status": "running",
+                                           **{k: v for k, v in (self.state["steps"].get(s.name) or {}).items()
+                                              if k == "started" and self._started_same(s.name)}}
+            self.state["steps"][s.name].setdefault("started", time.time())
+            self._save_state()
+            t0 = time.perf_counter()
+            summary = getattr(self, f"_step_{s.name}")()
+            dt = time.perf_counter() - t0
+            self.state["steps"][s.name] = {"key": self.keys[s.name], "status": "done", "seconds": round(dt, 1),
+                                           "finished": time.time(), "summary": summary}
+            self._save_state()
+            self.force.discard(s.name)
+            report.steps[s.name] = self.state["steps"][s.name]
+            report.ran.append(s.name)
+            measured, predicted = measured + dt, predicted + estimate[s.name]
+            self.log(f"{head}: finished in {_clock(dt)}")
+        self.log(f"featurelens demo: finished in {_clock(time.perf_counter() - t_start)}")
+        return report
+
+    # -------------------------------------------------------------------------------------------- the steps
+    def _step_model(self) -> dict[str, Any]:
+        m = self.model
+        return {"model": m.name, "layers": m.cfg.n_layers, "d_model": m.cfg.d_model, "device": str(m.device)}
+
+    def _step_corpus(self) -> dict[str, Any]:
+        from ..data import load_contexts
+
+        out = {}
+        for split in ("train", "test"):
+            ctx = load_contexts(self.model, "nlp-corpus", self.budget.ctx_len, split, progress=self.progress)
+            out[f"{split} tokens"] = int(ctx.numel())
+        return out
+
+    def _train_kwargs(self, step: str, out: Path) -> dict[str, Any]:
+        """resume an interrupted run of this very budget; otherwise start over (a changed budget, or a rerun)."""
+        has_ckpt = (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("step-*.pt"))
+        resume = has_ckpt and self._started_same(step) and step not in self.force
+        return {"resume": resume, "overwrite": not resume, "progress": self.progress, "ctx_len": self.budget.ctx_len}
+
+    def _step_transcoders(self) -> dict[str, Any]:
+        from ..dictionaries import train_transcoders
+
+        b = self.budget
+        tcs = train_transcoders(self.model, layers="all", skip=True, arch="topk", k=b.transcoder_k,
+                                width=b.transcoder_width, tokens=b.transcoder_tokens, out=self.tc_dir,
+                                reuse=b.transcoder_reuse, **self._train_kwargs("transcoders", self.tc_dir))
+        stats = next(iter(tcs)).stats
+        return {"path": str(self.tc_dir), "layers": len(tcs), "tokens": stats.get("tokens_trained"),
+                "steps": stats.get("steps")}
+
+    def _step_saes(self) -> dict[str, Any]:
+        from ..dictionaries import train_sae
+
+        b = self.budget
+        for layer in b.sae_layers:
+            out = self.sae_dir(layer)
+            sae_done = (out / "cfg.json").is_file() and self._started_same("saes") and not any(
+                (out / "checkpoints").glob("step-*.pt")) and "saes" not in self.force
+            if sae_done:  # this budget's SAE finished before the interruption
+                continue
+            train_sae(self.model, f"blocks.{layer}.hook_resid_post", arch="topk", k=b.sae_k, width=b.sae_width,
+                      tokens=b.sae_tokens, out=out, **self._train_kwargs("saes", out))
+        return {"paths": [str(self.sae_dir(layer)) for layer in b.sae_layers], "saes": len(b.sae_layers)}
+
+    def _dictionaries(self) -> tuple[Any, dict[int, Any]]:
+        from ..dictionaries import load_dictionary
+
+        return load_dictionary(self.tc_dir), {layer: load_dictionary(self.sae_dir(layer))
+                                              for layer in self.budget.sae_layers}
+
+    def _step_evaluate(self) -> dict[str, Any]:
+        from ..data import load_contexts
+        from ..dictionaries import evaluate_dictionary
+
+        b = self.budget
+        tcs, saes = self._dictionaries()
+        contexts = load_contexts(self.model, "nlp-corpus", b.ctx_len, "test", progress=False)
+        kw = dict(tokens=b.eval_tokens, ce_contexts=b.ce_contexts, contexts=contexts, progress=self.progress)
+        per_layer = evaluate_dictionary(self.model, tcs, **kw)
+        atomic_write_json(self.tc_dir / "eval.json", {str(k): m.to_dict() for k, m in per_layer.items()})
+        for layer, m in per_layer.items():
+            if layer != "all":
+                atomic_write_json(self.tc_dir / f"layer_{layer}" / "eval.json", m.to_dict())
+        summary: dict[str, Any] = {}
+        every = per_layer["all"]
+        summary["transcoders all spliced: CE recovered"] = round(every.ce_loss_recovered, 4)
+        summary["KL"] = round(every.kl_div, 4)
+        evs = [m.explained_variance for k, m in per_layer.items() if k != "all"]
+        summary["transcoder EV min"] = round(min(evs), 4)
+        for layer, sae in saes.items():
+            m = evaluate_dictionary(self.model, sae, **kw)
+            atomic_write_json(self.sae_dir(layer) / "eval.json", m.to_dict())
+            summary[f"SAE {layer} EV"] = round(m.explained_variance, 4)
+            summary[f"SAE {layer} CE recovered"] = round(m.ce_loss_recovered, 4)
+        return summary
+
+    def _analyze_one(self, path: Path, tokens: int) -> Any:
+        from ..analysis import analyze
+        from ..dictionaries.compat import dictionary_fingerprint, resolve_dictionary
+        from ..store import DB_FILE, FeatureStore
+
+        dictionary, _ = resolve_dictionary(path)
+        final = path / "analysis" / DB_FILE
+        stale = False
+        if final.is_file():  # a finished analysis: keep it only if it is of these weights, under this budget
+            with FeatureStore(final, readonly=True) as st:
+                same_weights = st.get("dictionary_fingerprint") == dictionary_fingerprint(dictionary)
+            stale = not same_weights or not self._started_same("analyze") or "analyze" in self.force
+        return analyze(self.model, path, n_tokens=tokens, ctx_len=self.budget.ctx_len, overwrite=stale,
+                       progress=self.progress)
+
+    def _step_analyze(self) -> dict[str, Any]:
+        b = self.budget
+        for layer in b.sae_layers:
+            self._analyze_one(self.sae_dir(layer), b.analysis_tokens)
+        for layer in range(self.model.cfg.n_layers):
+            self._analyze_one(self.tc_dir / f"layer_{layer}", b.transcoder_analysis_tokens)
+        return {"saes": len(b.sae_layers), "transcoder layers": self.model.cfg.n_layers}
+
+    def _step_graphs(self) -> dict[str, Any]:
+        from ..analysis import open_analysis
+        from ..attribution import attribute, check_graph
+        from ..attribution.files import slugify
+
+        b = self.budget
+        tcs, _ = self._dictionaries()
+        analyses = {layer: open_analysis(tc) for layer, tc in tcs.items()}
+        # one record per graph, keyed by what it depends on: a changed prompt list redoes only the new prompts
+        done = self.state.setdefault("graphs", {})
+        if "graphs" in self.force:
+            done.clear()
+        rows = []
+        for prompt in b.prompts:
+            slug = slugify(prompt)
+            key = hashlib.sha1(json.dumps([prompt, b.max_feature_nodes, b.check_features, self.keys["transcoders"],
+                                           self.keys["analyze"]]).encode()).hexdigest()[:16]
+            if done.get(slug, {}).get("key") == key and (self.graph_dir / f"{slug}.json").is_file():
+                rows.append(done[slug])
+                continue
+            g = attribute(self.model, tcs, prompt, max_feature_nodes=b.max_feature_nodes, progress=self.progress,
+                          transcoders_path=str(self.tc_dir))
+            pruned = g.prune()
+            pruned.save(self.graph_dir, slug=slug, model=self.model, transcoders=tcs, analyses=analyses)
+            check = check_graph(g, self.model, tcs, k=b.check_features)
+            row = {"key": key, "prompt": prompt, "slug": slug, "target": g.logit_strs[0],
+                   "replacement": round(float(g.scores["replacement"]), 4),
+                   "completeness": round(float(g.scores["completeness"]), 4),
+                   "features shown": int(pruned.n_features), "edges shown": int(pruned.edges.shape[1]),
+                   "sign agreement": round(check.sign_agreement, 4), "ablations lowering the target":
+                   round(check.lowers_target, 4)}
+            done[slug] = row
+            self._save_state()
+            rows.append(row)
+            self.log(f"  graph {prompt!r} -> {row['target']!r}: replacement {row['replacement']:.3f}, "
+                     f"completeness {row['completeness']:.3f}, {row['features shown']} features shown")
+        return {"graphs": len(rows), "mean replacement": round(sum(r["replacement"] for r in rows) / len(rows), 4),
+                "mean completeness": round(sum(r["completeness"] for r in rows) / len(rows), 4),
+                "directory": str(self.graph_dir), "per prompt": rows}
