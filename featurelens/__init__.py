@@ -74,7 +74,14 @@ from .attribution import AttributionGraph, attribute, feature_intervention, load
 
 __all__ += ["AttributionGraph", "attribute", "feature_intervention", "load_graph"]
 
-# The main job: from nothing to a fully analysed, browsable model.
-from .pipeline import DemoBudget, run_demo  # noqa: E402
-
+# The main job: from nothing to a fully analysed, browsable model. Loaded on first use: the pipeline sits above
+# the server in the layers, and the server imports this package.
 __all__ += ["DemoBudget", "run_demo"]
+
+
+def __getattr__(name: str):
+    if name in ("DemoBudget", "run_demo"):
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.pipeline"), name)
+    raise AttributeError(f"module 'featurelens' has no attribute {name!r}")

@@ -311,7 +311,8 @@ def test_circuit_tracer_round_trip_transcoder_set(tmp_path, skip, arch):
     save_circuit_tracer(tset, tmp_path / "ct", model_name="google/gemma-3-270m")
     config = yaml.safe_load((tmp_path / "ct" / "config.yaml").read_text())
     assert config["model_kind"] == "transcoder_set" and config["model_name"] == "google/gemma-3-270m"
-    assert config["feature_input_hook"] == "ln2.hook_normalized" and config["feature_output_hook"] == "hook_mlp_out"
+    # circuit-tracer runs TransformerLens, where the MLP input after the norm weight is mlp.hook_in
+    assert config["feature_input_hook"] == "mlp.hook_in" and config["feature_output_hook"] == "hook_mlp_out"
     assert len(config["transcoders"]) == 3 and (config.get("k") == 4) == (arch == "topk")
     with safe_open(config["transcoders"][1], "pt") as f:  # circuit-tracer's orientation: W_enc [d_sae, d_model]
         assert tuple(f.get_slice("W_enc").get_shape()) == (20, D)

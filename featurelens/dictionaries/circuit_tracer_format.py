@@ -4,7 +4,7 @@ to circuit-tracer (safety-research/circuit-tracer) and read back.
 A directory with ``config.yaml``::
 
     model_kind: transcoder_set | cross_layer_transcoder
-    model_name: ...              feature_input_hook: ln2.hook_normalized     feature_output_hook: hook_mlp_out
+    model_name: ...              feature_input_hook: mlp.hook_in             feature_output_hook: hook_mlp_out
     activation: relu | topk | jumprelu       k: 32 (topk)
     transcoders: [<path of layer 0's file>, <layer 1's>, ...]      (transcoder sets; index = layer)
 
@@ -55,6 +55,14 @@ def _suffix(hook: str) -> str:
     return m.group(1)
 
 
+def _ct_hook(hook: str) -> str:
+    """Our per-layer hook -> the within-block name circuit-tracer's config uses. Our blocks.L.ln2.hook_normalized is
+    the MLP's input after the norm's weight; in TransformerLens (which circuit-tracer runs) that is mlp.hook_in, while
+    its ln2.hook_normalized comes before the weight."""
+    suffix = _suffix(hook)
+    return next((ct for ct, ours in _HOOK_ALIASES.items() if ours == suffix and ct.startswith("mlp.hook_in")), suffix)
+
+
 def _template(suffix: str) -> str:
     return "blocks.{}." + _HOOK_ALIASES.get(suffix, suffix)
 
@@ -99,7 +107,7 @@ def save_circuit_tracer(transcoders: Any, path: str | Path, *, model_name: str |
             atomic_save(path / f"W_enc_{i}.safetensors", lambda tmp, t=enc: save_file(t, str(tmp)))
             atomic_save(path / f"W_dec_{i}.safetensors", lambda tmp, t=dec: save_file(t, str(tmp)))
         config: dict[str, Any] = {"model_kind": "cross_layer_transcoder", "model_name": model_name or cfg.model_name,
-                                  "feature_input_hook": _suffix(transcoders.input_hook(layers[0])),
+                                  "feature_input_hook": _ct_hook(transcoders.input_hook(layers[0])),
                                   "feature_output_hook": _suffix(transcoders.output_hook(layers[0])),
                                   "activation": "relu" if cfg.arch == "relu" else "jumprelu"}
     elif isinstance(transcoders, TranscoderSet):
@@ -124,7 +132,7 @@ def save_circuit_tracer(transcoders: Any, path: str | Path, *, model_name: str |
             atomic_save(f, lambda tmp, t=t: save_file(t, str(tmp)))
             files.append(str(f.resolve()))
         config = {"model_kind": "transcoder_set", "model_name": model_name or first.cfg.model_name,
-                  "feature_input_hook": _suffix(first.hook_name), "feature_output_hook": _suffix(first.hook_name_out),
+                  "feature_input_hook": _ct_hook(first.hook_name), "feature_output_hook": _suffix(first.hook_name_out),
                   "activation": {"relu": "relu", "topk": "topk"}.get(arch, "jumprelu")}
         if arch == "topk":
             config["k"] = first.cfg.k

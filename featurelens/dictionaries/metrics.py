@@ -180,13 +180,15 @@ def splice_metrics_groups(model: Any, groups: dict[Any, list[SparseDictionary]],
 def evaluate_dictionary(model: Any, dictionary: "SparseDictionary | TranscoderSet", *, tokens: int | None = 100_000,
                         ce_contexts: int = 32, source: Any = "nlp-corpus", ctx_len: int = 128,
                         contexts: torch.Tensor | None = None, dense_threshold: float = 0.1, batch_size: int = 4096,
-                        progress: bool = True) -> "DictionaryMetrics | dict[int, DictionaryMetrics]":
+                        per_layer_ce: bool = True, progress: bool = True
+                        ) -> "DictionaryMetrics | dict[int, DictionaryMetrics]":
     """Measure a dictionary on held-out text (the corpus's test split, or `contexts`).
 
     tokens: evaluation tokens for L0 / FVU / dead and dense fractions (None: the whole split).
     ce_contexts: contexts for the spliced cross-entropy (0 skips it).
     A TranscoderSet gives {layer: metrics} (each layer spliced alone) plus {"all": ...} for all layers spliced
-    together (only CE and KL filled in).
+    together (only CE and KL filled in). per_layer_ce=False splices only all layers at once: the CE passes (two
+    full forwards per layer and context pair, logits included) are most of an evaluation's time.
     """
     from ..data import load_contexts
     from .batches import chunk_for, model_batches
@@ -196,7 +198,7 @@ def evaluate_dictionary(model: Any, dictionary: "SparseDictionary | TranscoderSe
 
         return evaluate_replacement(model, dictionary, tokens=tokens, ce_contexts=ce_contexts, source=source,
                                     ctx_len=ctx_len, contexts=contexts, dense_threshold=dense_threshold,
-                                    batch_size=batch_size, progress=progress)
+                                    batch_size=batch_size, per_layer_ce=per_layer_ce, progress=progress)
     if isinstance(dictionary, TranscoderSet):
         from .clt import check_fits_model
 
@@ -226,8 +228,9 @@ def evaluate_dictionary(model: Any, dictionary: "SparseDictionary | TranscoderSe
             break
     results: dict[Any, DictionaryMetrics] = {key: acc.result(dense_threshold) for (key, _), acc in zip(members, accs)}
     if ce_contexts:
-        groups = {key: [d] for key, d in members}
-        if isinstance(dictionary, TranscoderSet) and len(dictionary) > 1:
+        several = isinstance(dictionary, TranscoderSet) and len(dictionary) > 1
+        groups = {key: [d] for key, d in members} if per_layer_ce or not several else {}
+        if several:
             groups["all"] = list(dictionary)
             results["all"] = DictionaryMetrics()
         spliced = splice_metrics_groups(model, groups, contexts[:ce_contexts], progress=progress)

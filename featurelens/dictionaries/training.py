@@ -483,7 +483,9 @@ def run_training(learners: list[Learner], batches: Batches, tcfg: TrainConfig, o
     from tqdm.auto import tqdm
 
     if tcfg.reuse > 1:
-        batches = reuse_batches(batches, tcfg.reuse, tcfg.reuse_buffer_tokens, tcfg.batch_size, tcfg.seed)
+        # a short run needs no more fresh rows than tokens / reuse: a bigger buffer would only cost forward passes
+        buffer_tokens = min(tcfg.reuse_buffer_tokens, -(-tcfg.tokens // tcfg.reuse))
+        batches = reuse_batches(batches, tcfg.reuse, buffer_tokens, tcfg.batch_size, tcfg.seed)
 
     ckdir = out / "checkpoints" if out is not None else None
     step, tokens_seen, resumed_from = 0, 0, None

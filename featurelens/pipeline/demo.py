@@ -54,18 +54,19 @@ class DemoBudget:
 
     model: str = "gemma-3-270m"
     ctx_len: int = 128
-    transcoder_tokens: int = 1_000_000
-    transcoder_width: int = 4096
+    transcoder_tokens: int = 600_000  # training rows (repeats included); fresh tokens = this / transcoder_reuse
+    transcoder_width: int = 1024
     transcoder_k: int = 32
-    transcoder_reuse: int = 1
-    sae_layers: tuple[int, ...] = (3, 6, 9)
-    sae_tokens: int = 500_000
+    transcoder_reuse: int = 4
+    sae_layers: tuple[int, ...] = (4, 8)
+    sae_tokens: int = 250_000
     sae_width: int = 4096
     sae_k: int = 32
-    eval_tokens: int = 50_000
-    ce_contexts: int = 32
-    analysis_tokens: int = 200_000
-    transcoder_analysis_tokens: int = 40_000
+    eval_tokens: int = 30_000
+    ce_contexts: int = 8
+    analysis_tokens: int = 150_000
+    transcoder_analysis_tokens: int = 10_000
+    transcoder_embed: bool = True  # search embeddings for the transcoders' features too (about 9 s a layer)
     prompts: tuple[str, ...] = PROMPTS
     max_feature_nodes: int = 1024
     check_features: int = 10
@@ -77,9 +78,9 @@ class DemoBudget:
         if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
             raise InputError(f"scale must be a positive number, got {scale!r}")
         base = cls() if not quick else cls(
-            transcoder_tokens=150_000, transcoder_width=2048, transcoder_k=16, sae_layers=(6,), sae_tokens=200_000,
-            sae_width=2048, eval_tokens=20_000, ce_contexts=8, analysis_tokens=60_000,
-            transcoder_analysis_tokens=10_000, prompts=PROMPTS[:2], max_feature_nodes=256, check_features=5)
+            transcoder_tokens=100_000, transcoder_width=512, transcoder_k=16, sae_layers=(6,), sae_tokens=60_000,
+            sae_width=2048, eval_tokens=8_000, ce_contexts=2, analysis_tokens=40_000, transcoder_analysis_tokens=2_000,
+            transcoder_embed=False, prompts=PROMPTS[:2], max_feature_nodes=256, check_features=5)
         scaled = {f: max(1, int(round(getattr(base, f) * scale))) for f in (
             "transcoder_tokens", "sae_tokens", "eval_tokens", "ce_contexts", "analysis_tokens",
             "transcoder_analysis_tokens", "max_feature_nodes")}
@@ -109,20 +110,32 @@ DEMO_STEPS = (
     DemoStep("saes", "train residual-stream SAEs", ("sae_layers", "sae_tokens", "sae_width", "sae_k"), ("corpus",)),
     DemoStep("evaluate", "evaluate every dictionary", ("eval_tokens", "ce_contexts"), ("transcoders", "saes")),
     DemoStep("analyze", "analyse every feature (dashboards, labels, search)",
-             ("analysis_tokens", "transcoder_analysis_tokens"), ("transcoders", "saes")),
+             ("analysis_tokens", "transcoder_analysis_tokens", "transcoder_embed"), ("transcoders", "saes")),
     DemoStep("graphs", "attribution graphs and their faithfulness checks",
              ("prompts", "max_feature_nodes", "check_features"), ("transcoders", "analyze")),
 )
 STEP_NAMES = tuple(s.name for s in DEMO_STEPS)
 
-# Rough seconds per unit on a 2-core CPU, for the time-left estimate before a step has run (measured with the
-# default budget; the estimate is rescaled by how fast the finished steps actually went).
+# Seconds on a 2-core CPU (measured: the model's forward ~650 tokens/s through all 18 layers, a width-1024 skip
+# transcoder step ~0.04 ms a token and layer, the sentence embedder ~110 features/s), for the time-left estimate
+# before a step has run; it is rescaled by how fast the finished steps actually went.
+_FORWARD = 650.0  # tokens/s, all layers
+
+
+def _upto(layer: int) -> float:
+    return (layer + 1) / 18
+
+
 _COST = {"model": lambda b: 40.0, "corpus": lambda b: 15.0,
-         "transcoders": lambda b: b.transcoder_tokens / 700 * (b.transcoder_width / 4096) ** 0.7,
-         "saes": lambda b: len(b.sae_layers) * b.sae_tokens / 3000,
-         "evaluate": lambda b: (len(b.sae_layers) + 18) * (b.eval_tokens / 8000 + b.ce_contexts * 0.5),
-         "analyze": lambda b: len(b.sae_layers) * b.analysis_tokens / 2500 + 18 * b.transcoder_analysis_tokens / 800,
-         "graphs": lambda b: len(b.prompts) * (8 + b.max_feature_nodes / 60)}
+         "transcoders": lambda b: b.transcoder_tokens * 18 * 4e-5 * b.transcoder_width / 1024
+         + b.transcoder_tokens / b.transcoder_reuse / _FORWARD,
+         "saes": lambda b: sum(b.sae_tokens * (_upto(l) / _FORWARD + 1e-4) for l in b.sae_layers),
+         "evaluate": lambda b: (len(b.sae_layers) + 1) * b.eval_tokens / _FORWARD + (len(b.sae_layers) + 20)
+         * b.ce_contexts * b.ctx_len / 180,
+         "analyze": lambda b: sum(b.analysis_tokens * _upto(l) / _FORWARD + b.sae_width / 110 for l in b.sae_layers)
+         + sum(b.transcoder_analysis_tokens * _upto(l) / _FORWARD + 4 for l in range(18))
+         + (18 * b.transcoder_width / 110 if b.transcoder_embed else 0),
+         "graphs": lambda b: len(b.prompts) * (10 + b.max_feature_nodes / 40)}
 
 
 def step_keys(budget: DemoBudget) -> dict[str, str]:
@@ -259,7 +272,7 @@ class _Demo:
                 self.log(f"{head}: done earlier ({_clock(rec.get('seconds', 0))}), reusing it")
                 report.steps[s.name] = rec
                 continue
-            rate = measured / predicted if predicted > 30 else 1.0
+            rate = measured / predicted if predicted > 0 else 1.0
             left = sum(estimate[n] for n in estimate if n not in report.ran) * rate
             self.log(f"{head}: about {_clock(estimate[s.name] * rate)} (the demo: about {_clock(left)} left)")
             self.state["steps"][s.name] = {"key": self.keys[s.name], "status": "running",
@@ -276,7 +289,8 @@ class _Demo:
             self.force.discard(s.name)
             report.steps[s.name] = self.state["steps"][s.name]
             report.ran.append(s.name)
-            measured, predicted = measured + dt, predicted + estimate[s.name]
+            if estimate[s.name] >= 120:  # the short fixed steps (conversion, tokenizing) say little about speed
+                measured, predicted = measured + dt, predicted + estimate[s.name]
             self.log(f"{head}: finished in {_clock(dt)}")
         self.log(f"featurelens demo: finished in {_clock(time.perf_counter() - t_start)}")
         return report
@@ -358,7 +372,7 @@ class _Demo:
             summary[f"SAE {layer} CE recovered"] = round(m.ce_loss_recovered, 4)
         return summary
 
-    def _analyze_one(self, path: Path, tokens: int) -> Any:
+    def _analyze_one(self, path: Path, tokens: int, embed: bool = True) -> Any:
         from ..analysis import analyze
         from ..dictionaries.compat import dictionary_fingerprint, resolve_dictionary
         from ..store import DB_FILE, FeatureStore
@@ -371,14 +385,14 @@ class _Demo:
                 same_weights = st.get("dictionary_fingerprint") == dictionary_fingerprint(dictionary)
             stale = not same_weights or not self._started_same("analyze") or "analyze" in self.force
         return analyze(self.model, path, n_tokens=tokens, ctx_len=self.budget.ctx_len, overwrite=stale,
-                       progress=self.progress)
+                       embed=embed, progress=self.progress)
 
     def _step_analyze(self) -> dict[str, Any]:
         b = self.budget
         for layer in b.sae_layers:
             self._analyze_one(self.sae_dir(layer), b.analysis_tokens)
         for layer in range(self.model.cfg.n_layers):
-            self._analyze_one(self.tc_dir / f"layer_{layer}", b.transcoder_analysis_tokens)
+            self._analyze_one(self.tc_dir / f"layer_{layer}", b.transcoder_analysis_tokens, embed=b.transcoder_embed)
         return {"saes": len(b.sae_layers), "transcoder layers": self.model.cfg.n_layers}
 
     def _step_graphs(self) -> dict[str, Any]:

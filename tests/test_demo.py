@@ -1,0 +1,273 @@
+"""`featurelens demo`, the main job: budgets and step keys (fast), an interrupted tiny demo that resumes in every
+long step (slow), and `demo --quick --no-serve` from an empty data directory under 10 minutes, its output served
+to a browser (slow)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from featurelens.errors import InputError
+from featurelens.pipeline import DEMO_STEPS, DemoBudget, demo_state, run_demo
+from featurelens.pipeline.demo import step_keys
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK_LIMIT_S = 600
+
+
+# ----------------------------------------------------------------------------------------------- fast
+def test_budget_presets_scale_and_reject_nonsense():
+    import featurelens as fl
+
+    assert fl.run_demo is run_demo and fl.DemoBudget is DemoBudget  # loaded lazily (the layers: see pyproject)
+    default, quick = DemoBudget.preset(), DemoBudget.preset(quick=True)
+    assert quick.transcoder_tokens < default.transcoder_tokens and len(quick.prompts) < len(default.prompts)
+    big = DemoBudget.preset(scale=8)
+    assert big.transcoder_tokens == 8 * default.transcoder_tokens
+    assert big.max_feature_nodes == 8 * default.max_feature_nodes
+    assert big.transcoder_width == default.transcoder_width  # scale is about budgets, not the dictionaries' shape
+    for bad in (0, -1, float("nan"), float("inf")):
+        with pytest.raises(InputError, match="scale"):
+            DemoBudget.preset(scale=bad)
+    with pytest.raises(InputError, match="unknown demo budget field"):
+        DemoBudget.preset(transcoder_tokenz=5)
+
+
+def test_a_changed_budget_redoes_what_depends_on_it_and_nothing_else():
+    base = step_keys(DemoBudget.preset(quick=True))
+    more = step_keys(DemoBudget.preset(quick=True, transcoder_tokens=123_456))
+    changed = {s for s in base if base[s] != more[s]}
+    assert changed == {"transcoders", "evaluate", "analyze", "graphs"}
+    prompts = step_keys(DemoBudget.preset(quick=True, prompts=("Hello there",)))
+    assert {s for s in base if base[s] != prompts[s]} == {"graphs"}
+    saes = step_keys(DemoBudget.preset(quick=True, sae_layers=(2, 4)))
+    assert {s for s in base if base[s] != saes[s]} == {"saes", "evaluate", "analyze", "graphs"}
+
+
+def test_unknown_step_to_force_is_refused(tmp_path):
+    with pytest.raises(InputError, match="unknown demo step.*'train'.*transcoders"):
+        run_demo(DemoBudget.preset(quick=True), force=["train"])
+    r = subprocess.run([sys.executable, "-m", "featurelens", "--data-dir", str(tmp_path), "demo", "--force", "nope"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "invalid choice: 'nope'" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "featurelens", "--data-dir", str(tmp_path), "demo", "--scale", "0",
+                        "--no-serve"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "scale must be a positive number" in r.stderr
+    assert not (tmp_path / "demo" / "state.json").exists()
+
+
+def test_a_corrupt_state_file_starts_over_instead_of_crashing(tmp_path):
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "state.json").write_text("{not json")
+    assert demo_state(tmp_path) == {"steps": {}}
+
+
+# ----------------------------------------------------------------------------------------------- slow
+TINY = dict(transcoder_tokens=8192, transcoder_width=256, transcoder_k=8, sae_layers=(4,), sae_tokens=8192,
+            sae_width=256, eval_tokens=4096, ce_contexts=2, analysis_tokens=4096, transcoder_analysis_tokens=1024,
+            prompts=("The capital of France is", "2 + 2 ="), max_feature_nodes=48, check_features=3)
+
+
+class _Interrupt:
+    """Press Ctrl-C (as the deferred-interrupt handler records it) while one demo step runs."""
+
+    def __init__(self, monkeypatch, step: str):
+        from featurelens.interrupt import InterruptRequest
+        from featurelens.pipeline import demo
+
+        original = getattr(demo._Demo, f"_step_{step}")
+
+        def interrupted(self_):
+            monkeypatch.setattr(InterruptRequest, "requested", True)
+            try:
+                return original(self_)
+            finally:
+                monkeypatch.setattr(InterruptRequest, "requested", False)
+
+        monkeypatch.setattr(demo._Demo, f"_step_{step}", interrupted)
+
+
+@pytest.mark.slow
+def test_tiny_demo_interrupted_in_every_long_step_resumes_to_the_same_result(tmp_path, monkeypatch, gemma):
+    import featurelens as fl
+    from featurelens import paths
+    from featurelens.attribution import files
+
+    home = tmp_path / "home"  # a data directory of its own, sharing the converted model
+    home.mkdir()
+    (home / "models").symlink_to(paths.data_dir() / "models", target_is_directory=True)
+    monkeypatch.setattr(paths, "_override", home)
+    budget = DemoBudget.preset(quick=True, **TINY)
+    for step in ("transcoders", "saes", "analyze"):  # each stops at its first safe point, then resumes
+        with monkeypatch.context() as mp:
+            _Interrupt(mp, step)
+            with pytest.raises(KeyboardInterrupt):
+                run_demo(budget, progress=False)
+        assert demo_state()["steps"][step]["status"] == "running"
+    with monkeypatch.context() as mp:  # graphs: interrupted after the first graph is written
+        calls = {"n": 0}
+        save = files.save_graph
+
+        def save_then_stop(*a, **kw):
+            out = save(*a, **kw)
+            calls["n"] += 1
+            raise KeyboardInterrupt
+
+        mp.setattr(files, "save_graph", save_then_stop)
+        with pytest.raises(KeyboardInterrupt):
+            run_demo(budget, progress=False)
+    report = run_demo(budget, progress=False)
+    assert report.ran == ["graphs"]  # everything before it had finished
+    state = demo_state()
+    assert all(state["steps"][s.name]["status"] == "done" for s in DEMO_STEPS)
+    root = paths.data_dir()
+    tc_dir = root / "dictionaries" / "gemma-3-270m" / "demo-transcoders"
+    meta = json.loads((tc_dir / "layer_0" / "featurelens.json").read_text())
+    assert meta["stats"]["resumed_from_step"] is not None  # training really resumed from its checkpoint
+
+    # the interrupted-and-resumed transcoders are the ones an uninterrupted run trains
+    straight = fl.train_transcoders(gemma, layers="all", skip=True, arch="topk", k=budget.transcoder_k,
+                                    width=budget.transcoder_width, tokens=budget.transcoder_tokens,
+                                    reuse=budget.transcoder_reuse, out=tmp_path / "straight", progress=False)
+    resumed = fl.load_dictionary(tc_dir)
+    for layer in (0, 9, 17):
+        torch.testing.assert_close(resumed[layer].W_enc, straight[layer].W_enc, rtol=1e-4, atol=1e-5)
+
+    # both graphs, with their scores, and analyses of every dictionary
+    graphs = json.loads((root / "graphs" / "demo" / "graph-metadata.json").read_text())["graphs"]
+    assert {g["slug"] for g in graphs} >= {"the-capital-of-france-is", "2-2"}
+    for row in state["steps"]["graphs"]["summary"]["per prompt"]:
+        assert 0 < row["completeness"] <= 1 and row["features shown"] > 0
+    assert all((tc_dir / f"layer_{layer}" / "analysis" / "features.sqlite").is_file() for layer in range(18))
+    assert (tc_dir / "eval.json").is_file() and "all" in json.loads((tc_dir / "eval.json").read_text())
+
+    again = run_demo(budget, progress=False)
+    assert again.ran == []  # a second run reuses everything
+
+
+@pytest.mark.slow
+def test_quick_demo_from_an_empty_data_directory(tmp_path):
+    """`featurelens demo --quick --no-serve` on a fresh data directory, then its output in the web app."""
+    home = tmp_path / "fresh-home"
+    env = {**os.environ, "FEATURELENS_HOME": str(home)}
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "featurelens", "demo", "--quick", "--no-serve"], env=env,
+                       capture_output=True, text=True, timeout=QUICK_LIMIT_S + 300)
+    seconds = time.perf_counter() - t0
+    assert r.returncode == 0, r.stderr[-3000:]
+    print(r.stdout)
+    assert seconds < QUICK_LIMIT_S, f"demo --quick took {seconds:.0f} s"
+    assert "featurelens demo in" in r.stdout and "graphs" in r.stdout
+    state = demo_state(home)
+    assert all(state["steps"][s.name]["status"] == "done" for s in DEMO_STEPS)
+
+    from fastapi.testclient import TestClient
+
+    from featurelens.server import create_app
+
+    client = TestClient(create_app(home))
+    dictionaries = client.get("/api/dictionaries").json()
+    ids = {d["id"]: d for d in dictionaries}
+    assert "gemma-3-270m~demo-transcoders" in ids and "gemma-3-270m~demo-sae-resid-post-6" in ids
+    assert ids["gemma-3-270m~demo-sae-resid-post-6"]["analyzed"]
+    assert len(ids["gemma-3-270m~demo-transcoders"]["analyzed_layers"]) == 18
+    graphs = client.get("/api/graphs").json()
+    graph_ids = [g["id"] for g in graphs]
+    assert "demo~the-capital-of-france-is" in graph_ids
+    g = client.get("/api/graphs/demo~the-capital-of-france-is")
+    assert g.status_code == 200 and g.json()["nodes"]
+    hits = client.get("/api/search/concept", params={"q": "numbers", "dictionaries": "gemma-3-270m~demo-sae-resid-post-6"})
+    assert hits.status_code == 200 and hits.json()["hits"]
+    card = client.get(f"/api/dictionaries/gemma-3-270m~demo-sae-resid-post-6/features/{hits.json()['hits'][0]['feature']}")
+    assert card.status_code == 200
+
+    again = subprocess.run([sys.executable, "-m", "featurelens", "demo", "--quick", "--no-serve"], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stderr.count("reusing it") == len(DEMO_STEPS)
+    _browse_the_demo(home, hits.json()["hits"][0]["feature"], tmp_path / "screens")
+
+
+def _browse_the_demo(home: Path, feature: int, shots: Path) -> None:
+    """The web app over the demo's output in headless Chromium: home, a graph and one of its feature cards, a
+    dashboard, steering with the real model."""
+    import shutil
+    import socket
+    import threading
+
+    chromium = "/usr/bin/chromium"
+    if not Path(chromium).exists():
+        pytest.skip(f"{chromium} is absent (apt-get install chromium; CI installs it)")
+    playwright_sync = pytest.importorskip("playwright.sync_api")
+    uvicorn = pytest.importorskip("uvicorn")
+    from featurelens import paths
+    from featurelens.server import create_app
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    before = paths._override
+    paths.set_data_dir(home)  # the server loads the model the demo converted, from the demo's data directory
+    srv = uvicorn.Server(uvicorn.Config(create_app(home), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    shots.mkdir(parents=True, exist_ok=True)
+    problems: list[str] = []
+    try:
+        end = time.time() + 30
+        while not srv.started and time.time() < end:
+            time.sleep(0.05)
+        base = f"http://127.0.0.1:{port}"
+        with playwright_sync.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, headless=True,
+                                        args=["--no-sandbox", "--disable-gpu", "--headless"])
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+            page.on("console", lambda m: problems.append(f"console: {m.text}") if m.type == "error" else None)
+            page.goto(base + "/")
+            page.wait_for_selector("a.dict-link")
+            body = page.inner_text("main")
+            assert "gemma-3-270m~demo-transcoders" in body and "gemma-3-270m~demo-sae-resid-post-6" in body
+            assert "The capital of France is" in body
+            page.screenshot(path=str(shots / "demo-home.png"))
+
+            page.goto(base + "/#/graph/demo~the-capital-of-france-is")
+            page.wait_for_selector("#graph-canvas")
+            page.wait_for_selector(".scores .score")
+            node = page.evaluate("""() => { const v = window.__featurelens.view;
+                const n = v.vis.find((n) => n.feature_type === 'cross layer transcoder'); return n && n.node_id; }""")
+            assert node, "the demo's graph shows no transcoder feature"
+            box = page.locator("#graph-canvas").bounding_box()
+            pos = page.evaluate(f"window.__featurelens.view.nodePosition({node!r})")
+            page.mouse.click(box["x"] + pos["x"], box["y"] + pos["y"])
+            page.wait_for_selector("#node-card h4")
+            assert page.inner_text("#node-card .card-title").startswith("L")
+            page.screenshot(path=str(shots / "demo-graph.png"))
+
+            page.goto(base + f"/#/feature/gemma-3-270m~demo-sae-resid-post-6/{feature}")
+            page.wait_for_selector(".label-edit")
+            assert page.locator(".examples .ex").count() > 0
+            page.screenshot(path=str(shots / "demo-feature.png"))
+            page.click("a.steer-button")
+            page.wait_for_selector("form.steer")
+            page.fill("textarea[name=prompt]", "I spent the weekend thinking about the")
+            page.locator("input[aria-label='max new tokens']").fill("8")
+            page.click("form.steer button[type=submit]")
+            page.wait_for_function("document.querySelector('.status').textContent === 'done'", timeout=120_000)
+            assert "".join(page.locator("#gen-steered .new").all_text_contents())
+            page.screenshot(path=str(shots / "demo-steer.png"))
+            browser.close()
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+        paths._override = before
+    assert not problems, "\n".join(problems)
+    if os.environ.get("FEATURELENS_README_SCREENSHOTS"):
+        for f in shots.glob("demo-*.png"):
+            shutil.copy(f, REPO / "docs" / f.name)
