@@ -191,10 +191,11 @@ def test_quick_demo_from_an_empty_data_directory(tmp_path):
     again = subprocess.run([sys.executable, "-m", "featurelens", "demo", "--quick", "--no-serve"], env=env,
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stderr.count("reusing it") == len(DEMO_STEPS)
-    _browse_the_demo(home, hits.json()["hits"][0]["feature"], tmp_path / "screens")
+    _browse_the_demo(home, "gemma-3-270m~demo-sae-resid-post-6", hits.json()["hits"][0]["feature"],
+                     tmp_path / "screens")
 
 
-def _browse_the_demo(home: Path, feature: int, shots: Path) -> None:
+def _browse_the_demo(home: Path, sae_id: str, feature: int, shots: Path) -> None:
     """The web app over the demo's output in headless Chromium: home, a graph and one of its feature cards, a
     dashboard, steering with the real model."""
     import shutil
@@ -233,7 +234,7 @@ def _browse_the_demo(home: Path, feature: int, shots: Path) -> None:
             page.goto(base + "/")
             page.wait_for_selector("a.dict-link")
             body = page.inner_text("main")
-            assert "gemma-3-270m~demo-transcoders" in body and "gemma-3-270m~demo-sae-resid-post-6" in body
+            assert "gemma-3-270m~demo-transcoders" in body and sae_id in body
             assert "The capital of France is" in body
             page.screenshot(path=str(shots / "demo-home.png"))
 
@@ -250,7 +251,7 @@ def _browse_the_demo(home: Path, feature: int, shots: Path) -> None:
             assert page.inner_text("#node-card .card-title").startswith("L")
             page.screenshot(path=str(shots / "demo-graph.png"))
 
-            page.goto(base + f"/#/feature/gemma-3-270m~demo-sae-resid-post-6/{feature}")
+            page.goto(base + f"/#/feature/{sae_id}/{feature}")
             page.wait_for_selector(".label-edit")
             assert page.locator(".examples .ex").count() > 0
             page.screenshot(path=str(shots / "demo-feature.png"))

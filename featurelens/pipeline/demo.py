@@ -10,8 +10,9 @@ Steps, in order (`DEMO_STEPS`):
 2. **corpus**: fetch and tokenize the embedded corpus (training and held-out splits);
 3. **transcoders**: skip transcoders for every layer, the replacement model the graphs are computed on;
 4. **saes**: TopK SAEs on the residual stream of a few layers;
-5. **evaluate**: L0, explained variance, CE loss recovered and KL of every dictionary, and of all transcoders
-   spliced in at once; written beside each dictionary (eval.json), where the web app reads it;
+5. **evaluate**: L0, explained variance, CE loss recovered and KL of every SAE; L0 and explained variance of each
+   transcoder, and CE / KL with all of them spliced in at once; written beside each dictionary (eval.json), where
+   the web app reads it;
 6. **analyze**: dashboards, labels and the search index of every SAE and transcoder feature;
 7. **graphs**: an attribution graph per prompt, pruned and saved with its scores, then checked by ablating its
    most influential features in the real model.
@@ -130,8 +131,8 @@ _COST = {"model": lambda b: 40.0, "corpus": lambda b: 15.0,
          "transcoders": lambda b: b.transcoder_tokens * 18 * 4e-5 * b.transcoder_width / 1024
          + b.transcoder_tokens / b.transcoder_reuse / _FORWARD,
          "saes": lambda b: sum(b.sae_tokens * (_upto(l) / _FORWARD + 1e-4) for l in b.sae_layers),
-         "evaluate": lambda b: (len(b.sae_layers) + 1) * b.eval_tokens / _FORWARD + (len(b.sae_layers) + 20)
-         * b.ce_contexts * b.ctx_len / 180,
+         "evaluate": lambda b: (len(b.sae_layers) + 1) * b.eval_tokens / _FORWARD + (len(b.sae_layers) + 1)
+         * 1.5 * b.ce_contexts * b.ctx_len / 180,
          "analyze": lambda b: sum(b.analysis_tokens * _upto(l) / _FORWARD + b.sae_width / 110 for l in b.sae_layers)
          + sum(b.transcoder_analysis_tokens * _upto(l) / _FORWARD + 4 for l in range(18))
          + (18 * b.transcoder_width / 110 if b.transcoder_embed else 0),
@@ -354,7 +355,8 @@ class _Demo:
         tcs, saes = self._dictionaries()
         contexts = load_contexts(self.model, "nlp-corpus", b.ctx_len, "test", progress=False)
         kw = dict(tokens=b.eval_tokens, ce_contexts=b.ce_contexts, contexts=contexts, progress=self.progress)
-        per_layer = evaluate_dictionary(self.model, tcs, **kw)
+        # all layers spliced at once; each layer alone would cost two full forwards (logits included) per layer
+        per_layer = evaluate_dictionary(self.model, tcs, per_layer_ce=False, **kw)
         atomic_write_json(self.tc_dir / "eval.json", {str(k): m.to_dict() for k, m in per_layer.items()})
         for layer, m in per_layer.items():
             if layer != "all":
