@@ -112,12 +112,10 @@ def test_tiny_demo_interrupted_in_every_long_step_resumes_to_the_same_result(tmp
                 run_demo(budget, progress=False)
         assert demo_state()["steps"][step]["status"] == "running"
     with monkeypatch.context() as mp:  # graphs: interrupted after the first graph is written
-        calls = {"n": 0}
         save = files.save_graph
 
         def save_then_stop(*a, **kw):
-            out = save(*a, **kw)
-            calls["n"] += 1
+            save(*a, **kw)
             raise KeyboardInterrupt
 
         mp.setattr(files, "save_graph", save_then_stop)

@@ -276,10 +276,10 @@ class _Demo:
             rate = measured / predicted if predicted > 0 else 1.0
             left = sum(estimate[n] for n in estimate if n not in report.ran) * rate
             self.log(f"{head}: about {_clock(estimate[s.name] * rate)} (the demo: about {_clock(left)} left)")
+            prev = self.state["steps"].get(s.name) or {}
+            started = prev.get("started") if self._started_same(s.name) else None  # an interrupted run of this budget
             self.state["steps"][s.name] = {"key": self.keys[s.name], "status": "running",
-                                           **{k: v for k, v in (self.state["steps"].get(s.name) or {}).items()
-                                              if k == "started" and self._started_same(s.name)}}
-            self.state["steps"][s.name].setdefault("started", time.time())
+                                           "started": started or time.time()}
             self._save_state()
             t0 = time.perf_counter()
             summary = getattr(self, f"_step_{s.name}")()
