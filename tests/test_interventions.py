@@ -378,3 +378,33 @@ def test_cli_steer_end_to_end(gemma, real_sae, tmp_path, monkeypatch, capsys):
         real_sae.cfg.model_name = "gemma-3-270m"
     assert main(["steer", str(other), PROMPT, "--feature", "0:+2", "--mode", "absolute"]) == 2
     assert "made for model 'smollm2-135m'" in capsys.readouterr().err
+
+
+def test_strength_sweep_moves_the_output_and_measures_fluency(gemma, real_sae, tmp_path, monkeypatch, capsys):
+    from featurelens.cli import interventions as cli_int
+    from featurelens.cli import main
+    from featurelens.dictionaries import save_dictionary
+
+    rows = fl.sweep_strengths(gemma, real_sae, {0: 20.0}, PROMPT, [0, 1], mode="absolute", max_new_tokens=3,
+                              temperature=0)
+    assert [r.strength for r in rows] == [0.0, 1.0]
+    assert rows[0].text == gemma.generate(PROMPT, max_new_tokens=3, temperature=0, return_new_only=True)
+    assert rows[1].text.startswith(" Paris") and rows[0].text != rows[1].text
+    # perplexity under the unsteered model: the unsteered greedy text is the model's own best guess
+    assert all(r.perplexity >= 1 for r in rows) and rows[0].perplexity < rows[1].perplexity
+    assert fl.continuation_perplexities(gemma, [PROMPT], [rows[0].text])[0] == pytest.approx(rows[0].perplexity)
+    from featurelens.engine.errors import InputError
+
+    with pytest.raises(InputError):
+        fl.sweep_strengths(gemma, real_sae, 0, PROMPT, [])
+
+    monkeypatch.setattr(cli_int, "_load_model", lambda args: gemma)
+    path = save_dictionary(real_sae, tmp_path / "sae")
+    assert main(["steer", str(path), PROMPT, "--feature", "0:20", "--mode", "absolute", "--sweep", "0,1",
+                 "--max-new-tokens", "3", "--temperature", "0", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["text"] for r in out["rows"]] == [r.text for r in rows]
+    assert main(["steer", str(path), PROMPT, "--feature", "0:1", "--sweep", "a,b"]) == 2
+    assert "comma-separated numbers" in capsys.readouterr().err
+    assert main(["steer", str(path), PROMPT, "--ablate", "1", "--sweep", "1"]) == 2
+    assert "--sweep" in capsys.readouterr().err

@@ -8,7 +8,8 @@ Stages (progress is saved within each, so an interrupted run resumes where it st
    every `checkpoint_every` seconds and at the end of the stream.
 2. **finalize** per chunk of features, one SQLite transaction each: density, histogram, top and quantile examples
    with their token windows, the logit lens, the most similar features by decoder cosine, top co-firing features.
-3. **labels**: the built-in explainer (provenance "auto:v2") labels every feature.
+3. **labels**: the built-in explainer (provenance "auto:v2") labels every feature; **scores**: each label gets
+   its score, how well it predicts where the feature fires (`featurelens.analysis.scoring`).
 4. **embed**: search documents (label + top snippets) are embedded for concept search (skipped without the
    embedding model; search then falls back to lexical).
 
@@ -40,6 +41,7 @@ from ..store import BUILD_DIR, DB_FILE, USER, FeatureStore
 from .accumulate import Accumulator, AccumulatorConfig
 from .contexts import select_contexts
 from .explain import AutoExplainer, explain_store
+from .scoring import score_labels
 from .finalize import finalize
 from .results import DictionaryAnalysis, default_analysis_dir
 from .stream import STATE_FILE, load_state, stream
@@ -170,6 +172,13 @@ def analyze(model: Any = None, dictionary: Any = None, data: Any = None, *, n_to
         if stage == "labels":
             t0 = time.perf_counter()
             explain_store(store, explainer or AutoExplainer(), progress=progress)
+            timings.labels += time.perf_counter() - t0
+            with store.transaction():
+                store.set("stage", "scores")
+            stage = "scores"
+        if stage == "scores":
+            t0 = time.perf_counter()
+            score_labels(store, get_embedder() if embed else None, progress=progress)
             timings.labels += time.perf_counter() - t0
             with store.transaction():
                 store.set("stage", "embed")

@@ -60,14 +60,30 @@ class FeatureDashboard:
     cofiring: list[tuple[int, float, float, int, str | None]]
     top_examples: list[TokenExample] = field(default_factory=list)
     quantile_examples: list[TokenExample] = field(default_factory=list)
+    label_score: float | None = None  # how well the current label predicts where it fires (AUROC); None: unscored
+    label_score_method: str | None = None
 
     # ----------------------------------------------------------------- plain data
     @property
     def dead(self) -> bool:
         return self.n_fires == 0
 
+    @property
+    def label_clear(self) -> bool | None:
+        """Whether the label scores well enough to be trusted (None when it has no score)."""
+        from .scoring import is_clear
+
+        return is_clear(self.label_score)
+
+    def label_score_text(self) -> str:
+        if self.label_score is None:
+            return "label not scored"
+        return (f"label score {self.label_score:.2f}" + ("" if self.label_clear else " (unclear)")
+                + f" · {self.label_score_method}")
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d["label_clear"] = self.label_clear
         return d
 
     def to_json(self, **kw: Any) -> str:
@@ -106,6 +122,7 @@ class FeatureDashboard:
         lab = e(self.label) if self.label else "<i>no label</i>"
         prov = f' <span class="fl-muted">({e(self.label_provenance)})</span>' if self.label_provenance else ""
         out.append(f'<div class="fl-label">{lab}{prov}</div>')
+        out.append(f'<div class="fl-muted">{e(self.label_score_text())}</div>')
         out.append('<div class="fl-stats">'
                    f'<span><b>density</b> {self.density:.4%}</span>'
                    f'<span><b>fires</b> {self.n_fires:,} of {self.n_tokens:,} tokens</span>'
@@ -196,6 +213,7 @@ class FeatureDashboard:
         head.append(self.label or "no label", style="bold cyan")
         if self.label_provenance:
             head.append(f"  ({self.label_provenance})", style="dim")
+        head.append(f"\n{self.label_score_text()}", style="dim" if self.label_clear else "yellow")
         head.append(f"\ndensity {self.density:.4%} ({self.n_fires:,} of {self.n_tokens:,} tokens) · max "
                     f"{self.max_act:.3g} · mean when firing {self.mean_act:.3g}")
         parts: list[Any] = [head, Text(self._spark(), style="yellow")]

@@ -11,9 +11,11 @@ and what it promotes:
 
 e.g. ``"film", "movie" | context: review, acting, plot | promotes: critics, buff``.
 
-To plug in another explainer (an LLM, say), subclass `Explainer`, give it a `provenance` such as "llm:my-model",
-and implement `explain` (or `explain_batch`); then ``fl.explain(path, MyExplainer())`` labels every feature. The
-current label of a feature is the user's (`set_label`), else the newest one written.
+To plug in another explainer, subclass `Explainer`, give it a `provenance` such as "llm:my-model", and implement
+`explain` (or `explain_batch`); then ``fl.explain(path, MyExplainer())`` labels every feature. `ChatExplainer`
+(`featurelens.analysis.llm`) asks any OpenAI-compatible chat endpoint. With ``skip_labeled=True`` a run labels only
+the features that have no label from that explainer yet (resuming an interrupted run). The current label of a
+feature is the user's (`set_label`), else the newest one written.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
+import numpy as np
+
+from ..engine.errors import InputError
 from ..store import FeatureStore
 from ..text import STOPWORDS
 
@@ -60,6 +65,8 @@ class FeatureEvidence:
     top_examples: list[Example] = field(default_factory=list)
     promotes: list[str] = field(default_factory=list)
     suppresses: list[str] = field(default_factory=list)
+    # examples sampled across activation quantiles, lowest bin first (`index` is the sampled token)
+    quantile_examples: list[Example] = field(default_factory=list)
 
 
 class Explainer(ABC):
@@ -184,8 +191,9 @@ class AutoExplainer(Explainer):
 
 
 # ----------------------------------------------------------------------------------------------- running
-def evidence_from_store(store: FeatureStore, n_examples: int = 20) -> list[FeatureEvidence]:
-    """Every feature's evidence, read in one pass over the store."""
+def evidence_from_store(store: FeatureStore, n_examples: int = 20, n_quantile: int = 20) -> list[FeatureEvidence]:
+    """Every feature's evidence, read in one pass over the store: its first `n_examples` top examples and first
+    `n_quantile` quantile examples (0 for none)."""
     strings = store.token_strings()
     rows = {r[0]: r for r in store.conn.execute("SELECT idx, density, max_act FROM features")}
     lens = {i: (up, down) for i, up, down in store.logit_lists()}
@@ -194,38 +202,60 @@ def evidence_from_store(store: FeatureStore, n_examples: int = 20) -> list[Featu
                            promotes=[strings.get(t, "") for t, _ in lens.get(i, ([], []))[0]],
                            suppresses=[strings.get(t, "") for t, _ in lens.get(i, ([], []))[1]])
         for i, r in rows.items()}
-    for f, exs in store.top_examples_all(n_examples):
+    # One scan of the examples table, in its own (primary key) order: feature, kind, rank.
+    cur = store.conn.execute(
+        "SELECT feature, kind, pos, start, act, tokens, acts FROM examples "
+        "WHERE (kind = 'top' AND rank < ?) OR (kind = 'quantile' AND rank < ?) ORDER BY feature, kind, rank",
+        (int(n_examples), int(n_quantile)))
+    for f, kind, pos, start, act, tok_blob, act_blob in cur:
         ev = out.get(f)
         if ev is None:
             continue
-        for e in exs:
-            toks = [strings.get(t, "") for t in e["tokens"]]
-            ev.top_examples.append(Example(toks, e["acts"], e["pos"] - e["start"], e["act"]))
+        toks = [strings.get(t, "") for t in np.frombuffer(tok_blob, dtype=np.int32).tolist()]
+        acts = np.frombuffer(act_blob, dtype=np.float16).astype(np.float32).tolist()
+        (ev.top_examples if kind == "top" else ev.quantile_examples).append(Example(toks, acts, pos - start, act))
     return [out[i] for i in sorted(out)]
 
 
+def labeled_by(store: FeatureStore, provenance: str) -> set[int]:
+    """The features that have a label from `provenance`."""
+    return {f for (f,) in store.conn.execute("SELECT feature FROM labels WHERE provenance = ?", (provenance,))}
+
+
 def explain_store(store: FeatureStore, explainer: Explainer, features: Iterable[int] | None = None,
-                  batch: int = 512, progress: bool = True) -> int:
-    """Label features with `explainer`, one transaction per batch; returns how many were labeled."""
+                  batch: int = 512, progress: bool = True, *, skip_labeled: bool = False) -> int:
+    """Label features with `explainer`, one transaction per batch; returns how many were labeled.
+
+    With `skip_labeled`, features that already have a label from ``explainer.provenance`` are left alone, so a
+    rerun after an interruption or a failed batch labels only the rest. A batch whose `explain_batch` raises
+    stores nothing; the batches before it stay stored.
+    """
     from tqdm.auto import tqdm
 
     if not isinstance(explainer, Explainer):
         raise TypeError(f"explainer must be an Explainer, got {type(explainer).__name__}")
+    if batch <= 0:
+        raise InputError(f"batch must be positive, got {batch}")
     evidence = evidence_from_store(store)
     explainer.fit(evidence)
     if features is not None:
         wanted = set(int(f) for f in features)
         evidence = [ev for ev in evidence if ev.index in wanted]
+    if skip_labeled:
+        done = labeled_by(store, explainer.provenance)
+        evidence = [ev for ev in evidence if ev.index not in done]
     n = 0
     bar = tqdm(total=len(evidence), unit="feat", desc=f"labels ({explainer.provenance})", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
-    for k in range(0, len(evidence), batch):
-        part = evidence[k:k + batch]
-        labels = explainer.explain_batch(part)
-        rows = [(ev.index, explainer.provenance, lab) for ev, lab in zip(part, labels) if lab]
-        with store.transaction():
-            store.write_labels(rows)
-        n += len(rows)
-        bar.update(len(part))
-    bar.close()
+    try:
+        for k in range(0, len(evidence), batch):
+            part = evidence[k:k + batch]
+            labels = explainer.explain_batch(part)
+            rows = [(ev.index, explainer.provenance, lab) for ev, lab in zip(part, labels) if lab]
+            with store.transaction():
+                store.write_labels(rows)
+            n += len(rows)
+            bar.update(len(part))
+    finally:
+        bar.close()
     return n

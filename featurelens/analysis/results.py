@@ -18,6 +18,7 @@ from ..search.concept import SearchHit, concept_search
 from ..store import BUILD_DIR, DB_FILE, USER, FeatureStore, analysis_dir_for_path, data_analysis_dir
 from .dashboard import FeatureDashboard, TokenExample
 from .explain import AutoExplainer, Explainer, explain_store
+from .scoring import score_labels
 
 
 class NotAnalyzedError(FeaturelensError, FileNotFoundError):
@@ -166,6 +167,7 @@ class DictionaryAnalysis:
             cofiring=[(i, j, p, n, lab(i)) for i, j, p, n in row["cofire"]],
             top_examples=[example(e) for e in exs if e["kind"] == "top"],
             quantile_examples=[example(e) for e in exs if e["kind"] == "quantile"],
+            label_score=cur["score"] if cur else None, label_score_method=cur["score_method"] if cur else None,
         )
 
     __getitem__ = feature
@@ -189,10 +191,15 @@ class DictionaryAnalysis:
         if self.store.readonly:
             raise PermissionError(f"{self.store.path} is read-only")
         self.store.set_label(idx, label, USER)
+        if label is not None:  # a label a person wrote is scored like any other
+            score_labels(self.store, provenance=USER, features=[idx], progress=False)
 
-    def explain(self, explainer: Any = None, features: Any = None, progress: bool = True) -> int:
-        """Label features with an `Explainer` (default: the built-in one); returns how many were labeled."""
-        return explain_store(self.store, explainer or AutoExplainer(), features, progress=progress)
+    def explain(self, explainer: Any = None, features: Any = None, progress: bool = True, *,
+                skip_labeled: bool = False, batch: int = 512) -> int:
+        """Label features with an `Explainer` (default: the built-in one) and score the new labels; returns how
+        many were labeled. With `skip_labeled`, features that have a label from this explainer already are left
+        alone (resume an interrupted run)."""
+        return explain(self, explainer, features, progress=progress, skip_labeled=skip_labeled, batch=batch)
 
     # ----------------------------------------------------------------- searches
     def search(self, query: str, k: int = 10, method: str = "auto") -> list[SearchHit]:
@@ -209,7 +216,11 @@ class DictionaryAnalysis:
 
 
 def explain(analysis: Any, explainer: Explainer | None = None, features: Iterable[int] | None = None,
-            progress: bool = True) -> int:
-    """Label the features of an analyzed dictionary (a path or a DictionaryAnalysis) with `explainer`."""
+            progress: bool = True, *, skip_labeled: bool = False, batch: int = 512) -> int:
+    """Label the features of an analyzed dictionary (a path or a DictionaryAnalysis) with `explainer`, then score
+    the labels it wrote (`score_labels`); returns how many were labeled."""
     a = analysis if isinstance(analysis, DictionaryAnalysis) else open_analysis(analysis)
-    return explain_store(a.store, explainer or AutoExplainer(), features, progress=progress)
+    explainer = explainer or AutoExplainer()
+    n = explain_store(a.store, explainer, features, batch=batch, progress=progress, skip_labeled=skip_labeled)
+    score_labels(a.store, provenance=explainer.provenance, features=features, progress=progress)
+    return n

@@ -109,10 +109,13 @@ def cmd_search(args: argparse.Namespace) -> int:
         method = hits[0].method if hits else args.method
         t = Table(title=f"features about {args.query!r} ({method} search)", show_lines=True)
         for col, kw in (("#", {"justify": "right"}), ("feature", {"justify": "right"}), ("score", {"justify": "right"}),
-                        ("label", {}), ("top snippets (near the max token)", {})):
+                        ("label", {}), ("label score", {"justify": "right"}), ("peaks on", {}),
+                        ("top snippets (near the max token)", {})):
             t.add_column(col, **kw)
         for r, h in enumerate(hits, 1):
-            t.add_row(str(r), str(h.feature), f"{h.score:.3f}", h.label or "",
+            score = "–" if h.label_score is None else f"{h.label_score:.2f}" + ("" if h.label_clear else " unclear")
+            t.add_row(str(r), str(h.feature), f"{h.score:.3f}", h.label or "", score,
+                      ", ".join(dict.fromkeys(h.max_tokens[:5])),
                       "\n".join(_short(s, 90) for s in h.near_max[:2]))
         console.print(t)
         if not hits:

@@ -30,6 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", choices=("relative", "absolute"), default="relative",
                    help="strength relative to the feature's max activation when known (default), or absolute")
     p.add_argument("--positions", choices=("all", "prompt", "generated"), default="all")
+    p.add_argument("--sweep", default=None, metavar="S1,S2,...",
+                   help="generate once per value, each --feature's strength multiplied by it (0 = unsteered), and "
+                        "show each continuation's perplexity under the unsteered model, e.g. --sweep 0,0.5,1,2")
     p.add_argument("--max-new-tokens", type=int, default=30)
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy; default 0.7")
     p.add_argument("--top-p", type=float, default=None)
@@ -112,6 +115,8 @@ def cmd_steer(args: argparse.Namespace) -> int:
     if not (steers or clamps or ablations):
         raise InputError("nothing to do: give at least one --feature IDX:STRENGTH, --clamp IDX:VALUE or --ablate IDX")
     sae = _load_dictionary(args.path, args.layer)
+    if args.sweep is not None:
+        return _steer_sweep(args, sae, steers, clamps or ablations)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the note travels with the result instead
         interventions = ([Steer(sae, f, s, mode=args.mode, positions=args.positions) for f, s in steers]
@@ -133,6 +138,46 @@ def cmd_steer(args: argparse.Namespace) -> int:
         console.print(f"  {line}", highlight=False)
     for note in result.notes:
         console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+    return 0
+
+
+def _steer_sweep(args: argparse.Namespace, sae, steers: list[tuple[int, float]], others: list) -> int:
+    import math
+    import warnings
+
+    from ..interventions import sweep_strengths
+
+    if others:
+        raise InputError("--sweep varies --feature strengths; it does not take --clamp or --ablate")
+    if not steers:
+        raise InputError("--sweep needs at least one --feature IDX:STRENGTH")
+    try:
+        values = [float(v) for v in args.sweep.split(",") if v.strip()]
+    except ValueError:
+        raise InputError(f"--sweep {args.sweep!r}: give comma-separated numbers, e.g. 0,0.5,1,2") from None
+    if not values or not all(math.isfinite(v) for v in values):
+        raise InputError(f"--sweep {args.sweep!r}: give comma-separated finite numbers, e.g. 0,0.5,1,2")
+    model = _load_model(args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sweep = sweep_strengths(model, sae, dict(steers), args.prompt, values, mode=args.mode,
+                                positions=args.positions, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                                temperature=args.temperature, top_p=args.top_p)
+    texts, ppl = [r.text for r in sweep], [r.perplexity for r in sweep]
+    rows = [{"scale": v, "strengths": {f: s * v for f, s in steers}, "text": t, "perplexity": q}
+            for v, t, q in zip(values, texts, ppl)]
+    if args.json:
+        print(json.dumps({"prompt": args.prompt, "mode": args.mode, "seed": args.seed, "rows": rows}, indent=2))
+        return 0
+    table = Table(title=f"{args.prompt!r}  (seed {args.seed}, temperature {args.temperature}, mode {args.mode})",
+                  show_lines=True)
+    table.add_column("strengths", justify="right")
+    table.add_column("perplexity", justify="right")
+    table.add_column("continuation", overflow="fold")
+    for r in rows:
+        what = ", ".join(f"{f}:{s:g}" for f, s in r["strengths"].items()) if r["scale"] else "unsteered"
+        table.add_row(what, f"{r['perplexity']:.1f}", r["text"])
+    Console().print(table)
     return 0
 
 

@@ -10,12 +10,13 @@
 from .compile import intervention_hooks
 from .patching import Metric, activation_patching, answer_prob, attribution_patching, logit_diff, patching_labels
 from .plots import save_heatmap
-from .steering import GenerationComparison, as_interventions, compare_generations, steer, steering_vector
+from .steering import (GenerationComparison, SweepRow, as_interventions, compare_generations,
+                       continuation_perplexities, steer, steering_vector, sweep_strengths)
 from .types import Ablate, Clamp, Intervention, Steer, SteeringVector, feature_max_activation
 
 __all__ = [
     "Ablate", "Clamp", "GenerationComparison", "Intervention", "Metric", "Steer", "SteeringVector",
     "activation_patching", "answer_prob", "as_interventions", "attribution_patching", "compare_generations",
     "feature_max_activation", "intervention_hooks", "logit_diff", "patching_labels", "save_heatmap", "steer",
-    "steering_vector",
+    "steering_vector", "SweepRow", "continuation_perplexities", "sweep_strengths",
 ]

@@ -138,3 +138,57 @@ def compare_generations(model: "HookedTransformer", prompt: str, interventions: 
     steered = model.generate(prompt, interventions=interventions, **kw)
     notes = [n for n in (getattr(i, "note", "") for i in interventions) if n]
     return GenerationComparison(prompt, default, steered, [repr(i) for i in interventions], seed, notes)
+
+
+# --------------------------------------------------------------------------- strength sweeps
+@torch.inference_mode()
+def continuation_perplexities(model: "HookedTransformer", prompts: Sequence[str],
+                              continuations: Sequence[str]) -> list[float]:
+    """Perplexity of each continuation after its prompt under `model` as it is (no steering): a fluency check for
+    steered text. One batched forward pass; NaN for an empty continuation."""
+    rows = [model.encode(p + c) for p, c in zip(prompts, continuations)]
+    starts = [len(model.encode(p)) for p in prompts]
+    tokens, _ = model.pad(rows, "right")
+    logp = model(tokens).float().log_softmax(-1)  # [b, p, V]
+    out = []
+    for i, (r, s) in enumerate(zip(rows, starts)):
+        if len(r) <= s:
+            out.append(float("nan"))
+            continue
+        lp = logp[i, s - 1:len(r) - 1].gather(-1, torch.tensor(r[s:], device=logp.device)[:, None])[:, 0]
+        out.append(float(torch.exp(-lp.mean())))
+    return out
+
+
+@dataclass
+class SweepRow:
+    """One strength of a sweep: the steered continuation and its perplexity under the unsteered model."""
+
+    strength: float
+    text: str
+    perplexity: float
+
+
+def sweep_strengths(model: "HookedTransformer", dictionary: Any, features: "int | Sequence[int] | Mapping[int, float]",
+                    prompt: str, strengths: Sequence[float], *, mode: str = "relative", positions: Any = "all",
+                    max_new_tokens: int = 30, seed: int | None = 0, temperature: float = 0.7,
+                    top_p: float | None = None) -> list[SweepRow]:
+    """Steer `features` at each strength (0: the unsteered text) from the same seed: how the output moves and
+    where it stops being fluent. With `features` a mapping {feature: strength}, each sweep value multiplies it.
+
+    >>> for row in fl.sweep_strengths(model, sae, 1234, "I think the", [0, 0.5, 1, 2]):
+    ...     print(f"{row.strength:4g}  ppl {row.perplexity:6.1f}  {row.text}")
+    """
+    if isinstance(features, Mapping):
+        base = {int(f): float(v) for f, v in features.items()}
+    else:
+        base = {int(f): 1.0 for f in ([features] if isinstance(features, int) else features)}
+    if not strengths or not base:
+        raise InputError("give at least one feature and one strength to sweep")
+    kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, return_new_only=True)
+    texts = []
+    for s in strengths:
+        steers = [Steer(dictionary, f, b * s, mode=mode, positions=positions) for f, b in base.items()] if s else []
+        texts.append(model.generate(prompt, interventions=steers or None, **kw))
+    ppl = continuation_perplexities(model, [prompt] * len(texts), texts)
+    return [SweepRow(float(s), t, p) for s, t, p in zip(strengths, texts, ppl)]

@@ -1,14 +1,20 @@
-"""Concept search: which features mean X, ranked, from their labels and top snippets.
+"""Concept search: which features mean X, ranked by what they fire on, their labels and top snippets.
 
-Every live feature has search texts: its current label, then the text around the maximum of its top few
-activating examples (a short window inside the example's own document). With the embedding model installed,
-each text and the query are embedded (all-MiniLM-L6-v2) and a feature scores
+Every live feature has search texts: its current label; the text just before and at the maximum of its top
+N_SNIPPETS activating examples (a short window inside the example's own document); and the tokens at the maximum of
+its top N_TOKENS examples (one per example, so a token it peaks on often counts often). With the embedding model
+installed (all-MiniLM-L6-v2) each text and the query are embedded, and a feature scores
 
-    LABEL_WEIGHT * cos(query, label) + (1 - LABEL_WEIGHT) * mean over its N_SNIPPETS top snippets of cos(query, snippet)
+    quality x (W_TOKENS x mean cos(query, max token) + W_SNIPPETS x mean cos(query, snippet)
+               + W_LABEL x cos(query, label))
 
-(a missing snippet counts 0, so a feature seen once does not outrank one that is consistently about the query).
-The vectors are stored with the sha1 of their texts, so a changed label is re-embedded at the next search.
-Without the model, the label and snippets form one document per feature, ranked by BM25.
+(a missing example counts 0, so a feature seen once does not outrank one that is consistently about the query).
+The max tokens weigh most: a feature that *peaks* on film words is a film feature; one whose snippets merely
+mention a film is not. `quality` is 1 for a feature with a clear label (label score >= 0.75, see
+`featurelens.analysis.scoring`), down to 0.5 for a label that predicts nothing, and lower still for dense features
+(they fire everywhere, so they match every query a little), so unclear or dense features do not crowd out clear
+ones. The vectors are stored with the sha1 of their texts, so a changed label is re-embedded at the next search.
+Without the model, the label, max tokens and snippets form one document per feature, ranked by BM25 times quality.
 """
 
 from __future__ import annotations
@@ -24,9 +30,11 @@ from ..store import FeatureStore
 from ..engine.errors import FeaturelensError, InputError
 
 N_SNIPPETS = 4  # top snippets embedded per feature
+N_TOKENS = 8  # top examples whose max token is embedded
 SNIPPETS_SHOWN = 5  # top snippets returned with a hit
 SNIP_BEFORE, SNIP_AFTER = 12, 3  # tokens of each embedded snippet around its max token
-LABEL_WEIGHT = 0.35
+W_TOKENS, W_SNIPPETS, W_LABEL = 0.4, 0.35, 0.25
+DENSE_AT = 0.05  # density at which the quality factor halves
 
 
 class EmptyQueryError(FeaturelensError, ValueError):
@@ -41,9 +49,20 @@ class SearchHit:
     snippets: list[str] = field(default_factory=list)  # its top examples' windows, strongest first
     method: str = ""
     near_max: list[str] = field(default_factory=list)  # the same, cut to a few tokens around the max token
+    label_score: float | None = None  # how well the label predicts where it fires (AUROC), None when unscored
+    label_score_method: str | None = None
+    max_tokens: list[str] = field(default_factory=list)  # the token at the max of each of its top examples
+
+    @property
+    def label_clear(self) -> bool | None:
+        from ..analysis.scoring import is_clear
+
+        return is_clear(self.label_score)
 
     def __str__(self) -> str:
-        return f"#{self.feature} ({self.score:.3f}) {self.label or ''}"
+        tag = "" if self.label_score is None else f" [label score {self.label_score:.2f}" + \
+            ("" if self.label_clear else ", unclear") + "]"
+        return f"#{self.feature} ({self.score:.3f}) {self.label or ''}{tag}"
 
 
 def _snippet(strings: dict[int, str], e: dict[str, Any], before: int | None = None, after: int | None = None) -> str:
@@ -54,20 +73,28 @@ def _snippet(strings: dict[int, str], e: dict[str, Any], before: int | None = No
     return " ".join("".join(strings.get(t, "") for t in toks).split())
 
 
-def feature_texts(store: FeatureStore, n_snippets: int = N_SNIPPETS) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
-    """For every feature that fired: its search texts [label, snippet, ...] (the label "" when it has none), and
-    its top SNIPPETS_SHOWN snippets (wider, for display)."""
+def feature_texts(store: FeatureStore) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
+    """For every feature that fired: its search texts [label, N_SNIPPETS snippets, N_TOKENS max tokens] ("" where
+    it has none), and its top SNIPPETS_SHOWN snippets (wider, for display)."""
     strings = store.token_strings()
     labels = store.current_labels()
     alive = {i for i, n in store.conn.execute("SELECT idx, n_fires FROM features") if n > 0}
     texts, shown = {}, {}
-    for f, exs in store.top_examples_all(max(n_snippets, SNIPPETS_SHOWN)):
+    for f, exs in store.top_examples_all(max(N_SNIPPETS, N_TOKENS, SNIPPETS_SHOWN)):
         if f not in alive:
             continue
         shown[f] = [_snippet(strings, e) for e in exs[:SNIPPETS_SHOWN]]
-        texts[f] = [labels.get(f, ("", ""))[0]] + [_snippet(strings, e, SNIP_BEFORE, SNIP_AFTER)
-                                                   for e in exs[:n_snippets]]
+        snips = [_snippet(strings, e, SNIP_BEFORE, SNIP_AFTER) for e in exs[:N_SNIPPETS]]
+        toks = [strings.get(e["tokens"][e["pos"] - e["start"]], "").strip() for e in exs[:N_TOKENS]]
+        texts[f] = ([labels.get(f, ("", ""))[0]] + snips + [""] * (N_SNIPPETS - len(snips))
+                    + toks + [""] * (N_TOKENS - len(toks)))
     return texts, shown
+
+
+def _quality(label_score: float | None, density: float) -> float:
+    """1 for a clear label of a sparse feature; down to 0.5 for a label that predicts nothing; halved at DENSE_AT."""
+    q = 1.0 if label_score is None else min(1.0, max(0.5, 0.5 + 2.0 * (label_score - 0.5)))
+    return q / (1.0 + density / DENSE_AT)
 
 
 def feature_documents(store: FeatureStore) -> tuple[dict[int, str], dict[int, list[str]]]:
@@ -141,22 +168,25 @@ def concept_search(store: FeatureStore, query: str, k: int = 10, method: str = "
     if not texts:
         return []
     labels = store.current_labels()
+    label_scores = store.current_label_scores()
+    density = dict(store.conn.execute("SELECT idx, density FROM features"))
     feats = np.array(sorted(texts), dtype=np.int64)
+    quality = np.array([_quality(label_scores.get(int(f), (None,))[0], density.get(int(f), 0.0)) for f in feats])
     if embedder is not None:
         vecs = ensure_embeddings(store, embedder, texts, progress=progress)
         q = embedder.encode([query.strip()])[0]
-        scores = np.empty(len(feats))
-        for j, f in enumerate(feats.tolist()):
-            sims = vecs[f] @ q
-            scores[j] = LABEL_WEIGHT * sims[0] + (1 - LABEL_WEIGHT) * sims[1:].sum() / N_SNIPPETS
+        sims = np.stack([vecs[int(f)] for f in feats]) @ q  # [n_feats, 1 + N_SNIPPETS + N_TOKENS]
+        scores = (W_LABEL * sims[:, 0] + W_SNIPPETS * sims[:, 1:1 + N_SNIPPETS].mean(1)
+                  + W_TOKENS * sims[:, 1 + N_SNIPPETS:].mean(1)) * quality
         used = "embedding"
     else:
         docs = {f: ". ".join(t for t in ts if t) for f, ts in texts.items()}
         scores = BM25([docs[int(f)] for f in feats]).scores(query)
         # BM25's length normalisation favours short documents, i.e. features seen in one or two snippets; weigh by
-        # the evidence each feature has, as the embedding score does by averaging over N_SNIPPETS slots
-        evidence = np.array([(1 + min(len(texts[int(f)]) - 1, N_SNIPPETS)) / (1 + N_SNIPPETS) for f in feats])
-        scores = scores * evidence
+        # the evidence each feature has, as the embedding score does by averaging over its example slots
+        evidence = np.array([(1 + sum(1 for t in texts[int(f)][1:1 + N_SNIPPETS] if t)) / (1 + N_SNIPPETS)
+                             for f in feats])
+        scores = scores * evidence * quality
         used = "lexical"
     order = np.argsort(-scores, kind="stable")[:k]
     hits = []
@@ -164,6 +194,10 @@ def concept_search(store: FeatureStore, query: str, k: int = 10, method: str = "
         f = int(feats[j])
         if used == "lexical" and scores[j] <= 0:
             break
+        ls = label_scores.get(f)
         hits.append(SearchHit(feature=f, score=float(scores[j]), label=labels.get(f, (None,))[0],
-                              snippets=shown.get(f, []), method=used, near_max=texts[f][1:]))
+                              snippets=shown.get(f, []), method=used,
+                              near_max=[t for t in texts[f][1:1 + N_SNIPPETS] if t],
+                              label_score=ls[0] if ls else None, label_score_method=ls[1] if ls else None,
+                              max_tokens=[t for t in texts[f][1 + N_SNIPPETS:] if t]))
     return hits

@@ -351,6 +351,8 @@ def create_app(data_dir: str | Path, *, model_loader: Callable[[str], Any] | Non
                 a = rt.analysis(did)
                 for h in concept_search(a.store, q, k=k, method=method):
                     hits.append({"dictionary": did, "feature": h.feature, "score": h.score, "label": h.label,
+                                 "label_score": h.label_score, "label_score_method": h.label_score_method,
+                                 "label_clear": h.label_clear, "max_tokens": h.max_tokens[:5],
                                  "snippets": h.snippets[:3], "method": h.method})
         hits.sort(key=lambda h: -h["score"])
         return _json({"query": q, "hits": hits[:k] if len(_dict_ids(dictionaries)) > 1 else hits})
@@ -790,6 +792,7 @@ def _dashboard_json(fd: Any, dictionary: str) -> dict[str, Any]:
     return {
         "dictionary": dictionary, "feature": fd.index, "d_sae": fd.d_sae, "model": fd.model, "hook_name": fd.hook_name,
         "label": fd.label, "label_provenance": fd.label_provenance, "labels": fd.labels, "density": fd.density,
+        "label_score": fd.label_score, "label_score_method": fd.label_score_method, "label_clear": fd.label_clear,
         "n_fires": fd.n_fires, "n_tokens": fd.n_tokens, "max_act": fd.max_act, "mean_act": fd.mean_act,
         "dead": fd.dead,
         "histogram": [{"lo": lo, "hi": hi, "count": c} for lo, hi, c in fd.histogram()],

@@ -12,6 +12,9 @@ Tables (all keyed by the feature index):
     tokens      token id -> its text, for every token shown anywhere (so reading needs no tokenizer)
     labels      (feature, provenance) -> label: "auto:v2" from the built-in explainer, "user" for edits,
                 whatever name another explainer gives; the current label is the user's, else the newest
+    label_scores (feature, provenance, method) -> how well that label predicts where the feature fires (AUROC
+                of telling its activating contexts from others, see `featurelens.analysis.scoring`); rewriting a
+                label deletes its scores, so a stored score always belongs to the label text beside it
     embeddings  (feature, embedding model) -> float32 vectors [n, dim] of the feature's search texts (its label,
                 then its top snippets) and the sha1 of those texts (a changed label makes them stale: re-embedded)
 
@@ -70,6 +73,16 @@ CREATE TABLE IF NOT EXISTS labels (
     created REAL NOT NULL,
     PRIMARY KEY (feature, provenance)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS label_scores (
+    feature INTEGER NOT NULL,
+    provenance TEXT NOT NULL,
+    method TEXT NOT NULL,
+    score REAL NOT NULL,
+    n_pos INTEGER NOT NULL,
+    n_neg INTEGER NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (feature, provenance, method)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS embeddings (
     feature INTEGER NOT NULL,
     model TEXT NOT NULL,
@@ -108,6 +121,8 @@ class FeatureStore:
                 if self.get("schema_version") is None:
                     self.set("schema_version", SCHEMA_VERSION)
             version = self.get("schema_version")
+            if version == SCHEMA_VERSION and not readonly and not create:
+                self.conn.executescript(_SCHEMA)  # tables added since the store was made start empty (additive)
         except sqlite3.DatabaseError as e:
             raise StoreError(f"{self.path}: not a readable analysis database ({e})") from None
         if version != SCHEMA_VERSION:
@@ -244,17 +259,26 @@ class FeatureStore:
             else:
                 c.execute("INSERT OR REPLACE INTO labels (feature, provenance, label, created) VALUES (?, ?, ?, ?)",
                           (int(idx), provenance, label, time.time()))
+            if self._has_scores():
+                c.execute("DELETE FROM label_scores WHERE feature = ? AND provenance = ?", (int(idx), provenance))
 
     def write_labels(self, rows: Iterable[tuple[int, str, str]]) -> None:
         """(feature, provenance, label) rows; call inside a transaction."""
         now = time.time()
+        rows = [(int(f), p, l) for f, p, l in rows]
         self.conn.executemany("INSERT OR REPLACE INTO labels (feature, provenance, label, created) VALUES (?, ?, ?, ?)",
-                              [(int(f), p, l, now) for f, p, l in rows])
+                              [(f, p, l, now) for f, p, l in rows])
+        if self._has_scores():
+            self.conn.executemany("DELETE FROM label_scores WHERE feature = ? AND provenance = ?",
+                                  [(f, p) for f, p, _ in rows])
 
     def labels(self, idx: int) -> list[dict[str, Any]]:
-        """Every label of a feature, the current one first."""
+        """Every label of a feature, the current one first, each with its score ("score", "score_method": None
+        when it has none; see `label_scores`)."""
         rows = self.conn.execute("SELECT provenance, label, created FROM labels WHERE feature = ?", (int(idx),))
-        out = [{"provenance": p, "label": l, "created": t} for p, l, t in rows]
+        scores = self.label_scores(idx)
+        out = [{"provenance": p, "label": l, "created": t, "score": scores.get(p, {}).get("score"),
+                "score_method": scores.get(p, {}).get("method")} for p, l, t in rows]
         out.sort(key=lambda r: (r["provenance"] != USER, -r["created"]))
         return out
 
@@ -270,6 +294,37 @@ class FeatureStore:
 
     def user_labels(self) -> list[tuple[int, str, float]]:
         return list(self.conn.execute("SELECT feature, label, created FROM labels WHERE provenance = ?", (USER,)))
+
+    # ----------------------------------------------------------------- label scores
+    def _has_scores(self) -> bool:
+        """False only for a store from before label scores, opened read-only (its table was never made)."""
+        return self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'label_scores'"
+                                 ).fetchone() is not None
+
+    def write_label_scores(self, rows: Iterable[tuple[int, str, str, float, int, int]]) -> None:
+        """(feature, provenance, method, score, n_pos, n_neg) rows; call inside a transaction."""
+        now = time.time()
+        self.conn.executemany(
+            "INSERT OR REPLACE INTO label_scores (feature, provenance, method, score, n_pos, n_neg, created) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)", [(int(f), p, m, float(s), int(a), int(b), now) for f, p, m, s, a, b in rows])
+
+    def label_scores(self, idx: int) -> dict[str, dict[str, Any]]:
+        """provenance -> {"score", "method", "n_pos", "n_neg"} for the labels of `idx` that have a score."""
+        if not self._has_scores():
+            return {}
+        rows = self.conn.execute("SELECT provenance, method, score, n_pos, n_neg, created FROM label_scores "
+                                 "WHERE feature = ? ORDER BY created", (int(idx),))
+        return {p: {"score": s, "method": m, "n_pos": a, "n_neg": b} for p, m, s, a, b, _ in rows}
+
+    def current_label_scores(self) -> dict[int, tuple[float, str]]:
+        """feature -> (score, method) of its current label, for the features whose current label has one."""
+        if not self._has_scores():
+            return {}
+        scores: dict[tuple[int, str], tuple[float, str]] = {}
+        for f, p, m, s in self.conn.execute("SELECT feature, provenance, method, score FROM label_scores "
+                                            "ORDER BY created"):
+            scores[(f, p)] = (s, m)
+        return {f: scores[(f, p)] for f, (_, p) in self.current_labels().items() if (f, p) in scores}
 
     # ----------------------------------------------------------------- embeddings
     def write_embeddings(self, model: str, rows: Sequence[tuple[int, str, np.ndarray]]) -> None:

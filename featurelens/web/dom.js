@@ -104,3 +104,10 @@ export function table(headers, rows) {
 export function errorBox(e) {
   return h("div", { class: "error", role: "alert", text: e && e.message ? e.message : String(e) });
 }
+
+// How well a label predicts where its feature fires (the server sends the score, its method and whether it is clear).
+export function labelScore(score, clear, method) {
+  if (score === null || score === undefined) return h("span", { class: "label-score muted", text: "label not scored" });
+  return h("span", { class: `label-score ${clear ? "clear" : "unclear"}`, title: method || "",
+    text: clear ? `label score ${fmt(score, 2)}` : `unclear label (score ${fmt(score, 2)})` });
+}

@@ -1,4 +1,4 @@
-import { h, append, clear, fmt, pct, tokenRow, bars, table, errorBox, showToken } from "./dom.js";
+import { h, append, clear, fmt, pct, tokenRow, bars, table, errorBox, showToken, labelScore } from "./dom.js";
 import { get, post, put, enc } from "./api.js";
 
 const QNAMES = { 0: "lowest quarter", 1: "second quarter", 2: "third quarter", 3: "top quarter" };
@@ -16,12 +16,14 @@ export async function featurePage(root, parts) {
   const prov = h("span", { class: "muted provenance", text: f.label_provenance ? ` (${f.label_provenance})` : "" });
   const labelInput = h("input", { type: "text", "aria-label": "label", value: f.label || "", maxlength: 500 });
   const labelMsg = h("span", { class: "muted" });
+  const score = h("span", {}, labelScore(f.label_score, f.label_clear, f.label_score_method));
   const labelForm = h("form", { class: "label-edit", onsubmit: async (e) => {
     e.preventDefault();
     try {
       const r = await put(`/api/dictionaries/${enc(dict)}/features/${f.feature}/label`, { label: labelInput.value.trim() || null });
       labelText.textContent = r.label || "no label";
       prov.textContent = r.provenance ? ` (${r.provenance})` : "";
+      clear(score).appendChild(labelScore(r.label_score, r.label_clear, r.label_score_method));
       labelMsg.textContent = "saved";
     } catch (err) { labelMsg.textContent = err.message; }
   } }, labelInput, h("button", { type: "submit", text: "Save label" }), labelMsg);
@@ -61,7 +63,7 @@ export async function featurePage(root, parts) {
 
   append(root, [
     h("h1", {}, `Feature ${f.feature} `, h("span", { class: "muted", text: `of ${f.d_sae} · ${f.model} · ${f.hook_name}` })),
-    h("div", { class: "label" }, labelText, prov),
+    h("div", { class: "label" }, labelText, prov, score),
     labelForm,
     h("div", { class: "stats" }, h("span", { text: `density ${pct(f.density, 3)}` }),
       h("span", { text: `fires on ${f.n_fires.toLocaleString()} of ${f.n_tokens.toLocaleString()} tokens` }),

@@ -1,4 +1,4 @@
-import { h, clear, fmt, pct, tokenRow, showToken, errorBox } from "./dom.js";
+import { h, clear, fmt, pct, tokenRow, showToken, errorBox, labelScore } from "./dom.js";
 import { get, post, enc } from "./api.js";
 
 function featureLink(d, f, label) {
@@ -47,7 +47,9 @@ export async function searchPage(root, parts, query) {
         if (!r.hits.length) out.appendChild(h("p", { text: "No feature matches." }));
         for (const hit of r.hits) {
           out.appendChild(h("div", { class: "hit" }, featureLink(hit.dictionary, hit.feature, hit.label),
-            h("span", { class: "muted", text: `  score ${fmt(hit.score)} (${hit.method})` }),
+            labelScore(hit.label_score, hit.label_clear, hit.label_score_method),
+            h("span", { class: "muted", text: `  match ${fmt(hit.score)} (${hit.method})` }),
+            hit.max_tokens.length ? h("span", { class: "muted", text: `  peaks on: ${[...new Set(hit.max_tokens)].join(", ")}` }) : null,
             hit.snippets.map((s) => h("div", { class: "snippet", text: s }))));
         }
       } else if (tab === "text") {
