@@ -60,14 +60,15 @@ __all__ += [
 
 # Feature analysis: dashboards, logit lens, labels, and search by concept, text and output token.
 from .analysis import (  # noqa: E402
-    AutoExplainer, DictionaryAnalysis, DictionaryModelMismatchError, Explainer, FeatureDashboard, FeatureIndexError,
-    NotAnalyzedError, analyze, explain, open_analysis,
+    AutoExplainer, ChatExplainer, DictionaryAnalysis, DictionaryModelMismatchError, Explainer, ExplainerError,
+    FeatureDashboard, FeatureIndexError, NotAnalyzedError, analyze, explain, open_analysis, score_labels,
 )
 from .search import EmptyQueryError  # noqa: E402
 
 __all__ += [
-    "AutoExplainer", "DictionaryAnalysis", "DictionaryModelMismatchError", "EmptyQueryError", "Explainer",
-    "FeatureDashboard", "FeatureIndexError", "NotAnalyzedError", "analyze", "explain", "open_analysis",
+    "AutoExplainer", "ChatExplainer", "DictionaryAnalysis", "DictionaryModelMismatchError", "EmptyQueryError",
+    "Explainer", "ExplainerError", "FeatureDashboard", "FeatureIndexError", "NotAnalyzedError", "analyze", "explain",
+    "open_analysis", "score_labels",
 ]
 
 # Attribution graphs: a prompt's path from tokens through transcoder features to its next token.

@@ -215,6 +215,11 @@ def test_analysis_store_and_dashboard(analyzed):
     assert float((W @ W[f]).topk(2).values[1]) == pytest.approx(cos, abs=1e-3)
     assert d.cofiring and all(0 < j <= 1 and 0 < p <= 1 for _, j, p, _, _ in d.cofiring)
     assert d.label and d.label_provenance == "auto:v2"
+    # every label carries its score and method (fl.analyze scores them), shown with the label
+    assert d.label_score is not None and 0 <= d.label_score <= 1 and "auroc" in d.label_score_method
+    scored = analyzed.store.current_label_scores()
+    assert set(scored) == set(analyzed.store.current_labels())
+    assert "label score" in d.to_html() and d.to_dict()["label_clear"] == (d.label_score >= 0.75)
     # views
     page = d.to_html()
     assert page.startswith("<!DOCTYPE html>") and "<script" not in page and 'class="fl-tok' in page
@@ -317,8 +322,10 @@ def test_labels_are_editable_and_pluggable(gemma, trained_sae, small_contexts, t
 
     assert fl.explain(a, Shouting(), features=[f], progress=False) == 1
     assert a.label(f) == f"SHOUT {a.feature(f).top_examples[0].token!r}"
+    assert a.feature(f).label_score is not None  # a plugged-in explainer's labels are scored too
     a.set_label(f, "  my own label ")
     assert a.label(f) == "my own label" and a.feature(f).label_provenance == "user"
+    assert a.store.label_scores(f)["user"]["score"] == a.feature(f).label_score  # so is a person's
     assert {r["provenance"] for r in a.store.labels(f)} == {"auto:v2", "test:shout", "user"}
     a.set_label(f, None)
     assert a.label(f) != "my own label" and auto

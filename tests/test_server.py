@@ -143,6 +143,7 @@ def test_label_edit_persists_with_provenance(client, web_data):
     url = f"/api/dictionaries/{web.SAE_ID}/features/5/label"
     r = client.put(url, json={"label": "  my <b>label</b>  "})
     assert r.status_code == 200 and r.json()["label"] == "my <b>label</b>" and r.json()["provenance"] == "user"
+    assert 0 <= r.json()["label_score"] <= 1 and "auroc" in r.json()["label_score_method"]  # scored on save
     a = _analysis(web_data)  # a fresh connection: it is on disk
     assert a.label(5) == "my <b>label</b>"
     a.close()

@@ -149,6 +149,7 @@ def test_walkthrough(server, page, tmp_path):
     page.wait_for_selector(".results a.feature-link")
     first = page.locator(".results a.feature-link").first
     hit_text = first.inner_text()
+    assert "label score" in page.inner_text(".results .hit") or "unclear label" in page.inner_text(".results .hit")
 
     # ---- feature page
     first.click()
@@ -167,6 +168,7 @@ def test_walkthrough(server, page, tmp_path):
     page.click(".label-edit button")
     page.wait_for_function("document.querySelector('.label-text').textContent === 'cats <i>and</i> mats'")
     assert page.inner_text(".provenance").strip() == "(user)"
+    assert "score" in page.inner_text(".label .label-score")  # the user's label is scored on save and shown
     # test your own text
     page.fill(".test-text textarea", "The cat sat on the mat")
     page.click(".test-text button")
@@ -182,7 +184,7 @@ def test_walkthrough(server, page, tmp_path):
     assert page.locator(".feat-idx").first.input_value() == str(feature)
     page.fill("textarea[name=prompt]", "The cat")
     page.locator("input[aria-label='max new tokens']").fill("12")
-    page.locator("input[type=range]").first.fill("15")
+    page.locator("input[type=range]").first.fill("3")
     page.click("form.steer button[type=submit]")
     page.wait_for_function("document.querySelector('.status').textContent === 'done'", timeout=60_000)
     default = "".join(page.locator("#gen-default .new").all_text_contents())

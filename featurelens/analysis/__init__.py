@@ -8,7 +8,8 @@ features), automatic labels, and the analyzed dictionary you open to read them.
 >>> fd.search("film review"); fd.search_text("The Eiffel Tower is in Paris"); fd.search_promotes(" Paris")
 
 Modules: `build` (`analyze`, the stage machine) with its stages `contexts`, `stream`, `finalize` and `explain`
-(labels); `results` (`open_analysis`, `DictionaryAnalysis`); `accumulate` (streaming statistics); `dashboard`.
+(labels); `llm` (`ChatExplainer`: labels from an OpenAI-compatible chat endpoint); `results` (`open_analysis`,
+`DictionaryAnalysis`); `accumulate` (streaming statistics); `dashboard`.
 """
 
 from ..dictionaries.compat import DictionaryModelMismatchError, check_compatible
@@ -18,10 +19,12 @@ from .accumulate import Accumulator, AccumulatorConfig
 from .build import analyze
 from .dashboard import FeatureDashboard, TokenExample
 from .explain import AutoExplainer, Example, Explainer, FeatureEvidence
+from .llm import ChatExplainer, ExplainerError
 from .results import DictionaryAnalysis, NotAnalyzedError, explain, open_analysis
+from .scoring import score_labels
 from .timings import AnalysisTimings
 
-__all__ = ["Accumulator", "AccumulatorConfig", "AnalysisTimings", "AutoExplainer", "DictionaryAnalysis",
-           "DictionaryModelMismatchError", "Example", "Explainer", "FeatureDashboard", "FeatureEvidence",
-           "FeatureIndexError", "NotAnalyzedError", "TokenExample", "analyze", "check_compatible", "explain",
-           "logit_lens_weights", "open_analysis"]
+__all__ = ["Accumulator", "AccumulatorConfig", "AnalysisTimings", "AutoExplainer", "ChatExplainer",
+           "DictionaryAnalysis", "DictionaryModelMismatchError", "Example", "Explainer", "ExplainerError",
+           "FeatureDashboard", "FeatureEvidence", "FeatureIndexError", "NotAnalyzedError", "TokenExample", "analyze",
+           "check_compatible", "explain", "logit_lens_weights", "open_analysis", "score_labels"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
 import re
 import socket
 import time
@@ -120,19 +121,17 @@ class ChatExplainer(Explainer):
         if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
             raise InputError("api_key must be a non-empty string or None")
 
-        def number(name: str, value: Any, kind: type, low: float, low_ok: bool) -> None:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and \
-                (kind is float or isinstance(value, int)) and (value >= low if low_ok else value > low)
-            if not ok or value != value:
-                what = "a positive" if not low_ok else "a non-negative"
-                raise InputError(f"{name} must be {what} {'integer' if kind is int else 'number'}, got {value!r}")
-
-        number("timeout", timeout, float, 0, False)
-        number("concurrency", concurrency, int, 0, False)
-        number("max_retries", max_retries, int, 0, True)
-        number("temperature", temperature, float, 0, True)
-        number("max_tokens", max_tokens, int, 0, False)
-        number("n_examples", n_examples, int, 0, False)
+        for name, value, integer, zero_ok in (("timeout", timeout, False, False),
+                                              ("concurrency", concurrency, True, False),
+                                              ("max_retries", max_retries, True, True),
+                                              ("temperature", temperature, False, True),
+                                              ("max_tokens", max_tokens, True, False),
+                                              ("n_examples", n_examples, True, False)):
+            ok = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool) \
+                and math.isfinite(value) and (value >= 0 if zero_ok else value > 0)
+            if not ok:
+                what = f"{'a non-negative' if zero_ok else 'a positive'} {'integer' if integer else 'number'}"
+                raise InputError(f"{name} must be {what}, got {value!r}")
         self.base_url = base_url.strip()
         self.url = self.base_url.rstrip("/") + "/chat/completions"
         self.model = model.strip()
@@ -151,8 +150,8 @@ class ChatExplainer(Explainer):
     # ----------------------------------------------------------------- prompt
     def prompt(self, ev: FeatureEvidence) -> list[dict[str, str]]:
         """The chat messages (system, user) sent for one feature."""
-        lines = [f"Feature {ev.index}: fires on {ev.density:.4%} of tokens; maximum activation {ev.max_act:.3g}.",
-                 ""]
+        lines = [f"Feature {ev.index}: fires on {100 * ev.density:.3g}% of tokens; "
+                 f"maximum activation {ev.max_act:.3g}.", ""]
         top = ev.top_examples[: self.n_examples]
         if top:
             lines.append("Top activating examples (strongest first):")

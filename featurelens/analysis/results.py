@@ -218,9 +218,12 @@ class DictionaryAnalysis:
 def explain(analysis: Any, explainer: Explainer | None = None, features: Iterable[int] | None = None,
             progress: bool = True, *, skip_labeled: bool = False, batch: int = 512) -> int:
     """Label the features of an analyzed dictionary (a path or a DictionaryAnalysis) with `explainer`, then score
-    the labels it wrote (`score_labels`); returns how many were labeled."""
+    the labels it wrote (`score_labels`); returns how many were labeled. When the explainer fails partway, the
+    batches already stored are scored before the error propagates (a rerun with skip_labeled=True goes on)."""
     a = analysis if isinstance(analysis, DictionaryAnalysis) else open_analysis(analysis)
     explainer = explainer or AutoExplainer()
-    n = explain_store(a.store, explainer, features, batch=batch, progress=progress, skip_labeled=skip_labeled)
-    score_labels(a.store, provenance=explainer.provenance, features=features, progress=progress)
-    return n
+    features = None if features is None else [int(f) for f in features]
+    try:
+        return explain_store(a.store, explainer, features, batch=batch, progress=progress, skip_labeled=skip_labeled)
+    finally:
+        score_labels(a.store, provenance=explainer.provenance, features=features, progress=progress)

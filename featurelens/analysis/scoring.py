@@ -27,13 +27,12 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from ..store import FeatureStore
+from ..store import UNCLEAR_BELOW, FeatureStore, is_clear
 from ..text import STOPWORDS
 
 SNIP_BEFORE, SNIP_AFTER = 8, 2
 N_POS = 8  # positives per feature
 N_NEG = 200  # shared negative pool
-UNCLEAR_BELOW = 0.75
 LEXICAL_METHOD = "lexical-auroc:v1"
 _WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9'\-]*")
 _STRUCTURE = re.compile(r"\b(context|promotes):|\|")
@@ -41,11 +40,6 @@ _STRUCTURE = re.compile(r"\b(context|promotes):|\|")
 
 def embedding_method(embedder: Any) -> str:
     return f"embedding-auroc:{embedder.name}:v1"
-
-
-def is_clear(score: float | None) -> bool | None:
-    """True/False by the score; None when the label has no score."""
-    return None if score is None else bool(score >= UNCLEAR_BELOW)
 
 
 def auroc(pos: np.ndarray, neg: np.ndarray) -> float:

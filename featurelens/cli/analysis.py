@@ -1,4 +1,5 @@
-"""`featurelens analyze`, `search` and `feature`: dashboards, concept / text / token search, one feature's page."""
+"""`featurelens analyze`, `search`, `feature` and `explain`: dashboards, concept / text / token search, one
+feature's page, feature labels (built-in or from a language model)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 import sys
 from dataclasses import asdict
 
-from ..errors import InputError
+from ..errors import FeaturelensError, InputError
 from .train import _int
 
 
@@ -56,6 +57,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set-label", default=None, metavar="TEXT", help="replace the feature's label with your own")
     p.add_argument("--clear-label", action="store_true", help="remove your label (the automatic one shows again)")
     p.set_defaults(func=cmd_feature)
+
+    p = sub.add_parser("explain", help="label the features of an analyzed dictionary (built-in, or a language model)",
+                       description="Write a short label for every feature (or --features) of an analyzed "
+                                   "dictionary. Default: the built-in, model-free explainer. With --llm-url and "
+                                   "--llm-model: any OpenAI-compatible chat endpoint (llama.cpp server, vLLM, a "
+                                   "hosted API), one request per feature. Labels are stored one transaction per "
+                                   "--batch, and features already labelled by the same explainer are skipped, so "
+                                   "rerunning after a failure or Ctrl-C resumes (--redo labels them again).")
+    p.add_argument("path", help="an analyzed dictionary (its directory)")
+    p.add_argument("--llm-url", default=None, metavar="URL",
+                   help="base URL of an OpenAI-compatible API, e.g. http://127.0.0.1:8080/v1 (requests go to "
+                        "URL/chat/completions)")
+    p.add_argument("--llm-model", default=None, metavar="NAME", help="the model name the endpoint serves")
+    p.add_argument("--api-key-env", default=None, metavar="VAR",
+                   help="environment variable holding the API key (default OPENAI_API_KEY, used when set)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds to wait for each reply (default 60)")
+    p.add_argument("--concurrency", type=int, default=None, help="requests in flight at once (default 4)")
+    p.add_argument("--retries", type=int, default=None,
+                   help="retries of a request that timed out, lost its connection or got a 5xx (default 1)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="features per stored transaction (default 64 with --llm-url, else 512)")
+    p.add_argument("--features", default=None, metavar="LIST", help="only these features, e.g. 1,2,3")
+    p.add_argument("--redo", action="store_true",
+                   help="label again the features that already have a label from this explainer")
+    p.set_defaults(func=cmd_explain)
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
@@ -174,4 +200,68 @@ def cmd_feature(args: argparse.Namespace) -> int:
         print(dash.to_json(indent=2))
     elif not args.html:
         _console().print(dash)
+    return 0
+
+
+def _feature_list(text: str, check) -> list[int]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise InputError(f"--features wants a comma-separated list of feature indices, got {text!r}")
+    return list(dict.fromkeys(check(t) for t in items))
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    import os
+    import time
+
+    from ..analysis import AutoExplainer, ChatExplainer, open_analysis
+    from ..analysis.explain import labeled_by
+
+    llm_only = [flag for flag, v in (("--api-key-env", args.api_key_env), ("--timeout", args.timeout),
+                                     ("--concurrency", args.concurrency), ("--retries", args.retries))
+                if v is not None]
+    if (args.llm_url is None) != (args.llm_model is None):
+        raise InputError("give --llm-url and --llm-model together (the endpoint and the model it serves)")
+    if args.llm_url is None and llm_only:
+        raise InputError(f"{', '.join(llm_only)} apply only with --llm-url and --llm-model")
+    if args.batch is not None and args.batch <= 0:
+        raise InputError(f"--batch must be positive, got {args.batch}")
+    if args.llm_url is not None:
+        var = args.api_key_env or "OPENAI_API_KEY"
+        key = os.environ.get(var) or None
+        if args.api_key_env is not None and key is None:
+            raise InputError(f"--api-key-env {var}: that environment variable is not set")
+        explainer = ChatExplainer(args.llm_url, args.llm_model, api_key=key,
+                                  timeout=60.0 if args.timeout is None else args.timeout,
+                                  concurrency=4 if args.concurrency is None else args.concurrency,
+                                  max_retries=1 if args.retries is None else args.retries)
+        batch = args.batch or 64
+    else:
+        explainer = AutoExplainer()
+        batch = args.batch or 512
+    fd = open_analysis(args.path)
+    try:
+        if fd.store.readonly:
+            raise InputError(f"{fd.store.path} is read-only: labels cannot be written there")
+        features = _feature_list(args.features, fd.check_index) if args.features is not None else None
+        present = {int(i) for (i,) in fd.store.conn.execute("SELECT idx FROM features")}
+        wanted = present if features is None else present & set(features)
+        done = len(wanted & labeled_by(fd.store, explainer.provenance)) if not args.redo else 0
+        if done == len(wanted):
+            print(f"nothing to do: all {len(wanted):,} features already have a label from {explainer.provenance} "
+                  f"(--redo labels them again)")
+            return 0
+        started = time.time()
+        try:
+            n = fd.explain(explainer, features, skip_labeled=not args.redo, batch=batch)
+        except FeaturelensError:
+            stored = fd.store.conn.execute("SELECT COUNT(*) FROM labels WHERE provenance = ? AND created >= ?",
+                                           (explainer.provenance, started)).fetchone()[0]
+            print(f"stopped: {stored:,} features were labelled before the failure and are kept; run the same "
+                  f"command again (without --redo) to label the rest", file=sys.stderr)
+            raise
+        print(f"labelled {n:,} features with {explainer.provenance}"
+              + (f"; {done:,} already had a label from it (skipped)" if done else ""))
+    finally:
+        fd.close()
     return 0

@@ -24,6 +24,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ..store import is_clear
 from . import catalog
 from .catalog import UnknownIdError
 from .graphs import GraphFormatError, add_to_set, check_subgraph, graph_scores, validate_graph, write_json_atomic
@@ -289,8 +290,11 @@ def create_app(data_dir: str | Path, *, model_loader: Callable[[str], Any] | Non
             a.set_label(feature, label)
             labels = a.store.labels(a.check_index(feature))
         cur = labels[0] if labels else None
+        score = cur["score"] if cur else None
         return _json({"feature": feature, "label": cur["label"] if cur else None,
-                      "provenance": cur["provenance"] if cur else None, "labels": labels})
+                      "provenance": cur["provenance"] if cur else None, "label_score": score,
+                      "label_score_method": cur["score_method"] if cur else None, "label_clear": is_clear(score),
+                      "labels": labels})
 
     @app.post("/api/dictionaries/{dictionary}/features/{feature}/activations", tags=["features"],
               summary="Test your own text: the feature's activation on each token")

@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 
 from ..paths import sub_dir
-from .db import USER, FeatureStore, StoreError
+from .db import UNCLEAR_BELOW, USER, FeatureStore, StoreError, is_clear
 
 DB_FILE = "features.sqlite"
 BUILD_DIR = "building"
@@ -45,5 +45,6 @@ def data_analysis_dir(name: str, key: str) -> Path:
     return sub_dir(ANALYSIS_SUBDIR) / f"{slug}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
 
 
-__all__ = ["ANALYSIS_SUBDIR", "BUILD_DIR", "DB_FILE", "FeatureStore", "StoreError", "USER", "analysis_dir_for_path",
+__all__ = ["ANALYSIS_SUBDIR", "BUILD_DIR", "DB_FILE", "FeatureStore", "StoreError", "UNCLEAR_BELOW", "USER", "is_clear",
+           "analysis_dir_for_path",
            "data_analysis_dir"]

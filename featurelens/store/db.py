@@ -35,6 +35,12 @@ import numpy as np
 from ..engine.errors import FeaturelensError, InputError
 
 SCHEMA_VERSION = 1
+UNCLEAR_BELOW = 0.75  # a label scoring under this (AUROC, see featurelens.analysis.scoring) is shown as unclear
+
+
+def is_clear(score: float | None) -> bool | None:
+    """Whether a label with this score is trusted: True/False, None when it has no score."""
+    return None if score is None else bool(score >= UNCLEAR_BELOW)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);

@@ -1,16 +1,18 @@
 import { h, clear, errorBox } from "./dom.js";
 import { get, postStream, enc } from "./api.js";
 
-// #/steer?d=<dictionary>&f=12:4,7:-2&prompt=...
+// #/steer?d=<dictionary>&f=12:1,7:-0.5&prompt=...
+// Strengths are relative to each feature's typical maximum activation; 1 is the default, the fluency limit measured
+// by benchmarks/steering_strength.py (perplexity doubles by 1.5).
 export async function steerPage(root, parts, query) {
   const o = await get("/api/overview");
   const dicts = o.dictionaries.filter((d) => d.kind !== "transcoders");
   const dsel = h("select", { "aria-label": "dictionary", name: "dictionary" },
     dicts.map((d) => h("option", { value: d.id, text: d.id, selected: d.id === query.get("d") })));
   const rows = h("div", { class: "steer-features" });
-  function addRow(feature = 0, strength = 4) {
+  function addRow(feature = 0, strength = 1) {
     const val = h("output", { text: String(strength) });
-    const slider = h("input", { type: "range", min: -20, max: 20, step: 0.5, value: strength, "aria-label": "strength",
+    const slider = h("input", { type: "range", min: -4, max: 4, step: 0.1, value: strength, "aria-label": "strength",
                                 oninput: () => { val.textContent = slider.value; } });
     const idx = h("input", { type: "number", min: 0, value: feature, class: "feat-idx", "aria-label": "feature index" });
     const row = h("div", { class: "steer-row" }, h("label", {}, "feature ", idx), h("label", {}, " strength ", slider, val),
@@ -18,7 +20,7 @@ export async function steerPage(root, parts, query) {
     rows.appendChild(row);
   }
   const fs = (query.get("f") || "").split(",").filter(Boolean);
-  if (fs.length) fs.forEach((s) => { const [a, b] = s.split(":"); addRow(Number(a), Number(b ?? 4)); });
+  if (fs.length) fs.forEach((s) => { const [a, b] = s.split(":"); addRow(Number(a), Number(b ?? 1)); });
   else addRow();
   const prompt = h("textarea", { rows: 2, "aria-label": "prompt", name: "prompt" });
   prompt.value = query.get("prompt") || "I think the weather today is";
