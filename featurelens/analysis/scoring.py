@@ -7,7 +7,7 @@ where it fires; 1: it tells them apart perfectly).
 - **positives**: the feature's quantile examples (sampled across its whole activation range, so a label fitted to
   the strongest examples is also tested on weak ones), topped up with top examples when it fired too rarely;
 - **negatives**: a shared pool of other features' examples (random windows where *something else* fires), leaving
-  out windows from the same corpus contexts as the feature's own examples;
+  out windows that overlap one of the feature's own examples;
 - each example is the window of SNIP_BEFORE tokens before its key token to SNIP_AFTER after;
 - the reader: with the sentence-embedding model installed, cos(label, window) (method
   ``embedding-auroc:<model>:v1``); without it, the fraction of the label's words found in the window
@@ -147,8 +147,12 @@ def score_labels(store: FeatureStore, embedder: Any = "auto", provenance: str | 
             vec = dict(zip(uniq, embedder.encode(uniq)))
         rows = []
         for f, p, lab in part:
-            own_ctx = {e["ctx"] for e in quant.get(f, []) + top.get(f, [])}
-            keep = [j for j, (g, e) in enumerate(pool) if g != f and e["ctx"] not in own_ctx]
+            own: dict[int, list[int]] = {}
+            for e in quant.get(f, []) + top.get(f, []):
+                own.setdefault(e["ctx"], []).append(e["pos"])
+            span = SNIP_BEFORE + SNIP_AFTER
+            keep = [j for j, (g, e) in enumerate(pool) if g != f
+                    and not any(abs(e["pos"] - q) <= span for q in own.get(e["ctx"], ()))]
             if not pos_text[f] or not keep:
                 continue
             reading = label_reading(lab)
