@@ -14,7 +14,8 @@ mention a film is not. `quality` is 1 for a feature whose label predicts where i
 see `featurelens.analysis.scoring`), down to 0.85 for a label that predicts nothing, and halved for a feature firing
 on 5% of tokens (dense features match every query a little), so unclear or dense features do not crowd out clear
 ones. The vectors are stored with the sha1 of their texts, so a changed label is re-embedded at the next search.
-Without the model, the label, max tokens and snippets form one document per feature, ranked by BM25 times quality.
+Without the model, the label and snippets form one document per feature, ranked by BM25 (no quality
+factor: in the fallback it pushed dense on-topic features, such as digits, out of the top five).
 """
 
 from __future__ import annotations
@@ -180,13 +181,14 @@ def concept_search(store: FeatureStore, query: str, k: int = 10, method: str = "
                   + W_TOKENS * sims[:, 1 + N_SNIPPETS:].mean(1)) * quality
         used = "embedding"
     else:
-        docs = {f: ". ".join(t for t in ts if t) for f, ts in texts.items()}
+        # label and snippets only: the max tokens (mostly single common words) would only lengthen the documents
+        docs = {f: ". ".join(t for t in ts[:1 + N_SNIPPETS] if t) for f, ts in texts.items()}
         scores = BM25([docs[int(f)] for f in feats]).scores(query)
         # BM25's length normalisation favours short documents, i.e. features seen in one or two snippets; weigh by
         # the evidence each feature has, as the embedding score does by averaging over its example slots
         evidence = np.array([(1 + sum(1 for t in texts[int(f)][1:1 + N_SNIPPETS] if t)) / (1 + N_SNIPPETS)
                              for f in feats])
-        scores = scores * evidence * quality
+        scores = scores * evidence  # no quality factor: it ranked dense on-topic features (digits) out here
         used = "lexical"
     order = np.argsort(-scores, kind="stable")[:k]
     hits = []
