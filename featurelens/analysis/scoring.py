@@ -77,16 +77,6 @@ def _window(strings: dict[int, str], e: dict[str, Any]) -> str:
     return " ".join("".join(strings.get(t, "") for t in toks).split())
 
 
-def _examples_by_feature(store: FeatureStore, kind: str) -> dict[int, list[dict[str, Any]]]:
-    out: dict[int, list[dict[str, Any]]] = {}
-    cur = store.conn.execute("SELECT feature, rank, ctx, pos, start, tokens FROM examples WHERE kind = ? "
-                             "ORDER BY feature, rank", (kind,))
-    for f, rank, ctx, pos, start, tokens in cur:
-        out.setdefault(f, []).append({"ctx": ctx, "pos": pos, "start": start,
-                                      "tokens": np.frombuffer(tokens, dtype=np.int32).tolist()})
-    return out
-
-
 def score_labels(store: FeatureStore, embedder: Any = "auto", provenance: str | None = None,
                  features: Iterable[int] | None = None, n_pos: int = N_POS, n_neg: int = N_NEG, seed: int = 0,
                  batch: int = 256, progress: bool = True) -> int:
@@ -114,8 +104,8 @@ def score_labels(store: FeatureStore, embedder: Any = "auto", provenance: str | 
     if not labels:
         return 0
     strings = store.token_strings()
-    quant = _examples_by_feature(store, "quantile")
-    top = _examples_by_feature(store, "top")
+    quant = store.examples_by_feature("quantile")
+    top = store.examples_by_feature("top")
 
     def positives(f: int) -> list[dict[str, Any]]:
         q = quant.get(f, [])

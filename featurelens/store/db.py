@@ -241,6 +241,15 @@ class FeatureStore:
         if batch:
             yield current, batch  # type: ignore[misc]
 
+    def examples_by_feature(self, kind: str) -> dict[int, list[dict[str, Any]]]:
+        """feature -> all its examples of `kind` ("top" or "quantile"), in rank order, from one scan."""
+        out: dict[int, list[dict[str, Any]]] = {}
+        cur = self.conn.execute("SELECT feature, kind, rank, bin, ctx, pos, start, act, tokens, acts FROM examples "
+                                "WHERE kind = ? ORDER BY feature, rank", (kind,))
+        for r in cur:
+            out.setdefault(r[0], []).append(_decode_example(r))
+        return out
+
     # ----------------------------------------------------------------- tokens
     def write_tokens(self, items: Iterable[tuple[int, str]]) -> None:
         self.conn.executemany("INSERT OR REPLACE INTO tokens (id, str) VALUES (?, ?)", list(items))
