@@ -1,14 +1,15 @@
 """Transcoders on the embedded default: training recipes, the default budget, and the replacement model as a whole.
 
-    python benchmarks/transcoders.py --recipes --tokens 200k            # which recipe helps, at a small budget
-    python benchmarks/transcoders.py --tokens 2M                         # the default budget: per-layer table
-    python benchmarks/transcoders.py --clt --tokens 1M --width 1024      # a cross-layer transcoder
+    python benchmarks/transcoders.py --recipes quick --tokens 100k       # which recipe helps, at a small budget
+    python benchmarks/transcoders.py --tokens 600k --ce-contexts 8       # the demo's budget: per-layer table
+    python benchmarks/transcoders.py --clt --tokens 100k --ce-contexts 4 --no-linear-row   # a cross-layer transcoder
 
 Each run trains skip transcoders for all 18 layers of Gemma 3 270M (`fl.train_transcoders`, or `fl.train_clt`)
 into <data dir>/bench-transcoders/<tag>/ (reused when it is there), then evaluates them with
 `fl.evaluate_dictionary`: per layer (L0, explained variance, KL spliced alone) and "all" (every MLP replaced at
 once, no error terms: CE loss recovered against zero-ablating every MLP, and KL). It prints the wall time of the
-training, tokens/s, and a markdown table; --json FILE also writes the numbers.
+training, tokens/s, and a markdown table; the default recipe gets a second row with its features removed (its
+affine skips alone: the linear part of the replacement model). --json FILE also writes the numbers.
 """
 
 from __future__ import annotations
@@ -26,16 +27,18 @@ from featurelens.cli.train import _int  # noqa: E402
 from featurelens.dictionaries import TrainConfig  # noqa: E402
 from featurelens.paths import sub_dir  # noqa: E402
 
-# Variants compared by --recipes, each against the first (the plain recipe): (tag, options)
+# Variants compared by --recipes, each against the first (the default recipe): (tag, options)
 RECIPES = (
-    ("mse", {}),
+    ("default", {}),  # least-squares skip kept fixed, quiet encoder start, batch 1024
+    ("adam-skip", {"skip_init": "zero", "skip_lr_scale": 1.0, "skip_encoder_scale": 1.0}),  # the earlier recipe
+    ("ls-skip-trained", {"skip_lr_scale": 1.0, "skip_encoder_scale": 1.0}),
+    ("ls-skip-fixed", {"skip_encoder_scale": 1.0}),
+    ("batch4096", {"batch_size": 4096}),
     ("normalized_mse", {"loss": "normalized_mse"}),
     ("fresh", {"reuse": 1}),
-    ("batch1024", {"batch_size": 1024}),
-    ("lr2x", {"lr_scale": 2.0}),
     ("k64", {"k": 64}),
 )
-QUICK_RECIPES = ("mse", "normalized_mse", "fresh", "batch1024")  # --recipes quick
+QUICK_RECIPES = ("default", "adam-skip", "ls-skip-trained", "ls-skip-fixed")  # --recipes quick
 
 
 def train_one(tag: str, args: argparse.Namespace, model, options: dict) -> tuple[object, float | None]:
@@ -60,20 +63,30 @@ def train_one(tag: str, args: argparse.Namespace, model, options: dict) -> tuple
     return d, time.perf_counter() - t0
 
 
+def without_features(d):
+    """A copy of transcoders d whose features write nothing: the affine skip alone, the linear part of the recipe."""
+    import copy
+
+    d = copy.deepcopy(d)
+    for W in ([tc.W_dec for tc in d] if hasattr(d, "__iter__") else list(d.W_dec)):
+        W.data.zero_()
+    return d
+
+
 def evaluate(model, d, args: argparse.Namespace) -> dict:
     res = fl.evaluate_dictionary(model, d, tokens=args.eval_tokens, ce_contexts=args.ce_contexts,
                                  per_layer_ce=not args.recipes)  # recipes: only all layers spliced at once
     return {str(k): m.to_dict() for k, m in res.items()}
 
 
-def row(tag: str, seconds: float | None, tokens: int, res: dict) -> str:
+def row(tag: str, seconds: float | None, tokens: int, res: dict, features: bool = True) -> str:
     every = res["all"]
     layers = [v for k, v in res.items() if k != "all"]
     evs = [v["explained_variance"] for v in layers]
-    l0 = sum(v["l0"] for v in layers) / len(layers)
+    l0 = f"{sum(v['l0'] for v in layers) / len(layers):.1f}" if features else "-"
     speed = f"{tokens / seconds:,.0f}" if seconds else "-"
     wall = f"{seconds / 60:.1f}" if seconds else "-"
-    return (f"| {tag} | {wall} | {speed} | {l0:.1f} | {min(evs):.3f} | {sum(evs) / len(evs):.3f} | "
+    return (f"| {tag} | {wall} | {speed} | {l0} | {min(evs):.3f} | {sum(evs) / len(evs):.3f} | "
             f"{every['ce_spliced']:.3f} | {every['ce_loss_recovered']:.1%} | {every['kl_div']:.3f} |")
 
 
@@ -95,15 +108,18 @@ def main() -> None:
     ap.add_argument("--width", type=_int, default=1024)
     ap.add_argument("-k", "--k", type=_int, default=32)
     ap.add_argument("--arch", default="topk")
-    ap.add_argument("--batch-size", type=_int, default=4096)
+    ap.add_argument("--batch-size", type=_int, default=1024)
     ap.add_argument("--reuse", type=_int, default=4)
     ap.add_argument("--loss", default="mse", choices=("mse", "normalized_mse"))
     ap.add_argument("--clt", action="store_true", help="a cross-layer transcoder instead of per-layer ones")
     ap.add_argument("--recipes", nargs="?", const="quick", default=None, choices=("quick", "all"),
-                    help="compare recipe variants against the plain one (quick: mse, normalized_mse, fresh, batch1024; all: RECIPES)")
+                    help="compare recipe variants against the default one (quick: " + ", ".join(QUICK_RECIPES)
+                    + "; all: every one in RECIPES)")
     ap.add_argument("--eval-tokens", type=_int, default=50_000)
     ap.add_argument("--ce-contexts", type=_int, default=16, help="held-out contexts for CE / KL (each pair of "
                     "contexts costs 2 forwards per layer spliced alone, and 3 for all at once)")
+    ap.add_argument("--no-linear-row", dest="linear_row", action="store_false",
+                    help="skip the extra evaluation of the default recipe with its features removed")
     ap.add_argument("--retrain", action="store_true", help="train again even when the directory exists")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None, metavar="FILE")
@@ -115,16 +131,20 @@ def main() -> None:
     model = fl.load_model("gemma-3-270m")
     kind = "clt" if args.clt else "skip"
     chosen = [r for r in RECIPES if args.recipes == "all" or r[0] in QUICK_RECIPES]
-    variants = chosen if args.recipes else ((f"{args.loss}-reuse{args.reuse}", {"loss": args.loss}),)
+    one = "default" if args.loss == "mse" else args.loss
+    variants = chosen if args.recipes else ((one, {"loss": args.loss}),)
     header = ("| recipe | train min | tok/s | mean L0 | min EV | mean EV | CE all spliced | CE recovered | KL all |\n"
               "|---|---|---|---|---|---|---|---|---|")
     lines, results = [], {}
     for name, options in variants:
-        tag = f"{kind}-{args.arch}{args.k}-w{args.width}-{args.tokens}-{name}"
+        tag = f"{kind}-{args.arch}{args.k}-w{args.width}-b{args.batch_size}-r{args.reuse}-{args.tokens}-{name}"
         d, seconds = train_one(tag, args, model, options)
         res = evaluate(model, d, args)
         results[tag] = {"seconds": seconds, "options": options, "metrics": res}
         lines.append(row(name, seconds, args.tokens, res))
+        if name == "default" and args.linear_row:
+            lines.append(row("default, features removed (skip alone)", None, args.tokens,
+                             evaluate(model, without_features(d), args), features=False))
         print("\n".join([header] + lines), flush=True)
         if not args.recipes:
             print(per_layer_table(res))

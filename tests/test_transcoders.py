@@ -470,3 +470,136 @@ def test_a_transcoder_set_for_another_d_model_is_refused_naming_the_layer(tiny):
     tset = TranscoderSet({0: wide[0], 2: SparseDictionary(cfg)})
     with pytest.raises(InputError, match=r"layer 2: .*width 24 .*d_model=16"):
         fl.evaluate_dictionary(tiny, tset, contexts=torch.ones(2, 5, dtype=torch.long), progress=False)
+
+
+def test_fit_affine_recovers_an_affine_map_and_leaves_unspanned_directions_alone():
+    from featurelens.dictionaries.training import fit_affine
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4000, D, generator=g)
+    x[:, -1] = 3.0  # a direction the data never varies in: nothing tells the fit what to do with it
+    A, b = torch.randn(8, D, generator=g), torch.randn(8, generator=g)
+    A[:, -1] = 0
+    W, c = fit_affine(x, x @ A.T + b)
+    assert torch.allclose(W[:, :-1], A[:, :-1], rtol=3e-3, atol=1e-4)  # the ridge shrinks by about 0.1%
+    assert float(W[:, -1].abs().max()) < 1e-3  # no gain where the data gave no evidence (the ridge)
+    assert torch.allclose(x @ W.T + c, x @ A.T + b, rtol=1e-2, atol=2e-2)
+
+
+def _skip_learner(skip_lr_scale, tokens=6000, device=None, **options):
+    """A skip transcoder learning y = x A^T + b + relu(x) B (an affine part and a sparse nonlinear one)."""
+    from featurelens.dictionaries.training import Learner, iterate_tensors
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3000, D, generator=g) * torch.linspace(0.05, 2.0, D)  # badly conditioned, like MLP inputs
+    A, B = torch.randn(D, D, generator=g), torch.randn(D, D, generator=g) * 0.3
+    y = x @ A.T + 5.0 + torch.relu(x - 1.0) @ B
+    tcfg = TrainConfig(arch="topk", k=4, width=32, tokens=tokens, batch_size=500, skip=True, init_tokens=1000,
+                       skip_lr_scale=skip_lr_scale, seed=0, **options)
+    cfg = DictionaryConfig(d_in=D, d_sae=32, arch="topk", k=4, transcoder=True, skip=True,
+                           hook_name="blocks.0.ln2.hook_normalized", hook_name_out="blocks.0.hook_mlp_out")
+    learner = Learner("tc", cfg, tcfg, device=device)
+    batches = iterate_tensors(x, 500, cfg.hook_name, y, cfg.hook_name_out, seed=0)
+    return learner, batches, tcfg, x, y
+
+
+def test_a_skip_transcoder_starts_at_the_least_squares_map_and_keeps_it_by_default():
+    from featurelens.dictionaries.training import fit_affine
+
+    torch.manual_seed(0)
+    learner, batches, tcfg, x, y = _skip_learner(skip_lr_scale=0.0)
+    run_training([learner], batches, tcfg, None, progress=False, stop_after_steps=1)
+    tc = learner.export()
+    first = next(iter(batches(0)))  # the run initialized from the first init_tokens rows: two batches
+    second = next(iter(batches(500)))
+    x0 = torch.cat([first[tc.hook_name], second[tc.hook_name]])
+    W, _ = fit_affine(x0 * learner.scale_in, torch.cat([first[tc.hook_name_out], second[tc.hook_name_out]])
+                      * learner.scale_out)
+    assert torch.allclose(tc.W_skip, W * learner.scale_in / learner.scale_out, rtol=1e-4, atol=1e-4)
+    skip_after_one = tc.W_skip.clone()
+    run_training([learner], batches, tcfg, None, progress=False)
+    tc = learner.export()
+    assert torch.equal(tc.W_skip, skip_after_one)  # skip_lr_scale 0: the features learn the rest
+    with torch.no_grad():
+        fvu = float((tc(x) - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum())
+        linear = x @ tc.W_skip.T + tc.b_dec
+        fvu_linear = float((linear - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum())
+    assert fvu < fvu_linear < 0.02, (fvu, fvu_linear)  # the affine part explains most; the features add to it
+
+
+def test_untrained_features_start_quiet_beside_the_skip():
+    """With the encoder at full scale, the random initial features add noise larger than everything the least-squares
+    skip leaves to explain, and a short run does not remove it; skip_encoder_scale (0.1) starts them quiet."""
+    fvus = {}
+    for scale in (1.0, 0.1):
+        torch.manual_seed(0)
+        learner, batches, tcfg, x, y = _skip_learner(0.0, tokens=30_000, skip_encoder_scale=scale)
+        run_training([learner], batches, tcfg, None, progress=False)
+        tc = learner.export()
+        with torch.no_grad():
+            fvus[scale] = float((tc(x) - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum())
+    assert fvus[0.1] < 0.01 < 0.1 < fvus[1.0], fvus
+
+
+def test_skip_lr_scale_lets_the_skip_move_and_is_validated():
+    torch.manual_seed(0)
+    learner, batches, tcfg, _, _ = _skip_learner(skip_lr_scale=1.0, tokens=2000)
+    run_training([learner], batches, tcfg, None, progress=False, stop_after_steps=1)
+    before = learner.sae.W_skip.detach().clone()
+    run_training([learner], batches, tcfg, None, progress=False)
+    assert not torch.equal(learner.sae.W_skip.detach(), before)
+    for bad in (-1.0, float("nan"), True, "0"):
+        for name in ("skip_lr_scale", "skip_encoder_scale"):
+            with pytest.raises(InputError, match=name):
+                TrainConfig(**{name: bad})
+    with pytest.raises(InputError, match="init_tokens"):
+        TrainConfig(init_tokens=0)
+    with pytest.raises(InputError, match="skip_init"):
+        TrainConfig(skip_init="random")
+
+
+def test_a_skip_clt_starts_each_layer_at_its_least_squares_map():
+    from featurelens.dictionaries.training import fit_affine
+
+    batches, data = synthetic_stream()
+    torch.manual_seed(0)
+    tcfg = TrainConfig(arch="topk", k=4, width=32, tokens=2000, batch_size=500, skip=True, init_tokens=1000)
+    learner = CLTLearner("clt", CLTConfig(layers=[0, 1, 2], d_in=D, d_sae=32, arch="topk", k=4, skip=True), tcfg)
+    run_training([learner], batches, tcfg, None, progress=False)
+    for i in range(N_LAYERS):
+        x = data[f"blocks.{i}.ln2.hook_normalized"][:1000] * learner.scale_in[i]
+        y = data[f"blocks.{i}.hook_mlp_out"][:1000] * learner.scale_out[i]
+        W, _ = fit_affine(x, y)
+        assert torch.allclose(learner.clt.W_skip[i].detach(), W, rtol=1e-4, atol=1e-4)
+
+
+def test_a_skip_transcoder_run_stopped_midway_resumes_to_the_same_result(tmp_path):
+    torch.manual_seed(0)
+    ref, batches, tcfg, _, _ = _skip_learner(0.0, tokens=8000)
+    run_training([ref], batches, tcfg, None, progress=False)
+    torch.manual_seed(0)
+    first, batches, tcfg, _, _ = _skip_learner(0.0, tokens=8000)
+    tcfg.checkpoint_every = 3
+    run_training([first], batches, tcfg, tmp_path, progress=False, stop_after_steps=7)
+    torch.manual_seed(0)
+    second, batches, tcfg, _, _ = _skip_learner(0.0, tokens=8000)
+    tcfg.checkpoint_every = 3
+    res = run_training([second], batches, tcfg, tmp_path, resume=True, progress=False)
+    assert res.resumed_from == 6 and res.steps == 16  # the resumed run does not fit its skip again
+    for a, b in zip(ref.sae.parameters(), second.sae.parameters()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_skip_transcoder_trains_on_cuda_from_the_same_least_squares_start():
+    out = {}
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        learner, batches, tcfg, x, y = _skip_learner(0.0, tokens=30_000, device=device)
+        run_training([learner], batches, tcfg, None, progress=False)
+        tc = learner.export()
+        with torch.no_grad():
+            fvu = float((tc(x) - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum())
+        out[device] = (tc.W_skip, fvu)
+    assert torch.allclose(out["cpu"][0], out["cuda"][0], rtol=1e-4, atol=1e-4)  # the same float64 fit on either
+    assert out["cuda"][1] < 0.01 and out["cpu"][1] < 0.01, out

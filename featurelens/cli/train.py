@@ -36,8 +36,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="train a cross-layer transcoder: layer L's features write to the MLP outputs of L and every "
                         "later layer (--width is features per layer, default 2048; --arch default batchtopk)")
     p.add_argument("--skip", action=argparse.BooleanOptionalAction, default=None,
-                   help="transcoders: an affine skip from the MLP input to its output, trained jointly (default on "
-                        "for --transcoder, off for --clt); --no-skip trains plain transcoders")
+                   help="transcoders: an affine skip from the MLP input to its output, started at the least-squares "
+                        "fit (default on for --transcoder, off for --clt); --no-skip trains plain transcoders")
+    p.add_argument("--skip-lr-scale", type=float, default=None,
+                   help="the skip's learning rate relative to --lr (default 0: it stays at its least-squares start)")
     p.add_argument("--loss", default=None, choices=("mse", "normalized_mse"),
                    help="reconstruction loss (default mse; normalized_mse weighs each token by its target's norm)")
     p.add_argument("--reuse", type=_int, default=None,
@@ -49,7 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens", type=_int, default=None, help="training tokens (default 2M; transcoders 1M)")
     p.add_argument("--out", default=None, help="output directory (default under the data directory)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default depends on --arch)")
-    p.add_argument("--batch-size", type=_int, default=4096, help="tokens per step (default 4096)")
+    p.add_argument("--batch-size", type=_int, default=None,
+                   help="tokens per step (default 4096; 1024 for --transcoder, which benchmarks/transcoders.py measured "
+                        "better)")
     p.add_argument("--l1-coefficient", type=float, default=None, help="relu: L1 penalty")
     p.add_argument("--l0-coefficient", type=float, default=None, help="jumprelu: L0 penalty")
     p.add_argument("--corpus", default="nlp-corpus", help="nlp-corpus (default: the embedded corpus, or the file in "
@@ -90,9 +94,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not args.transcoder and not args.hook and not args.clt:
         raise InputError("give --hook HOOK (e.g. blocks.6.hook_resid_post) to train an SAE, --transcoder, or --clt")
     options = {k: v for k, v in (("l1_coefficient", args.l1_coefficient), ("l0_coefficient", args.l0_coefficient),
-                                 ("loss", args.loss), ("reuse", args.reuse)) if v is not None}
+                                 ("loss", args.loss), ("reuse", args.reuse),
+                                 ("skip_lr_scale", args.skip_lr_scale)) if v is not None}
     arch = args.arch or ("batchtopk" if args.clt else "topk")
-    common = dict(arch=arch, k=args.k, out=args.out, lr=args.lr, batch_size=args.batch_size, source=args.corpus,
+    batch_size = args.batch_size or (1024 if args.transcoder else 4096)
+    common = dict(arch=arch, k=args.k, out=args.out, lr=args.lr, batch_size=batch_size, source=args.corpus,
                   ctx_len=args.ctx_len, resume=args.resume, overwrite=args.overwrite, seed=args.seed,
                   checkpoint_every=args.checkpoint_every, **options)
     model = _load_model(args.model)

@@ -39,7 +39,7 @@ from torch import nn
 from ..engine.errors import InputError
 from .sae import ConfigBase, DictionaryConfig, sparse_activation
 from .training import (
-    TrainConfig, adam_for, choose_select_dtype, clear_checkpoints, dead_latent_aux, decode_for_training,
+    TrainConfig, adam_for, choose_select_dtype, clear_checkpoints, dead_latent_aux, decode_for_training, fit_affine,
     default_dead_tokens, encode_for_training, init_sparse_offsets, project_decoder_grad, reconstruction_loss,
     renormalize_rows, run_training, update_batchtopk_threshold, update_ema,
 )
@@ -336,8 +336,8 @@ class CLTLearner:
             for t in clt.threshold:
                 t.data.fill_(tcfg.jumprelu_init_threshold)
         offsets = list(clt.b_enc) + (list(clt.threshold) if cfg.arch == "jumprelu" else [])
-        weights = list(clt.W_enc) + list(clt.W_dec) + [clt.b_dec] + (list(clt.W_skip) if clt.W_skip is not None else [])
-        self.opt = adam_for(weights, offsets, tcfg)
+        weights = list(clt.W_enc) + list(clt.W_dec) + [clt.b_dec]
+        self.opt = adam_for(weights, offsets, tcfg, list(clt.W_skip) if clt.W_skip is not None else [])
         self.dead_tokens = default_dead_tokens(tcfg)
         self.aux_k = tcfg.aux_k or max(1, cfg.d_out // 2)  # type: ignore[operator]
         self.select_dtype = choose_select_dtype(tcfg, cfg.arch, clt.device)
@@ -354,11 +354,27 @@ class CLTLearner:
                 self.scale_in[i] = float(cfg.d_in**0.5 / xs[i].norm(dim=1).mean().clamp_min(1e-12))
                 self.scale_out[i] = float(cfg.d_out**0.5 / ys[i].norm(dim=1).mean().clamp_min(1e-12))
             clt.b_dec[i].copy_((ys[i] * self.scale_out[i]).mean(0))
+            if clt.W_skip is not None:
+                if self.tcfg.skip_init == "least_squares":  # the affine start (see training.fit_affine)
+                    W, b = fit_affine(xs[i] * self.scale_in[i], ys[i] * self.scale_out[i])
+                    clt.W_skip[i].copy_(W)
+                    clt.b_dec[i].copy_(b)
+                clt.W_enc[i].mul_(self.tcfg.skip_encoder_scale)
             if cfg.arch in ("relu", "jumprelu") and self.tcfg.init_l0:
                 thr = clt.threshold[i] if clt.threshold is not None else None
                 init_sparse_offsets(cfg.arch, (xs[i] * self.scale_in[i]) @ clt.W_enc[i] + clt.b_enc[i], clt.b_enc[i],
                                     thr, self.tcfg.init_l0)
         self.initialized = True
+
+    def init_rows(self) -> int:
+        skip = self.clt.W_skip is not None and self.tcfg.skip_init == "least_squares"
+        return self.tcfg.init_tokens if skip else 0
+
+    def initialize(self, batches: list[Mapping[str, torch.Tensor]]) -> None:
+        """Scales, b_dec and the skips' least-squares start from the first rows (see `run_training`)."""
+        dev = dict(device=self.clt.device, dtype=self.clt.dtype)
+        cat = lambda h: torch.cat([b[h].reshape(len(b[h]), -1) for b in batches]).to(**dev)  # noqa: E731
+        self._initialize([cat(h) for h in self.hooks_in], [cat(h) for h in self.hooks_out])
 
     def train_step(self, batch: Mapping[str, torch.Tensor], lr: float, sparsity_scale: float) -> int:
         missing = [h for h in self.hooks_in + self.hooks_out if h not in batch]

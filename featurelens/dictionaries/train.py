@@ -131,16 +131,20 @@ TRANSCODER_OUT = "blocks.{}.hook_mlp_out"
 
 def train_transcoders(model: Any, layers: "str | int | Sequence[int]" = "all", *, arch: str = "topk",
                       k: int | None = None, width: int = 4096, tokens: int = 1_000_000, out: str | Path | None = None,
-                      lr: float | None = None, batch_size: int = 4096, skip: bool = True, source: Any = "nlp-corpus",
+                      lr: float | None = None, batch_size: int = 1024, skip: bool = True, source: Any = "nlp-corpus",
                       ctx_len: int = 128, resume: bool = False, overwrite: bool = False, progress: bool = True,
                       seed: int = 0, checkpoint_every: int | None = None, contexts: torch.Tensor | None = None,
                       **options: Any) -> TranscoderSet:
     """Train per-layer transcoders (blocks.L.ln2.hook_normalized -> blocks.L.hook_mlp_out) from one stream.
 
-    skip (default True): each transcoder also has an affine skip W_skip from the MLP input to its output, trained
-    jointly: the linear part of the MLP then needs no features, which is what attribution graphs want; skip=False
-    trains plain transcoders. Saved as <out>/layer_<L>/ (each a SAELens-layout dictionary) plus
-    <out>/featurelens.json; returns the set.
+    skip (default True): each transcoder also has an affine skip W_skip from the MLP input to its output, started at
+    the least-squares fit over the first rows and kept there (TrainConfig.skip_lr_scale): the linear part of the MLP
+    then needs no features, and the replacement model holds when every layer is replaced at once; skip=False trains
+    plain transcoders. batch_size 1024 (more, smaller steps) beat 4096 in benchmarks/transcoders.py. Saved as
+    <out>/layer_<L>/ (each a SAELens-layout dictionary) plus <out>/featurelens.json; returns the set.
+
+    >>> tcs = fl.train_transcoders(model, layers="all", width=1024, tokens=600_000, reuse=4)
+    >>> fl.evaluate_dictionary(model, tcs, per_layer_ce=False)["all"].ce_loss_recovered
     """
     wanted = _parse_layers(layers, model.cfg.n_layers)
     tcfg = _train_options(arch, k, width, tokens, lr, batch_size, seed, checkpoint_every, {**options, "skip": skip})

@@ -4,8 +4,12 @@ The recipe, per dictionary:
 
 * Inputs (and a transcoder's targets) are scaled by a constant so their mean norm is sqrt(d); the constant is
   folded into the weights at save time, so a saved dictionary reads raw activations.
-* Init: decoder rows random unit vectors, encoder = decoder transpose (shapes permitting), b_dec = the geometric
-  median of the first batch (an SAE's) or its mean (a transcoder's output).
+* Init, from the first batch (a skip transcoder's from the first `init_tokens` rows): decoder rows random unit
+  vectors, encoder = decoder transpose (shapes permitting), b_dec = the geometric median (an SAE's input) or the
+  mean (a transcoder's output). A skip transcoder's W_skip and b_dec start as the least-squares affine map from
+  input to output (`fit_affine`) and by default stay there (skip_lr_scale 0), and its encoder starts at
+  skip_encoder_scale times the decoder's transpose: the features learn what the MLP does beyond its best linear
+  map, without first adding noise to it.
 * Loss: squared error summed over dimensions, plus the architecture's sparsity term:
   relu: l1_coefficient * sum(f) (decoder rows are unit, so this is Anthropic's norm-weighted L1);
   jumprelu: l0_coefficient * L0 through a straight-through estimator; topk / batchtopk: none (k is the budget).
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import math
 import re
 import shutil
@@ -95,6 +100,14 @@ class TrainConfig:
     reuse: int = 1  # serve each token's activations this many times (from an in-memory shuffle buffer): the forward
     #                 pass is the expensive part, so reuse > 1 trades fresh tokens for steps
     reuse_buffer_tokens: int = 65536  # rows held (as bfloat16) by that buffer
+    init_tokens: int = 16384  # a skip transcoder's least-squares start (with its scales and b_dec) is fitted on this
+    #                           many first rows, read before the first step and then trained on like any others
+    skip_init: str = "least_squares"  # a skip's start: "least_squares" (fit_affine) or "zero" (the earlier recipe,
+    #                                   kept for comparison: Adam from zero, which collapses all-layers replacement)
+    skip_encoder_scale: float = 0.1  # a skip transcoder's encoder starts at this times the decoder's transpose: the
+    #                                  untrained features then add little noise to the least-squares start
+    skip_lr_scale: float = 0.0  # the skip's rate relative to lr; 0 keeps it at its least-squares start, which
+    #                             holds up better when every layer is replaced at once (benchmarks/transcoders.py)
     checkpoint_every: int | None = None  # steps; default: every CHECKPOINT_SECONDS of training
     seed: int = 0
 
@@ -131,6 +144,13 @@ class TrainConfig:
             raise InputError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         _positive_int("reuse", self.reuse)
         _positive_int("reuse_buffer_tokens", self.reuse_buffer_tokens)
+        _positive_int("init_tokens", self.init_tokens)
+        if self.skip_init not in ("least_squares", "zero"):
+            raise InputError(f"skip_init must be least_squares or zero, got {self.skip_init!r}")
+        for name in ("skip_lr_scale", "skip_encoder_scale"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise InputError(f"{name} must be a number >= 0, got {v!r}")
         self.adam_betas = tuple(self.adam_betas)  # type: ignore[assignment]
 
     def to_dict(self) -> dict[str, Any]:
@@ -272,10 +292,33 @@ def update_batchtopk_threshold(current: float | None, enc: TrainEncoding, rate: 
     return low if current is None else (1 - rate) * current + rate * low
 
 
-def adam_for(weights: list[torch.Tensor], offsets: list[torch.Tensor], tcfg: "TrainConfig") -> torch.optim.Adam:
-    """Adam with encoder offsets (b_enc, JumpReLU thresholds) at offset_lr_scale times the rate."""
-    return torch.optim.Adam([{"params": weights, "lr_scale": 1.0},
-                             {"params": offsets, "lr_scale": tcfg.offset_lr_scale}], lr=tcfg.lr, betas=tcfg.adam_betas)
+def adam_for(weights: list[torch.Tensor], offsets: list[torch.Tensor], tcfg: "TrainConfig",
+             skips: list[torch.Tensor] = ()) -> torch.optim.Adam:
+    """Adam with encoder offsets (b_enc, JumpReLU thresholds) at offset_lr_scale times the rate and skip
+    connections at skip_lr_scale times it."""
+    groups = [{"params": weights, "lr_scale": 1.0}, {"params": offsets, "lr_scale": tcfg.offset_lr_scale}]
+    if skips:
+        groups.append({"params": list(skips), "lr_scale": tcfg.skip_lr_scale})
+    return torch.optim.Adam(groups, lr=tcfg.lr, betas=tcfg.adam_betas)
+
+
+@torch.no_grad()
+def fit_affine(x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """The least-squares affine map y ~ x @ W.T + b over rows x [n, d_in], y [n, d_out]: (W [d_out, d_in], b).
+
+    A skip transcoder starts from it. Adam, started at zero, does not reach it in a few hundred steps; worse, it
+    moves every direction of W at the same pace, so directions the data barely spans end up with large gains,
+    and a replacement model that feeds such a layer slightly different inputs (its earlier layers replaced too)
+    blows up. ridge (relative to the mean input variance) bounds the gain of those directions.
+    """
+    x64, y64 = x.double(), y.double()
+    mx, my = x64.mean(0), y64.mean(0)
+    xc = x64 - mx
+    gram = xc.T @ xc
+    gram.diagonal().add_(ridge * float(gram.diagonal().mean().clamp_min(1e-30)))
+    W = torch.linalg.solve(gram, xc.T @ (y64 - my))  # [d_in, d_out]
+    b = my - mx @ W
+    return W.T.to(x.dtype).contiguous(), b.to(x.dtype)
 
 
 def default_dead_tokens(tcfg: "TrainConfig") -> int:
@@ -296,8 +339,9 @@ def update_ema(ema: dict[str, float], stats: Mapping[str, float]) -> None:
 class Learner:
     """One dictionary being trained: its parameters (in normalized units), optimizer and counters.
 
-    What `run_training` needs of a learner (this class, `clt.CLTLearner`): `name`, `ema`, `train_step(batch, lr,
-    sparsity_scale) -> rows`, `state()` / `restore(state)` and `signature()` (shapes a checkpoint must match).
+    What `run_training` needs of a learner (this class, `clt.CLTLearner`): `name`, `ema`, `initialized`,
+    `init_rows()` / `initialize(batches)`, `train_step(batch, lr, sparsity_scale) -> rows`, `state()` /
+    `restore(state)` and `signature()` (shapes a checkpoint must match).
     """
 
     def __init__(self, name: str, cfg: DictionaryConfig, tcfg: TrainConfig, device: str | torch.device | None = None):
@@ -313,14 +357,29 @@ class Learner:
         if sae.threshold is not None:
             sae.threshold.data.fill_(tcfg.jumprelu_init_threshold)
         offsets = [sae.b_enc] + ([sae.threshold] if cfg.arch == "jumprelu" else [])
-        weights = [p for p in sae.parameters() if all(p is not q for q in offsets) and p is not sae.threshold]
-        self.opt = adam_for(weights, offsets, tcfg)
+        skips = [sae.W_skip] if sae.W_skip is not None else []
+        weights = [p for p in sae.parameters()
+                   if all(p is not q for q in offsets + skips) and p is not sae.threshold]
+        self.opt = adam_for(weights, offsets, tcfg, skips)
         self.dead_tokens = default_dead_tokens(tcfg)
         self.aux_k = tcfg.aux_k or max(1, cfg.d_in // 2)
         self.select_dtype = choose_select_dtype(tcfg, cfg.arch, sae.device)
 
     def signature(self) -> dict[str, Any]:
         return {"d_in": self.sae.d_in, "d_out": self.sae.d_out}
+
+    def init_rows(self) -> int:
+        """Rows `initialize` wants before the first step: init_tokens for a least-squares skip, else 0 (the first
+        batch initializes the rest)."""
+        skip = self.sae.W_skip is not None and self.tcfg.skip_init == "least_squares"
+        return self.tcfg.init_tokens if skip else 0
+
+    def initialize(self, batches: list[Mapping[str, torch.Tensor]]) -> None:
+        """Scales, b_dec and the skip's least-squares start from the first rows (`run_training` hands it
+        `init_rows()` of them before the first step)."""
+        pairs = [_pair(b, self) for b in batches]
+        dev = dict(device=self.sae.device, dtype=self.sae.dtype)
+        self._initialize(torch.cat([x for x, _ in pairs]).to(**dev), torch.cat([y for _, y in pairs]).to(**dev))
 
     @torch.no_grad()
     def _initialize(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -330,6 +389,12 @@ class Learner:
             self.scale_out = float(sae.d_out**0.5 / y.norm(dim=1).mean().clamp_min(1e-12)) if sae.cfg.transcoder else self.scale_in
         y = y * self.scale_out
         sae.b_dec.copy_(y.mean(0) if sae.cfg.transcoder else geometric_median(y))
+        if sae.W_skip is not None:
+            if self.tcfg.skip_init == "least_squares":
+                W, b = fit_affine(x * self.scale_in, y)
+                sae.W_skip.copy_(W)
+                sae.b_dec.copy_(b)
+            sae.W_enc.mul_(self.tcfg.skip_encoder_scale)
         if sae.cfg.arch in ("relu", "jumprelu") and self.tcfg.init_l0:
             init_sparse_offsets(sae.cfg.arch, sae.pre_activation(x * self.scale_in), sae.b_enc, sae.threshold,
                                 self.tcfg.init_l0)
@@ -516,6 +581,12 @@ def run_training(learners: list[Learner], batches: Batches, tcfg: TrainConfig, o
     try:
         with deferred_interrupt() as stop:
             it = iter(batches(tokens_seen))
+            wanted = [lr_ for lr_ in learners if not lr_.initialized and lr_.init_rows()]
+            if wanted:  # a fresh run whose skips start at least squares: fit them on the first rows
+                first = _first_rows(it, min(max(lr_.init_rows() for lr_ in wanted), tcfg.tokens))
+                for lr_ in wanted:
+                    lr_.initialize(first)
+                it = itertools.chain(first, it)
             while tokens_seen < tcfg.tokens:
                 if stop_after_steps is not None and steps_run >= stop_after_steps:
                     break
@@ -556,6 +627,19 @@ def run_training(learners: list[Learner], batches: Batches, tcfg: TrainConfig, o
     finally:
         bar.close()
     return RunResult(learners, step, tokens_seen, time.perf_counter() - t0, resumed_from)
+
+
+def _first_rows(it: Iterator[Mapping[str, torch.Tensor]], rows: int) -> list[Mapping[str, torch.Tensor]]:
+    """The stream's first batches, at least `rows` rows (fewer if it ends), to be chained back in front."""
+    first: list[Mapping[str, torch.Tensor]] = []
+    n = 0
+    while n < rows:
+        batch = next(it, None)
+        if batch is None:
+            break
+        first.append(batch)
+        n += len(next(iter(batch.values())))
+    return first
 
 
 def _pair(batch: Mapping[str, torch.Tensor], learner: Learner) -> tuple[torch.Tensor, torch.Tensor]:

@@ -59,6 +59,7 @@ class DemoBudget:
     transcoder_width: int = 1024
     transcoder_k: int = 32
     transcoder_reuse: int = 4
+    transcoder_batch_size: int = 1024
     sae_layers: tuple[int, ...] = (4, 8)
     sae_tokens: int = 250_000
     sae_width: int = 4096
@@ -107,7 +108,8 @@ DEMO_STEPS = (
     DemoStep("model", "convert and load the model", ("model",), ()),
     DemoStep("corpus", "fetch and tokenize the embedded corpus", ("ctx_len",), ("model",)),
     DemoStep("transcoders", "train skip transcoders for every layer",
-             ("transcoder_tokens", "transcoder_width", "transcoder_k", "transcoder_reuse"), ("corpus",)),
+             ("transcoder_tokens", "transcoder_width", "transcoder_k", "transcoder_reuse", "transcoder_batch_size"),
+             ("corpus",)),
     DemoStep("saes", "train residual-stream SAEs", ("sae_layers", "sae_tokens", "sae_width", "sae_k"), ("corpus",)),
     DemoStep("evaluate", "evaluate every dictionary", ("eval_tokens", "ce_contexts"), ("transcoders", "saes")),
     DemoStep("analyze", "analyse every feature (dashboards, labels, search)",
@@ -322,7 +324,8 @@ class _Demo:
         b = self.budget
         tcs = train_transcoders(self.model, layers="all", skip=True, arch="topk", k=b.transcoder_k,
                                 width=b.transcoder_width, tokens=b.transcoder_tokens, out=self.tc_dir,
-                                reuse=b.transcoder_reuse, **self._train_kwargs("transcoders", self.tc_dir))
+                                reuse=b.transcoder_reuse, batch_size=b.transcoder_batch_size,
+                                **self._train_kwargs("transcoders", self.tc_dir))
         stats = next(iter(tcs)).stats
         return {"path": str(self.tc_dir), "layers": len(tcs), "tokens": stats.get("tokens_trained"),
                 "steps": stats.get("steps")}
