@@ -36,6 +36,7 @@ RECIPES = (
     ("batch4096", {"batch_size": 4096}),
     ("normalized_mse", {"loss": "normalized_mse"}),
     ("fresh", {"reuse": 1}),
+    ("lr2x", {"lr_scale": 2.0}),
     ("k64", {"k": 64}),
 )
 QUICK_RECIPES = ("default", "adam-skip", "ls-skip-trained", "ls-skip-fixed")  # --recipes quick

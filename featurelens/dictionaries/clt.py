@@ -39,9 +39,9 @@ from torch import nn
 from ..engine.errors import InputError
 from .sae import ConfigBase, DictionaryConfig, sparse_activation
 from .training import (
-    TrainConfig, adam_for, choose_select_dtype, clear_checkpoints, dead_latent_aux, decode_for_training, fit_affine,
+    TrainConfig, adam_for, choose_select_dtype, clear_checkpoints, dead_latent_aux, decode_for_training,
     default_dead_tokens, encode_for_training, init_sparse_offsets, project_decoder_grad, reconstruction_loss,
-    renormalize_rows, run_training, update_batchtopk_threshold, update_ema,
+    renormalize_rows, run_training, skip_init_rows, start_skip, update_batchtopk_threshold, update_ema,
 )
 
 TRANSCODER_IN = "blocks.{}.ln2.hook_normalized"
@@ -355,11 +355,8 @@ class CLTLearner:
                 self.scale_out[i] = float(cfg.d_out**0.5 / ys[i].norm(dim=1).mean().clamp_min(1e-12))
             clt.b_dec[i].copy_((ys[i] * self.scale_out[i]).mean(0))
             if clt.W_skip is not None:
-                if self.tcfg.skip_init == "least_squares":  # the affine start (see training.fit_affine)
-                    W, b = fit_affine(xs[i] * self.scale_in[i], ys[i] * self.scale_out[i])
-                    clt.W_skip[i].copy_(W)
-                    clt.b_dec[i].copy_(b)
-                clt.W_enc[i].mul_(self.tcfg.skip_encoder_scale)
+                start_skip(clt.W_skip[i], clt.b_dec[i], clt.W_enc[i], xs[i] * self.scale_in[i],
+                           ys[i] * self.scale_out[i], self.tcfg)
             if cfg.arch in ("relu", "jumprelu") and self.tcfg.init_l0:
                 thr = clt.threshold[i] if clt.threshold is not None else None
                 init_sparse_offsets(cfg.arch, (xs[i] * self.scale_in[i]) @ clt.W_enc[i] + clt.b_enc[i], clt.b_enc[i],
@@ -367,8 +364,7 @@ class CLTLearner:
         self.initialized = True
 
     def init_rows(self) -> int:
-        skip = self.clt.W_skip is not None and self.tcfg.skip_init == "least_squares"
-        return self.tcfg.init_tokens if skip else 0
+        return skip_init_rows(self.clt.W_skip is not None, self.tcfg)
 
     def initialize(self, batches: list[Mapping[str, torch.Tensor]]) -> None:
         """Scales, b_dec and the skips' least-squares start from the first rows (see `run_training`)."""

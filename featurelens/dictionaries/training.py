@@ -321,6 +321,24 @@ def fit_affine(x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-3) -> tuple[t
     return W.T.to(x.dtype).contiguous(), b.to(x.dtype)
 
 
+def skip_init_rows(has_skip: bool, tcfg: "TrainConfig") -> int:
+    """Rows a learner reads before its first step: init_tokens for a least-squares skip, else 0 (the first batch
+    initializes everything else)."""
+    return tcfg.init_tokens if has_skip and tcfg.skip_init == "least_squares" else 0
+
+
+@torch.no_grad()
+def start_skip(W_skip: torch.Tensor, b_dec: torch.Tensor, W_enc: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+               tcfg: "TrainConfig") -> None:
+    """A skip transcoder's start, in place, from normalized rows x [n, d_in], y [n, d_out]: W_skip and b_dec at the
+    least-squares affine map (unless skip_init is "zero"), the encoder scaled by skip_encoder_scale."""
+    if tcfg.skip_init == "least_squares":
+        W, b = fit_affine(x, y)
+        W_skip.copy_(W)
+        b_dec.copy_(b)
+    W_enc.mul_(tcfg.skip_encoder_scale)
+
+
 def default_dead_tokens(tcfg: "TrainConfig") -> int:
     return tcfg.dead_tokens or min(10_000_000, max(tcfg.tokens // 5, 10 * tcfg.batch_size))
 
@@ -371,8 +389,7 @@ class Learner:
     def init_rows(self) -> int:
         """Rows `initialize` wants before the first step: init_tokens for a least-squares skip, else 0 (the first
         batch initializes the rest)."""
-        skip = self.sae.W_skip is not None and self.tcfg.skip_init == "least_squares"
-        return self.tcfg.init_tokens if skip else 0
+        return skip_init_rows(self.sae.W_skip is not None, self.tcfg)
 
     def initialize(self, batches: list[Mapping[str, torch.Tensor]]) -> None:
         """Scales, b_dec and the skip's least-squares start from the first rows (`run_training` hands it
@@ -390,11 +407,7 @@ class Learner:
         y = y * self.scale_out
         sae.b_dec.copy_(y.mean(0) if sae.cfg.transcoder else geometric_median(y))
         if sae.W_skip is not None:
-            if self.tcfg.skip_init == "least_squares":
-                W, b = fit_affine(x * self.scale_in, y)
-                sae.W_skip.copy_(W)
-                sae.b_dec.copy_(b)
-            sae.W_enc.mul_(self.tcfg.skip_encoder_scale)
+            start_skip(sae.W_skip, sae.b_dec, sae.W_enc, x * self.scale_in, y, self.tcfg)
         if sae.cfg.arch in ("relu", "jumprelu") and self.tcfg.init_l0:
             init_sparse_offsets(sae.cfg.arch, sae.pre_activation(x * self.scale_in), sae.b_enc, sae.threshold,
                                 self.tcfg.init_l0)
