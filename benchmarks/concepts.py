@@ -9,8 +9,8 @@ dictionaries given with --dict):
 - **label score**: the mean stored score of those features' labels (what `fl.score_labels` computed), when the
   store has scores;
 - **steering**: the top result steered at the library's default strength (`fl.Steer(sae, feature)`, every
-  position) on NEUTRAL_PROMPTS: the lexicon's next-token probability mass (every single-token spelling " word",
-  " Word") steered over unsteered, averaged over prompts; a concept counts when the ratio is >= 3;
+  position; `--skip-bos`: every position but BOS) on NEUTRAL_PROMPTS: the lexicon's next-token probability mass
+  (every single-token spelling " word", " Word") steered over unsteered, averaged over prompts; a concept counts when the ratio is >= 3;
 - **fluency**: the perplexity, under the unsteered model, of 20-token continuations sampled (seed 0, T 0.7)
   with and without the steering; medians over concepts and prompts.
 
@@ -128,7 +128,8 @@ def next_token_mass(model, prompts: list[str], ids: list[int], interventions=Non
 GEN = dict(max_new_tokens=20, temperature=0.7, seed=0, return_new_only=True)
 
 
-def run(dict_paths: list[Path], model, steer_strength: float | None, k: int = 5, verbose: bool = True) -> dict:
+def run(dict_paths: list[Path], model, steer_strength: float | None, k: int = 5, verbose: bool = True,
+        steer_bos: bool = True) -> dict:
     analyses = [(p, fl.open_analysis(p), fl.load_dictionary(p)) for p in dict_paths]
     strings = {str(p): a.store.token_strings() for p, a, _ in analyses}
     rows = []
@@ -145,7 +146,8 @@ def run(dict_paths: list[Path], model, steer_strength: float | None, k: int = 5,
         scores = [s for s in scores if s is not None]
         _, p1, h1, d1, a1 = top[0]
         ids = lexicon_token_ids(model, lexicon)
-        steer = [fl.Steer(d1, h1.feature) if steer_strength is None else fl.Steer(d1, h1.feature, steer_strength)]
+        steer = [fl.Steer(d1, h1.feature, steer_bos=steer_bos) if steer_strength is None
+                 else fl.Steer(d1, h1.feature, steer_strength, steer_bos=steer_bos)]
         clean = next_token_mass(model, NEUTRAL_PROMPTS, ids)
         steered = next_token_mass(model, NEUTRAL_PROMPTS, ids, steer)
         ppl_steered = fl.continuation_perplexities(model, NEUTRAL_PROMPTS,
@@ -173,7 +175,7 @@ def run(dict_paths: list[Path], model, steer_strength: float | None, k: int = 5,
         "seconds": time.perf_counter() - t0,
     }
     return {"summary": summary, "rows": rows, "dictionaries": [str(p) for p in dict_paths],
-            "steer_strength": steer_strength}
+            "steer_strength": steer_strength, "steer_bos": steer_bos}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,13 +184,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dict", action="append", default=[], help="an analyzed dictionary (repeatable; default: "
                     "the demo's SAEs)")
     ap.add_argument("--strength", type=float, default=None, help="steering strength (default: the library's)")
+    ap.add_argument("--skip-bos", action="store_true", help="steer every position but BOS (fl.Steer(..., "
+                    "steer_bos=False))")
     ap.add_argument("--json", default=None, help="write the rows and summary here")
     args = ap.parse_args(argv)
     if args.data_dir:
         fl.set_data_dir(args.data_dir)
     paths = [Path(p) for p in args.dict] or demo_dictionaries(Path(fl.data_dir()))
     model = fl.load_model("gemma-3-270m")
-    out = run(paths, model, args.strength)
+    out = run(paths, model, args.strength, steer_bos=not args.skip_bos)
     s = out["summary"]
     print(f"\n{s['concepts']} concepts on {', '.join(Path(p).name for p in paths)}")
     ls = f"{s['mean_label_score']:.3f}" if s["mean_label_score"] is not None else "n/a"

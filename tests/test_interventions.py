@@ -135,6 +135,25 @@ def test_generation_interventions_and_positions(gemma, sae, paris):
     assert all(text.startswith(" Paris") for text in batch)
 
 
+def test_steering_can_leave_bos_alone(gemma, sae):
+    """steer_bos=False leaves BOS (the attention sink) unsteered wherever padding puts it; the default steers it."""
+    rows = [gemma.encode(PROMPT), gemma.encode("Hello")]
+    tokens, mask = gemma.pad(rows, "left")
+    bos = tokens == gemma.cfg.bos_token_id  # [2, p]: BOS sits at a different index in each row
+    assert bos.sum() == 2 and not bool(bos[:, 0].all())
+    deltas = {}
+    for steer_bos in (False, True):
+        with torch.inference_mode():
+            _, clean = gemma.run_with_cache(tokens, attention_mask=mask, names_filter=HOOK)
+            with fl.steer(gemma, sae, {0: 5.0}, steer_bos=steer_bos):
+                _, steered = gemma.run_with_cache(tokens, attention_mask=mask, names_filter=HOOK)
+        deltas[steer_bos] = (steered[HOOK] - clean[HOOK]).float().norm(dim=-1)  # [2, p]
+    real = mask.bool() & ~bos
+    assert bool((deltas[False][bos] == 0).all()) and bool((deltas[False][real] > 0).all())
+    assert bool((deltas[True][bos] > 0).all())
+    assert fl.Steer(sae, 0, 1.0).steer_bos and "steer_bos=False" in repr(fl.Steer(sae, 0, 1.0, steer_bos=False))
+
+
 def test_compare_generations_is_reproducible(gemma, sae):
     a = fl.compare_generations(gemma, "I think the weather today is", [fl.Steer(sae, 0, 40.0)], max_new_tokens=5, seed=3)
     b = fl.compare_generations(gemma, "I think the weather today is", [fl.Steer(sae, 0, 40.0)], max_new_tokens=5, seed=3)

@@ -30,6 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", choices=("relative", "absolute"), default="relative",
                    help="strength relative to the feature's max activation when known (default), or absolute")
     p.add_argument("--positions", choices=("all", "prompt", "generated"), default="all")
+    p.add_argument("--skip-bos", dest="steer_bos", action="store_false", help="leave the BOS token (the attention "
+                   "sink) unsteered")
     p.add_argument("--sweep", default=None, metavar="S1,S2,...",
                    help="generate once per value, each --feature's strength multiplied by it (0 = unsteered), and "
                         "show each continuation's perplexity under the unsteered model, e.g. --sweep 0,0.5,1,2")
@@ -119,7 +121,8 @@ def cmd_steer(args: argparse.Namespace) -> int:
         return _steer_sweep(args, sae, steers, clamps or ablations)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the note travels with the result instead
-        interventions = ([Steer(sae, f, s, mode=args.mode, positions=args.positions) for f, s in steers]
+        interventions = ([Steer(sae, f, s, mode=args.mode, positions=args.positions, steer_bos=args.steer_bos)
+                          for f, s in steers]
                          + [Clamp(sae, f, v, positions=args.positions) for f, v in clamps]
                          + [Ablate(sae, f, positions=args.positions) for f in ablations])
     model = _load_model(args)
@@ -161,7 +164,8 @@ def _steer_sweep(args: argparse.Namespace, sae, steers: list[tuple[int, float]],
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         sweep = sweep_strengths(model, sae, dict(steers), args.prompt, values, mode=args.mode,
-                                positions=args.positions, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                                positions=args.positions, steer_bos=args.steer_bos,
+                                max_new_tokens=args.max_new_tokens, seed=args.seed,
                                 temperature=args.temperature, top_p=args.top_p)
     texts, ppl = [r.text for r in sweep], [r.perplexity for r in sweep]
     rows = [{"scale": v, "strengths": {f: s * v for f, s in steers}, "text": t, "perplexity": q}

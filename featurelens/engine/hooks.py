@@ -54,10 +54,11 @@ class HookPoint:
     During a call it also says where the activation sits in the sequence:
     `positions` [b, p] holds the token positions of this call (pad-aware), and `past` is how many
     positions a KV cache already held before it: 0 for a plain forward pass or a generation's
-    prompt, > 0 for the one-token steps of `generate`.
+    prompt, > 0 for the one-token steps of `generate`. `bos` [b, p] is True where the token is the model's
+    BOS token (None when the model has none), for steering that leaves BOS alone.
     """
 
-    __slots__ = ("name", "_layer", "positions", "past")
+    __slots__ = ("name", "_layer", "positions", "past", "bos")
 
     def __init__(self, name: str):
         self.name = name
@@ -65,6 +66,7 @@ class HookPoint:
         self._layer = int(m.group(1)) if m else None
         self.positions: torch.Tensor | None = None
         self.past = 0
+        self.bos: torch.Tensor | None = None
 
     def layer(self) -> int:
         if self._layer is None:

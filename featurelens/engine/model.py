@@ -28,7 +28,7 @@ class ForwardContext:
     """
 
     __slots__ = ("hooks", "bwd_hooks", "hook_points", "positions", "masks", "kv_cache", "key_valid", "q_start",
-                 "buffers")
+                 "buffers", "bos")
 
     def __init__(self, hooks: dict[str, list[HookFn]], hook_points: dict[str, HookPoint],
                  bwd_hooks: dict[str, list[HookFn]] | None = None):
@@ -38,6 +38,7 @@ class ForwardContext:
             self.hooks.setdefault(name, [])
         self.hook_points = hook_points
         self.positions: torch.Tensor | None = None  # [b, p] rotary / learned positions
+        self.bos: torch.Tensor | None = None  # [b, p] True at BOS tokens
         self.masks: dict[int | None, torch.Tensor | None] = {}  # window -> [b|1, 1, p, t] bool, None = plain causal
         self.kv_cache: KVCache | None = None
         self.key_valid: torch.Tensor | None = None  # [b, t] False on padding
@@ -59,7 +60,7 @@ class ForwardContext:
         if fns is None:
             return x
         hook = self.hook_points[name]
-        hook.positions, hook.past = self.positions, self.q_start
+        hook.positions, hook.past, hook.bos = self.positions, self.q_start, self.bos
         for fn in fns:
             out = fn(x, hook)
             if out is not None:
@@ -79,10 +80,11 @@ class ForwardContext:
             x = x.view_as(x)
         else:  # nothing upstream needs a gradient (frozen weights), but the hook reads this one
             x = x.detach().requires_grad_(True)
-        positions, past = self.positions, self.q_start  # the hook point is shared: restore this call's view of it
+        # The hook point is shared: restore this call's view of it.
+        positions, past, bos = self.positions, self.q_start, self.bos
 
         def on_grad(grad: torch.Tensor) -> torch.Tensor:
-            hook.positions, hook.past = positions, past
+            hook.positions, hook.past, hook.bos = positions, past, bos
             for fn in fns:
                 out = fn(grad, hook)
                 if out is not None:
@@ -465,6 +467,7 @@ class Transformer(nn.Module):
         else:
             positions = torch.arange(past, past + p, device=device).expand(b, p)
         ctx.positions = positions
+        ctx.bos = tokens == cfg.bos_token_id if cfg.bos_token_id is not None else None
         self.build_masks(ctx, p, past + p, device)
 
         resid = ctx("hook_embed", F.embedding(tokens, self.W_E))  # [b, p, D], rows of W_E: before the scale

@@ -64,14 +64,19 @@ def check_target(model: Any, what: Any, hooks: Iterable[str], width: int, model_
 
 
 def add_hook(name: str, direction: torch.Tensor, coefficient: float,
-             positions: str | tuple[int, ...]) -> tuple[str, Any]:
-    """A hook adding `coefficient * direction` [n] to the activation at `name` ([b, p, ...], flattened to n)."""
+             positions: str | tuple[int, ...], steer_bos: bool = True) -> tuple[str, Any]:
+    """A hook adding `coefficient * direction` [n] to the activation at `name` ([b, p, ...], flattened to n);
+    with `steer_bos` False, BOS tokens (the attention sink) are left as they are."""
 
     def add(act: torch.Tensor, hook: HookPoint) -> torch.Tensor:
         x = act.reshape(act.shape[0], act.shape[1], -1)
         mask = position_mask(positions, x, hook)
         if mask is False:
             return act
+        bos = getattr(hook, "bos", None)
+        if not steer_bos and bos is not None:
+            keep = ~bos[..., None]  # [b, p, 1]
+            mask = keep if mask is None else mask & keep
         delta = coefficient * direction.to(device=x.device, dtype=x.dtype)
         return (x + (delta if mask is None else mask * delta)).reshape(act.shape)
 

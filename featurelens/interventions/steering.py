@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 
 def as_interventions(source: Any, features: Any = None, *, mode: str = "relative",
-                     positions: Any = "all") -> list[Intervention]:
+                     positions: Any = "all", steer_bos: bool = True) -> list[Intervention]:
     """What `steer` accepts -> a list of interventions.
 
     (dictionary, {feature: strength, ...}), (steering vector, strength), or a list of interventions.
@@ -38,29 +38,30 @@ def as_interventions(source: Any, features: Any = None, *, mode: str = "relative
                             "or a list of Steer/Clamp/Ablate")
         return items
     if isinstance(source, (torch.Tensor, SteeringVector)):
-        return [Steer(source, strength=features, positions=positions)]
+        return [Steer(source, strength=features, positions=positions, steer_bos=steer_bos)]
     if not isinstance(features, Mapping):
         raise TypeError(f"features must map feature index -> strength, e.g. {{1234: 8.0}}, got "
                         f"{type(features).__name__}")
-    return [Steer(source, f, s, mode=mode, positions=positions) for f, s in features.items()]
+    return [Steer(source, f, s, mode=mode, positions=positions, steer_bos=steer_bos) for f, s in features.items()]
 
 
 @contextlib.contextmanager
 def steer(model: "HookedTransformer", source: Any, features: Any = None, *, mode: str = "relative",
-          positions: Any = "all") -> Iterator["HookedTransformer"]:
+          positions: Any = "all", steer_bos: bool = True) -> Iterator["HookedTransformer"]:
     """Steer every forward pass and generation step inside the block.
 
     source: a dictionary with `features` {feature: strength} (strengths relative to each feature's typical maximum
     activation in mode="relative", plain coefficients on its decoder direction in mode="absolute"); a steering
     vector with `features` its strength; or a list of interventions (Steer, Clamp, Ablate) and no `features`.
-    positions: "all", "prompt", "generated" or a list of token positions (see `Steer`).
+    positions: "all", "prompt", "generated" or a list of token positions (see `Steer`); steer_bos=False leaves
+    BOS tokens alone.
 
     >>> with fl.steer(model, sae, {1234: 8.0}):             # strength x decoder direction at the SAE's hook
     ...     model.generate("I think the weather today is", max_new_tokens=20, seed=0)
     >>> with fl.steer(model, [fl.Clamp(sae, 1234, 20.0), fl.Ablate(sae, 77)]): ...
     >>> with fl.steer(model, fl.steering_vector(model, happy, sad, ("resid_post", 6)), 4.0): ...
     """
-    items = as_interventions(source, features, mode=mode, positions=positions)
+    items = as_interventions(source, features, mode=mode, positions=positions, steer_bos=steer_bos)
     with model.hooks(intervention_hooks(model, items)):
         yield model
 
@@ -171,7 +172,7 @@ class SweepRow:
 
 def sweep_strengths(model: "HookedTransformer", dictionary: Any, features: "int | Sequence[int] | Mapping[int, float]",
                     prompt: str, strengths: Sequence[float], *, mode: str = "relative", positions: Any = "all",
-                    max_new_tokens: int = 30, seed: int | None = 0, temperature: float = 0.7,
+                    steer_bos: bool = True, max_new_tokens: int = 30, seed: int | None = 0, temperature: float = 0.7,
                     top_p: float | None = None) -> list[SweepRow]:
     """Steer `features` at each strength (0: the unsteered text) from the same seed: how the output moves and
     where it stops being fluent. With `features` a mapping {feature: strength}, each sweep value multiplies it.
@@ -188,7 +189,8 @@ def sweep_strengths(model: "HookedTransformer", dictionary: Any, features: "int 
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, return_new_only=True)
     texts = []
     for s in strengths:
-        steers = [Steer(dictionary, f, b * s, mode=mode, positions=positions) for f, b in base.items()] if s else []
+        steers = [Steer(dictionary, f, b * s, mode=mode, positions=positions, steer_bos=steer_bos)
+                  for f, b in base.items()] if s else []
         texts.append(model.generate(prompt, interventions=steers or None, **kw))
     ppl = continuation_perplexities(model, [prompt] * len(texts), texts)
     return [SweepRow(float(s), t, p) for s, t, p in zip(strengths, texts, ppl)]
