@@ -11,10 +11,14 @@ dictionaries given with --dict):
 - **steering**: the top result steered at the library's default strength (`fl.Steer(sae, feature)`, every
   position; `--skip-bos`: every position but BOS) on NEUTRAL_PROMPTS: the lexicon's next-token probability mass
   (every single-token spelling " word", " Word") steered over unsteered, averaged over prompts; a concept counts when the ratio is >= 3;
+- with `--steerable`, the ranking is the steering-checked search's: the best --pool matches, each steered on the
+  library's own probe prompts (not NEUTRAL_PROMPTS) and re-ranked by how much they raise the concept's words,
+  which the search finds in the matches' own examples (the lexicon here is never shown to it);
 - **fluency**: the perplexity, under the unsteered model, of 20-token continuations sampled (seed 0, T 0.7)
   with and without the steering; medians over concepts and prompts.
 
     python benchmarks/concepts.py                       # the demo's SAEs in the data directory
+    python benchmarks/concepts.py --steerable           # search checked by steering (fl search --steerable)
     python benchmarks/concepts.py --dict PATH --dict PATH2 --json out.json
 """
 
@@ -32,6 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import featurelens as fl  # noqa: E402
+from featurelens.interventions import rerank_by_steering  # noqa: E402
+from featurelens.search import next_token_mass as token_mass, single_token_ids  # noqa: E402
 
 CONCEPTS: dict[str, list[str]] = {
     "movies and films": "film films movie movies cinema actor actors actress director hollywood starring oscar",
@@ -105,31 +111,18 @@ def is_about(store, strings: dict[int, str], feature: int, lexicon: set[str], n:
 
 
 def lexicon_token_ids(model, lexicon: set[str]) -> list[int]:
-    ids = set()
-    for w in lexicon:
-        for spelling in (" " + w, " " + w.capitalize()):
-            toks = model.encode(spelling, prepend_bos=False)
-            if len(toks) == 1:
-                ids.add(toks[0])
-    return sorted(ids)
+    return single_token_ids(model, sorted(lexicon))
 
 
-@torch.inference_mode()
 def next_token_mass(model, prompts: list[str], ids: list[int], interventions=None) -> float:
-    rows = [model.encode(p) for p in prompts]
-    tokens, _ = model.pad(rows, "right")
-    hooks = [h for it in (interventions or []) for h in it.hooks(model)]
-    logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
-    last = torch.tensor([len(r) - 1 for r in rows])
-    probs = logits[torch.arange(len(rows)), last].float().softmax(-1)
-    return float(probs[:, ids].sum(-1).mean())
+    return token_mass(model, prompts, ids, [h for it in (interventions or []) for h in it.hooks(model)])
 
 
 GEN = dict(max_new_tokens=20, temperature=0.7, seed=0, return_new_only=True)
 
 
 def run(dict_paths: list[Path], model, steer_strength: float | None, k: int = 5, verbose: bool = True,
-        steer_bos: bool = True) -> dict:
+        steer_bos: bool = True, steerable: bool = False, pool: int = 10) -> dict:
     analyses = [(p, fl.open_analysis(p), fl.load_dictionary(p)) for p in dict_paths]
     strings = {str(p): a.store.token_strings() for p, a, _ in analyses}
     rows = []
@@ -138,8 +131,13 @@ def run(dict_paths: list[Path], model, steer_strength: float | None, k: int = 5,
     for q, lexicon in CONCEPTS_LEX.items():
         hits = []
         for p, a, d in analyses:
-            hits += [(h.score, str(p), h, d, a) for h in a.search(q, k=k)]
+            hits += [(h.score, str(p), h, d, a) for h in a.search(q, k=max(k, pool) if steerable else k)]
         hits.sort(key=lambda x: -x[0])
+        if steerable:  # the best `pool` matches over all dictionaries, re-ranked by steering them (library code)
+            where = {id(d): (p, a) for _, p, _, d, a in hits}
+            ranked = rerank_by_steering(model, q, [(d, h) for _, _, h, d, _ in hits[:pool]],
+                                        strength=1.0 if steer_strength is None else steer_strength)
+            hits = [(h.score, where[id(d)][0], h, d, where[id(d)][1]) for d, h in ranked]
         top = hits[:k]
         about = [is_about(a.store, strings[p], h.feature, lexicon) for _, p, h, _, a in top]
         scores = [getattr(h, "label_score", None) for _, _, h, _, _ in top]
@@ -175,7 +173,8 @@ def run(dict_paths: list[Path], model, steer_strength: float | None, k: int = 5,
         "seconds": time.perf_counter() - t0,
     }
     return {"summary": summary, "rows": rows, "dictionaries": [str(p) for p in dict_paths],
-            "steer_strength": steer_strength, "steer_bos": steer_bos}
+            "steer_strength": steer_strength, "steer_bos": steer_bos, "steerable": steerable,
+            "pool": pool if steerable else None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,13 +185,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--strength", type=float, default=None, help="steering strength (default: the library's)")
     ap.add_argument("--skip-bos", action="store_true", help="steer every position but BOS (fl.Steer(..., "
                     "steer_bos=False))")
+    ap.add_argument("--steerable", action="store_true", help="steering-checked search: the best --pool matches "
+                    "re-ranked by steering them on the library's probe prompts (fl search --steerable)")
+    ap.add_argument("--pool", type=int, default=10, help="with --steerable: matches steered per concept")
     ap.add_argument("--json", default=None, help="write the rows and summary here")
     args = ap.parse_args(argv)
     if args.data_dir:
         fl.set_data_dir(args.data_dir)
     paths = [Path(p) for p in args.dict] or demo_dictionaries(Path(fl.data_dir()))
     model = fl.load_model("gemma-3-270m")
-    out = run(paths, model, args.strength, steer_bos=not args.skip_bos)
+    out = run(paths, model, args.strength, steer_bos=not args.skip_bos, steerable=args.steerable, pool=args.pool)
     s = out["summary"]
     print(f"\n{s['concepts']} concepts on {', '.join(Path(p).name for p in paths)}")
     ls = f"{s['mean_label_score']:.3f}" if s["mean_label_score"] is not None else "n/a"

@@ -7,6 +7,7 @@ trained once per data directory (a few minutes on a 2-core CPU) and then read fr
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -405,6 +406,55 @@ def test_concept_search_lexical_fallback(analyzed, monkeypatch):
     assert sum(relevant) > 4 * 5 * len(oracle) / analyzed.n_features
 
 
+def test_steering_checked_search(gemma, analyzed):
+    """fl.steerable_search steers each of the best matches and re-ranks them by how much they raise the concept's
+    words; the ratios it reports are the ones a user measures by steering the feature with fl.steer."""
+    from featurelens.interventions import checked_search as steerable
+    from featurelens.search import PROBE_PROMPTS, embedder_available, next_token_mass, single_token_ids
+
+    if not embedder_available():
+        pytest.skip("the steering check finds the concept's words with the embedding model")
+    analyzed._model = gemma
+    plain = analyzed.search("numbers", k=6)
+    hits = fl.steerable_search(analyzed, "numbers", k=4, pool=6)
+    assert len(hits) == 4 and {h.feature for h in hits} <= {h.feature for h in plain}
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    matched = {h.feature: h.score for h in plain}
+    words = hits[0].steer_words
+    assert words and all(h.steer_words == words for h in hits)
+    ids = single_token_ids(gemma, words)
+    assert ids and all(len(gemma.encode(gemma.tokenizer.decode([i]), prepend_bos=False)) == 1 for i in ids)
+    clean = next_token_mass(gemma, PROBE_PROMPTS, ids)
+    for h in hits:
+        assert h.match_score == pytest.approx(matched[h.feature])
+        assert h.score == pytest.approx(h.match_score + steerable.STEER_WEIGHT * np.log(h.steer_ratio))
+        # measured again through the user-facing context manager, on the same prompts
+        top = float(analyzed.store.column("max_act")[h.feature])  # relative strength 1 = the dashboard's max
+        with fl.steer(gemma, [fl.Steer(analyzed.dictionary, h.feature, 1.0, max_activation=top)]):
+            steered = next_token_mass(gemma, PROBE_PROMPTS, ids)
+        assert h.steer_ratio == pytest.approx(steered / clean, rel=1e-3)
+    # steering at strength 0 changes nothing
+    zero = steerable.steering_ratios(gemma, [(analyzed.dictionary, hits[0].feature, 1.0)], ids, strength=0.0)
+    assert zero == [pytest.approx(1.0, rel=1e-5)]
+    from featurelens.errors import InputError
+
+    with pytest.raises(InputError, match="pool"):
+        fl.steerable_search(analyzed, "numbers", pool=0)
+
+
+def test_concept_words_come_from_the_hits_and_fit_the_query():
+    from featurelens.search import SearchHit, concept_words, get_embedder
+
+    emb = get_embedder()
+    if emb is None:
+        pytest.skip("needs the embedding model")
+    hits = [SearchHit(1, 0.5, '"dog"', max_tokens=[" dog", " dogs", " the"], near_max=["walked the puppy home"]),
+            SearchHit(2, 0.4, "invoice", max_tokens=[" cat", ","])]
+    words = concept_words("pets and animals", hits, emb)
+    assert {"dog", "dogs", "cat", "puppy"} & set(words) and not {"the", "walked", "invoice"} & set(words)
+    assert concept_words("pets", [SearchHit(3, 0.1, None)], emb) == []
+
+
 def test_search_by_text_and_by_promoted_token(gemma, analyzed):
     analyzed._model = gemma
     r = analyzed.search_text("The Eiffel Tower is in Paris", k=8)
@@ -465,6 +515,12 @@ def test_cli(analyzed, tmp_path, capsys):
     assert f"Feature {f}" in capsys.readouterr().out
     assert main(["search", path, "numbers", "-n", "3"]) == 0
     assert "numbers" in capsys.readouterr().out
+    from featurelens.search import embedder_available
+
+    if embedder_available():
+        assert main(["search", path, "numbers", "-n", "2", "--steerable", "--pool", "3", "--json"]) == 0
+        got = json.loads(capsys.readouterr().out)
+        assert len(got) == 2 and all(h["steer_ratio"] > 0 and h["steer_words"] for h in got)
     assert main(["feature", path, "999999"]) == 2
     assert "out of range" in capsys.readouterr().err
     assert main(["search", path, ""]) == 2

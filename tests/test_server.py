@@ -9,6 +9,7 @@ graph), and the OpenAPI description is fuzzed with schemathesis (bounded) with z
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from pathlib import Path
@@ -194,6 +195,25 @@ def test_concept_search_finds_labelled_features(client, web_data):
     assert client.get("/api/search/concept", params={"q": "x", "k": 0}).status_code == 422
     assert client.get("/api/search/concept", params={"q": "x", "dictionaries": "nope"}).status_code == 404
     assert client.get("/api/search/concept", params={"q": "x", "method": "magic"}).status_code == 422
+    # checked by steering: the same matches, each steered, re-ranked by match + STEER_WEIGHT x ln(ratio)
+    from featurelens.interventions import checked_search as steerable
+    from featurelens.search import embedder_available
+
+    assert client.get("/api/search/concept", params={"q": "x", "steerable": "true", "pool": 0}).status_code == 422
+    if not embedder_available():
+        return
+    r = client.get("/api/search/concept", params={"q": word, "method": "lexical", "k": 3, "steerable": "true",
+                                                   "pool": 5})
+    assert r.status_code == 200, r.text
+    checked = r.json()["hits"]
+    plain = {h["feature"]: h["score"] for h in client.get("/api/search/concept", params={
+        "q": word, "method": "lexical", "k": 5}).json()["hits"]}
+    assert len(checked) == min(3, len(plain)) and {h["feature"] for h in checked} <= set(plain)
+    assert [h["score"] for h in checked] == sorted((h["score"] for h in checked), reverse=True)
+    for h in checked:
+        assert h["match_score"] == pytest.approx(plain[h["feature"]]) and h["steer_ratio"] > 0
+        bonus = steerable.STEER_WEIGHT * math.log(min(max(h["steer_ratio"], 1e-3), 1e3))
+        assert h["score"] == pytest.approx(h["match_score"] + bonus)
 
 
 def test_search_by_text_and_by_token(client, web_data):
@@ -560,6 +580,32 @@ def test_job_progress_and_failure_are_recorded(tmp_path):
         time.sleep(0.02)
     got = jm.get(rec["id"])
     assert got["status"] == "failed" and got["error"] == "the prompt is too long for this model"
+
+
+def test_a_late_reader_sees_every_update_in_order(tmp_path):
+    """Updates faster than a reader wakes up are replayed, not coalesced: a page that subscribes late (or is slow)
+    still sees a stage reach its total before the next stage starts."""
+    from featurelens.server.jobs import JobManager
+
+    jm = JobManager(tmp_path)
+
+    def work(job):
+        for i in range(50):
+            job.progress("fast", i + 1, 50)
+        job.progress("next")
+        return {"ok": True}
+
+    rec = jm.submit("test", {}, work)
+    end = time.time() + 10
+    while jm.get(rec["id"])["status"] != "done" and time.time() < end:
+        time.sleep(0.02)
+    seen = jm.changes_since(rec["id"], -1, timeout=0.0)
+    assert [r["done"] for r in seen if r["stage"] == "fast"] == list(range(1, 51))
+    assert [r["version"] for r in seen] == sorted({r["version"] for r in seen})
+    assert seen[-1]["status"] == "done"
+    assert jm.changes_since(rec["id"], seen[-1]["version"], timeout=0.0) == []
+    # a server that did not run the job answers with the stored record alone
+    assert [r["status"] for r in JobManager(tmp_path).changes_since(rec["id"], -1, timeout=0.0)] == ["done"]
 
 
 # ----------------------------------------------------------------------------------------------- token, pages, CLI

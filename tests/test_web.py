@@ -150,6 +150,17 @@ def test_walkthrough(server, page, tmp_path):
     first = page.locator(".results a.feature-link").first
     hit_text = first.inner_text()
     assert "label score" in page.inner_text(".results .hit") or "unclear label" in page.inner_text(".results .hit")
+    from featurelens.search import embedder_available
+
+    if embedder_available():  # checked by steering: each hit shows what steering it does to the concept's words
+        page.check("input[name=steerable]")
+        page.press("textarea[name=q]", "Enter")
+        page.wait_for_selector(".results .steer-ratio")
+        assert "steer=1" in page.url and "steered:" in page.inner_text(".results")
+        page.goto(base + "/#/search?tab=concept&q=mat")
+        page.wait_for_selector(".results a.feature-link")
+        first = page.locator(".results a.feature-link").first
+        hit_text = first.inner_text()
 
     # ---- feature page
     first.click()

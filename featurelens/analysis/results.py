@@ -203,7 +203,8 @@ class DictionaryAnalysis:
 
     # ----------------------------------------------------------------- searches
     def search(self, query: str, k: int = 10, method: str = "auto") -> list[SearchHit]:
-        """Features by meaning: `query` against labels and top snippets (sentence embeddings, else lexical)."""
+        """Features by meaning: `query` against labels and top snippets (sentence embeddings, else lexical).
+        `fl.steerable_search(analysis, query)` also checks the best matches by steering them."""
         return concept_search(self.store, query, k=k, method=method)
 
     def search_text(self, text: str, k: int = 10) -> TextSearchResult:

@@ -46,6 +46,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-n", "--rows", type=int, default=10, help="how many features to list (default 10)")
     p.add_argument("--method", default="auto", choices=["auto", "embedding", "lexical"],
                    help="concept search: sentence embeddings (auto when installed) or lexical BM25")
+    p.add_argument("--steerable", action="store_true",
+                   help="concept search: steer the best --pool matches on neutral prompts and rank them by how much "
+                        "they raise the concept's words as the next token (loads the model)")
+    p.add_argument("--pool", type=int, default=10, help="with --steerable: how many matches to steer (default 10)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_search)
 
@@ -128,22 +132,36 @@ def cmd_search(args: argparse.Namespace) -> int:
     fd = open_analysis(args.path)
     console = _console()
     if args.query is not None:
-        hits = fd.search(args.query, k=args.rows, method=args.method)
+        if args.steerable:
+            from ..interventions import steerable_search
+
+            hits = steerable_search(fd, args.query, k=args.rows, pool=args.pool, method=args.method,
+                                    progress=not args.json)
+        else:
+            hits = fd.search(args.query, k=args.rows, method=args.method)
         if args.json:
             print(json.dumps([asdict(h) for h in hits], indent=2))
             return 0
-        method = hits[0].method if hits else args.method
+        method = (hits[0].method if hits else args.method) + (", checked by steering" if args.steerable else "")
         t = Table(title=f"features about {args.query!r} ({method} search)", show_lines=True)
-        for col, kw in (("#", {"justify": "right"}), ("feature", {"justify": "right"}), ("score", {"justify": "right"}),
-                        ("label", {}), ("label score", {"justify": "right"}), ("peaks on", {}),
-                        ("top snippets (near the max token)", {})):
+        cols = [("#", {"justify": "right"}), ("feature", {"justify": "right"}), ("score", {"justify": "right"}),
+                ("label", {}), ("label score", {"justify": "right"}), ("peaks on", {}),
+                ("top snippets (near the max token)", {})]
+        if args.steerable:
+            cols.insert(3, ("steered: concept words", {"justify": "right"}))
+        for col, kw in cols:
             t.add_column(col, **kw)
         for r, h in enumerate(hits, 1):
             score = "–" if h.label_score is None else f"{h.label_score:.2f}" + ("" if h.label_clear else " unclear")
-            t.add_row(str(r), str(h.feature), f"{h.score:.3f}", h.label or "", score,
-                      ", ".join(dict.fromkeys(h.max_tokens[:5])),
-                      "\n".join(_short(s, 90) for s in h.near_max[:2]))
+            row = [str(r), str(h.feature), f"{h.score:.3f}", h.label or "", score,
+                   ", ".join(dict.fromkeys(h.max_tokens[:5])), "\n".join(_short(s, 90) for s in h.near_max[:2])]
+            if args.steerable:
+                row.insert(3, f"{h.steer_ratio:.2g}x")
+            t.add_row(*row)
         console.print(t)
+        if args.steerable and hits:
+            words = ", ".join(hits[0].steer_words) or "none found: every ratio is 1"
+            console.print(f"concept words (from the matches' own examples): {words}")
         if not hits:
             console.print("no matching features")
         return 0

@@ -5,6 +5,7 @@
 - `steering`: `steer(model, ...)` (a context manager), `steering_vector`, `compare_generations`.
 - `patching`: `activation_patching`, `attribution_patching` and the metrics `logit_diff`, `answer_prob`.
 - `plots`: `save_heatmap` (PNG and JSON).
+- `checked_search`: concept search whose best matches are checked by steering them (`steerable_search`).
 """
 
 from .compile import intervention_hooks
@@ -12,11 +13,13 @@ from .patching import Metric, activation_patching, answer_prob, attribution_patc
 from .plots import save_heatmap
 from .steering import (GenerationComparison, SweepRow, as_interventions, compare_generations,
                        continuation_perplexities, steer, steering_vector, sweep_strengths)
+from .checked_search import rerank_by_steering, steerable_search, steering_ratios
 from .types import Ablate, Clamp, Intervention, Steer, SteeringVector, feature_max_activation
 
 __all__ = [
     "Ablate", "Clamp", "GenerationComparison", "Intervention", "Metric", "Steer", "SteeringVector",
     "activation_patching", "answer_prob", "as_interventions", "attribution_patching", "compare_generations",
     "feature_max_activation", "intervention_hooks", "logit_diff", "patching_labels", "save_heatmap", "steer",
-    "steering_vector", "SweepRow", "continuation_perplexities", "sweep_strengths",
+    "steering_vector", "SweepRow", "continuation_perplexities", "sweep_strengths", "rerank_by_steering",
+    "steerable_search", "steering_ratios",
 ]

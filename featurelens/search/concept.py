@@ -53,6 +53,10 @@ class SearchHit:
     label_score: float | None = None  # how well the label predicts where it fires (AUROC), None when unscored
     label_score_method: str | None = None
     max_tokens: list[str] = field(default_factory=list)  # the token at the max of each of its top examples
+    # filled in by a steering-checked search (featurelens.search.steerable); then `score` is the combined score
+    match_score: float | None = None  # the concept match alone
+    steer_ratio: float | None = None  # the concept words' next-token mass when steered / unsteered
+    steer_words: list[str] = field(default_factory=list)  # the words that ratio was measured on
 
     @property
     def label_clear(self) -> bool | None:
@@ -61,7 +65,8 @@ class SearchHit:
     def __str__(self) -> str:
         tag = "" if self.label_score is None else f" [label score {self.label_score:.2f}" + \
             ("" if self.label_clear else ", unclear") + "]"
-        return f"#{self.feature} ({self.score:.3f}) {self.label or ''}{tag}"
+        steer = "" if self.steer_ratio is None else f" [steering: {self.steer_ratio:.2g}x the concept's words]"
+        return f"#{self.feature} ({self.score:.3f}) {self.label or ''}{tag}{steer}"
 
 
 def _snippet(strings: dict[int, str], e: dict[str, Any], before: int | None = None, after: int | None = None) -> str:

@@ -346,20 +346,41 @@ def create_app(data_dir: str | Path, *, model_loader: Callable[[str], Any] | Non
     def search_concept(q: str = Query(min_length=1, max_length=500, description="what the features are about"),
                        dictionaries: str = Query("", max_length=4000, description="comma-separated dictionary ids"),
                        k: int = Query(10, ge=1, le=MAX_K),
-                       method: Literal["auto", "embedding", "lexical"] = "auto") -> JSONResponse:
+                       method: Literal["auto", "embedding", "lexical"] = "auto",
+                       steerable: bool = Query(False, description="steer the best `pool` matches on neutral prompts "
+                                               "and rank them by how much they raise the concept's words"),
+                       pool: int = Query(10, ge=1, le=50)) -> JSONResponse:
+        from ..interventions import rerank_by_steering
         from ..search import concept_search
 
-        hits = []
-        for did in _dict_ids(dictionaries):
+        ids = _dict_ids(dictionaries)
+        found: list[tuple[str, Any]] = []
+        for did in ids:
             with db_lock:
                 a = rt.analysis(did)
-                for h in concept_search(a.store, q, k=k, method=method):
-                    hits.append({"dictionary": did, "feature": h.feature, "score": h.score, "label": h.label,
-                                 "label_score": h.label_score, "label_score_method": h.label_score_method,
-                                 "label_clear": h.label_clear, "max_tokens": h.max_tokens[:5],
-                                 "snippets": h.snippets[:3], "method": h.method})
+                found += [(did, h) for h in concept_search(a.store, q, k=max(k, pool) if steerable else k,
+                                                           method=method)]
+        if steerable:  # candidates of one model are steered and ranked together
+            by_model: dict[str, tuple[Any, list[tuple[Any, Any]], list[float]]] = {}
+            did_of: dict[int, str] = {}
+            with rt.forward_lock:
+                for did, h in found:
+                    a = rt.analysis_with_model(did)
+                    did_of[id(a.dictionary)] = did
+                    with db_lock:
+                        top = float(a.store.column("max_act")[h.feature])
+                    model, cands, tops = by_model.setdefault(a.model_name, (a.model, [], []))
+                    cands.append((a.dictionary, h))
+                    tops.append(top)
+                found = [(did_of[id(d)], h) for model, cands, tops in by_model.values()
+                         for d, h in rerank_by_steering(model, q, cands, max_activations=tops)]
+        hits = [{"dictionary": did, "feature": h.feature, "score": h.score, "label": h.label,
+                 "label_score": h.label_score, "label_score_method": h.label_score_method,
+                 "label_clear": h.label_clear, "max_tokens": h.max_tokens[:5], "snippets": h.snippets[:3],
+                 "method": h.method, "match_score": h.match_score, "steer_ratio": h.steer_ratio,
+                 "steer_words": h.steer_words} for did, h in found]
         hits.sort(key=lambda h: -h["score"])
-        return _json({"query": q, "hits": hits[:k] if len(_dict_ids(dictionaries)) > 1 else hits})
+        return _json({"query": q, "hits": hits[:k] if len(ids) > 1 or steerable else hits})
 
     @app.post("/api/search/text", tags=["search"], summary="Features that fire on a text, per token (BOS ignored)")
     def search_text(body: TextSearchRequest) -> JSONResponse:
@@ -717,20 +738,25 @@ def create_app(data_dir: str | Path, *, model_loader: Callable[[str], Any] | Non
         rec = jobs.get(job)  # 404 before the stream starts
 
         def events() -> Any:
-            cur = rec
+            backlog = jobs.changes_since(job, -1, timeout=0.0) or [rec]  # a late subscriber still sees every stage
+            for cur in backlog[:-1]:
+                yield sse("progress", _clean(cur))
+            cur = backlog[-1]
             last_beat = time.monotonic()
             while True:
                 yield sse("progress", _clean(cur))
                 if cur.get("status") in ("done", "failed", "interrupted", "cancelled"):
                     yield sse("end", {"status": cur["status"]})
                     return
-                nxt = jobs.wait_change(job, cur.get("version", 0), timeout=10.0)
-                if nxt.get("version") == cur.get("version") and nxt.get("status") == cur.get("status"):
+                newer = jobs.changes_since(job, cur.get("version", 0), timeout=10.0)
+                if not newer:
                     if time.monotonic() - last_beat > 9:
                         last_beat = time.monotonic()
                         yield ": keep-alive\n\n"
                     continue
-                cur = nxt
+                for cur in newer[:-1]:
+                    yield sse("progress", _clean(cur))
+                cur = newer[-1]
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 

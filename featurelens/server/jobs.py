@@ -20,6 +20,10 @@ from .graphs import write_json_atomic
 
 JOB_ID_LEN = 12
 FINAL = ("done", "failed", "interrupted", "cancelled")
+# The event stream replays every update, not just the latest: a fast stage (34 rows of attribution in a second)
+# would otherwise be skipped by a reader that woke up late. Kept per job, for this many recent jobs and updates.
+HISTORY_JOBS = 64
+HISTORY_UPDATES = 4096
 
 
 class JobCancelled(Exception):
@@ -50,6 +54,7 @@ class JobManager:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._live: dict[str, Job] = {}
+        self._history: dict[str, list[dict[str, Any]]] = {}  # job id -> its records in version order (this process)
         for p in self.root.glob("*.json"):  # jobs cut off by a restart
             rec = self._read(p)
             if rec and rec.get("status") in ("queued", "running"):
@@ -90,6 +95,9 @@ class JobManager:
             job = self._live[job_id]
             job.record.update(fields, updated=time.time(), version=job.record.get("version", 0) + 1)
             write_json_atomic(self._path(job_id), job.record)
+            hist = self._history.setdefault(job_id, [])
+            hist.append(dict(job.record))
+            del hist[:-HISTORY_UPDATES]
             self._cond.notify_all()
 
     def submit(self, kind: str, params: dict[str, Any], fn: Callable[[Job], dict[str, Any]]) -> dict[str, Any]:
@@ -100,6 +108,10 @@ class JobManager:
         with self._lock:
             self._live[job_id] = job
             write_json_atomic(self._path(job_id), rec)
+            self._history[job_id] = [dict(rec)]
+            for old in list(self._history)[:-HISTORY_JOBS]:
+                if old not in self._live:
+                    del self._history[old]
 
         def run() -> None:
             self.update(job_id, status="running", started=time.time())
@@ -131,16 +143,23 @@ class JobManager:
             job.cancel.set()
         return rec
 
-    def wait_change(self, job_id: str, version: int, timeout: float) -> dict[str, Any]:
-        """The job's record once its version differs from `version` (or after `timeout` seconds)."""
+    def changes_since(self, job_id: str, version: int, timeout: float) -> list[dict[str, Any]]:
+        """Every record of the job newer than `version`, in order, waiting up to `timeout` seconds for one.
+
+        Empty when nothing changed in time. For a job this process no longer remembers (finished long ago, or run
+        by an earlier server), the record on disk stands in for its history.
+        """
         end = time.monotonic() + timeout
         with self._cond:
             while True:
-                job = self._live.get(job_id)
-                if job is None or job.record.get("version", 0) != version:
+                newer = [dict(r) for r in self._history.get(job_id, ()) if r.get("version", 0) > version]
+                if newer:
+                    return newer
+                if job_id not in self._live:
                     break
                 left = end - time.monotonic()
                 if left <= 0:
-                    break
+                    return []
                 self._cond.wait(left)
-        return self.get(job_id)
+        rec = self.get(job_id)
+        return [rec] if rec.get("version", 0) != version else []

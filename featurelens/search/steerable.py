@@ -1,0 +1,62 @@
+"""The concept side of a steering-checked search: which words say a concept, and how likely the model is to say
+them next. The steering itself, and the re-ranking, are `featurelens.interventions.checked_search` (interventions
+sit above search in the package's layers).
+
+The concept's words come from the candidates' own evidence, not from a word list: every word in their labels,
+max-activating tokens and top snippets, embedded and kept when close to the query (CONCEPT_WORDS of them at most,
+cosine >= MIN_WORD_COS).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .concept import SearchHit
+
+# Neutral openings on which candidates are steered; benchmarks/concepts.py measures steering on different ones.
+PROBE_PROMPTS = ["The", "It was a long day, and", "Here is what I think:", "We talked for hours about",
+                 "This is a story about", "So the next thing is"]
+CONCEPT_WORDS = 12
+MIN_WORD_COS = 0.35
+
+
+def concept_words(query: str, hits: Sequence[SearchHit], embedder: Any, n: int = CONCEPT_WORDS,
+                  min_cos: float = MIN_WORD_COS) -> list[str]:
+    """Words of the concept `query`, drawn from the hits' labels, max tokens and snippets, closest first."""
+    words: set[str] = set()
+    for h in hits:
+        for t in [*h.max_tokens, *" ".join(h.near_max).split(), *(h.label or "").split()]:
+            w = re.sub(r"[^a-z]", "", t.lower())
+            if len(w) >= 3:
+                words.add(w)
+    if not words:
+        return []
+    ordered = sorted(words)
+    cos = embedder.encode(ordered) @ embedder.encode([query.strip()])[0]
+    best = np.argsort(-cos, kind="stable")[:n]
+    return [ordered[i] for i in best if cos[i] >= min_cos]
+
+
+def single_token_ids(model: Any, words: Sequence[str]) -> list[int]:
+    """The vocabulary ids of " word" and " Word" for each word that is one token with its leading space."""
+    ids = set()
+    for w in words:
+        for spelling in (" " + w, " " + w.capitalize()):
+            toks = model.encode(spelling, prepend_bos=False)
+            if len(toks) == 1:
+                ids.add(int(toks[0]))
+    return sorted(ids)
+
+
+@torch.inference_mode()
+def next_token_mass(model: Any, prompts: Sequence[str], token_ids: Sequence[int], hooks: Sequence = ()) -> float:
+    """The probability the model gives `token_ids` as the next token after each prompt (with `hooks`), averaged."""
+    rows = [model.encode(p) for p in prompts]
+    tokens, _ = model.pad(rows, "right")  # right padding: each row's last real token sees no pad
+    last, batch = torch.tensor([len(r) - 1 for r in rows]), torch.arange(len(rows))
+    logits = model.run_with_hooks(tokens, fwd_hooks=list(hooks))[batch, last].float()  # [prompts, vocab]
+    return float(logits.softmax(-1)[:, list(token_ids)].sum(-1).mean())
