@@ -363,15 +363,17 @@ def create_app(data_dir: str | Path, *, model_loader: Callable[[str], Any] | Non
         if steerable:  # candidates of one model are steered and ranked together
             by_model: dict[str, tuple[Any, list[tuple[Any, Any]], list[float]]] = {}
             did_of: dict[int, str] = {}
+            max_act: dict[str, Any] = {}  # per dictionary: its analysis's max activation of every feature
             with rt.forward_lock:
                 for did, h in found:
                     a = rt.analysis_with_model(did)
                     did_of[id(a.dictionary)] = did
-                    with db_lock:
-                        top = float(a.store.column("max_act")[h.feature])
+                    if did not in max_act:
+                        with db_lock:
+                            max_act[did] = a.store.column("max_act")
                     model, cands, tops = by_model.setdefault(a.model_name, (a.model, [], []))
                     cands.append((a.dictionary, h))
-                    tops.append(top)
+                    tops.append(float(max_act[did][h.feature]))
                 found = [(did_of[id(d)], h) for model, cands, tops in by_model.values()
                          for d, h in rerank_by_steering(model, q, cands, max_activations=tops)]
         hits = [{"dictionary": did, "feature": h.feature, "score": h.score, "label": h.label,
