@@ -37,15 +37,19 @@ POOL = 10  # matches steered by default
 
 
 def steering_ratios(model: Any, candidates: Sequence[tuple], token_ids: Sequence[int],
-                    strength: float = 1.0, prompts: Sequence[str] = PROBE_PROMPTS) -> list[float]:
+                    strength: float = 1.0, prompts: Sequence[str] = PROBE_PROMPTS,
+                    progress: bool = False) -> list[float]:
     """For each (dictionary, feature) or (dictionary, feature, max_activation): next-token mass of `token_ids`
-    steered at relative `strength` / unsteered, averaged over prompts. Without max_activation, `Steer` looks the
-    feature's up (the dictionary's statistics or its analysis)."""
+    steered at relative `strength` / unsteered, averaged over prompts. Without max_activation (or None), `Steer`
+    looks the feature's up (the dictionary's statistics or its analysis). The unsteered mass is computed once."""
+    from tqdm.auto import tqdm
+
     if not token_ids:
         return [1.0] * len(candidates)
     clean = next_token_mass(model, prompts, token_ids)
     out = []
-    for d, f, *top in candidates:
+    for d, f, *top in tqdm(candidates, desc="steering candidates", unit="feature", disable=not progress,
+                           leave=False):
         steer = Steer(d, f, strength, max_activation=top[0] if top else None)
         out.append(next_token_mass(model, prompts, token_ids, steer.hooks(model)) / max(clean, 1e-12))
     return out
@@ -62,8 +66,6 @@ def rerank_by_steering(model: Any, query: str, candidates: Sequence[tuple[Any, S
     knows it (an analysis's `max_act`); else `Steer` looks it up. Each returned hit keeps its match score in
     `match_score`, has `steer_ratio` and `steer_words` filled in, and `score` is the combined score.
     """
-    from tqdm.auto import tqdm
-
     from ..search.embed import PIP_NAME, get_embedder
 
     if not candidates:
@@ -77,11 +79,8 @@ def rerank_by_steering(model: Any, query: str, candidates: Sequence[tuple[Any, S
         raise InputError(f"{len(tops)} max activations for {len(candidates)} candidates")
     words = concept_words(query, [h for _, h in candidates], embedder)
     ids = single_token_ids(model, words)
-    ratios = []
-    for (d, h), top in tqdm(list(zip(candidates, tops)), desc="steering candidates", unit="feature",
-                            disable=not progress, leave=False):
-        ratios += steering_ratios(model, [(d, h.feature) if top is None else (d, h.feature, top)], ids,
-                                  strength=strength)
+    ratios = steering_ratios(model, [(d, h.feature, top) for (d, h), top in zip(candidates, tops)], ids,
+                             strength=strength, progress=progress)
     out = []
     for (d, h), r in zip(candidates, ratios):
         bonus = weight * math.log(min(max(r, RATIO_CLIP[0]), RATIO_CLIP[1]))
