@@ -3,9 +3,9 @@
     python benchmarks/transcoder_ceiling.py --layer 15 --fresh 480k --rows 2M --variants 1024:32,4096:64,8192:64 \
         --dense 4096
 
-Collects one layer's (MLP input, MLP output) rows of Gemma 3 270M from the embedded corpus (--fresh training tokens,
---test held-out tokens, bfloat16 in memory), then trains on those very rows, each for --rows rows (so every token
-is seen rows / fresh times):
+Collects one layer's (MLP input, MLP output) rows of Gemma 3 270M from the embedded corpus, BOS left out (--fresh
+training tokens, --test held-out tokens, bfloat16 in memory), then trains on those very rows, each for --rows rows
+(so every token is seen rows / fresh times):
 
 * skip transcoders (TopK, the library's trainer and its default recipe: least-squares skip, AuxK), one per
   --variants entry WIDTH:K;
@@ -33,37 +33,38 @@ from tqdm import tqdm  # noqa: E402
 
 import featurelens as fl  # noqa: E402
 from featurelens.cli.train import _int  # noqa: E402
-from featurelens.data.tokens import content_mask, load_contexts  # noqa: E402
+from featurelens.dictionaries.metrics import DictionaryMetrics, ReconstructionSums  # noqa: E402
 from featurelens.dictionaries.sae import DictionaryConfig  # noqa: E402
-from featurelens.dictionaries.training import Learner, TrainConfig, fit_affine, iterate_tensors, run_training  # noqa: E402
+from featurelens.dictionaries.training import (Learner, TrainConfig, fit_affine, iterate_tensors, lr_factor,  # noqa: E402
+                                               run_training)
 
 
-def collect(model, layer: int, split: str, n: int, batch: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """n rows of (MLP input after ln2, MLP output) of `layer` from `split`, padding excluded: ([n, d], [n, d]) bf16."""
+def collect(model, layer: int, split: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n rows of (MLP input after ln2, MLP output) of `layer` from `split`, BOS left out: ([n, d], [n, d]) bf16."""
     hook_in, hook_out = f"blocks.{layer}.ln2.hook_normalized", f"blocks.{layer}.hook_mlp_out"
-    contexts = load_contexts(model, split=split, progress=False)
-    # a fixed shuffle of the split's whole contexts, so the rows are not one document after another
-    contexts = contexts[torch.randperm(len(contexts), generator=torch.Generator().manual_seed(1))]
-    available = int(content_mask(contexts, model).sum())
-    if available < n:  # before any forward pass, not after minutes of them
-        raise SystemExit(f"the {split} split has only {available:,} content tokens; asked for {n:,}")
-    xs, ys, have = [], [], 0
-    with torch.no_grad(), tqdm(total=n, desc=f"{split} rows", unit="tok") as bar:
-        for i in range(0, len(contexts), batch):
-            toks = contexts[i:i + batch]
-            _, cache = model.run_with_cache(toks, names_filter=[hook_in, hook_out], stop_at_layer=layer + 1)
-            keep = content_mask(toks, model)
-            xs.append(cache[hook_in][keep].to(torch.bfloat16))
-            ys.append(cache[hook_out][keep].to(torch.bfloat16))
-            bar.update(min(int(keep.sum()), n - have))
-            have += int(keep.sum())
-            if have >= n:
-                break
-    return torch.cat(xs)[:n], torch.cat(ys)[:n]
+    # training shuffles the rows anyway (iterate_tensors), so the store needs no mixing buffer beyond one batch,
+    # and so computes no more than a batch of rows beyond n
+    store = fl.ActivationStore(model, [hook_in, hook_out], split=split, batch_size=4096, buffer_tokens=4096,
+                               dtype=torch.bfloat16, seed=1, progress=False)
+    if store.n_tokens < n:  # before any forward pass, and never a second epoch of the same tokens
+        raise SystemExit(f"the {split} split has only {store.n_tokens:,} tokens besides BOS; asked for {n:,}")
+    xs, ys = [], []
+    with tqdm(total=n, desc=f"{split} rows", unit="tok") as bar:
+        for batch in store.stream(n):
+            xs.append(batch[hook_in])
+            ys.append(batch[hook_out])
+            bar.update(len(batch[hook_in]))
+    return torch.cat(xs), torch.cat(ys)
 
 
-def explained_variance(pred: torch.Tensor, y: torch.Tensor) -> float:
-    return float(1 - ((y - pred) ** 2).sum() / ((y - y.mean(0)) ** 2).sum())
+def reconstruction(y: torch.Tensor, pairs) -> DictionaryMetrics:
+    """Explained variance, L0 and dead fraction over (prediction, features) chunks of the held-out targets y."""
+    sums, done = None, 0
+    for pred, f in pairs:
+        sums = sums or ReconstructionSums(y.shape[1], f.shape[1])
+        sums.add(y[done:done + len(pred)], pred, f)
+        done += len(pred)
+    return sums.result()
 
 
 def sparse_variant(layer: int, width: int, k: int, rows: int, batch_size: int, x, y, xt, yt) -> dict:
@@ -83,12 +84,9 @@ def sparse_variant(layer: int, width: int, k: int, rows: int, batch_size: int, x
     seconds = time.perf_counter() - t0
     tc = learner.export()
     with torch.no_grad():
-        chunks = range(0, len(xt), 4096)
-        pred = torch.cat([tc(xt[i:i + 4096]) for i in chunks])
-        acts = torch.cat([tc.encode(xt[i:i + 4096]) for i in chunks])
-    return {"variant": f"skip transcoder w{width} k{k}", "ev": explained_variance(pred, yt),
-            "l0": float((acts > 0).float().sum(1).mean()), "dead": float(((acts > 0).sum(0) == 0).float().mean()),
-            "seconds": seconds}
+        m = reconstruction(yt, (tc.forward_with_features(xt[i:i + 4096]) for i in range(0, len(xt), 4096)))
+    return {"variant": f"skip transcoder w{width} k{k}", "ev": m.explained_variance, "l0": m.l0,
+            "dead": m.dead_fraction, "seconds": seconds}
 
 
 def dense_variant(hidden: int, rows: int, batch_size: int, x, y, xt, yt, lr: float = 1e-3) -> dict:
@@ -108,15 +106,17 @@ def dense_variant(hidden: int, rows: int, batch_size: int, x, y, xt, yt, lr: flo
         xb, yb = x[idx].float() * scale_in, y[idx].float() * scale_out
         loss = (xb @ W_skip.T + b_skip + net(xb) - yb).pow(2).sum(-1).mean()
         for group in opt.param_groups:  # constant, then linear decay over the last fifth (as the trainer does)
-            group["lr"] = lr * min(1.0, (steps - step) / (0.2 * steps))
+            group["lr"] = lr * lr_factor(step / steps, warmup=0.0, decay=0.2)
         opt.zero_grad()
         loss.backward()
         opt.step()
     seconds = time.perf_counter() - t0
     with torch.no_grad():
         xs = xt * scale_in
-        pred = (xs @ W_skip.T + b_skip + net(xs)) / scale_out
-    return {"variant": f"dense ReLU {hidden} (no sparsity)", "ev": explained_variance(pred, yt), "l0": float(hidden),
+        hidden_acts = net[1](net[0](xs))
+        pred = (xs @ W_skip.T + b_skip + net[2](hidden_acts)) / scale_out
+        m = reconstruction(yt, [(pred, hidden_acts)])
+    return {"variant": f"dense ReLU {hidden} (no sparsity)", "ev": m.explained_variance, "l0": float(hidden),
             "dead": float("nan"), "seconds": seconds}
 
 
