@@ -187,7 +187,7 @@ class Steer(Intervention):
     "generated" (the one-token steps of `generate`; the first new token is still predicted from the
     prompt, so it is unchanged), or a list of token positions. `steer_bos=False` leaves BOS tokens alone within
     them (as Neuronpedia does by default). The default steers BOS too: on benchmarks/concepts.py, leaving it
-    alone lowered the share of concepts whose next-token mass rose 3x at strength 1 (see the README).
+    alone lowered the share of concepts whose next-token mass rose 3x at strength 1 (see docs/benchmarks.md).
     """
 
     def __init__(self, source: Any, feature: Any = None, strength: Any = DEFAULT_STRENGTH, mode: str = "relative",
