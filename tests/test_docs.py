@@ -4,6 +4,7 @@ command blocks CI reads are there."""
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,29 @@ def test_readme_keeps_its_command_blocks(name: str) -> None:
     block = re.search(rf"^<!-- {name} -->\n```bash\n(.+)\n```\n<!-- /{name} -->$", (ROOT / "README.md").read_text(),
                       re.M)
     assert block is not None and block.group(1).startswith("python3 -m venv .venv && ")
+
+
+def readme_commands() -> list[list[str]]:
+    """Every `featurelens ...` line of the README's bash blocks (continuations joined, comments dropped)."""
+    text = (ROOT / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"^```bash\n(.*?)^```", text, re.S | re.M):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if words[:1] == ["featurelens"]:
+                commands.append(words[1:])
+    return commands
+
+
+def test_readme_cli_examples_parse() -> None:
+    """The README's command lines are accepted by the CLI's parser (a renamed flag shows up here)."""
+    from featurelens.cli import build_parser
+
+    commands = readme_commands()
+    assert len(commands) > 20
+    parser = build_parser()
+    for argv in commands:
+        try:
+            parser.parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"the README's `featurelens {shlex.join(argv)}` does not parse")
