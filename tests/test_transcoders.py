@@ -13,7 +13,9 @@ from featurelens.dictionaries import (
     CLTConfig, CorruptDictionaryError, CrossLayerTranscoder, DictionaryConfig, SparseDictionary, TrainConfig,
     TranscoderSet, load_circuit_tracer, load_dictionary, run_training, save_circuit_tracer, save_clt,
 )
-from featurelens.dictionaries.clt import CLTLayerError, CLTLearner, check_fits_model, decode_contributions
+from featurelens.dictionaries.clt import CLTLayerError, CLTLearner
+from featurelens.dictionaries.compat import DictionaryModelMismatchError, check_fits
+from featurelens.dictionaries.protocol import decode_contributions
 from featurelens.dictionaries.replacement import Replacement, evaluate_replacement
 from featurelens.dictionaries.training import reuse_batches
 from featurelens.engine.errors import InputError, MissingFileError
@@ -386,8 +388,8 @@ def test_bad_inputs_name_the_file_or_layer(tmp_path, tiny):
     with pytest.raises(InputError, match=r"layer 0: .* width 20 .* d_model=16"):
         fl.evaluate_dictionary(tiny, wide, contexts=torch.ones(2, 5, dtype=torch.long), progress=False)
     deep = CrossLayerTranscoder(CLTConfig(layers=[2, 3], d_in=D, d_sae=8, arch="topk", k=2))
-    with pytest.raises(CLTLayerError, match="layer 3, but tiny-random has 3 layers"):
-        check_fits_model(deep, tiny)
+    with pytest.raises(DictionaryModelMismatchError, match="layer 3, but tiny-random has 3 layers"):
+        check_fits(tiny, deep)
     with pytest.raises(CLTLayerError, match=r"no layer 7; its layers are \[2, 3\]"):
         deep.encode_layer(7, torch.zeros(D))
     with pytest.raises(CLTLayerError, match=r"layers \[3\] are missing"):

@@ -19,7 +19,7 @@ import torch
 from ..engine.errors import InputError
 from .attribute import prompt_tokens
 from .graph import AttributionGraph
-from .replacement import as_replacement, demeaned_unembedding
+from .replacement import check_transcoders, demeaned_unembedding
 
 
 @dataclass
@@ -87,7 +87,7 @@ def check_graph(graph: AttributionGraph, model: Any, transcoders: Any, k: int = 
     g = graph.root
     if g.n_features == 0:
         raise InputError("the graph has no feature nodes to check")
-    rep = as_replacement(transcoders)
+    rep = check_transcoders(model, transcoders)
     tokens = prompt_tokens(model, torch.tensor(g.tokens))
     logit_node = g.logit_slice.start
     target_tok = int(g.logit_tokens[0])

@@ -22,7 +22,7 @@ import torch
 from ..dictionaries.sae import check_feature_index
 from ..engine.errors import InputError
 from .attribute import prompt_tokens
-from .replacement import Recording, as_replacement, bias_terms, check_fits, record
+from .replacement import Recording, bias_terms, check_transcoders, record
 
 MODES = ("set", "scale", "add")
 
@@ -64,7 +64,7 @@ def parse_edits(model: Any, rep: Any, n_pos: int, interventions: Sequence[Sequen
             pos += n_pos
         if not 0 <= pos < n_pos:
             raise InputError(f"position {item[1]} is outside the prompt's {n_pos} tokens")
-        feat = check_feature_index(feat, rep.d_sae(layer), where=f"layer {layer}")
+        feat = check_feature_index(feat, rep.decoder(layer).shape[0], where=f"layer {layer}")
         edits.setdefault(layer, []).append((pos, feat, float(value)))
     return edits
 
@@ -159,8 +159,7 @@ def feature_intervention(
     """
     if mode not in MODES:
         raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    rep = as_replacement(transcoders)
-    check_fits(model, rep)
+    rep = check_transcoders(model, transcoders)
     tokens = prompt_tokens(model, prompt)
     rec = record(model, rep, tokens)
     edits = parse_edits(model, rep, rec.n_pos, interventions)

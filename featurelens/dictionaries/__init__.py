@@ -14,12 +14,13 @@ and `training` (the loop; `autograd` and `median` are its pieces), `metrics`, `f
 from .batches import model_batches
 from .circuit_tracer_format import load_circuit_tracer, save_circuit_tracer
 from .clt import CLTConfig, CrossLayerTranscoder, load_clt, save_clt, train_clt
-from .compat import DictionaryModelMismatchError, check_compatible
+from .compat import DictionaryModelMismatchError, check_fits
 from .format import CorruptDictionaryError, load_dictionary, save_dictionary, save_transcoder_set
 from .replacement import Replacement, evaluate_replacement
 from .metrics import DictionaryMetrics, evaluate_dictionary, reconstruction_metrics, splice_metrics
 from .sae import (ARCHITECTURES, DictionaryConfig, FeatureIndexError, SparseDictionary, TranscoderSet,
                   check_feature_index)
+from .protocol import Transcoders
 from .splice import splice_hooks
 from .train import train_sae, train_transcoders
 from .training import Learner, TrainConfig, iterate_tensors, run_training
@@ -28,7 +29,7 @@ __all__ = [
     "CLTConfig", "CrossLayerTranscoder", "evaluate_replacement", "load_circuit_tracer", "load_clt",
     "save_circuit_tracer", "save_clt", "train_clt",
     "ARCHITECTURES", "CorruptDictionaryError", "DictionaryConfig", "DictionaryMetrics", "DictionaryModelMismatchError",
-    "FeatureIndexError", "Learner", "SparseDictionary", "TrainConfig", "TranscoderSet", "check_compatible",
+    "FeatureIndexError", "Learner", "SparseDictionary", "TrainConfig", "TranscoderSet", "Transcoders", "check_fits",
     "check_feature_index", "evaluate_dictionary", "iterate_tensors", "load_dictionary", "model_batches",
     "reconstruction_metrics", "run_training", "save_dictionary", "save_transcoder_set", "splice_hooks",
     "splice_metrics", "train_sae", "train_transcoders",

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..engine.errors import InputError
+from .protocol import Transcoders, decode_contributions
 from .sae import ConfigBase, DictionaryConfig, sparse_activation
 from .training import (
     TrainConfig, adam_for, choose_select_dtype, clear_checkpoints, dead_latent_aux, decode_for_training,
@@ -102,12 +103,12 @@ class CLTConfig(ConfigBase):
 
 
 
-class CrossLayerTranscoder(nn.Module):
+class CrossLayerTranscoder(nn.Module, Transcoders):
     """A cross-layer transcoder (see the module docstring for the maths and shapes).
 
-    It has the "replacement" interface `TranscoderSet` has: `layers`, `d_sae`, `input_hook(l)`, `output_hook(l)`,
-    `encode_layer(l, x)`, `decoder(l)` [d_sae, n_out, d_out], `output_layers(l)`, `skip_out(l, x)`, `b_dec_out(l)`,
-    `reconstruct({l: x_l}) -> {L: y_hat_L}`.
+    It implements the replacement protocol (`protocol.Transcoders`), as `TranscoderSet` does: `layers`, `d_sae`,
+    `input_hook(l)`, `output_hook(l)`, `encode_layer(l, x)`, `decoder(l)` [d_sae, n_out, d_out], `output_layers(l)`,
+    `skip_out(l, x)`, `b_dec_out(l)`, `reconstruct({l: x_l}) -> {L: y_hat_L}`.
 
     >>> clt = CrossLayerTranscoder(CLTConfig(layers=[0, 1, 2], d_in=640, d_sae=2048, arch="topk", k=16))
     >>> f0 = clt.encode_layer(0, x0)                  # [..., 2048]
@@ -157,6 +158,13 @@ class CrossLayerTranscoder(nn.Module):
     @property
     def n_layers_model(self) -> int | None:
         return self.cfg.n_layers_model
+
+    @property
+    def model_name(self) -> str:
+        return self.cfg.model_name or ""
+
+    def describe(self) -> str:
+        return f"CrossLayerTranscoder ({len(self.layers)} layers)"
 
     @property
     def device(self) -> torch.device:
@@ -293,26 +301,6 @@ class CrossLayerTranscoder(nn.Module):
             if self.threshold is not None:
                 self.threshold[i].mul_(norms)
         return self
-
-
-def decode_contributions(f: torch.Tensor, W: torch.Tensor) -> list[torch.Tensor]:
-    """Features f [..., d_sae] times a decoder W [d_sae, n_out, d_out] -> n_out tensors [..., d_out].
-
-    A sparse decode: only each row's non-zero features are read (an embedding bag over at most the row's
-    non-zero count), so a CLT costs in proportion to L0, not to the width.
-    """
-    lead, d_sae = f.shape[:-1], f.shape[-1]
-    n_out, d_out = W.shape[1], W.shape[2]
-    flat = f.reshape(-1, d_sae).to(W.dtype)
-    nnz = int((flat != 0).sum(1).max()) if flat.numel() else 0
-    if nnz == 0 or nnz * 4 > d_sae:  # dense enough that a matmul is cheaper
-        out = flat @ W.reshape(d_sae, n_out * d_out)
-    else:
-        vals, idx = flat.abs().topk(nnz, dim=-1, sorted=False)
-        vals = flat.gather(1, idx)
-        out = F.embedding_bag(idx, W.reshape(d_sae, n_out * d_out), per_sample_weights=vals, mode="sum")
-    out = out.view(*lead, n_out, d_out)
-    return [out[..., j, :] for j in range(n_out)]
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -626,26 +614,6 @@ def load_clt(path: str | Path, device: str | torch.device = "cpu") -> CrossLayer
     clt = clt_from_tensors(cfg, _read_safetensors(path / CLT_WEIGHTS), path / CLT_WEIGHTS, device)
     clt.stats, clt.source = (meta or {}).get("stats", {}), path
     return clt
-
-
-def check_fits_model(transcoders: Any, model: Any) -> None:
-    """Raise InputError (naming the layer) unless every layer's hooks exist in `model` and have its widths."""
-    from ..engine.hooks import UnknownHookError
-
-    n_layers = model.cfg.n_layers
-    for layer in transcoders.layers:
-        if layer >= n_layers:
-            raise CLTLayerError(f"the transcoders have layer {layer}, but {getattr(model, 'name', 'the model')} has "
-                                f"{n_layers} layers (0..{n_layers - 1})")
-        for hook in (transcoders.input_hook(layer), transcoders.output_hook(layer)):
-            if hook not in model.hook_names:
-                raise UnknownHookError(hook, model.hook_names)
-        d_model = model.cfg.d_model
-        W = transcoders.decoder(layer)
-        d_in = transcoders.d_in if isinstance(transcoders, CrossLayerTranscoder) else transcoders[layer].d_in
-        if W.shape[-1] != d_model or d_in != d_model:
-            raise InputError(f"layer {layer}: the transcoders read width {d_in} and write width {W.shape[-1]}, but "
-                             f"{getattr(model, 'name', 'the model')} has d_model={d_model}")
 
 
 def clt_config_json(path: Path) -> dict[str, Any] | None:

@@ -20,6 +20,8 @@ from typing import Any, Iterable, Mapping
 import torch
 import torch.nn.functional as F
 
+from .compat import check_fits
+from .protocol import Transcoders
 from .sae import SparseDictionary, TranscoderSet
 from .splice import splice_hooks
 from ..engine.errors import InputError
@@ -193,16 +195,14 @@ def evaluate_dictionary(model: Any, dictionary: "SparseDictionary | TranscoderSe
     from ..data import load_contexts
     from .batches import chunk_for, model_batches
 
-    if not isinstance(dictionary, (SparseDictionary, TranscoderSet)) and hasattr(dictionary, "output_layers"):
+    if isinstance(dictionary, Transcoders) and not isinstance(dictionary, TranscoderSet):
         from .replacement import evaluate_replacement  # a cross-layer transcoder: per layer and all at once
 
         return evaluate_replacement(model, dictionary, tokens=tokens, ce_contexts=ce_contexts, source=source,
                                     ctx_len=ctx_len, contexts=contexts, dense_threshold=dense_threshold,
                                     batch_size=batch_size, per_layer_ce=per_layer_ce, progress=progress)
     if isinstance(dictionary, TranscoderSet):
-        from .clt import check_fits_model
-
-        check_fits_model(dictionary, model)  # layers, hooks and widths, naming the layer that does not fit
+        check_fits(model, dictionary)  # model, layers, hooks and widths, naming what does not fit
     if contexts is None:
         contexts = load_contexts(model, source, ctx_len, "test", progress=progress)
     members = dictionary.items() if isinstance(dictionary, TranscoderSet) else [(None, dictionary)]

@@ -15,6 +15,7 @@ from typing import Any, Iterable
 
 import torch
 
+from .compat import check_fits
 from .metrics import DictionaryMetrics, ReconstructionSums
 
 
@@ -84,10 +85,9 @@ def evaluate_replacement(model: Any, transcoders: Any, *, tokens: int | None = 1
     """
     from ..data import load_contexts
     from .batches import chunk_for, model_batches
-    from .clt import check_fits_model
     from .metrics import splice_metrics_groups
 
-    check_fits_model(transcoders, model)
+    check_fits(model, transcoders)
     if contexts is None:
         contexts = load_contexts(model, source, ctx_len, "test", progress=progress)
     layers = transcoders.layers
