@@ -602,7 +602,7 @@ class _CharTokenizer:
 
 @pytest.fixture()
 def cli_setup(tmp_path, monkeypatch):
-    from featurelens.dictionaries.format import save_transcoder_set
+    from featurelens.dictionaries.formats import save_transcoder_set
     import featurelens.cli.models as cli_models
     import featurelens.models.loader as loader
 

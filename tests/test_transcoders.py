@@ -13,11 +13,12 @@ from featurelens.dictionaries import (
     CLTConfig, CorruptDictionaryError, CrossLayerTranscoder, DictionaryConfig, SparseDictionary, TrainConfig,
     TranscoderSet, load_circuit_tracer, load_dictionary, run_training, save_circuit_tracer, save_clt,
 )
-from featurelens.dictionaries.clt import CLTLayerError, CLTLearner
+from featurelens.dictionaries.clt import CLTLayerError
+from featurelens.dictionaries.learner import CLTLearner
 from featurelens.dictionaries.compat import DictionaryModelMismatchError, check_fits
 from featurelens.dictionaries.protocol import decode_contributions
-from featurelens.dictionaries.replacement import Replacement, evaluate_replacement
-from featurelens.dictionaries.training import reuse_batches
+from featurelens.dictionaries.replacement import evaluate_replacement
+from featurelens.dictionaries.batches import reuse_batches
 from featurelens.engine.errors import InputError, MissingFileError
 
 D, N_LAYERS = 16, 3
@@ -205,7 +206,7 @@ def test_train_clt_on_a_tiny_model_saves_loads_and_resumes(tiny, contexts, tmp_p
     out = tmp_path / "clt"
     with pytest.raises(KeyboardInterrupt):
         # stop after 2 steps, as Ctrl-C would, leaving a checkpoint
-        from featurelens.dictionaries import clt as clt_mod
+        from featurelens.dictionaries import train as clt_mod
 
         real = clt_mod.run_training
 
@@ -475,7 +476,7 @@ def test_a_transcoder_set_for_another_d_model_is_refused_naming_the_layer(tiny):
 
 
 def test_fit_affine_recovers_an_affine_map_and_leaves_unspanned_directions_alone():
-    from featurelens.dictionaries.training import fit_affine
+    from featurelens.dictionaries.losses import fit_affine
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4000, D, generator=g)
@@ -490,7 +491,8 @@ def test_fit_affine_recovers_an_affine_map_and_leaves_unspanned_directions_alone
 
 def _skip_learner(skip_lr_scale, tokens=6000, device=None, **options):
     """A skip transcoder learning y = x A^T + b + relu(x) B (an affine part and a sparse nonlinear one)."""
-    from featurelens.dictionaries.training import Learner, iterate_tensors
+    from featurelens.dictionaries.batches import iterate_tensors
+    from featurelens.dictionaries.learner import Learner
 
     g = torch.Generator().manual_seed(3)
     x = torch.randn(3000, D, generator=g) * torch.linspace(0.05, 2.0, D)  # badly conditioned, like MLP inputs
@@ -506,7 +508,7 @@ def _skip_learner(skip_lr_scale, tokens=6000, device=None, **options):
 
 
 def test_a_skip_transcoder_starts_at_the_least_squares_map_and_keeps_it_by_default():
-    from featurelens.dictionaries.training import fit_affine
+    from featurelens.dictionaries.losses import fit_affine
 
     torch.manual_seed(0)
     learner, batches, tcfg, x, y = _skip_learner(skip_lr_scale=0.0)
@@ -561,7 +563,7 @@ def test_skip_lr_scale_lets_the_skip_move_and_is_validated():
 
 
 def test_a_skip_clt_starts_each_layer_at_its_least_squares_map():
-    from featurelens.dictionaries.training import fit_affine
+    from featurelens.dictionaries.losses import fit_affine
 
     batches, data = synthetic_stream()
     torch.manual_seed(0)

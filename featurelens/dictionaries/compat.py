@@ -27,7 +27,7 @@ class DictionaryModelMismatchError(InputError):
 def resolve_dictionary(dictionary: Any) -> tuple[Any, Path | None]:
     """A dictionary object or a path -> (dictionary, its directory or None). A set of transcoders is refused."""
     if isinstance(dictionary, (str, Path)):
-        from .format import load_dictionary
+        from .formats import load_dictionary
 
         loaded = load_dictionary(dictionary)
         p = Path(dictionary).expanduser().resolve()

@@ -20,6 +20,11 @@ from typing import Mapping
 
 import torch
 
+# The hooks a model's MLP transcoders read and write by default ("{}" = layer): the MLP's input after its norm, and
+# the MLP's output.
+TRANSCODER_IN = "blocks.{}.ln2.hook_normalized"
+TRANSCODER_OUT = "blocks.{}.hook_mlp_out"
+
 
 class Transcoders(abc.ABC):
     """A model's transcoders as one replacement for its MLPs (see the module docstring)."""

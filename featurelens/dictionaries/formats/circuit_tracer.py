@@ -38,12 +38,16 @@ from typing import Any
 
 import torch
 
-from ..engine.errors import InputError, MissingFileError
-from .clt import TRANSCODER_IN, TRANSCODER_OUT, CLTConfig, CrossLayerTranscoder, clt_from_tensors
-from .format import CorruptDictionaryError, _read_gemma_scope, _read_safetensors, _check_and_load
-from .sae import DictionaryConfig, SparseDictionary, TranscoderSet
+from ...engine.errors import InputError, MissingFileError
+from ..clt import CLTConfig, CrossLayerTranscoder
+from ..sae import DictionaryConfig, SparseDictionary, TranscoderSet
+from .clt import clt_from_tensors
+from .common import CorruptDictionaryError, read_safetensors
+from .gemma_scope import read_gemma_scope
+from .saelens import check_and_load
 
 CONFIG = "config.yaml"
+
 _HOOK_ALIASES = {"mlp.hook_in": "ln2.hook_normalized", "mlp.hook_out": "hook_mlp_out"}
 
 
@@ -54,7 +58,6 @@ def _suffix(hook: str) -> str:
         raise InputError(f"circuit-tracer's layout needs per-block hooks (blocks.L.*), got {hook!r}")
     return m.group(1)
 
-
 def _ct_hook(hook: str) -> str:
     """Our per-layer hook -> the within-block name circuit-tracer's config uses. Our blocks.L.ln2.hook_normalized is
     the MLP's input after the norm's weight; in TransformerLens (which circuit-tracer runs) that is mlp.hook_in, while
@@ -62,15 +65,12 @@ def _ct_hook(hook: str) -> str:
     suffix = _suffix(hook)
     return next((ct for ct, ours in _HOOK_ALIASES.items() if ours == suffix and ct.startswith("mlp.hook_in")), suffix)
 
-
 def _template(suffix: str) -> str:
     return "blocks.{}." + _HOOK_ALIASES.get(suffix, suffix)
-
 
 def _check_layers(layers: list[int], what: str) -> None:
     if layers != list(range(len(layers))):
         raise InputError(f"circuit-tracer needs a {what} for every layer from 0 up; this one has layers {layers}")
-
 
 def save_circuit_tracer(transcoders: Any, path: str | Path, *, model_name: str | None = None) -> Path:
     """Write a `TranscoderSet` or `CrossLayerTranscoder` in circuit-tracer's layout (see the module docstring).
@@ -80,7 +80,7 @@ def save_circuit_tracer(transcoders: Any, path: str | Path, *, model_name: str |
     """
     from safetensors.torch import save_file
 
-    from ..io import atomic_save, atomic_write_text
+    from ...io import atomic_save, atomic_write_text
 
     yaml = _yaml()
     path = Path(path).expanduser()
@@ -143,14 +143,12 @@ def save_circuit_tracer(transcoders: Any, path: str | Path, *, model_name: str |
     atomic_write_text(path / CONFIG, yaml.safe_dump(config, sort_keys=False))
     return path
 
-
 def _yaml() -> Any:
     try:
         import yaml
     except ImportError:  # pragma: no cover - PyYAML comes with transformers / huggingface_hub
         raise InputError("circuit-tracer's layout needs PyYAML: pip install pyyaml") from None
     return yaml
-
 
 def _read_config(path: Path) -> dict[str, Any]:
     try:
@@ -164,7 +162,6 @@ def _read_config(path: Path) -> dict[str, Any]:
             raise CorruptDictionaryError(f"{path / CONFIG}: missing {key!r}")
     return config
 
-
 def _resolve(path: Path, entry: str, layer: int) -> Path:
     if str(entry).startswith("hf://"):
         raise InputError(f"{path / CONFIG}: layer {layer} is on the Hugging Face hub ({entry}); featurelens reads "
@@ -174,7 +171,6 @@ def _resolve(path: Path, entry: str, layer: int) -> Path:
         if cand.is_file():
             return cand
     raise MissingFileError(f"{path / CONFIG}: layer {layer}'s file {entry} is missing")
-
 
 def load_circuit_tracer(path: str | Path, device: str | torch.device = "cpu",
                         model_name: str | None = None) -> "TranscoderSet | CrossLayerTranscoder":
@@ -190,7 +186,6 @@ def load_circuit_tracer(path: str | Path, device: str | torch.device = "cpu",
         return _load_clt(path, config, hook_in, hook_out, name, device)
     raise CorruptDictionaryError(f"{path / CONFIG}: unknown model_kind {kind!r} (transcoder_set or "
                                  f"cross_layer_transcoder)")
-
 
 def _load_set(path: Path, config: dict[str, Any], hook_in: str, hook_out: str, name: str,
               device: Any) -> TranscoderSet:
@@ -209,9 +204,9 @@ def _load_set(path: Path, config: dict[str, Any], hook_in: str, hook_out: str, n
     loaded: dict[int, SparseDictionary] = {}
     for layer, f in sorted(entries.items()):
         if f.suffix == ".npz":  # a Gemma Scope file, in its own orientation
-            t = _read_gemma_scope(f)
+            t = read_gemma_scope(f)
         else:
-            t = _read_safetensors(f)
+            t = read_safetensors(f)
             for key in ("W_enc", "W_dec", "b_enc", "b_dec"):
                 if key not in t:
                     raise CorruptDictionaryError(f"{f}: layer {layer}: missing {key}")
@@ -236,7 +231,7 @@ def _load_set(path: Path, config: dict[str, Any], hook_in: str, hook_out: str, n
         cfg = DictionaryConfig(d_in=d_in, d_sae=d_sae, arch=arch, k=k if arch == "topk" else None, transcoder=True,
                                d_out=d_out, skip="W_skip" in t, hook_name=hook_in.format(layer),
                                hook_name_out=hook_out.format(layer), model_name=name, apply_b_dec_to_input=False)
-        tc = _check_and_load(SparseDictionary(cfg), t, f)
+        tc = check_and_load(SparseDictionary(cfg), t, f)
         for p in tc.parameters():
             p.requires_grad_(False)
         tc.stats, tc.source = {}, f
@@ -246,7 +241,6 @@ def _load_set(path: Path, config: dict[str, Any], hook_in: str, hook_out: str, n
         raise CorruptDictionaryError(f"{path}: the layers' files disagree on d_model: " + ", ".join(
             f"layer {l}: d_in={tc.d_in}, d_out={tc.d_out}" for l, tc in loaded.items()))
     return TranscoderSet(loaded)
-
 
 def _load_clt(path: Path, config: dict[str, Any], hook_in: str, hook_out: str, name: str,
               device: Any) -> CrossLayerTranscoder:
@@ -260,7 +254,7 @@ def _load_clt(path: Path, config: dict[str, Any], hook_in: str, hook_out: str, n
             f = path / f"{part}_{i}.safetensors"
             if not f.is_file():
                 raise MissingFileError(f"{f}: missing: layer {i} of this {n}-layer cross-layer transcoder")
-            t = _read_safetensors(f)
+            t = read_safetensors(f)
             if part == "W_enc":
                 for key in (f"W_enc_{i}", f"b_enc_{i}", f"b_dec_{i}"):
                     if key not in t:
@@ -283,67 +277,3 @@ def _load_clt(path: Path, config: dict[str, Any], hook_in: str, hook_out: str, n
     clt = clt_from_tensors(cfg, tensors, path, device)
     clt.stats, clt.source = {}, path
     return clt
-
-
-# ----------------------------------------------------------------------------------------------- Gemma Scope 2 CLTs
-def gemma_scope_clt_files(path: Path) -> dict[int, Path] | None:
-    """{layer: file} when `path` holds a Gemma Scope 2 cross-layer transcoder (one params file per layer, its name
-    or folder saying layer_<L>, each with a 3-d w_dec [d_sae, n_layers, d_model]); otherwise None."""
-    from safetensors import safe_open
-
-    if not path.is_dir():
-        return None
-    files: dict[int, Path] = {}
-    for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*/params.safetensors")):
-        m = re.search(r"layer_(\d+)", str(f.relative_to(path)))
-        if m:
-            files.setdefault(int(m.group(1)), f)
-    if not files:
-        return None
-    try:
-        with safe_open(str(files[min(files)]), framework="pt") as fh:
-            if "w_dec" not in fh.keys() or len(fh.get_slice("w_dec").get_shape()) != 3:
-                return None
-    except Exception:
-        return None
-    return files
-
-
-def load_gemma_scope_clt(path: str | Path, device: str | torch.device = "cpu",
-                         model_name: str | None = None) -> CrossLayerTranscoder:
-    """A Gemma Scope 2 cross-layer transcoder from its per-layer files (JumpReLU; w_enc [d_model, d_sae], w_dec
-    [d_sae, n_layers, d_model] of which the layers >= L are used, b_enc, b_dec, threshold, affine_skip_connection
-    [d_model, d_model] applied as x @ it). Reads blocks.L.ln2.hook_normalized, writes blocks.L.hook_mlp_out."""
-    path = Path(path).expanduser()
-    files = gemma_scope_clt_files(path)
-    if files is None:
-        raise CorruptDictionaryError(f"{path}: not a Gemma Scope 2 cross-layer transcoder (no per-layer files with a "
-                                     f"3-d w_dec)")
-    n = max(files) + 1
-    missing = [i for i in range(n) if i not in files]
-    if missing:
-        raise MissingFileError(f"{path}: layer {missing[0]}'s file is missing (found layers {sorted(files)})")
-    tensors: dict[str, torch.Tensor] = {}
-    for i in range(n):
-        t = _read_safetensors(files[i])
-        for key in ("w_enc", "w_dec", "b_enc", "b_dec", "threshold"):
-            if key not in t:
-                raise CorruptDictionaryError(f"{files[i]}: layer {i}: missing {key}")
-        if t["w_dec"].dim() != 3 or t["w_dec"].shape[1] != n:
-            raise CorruptDictionaryError(f"{files[i]}: layer {i}: w_dec has shape {list(t['w_dec'].shape)}; a "
-                                         f"{n}-layer CLT needs [d_sae, {n}, d_model]")
-        tensors[f"W_enc_{i}"] = t["w_enc"].float()
-        tensors[f"W_dec_{i}"] = t["w_dec"][:, i:].float().contiguous()
-        tensors[f"b_enc_{i}"], tensors[f"b_dec_{i}"] = t["b_enc"].float(), t["b_dec"].float()
-        tensors[f"threshold_{i}"] = t["threshold"].float()
-        if "affine_skip_connection" in t:
-            tensors[f"W_skip_{i}"] = t["affine_skip_connection"].float().T.contiguous()
-    d_in, d_sae = tensors["W_enc_0"].shape
-    cfg = CLTConfig(layers=list(range(n)), d_in=d_in, d_sae=d_sae, arch="jumprelu",
-                    d_out=tensors["b_dec_0"].shape[0], skip="W_skip_0" in tensors, model_name=model_name or "")
-    clt = clt_from_tensors(cfg, tensors, path, device)
-    clt.stats, clt.source = {}, path
-    return clt
-
-
-__all__ = ["load_circuit_tracer", "load_gemma_scope_clt", "save_circuit_tracer", "TRANSCODER_IN", "TRANSCODER_OUT"]
