@@ -36,7 +36,8 @@ from featurelens.cli.train import _int  # noqa: E402
 from featurelens.dictionaries.metrics import DictionaryMetrics, ReconstructionSums  # noqa: E402
 from featurelens.dictionaries.sae import DictionaryConfig  # noqa: E402
 from featurelens.dictionaries.batches import iterate_tensors  # noqa: E402
-from featurelens.dictionaries.learner import Learner, TrainConfig  # noqa: E402
+from featurelens.dictionaries.learner import Learner  # noqa: E402
+from featurelens.dictionaries.train_config import TrainConfig  # noqa: E402
 from featurelens.dictionaries.losses import fit_affine, lr_factor  # noqa: E402
 from featurelens.dictionaries.loop import run_training  # noqa: E402
 

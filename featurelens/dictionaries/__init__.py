@@ -21,7 +21,8 @@ from .compat import DictionaryModelMismatchError, check_fits
 from .evaluate import evaluate_dictionary
 from .formats import (CorruptDictionaryError, load_circuit_tracer, load_clt, load_dictionary, save_circuit_tracer,
                       save_clt, save_dictionary, save_transcoder_set)
-from .learner import Learner, TrainConfig
+from .learner import Learner
+from .train_config import TrainConfig
 from .loop import run_training
 from .metrics import DictionaryMetrics, reconstruction_metrics, splice_metrics
 from .replacement import evaluate_replacement

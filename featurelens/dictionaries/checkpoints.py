@@ -16,7 +16,7 @@ import torch
 
 from ..engine.errors import InputError
 from ..io import atomic_save
-from .learner import TrainConfig
+from .train_config import TrainConfig
 
 if TYPE_CHECKING:
     from .learner import Learner

@@ -22,7 +22,8 @@ import torch
 from ..interrupt import deferred_interrupt
 from .batches import Batches, reuse_batches
 from .checkpoints import CHECKPOINT_FORMAT, check_resumable, checkpoint_files, load_latest_checkpoint, save_checkpoint
-from .learner import Learner, TrainConfig
+from .learner import Learner
+from .train_config import TrainConfig
 from .losses import lr_factor
 
 CHECKPOINT_SECONDS = 600  # default checkpoint interval: an interruption loses at most about this much training

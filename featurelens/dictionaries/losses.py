@@ -24,16 +24,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping
+from typing import Mapping
 
 import torch
 
 from ..device import bf16_matmul_is_fast
 from .autograd import JumpReLU, SelectedEncode, Step, gathered_dot, sparse_decode
-
-if TYPE_CHECKING:
-    from .learner import TrainConfig
-
+from .train_config import TrainConfig
 
 
 def lr_factor(progress: float, warmup: float, decay: float) -> float:
@@ -120,8 +117,6 @@ def dead_latent_aux(x: torch.Tensor, b_dec_in: torch.Tensor | None, W_enc: torch
     # must reach it to bring it back
     aux_acts = SelectedEncode.apply(x, b_dec_in, W_enc, b_enc, aux_i, aux_v)
     return (sparse_decode(aux_acts, aux_i, W_dec) + err.detach()).pow(2).sum(-1).mean()
-
-LOSSES = ("mse", "normalized_mse")
 
 def reconstruction_loss(err2: torch.Tensor, y2: torch.Tensor, kind: str) -> torch.Tensor:
     """The reconstruction term from per-token squared errors err2 [B] and squared target norms y2 [B].

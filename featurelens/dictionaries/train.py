@@ -26,10 +26,11 @@ from .batches import chunk_for, model_batches
 from .checkpoints import clear_checkpoints
 from .clt import CLTConfig, CrossLayerTranscoder
 from .formats import META_FILE, save_clt, save_dictionary, save_transcoder_set
-from .learner import CLTLearner, Learner, TrainConfig
+from .learner import CLTLearner, Learner
 from .loop import RunResult, run_training
 from .protocol import TRANSCODER_IN, TRANSCODER_OUT
 from .sae import DictionaryConfig, SparseDictionary, TranscoderSet
+from .train_config import TrainConfig
 
 
 def _check_hook(model: Any, hook: str) -> int:
