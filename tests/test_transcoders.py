@@ -305,6 +305,59 @@ def _same_outputs(a, b):
         assert torch.equal(a.encode_layer(l, xs[l]), b.encode_layer(l, xs[l]))
 
 
+# the tensors circuit-tracer 0.5's per-layer loader hands to SingleLayerTranscoder.load_state_dict (strict)
+CIRCUIT_TRACER_LAYER_KEYS = {"W_enc", "W_dec", "b_enc", "b_dec", "W_skip", "activation_function.threshold"}
+
+CIRCUIT_TRACER_LOADS = r'''
+import sys
+from pathlib import Path
+
+import torch
+from circuit_tracer.transcoder.activation_functions import TopK
+from circuit_tracer.utils.caching import load_transcoders_from_cache
+
+d, x = Path(sys.argv[1]), torch.load(sys.argv[2])
+tcs, cfg = load_transcoders_from_cache(d.name, cache_dir=str(d.parent), device=torch.device("cpu"),
+                                       dtype=torch.float32, lazy_encoder=False, lazy_decoder=False)
+if cfg.get("activation") == "topk":  # its loader reads ReLU / JumpReLU; the caller applies TopK from config.yaml
+    for t in tcs:
+        t.activation_function = torch.nn.Sequential(TopK(int(cfg["k"])), torch.nn.ReLU())
+out = {}
+for layer, t in enumerate(tcs):
+    out[f"f{layer}"] = t.encode(x)
+    out[f"y{layer}"] = t.decode(out[f"f{layer}"], x)
+torch.save(out, sys.argv[3])
+'''
+
+
+@pytest.mark.parametrize("skip,arch", [(True, "topk"), (False, "topk"), (True, "jumprelu"), (False, "relu")])
+def test_circuit_tracer_loads_what_we_write(tmp_path, skip, arch):
+    """circuit-tracer's own loader (its cache reader, as the attribution benchmark uses it) reads the files
+    `save_circuit_tracer` writes, and its transcoders compute ours. Needs a Python with circuit-tracer installed
+    (benchmarks/attribution.py builds one): FEATURELENS_CIRCUIT_TRACER_PYTHON=path/to/python."""
+    import os
+    import subprocess
+
+    python = os.environ.get("FEATURELENS_CIRCUIT_TRACER_PYTHON")
+    if not python:
+        pytest.skip("set FEATURELENS_CIRCUIT_TRACER_PYTHON to a Python with circuit-tracer installed")
+    tset = random_set(skip=skip, arch=arch)
+    save_circuit_tracer(tset, tmp_path / "ct", model_name="google/gemma-3-270m")
+    x = torch.randn(7, D)
+    torch.save(x, tmp_path / "x.pt")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
+    env.update(HF_HUB_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1")
+    r = subprocess.run([python, "-c", CIRCUIT_TRACER_LOADS, str(tmp_path / "ct"), str(tmp_path / "x.pt"),
+                        str(tmp_path / "out.pt")], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    theirs = torch.load(tmp_path / "out.pt")
+    with torch.no_grad():
+        for layer in tset.layers:
+            f = tset[layer].encode(x)
+            torch.testing.assert_close(theirs[f"f{layer}"], f)
+            torch.testing.assert_close(theirs[f"y{layer}"], tset[layer].decode(f, x))
+
+
 @pytest.mark.parametrize("skip,arch", [(True, "topk"), (False, "topk"), (True, "jumprelu"), (False, "relu")])
 def test_circuit_tracer_round_trip_transcoder_set(tmp_path, skip, arch):
     import yaml
@@ -321,6 +374,8 @@ def test_circuit_tracer_round_trip_transcoder_set(tmp_path, skip, arch):
         assert tuple(f.get_slice("W_enc").get_shape()) == (20, D)
         assert ("W_skip" in f.keys()) == skip
         assert ("activation_function.threshold" in f.keys()) == (arch == "jumprelu")
+        # only what circuit-tracer's strict load_state_dict accepts (TopK's k is in config.yaml, not here)
+        assert set(f.keys()) <= CIRCUIT_TRACER_LAYER_KEYS
     back = load_dictionary(tmp_path / "ct")
     assert isinstance(back, TranscoderSet) and back.layers == [0, 1, 2] and back[0].cfg.arch == arch
     _same_outputs(tset, back)

@@ -15,7 +15,6 @@ from ..data import ActivationStore
 from ..engine.errors import InputError
 
 Batches = Callable[[int], Iterable[Mapping[str, torch.Tensor]]]  # tokens already seen -> batches from there on
-
 CHUNK_CONTEXTS = 512  # contexts per forward-and-shuffle chunk (about 65k token rows at ctx_len 128)
 
 
@@ -110,6 +109,7 @@ def iterate_tensors(x: torch.Tensor, batch_size: int, hook: str, y: torch.Tensor
 
     return gen
 
+
 def reuse_batches(batches: Batches, reuse: int, buffer_tokens: int, batch_size: int, seed: int = 0) -> Batches:
     """Serve every row of `batches` `reuse` times: fill a buffer of buffer_tokens rows (held as bfloat16, half the
     memory of float32; the activations' own precision is about that anyway), then yield it `reuse` times in fresh
@@ -148,6 +148,7 @@ def reuse_batches(batches: Batches, reuse: int, buffer_tokens: int, batch_size: 
             b += 1
 
     return gen
+
 
 def _chain_first(first: dict[str, torch.Tensor], rest: Iterator[dict[str, torch.Tensor]]) -> Iterator[dict[str, torch.Tensor]]:
     yield {h: v.float() if v.is_floating_point() else v for h, v in first.items()}

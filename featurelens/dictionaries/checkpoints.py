@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     from .learner import Learner
 
 CHECKPOINT_FORMAT = 1
-
 _CKPT_RE = re.compile(r"^step-(\d{8})\.pt$")
 
 
@@ -32,6 +31,7 @@ def checkpoint_files(ckdir: Path) -> list[Path]:
     found = [p for p in ckdir.iterdir() if _CKPT_RE.match(p.name)]
     return sorted(found, key=lambda p: int(_CKPT_RE.match(p.name).group(1)), reverse=True)  # type: ignore[union-attr]
 
+
 def save_checkpoint(ckdir: Path, state: dict[str, Any], keep: int = 2) -> Path:
     ckdir.mkdir(parents=True, exist_ok=True)
     path = ckdir / f"step-{state['step']:08d}.pt"
@@ -39,6 +39,7 @@ def save_checkpoint(ckdir: Path, state: dict[str, Any], keep: int = 2) -> Path:
     for old in checkpoint_files(ckdir)[keep:]:
         old.unlink(missing_ok=True)
     return path
+
 
 def load_latest_checkpoint(ckdir: Path) -> tuple[dict[str, Any], Path] | None:
     """The newest checkpoint that reads back; a damaged newest one is reported and skipped."""
@@ -51,6 +52,7 @@ def load_latest_checkpoint(ckdir: Path) -> tuple[dict[str, Any], Path] | None:
         except Exception as e:  # a truncated or foreign file: fall back to the previous checkpoint
             warnings.warn(f"{path}: unreadable checkpoint ({e}); trying an older one", stacklevel=2)
     return None
+
 
 def check_resumable(state: dict[str, Any], tcfg: TrainConfig, learners: list[Learner], path: Path) -> None:
     saved = state.get("train_config", {})
@@ -73,6 +75,7 @@ def check_resumable(state: dict[str, Any], tcfg: TrainConfig, learners: list[Lea
     if diffs:
         raise InputError(f"cannot resume from {path}: the run differs from it ({'; '.join(diffs)}); "
                          "use the same settings, or start over with overwrite=True (--overwrite)")
+
 
 def clear_checkpoints(out: Path) -> None:
     ckdir = out / "checkpoints"

@@ -177,6 +177,7 @@ class Learner:
         self.bt_threshold = st["bt_threshold"]
         self.ema = dict(st["ema"])
 
+
 def _pair(batch: Mapping[str, torch.Tensor], learner: Learner) -> tuple[torch.Tensor, torch.Tensor]:
     try:
         x, y = batch[learner.hook_in], batch[learner.hook_out]

@@ -37,6 +37,7 @@ class RunResult:
     seconds: float
     resumed_from: int | None  # step
 
+
 def run_training(learners: list[Learner], batches: Batches, tcfg: TrainConfig, out: Path | None,
                  resume: bool = False, progress: bool = True, desc: str = "training",
                  stop_after_steps: int | None = None) -> RunResult:
@@ -129,6 +130,7 @@ def run_training(learners: list[Learner], batches: Batches, tcfg: TrainConfig, o
         bar.close()
     return RunResult(learners, step, tokens_seen, time.perf_counter() - t0, resumed_from)
 
+
 def _first_rows(it: Iterator[Mapping[str, torch.Tensor]], rows: int) -> list[Mapping[str, torch.Tensor]]:
     """The stream's first batches, at least `rows` rows (fewer if it ends), to be chained back in front."""
     first: list[Mapping[str, torch.Tensor]] = []
@@ -140,6 +142,7 @@ def _first_rows(it: Iterator[Mapping[str, torch.Tensor]], rows: int) -> list[Map
         first.append(batch)
         n += len(next(iter(batch.values())))
     return first
+
 
 def _postfix(learners: list[Learner]) -> dict[str, str]:
     mean = lambda key: sum(lr_.ema.get(key, float("nan")) for lr_ in learners) / len(learners)  # noqa: E731

@@ -57,6 +57,7 @@ def select_latents(pre: torch.Tensor, arch: str, k: int) -> tuple[torch.Tensor, 
     mask = torch.isfinite(vals)
     return cand_i.gather(1, pos), vals.masked_fill(~mask, 0.0), mask
 
+
 @dataclass
 class TrainEncoding:
     """One encoder's features for a training batch of B tokens."""
@@ -68,6 +69,7 @@ class TrainEncoding:
     l0: torch.Tensor  # mean active latents per token
     fired: torch.Tensor  # ids of the latents that fired in this batch
     sparsity: torch.Tensor  # the architecture's penalty (0 for topk / batchtopk)
+
 
 def encode_for_training(arch: str, k: int | None, x: torch.Tensor, b_dec_in: torch.Tensor | None,
                         W_enc: torch.Tensor, b_enc: torch.Tensor, threshold: torch.Tensor | None, tcfg: "TrainConfig",
@@ -101,9 +103,11 @@ def encode_for_training(arch: str, k: int | None, x: torch.Tensor, b_dec_in: tor
     return TrainEncoding(f, None, pre_g.detach(), active, active.sum(1).float().mean(),
                          active.any(0).nonzero().squeeze(1), sparsity)
 
+
 def decode_for_training(enc: TrainEncoding, W_dec: torch.Tensor) -> torch.Tensor:
     """enc's features times the decoder rows W_dec [d_sae, n] -> [B, n] (a sparse decode for selected latents)."""
     return sparse_decode(enc.acts, enc.idx, W_dec) if enc.idx is not None else enc.acts @ W_dec
+
 
 def dead_latent_aux(x: torch.Tensor, b_dec_in: torch.Tensor | None, W_enc: torch.Tensor, b_enc: torch.Tensor,
                     W_dec: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor, aux_k: int,
@@ -118,6 +122,7 @@ def dead_latent_aux(x: torch.Tensor, b_dec_in: torch.Tensor | None, W_enc: torch
     aux_acts = SelectedEncode.apply(x, b_dec_in, W_enc, b_enc, aux_i, aux_v)
     return (sparse_decode(aux_acts, aux_i, W_dec) + err.detach()).pow(2).sum(-1).mean()
 
+
 def reconstruction_loss(err2: torch.Tensor, y2: torch.Tensor, kind: str) -> torch.Tensor:
     """The reconstruction term from per-token squared errors err2 [B] and squared target norms y2 [B].
 
@@ -130,15 +135,18 @@ def reconstruction_loss(err2: torch.Tensor, y2: torch.Tensor, kind: str) -> torc
     mean_y2 = y2.mean().clamp_min(1e-12)
     return (err2 / y2.clamp_min(0.1 * mean_y2)).mean() * mean_y2
 
+
 @torch.no_grad()
 def project_decoder_grad(W: torch.Tensor) -> None:
     """Remove the gradient's component along each (unit) decoder row, so a step moves rows along the sphere."""
     if W.grad is not None:
         W.grad -= (W.grad * W).sum(1, keepdim=True) * W
 
+
 @torch.no_grad()
 def renormalize_rows(W: torch.Tensor) -> None:
     W /= W.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
 
 def update_batchtopk_threshold(current: float | None, enc: TrainEncoding, rate: float) -> float | None:
     """Running average of the smallest kept activation: the threshold a batchtopk dictionary uses at inference."""
@@ -146,6 +154,7 @@ def update_batchtopk_threshold(current: float | None, enc: TrainEncoding, rate: 
         return current
     low = float(enc.acts.detach()[enc.active].min())
     return low if current is None else (1 - rate) * current + rate * low
+
 
 def adam_for(weights: list[torch.Tensor], offsets: list[torch.Tensor], tcfg: "TrainConfig",
              skips: list[torch.Tensor] = ()) -> torch.optim.Adam:
@@ -155,6 +164,7 @@ def adam_for(weights: list[torch.Tensor], offsets: list[torch.Tensor], tcfg: "Tr
     if skips:
         groups.append({"params": list(skips), "lr_scale": tcfg.skip_lr_scale})
     return torch.optim.Adam(groups, lr=tcfg.lr, betas=tcfg.adam_betas)
+
 
 @torch.no_grad()
 def fit_affine(x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,10 +184,12 @@ def fit_affine(x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-3) -> tuple[t
     b = my - mx @ W
     return W.T.to(x.dtype).contiguous(), b.to(x.dtype)
 
+
 def skip_init_rows(has_skip: bool, tcfg: "TrainConfig") -> int:
     """Rows a learner reads before its first step: init_tokens for a least-squares skip, else 0 (the first batch
     initializes everything else)."""
     return tcfg.init_tokens if has_skip and tcfg.skip_init == "least_squares" else 0
+
 
 @torch.no_grad()
 def start_skip(W_skip: torch.Tensor, b_dec: torch.Tensor, W_enc: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
@@ -190,16 +202,20 @@ def start_skip(W_skip: torch.Tensor, b_dec: torch.Tensor, W_enc: torch.Tensor, x
         b_dec.copy_(b)
     W_enc.mul_(tcfg.skip_encoder_scale)
 
+
 def default_dead_tokens(tcfg: "TrainConfig") -> int:
     return tcfg.dead_tokens or min(10_000_000, max(tcfg.tokens // 5, 10 * tcfg.batch_size))
+
 
 def choose_select_dtype(tcfg: "TrainConfig", arch: str, device: torch.device) -> torch.dtype | None:
     low = tcfg.select_dtype == "bfloat16" or (tcfg.select_dtype == "auto" and bf16_matmul_is_fast(device.type))
     return torch.bfloat16 if low and arch in ("topk", "batchtopk") else None
 
+
 def update_ema(ema: dict[str, float], stats: Mapping[str, float]) -> None:
     for key, v in stats.items():
         ema[key] = v if key not in ema else 0.9 * ema[key] + 0.1 * v
+
 
 @torch.no_grad()
 def init_sparse_offsets(arch: str, pre: torch.Tensor, b_enc: torch.Tensor, threshold: torch.Tensor | None,

@@ -104,6 +104,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+
 def _positive_int(name: str, v: Any) -> None:
     if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
         raise InputError(f"{name} must be a positive integer, got {v!r}")

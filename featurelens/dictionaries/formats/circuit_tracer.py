@@ -10,9 +10,12 @@ A directory with ``config.yaml``::
 
 Per-layer transcoders: ``layer_<L>.safetensors`` with W_enc [d_sae, d_in] (the transpose of ours / SAELens's),
 W_dec [d_sae, d_out], b_enc [d_sae], b_dec [d_out], and where they apply ``activation_function.threshold``
-[d_sae] (JumpReLU; our batchtopk at inference), ``W_skip`` [d_out, d_in] (applied as x @ W_skip.T, as ours) and
-``k`` (a scalar, TopK). circuit-tracer's TopK keeps the k largest pre-activations as they are, ours ReLUs them:
-the two agree whenever a token has k positive pre-activations (nearly always for a trained dictionary).
+[d_sae] (JumpReLU; our batchtopk at inference) and ``W_skip`` [d_out, d_in] (applied as x @ W_skip.T, as ours): the
+keys circuit-tracer's loader hands to a strict `load_state_dict`, and nothing else. circuit-tracer 0.5 loads every
+set-of-transcoders file as ReLU or JumpReLU (by whether a threshold is there); TopK is said in config.yaml alone
+(``activation: topk``, ``k``), which its loader ignores and its caller applies: its `TopK(k)` module followed by a
+ReLU is our TopK (ours ReLUs the k kept pre-activations). Our reader takes k from config.yaml, or from a scalar
+``k`` tensor in the layer file (what earlier versions of this writer put there).
 
 Cross-layer transcoders: ``W_enc_<i>.safetensors`` holding W_enc_<i> [d_sae, d_in], b_enc_<i>, b_dec_<i>
 [d_out] and threshold_<i> (JumpReLU), and ``W_dec_<i>.safetensors`` holding W_dec_<i> [d_sae, n_layers - i,
@@ -47,7 +50,6 @@ from .gemma_scope import read_gemma_scope
 from .saelens import check_and_load
 
 CONFIG = "config.yaml"
-
 _HOOK_ALIASES = {"mlp.hook_in": "ln2.hook_normalized", "mlp.hook_out": "hook_mlp_out"}
 
 
@@ -58,6 +60,7 @@ def _suffix(hook: str) -> str:
         raise InputError(f"circuit-tracer's layout needs per-block hooks (blocks.L.*), got {hook!r}")
     return m.group(1)
 
+
 def _ct_hook(hook: str) -> str:
     """Our per-layer hook -> the within-block name circuit-tracer's config uses. Our blocks.L.ln2.hook_normalized is
     the MLP's input after the norm's weight; in TransformerLens (which circuit-tracer runs) that is mlp.hook_in, while
@@ -65,12 +68,15 @@ def _ct_hook(hook: str) -> str:
     suffix = _suffix(hook)
     return next((ct for ct, ours in _HOOK_ALIASES.items() if ours == suffix and ct.startswith("mlp.hook_in")), suffix)
 
+
 def _template(suffix: str) -> str:
     return "blocks.{}." + _HOOK_ALIASES.get(suffix, suffix)
+
 
 def _check_layers(layers: list[int], what: str) -> None:
     if layers != list(range(len(layers))):
         raise InputError(f"circuit-tracer needs a {what} for every layer from 0 up; this one has layers {layers}")
+
 
 def save_circuit_tracer(transcoders: Any, path: str | Path, *, model_name: str | None = None) -> Path:
     """Write a `TranscoderSet` or `CrossLayerTranscoder` in circuit-tracer's layout (see the module docstring).
@@ -126,8 +132,6 @@ def save_circuit_tracer(transcoders: Any, path: str | Path, *, model_name: str |
                 t["activation_function.threshold"] = tc.threshold.detach().cpu().contiguous()
             if tc.W_skip is not None:
                 t["W_skip"] = tc.W_skip.detach().cpu().contiguous()
-            if arch == "topk":
-                t["k"] = torch.tensor(tc.cfg.k)
             f = path / f"layer_{l}.safetensors"
             atomic_save(f, lambda tmp, t=t: save_file(t, str(tmp)))
             files.append(str(f.resolve()))
@@ -143,12 +147,14 @@ def save_circuit_tracer(transcoders: Any, path: str | Path, *, model_name: str |
     atomic_write_text(path / CONFIG, yaml.safe_dump(config, sort_keys=False))
     return path
 
+
 def _yaml() -> Any:
     try:
         import yaml
     except ImportError:  # pragma: no cover - PyYAML comes with transformers / huggingface_hub
         raise InputError("circuit-tracer's layout needs PyYAML: pip install pyyaml") from None
     return yaml
+
 
 def _read_config(path: Path) -> dict[str, Any]:
     try:
@@ -162,6 +168,7 @@ def _read_config(path: Path) -> dict[str, Any]:
             raise CorruptDictionaryError(f"{path / CONFIG}: missing {key!r}")
     return config
 
+
 def _resolve(path: Path, entry: str, layer: int) -> Path:
     if str(entry).startswith("hf://"):
         raise InputError(f"{path / CONFIG}: layer {layer} is on the Hugging Face hub ({entry}); featurelens reads "
@@ -171,6 +178,7 @@ def _resolve(path: Path, entry: str, layer: int) -> Path:
         if cand.is_file():
             return cand
     raise MissingFileError(f"{path / CONFIG}: layer {layer}'s file {entry} is missing")
+
 
 def load_circuit_tracer(path: str | Path, device: str | torch.device = "cpu",
                         model_name: str | None = None) -> "TranscoderSet | CrossLayerTranscoder":
@@ -186,6 +194,7 @@ def load_circuit_tracer(path: str | Path, device: str | torch.device = "cpu",
         return _load_clt(path, config, hook_in, hook_out, name, device)
     raise CorruptDictionaryError(f"{path / CONFIG}: unknown model_kind {kind!r} (transcoder_set or "
                                  f"cross_layer_transcoder)")
+
 
 def _load_set(path: Path, config: dict[str, Any], hook_in: str, hook_out: str, name: str,
               device: Any) -> TranscoderSet:
@@ -241,6 +250,7 @@ def _load_set(path: Path, config: dict[str, Any], hook_in: str, hook_out: str, n
         raise CorruptDictionaryError(f"{path}: the layers' files disagree on d_model: " + ", ".join(
             f"layer {l}: d_in={tc.d_in}, d_out={tc.d_out}" for l, tc in loaded.items()))
     return TranscoderSet(loaded)
+
 
 def _load_clt(path: Path, config: dict[str, Any], hook_in: str, hook_out: str, name: str,
               device: Any) -> CrossLayerTranscoder:

@@ -19,7 +19,6 @@ from ..clt import CLTConfig, CrossLayerTranscoder
 from .common import CorruptDictionaryError, read_json, read_safetensors
 
 CLT_KIND = "cross_layer_transcoder"
-
 CLT_WEIGHTS = "clt_weights.safetensors"
 
 
@@ -38,6 +37,7 @@ def clt_tensors(clt: CrossLayerTranscoder) -> dict[str, torch.Tensor]:
             out[f"W_skip_{l}"] = clt.W_skip[i].detach().cpu().contiguous()
     return out
 
+
 def save_clt(clt: CrossLayerTranscoder, path: str | Path, stats: dict[str, Any] | None = None) -> Path:
     """Write `clt` to the directory `path`: cfg.json (its config), clt_weights.safetensors, featurelens.json.
     Every file is written atomically, weights first."""
@@ -55,6 +55,7 @@ def save_clt(clt: CrossLayerTranscoder, path: str | Path, stats: dict[str, Any] 
         meta["stats"] = stats
     atomic_write_json(path / "featurelens.json", meta, default=str)
     return path
+
 
 def clt_from_tensors(cfg: CLTConfig, tensors: Mapping[str, torch.Tensor], source: Path | str,
                      device: str | torch.device = "cpu") -> CrossLayerTranscoder:
@@ -91,6 +92,7 @@ def clt_from_tensors(cfg: CLTConfig, tensors: Mapping[str, torch.Tensor], source
         p.requires_grad_(False)
     return clt.to(device).eval()
 
+
 def load_clt(path: str | Path, device: str | torch.device = "cpu") -> CrossLayerTranscoder:
     """Read a CLT directory written by `save_clt` (`load_dictionary` calls this for such directories)."""
     path = Path(path).expanduser()
@@ -106,6 +108,7 @@ def load_clt(path: str | Path, device: str | torch.device = "cpu") -> CrossLayer
     clt = clt_from_tensors(cfg, read_safetensors(path / CLT_WEIGHTS), path / CLT_WEIGHTS, device)
     clt.stats, clt.source = (meta or {}).get("stats", {}), path
     return clt
+
 
 def clt_config_json(path: Path) -> dict[str, Any] | None:
     """The config of the CLT directory `path`, or None when it is not one (for `load_dictionary`'s detection)."""

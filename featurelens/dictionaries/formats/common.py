@@ -15,19 +15,18 @@ from ...io import atomic_write_json
 from ...models.gguf import CorruptFileError
 
 CFG_FILE = "cfg.json"
-
 WEIGHTS_FILE = "sae_weights.safetensors"
-
 META_FILE = "featurelens.json"
-
 FORMAT_VERSION = 1
 
 
 class CorruptDictionaryError(CorruptFileError):
     """A dictionary file that cannot be read or does not match its config; the message names the file."""
 
+
 def write_json(path: Path, obj: dict[str, Any]) -> None:
     atomic_write_json(path, obj, default=str)
+
 
 def read_json(path: Path) -> dict[str, Any]:
     try:
@@ -39,6 +38,7 @@ def read_json(path: Path) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise CorruptDictionaryError(f"{path}: expected a JSON object, found {type(obj).__name__}")
     return obj
+
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import safe_open

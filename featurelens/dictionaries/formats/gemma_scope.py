@@ -20,7 +20,6 @@ from .common import CorruptDictionaryError, read_json, read_safetensors
 from .saelens import check_and_load
 
 NPZ_FILE = "params.npz"  # Gemma Scope
-
 GS2_FILE = "params.safetensors"  # Gemma Scope 2 (lower-case tensor names, optional config.json beside it)
 
 
@@ -50,12 +49,14 @@ _HF_HOOKS = (  # Gemma Scope 2 config.json hook points -> ours
     (r"model\.layers\.(\d+)\.self_attn\.o_proj\.input$", "blocks.{}.attn.hook_z"),
 )
 
+
 def _hf_hook(name: str | None) -> str | None:
     for pattern, ours in _HF_HOOKS:
         m = re.match(pattern, name or "")
         if m:
             return ours.format(m.group(1))
     return None
+
 
 def _guess_gemma_scope_hooks(path: Path) -> tuple[str, str | None]:
     """Hooks from a Gemma Scope path: google/gemma-scope-2b-pt-res/layer_12/... or .../resid_post/layer_6_.../."""
@@ -71,6 +72,7 @@ def _guess_gemma_scope_hooks(path: Path) -> tuple[str, str | None]:
                 return f"blocks.{layer}.{site}", None
     raise InputError(f"{path}: cannot tell which hook this Gemma Scope file reads; pass hook_name=... "
                      f"(and hook_name_out=... for a transcoder)")
+
 
 def load_gemma_scope(path: Path, device: Any, hook_name: str | None, hook_name_out: str | None,
                       model_name: str | None) -> SparseDictionary:
@@ -116,6 +118,7 @@ def gemma_scope_clt_files(path: Path) -> dict[int, Path] | None:
     except Exception:
         return None
     return files
+
 
 def load_gemma_scope_clt(path: str | Path, device: str | torch.device = "cpu",
                          model_name: str | None = None) -> CrossLayerTranscoder:

@@ -39,7 +39,6 @@ from .common import (CFG_FILE, FORMAT_VERSION, META_FILE, WEIGHTS_FILE, CorruptD
                      write_json)
 
 _TO_SAELENS = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}
-
 _FROM_SAELENS = {  # SAELens name -> (arch, transcoder, skip); the last three are featurelens-only names
     "standard": ("relu", False, False), "topk": ("topk", False, False), "jumprelu": ("jumprelu", False, False),
     "transcoder": ("relu", True, False), "skip_transcoder": ("relu", True, True),
@@ -57,6 +56,7 @@ def saelens_architecture(cfg: DictionaryConfig) -> str:
         return "topk"
     base = "topk" if cfg.arch == "topk" else "jumprelu"
     return f"{base}_skip_transcoder" if cfg.skip else f"{base}_transcoder"
+
 
 def saelens_config(cfg: DictionaryConfig) -> dict[str, Any]:
     """The cfg.json SAELens reads (flat keys, understood by SAELens 5.x and 6.x alike)."""
@@ -97,6 +97,7 @@ def saelens_config(cfg: DictionaryConfig) -> dict[str, Any]:
         out["hook_head_index_out"] = None
     return out
 
+
 def save_saelens(dictionary: SparseDictionary, path: str | Path, stats: dict[str, Any] | None = None) -> Path:
     """Write `dictionary` to the directory `path` (created if needed); returns the path.
 
@@ -117,6 +118,7 @@ def save_saelens(dictionary: SparseDictionary, path: str | Path, stats: dict[str
         meta["stats"] = stats
     write_json(path / META_FILE, meta)
     return path
+
 
 def config_from_saelens(cfg: dict[str, Any], meta: dict[str, Any] | None) -> DictionaryConfig:
     """cfg.json (ours, SAELens 5.x flat, or 6.x with a metadata block) -> DictionaryConfig."""
@@ -157,6 +159,7 @@ def config_from_saelens(cfg: dict[str, Any], meta: dict[str, Any] | None) -> Dic
         metadata={key: get(key) for key in ("context_size", "prepend_bos", "dataset_path") if get(key) is not None},
     )
 
+
 def check_and_load(dictionary: SparseDictionary, tensors: dict[str, torch.Tensor], source: Path) -> SparseDictionary:
     cfg = dictionary.cfg
     expected = {name: tuple(p.shape) for name, p in dictionary.named_parameters()}
@@ -178,6 +181,7 @@ def check_and_load(dictionary: SparseDictionary, tensors: dict[str, torch.Tensor
         for name, p in dictionary.named_parameters():
             p.copy_(tensors[name].to(p.dtype))
     return dictionary
+
 
 def override(cfg: DictionaryConfig, hook_name: str | None, hook_name_out: str | None, model_name: str | None) -> None:
     if hook_name is not None:

@@ -11,6 +11,7 @@ from ..sae import TranscoderSet
 from .common import FORMAT_VERSION, META_FILE, CorruptDictionaryError, read_json, write_json
 from .saelens import load_saelens, save_saelens
 
+
 def save_transcoder_set(tset: TranscoderSet, path: str | Path, stats: dict[str, Any] | None = None) -> Path:
     """Each layer's transcoder in <path>/layer_<L>/ (a dictionary directory SAELens reads), and an index."""
     path = Path(path).expanduser()
@@ -22,6 +23,7 @@ def save_transcoder_set(tset: TranscoderSet, path: str | Path, stats: dict[str, 
              "n_layers_model": getattr(tset, "n_layers_model", None)}
     write_json(path / META_FILE, index)
     return path
+
 
 def load_transcoder_set(path: Path, meta: dict[str, Any], device: Any) -> TranscoderSet:
     layers = meta.get("layers")
