@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..engine.errors import InputError
+from .protocol import Transcoders
 
 
 class DictionaryModelMismatchError(InputError):
@@ -31,10 +32,13 @@ def resolve_dictionary(dictionary: Any) -> tuple[Any, Path | None]:
 
         loaded = load_dictionary(dictionary)
         p = Path(dictionary).expanduser().resolve()
-        if not hasattr(loaded, "encode"):  # a set of per-layer transcoders
+        if isinstance(loaded, Transcoders):  # a transcoder set or a cross-layer transcoder
             raise InputError(f"{p} holds several dictionaries ({type(loaded).__name__}); use one of them, e.g. "
                              f"{p / 'layer_0'}")
         return loaded, (p.parent if p.is_file() else p)
+    if isinstance(dictionary, Transcoders):
+        raise InputError(f"expected one dictionary (an SAE or one transcoder), got a {type(dictionary).__name__}; a "
+                         f"transcoder set's layer L is tset[L]")
     for attr in ("encode", "W_dec", "cfg"):
         if not hasattr(dictionary, attr):
             raise TypeError(f"expected a dictionary (with encode, W_dec and cfg) or its directory, got "
@@ -81,8 +85,6 @@ def check_fits(model: Any, dictionary: Any, *, replaces_mlp: bool = False) -> No
     replaces_mlp: the transcoders must write each layer's MLP output (blocks.L.hook_mlp_out), as the replacement
     model of attribution needs.
     """
-    from .protocol import Transcoders
-
     have = getattr(model, "name", "") or ""
     if isinstance(dictionary, Transcoders):
         want, what = dictionary.model_name, "these transcoders were"
