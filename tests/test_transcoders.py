@@ -662,3 +662,66 @@ def test_a_skip_transcoder_trains_on_cuda_from_the_same_least_squares_start():
         out[device] = (tc.W_skip, fvu)
     assert torch.allclose(out["cpu"][0], out["cuda"][0], rtol=1e-4, atol=1e-4)  # the same float64 fit on either
     assert out["cuda"][1] < 0.01 and out["cpu"][1] < 0.01, out
+
+
+# ----------------------------------------------------------------------------------------------- one protocol, one splice
+def test_both_kinds_of_transcoders_implement_the_one_protocol():
+    from featurelens.dictionaries import Transcoders
+
+    tset, clt = random_set(), random_clt()
+    assert isinstance(tset, Transcoders) and isinstance(clt, Transcoders)
+    assert not isinstance(tset[0], Transcoders)  # one transcoder is a dictionary, not a model's transcoders
+    for tc in (tset, clt):
+        assert isinstance(tc.d_sae, int) and tc.model_name == "tiny-random"  # d_sae: a property on both
+        for layer in tc.layers:
+            assert tc.encoder(layer).shape == (D, tc.d_sae)
+            assert tc.decoder(layer).shape == (tc.d_sae, len(tc.output_layers(layer)), D)
+    assert tset.describe() == "per-layer transcoders+skip (3 layers, width 20)"
+    assert clt.describe() == "CrossLayerTranscoder (3 layers)"
+
+
+@pytest.mark.parametrize("kind", ["set", "clt"])
+def test_one_splice_for_transcoders_live_kept_and_frozen_errors(tiny, kind):
+    """splice_hooks on a model's transcoders: keep_error without an edit changes nothing; an edit moves each output
+    layer by exactly the edited features' decoder rows; frozen errors recorded on the same tokens reproduce the
+    model; no error term replaces every MLP output by the reconstruction."""
+    from featurelens.dictionaries import splice_hooks
+
+    tc = random_set() if kind == "set" else random_clt()
+    toks = torch.randint(2, 50, (1, 9), generator=torch.Generator().manual_seed(3))
+    names = [tc.input_hook(l) for l in tc.layers] + [tc.output_hook(l) for l in tc.layers]
+    with torch.no_grad():
+        clean_logits, cache = tiny.run_with_cache(toks, names_filter=lambda n: n in names)
+        same = tiny.run_with_hooks(toks, fwd_hooks=splice_hooks(tc, keep_error=True))
+        assert torch.equal(same, clean_logits)
+        # ablate feature 5 of layer 0 at position 4: layer 0's own output moves by -a * its decoder row there
+        x0 = cache[tc.input_hook(0)][0]
+        a = float(tc.encode_layer(0, x0)[4, 5])
+        seen: dict[str, torch.Tensor] = {}
+
+        def ablate(f: torch.Tensor) -> torch.Tensor:
+            f[:, 4, 5] = 0.0
+            return f
+
+        def keep(act: torch.Tensor, hook) -> None:
+            seen[hook.name] = act.clone()
+
+        hooks = splice_hooks(tc, keep_error=True, edit={0: ablate}, outputs=[0])
+        tiny.run_with_hooks(toks, fwd_hooks=hooks + [(tc.output_hook(0), keep)])
+        delta = seen[tc.output_hook(0)][0] - cache[tc.output_hook(0)][0]
+        torch.testing.assert_close(delta[4], -a * tc.decoder(0)[5, 0])
+        assert torch.equal(delta[:4], torch.zeros_like(delta[:4]))
+        # frozen errors: the recorded error terms give back the clean run
+        recon = tc.reconstruct({l: cache[tc.input_hook(l)][0] for l in tc.layers})
+        errors = {L: cache[tc.output_hook(L)][0] - recon[L] for L in recon}
+        frozen = tiny.run_with_hooks(toks, fwd_hooks=splice_hooks(tc, keep_error=False, errors=errors))
+        torch.testing.assert_close(frozen, clean_logits, rtol=1e-4, atol=1e-4)
+        # no error term: the outputs are the reconstruction of the (spliced) model's own inputs
+        watch = [(tc.input_hook(l), keep) for l in tc.layers] + [(tc.output_hook(2), keep)]
+        tiny.run_with_hooks(toks, fwd_hooks=splice_hooks(tc, keep_error=False) + watch)
+        spliced_recon = tc.reconstruct({l: seen[tc.input_hook(l)][0] for l in tc.layers})
+        torch.testing.assert_close(seen[tc.output_hook(2)][0], spliced_recon[2])
+    with pytest.raises(InputError, match="for a model's transcoders"):
+        splice_hooks(tc[0] if kind == "set" else random_set()[0], keep_error=False, outputs=[0])
+    with pytest.raises(InputError, match="pass one"):
+        splice_hooks(tc, keep_error=True, errors=errors)

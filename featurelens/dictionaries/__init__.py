@@ -2,7 +2,7 @@
 
 Modules: `sae` (SAEs, transcoders, per-layer transcoder sets), `clt` (cross-layer transcoders), `protocol` (the
 replacement protocol both kinds of transcoders implement), `train` (`train_sae`, `train_transcoders`, `train_clt`)
-over `batches` (activation streams), `learner` (dictionaries being trained), `losses` (a step's maths; `autograd` and
+over `batches` (activation streams), `train_config` (`TrainConfig`), `learner` (dictionaries being trained), `losses` (a step's maths; `autograd` and
 `median` are its pieces), `checkpoints` and `loop` (the run); `metrics`, `replacement` (transcoders replacing every
 MLP at once) and `evaluate` (`evaluate_dictionary`); `formats` (every file layout, `load_dictionary` /
 `save_dictionary`); `splice` (a dictionary spliced into a model), `compat` (does a dictionary fit a model),
@@ -22,15 +22,15 @@ from .evaluate import evaluate_dictionary
 from .formats import (CorruptDictionaryError, load_circuit_tracer, load_clt, load_dictionary, save_circuit_tracer,
                       save_clt, save_dictionary, save_transcoder_set)
 from .learner import Learner
-from .train_config import TrainConfig
 from .loop import run_training
 from .metrics import DictionaryMetrics, reconstruction_metrics, splice_metrics
 from .replacement import evaluate_replacement
+from .protocol import Transcoders
 from .sae import (ARCHITECTURES, DictionaryConfig, FeatureIndexError, SparseDictionary, TranscoderSet,
                   check_feature_index)
-from .protocol import Transcoders
 from .splice import splice_hooks
 from .train import train_clt, train_sae, train_transcoders
+from .train_config import TrainConfig
 
 __all__ = [
     "CLTConfig", "CrossLayerTranscoder", "evaluate_replacement", "load_circuit_tracer", "load_clt",

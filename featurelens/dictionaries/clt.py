@@ -13,7 +13,8 @@ per output layer, W_skip [d_out, d_in] (optional, from a layer's own input to it
 A feature's decoder is all of what it writes: training keeps the concatenation over its output layers at unit
 norm. Training runs from the same single activation stream as per-layer transcoders (every layer's MLP input and
 output from one forward pass), with the same sparse encode / decode kernels, learner pieces and run loop
-(`training.py`): progress bar, checkpoints, Ctrl-C, resume.
+(`learner.CLTLearner`, `loop.run_training`): progress bar, checkpoints, Ctrl-C, resume. `train.train_clt` trains
+one, `formats.clt` saves and loads it.
 
 >>> import featurelens as fl
 >>> model = fl.load_model("gemma-3-270m")

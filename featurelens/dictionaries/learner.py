@@ -45,7 +45,7 @@ from .train_config import TrainConfig
 class Learner:
     """One dictionary being trained: its parameters (in normalized units), optimizer and counters.
 
-    What `run_training` needs of a learner (this class, `clt.CLTLearner`): `name`, `ema`, `initialized`,
+    What `run_training` needs of a learner (this class, `CLTLearner`): `name`, `ema`, `initialized`,
     `init_rows()` / `initialize(batches)`, `train_step(batch, lr, sparsity_scale) -> rows`, `state()` /
     `restore(state)` and `signature()` (shapes a checkpoint must match).
     """

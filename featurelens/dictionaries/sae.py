@@ -106,7 +106,7 @@ class ConfigBase:
 
 @dataclass
 class DictionaryConfig(ConfigBase):
-    """Shape and kind of a dictionary; what cfg.json says (see `format.py`)."""
+    """Shape and kind of a dictionary; what cfg.json says (see `formats/saelens.py`)."""
 
     d_in: int
     d_sae: int
