@@ -108,12 +108,18 @@ def check_graph(graph: AttributionGraph, model: Any, transcoders: Any, k: int = 
     checks = []
     for f in order:
         layer, pos, idx = g.features[f].tolist()
+        a = float(g.activations[f])
+
         def ablate(acts: torch.Tensor, pos: int = pos, idx: int = idx) -> torch.Tensor:
             acts[:, pos, idx] = 0.0
             return acts
 
-        # the feature's own contribution (a x its decoder) leaves every output layer it writes; the error stays
-        hooks = splice_hooks(rep, keep_error=True, edit={layer: ablate}, outputs=rep.output_layers(layer))
+        # the feature's own contribution (its activation in the graph x its decoder) leaves every output layer it
+        # writes; the error and everything else stay live
+        held = torch.zeros(1, len(g.tokens), rep.decoder(layer).shape[0], dtype=model.dtype, device=model.device)
+        held[0, pos, idx] = a
+        hooks = splice_hooks(rep, keep_error=True, edit={layer: ablate}, features={layer: held},
+                             outputs=rep.output_layers(layer))
         hooks.append(("ln_final.hook_normalized", grab))
         model.run_with_hooks(tokens[None], fwd_hooks=hooks)
         measured = float(final[-1] @ u) - clean
