@@ -12,7 +12,6 @@ they reach):
 - ``keep_error=True``: it becomes ``y + decode(edit(f)) - decode(f)``, i.e. the reconstruction with the edit plus
   the reconstruction error ``y - decode(f)``, which equals ``y + (edit(f) - f) @ W_dec`` for the linear decoders
   sparse dictionaries have (the bias and the skip connection cancel). Without an edit nothing changes.
-
 - ``errors={L: e_L}`` (transcoders): frozen error terms: output layer L becomes ``decode(edit(f)) + e_L``, e.g. the
   error recorded on a clean prompt, so that without an edit the model computes what it computed then.
 
@@ -20,8 +19,9 @@ x is the activation at `hook_name` (the input), y the one at `hook_name_out` (th
 transcoder the input is captured when the forward pass reaches `hook_name` and used at `hook_name_out`.
 
 Transcoders only: `outputs` limits the output layers written (default every one reached; e.g. [L] for "layer L
-alone"); `features={l: f_l}` freezes layer l's features at given values instead of encoding the live input (only
-the skip connection then reads it); `edit` is one edit for every layer or {layer: edit}.
+alone"); `features={l: f_l}` holds layer l's features at given values instead of encoding the live input (only
+the skip connection then reads it; with keep_error=True the edit's change is taken from them); `edit` is one edit
+for every layer or {layer: edit}.
 
 `where` limits the positions written: None (all), a bool tensor [b, p] (e.g. "not BOS"), or a function
 ``(act [b, p, n], hook) -> None | False | mask [b, p, 1]`` deciding per call (None: all positions, False: none).
