@@ -8,9 +8,9 @@ What it needs, written from featurelens's own files so both sides run the very s
 
 * the model as a Hugging Face directory (config.json, model.safetensors, tokenizer): the tensors are what
   featurelens's GGUF reader dequantizes, i.e. exactly what `fl.load_model` runs;
-* the transcoders in circuit-tracer's transcoder-set layout: one `layer_{L}.safetensors` per layer (W_enc
-  [d_sae, d_model], W_dec [d_sae, d_model], b_enc, b_dec, optional W_skip and activation_function.threshold) plus
-  `config.yaml` naming the hooks they read and write in TransformerLens's names.
+* the transcoders in circuit-tracer's transcoder-set layout, written by featurelens's own `fl.save_circuit_tracer`
+  (one `layer_{L}.safetensors` per layer plus `config.yaml` naming the hooks in TransformerLens's names; TopK's k is
+  in config.yaml, and the driver applies it with circuit-tracer's own TopK module).
 
 The driver (DRIVER, run with the venv's python) builds circuit-tracer's TransformerLens replacement model offline
 from those two directories, times `attribute`, and writes the dense graph for comparison plus the viewer JSON.
@@ -18,7 +18,6 @@ from those two directories, times `attribute`, and writes the dense graph for co
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -150,115 +149,6 @@ def export_hf_model(name: str = "gemma-3-270m", progress: bool = True) -> Path:
         shutil.copytree(cache_dir_for(name) / "tokenizer", tmp, dirs_exist_ok=True)
         (tmp / ".featurelens-source.json").write_text(json.dumps({"source_id": source_id}))
     return out
-
-
-# ----------------------------------------------------------------------------------------------- transcoders
-def tl_hook(featurelens_hook: str) -> str:
-    """A featurelens per-layer hook name -> circuit-tracer's within-block TransformerLens name.
-
-    TransformerLens's `ln2.hook_normalized` is taken before the norm's weight, while ours is the MLP's actual
-    input (after the weight); circuit-tracer wraps each MLP with a `mlp.hook_in` that sees exactly that input.
-    """
-    parts = featurelens_hook.split(".")
-    if len(parts) < 3 or parts[0] != "blocks":
-        raise BenchmarkSetupError(f"{featurelens_hook!r} is not a per-layer hook; circuit-tracer needs one")
-    rest = ".".join(parts[2:])
-    return {"ln2.hook_normalized": "mlp.hook_in"}.get(rest, rest)
-
-
-def _fingerprint(tset: Any) -> str:
-    h = hashlib.sha256()
-    for layer in tset.layers:
-        tc = tset[layer]
-        h.update(json.dumps(tc.cfg.to_dict(), sort_keys=True, default=str).encode())
-        for p in (tc.W_enc, tc.W_dec, tc.b_enc):
-            h.update(p.detach().float().flatten()[:: max(1, p.numel() // 4096)].numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def write_circuit_tracer_transcoders(tset: Any, out: Path, scan: str = "featurelens") -> Path:
-    """A featurelens `TranscoderSet` (every layer 0..L-1 present) -> circuit-tracer's transcoder-set directory.
-
-    circuit-tracer's file loader knows ReLU and JumpReLU only; for TopK the layer files are written as for ReLU and
-    config.yaml records `activation: topk` and `k`, which the benchmark's driver applies with circuit-tracer's own
-    `TopK` module after loading (circuit-tracer ignores keys it does not know).
-    """
-    import yaml
-    from safetensors.torch import save_file
-
-    out = Path(out)
-    fp = _fingerprint(tset)
-    stamp = out / ".featurelens-source.json"
-    if stamp.is_file() and json.loads(stamp.read_text()).get("fingerprint") == fp:
-        return out
-    layers = tset.layers
-    if layers != list(range(len(layers))):
-        raise BenchmarkSetupError(f"circuit-tracer needs a transcoder for every layer 0..L-1; this set has {layers}")
-    cfg0 = tset[layers[0]].cfg
-    archs = {tset[l].cfg.arch for l in layers}
-    if len(archs) != 1:
-        raise BenchmarkSetupError(f"the layers mix architectures {sorted(archs)}")
-    ins = {tl_hook(tset.input_hook(l)) for l in layers}
-    outs = {tl_hook(tset.output_hook(l)) for l in layers}
-    if len(ins) != 1 or len(outs) != 1:
-        raise BenchmarkSetupError(f"circuit-tracer wants one hook pair for all layers, got {ins} -> {outs}")
-    with atomic_dir(out) as tmp:  # complete, or not there at all
-        paths = []
-        for l in layers:
-            tc = tset[l]
-            if tc.cfg.apply_b_dec_to_input:
-                raise BenchmarkSetupError(f"layer {l}: a transcoder that subtracts b_dec from its input has no "
-                                          "circuit-tracer equivalent")
-            sd = {"W_enc": tc.W_enc.detach().float().T.contiguous(),  # circuit-tracer: [d_sae, d_model]
-                  "W_dec": tc.W_dec.detach().float().contiguous(),
-                  "b_enc": tc.b_enc.detach().float().contiguous(),
-                  "b_dec": tc.b_dec.detach().float().contiguous()}
-            if tc.threshold is not None:
-                sd["activation_function.threshold"] = tc.threshold.detach().float().contiguous()
-            if tc.W_skip is not None:
-                sd["W_skip"] = tc.W_skip.detach().float().contiguous()  # [d_out, d_in]; skip = x @ W_skip.T
-            p = tmp / f"layer_{l}.safetensors"
-            save_file(sd, str(p))
-            paths.append(str(out / p.name))
-        arch = cfg0.arch
-        config = {"model_kind": "transcoder_set", "scan": scan, "feature_input_hook": ins.pop(),
-                  "feature_output_hook": outs.pop(), "transcoders": paths,
-                  "activation": {"relu": "relu", "topk": "topk"}.get(arch, "jumprelu")}
-        if arch == "topk":
-            config["k"] = int(cfg0.k)
-        (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        (tmp / ".featurelens-source.json").write_text(json.dumps({"fingerprint": fp}))
-    return out
-
-
-_CT_LAYER_KEYS = {"W_enc", "W_dec", "b_enc", "b_dec", "W_skip", "activation_function.threshold"}
-# Within-block TransformerLens hooks that carry the MLP's input after its norm weight / its output after the
-# post-MLP norm (what featurelens's blocks.L.ln2.hook_normalized / blocks.L.hook_mlp_out are)
-_CT_INPUT_HOOKS = {"mlp.hook_in"}
-_CT_OUTPUT_HOOKS = {"hook_mlp_out"}
-
-
-def loadable_by_circuit_tracer(path: Path) -> str | None:
-    """None if circuit-tracer 0.5's loader reads the transcoder-set directory `path` as the function featurelens
-    runs, else what is wrong. Static checks of what its loader does: a strict load_state_dict of every tensor in
-    layer_<L>.safetensors, and the hook names resolved inside TransformerLens blocks."""
-    import yaml
-    from safetensors import safe_open
-
-    config = yaml.safe_load((path / "config.yaml").read_text())
-    if config.get("model_kind") != "transcoder_set":
-        return f"model_kind {config.get('model_kind')!r} (the benchmark compares per-layer sets)"
-    if config.get("feature_input_hook") not in _CT_INPUT_HOOKS:
-        return (f"feature_input_hook {config.get('feature_input_hook')!r}: in TransformerLens that is not the MLP's "
-                f"input after the norm weight (use {sorted(_CT_INPUT_HOOKS)})")
-    if config.get("feature_output_hook") not in _CT_OUTPUT_HOOKS:
-        return f"feature_output_hook {config.get('feature_output_hook')!r}"
-    for f in sorted(path.glob("layer_*.safetensors")):
-        with safe_open(str(f), framework="pt") as sf:
-            extra = set(sf.keys()) - _CT_LAYER_KEYS
-        if extra:
-            return f"{f.name} holds {sorted(extra)}, which circuit-tracer's strict load_state_dict rejects"
-    return None
 
 
 # ----------------------------------------------------------------------------------------------- running it

@@ -11,8 +11,9 @@ What it does, in order:
 2. Builds (once) circuit-tracer's own virtual environment under <data dir>/bench-envs/circuit-tracer from PyPI
    (circuit-tracer needs transformers<=4.57.3, which featurelens's environment does not have), writes the model as a
    Hugging Face directory (the tensors featurelens's GGUF reader produces, so both sides run identical weights) and
-   the transcoders in circuit-tracer's layout (TopK: its loader knows ReLU and JumpReLU only, so the driver puts
-   circuit-tracer's own TopK module, followed by a ReLU as ours has, on each loaded transcoder).
+   the transcoders in circuit-tracer's layout with `fl.save_circuit_tracer` (TopK: its loader knows ReLU and JumpReLU
+   only, so the driver puts circuit-tracer's own TopK module, followed by a ReLU as ours has, on each loaded
+   transcoder, with the k that config.yaml records).
 3. Runs circuit-tracer (TransformerLens backend, offline) in that venv on the prompt's token ids, `--runs` times, and
    saves its graph: the dense adjacency for comparison and, via circuit-tracer's `create_graph_files`, its viewer
    JSON at a stable path (<data dir>/bench-graphs/circuit-tracer/<slug>.json) for the web app's tests.
@@ -89,28 +90,15 @@ def load_or_train_transcoders(model: Any, args: argparse.Namespace) -> tuple[Any
 
 
 def circuit_tracer_transcoders(tset: Any, source: Path) -> Path:
-    """The transcoders in circuit-tracer's layout under <data dir>/bench-transcoders/<name>-circuit-tracer.
-
-    featurelens's own writer (`fl.save_circuit_tracer`) is used when what it writes is something circuit-tracer's
-    TransformerLens backend loads as the same function (see `ctenv.loadable_by_circuit_tracer`); otherwise the
-    benchmark's writer, saying why.
-    """
+    """The transcoders in circuit-tracer's layout (`fl.save_circuit_tracer`, which circuit-tracer's loader reads: see
+    tests/test_transcoders.py) under <data dir>/bench-transcoders/<name>-circuit-tracer."""
     import featurelens as fl
     from featurelens.paths import sub_dir
 
     out = sub_dir("bench-transcoders") / f"{source.name}-circuit-tracer"
-    if hasattr(fl, "save_circuit_tracer"):
-        pkg = out.with_name(out.name + "-package-writer")
-        fl.save_circuit_tracer(tset, pkg, model_name=ctenv.TL_NAMES.get(tset.cfg.model_name, tset.cfg.model_name))
-        problem = ctenv.loadable_by_circuit_tracer(pkg)
-        if problem is None:
-            print(f"transcoders for circuit-tracer: written by fl.save_circuit_tracer into {pkg}", flush=True)
-            return pkg
-        print(f"transcoders for circuit-tracer: fl.save_circuit_tracer's files would not load as the same function "
-              f"({problem}); using the benchmark's writer", flush=True)
-    path = ctenv.write_circuit_tracer_transcoders(tset, out, scan=f"featurelens/{source.name}")
-    print(f"transcoders for circuit-tracer: {path}", flush=True)
-    return path
+    fl.save_circuit_tracer(tset, out, model_name=ctenv.TL_NAMES.get(tset.cfg.model_name, tset.cfg.model_name))
+    print(f"transcoders for circuit-tracer: {out}", flush=True)
+    return out
 
 
 def long_prompt_tokens(model: Any, n_tokens: int) -> list[int]:

@@ -35,8 +35,11 @@ import featurelens as fl  # noqa: E402
 from featurelens.cli.train import _int  # noqa: E402
 from featurelens.dictionaries.metrics import DictionaryMetrics, ReconstructionSums  # noqa: E402
 from featurelens.dictionaries.sae import DictionaryConfig  # noqa: E402
-from featurelens.dictionaries.training import (Learner, TrainConfig, fit_affine, iterate_tensors, lr_factor,  # noqa: E402
-                                               run_training)
+from featurelens.dictionaries.batches import iterate_tensors  # noqa: E402
+from featurelens.dictionaries.learner import Learner  # noqa: E402
+from featurelens.dictionaries.train_config import TrainConfig  # noqa: E402
+from featurelens.dictionaries.losses import fit_affine, lr_factor  # noqa: E402
+from featurelens.dictionaries.loop import run_training  # noqa: E402
 
 
 def collect(model, layer: int, split: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:

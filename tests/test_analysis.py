@@ -34,7 +34,8 @@ def trained_sae(gemma):
     key = "-".join(str(v) for v in TRAINED.values()).replace(".", "_")
     # Keyed by the training code too: a dictionary trained by older code must not stand in for what this code makes.
     code = hashlib.sha1()
-    for name in ("dictionaries/training.py", "dictionaries/sae.py", "dictionaries/autograd.py", "dictionaries/median.py",
+    for name in ("dictionaries/train_config.py", "dictionaries/losses.py", "dictionaries/learner.py",
+                 "dictionaries/loop.py", "dictionaries/sae.py", "dictionaries/autograd.py", "dictionaries/median.py",
                  "dictionaries/train.py", "dictionaries/batches.py", "data/activations.py"):
         code.update((Path(fl.__file__).parent / name).read_bytes())
     path = fl.data_dir() / "test-fixtures" / f"gemma-3-270m-sae-{key}-{code.hexdigest()[:10]}"

@@ -19,9 +19,10 @@ from featurelens.attribution.files import load_graph
 from featurelens.attribution.graph import cantor, uncantor
 from featurelens.attribution.intervene import feature_intervention
 from featurelens.attribution.replacement import (
-    TranscoderMismatchError, as_replacement, demeaned_unembedding, frozen_forward, record,
+    demeaned_unembedding, frozen_forward, record,
 )
 from featurelens.dictionaries.clt import CLTConfig, CrossLayerTranscoder
+from featurelens.dictionaries.compat import DictionaryModelMismatchError
 from featurelens.dictionaries.sae import DictionaryConfig, SparseDictionary, TranscoderSet
 from featurelens.engine.config import ModelConfig
 from featurelens.engine.hooked import HookedTransformer
@@ -126,7 +127,7 @@ def _perturbed_run(model, rep, rec, graph, s: int, eps: float):
 
 def test_replacement_reproduces_the_model(setup):
     model, tcs, graph = setup
-    rep = as_replacement(tcs)
+    rep = tcs
     rec = record(model, rep, TOKENS)
     real = model(TOKENS[None])[0]
     frozen = frozen_forward(model, rep, rec).logits[0]
@@ -138,7 +139,7 @@ def test_replacement_reproduces_the_model(setup):
 def test_edges_are_exact_direct_effects(setup):
     """Scaling a source's activation by (1 + eps) in the frozen replacement moves each target by eps x edge weight."""
     model, tcs, graph = setup
-    rep = as_replacement(tcs)
+    rep = tcs
     rec = record(model, rep, TOKENS)
     base = frozen_forward(model, rep, rec)
     A = graph.dense()
@@ -559,13 +560,13 @@ def test_bad_inputs():
         attribute(model, tcs, TOKENS, progress=False, batch_size=0)
     other = tiny_model("llama")
     other.name = "another-model"
-    with pytest.raises(TranscoderMismatchError):
+    with pytest.raises(DictionaryModelMismatchError):
         attribute(other, tcs, TOKENS, progress=False)
     wide = HookedTransformer(ModelConfig(architecture="llama", n_layers=2, d_model=16, n_heads=2, n_kv_heads=2,
                                          d_head=8, d_mlp=16, d_vocab=50, n_ctx=64), name=model.name)
-    with pytest.raises(TranscoderMismatchError):  # layer 2 does not exist, and widths differ
+    with pytest.raises(DictionaryModelMismatchError):  # layer 2 does not exist, and widths differ
         attribute(wide, tcs, TOKENS, progress=False)
-    assert issubclass(TranscoderMismatchError, FeaturelensError)
+    assert issubclass(DictionaryModelMismatchError, FeaturelensError)
 
 
 def test_memory_guard(monkeypatch):
@@ -601,7 +602,7 @@ class _CharTokenizer:
 
 @pytest.fixture()
 def cli_setup(tmp_path, monkeypatch):
-    from featurelens.dictionaries.format import save_transcoder_set
+    from featurelens.dictionaries.formats import save_transcoder_set
     import featurelens.cli.models as cli_models
     import featurelens.models.loader as loader
 
@@ -679,7 +680,7 @@ def test_exact_edges_on_the_embedded_model(gemma, tmp_path):
     tcs = TranscoderSet(tcs)
     prompt = "The capital of France is"
     g = attribute(gemma, tcs, prompt, max_feature_nodes=48, batch_size=32, progress=False)
-    rep = as_replacement(tcs)
+    rep = tcs
     rec = record(gemma, rep, gemma.to_tokens(prompt)[0])
     base = frozen_forward(gemma, rep, rec)
     real = gemma(prompt)[0]

@@ -14,7 +14,7 @@ from featurelens.dictionaries import (
     load_dictionary, reconstruction_metrics, run_training, save_dictionary,
 )
 from featurelens.dictionaries.autograd import SelectedEncode, sparse_decode
-from featurelens.dictionaries.training import lr_factor
+from featurelens.dictionaries.losses import lr_factor
 
 
 # ----------------------------------------------------------------------------------------------- synthetic data
@@ -125,7 +125,7 @@ def test_bfloat16_selection_picks_the_float32_latents():
     """Training may pick TopK latents with a bfloat16 encoder pass (fast on AVX512-BF16 / AMX CPUs), then compute
     their values in float32. The choice must match float32's on almost every row, and where it does not, the
     latents swapped must be near-ties at the k-th place (within bfloat16's rounding), not different features."""
-    from featurelens.dictionaries.training import encode_for_training
+    from featurelens.dictionaries.losses import encode_for_training
 
     x, feats = sparse_data(n=4096, d=64, n_feat=128, k_true=4, seed=3)
     x = x - x.mean(0)

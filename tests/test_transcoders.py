@@ -13,9 +13,12 @@ from featurelens.dictionaries import (
     CLTConfig, CorruptDictionaryError, CrossLayerTranscoder, DictionaryConfig, SparseDictionary, TrainConfig,
     TranscoderSet, load_circuit_tracer, load_dictionary, run_training, save_circuit_tracer, save_clt,
 )
-from featurelens.dictionaries.clt import CLTLayerError, CLTLearner, check_fits_model, decode_contributions
-from featurelens.dictionaries.replacement import Replacement, evaluate_replacement
-from featurelens.dictionaries.training import reuse_batches
+from featurelens.dictionaries.clt import CLTLayerError
+from featurelens.dictionaries.learner import CLTLearner
+from featurelens.dictionaries.compat import DictionaryModelMismatchError, check_fits
+from featurelens.dictionaries.protocol import decode_contributions
+from featurelens.dictionaries.replacement import evaluate_replacement
+from featurelens.dictionaries.batches import reuse_batches
 from featurelens.engine.errors import InputError, MissingFileError
 
 D, N_LAYERS = 16, 3
@@ -203,7 +206,7 @@ def test_train_clt_on_a_tiny_model_saves_loads_and_resumes(tiny, contexts, tmp_p
     out = tmp_path / "clt"
     with pytest.raises(KeyboardInterrupt):
         # stop after 2 steps, as Ctrl-C would, leaving a checkpoint
-        from featurelens.dictionaries import clt as clt_mod
+        from featurelens.dictionaries import train as clt_mod
 
         real = clt_mod.run_training
 
@@ -302,6 +305,59 @@ def _same_outputs(a, b):
         assert torch.equal(a.encode_layer(l, xs[l]), b.encode_layer(l, xs[l]))
 
 
+# the tensors circuit-tracer 0.5's per-layer loader hands to SingleLayerTranscoder.load_state_dict (strict)
+CIRCUIT_TRACER_LAYER_KEYS = {"W_enc", "W_dec", "b_enc", "b_dec", "W_skip", "activation_function.threshold"}
+
+CIRCUIT_TRACER_LOADS = r'''
+import sys
+from pathlib import Path
+
+import torch
+from circuit_tracer.transcoder.activation_functions import TopK
+from circuit_tracer.utils.caching import load_transcoders_from_cache
+
+d, x = Path(sys.argv[1]), torch.load(sys.argv[2])
+tcs, cfg = load_transcoders_from_cache(d.name, cache_dir=str(d.parent), device=torch.device("cpu"),
+                                       dtype=torch.float32, lazy_encoder=False, lazy_decoder=False)
+if cfg.get("activation") == "topk":  # its loader reads ReLU / JumpReLU; the caller applies TopK from config.yaml
+    for t in tcs:
+        t.activation_function = torch.nn.Sequential(TopK(int(cfg["k"])), torch.nn.ReLU())
+out = {}
+for layer, t in enumerate(tcs):
+    out[f"f{layer}"] = t.encode(x)
+    out[f"y{layer}"] = t.decode(out[f"f{layer}"], x)
+torch.save(out, sys.argv[3])
+'''
+
+
+@pytest.mark.parametrize("skip,arch", [(True, "topk"), (False, "topk"), (True, "jumprelu"), (False, "relu")])
+def test_circuit_tracer_loads_what_we_write(tmp_path, skip, arch):
+    """circuit-tracer's own loader (its cache reader, as the attribution benchmark uses it) reads the files
+    `save_circuit_tracer` writes, and its transcoders compute ours. Needs a Python with circuit-tracer installed
+    (benchmarks/attribution.py builds one): FEATURELENS_CIRCUIT_TRACER_PYTHON=path/to/python."""
+    import os
+    import subprocess
+
+    python = os.environ.get("FEATURELENS_CIRCUIT_TRACER_PYTHON")
+    if not python:
+        pytest.skip("set FEATURELENS_CIRCUIT_TRACER_PYTHON to a Python with circuit-tracer installed")
+    tset = random_set(skip=skip, arch=arch)
+    save_circuit_tracer(tset, tmp_path / "ct", model_name="google/gemma-3-270m")
+    x = torch.randn(7, D)
+    torch.save(x, tmp_path / "x.pt")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
+    env.update(HF_HUB_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1")
+    r = subprocess.run([python, "-c", CIRCUIT_TRACER_LOADS, str(tmp_path / "ct"), str(tmp_path / "x.pt"),
+                        str(tmp_path / "out.pt")], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    theirs = torch.load(tmp_path / "out.pt")
+    with torch.no_grad():
+        for layer in tset.layers:
+            f = tset[layer].encode(x)
+            torch.testing.assert_close(theirs[f"f{layer}"], f)
+            torch.testing.assert_close(theirs[f"y{layer}"], tset[layer].decode(f, x))
+
+
 @pytest.mark.parametrize("skip,arch", [(True, "topk"), (False, "topk"), (True, "jumprelu"), (False, "relu")])
 def test_circuit_tracer_round_trip_transcoder_set(tmp_path, skip, arch):
     import yaml
@@ -318,6 +374,8 @@ def test_circuit_tracer_round_trip_transcoder_set(tmp_path, skip, arch):
         assert tuple(f.get_slice("W_enc").get_shape()) == (20, D)
         assert ("W_skip" in f.keys()) == skip
         assert ("activation_function.threshold" in f.keys()) == (arch == "jumprelu")
+        # only what circuit-tracer's strict load_state_dict accepts (TopK's k is in config.yaml, not here)
+        assert set(f.keys()) <= CIRCUIT_TRACER_LAYER_KEYS
     back = load_dictionary(tmp_path / "ct")
     assert isinstance(back, TranscoderSet) and back.layers == [0, 1, 2] and back[0].cfg.arch == arch
     _same_outputs(tset, back)
@@ -386,8 +444,8 @@ def test_bad_inputs_name_the_file_or_layer(tmp_path, tiny):
     with pytest.raises(InputError, match=r"layer 0: .* width 20 .* d_model=16"):
         fl.evaluate_dictionary(tiny, wide, contexts=torch.ones(2, 5, dtype=torch.long), progress=False)
     deep = CrossLayerTranscoder(CLTConfig(layers=[2, 3], d_in=D, d_sae=8, arch="topk", k=2))
-    with pytest.raises(CLTLayerError, match="layer 3, but tiny-random has 3 layers"):
-        check_fits_model(deep, tiny)
+    with pytest.raises(DictionaryModelMismatchError, match="layer 3, but tiny-random has 3 layers"):
+        check_fits(tiny, deep)
     with pytest.raises(CLTLayerError, match=r"no layer 7; its layers are \[2, 3\]"):
         deep.encode_layer(7, torch.zeros(D))
     with pytest.raises(CLTLayerError, match=r"layers \[3\] are missing"):
@@ -473,7 +531,7 @@ def test_a_transcoder_set_for_another_d_model_is_refused_naming_the_layer(tiny):
 
 
 def test_fit_affine_recovers_an_affine_map_and_leaves_unspanned_directions_alone():
-    from featurelens.dictionaries.training import fit_affine
+    from featurelens.dictionaries.losses import fit_affine
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4000, D, generator=g)
@@ -488,7 +546,8 @@ def test_fit_affine_recovers_an_affine_map_and_leaves_unspanned_directions_alone
 
 def _skip_learner(skip_lr_scale, tokens=6000, device=None, **options):
     """A skip transcoder learning y = x A^T + b + relu(x) B (an affine part and a sparse nonlinear one)."""
-    from featurelens.dictionaries.training import Learner, iterate_tensors
+    from featurelens.dictionaries.batches import iterate_tensors
+    from featurelens.dictionaries.learner import Learner
 
     g = torch.Generator().manual_seed(3)
     x = torch.randn(3000, D, generator=g) * torch.linspace(0.05, 2.0, D)  # badly conditioned, like MLP inputs
@@ -504,7 +563,7 @@ def _skip_learner(skip_lr_scale, tokens=6000, device=None, **options):
 
 
 def test_a_skip_transcoder_starts_at_the_least_squares_map_and_keeps_it_by_default():
-    from featurelens.dictionaries.training import fit_affine
+    from featurelens.dictionaries.losses import fit_affine
 
     torch.manual_seed(0)
     learner, batches, tcfg, x, y = _skip_learner(skip_lr_scale=0.0)
@@ -559,7 +618,7 @@ def test_skip_lr_scale_lets_the_skip_move_and_is_validated():
 
 
 def test_a_skip_clt_starts_each_layer_at_its_least_squares_map():
-    from featurelens.dictionaries.training import fit_affine
+    from featurelens.dictionaries.losses import fit_affine
 
     batches, data = synthetic_stream()
     torch.manual_seed(0)
@@ -603,3 +662,66 @@ def test_a_skip_transcoder_trains_on_cuda_from_the_same_least_squares_start():
         out[device] = (tc.W_skip, fvu)
     assert torch.allclose(out["cpu"][0], out["cuda"][0], rtol=1e-4, atol=1e-4)  # the same float64 fit on either
     assert out["cuda"][1] < 0.01 and out["cpu"][1] < 0.01, out
+
+
+# ----------------------------------------------------------------------------------------------- one protocol, one splice
+def test_both_kinds_of_transcoders_implement_the_one_protocol():
+    from featurelens.dictionaries import Transcoders
+
+    tset, clt = random_set(), random_clt()
+    assert isinstance(tset, Transcoders) and isinstance(clt, Transcoders)
+    assert not isinstance(tset[0], Transcoders)  # one transcoder is a dictionary, not a model's transcoders
+    for tc in (tset, clt):
+        assert isinstance(tc.d_sae, int) and tc.model_name == "tiny-random"  # d_sae: a property on both
+        for layer in tc.layers:
+            assert tc.encoder(layer).shape == (D, tc.d_sae)
+            assert tc.decoder(layer).shape == (tc.d_sae, len(tc.output_layers(layer)), D)
+    assert tset.describe() == "per-layer transcoders+skip (3 layers, width 20)"
+    assert clt.describe() == "CrossLayerTranscoder (3 layers)"
+
+
+@pytest.mark.parametrize("kind", ["set", "clt"])
+def test_one_splice_for_transcoders_live_kept_and_frozen_errors(tiny, kind):
+    """splice_hooks on a model's transcoders: keep_error without an edit changes nothing; an edit moves each output
+    layer by exactly the edited features' decoder rows; frozen errors recorded on the same tokens reproduce the
+    model; no error term replaces every MLP output by the reconstruction."""
+    from featurelens.dictionaries import splice_hooks
+
+    tc = random_set() if kind == "set" else random_clt()
+    toks = torch.randint(2, 50, (1, 9), generator=torch.Generator().manual_seed(3))
+    names = [tc.input_hook(l) for l in tc.layers] + [tc.output_hook(l) for l in tc.layers]
+    with torch.no_grad():
+        clean_logits, cache = tiny.run_with_cache(toks, names_filter=lambda n: n in names)
+        same = tiny.run_with_hooks(toks, fwd_hooks=splice_hooks(tc, keep_error=True))
+        assert torch.equal(same, clean_logits)
+        # ablate feature 5 of layer 0 at position 4: layer 0's own output moves by -a * its decoder row there
+        x0 = cache[tc.input_hook(0)][0]
+        a = float(tc.encode_layer(0, x0)[4, 5])
+        seen: dict[str, torch.Tensor] = {}
+
+        def ablate(f: torch.Tensor) -> torch.Tensor:
+            f[:, 4, 5] = 0.0
+            return f
+
+        def keep(act: torch.Tensor, hook) -> None:
+            seen[hook.name] = act.clone()
+
+        hooks = splice_hooks(tc, keep_error=True, edit={0: ablate}, outputs=[0])
+        tiny.run_with_hooks(toks, fwd_hooks=hooks + [(tc.output_hook(0), keep)])
+        delta = seen[tc.output_hook(0)][0] - cache[tc.output_hook(0)][0]
+        torch.testing.assert_close(delta[4], -a * tc.decoder(0)[5, 0])
+        assert torch.equal(delta[:4], torch.zeros_like(delta[:4]))
+        # frozen errors: the recorded error terms give back the clean run
+        recon = tc.reconstruct({l: cache[tc.input_hook(l)][0] for l in tc.layers})
+        errors = {L: cache[tc.output_hook(L)][0] - recon[L] for L in recon}
+        frozen = tiny.run_with_hooks(toks, fwd_hooks=splice_hooks(tc, keep_error=False, errors=errors))
+        torch.testing.assert_close(frozen, clean_logits, rtol=1e-4, atol=1e-4)
+        # no error term: the outputs are the reconstruction of the (spliced) model's own inputs
+        watch = [(tc.input_hook(l), keep) for l in tc.layers] + [(tc.output_hook(2), keep)]
+        tiny.run_with_hooks(toks, fwd_hooks=splice_hooks(tc, keep_error=False) + watch)
+        spliced_recon = tc.reconstruct({l: seen[tc.input_hook(l)][0] for l in tc.layers})
+        torch.testing.assert_close(seen[tc.output_hook(2)][0], spliced_recon[2])
+    with pytest.raises(InputError, match="for a model's transcoders"):
+        splice_hooks(tc[0] if kind == "set" else random_set()[0], keep_error=False, outputs=[0])
+    with pytest.raises(InputError, match="pass one"):
+        splice_hooks(tc, keep_error=True, errors=errors)

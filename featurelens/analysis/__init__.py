@@ -12,7 +12,7 @@ Modules: `build` (`analyze`, the stage machine) with its stages `contexts`, `str
 `DictionaryAnalysis`); `accumulate` (streaming statistics); `dashboard`.
 """
 
-from ..dictionaries.compat import DictionaryModelMismatchError, check_compatible
+from ..dictionaries.compat import DictionaryModelMismatchError, check_fits
 from ..dictionaries.logit_lens import logit_lens_weights
 from ..dictionaries.sae import FeatureIndexError
 from .accumulate import Accumulator, AccumulatorConfig
@@ -27,4 +27,4 @@ from .timings import AnalysisTimings
 __all__ = ["Accumulator", "AccumulatorConfig", "AnalysisTimings", "AutoExplainer", "ChatExplainer",
            "DictionaryAnalysis", "DictionaryModelMismatchError", "Example", "Explainer", "ExplainerError",
            "FeatureDashboard", "FeatureEvidence", "FeatureIndexError", "NotAnalyzedError", "TokenExample", "analyze",
-           "check_compatible", "explain", "logit_lens_weights", "open_analysis", "score_labels"]
+           "check_fits", "explain", "logit_lens_weights", "open_analysis", "score_labels"]

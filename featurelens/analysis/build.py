@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from ..dictionaries.compat import check_compatible, dictionary_fingerprint, dictionary_hooks, resolve_dictionary
+from ..dictionaries.compat import check_fits, dictionary_fingerprint, dictionary_hooks, resolve_dictionary
 from ..engine.errors import InputError
 from ..io import atomic_replace
 from ..models.loader import load_model
@@ -82,7 +82,7 @@ def analyze(model: Any = None, dictionary: Any = None, data: Any = None, *, n_to
         if not name:
             raise InputError("the dictionary does not say which model it was trained on; pass model=")
         model = load_model(name)
-    check_compatible(model, dictionary)
+    check_fits(model, dictionary)
     fp = dictionary_fingerprint(dictionary)
     adir = Path(out).expanduser() if out is not None else default_analysis_dir(dictionary, dict_dir, model.name)
     final = adir / DB_FILE

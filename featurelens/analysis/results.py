@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..dictionaries.compat import dictionary_fingerprint, resolve_dictionary
-from ..dictionaries.format import load_dictionary
+from ..dictionaries.formats import load_dictionary
 from ..dictionaries.sae import check_feature_index
 from ..engine.errors import FeaturelensError, InputError, MissingFileError
 from ..models.loader import load_model

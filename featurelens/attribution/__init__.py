@@ -16,9 +16,8 @@ from .check import CheckResult, FaithfulnessReport, check_graph, check_prompts
 from .files import GraphFileError, load_graph
 from .graph import AttributionGraph, GraphPath
 from .intervene import InterventionResult, feature_intervention
-from .replacement import TranscoderMismatchError, as_replacement
 
 __all__ = [
-    "AttributionGraph", "CheckResult", "FaithfulnessReport", "GraphFileError", "GraphPath", "InterventionResult", "TranscoderMismatchError",
-    "as_replacement", "attribute", "check_graph", "check_prompts", "feature_intervention", "load_graph",
+    "AttributionGraph", "CheckResult", "FaithfulnessReport", "GraphFileError", "GraphPath", "InterventionResult",
+    "attribute", "check_graph", "check_prompts", "feature_intervention", "load_graph",
 ]

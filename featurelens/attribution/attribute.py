@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..engine.errors import InputError
 from .graph import AttributionGraph
-from .replacement import Recording, as_replacement, check_fits, demeaned_unembedding, frozen_forward, record
+from .replacement import Recording, check_transcoders, demeaned_unembedding, frozen_forward, record
 
 # Gradients held at once per batch: batch x positions x d_model x layers floats. Larger batches are split.
 _GRAD_BUDGET_BYTES = 2 * 1024**3
@@ -186,8 +186,7 @@ def attribute(
     if max_n_logits < 1:
         raise InputError(f"max_n_logits must be >= 1, got {max_n_logits}")
     t0 = time.perf_counter()
-    rep = as_replacement(transcoders)
-    check_fits(model, rep)
+    rep = check_transcoders(model, transcoders)
     tokens = prompt_tokens(model, prompt)
     bos_id = model.cfg.bos_token_id
     skip_pos0 = bos_id is not None and int(tokens[0]) == bos_id and tokens.numel() > 1

@@ -1,9 +1,9 @@
 """Is a graph faithful to the real model? Ablate its most influential features in the real, unfrozen model and compare
 the measured change of the target logit with what the graph predicts.
 
-Each ablation edits only the feature: at each layer the feature writes to, its decoder contribution
-(activation x decoder vector) is subtracted from the real MLP output, which keeps the transcoder's error and
-leaves attention, norms and every other MLP live. The graph predicts the change of the demeaned target logit as
+Each ablation edits only the feature: the transcoders are spliced in with their error kept (`splice_hooks`,
+keep_error=True) and the feature set to zero, so at each layer it writes to its decoder contribution (activation x
+decoder vector) leaves the real MLP output, and attention, norms and every other MLP stay live. The graph predicts the change of the demeaned target logit as
 the direct effect -A[logit, feature], and as the total effect through every path of the linearised graph
 (features pass changes on with slope 1, errors and tokens stay put).
 """
@@ -16,10 +16,11 @@ from typing import Any
 
 import torch
 
+from ..dictionaries.splice import splice_hooks
 from ..engine.errors import InputError
 from .attribute import prompt_tokens
 from .graph import AttributionGraph
-from .replacement import as_replacement, demeaned_unembedding
+from .replacement import check_transcoders, demeaned_unembedding
 
 
 @dataclass
@@ -87,7 +88,7 @@ def check_graph(graph: AttributionGraph, model: Any, transcoders: Any, k: int = 
     g = graph.root
     if g.n_features == 0:
         raise InputError("the graph has no feature nodes to check")
-    rep = as_replacement(transcoders)
+    rep = check_transcoders(model, transcoders)
     tokens = prompt_tokens(model, torch.tensor(g.tokens))
     logit_node = g.logit_slice.start
     target_tok = int(g.logit_tokens[0])
@@ -108,15 +109,18 @@ def check_graph(graph: AttributionGraph, model: Any, transcoders: Any, k: int = 
     for f in order:
         layer, pos, idx = g.features[f].tolist()
         a = float(g.activations[f])
-        W = rep.decoder(layer)[idx]  # [O, D]
-        outs = rep.output_layers(layer)
 
-        def ablate(x: torch.Tensor, hook: Any, outs=outs, W=W, a=a, pos=pos) -> torch.Tensor:
-            y = x.clone()
-            y[0, pos] -= a * W[outs.index(hook.layer())].to(x.dtype)
-            return y
+        def ablate(acts: torch.Tensor, pos: int = pos, idx: int = idx) -> torch.Tensor:
+            acts[:, pos, idx] = 0.0
+            return acts
 
-        hooks = [(f"blocks.{l}.hook_mlp_out", ablate) for l in outs] + [("ln_final.hook_normalized", grab)]
+        # the feature's own contribution (its activation in the graph x its decoder) leaves every output layer it
+        # writes; the error and everything else stay live
+        held = torch.zeros(1, len(g.tokens), rep.decoder(layer).shape[0], dtype=model.dtype, device=model.device)
+        held[0, pos, idx] = a
+        hooks = splice_hooks(rep, keep_error=True, edit={layer: ablate}, features={layer: held},
+                             outputs=rep.output_layers(layer))
+        hooks.append(("ln_final.hook_normalized", grab))
         model.run_with_hooks(tokens[None], fwd_hooks=hooks)
         measured = float(final[-1] @ u) - clean
         checks.append(FeatureCheck(g.node_id(f), float(infl[f]), -float(A[logit_node, f]), float(totals[f]), measured))

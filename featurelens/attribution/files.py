@@ -171,11 +171,7 @@ def write_feature_cards(g: AttributionGraph, directory: Path, *, model: Any = No
                         analyses: dict[int, Any] | None = None, scan: str = "", n_logits: int = 10) -> int:
     """One circuit-tracer feature JSON per feature node of `g`; returns how many were written."""
     directory.mkdir(parents=True, exist_ok=True)
-    rep = None
-    if transcoders is not None and model is not None:
-        from .replacement import as_replacement
-
-        rep = as_replacement(transcoders)
+    rep = transcoders if model is not None else None  # a `Transcoders`: their decoders give the cards' logits
     written = 0
     for layer, idx in sorted({(int(l), int(f)) for l, _, f in g.features.tolist()}):
         fid = cantor(layer, idx)

@@ -20,9 +20,10 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..dictionaries.sae import check_feature_index
+from ..dictionaries.splice import splice_hooks
 from ..engine.errors import InputError
 from .attribute import prompt_tokens
-from .replacement import Recording, as_replacement, bias_terms, check_fits, record
+from .replacement import Recording, check_transcoders, record
 
 MODES = ("set", "scale", "add")
 
@@ -64,7 +65,7 @@ def parse_edits(model: Any, rep: Any, n_pos: int, interventions: Sequence[Sequen
             pos += n_pos
         if not 0 <= pos < n_pos:
             raise InputError(f"position {item[1]} is outside the prompt's {n_pos} tokens")
-        feat = check_feature_index(feat, rep.d_sae(layer), where=f"layer {layer}")
+        feat = check_feature_index(feat, rep.decoder(layer).shape[0], where=f"layer {layer}")
         edits.setdefault(layer, []).append((pos, feat, float(value)))
     return edits
 
@@ -83,12 +84,8 @@ def intervention_hooks(model: Any, rep: Any, rec: Recording, edits: dict[int, li
                        freeze_attention: bool = True, direct_only: bool = False) -> list[tuple[str, Callable]]:
     """Forward hooks running the replacement model of `rec` with `edits`; they act on the prompt's own forward
     pass (position count P, nothing cached before) and let any other call (generation steps) through."""
-    n, dtype, P = model.cfg.n_layers, model.dtype, rec.n_pos
-    bias = bias_terms(rep, dtype)
-    live_acts: dict[int, torch.Tensor] = {}
-    live_in: dict[int, torch.Tensor] = {}
-    in_hooks = {rep.input_hook(layer): layer for layer in rep.layers}
-    spliced = {l for src in rep.layers for l in rep.output_layers(src)}
+    n, P = model.cfg.n_layers, rec.n_pos
+    spliced = set(rep.all_output_layers())
 
     def prompt_pass(x: torch.Tensor, hook: Any, dim: int = 1) -> bool:
         return hook.past == 0 and x.shape[dim] == P and x.shape[0] == 1
@@ -97,37 +94,20 @@ def intervention_hooks(model: Any, rep: Any, rec: Recording, edits: dict[int, li
         dim = 2 if hook.name.endswith("hook_pattern") else 1
         return rec.frozen[hook.name].to(x.dtype) if prompt_pass(x, hook, dim) else None
 
-    def read_in(x: torch.Tensor, hook: Any) -> None:
-        if not prompt_pass(x, hook):
-            return
-        layer = in_hooks[hook.name]
-        live_in[layer] = x[0]
-        acts = rec.acts[layer] if direct_only else rep.encode_layer(layer, x[0]).to(dtype)
-        live_acts[layer] = _edit(acts, edits.get(layer, []), mode)
-
-    def write_out(x: torch.Tensor, hook: Any) -> torch.Tensor | None:
-        l = hook.layer()
-        if not prompt_pass(x, hook):
-            return None
-        if l not in spliced:
-            return rec.mlp_out[l][None].to(x.dtype) if direct_only else None
-        out = bias.get(l, 0) + rec.errors[l]
-        for src in rep.layers:
-            outs = rep.output_layers(src)
-            if l in outs and src in live_acts:
-                out = out + live_acts[src] @ rep.decoder(src)[:, outs.index(l), :].to(dtype)
-        s = rep.skip_out(l, live_in[l]) if l in live_in else None
-        if s is not None:
-            out = out + s.to(dtype)
-        return out[None].to(x.dtype)
+    def recorded_out(x: torch.Tensor, hook: Any) -> torch.Tensor | None:  # a layer without a transcoder
+        return rec.mlp_out[hook.layer()][None].to(x.dtype) if prompt_pass(x, hook) else None
 
     hooks: list[tuple[str, Callable]] = []
     if freeze_attention:
         hooks += [(nm, frozen) for nm in rec.frozen if nm.endswith("hook_pattern")]
     if direct_only and freeze_attention:
         hooks += [(nm, frozen) for nm in rec.frozen if nm.endswith("hook_scale")]
-    hooks += [(h, read_in) for h in in_hooks]
-    hooks += [(f"blocks.{l}.hook_mlp_out", write_out) for l in range(n)]
+    # the transcoders spliced in with the clean prompt's errors held, features live (or held too: direct_only)
+    hooks += splice_hooks(rep, keep_error=False, errors=rec.errors, features=rec.acts if direct_only else None,
+                          edit={layer: (lambda a, items=items: _edit(a, items, mode)) for layer, items in edits.items()},
+                          where=lambda x, hook: None if prompt_pass(x, hook) else False)
+    if direct_only:
+        hooks += [(f"blocks.{l}.hook_mlp_out", recorded_out) for l in range(n) if l not in spliced]
     return hooks
 
 
@@ -159,8 +139,7 @@ def feature_intervention(
     """
     if mode not in MODES:
         raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    rep = as_replacement(transcoders)
-    check_fits(model, rep)
+    rep = check_transcoders(model, transcoders)
     tokens = prompt_tokens(model, prompt)
     rec = record(model, rep, tokens)
     edits = parse_edits(model, rep, rec.n_pos, interventions)

@@ -12,9 +12,8 @@ What is left between the embeddings and the logits is linear (attention mixes po
 multiply by fixed scales, skips are linear maps), so the effect of any node on any later node is an exact product
 of gradients and activations: the edges of an attribution graph.
 
-Transcoders are used through a small "replacement protocol" (`input_hook`, `output_hook`, `encode_layer`,
-`decoder`, `output_layers`, `skip_out`, `b_dec_out`, `reconstruct`); `as_replacement` adapts a per-layer
-`TranscoderSet` to it and passes through any object that already speaks it (a cross-layer transcoder).
+Transcoders are used through the replacement protocol (`featurelens.dictionaries.protocol.Transcoders`), which
+`TranscoderSet` and `CrossLayerTranscoder` implement; `check_transcoders` checks the argument is one and fits.
 
 Shapes: P = prompt positions, D = d_model, S = d_sae (per source layer), O = number of output layers of a layer.
 """
@@ -26,172 +25,21 @@ from typing import Any, Callable
 
 import torch
 
-from ..engine.errors import FeaturelensError, InputError
-
-PROTOCOL = ("input_hook", "output_hook", "encode_layer", "decoder", "output_layers", "skip_out", "b_dec_out")
-
-
-class TranscoderMismatchError(FeaturelensError, ValueError):
-    """Transcoders that do not fit the model (another model, layers or hooks it lacks, other widths)."""
+from ..dictionaries.compat import check_fits
+from ..dictionaries.protocol import Transcoders
+from ..dictionaries.sae import SparseDictionary
+from ..engine.errors import InputError
 
 
-class TranscoderSetAdapter:
-    """The replacement protocol for a per-layer `TranscoderSet` (or a {layer: transcoder} dict).
-
-    >>> rep = as_replacement(transcoders)
-    >>> rep.layers, rep.output_layers(3)       # ([0, 1, ...], [3])
-    """
-
-    def __init__(self, transcoders: Any):
-        items = transcoders.items() if hasattr(transcoders, "items") else None
-        if items is None:
-            raise TypeError(f"expected a TranscoderSet, a dict of per-layer transcoders or a cross-layer transcoder, "
-                            f"got {type(transcoders).__name__}")
-        self.by_layer = {int(layer): tc for layer, tc in items}
-        if not self.by_layer:
-            raise InputError("the transcoder set is empty")
-        self.source = transcoders
-        for layer, tc in self.by_layer.items():
-            if not getattr(tc.cfg, "transcoder", False):
-                raise TranscoderMismatchError(f"layer {layer}: this dictionary is an SAE, not a transcoder "
-                                              f"(it reconstructs its own input {tc.cfg.hook_name!r})")
-
-    @property
-    def layers(self) -> list[int]:
-        return sorted(self.by_layer)
-
-    def d_sae(self, layer: int) -> int:
-        return self.by_layer[layer].cfg.d_sae
-
-    def input_hook(self, layer: int) -> str:
-        return self.by_layer[layer].cfg.hook_name or f"blocks.{layer}.ln2.hook_normalized"
-
-    def output_hook(self, layer: int) -> str:
-        return self.by_layer[layer].cfg.hook_name_out or f"blocks.{layer}.hook_mlp_out"
-
-    def output_layers(self, layer: int) -> list[int]:
-        return [layer]
-
-    def encode_layer(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        return self.by_layer[layer].encode(x)
-
-    def pre_activation(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        return self.by_layer[layer].pre_activation(x)
-
-    def encoder(self, layer: int) -> torch.Tensor:
-        """[D, S]: pre-activation = x @ W_enc + b_enc (transcoders never subtract b_dec from their input)."""
-        return self.by_layer[layer].W_enc
-
-    def decoder(self, layer: int) -> torch.Tensor:
-        """[S, O, D]: what each feature writes to each of its output layers."""
-        return self.by_layer[layer].W_dec[:, None, :]
-
-    def skip_out(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
-        tc = self.by_layer[layer]
-        w = getattr(tc, "W_skip", None)
-        return None if w is None else x.to(w.dtype) @ w.T
-
-    def b_dec_out(self, layer: int) -> torch.Tensor:
-        return self.by_layer[layer].b_dec
-
-    def reconstruct(self, inputs: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        return {layer: self.by_layer[layer](x) for layer, x in inputs.items() if layer in self.by_layer}
-
-    def model_name(self) -> str:
-        return next(iter(self.by_layer.values())).cfg.model_name or ""
-
-    def describe(self) -> str:
-        first = next(iter(self.by_layer.values()))
-        skip = "+skip" if getattr(first, "W_skip", None) is not None else ""
-        return f"per-layer transcoders{skip} ({len(self.by_layer)} layers, width {first.cfg.d_sae})"
-
-
-class ProtocolAdapter:
-    """Pass-through for an object that already speaks the protocol (e.g. `CrossLayerTranscoder`), filling in the
-    few conveniences attribution uses (`encoder`, `pre_activation`, `d_sae(layer)`) from what it has."""
-
-    def __init__(self, obj: Any):
-        self.obj = obj
-        self.source = obj
-        missing = [m for m in PROTOCOL if not hasattr(obj, m)]
-        if missing:
-            raise TypeError(f"{type(obj).__name__} lacks the replacement protocol's {', '.join(missing)}")
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.obj, name)
-
-    @property
-    def layers(self) -> list[int]:
-        return sorted(int(x) for x in self.obj.layers)
-
-    def d_sae(self, layer: int) -> int:
-        d = self.obj.d_sae
-        return int(d(layer) if callable(d) else (d[layer] if isinstance(d, (list, tuple, dict)) else d))
-
-    def encoder(self, layer: int) -> torch.Tensor:
-        if hasattr(self.obj, "encoder"):
-            return self.obj.encoder(layer)
-        W = self.obj.W_enc
-        if isinstance(W, torch.Tensor) and W.dim() == 2:
-            return W
-        return W[self.obj.index(layer) if hasattr(self.obj, "index") else layer]
-
-    def pre_activation(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        if hasattr(self.obj, "pre_activation"):
-            return self.obj.pre_activation(layer, x)
-        b = self.obj.b_enc
-        if not (isinstance(b, torch.Tensor) and b.dim() == 1):
-            b = b[self.obj.index(layer) if hasattr(self.obj, "index") else layer]
-        return x.to(self.encoder(layer).dtype) @ self.encoder(layer) + b
-
-    def model_name(self) -> str:
-        cfg = getattr(self.obj, "cfg", None)
-        return getattr(cfg, "model_name", "") or getattr(self.obj, "model_name", "") or ""
-
-    def describe(self) -> str:
-        return f"{type(self.obj).__name__} ({len(self.layers)} layers)"
-
-
-def as_replacement(transcoders: Any) -> Any:
-    """Any supported transcoder object -> an object with the replacement protocol."""
-    from ..dictionaries.sae import TranscoderSet
-
-    if isinstance(transcoders, (TranscoderSetAdapter, ProtocolAdapter)):
-        return transcoders
-    if isinstance(transcoders, (TranscoderSet, dict)):
-        return TranscoderSetAdapter(transcoders)
-    if all(hasattr(transcoders, m) for m in PROTOCOL):
-        return ProtocolAdapter(transcoders)
-    return TranscoderSetAdapter(transcoders)
-
-
-def check_fits(model: Any, rep: Any) -> None:
-    """Raise TranscoderMismatchError unless every transcoder reads and writes hooks this model has, at its width."""
-    want = rep.model_name()
-    have = getattr(model, "name", "") or ""
-    if want and have:
-        from ..dictionaries.compat import same_model
-
-        if not same_model(want, have):
-            raise TranscoderMismatchError(f"these transcoders were trained on {want!r}, but the model is {have!r}")
-    n = model.cfg.n_layers
-    D = model.cfg.d_model
-    for layer in rep.layers:
-        if not 0 <= layer < n:
-            raise TranscoderMismatchError(f"the transcoders have a layer {layer}, but {have or 'the model'} has "
-                                          f"layers 0..{n - 1}")
-        for hook in (rep.input_hook(layer), rep.output_hook(layer)):
-            if hook not in model.hook_names:
-                raise TranscoderMismatchError(f"layer {layer}'s transcoder uses hook {hook!r}, which the model lacks")
-        if rep.output_hook(layer) != f"blocks.{layer}.hook_mlp_out":
-            raise TranscoderMismatchError(f"layer {layer}'s transcoder writes {rep.output_hook(layer)!r}; attribution "
-                                          f"replaces MLP outputs, blocks.{layer}.hook_mlp_out")
-        if rep.encoder(layer).shape[0] != D or rep.decoder(layer).shape[-1] != D:
-            raise TranscoderMismatchError(f"layer {layer}'s transcoder maps {rep.encoder(layer).shape[0]} -> "
-                                          f"{rep.decoder(layer).shape[-1]} dimensions; the model's d_model is {D}")
-        for out in rep.output_layers(layer):
-            if not layer <= out < n:
-                raise TranscoderMismatchError(f"layer {layer}'s features write to layer {out}, outside {layer}..{n - 1}")
+def check_transcoders(model: Any, transcoders: Any) -> Transcoders:
+    """`transcoders` itself, once it is known to be a model's transcoders (a `TranscoderSet` or a
+    `CrossLayerTranscoder`) that fit `model` and write its MLP outputs; a clear error otherwise."""
+    if not isinstance(transcoders, Transcoders):
+        kind = ("a single dictionary (an SAE or one transcoder)" if isinstance(transcoders, SparseDictionary)
+                else type(transcoders).__name__)
+        raise InputError(f"attribution needs a transcoder set or a cross-layer transcoder, got {kind}")
+    check_fits(model, transcoders, replaces_mlp=True)
+    return transcoders
 
 
 # --------------------------------------------------------------------------------------------- recording

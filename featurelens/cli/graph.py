@@ -93,11 +93,11 @@ def _threshold(name: str, v: float) -> None:
 
 
 def _load_transcoders(path: str) -> Any:
-    from ..dictionaries import load_dictionary
+    from ..dictionaries import Transcoders, load_dictionary
 
     p = Path(path).expanduser()
     tc = load_dictionary(p)
-    if hasattr(tc, "encode") and not hasattr(tc, "layers"):
+    if not isinstance(tc, Transcoders):
         raise InputError(f"{p} is a single dictionary; attribution needs a transcoder set or a cross-layer transcoder")
     return tc
 
@@ -105,9 +105,10 @@ def _load_transcoders(path: str) -> Any:
 def _analyses(transcoders: Any) -> dict[int, Any]:
     """Per-layer analyses of a transcoder set, where they exist (labels, examples and histograms for the cards)."""
     from ..analysis import open_analysis
+    from ..dictionaries import TranscoderSet
 
     out: dict[int, Any] = {}
-    if not hasattr(transcoders, "items"):
+    if not isinstance(transcoders, TranscoderSet):
         return out
     for layer, tc in transcoders.items():
         try:
@@ -118,8 +119,8 @@ def _analyses(transcoders: Any) -> dict[int, Any]:
 
 
 def cmd_graph(args: argparse.Namespace) -> int:
-    from ..attribution import as_replacement, attribute
-    from ..attribution.replacement import check_fits
+    from ..attribution import attribute
+    from ..attribution.replacement import check_transcoders
     from ..paths import sub_dir
     from .models import _load
 
@@ -130,7 +131,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
         raise InputError("empty prompt: give the text to attribute")
     transcoders = _load_transcoders(args.transcoders)
     model = _load(args)
-    check_fits(model, as_replacement(transcoders))  # a mismatch is the error to show, before any note on layers
+    check_transcoders(model, transcoders)  # a mismatch is the error to show, before any note on layers
     missing = sorted(set(range(model.cfg.n_layers)) - set(transcoders.layers))
     if missing:
         print(f"note: layers {missing} have no transcoder: each of their MLP outputs is one error node")

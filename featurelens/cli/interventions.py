@@ -69,10 +69,10 @@ def _load_model(args: argparse.Namespace):
 
 
 def _load_dictionary(path: str, layer: int | None):
-    from ..dictionaries import load_dictionary
+    from ..dictionaries import TranscoderSet, load_dictionary
 
     sae = load_dictionary(path)
-    if not hasattr(sae, "W_dec") and hasattr(sae, "layers"):  # a transcoder set: one transcoder per layer
+    if isinstance(sae, TranscoderSet):  # one transcoder per layer
         if layer is None:
             raise InputError(f"{path} holds transcoders for layers {sae.layers}: pick one with --layer")
         if layer not in sae:

@@ -1,8 +1,12 @@
 """Sparse dictionaries: SAEs (ReLU, TopK, BatchTopK, JumpReLU) and transcoders; training, metrics, SAELens format.
 
-Modules: `sae` (the dictionaries), `train` (`train_sae`, `train_transcoders`) over `batches` (activation streams)
-and `training` (the loop; `autograd` and `median` are its pieces), `metrics`, `format` (SAELens layout), `splice`
-(a dictionary spliced into a model), `compat` (does a dictionary fit a model), `logit_lens`.
+Modules: `sae` (SAEs, transcoders, per-layer transcoder sets), `clt` (cross-layer transcoders), `protocol` (the
+replacement protocol both kinds of transcoders implement), `train` (`train_sae`, `train_transcoders`, `train_clt`)
+over `batches` (activation streams), `train_config` (`TrainConfig`), `learner` (dictionaries being trained), `losses` (a step's maths; `autograd` and
+`median` are its pieces), `checkpoints` and `loop` (the run); `metrics`, `replacement` (transcoders replacing every
+MLP at once) and `evaluate` (`evaluate_dictionary`); `formats` (every file layout, `load_dictionary` /
+`save_dictionary`); `splice` (a dictionary spliced into a model), `compat` (does a dictionary fit a model),
+`logit_lens`.
 
 >>> import featurelens as fl
 >>> model = fl.load_model("gemma-3-270m")
@@ -11,24 +15,28 @@ and `training` (the loop; `autograd` and `median` are its pieces), `metrics`, `f
 >>> fl.evaluate_dictionary(model, sae).ce_loss_recovered
 """
 
-from .batches import model_batches
-from .circuit_tracer_format import load_circuit_tracer, save_circuit_tracer
-from .clt import CLTConfig, CrossLayerTranscoder, load_clt, save_clt, train_clt
-from .compat import DictionaryModelMismatchError, check_compatible
-from .format import CorruptDictionaryError, load_dictionary, save_dictionary, save_transcoder_set
-from .replacement import Replacement, evaluate_replacement
-from .metrics import DictionaryMetrics, evaluate_dictionary, reconstruction_metrics, splice_metrics
+from .batches import iterate_tensors, model_batches
+from .clt import CLTConfig, CrossLayerTranscoder
+from .compat import DictionaryModelMismatchError, check_fits
+from .evaluate import evaluate_dictionary
+from .formats import (CorruptDictionaryError, load_circuit_tracer, load_clt, load_dictionary, save_circuit_tracer,
+                      save_clt, save_dictionary, save_transcoder_set)
+from .learner import Learner
+from .loop import run_training
+from .metrics import DictionaryMetrics, reconstruction_metrics, splice_metrics
+from .replacement import evaluate_replacement
+from .protocol import Transcoders
 from .sae import (ARCHITECTURES, DictionaryConfig, FeatureIndexError, SparseDictionary, TranscoderSet,
                   check_feature_index)
 from .splice import splice_hooks
-from .train import train_sae, train_transcoders
-from .training import Learner, TrainConfig, iterate_tensors, run_training
+from .train import train_clt, train_sae, train_transcoders
+from .train_config import TrainConfig
 
 __all__ = [
     "CLTConfig", "CrossLayerTranscoder", "evaluate_replacement", "load_circuit_tracer", "load_clt",
     "save_circuit_tracer", "save_clt", "train_clt",
     "ARCHITECTURES", "CorruptDictionaryError", "DictionaryConfig", "DictionaryMetrics", "DictionaryModelMismatchError",
-    "FeatureIndexError", "Learner", "SparseDictionary", "TrainConfig", "TranscoderSet", "check_compatible",
+    "FeatureIndexError", "Learner", "SparseDictionary", "TrainConfig", "TranscoderSet", "Transcoders", "check_fits",
     "check_feature_index", "evaluate_dictionary", "iterate_tensors", "load_dictionary", "model_batches",
     "reconstruction_metrics", "run_training", "save_dictionary", "save_transcoder_set", "splice_hooks",
     "splice_metrics", "train_sae", "train_transcoders",

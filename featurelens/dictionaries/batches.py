@@ -7,14 +7,14 @@ BOS positions left out), so a resumed run recomputes only the chunk holding the 
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
 from ..data import ActivationStore
 from ..engine.errors import InputError
-from .training import Batches
 
+Batches = Callable[[int], Iterable[Mapping[str, torch.Tensor]]]  # tokens already seen -> batches from there on
 CHUNK_CONTEXTS = 512  # contexts per forward-and-shuffle chunk (about 65k token rows at ctx_len 128)
 
 
@@ -84,3 +84,72 @@ def chunk_for(tokens: int, contexts: torch.Tensor, row_width: int) -> int:
     by_memory = CHUNK_BYTES // (ctx * row_width * 4)
     by_need = -(-tokens // max(1, ctx - 1)) + 1
     return max(1, min(CHUNK_CONTEXTS, by_memory, by_need))
+
+
+def iterate_tensors(x: torch.Tensor, batch_size: int, hook: str, y: torch.Tensor | None = None,
+                    hook_out: str | None = None, seed: int = 0, epochs: int | None = None) -> Batches:
+    """Batches from activations already in memory (shuffled each epoch): for cached activations and tests."""
+
+    def gen(tokens_seen: int) -> Iterator[dict[str, torch.Tensor]]:
+        n = x.shape[0]
+        g = torch.Generator().manual_seed(seed)
+        epoch, skip = 0, tokens_seen
+        while epochs is None or epoch < epochs:
+            perm = torch.randperm(n, generator=g)
+            for s in range(0, n - batch_size + 1, batch_size):
+                if skip >= batch_size:
+                    skip -= batch_size
+                    continue
+                rows = perm[s:s + batch_size]
+                batch = {hook: x[rows]}
+                if y is not None and hook_out is not None:
+                    batch[hook_out] = y[rows]
+                yield batch
+            epoch += 1
+
+    return gen
+
+
+def reuse_batches(batches: Batches, reuse: int, buffer_tokens: int, batch_size: int, seed: int = 0) -> Batches:
+    """Serve every row of `batches` `reuse` times: fill a buffer of buffer_tokens rows (held as bfloat16, half the
+    memory of float32; the activations' own precision is about that anyway), then yield it `reuse` times in fresh
+    random orders, then refill. Resumable at any row like the stream it wraps: buffer b holds the inner stream's rows
+    [b * buffer_tokens, (b + 1) * buffer_tokens) and its orders depend only on (seed, b).
+    """
+    per_buffer = max(batch_size, buffer_tokens // batch_size * batch_size)  # whole batches per pass
+
+    def gen(tokens_seen: int) -> Iterator[dict[str, torch.Tensor]]:
+        b, skip = divmod(tokens_seen, per_buffer * reuse)
+        inner = iter(batches(b * per_buffer))
+        while True:
+            parts, n = [], 0
+            for part in inner:
+                parts.append({h: v.to(torch.bfloat16) if v.is_floating_point() else v for h, v in part.items()})
+                n += len(next(iter(part.values())))
+                if n >= per_buffer:
+                    break
+            if n == 0:
+                return
+            buf = {h: torch.cat([p[h] for p in parts]) for h in parts[0]}
+            extra = {h: v[per_buffer:] for h, v in buf.items()} if n > per_buffer else None
+            buf = {h: v[:per_buffer] for h, v in buf.items()}
+            rows = min(n, per_buffer)
+            g = torch.Generator().manual_seed(seed * 1_000_003 + b)
+            order = torch.cat([torch.randperm(rows, generator=g) for _ in range(reuse)])
+            for s in range(0, len(order), batch_size):
+                if skip >= batch_size:
+                    skip -= batch_size
+                    continue
+                sel = order[s + skip:s + batch_size]
+                skip = 0
+                yield {h: v[sel].float() if v.is_floating_point() else v[sel] for h, v in buf.items()}
+            if extra is not None:  # rows past the buffer (the inner batches need not divide it) start the next one
+                inner = _chain_first(extra, inner)
+            b += 1
+
+    return gen
+
+
+def _chain_first(first: dict[str, torch.Tensor], rest: Iterator[dict[str, torch.Tensor]]) -> Iterator[dict[str, torch.Tensor]]:
+    yield {h: v.float() if v.is_floating_point() else v for h, v in first.items()}
+    yield from rest

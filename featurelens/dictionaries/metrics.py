@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Union
 
 import torch
 import torch.nn.functional as F
 
-from .sae import SparseDictionary, TranscoderSet
+from .protocol import Transcoders
+from .sae import SparseDictionary
 from .splice import splice_hooks
 from ..engine.errors import InputError
 
@@ -105,16 +106,35 @@ def reconstruction_metrics(dictionary: SparseDictionary, batches: Iterable[Mappi
     return acc.result(dense_threshold)
 
 
-def zero_ablation_hooks(dictionary: SparseDictionary, not_bos: torch.Tensor) -> list[tuple[str, Any]]:
-    """Hooks that zero the dictionary's output hook at non-BOS positions (the baseline CE loss recovered is measured
-    against)."""
+def zero_ablation_hooks(hook_names: list[str], not_bos: torch.Tensor) -> list[tuple[str, Any]]:
+    """Hooks that zero the dictionaries' output hooks at non-BOS positions (the baseline CE loss recovered is
+    measured against)."""
     keep = not_bos[:, :, None]
 
     def zero(act: torch.Tensor, hook: Any) -> torch.Tensor:
         flat = act.reshape(act.shape[0], act.shape[1], -1)
         return torch.where(keep, torch.zeros_like(flat), flat).reshape(act.shape)
 
-    return [(dictionary.hook_name_out, zero)]
+    return [(name, zero) for name in hook_names]
+
+
+Spliced = Union[SparseDictionary, Transcoders, "tuple[Transcoders, list[int]]"]  # a transcoders' subset of outputs
+
+
+def group_hooks(members: list[Spliced], not_bos: torch.Tensor, mode: str) -> list[tuple[str, Any]]:
+    """The hooks of one group of `splice_metrics_groups`: mode "dictionary" splices every member in (no error term),
+    "zero" zero-ablates what they write; BOS positions are left as they are. A member is a dictionary, a model's
+    transcoders (every output layer replaced) or (transcoders, output layers) for some of them."""
+    hooks: list[tuple[str, Any]] = []
+    for member in members:
+        d, outputs = member if isinstance(member, tuple) else (member, None)
+        if mode == "zero":
+            names = ([d.output_hook(L) for L in (d.all_output_layers() if outputs is None else sorted(outputs))]
+                     if isinstance(d, Transcoders) else [d.hook_name_out])
+            hooks += zero_ablation_hooks(names, not_bos)
+        else:
+            hooks += splice_hooks(d, keep_error=False, where=not_bos, outputs=outputs)
+    return hooks
 
 
 def _token_ce(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,9 +156,10 @@ def splice_metrics(model: Any, dictionaries: "SparseDictionary | list[SparseDict
 
 
 @torch.no_grad()
-def splice_metrics_groups(model: Any, groups: dict[Any, list[SparseDictionary]], contexts: torch.Tensor,
+def splice_metrics_groups(model: Any, groups: dict[Any, list[Spliced]], contexts: torch.Tensor,
                           batch_size: int = 2, progress: bool = False) -> dict[Any, dict[str, float]]:
-    """`splice_metrics` for several groups of dictionaries at once: the clean pass is shared."""
+    """`splice_metrics` for several groups of dictionaries at once (members as in `group_hooks`): the clean pass is
+    shared."""
     from tqdm.auto import tqdm
 
     if contexts.shape[1] < 3:
@@ -155,12 +176,7 @@ def splice_metrics_groups(model: Any, groups: dict[Any, list[SparseDictionary]],
         count += ce_clean.numel()
         for g, dictionaries in groups.items():
             for mode, key, kl_key in (("dictionary", "spliced", "kl"), ("zero", "zero", "kl_zero")):
-                if hasattr(dictionaries, "hooks"):  # a replacement model (replacement.Replacement): several MLPs
-                    hooks = dictionaries.hooks(not_bos, mode)
-                else:
-                    hooks = [h for d in dictionaries for h in (
-                        splice_hooks(d, keep_error=False, where=not_bos) if mode == "dictionary"
-                        else zero_ablation_hooks(d, not_bos))]
+                hooks = group_hooks(dictionaries, not_bos, mode)
                 logp, ce = _token_ce(model.run_with_hooks(tokens, fwd_hooks=hooks), tokens)
                 tot[g][key] += float(ce.sum())
                 tot[g][kl_key] += float((clean_logp.exp() * (clean_logp - logp)).sum())
@@ -175,66 +191,3 @@ def splice_metrics_groups(model: Any, groups: dict[Any, list[SparseDictionary]],
                   "ce_loss_recovered": (ce["zero"] - ce["spliced"]) / denom if abs(denom) > 1e-9 else float("nan"),
                   "kl_div": ce["kl"], "kl_zero_ablation": ce["kl_zero"], "ce_tokens": count}
     return out
-
-
-def evaluate_dictionary(model: Any, dictionary: "SparseDictionary | TranscoderSet", *, tokens: int | None = 100_000,
-                        ce_contexts: int = 32, source: Any = "nlp-corpus", ctx_len: int = 128,
-                        contexts: torch.Tensor | None = None, dense_threshold: float = 0.1, batch_size: int = 4096,
-                        per_layer_ce: bool = True, progress: bool = True
-                        ) -> "DictionaryMetrics | dict[int, DictionaryMetrics]":
-    """Measure a dictionary on held-out text (the corpus's test split, or `contexts`).
-
-    tokens: evaluation tokens for L0 / FVU / dead and dense fractions (None: the whole split).
-    ce_contexts: contexts for the spliced cross-entropy (0 skips it).
-    A TranscoderSet gives {layer: metrics} (each layer spliced alone) plus {"all": ...} for all layers spliced
-    together (only CE and KL filled in). per_layer_ce=False splices only all layers at once: the CE passes (two
-    full forwards per layer and context pair, logits included) are most of an evaluation's time.
-    """
-    from ..data import load_contexts
-    from .batches import chunk_for, model_batches
-
-    if not isinstance(dictionary, (SparseDictionary, TranscoderSet)) and hasattr(dictionary, "output_layers"):
-        from .replacement import evaluate_replacement  # a cross-layer transcoder: per layer and all at once
-
-        return evaluate_replacement(model, dictionary, tokens=tokens, ce_contexts=ce_contexts, source=source,
-                                    ctx_len=ctx_len, contexts=contexts, dense_threshold=dense_threshold,
-                                    batch_size=batch_size, per_layer_ce=per_layer_ce, progress=progress)
-    if isinstance(dictionary, TranscoderSet):
-        from .clt import check_fits_model
-
-        check_fits_model(dictionary, model)  # layers, hooks and widths, naming the layer that does not fit
-    if contexts is None:
-        contexts = load_contexts(model, source, ctx_len, "test", progress=progress)
-    members = dictionary.items() if isinstance(dictionary, TranscoderSet) else [(None, dictionary)]
-    hooks = sorted({h for _, d in members for h in (d.hook_name, d.hook_name_out)})
-    for hook in hooks:
-        model.hook_spec(hook)  # UnknownHookError, with the close matches
-    bos = model.cfg.bos_token_id
-    per_row = (contexts != bos).sum(1) if bos is not None else torch.full((len(contexts),), contexts.shape[1])
-    rows = int(per_row.sum())
-    n_tok = min(tokens or rows, rows)
-    n_ctx = int((per_row.cumsum(0) < n_tok).sum()) + 1  # only the contexts the token budget needs
-    recon_contexts = contexts[:n_ctx]
-    accs = [ReconstructionAccumulator(d) for _, d in members]
-    seen = 0
-    row_width = sum(d.d_in + d.d_out for _, d in members)
-    chunk = chunk_for(n_tok, recon_contexts, row_width)
-    for batch in model_batches(model, hooks, recon_contexts, batch_size, epochs=1, chunk_contexts=chunk)(0):
-        batch = {h: v[:n_tok - seen] for h, v in batch.items()}
-        for acc in accs:
-            acc.update(batch)
-        seen += len(batch[hooks[0]])
-        if seen >= n_tok:
-            break
-    results: dict[Any, DictionaryMetrics] = {key: acc.result(dense_threshold) for (key, _), acc in zip(members, accs)}
-    if ce_contexts:
-        several = isinstance(dictionary, TranscoderSet) and len(dictionary) > 1
-        groups = {key: [d] for key, d in members} if per_layer_ce or not several else {}
-        if several:
-            groups["all"] = list(dictionary)
-            results["all"] = DictionaryMetrics()
-        spliced = splice_metrics_groups(model, groups, contexts[:ce_contexts], progress=progress)
-        for key, values in spliced.items():
-            for k, v in values.items():
-                setattr(results[key], k, v)
-    return results if isinstance(dictionary, TranscoderSet) else results[None]

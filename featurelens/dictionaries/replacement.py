@@ -1,9 +1,10 @@
 """The replacement model: every MLP replaced by transcoder features at once, with no error terms, and how good it is.
 
-Works on anything with the replacement protocol (`TranscoderSet`, `CrossLayerTranscoder`): during one forward pass,
-each layer's input hook encodes the features of that layer and adds what they write to every output layer they
-reach; each output hook is then replaced by the sum of what reached it, plus its bias and skip. Later layers' inputs
-come from the replaced model, so errors compound as they do in attribution graphs built on it.
+Works on the replacement protocol (`Transcoders`: `TranscoderSet`, `CrossLayerTranscoder`), spliced in by
+`splice.splice_hooks`: during one forward pass, each layer's input hook encodes the features of that layer and adds
+what they write to every output layer they reach; each output hook is then replaced by the sum of what reached it,
+plus its bias and skip. Later layers' inputs come from the replaced model, so errors compound as they do in
+attribution graphs built on it.
 
 >>> res = fl.evaluate_dictionary(model, clt)          # {layer: DictionaryMetrics, "all": DictionaryMetrics}
 >>> res["all"].ce_loss_recovered                      # against zero-ablating every MLP
@@ -11,65 +12,14 @@ come from the replaced model, so errors compound as they do in attribution graph
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
-from .metrics import DictionaryMetrics, ReconstructionSums
-
-
-class Replacement:
-    """Hooks that put a transcoder set's or CLT's reconstruction in place of its output hooks.
-
-    outputs: the output layers to replace (default all); the others run as the model does (for "layer L alone").
-    `hooks(not_bos, mode)` is what `splice_metrics_groups` asks of a group: mode "dictionary" replaces by the
-    reconstruction, "zero" by zeros (zero-ablating those MLPs); BOS positions are left as they are.
-    """
-
-    def __init__(self, transcoders: Any, outputs: Iterable[int] | None = None):
-        self.tc = transcoders
-        all_out = sorted({L for l in transcoders.layers for L in transcoders.output_layers(l)})
-        self.outputs = all_out if outputs is None else sorted(outputs)
-
-    def hooks(self, not_bos: torch.Tensor, mode: str = "dictionary") -> list[tuple[str, Any]]:
-        tc, keep = self.tc, not_bos[:, :, None]
-        targets = set(self.outputs)
-        pending: dict[int, torch.Tensor] = {}
-
-        def put_for(L: int) -> Any:
-            def put(act: torch.Tensor, hook: Any) -> torch.Tensor:
-                flat = act.reshape(act.shape[0], act.shape[1], -1)
-                if mode == "zero":
-                    new = torch.zeros_like(flat)
-                else:
-                    new = (pending.pop(L) + tc.b_dec_out(L)).to(device=act.device, dtype=act.dtype)
-                return torch.where(keep.to(act.device), new, flat).reshape(act.shape)
-            return put
-
-        def grab_for(l: int) -> Any:
-            wanted = [(j, L) for j, L in enumerate(tc.output_layers(l)) if L in targets]
-
-            def grab(act: torch.Tensor, hook: Any) -> None:
-                from .clt import decode_contributions
-
-                x = act.reshape(act.shape[0], act.shape[1], -1)
-                f = tc.encode_layer(l, x)
-                W = tc.decoder(l)
-                W = W[:, [j for j, _ in wanted]]  # only the output layers being replaced
-                for (_, L), part in zip(wanted, decode_contributions(f, W)):
-                    pending[L] = pending[L] + part if L in pending else part
-                if l in targets:
-                    skip = tc.skip_out(l, x)
-                    if skip is not None:
-                        pending[l] = pending[l] + skip if l in pending else skip
-            return grab
-
-        hooks: list[tuple[str, Any]] = []
-        if mode != "zero":
-            hooks += [(tc.input_hook(l), grab_for(l)) for l in tc.layers
-                      if any(L in targets for L in tc.output_layers(l))]
-        hooks += [(tc.output_hook(L), put_for(L)) for L in self.outputs]
-        return hooks
+from ..data import load_contexts
+from .batches import chunk_for, model_batches
+from .compat import check_fits
+from .metrics import DictionaryMetrics, ReconstructionSums, splice_metrics_groups
 
 
 @torch.no_grad()
@@ -82,12 +32,7 @@ def evaluate_replacement(model: Any, transcoders: Any, *, tokens: int | None = 1
     MLP alone replaced; "all": CE / KL with every MLP replaced at once and no error terms, against zero-ablating
     every MLP (CE loss recovered), plus the layers' mean L0 and the pooled explained variance.
     """
-    from ..data import load_contexts
-    from .batches import chunk_for, model_batches
-    from .clt import check_fits_model
-    from .metrics import splice_metrics_groups
-
-    check_fits_model(transcoders, model)
+    check_fits(model, transcoders)
     if contexts is None:
         contexts = load_contexts(model, source, ctx_len, "test", progress=progress)
     layers = transcoders.layers
@@ -106,7 +51,7 @@ def evaluate_replacement(model: Any, transcoders: Any, *, tokens: int | None = 1
         batch = {h: v[:n_tok - seen] for h, v in batch.items()}
         xs = {l: batch[transcoders.input_hook(l)] for l in layers}
         feats = {l: transcoders.encode_layer(l, x) for l, x in xs.items()}
-        y_hat = _decode(transcoders, feats, xs)
+        y_hat = transcoders.decode_layers(feats, xs)
         for l in layers:
             accs[l].add(batch[transcoders.output_hook(l)].to(y_hat[l].dtype), y_hat[l], feats[l])
         seen += len(batch[hooks[0]])
@@ -122,27 +67,11 @@ def evaluate_replacement(model: Any, transcoders: Any, *, tokens: int | None = 1
     pooled.dense_fraction = sum(r.dense_fraction for r in results.values()) / len(layers)
     results["all"] = pooled
     if ce_contexts:
-        groups: dict[Any, Any] = {"all": Replacement(transcoders)}
+        groups: dict[Any, Any] = {"all": [transcoders]}
         if per_layer_ce:
-            groups.update({L: Replacement(transcoders, [L]) for L in outputs})
+            groups.update({L: [(transcoders, [L])] for L in outputs})
         spliced = splice_metrics_groups(model, groups, contexts[:ce_contexts], progress=progress)
         for key, values in spliced.items():
             for k, v in values.items():
                 setattr(results[key], k, v)
     return results
-
-
-def _decode(transcoders: Any, feats: dict[int, torch.Tensor], xs: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-    """{L: reconstruction} from already-encoded features (the protocol's pieces, so any implementation works)."""
-    from .clt import decode_contributions
-
-    out: dict[int, torch.Tensor] = {}
-    for l, f in feats.items():
-        for L, part in zip(transcoders.output_layers(l), decode_contributions(f, transcoders.decoder(l))):
-            out[L] = out[L] + part if L in out else part
-    for L in list(out):
-        out[L] = out[L] + transcoders.b_dec_out(L)
-        skip = transcoders.skip_out(L, xs[L]) if L in xs else None
-        if skip is not None:
-            out[L] = out[L] + skip
-    return out

@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 from ..dtypes import DTYPES
 from ..engine.errors import FeaturelensError, InputError
+from .protocol import Transcoders
 
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
 _DTYPES = DTYPES  # the names a DictionaryConfig.dtype may take
@@ -105,7 +106,7 @@ class ConfigBase:
 
 @dataclass
 class DictionaryConfig(ConfigBase):
-    """Shape and kind of a dictionary; what cfg.json says (see `format.py`)."""
+    """Shape and kind of a dictionary; what cfg.json says (see `formats/saelens.py`)."""
 
     d_in: int
     d_sae: int
@@ -287,8 +288,9 @@ class SparseDictionary(nn.Module):
         return self
 
 
-class TranscoderSet(nn.Module):
-    """One transcoder per layer of a model (MLP input -> MLP output), as `train_transcoders` makes them.
+class TranscoderSet(nn.Module, Transcoders):
+    """One transcoder per layer of a model (MLP input -> MLP output), as `train_transcoders` makes them; it
+    implements the replacement protocol (`protocol.Transcoders`).
 
     >>> tset = fl.load_dictionary("~/tc")
     >>> tset[6].encode(x)        # layer 6's transcoder
@@ -332,8 +334,6 @@ class TranscoderSet(nn.Module):
         return f"TranscoderSet(layers={self.layers}, each {first!r})"
 
     # ----------------------------------------------------------------- the replacement protocol
-    # The same small interface as `CrossLayerTranscoder`, so that attribution and evaluation treat both alike:
-    # features of layer L read `input_hook(L)`, and write `decoder(L)[f, j]` to `output_hook(output_layers(L)[j])`.
     @property
     def d_sae(self) -> int:
         widths = {tc.d_sae for tc in self}
@@ -346,33 +346,44 @@ class TranscoderSet(nn.Module):
         """The first layer's config (model name, architecture): what the set has in common."""
         return next(iter(self)).cfg
 
+    @property
+    def model_name(self) -> str:
+        return self.cfg.model_name or ""
+
     def input_hook(self, layer: int) -> str:
         return self[layer].hook_name
 
     def output_hook(self, layer: int) -> str:
         return self[layer].hook_name_out
 
-    def encode_layer(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """Feature activations [..., d_sae] of layer `layer` from its MLP input x [..., d_in]."""
-        return self[layer].encode(x)
-
-    def decoder(self, layer: int) -> torch.Tensor:
-        """Decoder [d_sae, 1, d_out]: what each feature of `layer` writes to each of `output_layers(layer)`."""
-        return self[layer].W_dec[:, None, :]
-
     def output_layers(self, layer: int) -> list[int]:
         self[layer]  # noqa: B018 -- raises KeyError naming the layers this set has
         return [layer]
 
+    def encoder(self, layer: int) -> torch.Tensor:
+        return self[layer].W_enc
+
+    def pre_activation(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        return self[layer].pre_activation(x)
+
+    def encode_layer(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        return self[layer].encode(x)
+
+    def decoder(self, layer: int) -> torch.Tensor:
+        return self[layer].W_dec[:, None, :]
+
     def skip_out(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
-        """The affine skip's contribution x @ W_skip.T [..., d_out] at `layer`, or None without a skip."""
         tc = self[layer]
         return None if tc.W_skip is None else x.to(tc.dtype) @ tc.W_skip.T
 
     def b_dec_out(self, layer: int) -> torch.Tensor:
-        """The bias [d_out] added at output layer `layer`."""
         return self[layer].b_dec
 
-    def reconstruct(self, inputs: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    def reconstruct(self, inputs: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """{layer: MLP output estimate [..., d_out]} from {layer: MLP input [..., d_in]} (each layer on its own)."""
         return {layer: self[layer](x) for layer, x in inputs.items()}
+
+    def describe(self) -> str:
+        first = next(iter(self))
+        skip = "+skip" if first.W_skip is not None else ""
+        return f"per-layer transcoders{skip} ({len(self)} layers, width {first.cfg.d_sae})"

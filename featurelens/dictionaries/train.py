@@ -1,13 +1,14 @@
-"""From a model and a hook to a trained, saved dictionary: `train_sae` and `train_transcoders`.
+"""From a model and a hook to a trained, saved dictionary: `train_sae`, `train_transcoders` and `train_clt`.
 
     sae = fl.train_sae(model, hook="blocks.6.hook_resid_post", arch="topk", k=32, width=8192,
                        tokens=2_000_000, out="~/sae-l6")
     tcs = fl.train_transcoders(model, layers="all", arch="topk", k=32, width=4096, tokens=1_000_000, out="~/tc")
+    clt = fl.train_clt(model, layers="all", arch="batchtopk", k=16, width=2048, tokens=2_000_000, out="~/clt")
 
 Activations come from `batches.model_batches` over the training split of a corpus (BOS positions left out), in
 chunks of contexts whose order is fixed by the seed, so a resumed run skips exactly the rows it already trained on.
-One forward pass feeds every dictionary of a run (all layers' transcoders at once). The training loop itself is
-`training.run_training`.
+One forward pass feeds every dictionary of a run (all layers' transcoders at once). The learners are in `learner`,
+the loop in `loop.run_training`, the checkpoints in `checkpoints`.
 """
 
 from __future__ import annotations
@@ -22,9 +23,14 @@ from ..data import load_contexts
 from ..engine.errors import InputError
 from ..paths import sub_dir
 from .batches import chunk_for, model_batches
-from .format import META_FILE, save_dictionary, save_transcoder_set
+from .checkpoints import clear_checkpoints
+from .clt import CLTConfig, CrossLayerTranscoder
+from .formats import META_FILE, save_clt, save_dictionary, save_transcoder_set
+from .learner import CLTLearner, Learner
+from .loop import RunResult, run_training
+from .protocol import TRANSCODER_IN, TRANSCODER_OUT
 from .sae import DictionaryConfig, SparseDictionary, TranscoderSet
-from .training import Learner, RunResult, TrainConfig, clear_checkpoints, run_training
+from .train_config import TrainConfig
 
 
 def _check_hook(model: Any, hook: str) -> int:
@@ -125,10 +131,6 @@ def _parse_layers(layers: "str | int | Sequence[int]", n_layers: int) -> list[in
     return out
 
 
-TRANSCODER_IN = "blocks.{}.ln2.hook_normalized"
-TRANSCODER_OUT = "blocks.{}.hook_mlp_out"
-
-
 def train_transcoders(model: Any, layers: "str | int | Sequence[int]" = "all", *, arch: str = "topk",
                       k: int | None = None, width: int = 4096, tokens: int = 1_000_000, out: str | Path | None = None,
                       lr: float | None = None, batch_size: int = 1024, skip: bool = True, source: Any = "nlp-corpus",
@@ -173,3 +175,51 @@ def train_transcoders(model: Any, layers: "str | int | Sequence[int]" = "all", *
     for layer, tc in tset.items():
         tc.stats, tc.source = stats[str(layer)], out / f"layer_{layer}"
     return tset
+
+
+def train_clt(model: Any, layers: "str | int | Sequence[int]" = "all", *, arch: str = "batchtopk",
+              k: int | None = None, width: int = 2048, tokens: int = 1_000_000, out: str | Path | None = None,
+              lr: float | None = None, batch_size: int = 4096, skip: bool = False, source: Any = "nlp-corpus",
+              ctx_len: int = 128, resume: bool = False, overwrite: bool = False, progress: bool = True, seed: int = 0,
+              checkpoint_every: int | None = None, contexts: torch.Tensor | None = None,
+              **options: Any) -> CrossLayerTranscoder:
+    """Train a cross-layer transcoder over `layers` (each layer's MLP input -> its MLP output and all later ones).
+
+    width: features per layer. arch: "batchtopk" (default: at inference a threshold, i.e. a JumpReLU that
+    circuit-tracer loads as it is), "topk", "jumprelu" or "relu"; k: latents per token and layer. skip: an affine
+    skip per layer. Further `options` are `TrainConfig` fields (loss="normalized_mse", reuse=4, warmup, decay, ...).
+    Saved to `out` (cfg.json + clt_weights.safetensors + featurelens.json); `resume=True` continues a checkpointed run.
+
+    >>> clt = fl.train_clt(model, layers="all", k=16, width=2048, tokens=2_000_000, out="~/clt")
+    """
+    wanted = _parse_layers(layers, model.cfg.n_layers)
+    tcfg = _train_options(arch, k, width, tokens, lr, batch_size, seed, checkpoint_every, {**options, "skip": skip})
+    out = Path(out).expanduser() if out is not None else _default_out(model, f"clt-{arch}-{width}")
+    _prepare_out(out, resume, overwrite)
+    hooks, width_of = [], {}
+    for layer in wanted:
+        for h in (TRANSCODER_IN.format(layer), TRANSCODER_OUT.format(layer)):
+            width_of[h] = _check_hook(model, h)  # the width of h's per-token vectors
+            hooks.append(h)
+    d_in, d_out = width_of[hooks[0]], width_of[hooks[1]]
+    torch.manual_seed(seed)
+    cfg = CLTConfig(layers=wanted, d_in=d_in, d_sae=width, arch=arch, k=tcfg.k, d_out=d_out, skip=skip,
+                    model_name=getattr(model, "name", ""), n_layers_model=model.cfg.n_layers,
+                    metadata={"context_size": ctx_len, "dataset_path": str(source), "prepend_bos": True})
+    learner = CLTLearner("clt", cfg, tcfg, device=model.device)
+    if contexts is None:
+        contexts = load_contexts(model, source, ctx_len, "train", progress=progress)
+    row_width = len(wanted) * (d_in + d_out)
+    batches = model_batches(model, hooks, contexts, tcfg.batch_size, seed,
+                            chunk_contexts=chunk_for(tokens, contexts, row_width))
+    res = run_training([learner], batches, tcfg, out, resume=resume, progress=progress,  # type: ignore[list-item]
+                       desc=f"{arch} CLT x{len(wanted)} layers")
+    clt = learner.export()
+    stats = {"train_config": tcfg.to_dict(), "tokens_trained": res.tokens, "steps": res.steps, "source": str(source),
+             "context_size": ctx_len, "model": getattr(model, "name", ""), "scale_in": learner.scale_in,
+             "scale_out": learner.scale_out, "final_train_metrics": {k_: round(v, 6) for k_, v in learner.ema.items()},
+             "train_seconds_last_session": round(res.seconds, 1), "resumed_from_step": res.resumed_from}
+    save_clt(clt, out, stats)
+    clear_checkpoints(out)
+    clt.stats, clt.source = stats, out
+    return clt

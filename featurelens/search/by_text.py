@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..data import content_mask
-from ..dictionaries.compat import check_compatible, dictionary_fingerprint
+from ..dictionaries.compat import check_fits, dictionary_fingerprint
 from ..engine.errors import InputError
 from .concept import EmptyQueryError
 
@@ -42,7 +42,7 @@ class TextSearchResult:
 def checked_model_and_dictionary(analysis: Any) -> tuple[Any, Any]:
     """The analysis's model and dictionary, checked to fit each other and to be the dictionary that was analyzed."""
     model, dictionary = analysis.model, analysis.dictionary
-    check_compatible(model, dictionary)
+    check_fits(model, dictionary)
     if dictionary_fingerprint(dictionary) != analysis.meta.get("dictionary_fingerprint"):
         raise InputError(f"the dictionary's weights changed since it was analyzed ({analysis.dir}); run "
                          f"`featurelens analyze --overwrite` again")

@@ -424,11 +424,12 @@ def create_app(data_dir: str | Path, *, model_loader: Callable[[str], Any] | Non
     def _steer_setup(body: SteerRequest) -> tuple[Any, list[tuple[str, Any]], list[str]]:
         import warnings
 
+        from ..dictionaries import Transcoders
         from ..interventions import Steer, intervention_hooks
 
         with rt.forward_lock:
             sae = rt.dictionary(body.dictionary)
-            if not hasattr(sae, "W_dec"):
+            if isinstance(sae, Transcoders):
                 raise GraphFormatError(f"{body.dictionary!r} is a set of transcoders; steer with one dictionary "
                                        f"(an SAE or one transcoder)")
             model = rt.model(getattr(sae.cfg, "model_name", "") or _find_dict(body.dictionary)["model"])

@@ -10,9 +10,12 @@ A directory with ``config.yaml``::
 
 Per-layer transcoders: ``layer_<L>.safetensors`` with W_enc [d_sae, d_in] (the transpose of ours / SAELens's),
 W_dec [d_sae, d_out], b_enc [d_sae], b_dec [d_out], and where they apply ``activation_function.threshold``
-[d_sae] (JumpReLU; our batchtopk at inference), ``W_skip`` [d_out, d_in] (applied as x @ W_skip.T, as ours) and
-``k`` (a scalar, TopK). circuit-tracer's TopK keeps the k largest pre-activations as they are, ours ReLUs them:
-the two agree whenever a token has k positive pre-activations (nearly always for a trained dictionary).
+[d_sae] (JumpReLU; our batchtopk at inference) and ``W_skip`` [d_out, d_in] (applied as x @ W_skip.T, as ours): the
+keys circuit-tracer's loader hands to a strict `load_state_dict`, and nothing else. circuit-tracer 0.5 loads every
+set-of-transcoders file as ReLU or JumpReLU (by whether a threshold is there); TopK is said in config.yaml alone
+(``activation: topk``, ``k``), which its loader ignores and its caller applies: its `TopK(k)` module followed by a
+ReLU is our TopK (ours ReLUs the k kept pre-activations). Our reader takes k from config.yaml, or from a scalar
+``k`` tensor in the layer file (what earlier versions of this writer put there).
 
 Cross-layer transcoders: ``W_enc_<i>.safetensors`` holding W_enc_<i> [d_sae, d_in], b_enc_<i>, b_dec_<i>
 [d_out] and threshold_<i> (JumpReLU), and ``W_dec_<i>.safetensors`` holding W_dec_<i> [d_sae, n_layers - i,
@@ -38,10 +41,13 @@ from typing import Any
 
 import torch
 
-from ..engine.errors import InputError, MissingFileError
-from .clt import TRANSCODER_IN, TRANSCODER_OUT, CLTConfig, CrossLayerTranscoder, clt_from_tensors
-from .format import CorruptDictionaryError, _read_gemma_scope, _read_safetensors, _check_and_load
-from .sae import DictionaryConfig, SparseDictionary, TranscoderSet
+from ...engine.errors import InputError, MissingFileError
+from ..clt import CLTConfig, CrossLayerTranscoder
+from ..sae import DictionaryConfig, SparseDictionary, TranscoderSet
+from .clt import clt_from_tensors
+from .common import CorruptDictionaryError, read_safetensors
+from .gemma_scope import read_gemma_scope
+from .saelens import check_and_load
 
 CONFIG = "config.yaml"
 _HOOK_ALIASES = {"mlp.hook_in": "ln2.hook_normalized", "mlp.hook_out": "hook_mlp_out"}
@@ -80,7 +86,7 @@ def save_circuit_tracer(transcoders: Any, path: str | Path, *, model_name: str |
     """
     from safetensors.torch import save_file
 
-    from ..io import atomic_save, atomic_write_text
+    from ...io import atomic_save, atomic_write_text
 
     yaml = _yaml()
     path = Path(path).expanduser()
@@ -126,8 +132,6 @@ def save_circuit_tracer(transcoders: Any, path: str | Path, *, model_name: str |
                 t["activation_function.threshold"] = tc.threshold.detach().cpu().contiguous()
             if tc.W_skip is not None:
                 t["W_skip"] = tc.W_skip.detach().cpu().contiguous()
-            if arch == "topk":
-                t["k"] = torch.tensor(tc.cfg.k)
             f = path / f"layer_{l}.safetensors"
             atomic_save(f, lambda tmp, t=t: save_file(t, str(tmp)))
             files.append(str(f.resolve()))
@@ -209,9 +213,9 @@ def _load_set(path: Path, config: dict[str, Any], hook_in: str, hook_out: str, n
     loaded: dict[int, SparseDictionary] = {}
     for layer, f in sorted(entries.items()):
         if f.suffix == ".npz":  # a Gemma Scope file, in its own orientation
-            t = _read_gemma_scope(f)
+            t = read_gemma_scope(f)
         else:
-            t = _read_safetensors(f)
+            t = read_safetensors(f)
             for key in ("W_enc", "W_dec", "b_enc", "b_dec"):
                 if key not in t:
                     raise CorruptDictionaryError(f"{f}: layer {layer}: missing {key}")
@@ -236,7 +240,7 @@ def _load_set(path: Path, config: dict[str, Any], hook_in: str, hook_out: str, n
         cfg = DictionaryConfig(d_in=d_in, d_sae=d_sae, arch=arch, k=k if arch == "topk" else None, transcoder=True,
                                d_out=d_out, skip="W_skip" in t, hook_name=hook_in.format(layer),
                                hook_name_out=hook_out.format(layer), model_name=name, apply_b_dec_to_input=False)
-        tc = _check_and_load(SparseDictionary(cfg), t, f)
+        tc = check_and_load(SparseDictionary(cfg), t, f)
         for p in tc.parameters():
             p.requires_grad_(False)
         tc.stats, tc.source = {}, f
@@ -260,7 +264,7 @@ def _load_clt(path: Path, config: dict[str, Any], hook_in: str, hook_out: str, n
             f = path / f"{part}_{i}.safetensors"
             if not f.is_file():
                 raise MissingFileError(f"{f}: missing: layer {i} of this {n}-layer cross-layer transcoder")
-            t = _read_safetensors(f)
+            t = read_safetensors(f)
             if part == "W_enc":
                 for key in (f"W_enc_{i}", f"b_enc_{i}", f"b_dec_{i}"):
                     if key not in t:
@@ -283,67 +287,3 @@ def _load_clt(path: Path, config: dict[str, Any], hook_in: str, hook_out: str, n
     clt = clt_from_tensors(cfg, tensors, path, device)
     clt.stats, clt.source = {}, path
     return clt
-
-
-# ----------------------------------------------------------------------------------------------- Gemma Scope 2 CLTs
-def gemma_scope_clt_files(path: Path) -> dict[int, Path] | None:
-    """{layer: file} when `path` holds a Gemma Scope 2 cross-layer transcoder (one params file per layer, its name
-    or folder saying layer_<L>, each with a 3-d w_dec [d_sae, n_layers, d_model]); otherwise None."""
-    from safetensors import safe_open
-
-    if not path.is_dir():
-        return None
-    files: dict[int, Path] = {}
-    for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*/params.safetensors")):
-        m = re.search(r"layer_(\d+)", str(f.relative_to(path)))
-        if m:
-            files.setdefault(int(m.group(1)), f)
-    if not files:
-        return None
-    try:
-        with safe_open(str(files[min(files)]), framework="pt") as fh:
-            if "w_dec" not in fh.keys() or len(fh.get_slice("w_dec").get_shape()) != 3:
-                return None
-    except Exception:
-        return None
-    return files
-
-
-def load_gemma_scope_clt(path: str | Path, device: str | torch.device = "cpu",
-                         model_name: str | None = None) -> CrossLayerTranscoder:
-    """A Gemma Scope 2 cross-layer transcoder from its per-layer files (JumpReLU; w_enc [d_model, d_sae], w_dec
-    [d_sae, n_layers, d_model] of which the layers >= L are used, b_enc, b_dec, threshold, affine_skip_connection
-    [d_model, d_model] applied as x @ it). Reads blocks.L.ln2.hook_normalized, writes blocks.L.hook_mlp_out."""
-    path = Path(path).expanduser()
-    files = gemma_scope_clt_files(path)
-    if files is None:
-        raise CorruptDictionaryError(f"{path}: not a Gemma Scope 2 cross-layer transcoder (no per-layer files with a "
-                                     f"3-d w_dec)")
-    n = max(files) + 1
-    missing = [i for i in range(n) if i not in files]
-    if missing:
-        raise MissingFileError(f"{path}: layer {missing[0]}'s file is missing (found layers {sorted(files)})")
-    tensors: dict[str, torch.Tensor] = {}
-    for i in range(n):
-        t = _read_safetensors(files[i])
-        for key in ("w_enc", "w_dec", "b_enc", "b_dec", "threshold"):
-            if key not in t:
-                raise CorruptDictionaryError(f"{files[i]}: layer {i}: missing {key}")
-        if t["w_dec"].dim() != 3 or t["w_dec"].shape[1] != n:
-            raise CorruptDictionaryError(f"{files[i]}: layer {i}: w_dec has shape {list(t['w_dec'].shape)}; a "
-                                         f"{n}-layer CLT needs [d_sae, {n}, d_model]")
-        tensors[f"W_enc_{i}"] = t["w_enc"].float()
-        tensors[f"W_dec_{i}"] = t["w_dec"][:, i:].float().contiguous()
-        tensors[f"b_enc_{i}"], tensors[f"b_dec_{i}"] = t["b_enc"].float(), t["b_dec"].float()
-        tensors[f"threshold_{i}"] = t["threshold"].float()
-        if "affine_skip_connection" in t:
-            tensors[f"W_skip_{i}"] = t["affine_skip_connection"].float().T.contiguous()
-    d_in, d_sae = tensors["W_enc_0"].shape
-    cfg = CLTConfig(layers=list(range(n)), d_in=d_in, d_sae=d_sae, arch="jumprelu",
-                    d_out=tensors["b_dec_0"].shape[0], skip="W_skip_0" in tensors, model_name=model_name or "")
-    clt = clt_from_tensors(cfg, tensors, path, device)
-    clt.stats, clt.source = {}, path
-    return clt
-
-
-__all__ = ["load_circuit_tracer", "load_gemma_scope_clt", "save_circuit_tracer", "TRANSCODER_IN", "TRANSCODER_OUT"]
