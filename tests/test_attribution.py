@@ -329,7 +329,9 @@ def test_json_round_trip(setup, tmp_path):
     listing = json.loads((tmp_path / "graph-metadata.json").read_text())["graphs"]
     assert sorted(m["slug"] for m in listing) == ["my-graph", "other"]
     # feature cards for every feature node, with decoder logits
-    cards = list((tmp_path / "features" / meta["scan"]).glob("*.json"))
+    # where circuit-tracer's viewer fetches them: `${scan}/${feature}.json` relative to the graph, for a "./" scan
+    assert meta["scan"].startswith("./features/")
+    cards = list((tmp_path / meta["scan"]).glob("*.json"))
     assert len(cards) == len({(l, f) for l, _, f in p.features.tolist()})
     card = json.loads(cards[0].read_text())
     for key in ("examples_quantiles", "top_logits", "bottom_logits", "act_min", "act_max", "quantile_values",
@@ -438,7 +440,7 @@ def test_cards_and_labels_from_an_analysis(setup, tmp_path):
     mine = [nd for nd in data["nodes"] if nd["node_id"].startswith(f"{layer}_") and nd["feature_type"] ==
             "cross layer transcoder"]
     assert mine and all(nd["clerp"] == f"label {nd['node_id'].split('_')[1]}" for nd in mine)
-    card = json.loads((tmp_path / "features" / data["metadata"]["scan"] / f"{cantor(layer, idx)}.json").read_text())
+    card = json.loads((tmp_path / data["metadata"]["scan"] / f"{cantor(layer, idx)}.json").read_text())
     assert card["top_logits"] == [" up"] and card["bottom_logits"] == [" down"]
     assert card["histogram"] == [3.0, 5.0, 2.0] and card["activation_frequency"] == 0.01 and card["act_max"] == 2.5
     top = card["examples_quantiles"][0]["examples"][0]
