@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from featurelens.attribution import attribute
-from featurelens.attribution.schema import FeatureCard, GraphFormatError, Metadata, check_graph, schema_errors
+from featurelens.attribution.schema import FeatureCard, GraphFormatError, Metadata, validate_graph, schema_errors
 from featurelens.dictionaries.sae import DictionaryConfig, SparseDictionary, TranscoderSet
 from featurelens.engine.config import ModelConfig
 from featurelens.engine.hooked import HookedTransformer
@@ -33,7 +33,7 @@ def graph_errors(g: dict[str, Any]) -> list[str]:
     """The schema's verdict on a graph file: circuit-tracer's models, unique node ids, links between existing nodes
     (empty: it validates). Works on a copy: checking fills optional fields."""
     try:
-        check_graph(copy.deepcopy(g))
+        validate_graph(copy.deepcopy(g))
     except GraphFormatError as e:
         return [str(e)]
     return []

@@ -19,7 +19,7 @@ import torch
 from featurelens.attribution import attribute
 from featurelens.attribution.files import (METADATA_FILE, add_to_set, graph_json, json_graph_scores,
                                            read_feature_card, read_listing)
-from featurelens.attribution.schema import (GraphFormatError, check_graph, check_scan, is_feature, node_kind,
+from featurelens.attribution.schema import (GraphFormatError, validate_graph, check_scan, is_feature, node_kind,
                                             scan_dir)
 from tests.test_graph_clients import tiny_model, tiny_transcoders
 from tests.test_web_fixtures import synthetic_graph
@@ -66,7 +66,7 @@ def test_concurrent_writers_lose_no_graph(tmp_path):
     assert sorted(m["slug"] for m in listing) == sorted(slugs)
     prompts = set()
     for s in slugs:
-        g = check_graph(json.loads((tmp_path / f"{s}.json").read_text()))
+        g = validate_graph(json.loads((tmp_path / f"{s}.json").read_text()))
         assert g["metadata"]["slug"] == s
         prompts.add(g["metadata"]["prompt"])
     assert prompts == {f"writer {i}" for i in range(n)}  # no write replaced another's file
@@ -119,7 +119,7 @@ def test_scan_cannot_leave_the_graph_directory(scan):
     g = _small_graph()
     g["metadata"]["scan"] = scan
     with pytest.raises(GraphFormatError, match="metadata.scan"):
-        check_graph(g)
+        validate_graph(g)
 
 
 def test_feature_cards_found_for_new_and_old_scans(tmp_path):
@@ -182,7 +182,7 @@ def dense_scores(graph: dict[str, Any], pinned: list[str] | None = None) -> dict
 def test_json_scores_match_the_dense_reference_and_the_library(tiny_graph):
     g = tiny_graph
     full = graph_json(g, "t", "./features/t")  # every node: the graph as attributed
-    check_graph(full)
+    validate_graph(full)
     got = json_graph_scores(full)
     assert got == pytest.approx(dense_scores(full), abs=1e-6)
     assert got == pytest.approx(g.scores, abs=1e-6)  # the library's and the server's scores are one function
@@ -245,8 +245,14 @@ def test_scores_of_a_big_graph_need_no_dense_matrix():
 
 def test_cyclic_links_are_a_clear_error():
     g = _small_graph()
+    assert json_graph_scores(g)["replacement"] >= 0  # synthetic_graph's links run forward: no cycle
+    feats = [nd["node_id"] for nd in g["nodes"] if is_feature(nd)]
+    logit = next(nd["node_id"] for nd in g["nodes"] if node_kind(nd) == "logit")
+    cyclic = copy.deepcopy(g)
+    cyclic["links"] = [{"source": feats[0], "target": logit, "weight": 1.0},
+                       {"source": feats[1], "target": feats[0], "weight": 1.0},
+                       {"source": feats[0], "target": feats[1], "weight": 1.0}]
     with pytest.raises(GraphFormatError, match="cycle"):
-        json_graph_scores(g)  # synthetic_graph joins random nodes: it has cycles
-    ok = copy.deepcopy(g)
-    ok["links"] = []
-    assert math.isnan(json_graph_scores(ok)["replacement"])
+        json_graph_scores(cyclic)
+    cyclic["links"] = []
+    assert math.isnan(json_graph_scores(cyclic)["replacement"])

@@ -7,7 +7,8 @@
 >>> fl.feature_intervention(model, transcoders, "The capital of France is", [(12, 5, 3071, 0.0)])
 
 Modules: `replacement` (the frozen local replacement model), `attribute` (edges by batched backward passes),
-`graph` (nodes, edges, pruning, scores, paths), `files` (circuit-tracer / Neuronpedia JSON), `intervene`
+`graph` (nodes, edges, pruning, scores, paths), `schema` (the graph JSON format: circuit-tracer's models),
+`files` (writing and reading graph sets, feature cards), `intervene`
 (feature interventions), `check` (faithfulness against the real model).
 """
 
@@ -17,8 +18,9 @@ from .files import GraphFileError, load_graph
 from .graph import AttributionGraph, GraphPath
 from .intervene import InterventionResult, feature_intervention
 from .replacement import TranscoderMismatchError, as_replacement
+from .schema import GraphFormatError
 
 __all__ = [
-    "AttributionGraph", "CheckResult", "FaithfulnessReport", "GraphFileError", "GraphPath", "InterventionResult", "TranscoderMismatchError",
+    "AttributionGraph", "CheckResult", "FaithfulnessReport", "GraphFileError", "GraphFormatError", "GraphPath", "InterventionResult", "TranscoderMismatchError",
     "as_replacement", "attribute", "check_graph", "check_prompts", "feature_intervention", "load_graph",
 ]

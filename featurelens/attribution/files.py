@@ -36,7 +36,7 @@ from ..engine.errors import FeaturelensError, InputError
 from ..io import atomic_write_json
 from .graph import AttributionGraph, cantor, graph_scores
 from .schema import (ERROR_TYPE, FEATURE_TYPE, SCHEMA_VERSION, FeatureCard, GraphFile, GraphFormatError,
-                     GraphListing, Link, Metadata, Node, QParams, check_graph, check_scan, node_kind, scan_dir,
+                     GraphListing, Link, Metadata, Node, QParams, validate_graph, check_scan, node_kind, scan_dir,
                      scan_for, schema_errors)
 
 METADATA_FILE = "graph-metadata.json"
@@ -335,7 +335,7 @@ def load_graph(path: str | Path) -> AttributionGraph:
         data = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as e:
         raise GraphFormatError(f"{path}: not a circuit-tracer graph file (not JSON: {e})") from None
-    check_graph(data, fill_defaults=True, what=str(path))
+    validate_graph(data, fill_defaults=True, what=str(path))
     meta, raw_nodes, links = data["metadata"], data["nodes"], data["links"]
     info = (meta.get("info") or {}).get("featurelens", {}) if isinstance(meta.get("info"), dict) else {}
     prompt_tokens = list(meta.get("prompt_tokens", []))

@@ -10,8 +10,9 @@ and ours carry more (`metadata.info.featurelens`: scores, faithfulness, targets;
 Typed dicts rather than BaseModel classes: a graph may have two million links, and validating them as dicts is
 about five times faster than building a model object per link; what comes back is the plain JSON again.
 
->>> g = check_graph(json.loads(text))          # GraphFormatError naming the first problem
->>> g = check_graph(raw, fill_defaults=True)    # what circuit-tracer's older writers and Neuronpedia omit, filled
+>>> g = validate_graph(json.loads(text))         # GraphFormatError naming the first problem
+>>> g = validate_graph(raw, fill_defaults=True)   # what circuit-tracer's older writers and Neuronpedia omit, filled
+>>> g = validate_upload(body)                     # the server's uploads: defaults filled, size bounded
 >>> node_kind(g["nodes"][0])                    # "feature" | "error" | "embedding" | "logit"
 """
 
@@ -235,7 +236,7 @@ def with_defaults(g: Any) -> Any:
     return g
 
 
-def check_graph(g: Any, *, fill_defaults: bool = False, max_nodes: int | None = None,
+def validate_graph(g: Any, *, fill_defaults: bool = False, max_nodes: int | None = None,
                 max_links: int | None = None, what: str = "graph") -> dict[str, Any]:
     """`g` checked against circuit-tracer's models, plus what its viewer needs beyond them (unique node ids, links
     and saved subgraphs naming existing nodes, a safe `metadata.scan`). Returns `g` (the same dict); raises
@@ -268,6 +269,12 @@ def check_graph(g: Any, *, fill_defaults: bool = False, max_nodes: int | None = 
         check_subgraph(sg, ids, f"{what}: subgraphs.{i}")
     check_scan(g["metadata"]["scan"], what=f"{what}: metadata.scan")
     return g
+
+
+def validate_upload(g: Any) -> dict[str, Any]:
+    """A graph sent to the server (or read back from its data directory): `validate_graph` with the fields older
+    writers omit filled in, and at most MAX_NODES nodes and MAX_LINKS links."""
+    return validate_graph(g, fill_defaults=True, max_nodes=MAX_NODES, max_links=MAX_LINKS)
 
 
 def check_subgraph(sg: Any, ids: set[str], where: str = "subgraph") -> dict[str, Any]:

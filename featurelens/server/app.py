@@ -28,8 +28,7 @@ from ..store import is_clear
 from . import catalog
 from .catalog import UnknownIdError
 from ..attribution.files import add_to_set, json_graph_scores, read_feature_card, update_graph
-from ..attribution.schema import GraphFile, GraphFormatError, check_subgraph, is_feature
-from .graphs import validate_graph
+from ..attribution.schema import GraphFile, GraphFormatError, check_subgraph, is_feature, validate_upload
 from .jobs import JobManager
 from .runtime import Runtime
 from .streaming import side_by_side, sse
@@ -480,7 +479,7 @@ def create_app(data_dir: str | Path, *, model_loader: Callable[[str], Any] | Non
             g = json.loads(f.read_text(encoding="utf-8"))
         except ValueError as e:
             raise GraphFormatError(f"{f} is not valid JSON ({e})") from None
-        return f, validate_graph(g)
+        return f, validate_upload(g)
 
     @app.get("/api/graphs", tags=["graphs"], summary="Saved attribution graphs (graph-metadata.json under graphs/)")
     def graphs() -> JSONResponse:
@@ -521,7 +520,7 @@ def create_app(data_dir: str | Path, *, model_loader: Callable[[str], Any] | Non
               status_code=201, openapi_extra={"requestBody": {"required": True, "content": {
                   "application/json": {"schema": {"$ref": "#/components/schemas/GraphFile"}}}}})
     def upload_graph(body: dict[str, Any] = Body(..., include_in_schema=False)) -> JSONResponse:
-        g = validate_graph(body)
+        g = validate_upload(body)
         g.pop("id", None)
         slug = add_to_set(catalog.graphs_root(data) / "uploads", g)
         return _json({"id": f"uploads~{slug}", "slug": slug, "nodes": len(g["nodes"]), "links": len(g["links"])}, 201)
