@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import re
 import threading
 from pathlib import Path
@@ -35,9 +34,8 @@ import torch
 from ..engine.errors import FeaturelensError, InputError
 from ..io import atomic_write_json
 from .graph import AttributionGraph, cantor, graph_scores
-from .schema import (ERROR_TYPE, FEATURE_TYPE, SCHEMA_VERSION, FeatureCard, GraphFile, GraphFormatError,
-                     GraphListing, Link, Metadata, Node, QParams, validate_graph, check_scan, node_kind, scan_dir,
-                     scan_for, schema_errors)
+from .schema import (ERROR_TYPE, FEATURE_TYPE, SCHEMA_VERSION, FeatureCard, GraphFile, GraphFormatError, Link,
+                     Metadata, Node, QParams, check_scan, node_kind, scan_dir, scan_for, validate_graph)
 
 METADATA_FILE = "graph-metadata.json"
 LOCK_FILE = ".graph-set.lock"
@@ -94,8 +92,8 @@ def graph_json(g: AttributionGraph, slug: str, scan: str) -> GraphFile:
     links = [Link(source=ids[s], target=ids[t], weight=float(w))
              for (t, s), w in zip(g.edges.T.tolist(), g.weights.tolist())]
     scores = {k: None if math.isnan(v) else v for k, v in g.scores.items()}  # JSON has no NaN: undefined is null
-    metadata = Metadata(slug=slug, scan=scan, transcoder_list=[], prompt_tokens=[process_token(t) for t in g.token_strs],
-                        prompt=g.prompt, node_threshold=g.node_threshold, schema_version=SCHEMA_VERSION)
+    metadata = Metadata(slug=slug, scan=scan, transcoder_list=[], prompt=g.prompt, node_threshold=g.node_threshold,
+                        prompt_tokens=[process_token(t) for t in g.token_strs], schema_version=SCHEMA_VERSION)
     metadata["info"] = {  # type: ignore[typeddict-unknown-key]  (an extra field: circuit-tracer's viewer ignores it)
         "creator_name": "featurelens", "generator": {"name": "featurelens", "version": _version(), "url": ""},
         "featurelens": {
@@ -209,10 +207,9 @@ def read_listing(directory: Path) -> list[dict[str, Any]]:
         listing = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as e:
         raise GraphFormatError(f"{path} is not JSON ({e}); move it away to start a new list") from None
-    errors = schema_errors(listing, GraphListing)
+    # entries are not held to the full Metadata model: older servers listed only slug, scan, prompt and tokens
     if not isinstance(listing, dict) or not isinstance(listing.get("graphs"), list):
-        raise GraphFormatError(f"{path} is not a graph list ({'; '.join(errors[:1])}); move it away to start a new "
-                               f"one")
+        raise GraphFormatError(f'{path} is not a graph list ({{"graphs": [...]}}); move it away to start a new one')
     return [m for m in listing["graphs"] if isinstance(m, dict)]
 
 
@@ -422,16 +419,22 @@ def load_graph(path: str | Path) -> AttributionGraph:
 def read_feature_card(graph_file: str | Path, scan: str, feature: int, root: str | Path | None = None
                       ) -> dict[str, Any] | None:
     """The feature card a graph file's `scan` points at (`./features/<name>/<feature>.json` beside the graph, or
-    `features/<scan>/<feature>.json` for files written before that form), or None when there is none. The card must
-    lie inside `root` (default: the graph's directory) once symbolic links are resolved: a graph cannot make its
-    reader open files elsewhere."""
+    `features/<scan>/<feature>.json` for files written before that form), or None when there is none here.
+
+    Nothing outside `root` (default: the graph's directory) is ever opened: an absolute scan or one climbing out
+    with ".." (circuit-tracer's "/..." scans name features its own server serves) has no cards here, and a card
+    whose real path (symbolic links resolved) leaves `root` is not read."""
     graph_file = Path(graph_file)
     base = graph_file.parent
     root_dir = Path(root if root is not None else base).resolve()
-    for cand in (base / scan_dir(scan) / f"{int(feature)}.json", base / "features" / f"{int(feature)}.json"):
+    try:
+        rel = scan_dir(scan)
+    except GraphFormatError:
+        return None
+    for cand in (base / rel / f"{int(feature)}.json", base / "features" / f"{int(feature)}.json"):
         real = cand.resolve()
         if not real.is_relative_to(root_dir):
-            raise GraphFormatError(f"metadata.scan {scan!r} points outside {root_dir}")
+            return None
         if real.is_file():
             try:
                 return json.loads(real.read_text(encoding="utf-8"))

@@ -13,7 +13,7 @@ about five times faster than building a model object per link; what comes back i
 >>> g = validate_graph(json.loads(text))         # GraphFormatError naming the first problem
 >>> g = validate_graph(raw, fill_defaults=True)   # what circuit-tracer's older writers and Neuronpedia omit, filled
 >>> g = validate_upload(body)                     # the server's uploads: defaults filled, size bounded
->>> node_kind(g["nodes"][0])                    # "feature" | "error" | "embedding" | "logit"
+>>> node_kind(g["nodes"][0])                     # "feature" | "error" | "embedding" | "logit"
 """
 
 from __future__ import annotations
@@ -239,7 +239,9 @@ def with_defaults(g: Any) -> Any:
 def validate_graph(g: Any, *, fill_defaults: bool = False, max_nodes: int | None = None,
                 max_links: int | None = None, what: str = "graph") -> dict[str, Any]:
     """`g` checked against circuit-tracer's models, plus what its viewer needs beyond them (unique node ids, links
-    and saved subgraphs naming existing nodes, a safe `metadata.scan`). Returns `g` (the same dict); raises
+    and saved subgraphs naming existing nodes). Any `metadata.scan` is accepted (circuit-tracer writes names, Hub
+    repositories and "/..." paths its own server maps); readers go through `scan_dir`, which follows only a safe
+    one. Returns `g` (the same dict); raises
     GraphFormatError naming the first problem. `fill_defaults` first fills what older writers omit (see
     `with_defaults`); `max_nodes` / `max_links` bound the size (before any per-node work)."""
     if not isinstance(g, dict):
@@ -267,7 +269,6 @@ def validate_graph(g: Any, *, fill_defaults: bool = False, max_nodes: int | None
                 raise GraphFormatError(f"{what}: links.{i}: {end} {e[end]!r} is not a node of this graph")
     for i, sg in enumerate(g.get("subgraphs", [])):
         check_subgraph(sg, ids, f"{what}: subgraphs.{i}")
-    check_scan(g["metadata"]["scan"], what=f"{what}: metadata.scan")
     return g
 
 
@@ -308,9 +309,9 @@ def check_card(card: Any, what: str = "feature card") -> dict[str, Any]:
 
 
 def check_scan(scan: str, what: str = "metadata.scan") -> str:
-    """A scan is a name (circuit-tracer's, Neuronpedia's: "gemma-2-2b") or a relative directory of feature cards
-    ("./features/<name>"). Never absolute and never climbing out with "..": cards are read relative to the graph's
-    own directory, so a graph cannot make the server read files elsewhere."""
+    """A scan we write or follow to feature cards: a name (circuit-tracer's, Neuronpedia's: "gemma-2-2b") or a
+    relative directory ("./features/<name>"). Never absolute and never climbing out with "..": cards are read
+    relative to the graph's own directory, so a graph cannot make its reader open files elsewhere."""
     p = PurePosixPath(scan.replace("\\", "/"))
     if p.is_absolute() or ".." in p.parts or (scan[1:3] == ":/" or scan[1:3] == ":\\") or "\x00" in scan:
         raise GraphFormatError(f"{what} must be a name or a relative directory without '..', got {scan!r}")
