@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import torch
 
-from featurelens.attribution import attribute
+from featurelens.attribution import attribute, save_graph
 from featurelens.attribution.schema import FeatureCard, GraphFormatError, Metadata, validate_graph, schema_errors
 from featurelens.dictionaries.sae import DictionaryConfig, SparseDictionary, TranscoderSet
 from featurelens.engine.config import ModelConfig
@@ -84,7 +84,7 @@ def graph_dir(tmp_path_factory) -> Path:
     tcs = tiny_transcoders(model)
     g = attribute(model, tcs, torch.tensor([1, 5, 7, 3, 11, 13, 2, 4, 21, 8]), progress=False)
     out = tmp_path_factory.mktemp("graphs")
-    g.prune(node_threshold=0.9, edge_threshold=0.99).save(out, slug="tiny", model=model, transcoders=tcs)
+    save_graph(g.prune(node_threshold=0.9, edge_threshold=0.99), out, slug="tiny", model=model, transcoders=tcs)
     return out
 
 

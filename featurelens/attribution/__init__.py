@@ -3,7 +3,7 @@
 >>> import featurelens as fl
 >>> g = fl.attribute(model, transcoders, "The capital of France is")
 >>> g.scores                                        # replacement and completeness of the unpruned graph
->>> g.prune(node_threshold=0.8, edge_threshold=0.98).save("graphs/")
+>>> fl.save_graph(g.prune(node_threshold=0.8, edge_threshold=0.98), "graphs/")
 >>> fl.feature_intervention(model, transcoders, "The capital of France is", [(12, 5, 3071, 0.0)])
 
 Modules: `replacement` (the frozen local replacement model), `attribute` (edges by batched backward passes),
@@ -14,7 +14,7 @@ Modules: `replacement` (the frozen local replacement model), `attribute` (edges 
 
 from .attribute import attribute
 from .check import CheckResult, FaithfulnessReport, check_graph, check_prompts
-from .files import GraphFileError, load_graph
+from .files import GraphFileError, load_graph, save_graph
 from .graph import AttributionGraph, GraphPath
 from .intervene import InterventionResult, feature_intervention
 from .replacement import TranscoderMismatchError, as_replacement
@@ -23,4 +23,5 @@ from .schema import GraphFormatError
 __all__ = [
     "AttributionGraph", "CheckResult", "FaithfulnessReport", "GraphFileError", "GraphFormatError", "GraphPath", "InterventionResult", "TranscoderMismatchError",
     "as_replacement", "attribute", "check_graph", "check_prompts", "feature_intervention", "load_graph",
+    "save_graph",
 ]

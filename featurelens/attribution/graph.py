@@ -120,7 +120,7 @@ class AttributionGraph:
     >>> g = fl.attribute(model, transcoders, "The capital of France is")
     >>> g.scores                                   # {'replacement': ..., 'completeness': ...}
     >>> p = g.prune(node_threshold=0.8, edge_threshold=0.98)
-    >>> p.save("graphs/")                          # graphs/the-capital-of-france-is.json + graph-metadata.json
+    >>> fl.save_graph(p, "graphs/")                # graphs/the-capital-of-france-is.json + graph-metadata.json
     >>> p.top_paths(" Paris", k=5)
     """
 
@@ -416,12 +416,3 @@ class AttributionGraph:
         starts = [v for v in best if v != t and v not in by_target]
         paths = sorted((sp for v in starts for sp in best[v]), key=lambda x: -x[0])[:k]
         return [GraphPath(s, [g.node_id(i) for i in p], [g.node_label(i) for i in p]) for s, p in paths]
-
-    # ----------------------------------------------------------------- files
-    def save(self, directory: str | Path, slug: str | None = None, **kwargs: Any) -> Path:
-        """Write `<slug>.json` (circuit-tracer / Neuronpedia schema), update `graph-metadata.json`, and write feature
-        cards for the graph's features. An unpruned graph is pruned first with its default thresholds.
-        See `featurelens.attribution.files.save_graph` for the options."""
-        from .files import save_graph
-
-        return save_graph(self, directory, slug=slug, **kwargs)

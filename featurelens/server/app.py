@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ..store import is_clear
 from . import catalog
 from .catalog import UnknownIdError
-from ..attribution.files import add_to_set, json_graph_scores, read_feature_card, update_graph
+from ..attribution.files import add_to_set, json_graph_scores, read_feature_card, save_graph, update_graph
 from ..attribution.schema import GraphFile, GraphFormatError, check_subgraph, is_feature, validate_upload
 from .jobs import JobManager
 from .runtime import Runtime
@@ -696,8 +696,8 @@ def create_app(data_dir: str | Path, *, model_loader: Callable[[str], Any] | Non
         set_dir = catalog.graphs_root(data) / "computed"
         analyses = rt.layer_analyses(body.transcoders)
         with rt.forward_lock, db_lock:
-            f = Path(pruned.save(set_dir, slug=body.slug or body.prompt, model=model, transcoders=tcs,
-                                 analyses=analyses or None, unique=True))
+            f = save_graph(pruned, set_dir, slug=body.slug or body.prompt, model=model, transcoders=tcs,
+                           analyses=analyses or None, unique=True)
         with _graph_lock:
             gj = json.loads(f.read_text(encoding="utf-8"))
             info = gj["metadata"].setdefault("info", {})
