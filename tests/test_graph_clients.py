@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from featurelens.attribution import attribute, save_graph
-from featurelens.attribution.schema import FeatureCard, GraphFormatError, Metadata, validate_graph, schema_errors
+from featurelens.attribution.schema import FeatureCard, GraphFormatError, Metadata, schema_errors, validate_graph
 from featurelens.dictionaries.sae import DictionaryConfig, SparseDictionary, TranscoderSet
 from featurelens.engine.config import ModelConfig
 from featurelens.engine.hooked import HookedTransformer

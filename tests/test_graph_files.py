@@ -19,8 +19,8 @@ import torch
 from featurelens.attribution import attribute
 from featurelens.attribution.files import (METADATA_FILE, add_to_set, graph_json, json_graph_scores,
                                            read_feature_card, read_listing)
-from featurelens.attribution.schema import (GraphFormatError, validate_graph, check_scan, is_feature, node_kind,
-                                            scan_dir)
+from featurelens.attribution.schema import (GraphFormatError, check_scan, is_feature, node_kind, scan_dir,
+                                            validate_graph)
 from tests.test_graph_clients import tiny_model, tiny_transcoders
 from tests.test_web_fixtures import synthetic_graph
 

@@ -143,12 +143,6 @@ class GraphFile(TypedDict):
 
 
 @with_config(_CONFIG)
-class GraphListing(TypedDict):
-    """graph-metadata.json: one Metadata per graph of the set."""
-    graphs: list[Metadata]
-
-
-@with_config(_CONFIG)
 class Example(TypedDict):
     tokens_acts_list: list[float]
     train_token_ind: int
@@ -184,11 +178,6 @@ def _adapter(kind: Any) -> TypeAdapter[Any]:
     if kind not in _ADAPTERS:
         _ADAPTERS[kind] = TypeAdapter(kind)
     return _ADAPTERS[kind]
-
-
-def json_schema(kind: Any = GraphFile) -> dict[str, Any]:
-    """The JSON schema of a graph file (or of any model of this module), for OpenAPI descriptions."""
-    return _adapter(kind).json_schema()
 
 
 # ----------------------------------------------------------------------------------------------- checks
@@ -237,13 +226,14 @@ def with_defaults(g: Any) -> Any:
 
 
 def validate_graph(g: Any, *, fill_defaults: bool = False, max_nodes: int | None = None,
-                max_links: int | None = None, what: str = "graph") -> dict[str, Any]:
+                   max_links: int | None = None, what: str = "graph") -> dict[str, Any]:
     """`g` checked against circuit-tracer's models, plus what its viewer needs beyond them (unique node ids, links
-    and saved subgraphs naming existing nodes). Any `metadata.scan` is accepted (circuit-tracer writes names, Hub
-    repositories and "/..." paths its own server maps); readers go through `scan_dir`, which follows only a safe
-    one. Returns `g` (the same dict); raises
-    GraphFormatError naming the first problem. `fill_defaults` first fills what older writers omit (see
-    `with_defaults`); `max_nodes` / `max_links` bound the size (before any per-node work)."""
+    and saved subgraphs naming existing nodes). Returns `g` (the same dict); raises GraphFormatError naming the
+    first problem. `fill_defaults` first fills what older writers omit (see `with_defaults`); `max_nodes` /
+    `max_links` bound the size (checked before any per-node work).
+
+    Any `metadata.scan` is accepted (circuit-tracer writes names, Hub repositories and "/..." paths its own server
+    maps); readers find feature cards through `scan_dir`, which follows only a scan that stays beside the graph."""
     if not isinstance(g, dict):
         raise GraphFormatError(f"{what}: a graph file is a JSON object with metadata, qParams, nodes and links")
     nodes, links = g.get("nodes"), g.get("links")
@@ -300,20 +290,12 @@ def check_subgraph(sg: Any, ids: set[str], where: str = "subgraph") -> dict[str,
     return sg
 
 
-def check_card(card: Any, what: str = "feature card") -> dict[str, Any]:
-    try:
-        _adapter(FeatureCard).validate_python(card)
-    except ValidationError as e:
-        raise GraphFormatError(_say(e, what)) from None
-    return card
-
-
 def check_scan(scan: str, what: str = "metadata.scan") -> str:
     """A scan we write or follow to feature cards: a name (circuit-tracer's, Neuronpedia's: "gemma-2-2b") or a
     relative directory ("./features/<name>"). Never absolute and never climbing out with "..": cards are read
     relative to the graph's own directory, so a graph cannot make its reader open files elsewhere."""
     p = PurePosixPath(scan.replace("\\", "/"))
-    if p.is_absolute() or ".." in p.parts or (scan[1:3] == ":/" or scan[1:3] == ":\\") or "\x00" in scan:
+    if p.is_absolute() or ".." in p.parts or scan[1:3] in (":/", ":\\") or "\x00" in scan:
         raise GraphFormatError(f"{what} must be a name or a relative directory without '..', got {scan!r}")
     return scan
 
@@ -326,8 +308,10 @@ def scan_for(name: str) -> str:
 
 def scan_dir(scan: str) -> PurePosixPath:
     """The directory, relative to the graph's, that holds the feature cards of a graph with this `scan`: the scan
-    itself when it starts with "./" (ours since schema 1 with local cards), else `features/<scan>` (older files)."""
+    itself when it starts with "./" (what we write now), else `features/<scan>` (our files before that, and
+    circuit-tracer's viewer's fallback). GraphFormatError for a scan that would leave the graph's directory."""
     check_scan(scan)
     s = scan.replace("\\", "/")
-    return PurePosixPath(s[len(LOCAL_SCAN_PREFIX):]) if s.startswith(LOCAL_SCAN_PREFIX) else PurePosixPath("features",
-                                                                                                           s)
+    if s.startswith(LOCAL_SCAN_PREFIX):
+        return PurePosixPath(s[len(LOCAL_SCAN_PREFIX):])
+    return PurePosixPath("features", s)
