@@ -299,7 +299,7 @@ def main() -> None:
                               "n_selected": g.n_features, "edges": int(g.weights.numel())}
     fl_dir = sub_dir("bench-graphs") / "featurelens"
     try:
-        results["featurelens"]["graph_json"] = str(g.prune().save(fl_dir, slug=slug))
+        results["featurelens"]["graph_json"] = str(fl.save_graph(g.prune(), fl_dir, slug=slug))
     except Exception as e:  # the comparison does not depend on it
         print(f"(featurelens graph not saved: {type(e).__name__}: {e})", flush=True)
 

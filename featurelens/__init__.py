@@ -73,9 +73,9 @@ __all__ += [
 ]
 
 # Attribution graphs: a prompt's path from tokens through transcoder features to its next token.
-from .attribution import AttributionGraph, attribute, feature_intervention, load_graph  # noqa: E402
+from .attribution import AttributionGraph, attribute, feature_intervention, load_graph, save_graph  # noqa: E402
 
-__all__ += ["AttributionGraph", "attribute", "feature_intervention", "load_graph"]
+__all__ += ["AttributionGraph", "attribute", "feature_intervention", "load_graph", "save_graph"]
 
 # The main job: from nothing to a fully analysed, browsable model. Loaded on first use: the pipeline sits above
 # the server in the layers, and the server imports this package.

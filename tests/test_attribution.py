@@ -15,7 +15,7 @@ import torch
 
 import featurelens as fl
 from featurelens.attribution import attribute
-from featurelens.attribution.files import load_graph
+from featurelens.attribution.files import load_graph, save_graph
 from featurelens.attribution.graph import cantor, uncantor
 from featurelens.attribution.intervene import feature_intervention
 from featurelens.attribution.replacement import (
@@ -292,7 +292,7 @@ def test_cantor():
 def test_json_round_trip(setup, tmp_path):
     model, tcs, graph = setup
     p = graph.prune()
-    path = p.save(tmp_path, slug="My Graph!", model=model, transcoders=tcs)
+    path = save_graph(p, tmp_path, slug="My Graph!", model=model, transcoders=tcs)
     assert path == tmp_path / "my-graph.json"
     data = json.loads(path.read_text())
     assert set(data) == {"metadata", "qParams", "nodes", "links"}
@@ -325,12 +325,14 @@ def test_json_round_trip(setup, tmp_path):
     assert sum(nd["is_target_logit"] for nd in data["nodes"]) == 1
 
     # graph-metadata.json: one entry per slug, replaced on a second save
-    p.save(tmp_path, slug="My Graph!")
-    p.save(tmp_path, slug="other")
+    save_graph(p, tmp_path, slug="My Graph!")
+    save_graph(p, tmp_path, slug="other")
     listing = json.loads((tmp_path / "graph-metadata.json").read_text())["graphs"]
     assert sorted(m["slug"] for m in listing) == ["my-graph", "other"]
     # feature cards for every feature node, with decoder logits
-    cards = list((tmp_path / "features" / meta["scan"]).glob("*.json"))
+    # where circuit-tracer's viewer fetches them: `${scan}/${feature}.json` relative to the graph, for a "./" scan
+    assert meta["scan"].startswith("./features/")
+    cards = list((tmp_path / meta["scan"]).glob("*.json"))
     assert len(cards) == len({(l, f) for l, _, f in p.features.tolist()})
     card = json.loads(cards[0].read_text())
     for key in ("examples_quantiles", "top_logits", "bottom_logits", "act_min", "act_max", "quantile_values",
@@ -360,7 +362,7 @@ def test_circuit_tracer_models_read_our_files(setup, tmp_path):
     if not python:
         pytest.skip("set FEATURELENS_CIRCUIT_TRACER_PYTHON to a Python with circuit-tracer installed")
     model, tcs, graph = setup
-    graph.prune().save(tmp_path, slug="g", model=model, transcoders=tcs)
+    save_graph(graph.prune(), tmp_path, slug="g", model=model, transcoders=tcs)
     script = (
         "import json, glob, sys\n"
         "from circuit_tracer.frontend.graph_models import Model, Metadata\n"
@@ -434,12 +436,12 @@ def test_cards_and_labels_from_an_analysis(setup, tmp_path):
                 hist_edges=[0.0, 1.0, 2.0, 3.0], hist_counts=[3, 5, 2], logit_up=[(" up", 5, 1.0)],
                 logit_down=[(" down", 6, -1.0)], similar=[], cofiring=[], top_examples=[ex], quantile_examples=[q])
 
-    path = p.save(tmp_path, slug="a", analyses={layer: Analysis()})
+    path = save_graph(p, tmp_path, slug="a", analyses={layer: Analysis()})
     data = json.loads(path.read_text())
     mine = [nd for nd in data["nodes"] if nd["node_id"].startswith(f"{layer}_") and nd["feature_type"] ==
             "cross layer transcoder"]
     assert mine and all(nd["clerp"] == f"label {nd['node_id'].split('_')[1]}" for nd in mine)
-    card = json.loads((tmp_path / "features" / data["metadata"]["scan"] / f"{cantor(layer, idx)}.json").read_text())
+    card = json.loads((tmp_path / data["metadata"]["scan"] / f"{cantor(layer, idx)}.json").read_text())
     assert card["top_logits"] == [" up"] and card["bottom_logits"] == [" down"]
     assert card["histogram"] == [3.0, 5.0, 2.0] and card["activation_frequency"] == 0.01 and card["act_max"] == 2.5
     top = card["examples_quantiles"][0]["examples"][0]
@@ -692,7 +694,7 @@ def test_exact_edges_on_the_embedded_model(gemma, tmp_path):
         run = _perturbed_run(gemma, rep, rec, g, s, 0.5)
         moved = _target_value(gemma, rep, run, g, t) - _target_value(gemma, rep, base, g, t)
         assert moved == pytest.approx(0.5 * float(A[t, s]), rel=1e-3, abs=1e-3 * float(A[t].abs().max()))
-    path = g.prune().save(tmp_path, model=gemma, transcoders=tcs)
+    path = save_graph(g.prune(), tmp_path, model=gemma, transcoders=tcs)
     assert load_graph(path).logit_strs[0] == g.logit_strs[0]
     from featurelens.attribution import check_graph
 

@@ -2,19 +2,18 @@
 
 circuit-tracer's viewer and Neuronpedia's upload read a graph through the pydantic models of circuit-tracer's
 `frontend/graph_models.py` (Model = metadata, qParams, nodes, links) and a feature card through
-`frontend/feature_models.py`. CI has no circuit-tracer (it needs transformers<=4.57.3, its own venv), so the fields
-and types those models require are written down below as a checker (stricter than pydantic's lax mode: exact JSON
-types, and links checked as circuit-tracer's `Link` although `Model.links` is only `list[dict]`), and applied to a
-graph and its cards made by `fl.attribute` on a tiny random model. Where the benchmark's circuit-tracer venv exists
-(benchmarks/attribution.py builds it), a slow test also opens the same files with the real pydantic models, and
-checks that the checker accepts what circuit-tracer itself writes and rejects what its models reject.
+`frontend/feature_models.py`. CI has no circuit-tracer (it needs transformers<=4.57.3, its own venv), so the checks
+here use featurelens's one copy of those models, `featurelens.attribution.schema` (stricter than pydantic's lax
+mode: exact JSON types, and links checked as circuit-tracer's `Link` although `Model.links` is only `list[dict]`),
+on a graph and its cards made by `fl.attribute` on a tiny random model. Where the benchmark's circuit-tracer venv
+exists (benchmarks/attribution.py builds it), a slow test also opens the same files with the real pydantic models,
+and checks that the schema accepts what circuit-tracer itself writes and rejects what its models reject.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import subprocess
 from pathlib import Path
@@ -23,88 +22,21 @@ from typing import Any
 import pytest
 import torch
 
-from featurelens.attribution import attribute
+from featurelens.attribution import attribute, save_graph
+from featurelens.attribution.schema import FeatureCard, GraphFormatError, Metadata, schema_errors, validate_graph
 from featurelens.dictionaries.sae import DictionaryConfig, SparseDictionary, TranscoderSet
 from featurelens.engine.config import ModelConfig
 from featurelens.engine.hooked import HookedTransformer
 
-# ----------------------------------------------------------------------------------------------- the schema
-# (field, type, required). Types: "str", "int", "float" (int or float), "bool", "list[str]", "list[list[str]]",
-# "list[float]", "list[dict]", "dict", or a nested schema name; "?" suffix: null allowed.
-# Required = no default in circuit-tracer's model. Node.jsNodeId has no default but Node.__init__ copies node_id into
-# it when missing, so it is optional here.
-SCHEMAS: dict[str, list[tuple[str, str, bool]]] = {
-    "Model": [("metadata", "Metadata", True), ("qParams", "QParams", True), ("nodes", "list[Node]", True),
-              ("links", "list[Link]", True)],
-    "Metadata": [("slug", "str", True), ("scan", "str", True), ("transcoder_list", "list[str]", True),
-                 ("prompt_tokens", "list[str]", True), ("prompt", "str", True), ("node_threshold", "float?", False),
-                 ("schema_version", "int?", False)],
-    "QParams": [("pinnedIds", "list[str]", True), ("supernodes", "list[list[str]]", True), ("linkType", "str", True),
-                ("clickedId", "str", True), ("sg_pos", "str", True)],
-    "Node": [("node_id", "str", True), ("feature", "int", True), ("layer", "str", True), ("ctx_idx", "int", True),
-             ("feature_type", "str", True), ("token_prob", "float", False), ("is_target_logit", "bool", False),
-             ("run_idx", "int", False), ("reverse_ctx_idx", "int", False), ("jsNodeId", "str", False),
-             ("clerp", "str", False), ("influence", "float?", False), ("activation", "float?", False)],
-    "Link": [("source", "str", True), ("target", "str", True), ("weight", "float", True)],
-    # feature_models.py
-    "Feature": [("transcoder_id", "str", True), ("index", "int", True), ("examples_quantiles", "list[Quantile]", True),
-                ("top_logits", "list[str]", True), ("bottom_logits", "list[str]", True), ("act_min", "float", True),
-                ("act_max", "float", True), ("quantile_values", "list[float]", True),
-                ("histogram", "list[float]", True),
-                ("activation_frequency", "float", True)],
-    "Quantile": [("quantile_name", "str", True), ("examples", "list[Example]", True)],
-    "Example": [("tokens_acts_list", "list[float]", True), ("train_token_ind", "int", True),
-                ("is_repeated_datapoint", "bool", True), ("tokens", "list[str]", True)],
-}
-
-
-def _type_errors(value: Any, typ: str, where: str) -> list[str]:
-    if typ.endswith("?"):
-        return [] if value is None else _type_errors(value, typ[:-1], where)
-    if typ.startswith("list[") and typ.endswith("]"):
-        if not isinstance(value, list):
-            return [f"{where}: expected a list, got {type(value).__name__}"]
-        inner = typ[5:-1]
-        return [e for i, v in enumerate(value) for e in _type_errors(v, inner, f"{where}[{i}]")]
-    if typ in SCHEMAS:
-        return schema_errors(value, typ, where)
-    ok = {
-        "str": isinstance(value, str),
-        "int": isinstance(value, int) and not isinstance(value, bool),
-        "float": isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
-        "bool": isinstance(value, bool),
-        "dict": isinstance(value, dict),
-    }[typ]
-    return [] if ok else [f"{where}: expected {typ}, got {type(value).__name__} {value!r:.40}"]
-
-
-def schema_errors(obj: Any, name: str, where: str = "") -> list[str]:
-    """Every way `obj` misses circuit-tracer's model `name` (empty: it validates)."""
-    where = where or name
-    if not isinstance(obj, dict):
-        return [f"{where}: expected an object, got {type(obj).__name__}"]
-    errors = []
-    for field, typ, required in SCHEMAS[name]:
-        if field not in obj:
-            if required:
-                errors.append(f"{where}: missing {field!r}")
-            continue
-        errors += _type_errors(obj[field], typ, f"{where}.{field}")
-    return errors
-
 
 def graph_errors(g: dict[str, Any]) -> list[str]:
-    """Schema errors plus what the viewer needs beyond the schema: unique node ids, links between existing nodes."""
-    errors = schema_errors(g, "Model")
-    if errors:
-        return errors
-    ids = [n["node_id"] for n in g["nodes"]]
-    if len(set(ids)) != len(ids):
-        errors.append("node ids are not unique")
-    known = set(ids)
-    errors += [f"links[{i}] joins unknown nodes" for i, e in enumerate(g["links"])
-               if e["source"] not in known or e["target"] not in known]
-    return errors
+    """The schema's verdict on a graph file: circuit-tracer's models, unique node ids, links between existing nodes
+    (empty: it validates). Works on a copy: checking fills optional fields."""
+    try:
+        validate_graph(copy.deepcopy(g))
+    except GraphFormatError as e:
+        return [str(e)]
+    return []
 
 
 # ----------------------------------------------------------------------------------------------- a tiny graph
@@ -152,7 +84,7 @@ def graph_dir(tmp_path_factory) -> Path:
     tcs = tiny_transcoders(model)
     g = attribute(model, tcs, torch.tensor([1, 5, 7, 3, 11, 13, 2, 4, 21, 8]), progress=False)
     out = tmp_path_factory.mktemp("graphs")
-    g.prune(node_threshold=0.9, edge_threshold=0.99).save(out, slug="tiny", model=model, transcoders=tcs)
+    save_graph(g.prune(node_threshold=0.9, edge_threshold=0.99), out, slug="tiny", model=model, transcoders=tcs)
     return out
 
 
@@ -186,7 +118,7 @@ def test_graph_file_has_every_field_circuit_tracer_requires(graph_dir):
 def test_graph_metadata_lists_the_graph(graph_dir):
     listing = json.loads((graph_dir / "graph-metadata.json").read_text())
     entry = next(m for m in listing["graphs"] if m["slug"] == "tiny")
-    assert schema_errors(entry, "Metadata") == []
+    assert schema_errors(entry, Metadata) == []
 
 
 def test_feature_cards_have_every_field_circuit_tracer_requires(graph_dir):
@@ -195,10 +127,11 @@ def test_feature_cards_have_every_field_circuit_tracer_requires(graph_dir):
     n_features = {(n["layer"], n["feature"]) for n in g["nodes"] if n["feature_type"] == "cross layer transcoder"}
     assert len(cards) >= len(n_features) > 0
     scan = g["metadata"]["scan"]
+    assert scan.startswith("./")  # circuit-tracer's viewer reads local cards only for such a scan
     for p in cards:
         card = json.loads(p.read_text())
-        assert schema_errors(card, "Feature") == [], p
-        assert p.parent.name == scan and p.stem == str(card["index"])  # where the viewer fetches it
+        assert schema_errors(card, FeatureCard) == [], p
+        assert p == graph_dir / scan / f"{card['index']}.json"  # where the viewer fetches it: `${scan}/${index}.json`
         assert len(card["top_logits"]) > 0  # from the decoder: model and transcoders were given
 
 
@@ -218,19 +151,19 @@ MUTATIONS = {  # each breaks a rule of circuit-tracer's models (pydantic rejects
 
 
 @pytest.mark.parametrize("what", sorted(MUTATIONS))
-def test_checker_rejects_what_circuit_tracer_rejects(graph_dir, what):
+def test_schema_rejects_what_circuit_tracer_rejects(graph_dir, what):
     g = copy.deepcopy(_graph(graph_dir))
     MUTATIONS[what](g)
-    assert graph_errors(g), f"the checker accepted a graph with {what}"
+    assert graph_errors(g), f"the schema accepted a graph with {what}"
 
 
-def test_checker_rejects_broken_links_and_cards(graph_dir):
+def test_schema_rejects_broken_links_and_cards(graph_dir):
     g = copy.deepcopy(_graph(graph_dir))
     g["links"][0]["target"] = "no-such-node"
-    assert any("unknown nodes" in e for e in graph_errors(g))
+    assert any("'no-such-node' is not a node" in e for e in graph_errors(g))
     card = json.loads(_cards(graph_dir)[0].read_text())
     card["examples_quantiles"] = [{"quantile_name": "Top", "examples": [{"tokens": ["a"]}]}]
-    assert any("tokens_acts_list" in e for e in schema_errors(card, "Feature"))
+    assert any("tokens_acts_list" in e for e in schema_errors(card, FeatureCard))
 
 
 # ----------------------------------------------------------------------------------------------- the real models
@@ -304,11 +237,11 @@ def test_real_circuit_tracer_models_open_our_files(graph_dir):
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert out["nodes"] == len(_graph(graph_dir)["nodes"])
     assert out["cards"] == len(_cards(graph_dir)) > 0
-    assert out["rejected"] == {w: True for w in MUTATIONS}, "pydantic accepted a mutant the checker rejects"
-    assert graph_errors(out["theirs"]) == []  # the checker accepts circuit-tracer's own output
+    assert out["rejected"] == {w: True for w in MUTATIONS}, "pydantic accepted a mutant the schema rejects"
+    assert graph_errors(out["theirs"]) == []  # the schema accepts circuit-tracer's own output
 
 
-def test_checker_accepts_a_graph_circuit_tracer_wrote():
+def test_schema_accepts_a_graph_circuit_tracer_wrote():
     """The viewer JSON the benchmark had circuit-tracer write (its create_graph_files), where one exists."""
     venv = _circuit_tracer_env()
     if venv is None:

@@ -401,8 +401,11 @@ def test_circuit_tracer_graph_file_opens(client):
     assert r.status_code == 201, r.text
     gid = r.json()["id"]
     s = client.post(f"/api/graphs/{gid}/scores", json={"pinnedIds": None}).json()["graph"]
-    # the logit gets half its input from the feature (fed by a token) and half from the error
-    assert s["replacement"] == pytest.approx(0.5) and s["completeness"] == pytest.approx(0.5 * 1 / 2 + 0.5 * 1, rel=0.35)
+    # the logit gets half its input from the feature (fed by a token) and half from the error. circuit-tracer's
+    # completeness weighs every node's non-error input share by its influence plus its logit weight: the logit
+    # (1 x 1/2), the feature (0.5 x 1), the error and the token E_9_1 (0.5 x 1 each: no inputs), E_2_0 (0):
+    # 2.0 / 2.5
+    assert s["replacement"] == pytest.approx(0.5) and s["completeness"] == pytest.approx(0.8)
 
 
 def test_graph_written_by_circuit_tracer_opens(client):
@@ -448,6 +451,38 @@ def test_subgraph_scores_save_and_export(client, web_data):
     bad = client.put(f"/api/graphs/{web.GRAPH_ID}/subgraphs", json={**sg, "pinnedIds": ["ghost"]})
     assert bad.status_code == 422 and "ghost" in bad.json()["detail"]
     assert client.put(f"/api/graphs/{web.GRAPH_ID}/subgraphs", json={**sg, "name": ""}).status_code == 422
+
+
+def test_graph_scan_cannot_read_outside_the_data_directory(client, web_data):
+    """metadata.scan names the feature cards' directory beside the graph: a "./features/<name>" scan (circuit-tracer's
+    viewer's form) and an older bare name both find the cards; an absolute or climbing scan opens nothing outside,
+    whether the graph was uploaded or put on disk by hand."""
+    data, _ = web_data
+    g = web.synthetic_graph(30, 40)
+    feat = next(n for n in g["nodes"] if n["feature_type"] == "cross layer transcoder")
+    card = {"transcoder_id": "tc/0", "index": feat["feature"], "examples_quantiles": [], "top_logits": ["x"],
+            "bottom_logits": [], "act_min": 0.0, "act_max": 1.0, "quantile_values": [], "histogram": [],
+            "activation_frequency": 0.1}
+    outside = data.parent / "outside-the-data-dir"
+    outside.mkdir(exist_ok=True)
+    (outside / f"{feat['feature']}.json").write_text(json.dumps({**card, "top_logits": ["secret"]}))
+    cards = data / "graphs" / "uploads" / "features" / "tc"
+    cards.mkdir(parents=True, exist_ok=True)
+    (cards / f"{feat['feature']}.json").write_text(json.dumps(card))
+    for scan, found in (("./features/tc", True), ("tc", True), (str(outside), False),
+                        ("../../../outside-the-data-dir", False), ("./features/../../../../outside-the-data-dir", False)):
+        g["metadata"]["scan"] = scan
+        r = client.post("/api/graphs", json=g)
+        assert r.status_code == 201, r.text
+        gid = r.json()["id"]
+        got = client.get(f"/api/graphs/{gid}/nodes/{feat['node_id']}").json()["feature_card"]
+        assert (got["top_logits"] == ["x"]) if found else got is None, scan
+    # a graph file edited on disk to point outside: still nothing read
+    f = data / "graphs" / "uploads" / f"{gid.split('~')[-1]}.json"
+    on_disk = json.loads(f.read_text())
+    on_disk["metadata"]["scan"] = str(outside)
+    f.write_text(json.dumps(on_disk))
+    assert client.get(f"/api/graphs/{gid}/nodes/{feat['node_id']}").json()["feature_card"] is None
 
 
 def test_node_card_lists_inputs_and_outputs(client):

@@ -180,10 +180,12 @@ def synthetic_graph(n_nodes: int = 1000, n_links: int = 10_000, n_layers: int = 
                       "influence": rng.random(), "activation": rng.random()})
         i += 1
     ids = [n["node_id"] for n in nodes]
+    # links run from an earlier layer to a later one, as in every attribution graph (scores need no cycles)
+    rank = {n["node_id"]: -1 if n["layer"] == "E" else int(n["layer"]) for n in nodes}
     links, seen = [], set()
     while len(links) < n_links:
-        s, t = rng.choice(ids), rng.choice(ids)
-        if s != t and (s, t) not in seen:
+        s, t = sorted((rng.choice(ids), rng.choice(ids)), key=rank.__getitem__)
+        if rank[s] < rank[t] and (s, t) not in seen:
             seen.add((s, t))
             links.append({"source": s, "target": t, "weight": rng.uniform(-1, 1)})
     toks = [f"tok{p}" for p in range(n_pos)]

@@ -80,18 +80,27 @@ def find_threshold(scores: torch.Tensor, fraction: float) -> float:
 
 
 def graph_scores(edges: torch.Tensor, weights: torch.Tensor, n: int, seed: torch.Tensor,
-                 error_slice: slice, token_slice: slice) -> dict[str, float]:
-    """Replacement score (share of the tokens' end-to-end influence that does not pass through errors) and
-    completeness score (influence-weighted share of every node's input that comes from non-error nodes)."""
+                 errors: slice | torch.Tensor, tokens: slice | torch.Tensor) -> dict[str, float]:
+    """circuit-tracer's `compute_graph_scores`, on sparse edges: the replacement score (share of the tokens' and
+    errors' end-to-end influence on the logits that starts at a token) and the completeness score (influence-weighted
+    share of every node's input that comes from non-error nodes). `errors` and `tokens` select those nodes (a slice
+    or a boolean mask); an error node's own inputs, if any, are not followed. `seed`: the logit weights.
+
+    A score is NaN where circuit-tracer's is (0 / 0: no influence reaches a token or an error, or no logit weight).
+    Memory and time grow with the edges: nothing here is n x n.
+    """
+    is_err = torch.zeros(n, dtype=torch.bool)
+    is_err[errors] = True
+    live = ~is_err[edges[0]]
+    edges, weights = edges[:, live], weights[live]
     wn = normalized(edges, weights, n)
     infl = influence(edges, wn, n, seed)
-    tok, err = infl[token_slice].sum(), infl[error_slice].sum()
-    replacement = float(tok / (tok + err)) if tok + err > 0 else 0.0
-    is_err = torch.zeros(n, dtype=torch.bool)
-    is_err[error_slice] = True
+    tok, err = float(infl[tokens].sum()), float(infl[is_err].sum())
+    replacement = tok / (tok + err) if tok + err > 0 else math.nan
     from_err = torch.zeros(n, dtype=torch.float64).index_add_(0, edges[0], wn * is_err[edges[1]])
     out_infl = infl + seed.double()
-    completeness = float(((1 - from_err) * out_infl).sum() / out_infl.sum()) if out_infl.sum() > 0 else 0.0
+    total = float(out_infl.sum())
+    completeness = float(((1 - from_err) * out_infl).sum()) / total if total > 0 else math.nan
     return {"replacement": replacement, "completeness": completeness}
 
 
@@ -111,7 +120,7 @@ class AttributionGraph:
     >>> g = fl.attribute(model, transcoders, "The capital of France is")
     >>> g.scores                                   # {'replacement': ..., 'completeness': ...}
     >>> p = g.prune(node_threshold=0.8, edge_threshold=0.98)
-    >>> p.save("graphs/")                          # graphs/the-capital-of-france-is.json + graph-metadata.json
+    >>> fl.save_graph(p, "graphs/")                # graphs/the-capital-of-france-is.json + graph-metadata.json
     >>> p.top_paths(" Paris", k=5)
     """
 
@@ -407,12 +416,3 @@ class AttributionGraph:
         starts = [v for v in best if v != t and v not in by_target]
         paths = sorted((sp for v in starts for sp in best[v]), key=lambda x: -x[0])[:k]
         return [GraphPath(s, [g.node_id(i) for i in p], [g.node_label(i) for i in p]) for s, p in paths]
-
-    # ----------------------------------------------------------------- files
-    def save(self, directory: str | Path, slug: str | None = None, **kwargs: Any) -> Path:
-        """Write `<slug>.json` (circuit-tracer / Neuronpedia schema), update `graph-metadata.json`, and write feature
-        cards for the graph's features. An unpruned graph is pruned first with its default thresholds.
-        See `featurelens.attribution.files.save_graph` for the options."""
-        from .files import save_graph
-
-        return save_graph(self, directory, slug=slug, **kwargs)

@@ -119,7 +119,7 @@ def _analyses(transcoders: Any) -> dict[int, Any]:
 
 
 def cmd_graph(args: argparse.Namespace) -> int:
-    from ..attribution import attribute
+    from ..attribution import attribute, save_graph
     from ..attribution.replacement import check_transcoders
     from ..paths import sub_dir
     from .models import _load
@@ -141,8 +141,8 @@ def cmd_graph(args: argparse.Namespace) -> int:
     t_attr = time.perf_counter() - t0
     pruned = g.prune(args.node_threshold, args.edge_threshold)
     out = Path(args.out).expanduser() if args.out else sub_dir("graphs")
-    path = pruned.save(out, slug=args.slug, model=model, transcoders=transcoders,
-                       analyses=None if args.no_cards else _analyses(transcoders), cards=not args.no_cards)
+    path = save_graph(pruned, out, slug=args.slug, model=model, transcoders=transcoders,
+                      analyses=None if args.no_cards else _analyses(transcoders), cards=not args.no_cards)
     s = g.scores
     print(f"{len(g.tokens)} tokens, {g.info['n_active_features']:,} active features, {g.n_features:,} feature rows; "
           f"attribution {t_attr:.1f} s")

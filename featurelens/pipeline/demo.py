@@ -402,7 +402,7 @@ class _Demo:
 
     def _step_graphs(self) -> dict[str, Any]:
         from ..analysis import open_analysis
-        from ..attribution import attribute, check_graph
+        from ..attribution import attribute, check_graph, save_graph
         from ..attribution.files import slugify
 
         b = self.budget
@@ -423,7 +423,7 @@ class _Demo:
             g = attribute(self.model, tcs, prompt, max_feature_nodes=b.max_feature_nodes, progress=self.progress,
                           transcoders_path=str(self.tc_dir))
             pruned = g.prune()
-            pruned.save(self.graph_dir, slug=slug, model=self.model, transcoders=tcs, analyses=analyses)
+            save_graph(pruned, self.graph_dir, slug=slug, model=self.model, transcoders=tcs, analyses=analyses)
             check = check_graph(g, self.model, tcs, k=b.check_features)
             row = {"key": key, "prompt": prompt, "slug": slug, "target": g.logit_strs[0],
                    "replacement": round(float(g.scores["replacement"]), 4),

@@ -27,7 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ..store import is_clear
 from . import catalog
 from .catalog import UnknownIdError
-from .graphs import GraphFormatError, add_to_set, check_subgraph, graph_scores, validate_graph, write_json_atomic
+from ..attribution.files import add_to_set, json_graph_scores, read_feature_card, save_graph, update_graph
+from ..attribution.schema import GraphFile, GraphFormatError, check_subgraph, is_feature, validate_upload
 from .jobs import JobManager
 from .runtime import Runtime
 from .streaming import side_by_side, sse
@@ -479,13 +480,14 @@ def create_app(data_dir: str | Path, *, model_loader: Callable[[str], Any] | Non
             g = json.loads(f.read_text(encoding="utf-8"))
         except ValueError as e:
             raise GraphFormatError(f"{f} is not valid JSON ({e})") from None
-        return f, validate_graph(g)
+        return f, validate_upload(g)
 
     @app.get("/api/graphs", tags=["graphs"], summary="Saved attribution graphs (graph-metadata.json under graphs/)")
     def graphs() -> JSONResponse:
         return _json(catalog.list_graphs(data))
 
-    @app.get("/api/graphs/{graph}", tags=["graphs"], summary="A graph's JSON (circuit-tracer / Neuronpedia format)")
+    @app.get("/api/graphs/{graph}", tags=["graphs"], summary="A graph's JSON (circuit-tracer / Neuronpedia format)",
+             response_model=GraphFile)
     def graph(graph: str = PathParam(max_length=400)) -> JSONResponse:
         _, g = _load_graph(graph)
         g["id"] = graph
@@ -505,7 +507,7 @@ def create_app(data_dir: str | Path, *, model_loader: Callable[[str], Any] | Non
         with db_lock:
             dens = {layer: a.store.column("density") for layer, a in analyses.items()}
         for n in g["nodes"]:
-            if n["feature_type"] in ("embedding", "logit") or "error" in n["feature_type"]:
+            if not is_feature(n):
                 continue
             try:
                 layer, feat = _node_feature(n)
@@ -516,9 +518,10 @@ def create_app(data_dir: str | Path, *, model_loader: Callable[[str], Any] | Non
                 n["density"] = float(col[feat])
 
     @app.post("/api/graphs", tags=["graphs"], summary="Upload a graph JSON (circuit-tracer or Neuronpedia)",
-              status_code=201)
-    def upload_graph(body: dict[str, Any] = Body(..., description="the graph file's JSON")) -> JSONResponse:
-        g = validate_graph(body)
+              status_code=201, openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": {"$ref": "#/components/schemas/GraphFile"}}}}})
+    def upload_graph(body: dict[str, Any] = Body(..., include_in_schema=False)) -> JSONResponse:
+        g = validate_upload(body)
         g.pop("id", None)
         slug = add_to_set(catalog.graphs_root(data) / "uploads", g)
         return _json({"id": f"uploads~{slug}", "slug": slug, "nodes": len(g["nodes"]), "links": len(g["links"])}, 201)
@@ -533,20 +536,20 @@ def create_app(data_dir: str | Path, *, model_loader: Callable[[str], Any] | Non
             subs = [s for s in g.get("subgraphs", []) if s.get("name") != sg["name"]] + [sg]
             g["subgraphs"] = subs
             g["qParams"].update(pinnedIds=sg["pinnedIds"], supernodes=sg["supernodes"], clickedId=sg["clickedId"])
-            write_json_atomic(f, g)
+            update_graph(f, g)
         return _json({"graph": graph, "subgraphs": subs})
 
     @app.post("/api/graphs/{graph}/scores", tags=["graphs"],
               summary="Replacement and completeness scores of the graph, and of the pinned subgraph when given")
     def scores(body: ScoresRequest, graph: str = PathParam(max_length=400)) -> JSONResponse:
         _, g = _load_graph(graph)
-        out: dict[str, Any] = {"graph": graph_scores(g)}
+        out: dict[str, Any] = {"graph": json_graph_scores(g)}
         if body.pinnedIds is not None:
             ids = {n["node_id"] for n in g["nodes"]}
             bad = [p for p in body.pinnedIds if p not in ids]
             if bad:
                 raise GraphFormatError(f"pinnedIds: not nodes of this graph: {bad[:5]}")
-            out["subgraph"] = graph_scores(g, body.pinnedIds)
+            out["subgraph"] = json_graph_scores(g, body.pinnedIds)
         info = g["metadata"].get("info") if isinstance(g["metadata"].get("info"), dict) else {}
         fl_info = info.get("featurelens") if isinstance(info.get("featurelens"), dict) else {}
         stored = fl_info.get("scores") or info.get("scores")
@@ -572,10 +575,8 @@ def create_app(data_dir: str | Path, *, model_loader: Callable[[str], Any] | Non
 
     def _feature_card(f: Path, g: dict[str, Any], n: dict[str, Any]) -> dict[str, Any] | None:
         """The feature's card: the dashboard of its transcoder layer when that layer was analyzed, else the feature
-        JSON the graph writer saved beside the graph (circuit-tracer's features/<scan>/<feature>.json layout)."""
-        import json
-
-        if n["feature_type"] in ("embedding", "logit") or "error" in n["feature_type"]:
+        JSON the graph writer saved beside the graph (where its metadata.scan points)."""
+        if not is_feature(n):
             return None
         try:
             layer, feat = _node_feature(n)
@@ -590,14 +591,8 @@ def create_app(data_dir: str | Path, *, model_loader: Callable[[str], Any] | Non
             if a is not None and 0 <= feat < a.n_features:
                 with db_lock:
                     return {"source": "analysis", **_dashboard_json(a.feature(feat), f"{tid}~layer_{layer}")}
-        scan = g["metadata"].get("scan", "")
-        for cand in (f.parent / "features" / scan / f"{n['feature']}.json", f.parent / "features" / f"{n['feature']}.json"):
-            if cand.is_file():
-                try:
-                    return {"source": "graph", **json.loads(cand.read_text(encoding="utf-8"))}
-                except ValueError:
-                    break
-        return None
+        card = read_feature_card(f, g["metadata"]["scan"], n["feature"], root=data)
+        return None if card is None else {"source": "graph", **card}
 
     def _node_feature(n: dict[str, Any]) -> tuple[int, int]:
         parts = n["node_id"].split("_")
@@ -636,8 +631,7 @@ def create_app(data_dir: str | Path, *, model_loader: Callable[[str], Any] | Non
             n = by_id.get(it.node_id)
             if n is None:
                 raise UnknownIdError(f"node {it.node_id!r} is not in graph {graph!r}")
-            if n["feature_type"] in ("embedding", "logit") or n["feature_type"] in ("mlp reconstruction error",
-                                                                                    "lorsa error"):
+            if not is_feature(n):
                 raise GraphFormatError(f"node {it.node_id!r} is a {n['feature_type']} node; only features can be "
                                        f"set or ablated")
             layer, feat = _node_feature(n)
@@ -701,27 +695,17 @@ def create_app(data_dir: str | Path, *, model_loader: Callable[[str], Any] | Non
         pruned = g.prune(node_threshold=body.node_threshold, edge_threshold=body.edge_threshold)
         job.progress("saving", message="graph file and feature cards")
         set_dir = catalog.graphs_root(data) / "computed"
-        slug = _free_slug(set_dir, body.slug or body.prompt)
         analyses = rt.layer_analyses(body.transcoders)
         with rt.forward_lock, db_lock:
-            path = Path(pruned.save(set_dir, slug=slug, model=model, transcoders=tcs, analyses=analyses or None))
-        f = path if path.suffix == ".json" else set_dir / f"{slug}.json"
+            f = save_graph(pruned, set_dir, slug=body.slug or body.prompt, model=model, transcoders=tcs,
+                           analyses=analyses or None, unique=True)
         with _graph_lock:
             gj = json.loads(f.read_text(encoding="utf-8"))
             info = gj["metadata"].setdefault("info", {})
             info.setdefault("featurelens", {}).update(transcoders_id=body.transcoders)
-            write_json_atomic(f, gj)
+            update_graph(f, gj)
         return {"graph": f"computed~{f.stem}", "nodes": len(gj["nodes"]), "links": len(gj["links"]),
                 "scores": {k: float(v) for k, v in dict(getattr(g, "scores", {}) or {}).items()}}
-
-    def _free_slug(set_dir: Path, text: str) -> str:
-        from .graphs import slugify
-
-        base, i = slugify(text), 2
-        s = base
-        while (set_dir / f"{s}.json").exists():
-            s, i = f"{base}-{i}", i + 1
-        return s
 
     @app.get("/api/jobs", tags=["jobs"], summary="Recent jobs")
     def list_jobs(limit: int = Query(50, ge=1, le=500)) -> JSONResponse:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .catalog import UnknownIdError
-from .graphs import write_json_atomic
+from ..io import atomic_write_json
 
 JOB_ID_LEN = 12
 FINAL = ("done", "failed", "interrupted", "cancelled")
@@ -60,7 +60,7 @@ class JobManager:
             if rec and rec.get("status") in ("queued", "running"):
                 rec.update(status="interrupted", message="the server stopped while this job ran; start it again",
                            finished=time.time())
-                write_json_atomic(p, rec)
+                atomic_write_json(p, rec)
 
     @staticmethod
     def _read(p: Path) -> dict[str, Any] | None:
@@ -94,7 +94,7 @@ class JobManager:
         with self._cond:
             job = self._live[job_id]
             job.record.update(fields, updated=time.time(), version=job.record.get("version", 0) + 1)
-            write_json_atomic(self._path(job_id), job.record)
+            atomic_write_json(self._path(job_id), job.record)
             hist = self._history.setdefault(job_id, [])
             hist.append(dict(job.record))
             del hist[:-HISTORY_UPDATES]
@@ -107,7 +107,7 @@ class JobManager:
         job = Job(self, rec)
         with self._lock:
             self._live[job_id] = job
-            write_json_atomic(self._path(job_id), rec)
+            atomic_write_json(self._path(job_id), rec)
             self._history[job_id] = [dict(rec)]
             for old in list(self._history)[:-HISTORY_JOBS]:
                 if old not in self._live:

@@ -198,17 +198,28 @@ function alertBox(where, text) {
   setTimeout(() => e.remove(), 4000);
 }
 
-function isFeature(n) {
-  return !["embedding", "logit", "mlp reconstruction error", "lorsa error"].includes(n.feature_type);
+// The one node-kind test of the page, the same rule as featurelens.attribution.schema.node_kind: embeddings and logits
+// by name, every "... error" type an error, anything else a feature of some dictionary.
+function nodeKind(n) {
+  const t = n.feature_type;
+  if (t === "embedding" || t === "logit") return t;
+  return t.includes("error") ? "error" : "feature";
 }
+
+function isFeature(n) {
+  return nodeKind(n) === "feature";
+}
+
+const KIND_COLOR = { logit: "#2a9d3a", embedding: "#666", error: "#bbb", feature: "#f08c2e" };
 
 function nodeTitle(n, st) {
   if (!n) return "?";
   const user = st && st.labels[n.node_id];
   if (user) return user;
-  if (n.feature_type === "embedding") return `Emb ${n.clerp || n.node_id}`;
-  if (n.feature_type === "logit") return n.clerp || `logit ${n.feature}`;
-  if (n.feature_type.includes("error")) return `Error L${n.layer} @${n.ctx_idx}`;
+  const kind = nodeKind(n);
+  if (kind === "embedding") return `Emb ${n.clerp || n.node_id}`;
+  if (kind === "logit") return n.clerp || `logit ${n.feature}`;
+  if (kind === "error") return `Error L${n.layer} @${n.ctx_idx}`;
   const parts = n.node_id.split("_");
   return `L${n.layer} #${parts.length === 3 ? parts[1] : n.feature} @${n.ctx_idx}` + (n.clerp ? ` ${n.clerp}` : "");
 }
@@ -327,7 +338,7 @@ class GraphView {
 
   visibleNode(n) {
     if (this.st.pins.includes(n.node_id)) return true;
-    if (!isFeature(n)) return n.feature_type.includes("error") ? this.st.nt >= 0.999 || (n.influence ?? 0) <= this.st.nt : true;
+    if (!isFeature(n)) return nodeKind(n) === "error" ? this.st.nt >= 0.999 || (n.influence ?? 0) <= this.st.nt : true;
     if (n.influence != null && n.influence > this.st.nt) return false;
     if (n.density != null && n.density > this.st.dens) return false;
     return true;
@@ -386,7 +397,7 @@ class GraphView {
     c.textBaseline = "middle";
     this.rows.forEach((l, i) => {
       const y = this.H - 30 - i * this.rowH - this.rowH / 2 + 10;
-      c.fillText(l === "E" ? "emb" : i === this.rows.length - 1 && this.g.nodes.some((n) => n.feature_type === "logit" && String(n.layer) === l) ? "logit" : `L${l}`, 4, y);
+      c.fillText(l === "E" ? "emb" : i === this.rows.length - 1 && this.g.nodes.some((n) => nodeKind(n) === "logit" && String(n.layer) === l) ? "logit" : `L${l}`, 4, y);
       c.strokeStyle = "#f0f0f0"; c.beginPath(); c.moveTo(44, y); c.lineTo(this.W, y); c.stroke();
     });
     c.textAlign = "center";
@@ -415,8 +426,9 @@ class GraphView {
     this.st.sn.forEach((s, i) => s.slice(1).forEach((id) => inSn.set(id, i)));
     for (const n of this.vis) {
       const p = this.pos.get(n);
-      c.fillStyle = n.feature_type === "logit" ? "#2a9d3a" : n.feature_type === "embedding" ? "#666" : n.feature_type.includes("error") ? "#bbb" : "#f08c2e";
-      if (n.feature_type.includes("error")) c.fillRect(p.x - 3, p.y - 3, 6, 6);
+      const kind = nodeKind(n);
+      c.fillStyle = KIND_COLOR[kind];
+      if (kind === "error") c.fillRect(p.x - 3, p.y - 3, 6, 6);
       else { c.beginPath(); c.arc(p.x, p.y, 3.5, 0, 2 * Math.PI); c.fill(); }
       if (pins.has(n.node_id)) { c.strokeStyle = "#6a1b9a"; c.lineWidth = 2; c.beginPath(); c.arc(p.x, p.y, 6, 0, 2 * Math.PI); c.stroke(); }
       if (inSn.has(n.node_id)) {
