@@ -378,6 +378,24 @@ def test_graph_get_upload_and_validation(client):
     assert client.get("/api/graphs/..~..~x").status_code == 404
 
 
+def test_concurrent_uploads_are_all_kept(client):
+    """24 uploads of one slug at once (issue: 48 gave 37 errors and 6 listed graphs): every one answers 201 with its
+    own id, and every id is listed and opens."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    g = web.synthetic_graph(60, 120)
+    g["metadata"]["slug"] = "concurrent-upload"
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: client.post("/api/graphs", json=g), range(24)))
+    assert [r.status_code for r in answers] == [201] * 24, [r.text for r in answers if r.status_code != 201][:2]
+    ids = [r.json()["id"] for r in answers]
+    assert len(set(ids)) == 24
+    listed = {x["id"] for x in client.get("/api/graphs").json()}
+    assert set(ids) <= listed
+    for gid in ids:
+        assert len(client.get(f"/api/graphs/{gid}").json()["links"]) == 120
+
+
 def test_circuit_tracer_graph_file_opens(client):
     """A graph file as circuit-tracer writes it (its error-node ids, no optional fields) uploads and opens."""
     g = {"metadata": {"slug": "ct", "scan": "gemma-2-2b", "transcoder_list": [], "prompt_tokens": ["<bos>", "Hi"],
