@@ -210,3 +210,126 @@ def test_bad_input_names_the_problem(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------ -m: the dictionary's model unless told otherwise
+class _Stop(InputError):
+    pass
+
+
+def _sae(model_name: str):
+    from featurelens.dictionaries import DictionaryConfig, SparseDictionary
+
+    return SparseDictionary(DictionaryConfig(d_in=8, d_sae=16, arch="topk", k=2, hook_name="blocks.0.hook_resid_post",
+                                             model_name=model_name))
+
+
+def _transcoders(model_name: str):
+    from featurelens.dictionaries import DictionaryConfig, SparseDictionary, TranscoderSet
+
+    return TranscoderSet({layer: SparseDictionary(DictionaryConfig(
+        d_in=8, d_sae=16, arch="topk", k=2, transcoder=True, hook_name=f"blocks.{layer}.ln2.hook_normalized",
+        hook_name_out=f"blocks.{layer}.hook_mlp_out", model_name=model_name)) for layer in (0, 1)})
+
+
+def test_recorded_model_reads_every_kind_of_dictionary():
+    from featurelens.dictionaries import CLTConfig, CrossLayerTranscoder
+
+    assert common.recorded_model(_sae("some-model")) == "some-model"
+    assert common.recorded_model(_transcoders("tc-model")) == "tc-model"
+    assert common.recorded_model(_transcoders("tc-model")[1]) == "tc-model"
+    clt = CrossLayerTranscoder(CLTConfig(layers=[0, 1], d_in=8, d_sae=16, arch="topk", k=2, model_name="clt-model"))
+    assert common.recorded_model(clt) == "clt-model"
+    assert common.recorded_model(_sae("")) == ""
+
+
+@pytest.fixture()
+def saved(tmp_path):
+    from featurelens.dictionaries import save_dictionary, save_transcoder_set
+
+    out = {}
+    for name in ("made-up-model", ""):
+        out["sae", name] = str(save_dictionary(_sae(name), tmp_path / f"sae-{name or 'none'}"))
+        out["tc", name] = str(save_transcoder_set(_transcoders(name), tmp_path / f"tc-{name or 'none'}"))
+    return out
+
+
+def _runs(saved, name: str) -> dict[str, list[str]]:
+    sae, tc = saved["sae", name], saved["tc", name]
+    return {"steer": ["steer", sae, "Hello", "--ablate", "1"], "eval": ["eval", sae], "analyze": ["analyze", sae],
+            "graph": ["graph", tc, "Hello"], "intervene": ["intervene", tc, "Hello", "--set", "0:1@0=0"]}
+
+
+def test_commands_with_a_dictionary_load_the_model_it_records(saved, monkeypatch, capsys):
+    asked: list[tuple[str, dict]] = []
+
+    def load_model(name, **kw):
+        asked.append((name, kw))
+        raise _Stop("stopped before running the model")
+
+    monkeypatch.setattr("featurelens.models.loader.load_model", load_model)
+    for command, argv in _runs(saved, "made-up-model").items():
+        asked.clear()
+        assert main(argv) == 2, command
+        assert "stopped before running the model" in capsys.readouterr().err
+        assert [name for name, _ in asked] == ["made-up-model"], command
+        asked.clear()
+        assert main(argv[:1] + ["-m", "other-model"] + argv[1:]) == 2  # -m wins
+        assert [name for name, _ in asked] == ["other-model"], command
+    asked.clear()
+    assert main(["steer", saved["sae", "made-up-model"], "Hi", "--ablate", "1", "--dtype", "bfloat16"]) == 2
+    assert asked == [("made-up-model", {"dtype": "bfloat16", "device": None})]
+
+
+def test_a_dictionary_that_names_no_model_needs_m(saved, monkeypatch, capsys):
+    def load_model(name, **kw):
+        raise AssertionError(f"no model should be loaded, got {name!r}")
+
+    monkeypatch.setattr("featurelens.models.loader.load_model", load_model)
+    for command, argv in _runs(saved, "").items():
+        assert main(argv) == 2, command
+        err = capsys.readouterr().err
+        assert "does not say which model it was trained on; pass -m MODEL" in err, (command, err)
+
+
+# ------------------------------------------------------------------ user text is printed as it is
+ODD = "[/quote] cat"  # rich markup would fail on this (MarkupError) or swallow it
+ODD2 = "[bold]x[/bold] :smile:"
+
+
+def test_search_prints_markup_like_text_as_it_is(monkeypatch, capsys):
+    import featurelens.analysis as analysis
+    from featurelens.search.by_text import TextHit, TextSearchResult
+    from featurelens.search.by_token import PromoteHit
+    from featurelens.search.concept import SearchHit
+
+    class Analysis:
+        def search(self, query, k, method):
+            return [SearchHit(feature=1, score=0.5, label=ODD, method="lexical", near_max=[ODD2], max_tokens=[ODD])]
+
+        def search_text(self, text, k):
+            return TextSearchResult(text=text, tokens=[ODD, ODD2], overall=[TextHit(1, 2.0, 0.5, 0, ODD)],
+                                    per_token=[[(1, 2.0, 0.5, ODD2)], []])
+
+        def search_promotes(self, token, k):
+            return [PromoteHit(1, 1.0, 2.0, ODD2)]
+
+    monkeypatch.setattr(analysis, "open_analysis", lambda path: Analysis())
+    monkeypatch.setenv("COLUMNS", "400")  # one line per table row, so the texts are not wrapped
+    for argv in (["search", "x", ODD], ["search", "x", "--text", ODD], ["search", "x", "--promotes", ODD]):
+        assert main(argv) == 0, capsys.readouterr().err
+        out = capsys.readouterr().out
+        assert ODD in out and "MarkupError" not in out, argv
+    assert main(["search", "x", "y"]) == 0
+    assert ODD2 in capsys.readouterr().out  # not bold text and an emoji
+
+
+def test_generate_prints_prompts_and_continuations_as_they_are(monkeypatch, capsys):
+    class Model:
+        def generate(self, prompts, **kw):
+            return [" " + ODD for _ in prompts]
+
+    monkeypatch.setattr("featurelens.models.loader.load_model", lambda name, **kw: Model())
+    assert main(["generate", ODD2, "[red]"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out.splitlines()
+    assert out == [f"{ODD2} {ODD}", f"[red] {ODD}"]
