@@ -158,8 +158,10 @@ def test_ambiguous_old_spellings_and_abbreviations_are_refused(argv, capsys):
 
 
 def test_unambiguous_old_spelling_still_works():
-    args = build_parser().parse_args(["graph-check", "g.json", "--paths", "3"])
+    parse = build_parser().parse_args
+    args = parse(["graph-check", "g.json", "--paths", "3"])
     assert args.rows == 3 and args.ablate_top == 10
+    assert parse(["explain", "somewhere", "--redo"]).overwrite and not parse(["explain", "somewhere"]).overwrite
 
 
 def test_every_command_has_help_text():

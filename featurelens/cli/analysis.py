@@ -69,7 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "--llm-model: any OpenAI-compatible chat endpoint (llama.cpp server, vLLM, a "
                                    "hosted API), one request per feature. Labels are stored one transaction per "
                                    "--batch, and features already labelled by the same explainer are skipped, so "
-                                   "rerunning after a failure or Ctrl-C resumes (--redo labels them again).")
+                                   "rerunning after a failure or Ctrl-C resumes (--overwrite labels them again).")
     p.add_argument("path", help="an analyzed dictionary (its directory)")
     p.add_argument("--llm-url", default=None, metavar="URL",
                    help="base URL of an OpenAI-compatible API, e.g. http://127.0.0.1:8080/v1 (requests go to "
@@ -84,8 +84,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=None,
                    help="features per stored transaction (default 64 with --llm-url, else 512)")
     p.add_argument("--features", default=None, metavar="LIST", help="only these features, e.g. 1,2,3")
-    p.add_argument("--redo", action="store_true",
-                   help="label again the features that already have a label from this explainer")
+    common.add(p, "overwrite", note="(labels again the features that already have a label from this explainer; "
+                                   "--redo is its old spelling)", old=("--redo",))
     p.set_defaults(func=cmd_explain)
 
 
@@ -253,19 +253,19 @@ def cmd_explain(args: argparse.Namespace) -> int:
         features = _feature_list(args.features, fd.check_index) if args.features is not None else None
         present = {int(i) for (i,) in fd.store.conn.execute("SELECT idx FROM features")}
         wanted = present if features is None else present & set(features)
-        done = len(wanted & labeled_by(fd.store, explainer.provenance)) if not args.redo else 0
+        done = len(wanted & labeled_by(fd.store, explainer.provenance)) if not args.overwrite else 0
         if done == len(wanted):
             print(f"nothing to do: all {len(wanted):,} features already have a label from {explainer.provenance} "
-                  f"(--redo labels them again)")
+                  f"(--overwrite labels them again)")
             return 0
         started = time.time()
         try:
-            n = fd.explain(explainer, features, skip_labeled=not args.redo, batch=batch)
+            n = fd.explain(explainer, features, skip_labeled=not args.overwrite, batch=batch)
         except FeaturelensError:
             stored = fd.store.conn.execute("SELECT COUNT(*) FROM labels WHERE provenance = ? AND created >= ?",
                                            (explainer.provenance, started)).fetchone()[0]
             print(f"stopped: {stored:,} features were labelled before the failure and are kept; run the same "
-                  f"command again (without --redo) to label the rest", file=sys.stderr)
+                  f"command again (without --overwrite) to label the rest", file=sys.stderr)
             raise
         print(f"labelled {n:,} features with {explainer.provenance}"
               + (f"; {done:,} already had a label from it (skipped)" if done else ""))
