@@ -10,7 +10,6 @@ from typing import Any
 
 from ..errors import InputError
 from . import common
-from .common import count
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,23 +34,23 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the skip's learning rate relative to --lr (default 0: it stays at its least-squares start)")
     p.add_argument("--loss", default=None, choices=("mse", "normalized_mse"),
                    help="reconstruction loss (default mse; normalized_mse weighs each token by its target's norm)")
-    p.add_argument("--reuse", type=count, default=None,
+    p.add_argument("--reuse", type=common.count, default=None,
                    help="serve each token's activations this many times from an in-memory bfloat16 shuffle buffer "
                         "(default 1: every step on fresh tokens)")
     p.add_argument("--arch", default=None, choices=ARCHITECTURES, help="architecture (default topk; batchtopk for --clt)")
-    p.add_argument("-k", "--k", type=count, default=None, help="active latents per token for topk / batchtopk (default 32)")
-    p.add_argument("--width", type=count, default=None, help="dictionary size (default 8192; transcoders 4096)")
+    p.add_argument("-k", "--k", type=common.count, default=None, help="active latents per token for topk / batchtopk (default 32)")
+    p.add_argument("--width", type=common.count, default=None, help="dictionary size (default 8192; transcoders 4096)")
     common.add(p, "tokens", note="(training tokens; default 2M, transcoders and CLTs 1M)")
     common.add(p, "out", note="(the dictionary's directory; default under the data directory)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default depends on --arch)")
-    p.add_argument("--batch-tokens", type=count, default=None, metavar="N",
+    p.add_argument("--batch-tokens", type=common.count, default=None, metavar="N",
                    help="tokens per training step, a hyperparameter (default 4096; 1024 for --transcoder, which "
                         "benchmarks/transcoders.py measured better)")
     p.add_argument("--l1-coefficient", type=float, default=None, help="relu: L1 penalty")
     p.add_argument("--l0-coefficient", type=float, default=None, help="jumprelu: L0 penalty")
     common.add(p, "corpus", default="nlp-corpus", note="(default nlp-corpus)")
     common.add(p, "ctx_len", default=128, note="(default 128)")
-    p.add_argument("--checkpoint-steps", type=count, default=None, metavar="STEPS",
+    p.add_argument("--checkpoint-steps", type=common.count, default=None, metavar="STEPS",
                    help="training steps between checkpoints (default: a checkpoint every 10 minutes)")
     common.add(p, "seed", default=0, note="(default 0)")
     p.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
@@ -63,7 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("path", help="a dictionary directory (ours or SAELens's), a transcoder set, or a params.npz")
     common.add_model(p, default="the one the dictionary was trained on", dtype=False, device=False)
     common.add(p, "tokens", default=100_000, note="(held-out tokens for L0 / FVU / dead / dense; default 100k)")
-    p.add_argument("--ce-contexts", type=count, default=32, help="held-out contexts for CE loss (0 skips)")
+    p.add_argument("--ce-contexts", type=common.count, default=32, help="held-out contexts for CE loss (0 skips)")
     common.add(p, "corpus", default="nlp-corpus", note="(its test split; default nlp-corpus)")
     common.add(p, "ctx_len", default=128, note="(default 128)")
     common.add(p, "hook", note="(instead of the dictionary's own, e.g. for a Gemma Scope file)")
@@ -84,19 +83,19 @@ def cmd_train(args: argparse.Namespace) -> int:
                                  ("skip_lr_scale", args.skip_lr_scale)) if v is not None}
     arch = args.arch or ("batchtopk" if args.clt else "topk")
     batch_size = args.batch_tokens or (1024 if args.transcoder else 4096)
-    common = dict(arch=arch, k=args.k, out=args.out, lr=args.lr, batch_size=batch_size, source=args.corpus,
+    settings = dict(arch=arch, k=args.k, out=args.out, lr=args.lr, batch_size=batch_size, source=args.corpus,
                   ctx_len=args.ctx_len, resume=args.resume, overwrite=args.overwrite, seed=args.seed,
                   checkpoint_every=args.checkpoint_steps, **options)
     model = common.load_model(args)
     if args.clt:
         result = train_clt(model, layers=args.layers or "all", width=args.width or 2048, tokens=args.tokens or 1_000_000,
-                           skip=bool(args.skip), **common)
+                           skip=bool(args.skip), **settings)
         out = Path(result.source)
         print(f"saved {result!r} to {out}")
         _print_train_summary("CLT", result.stats)
     elif args.transcoder:
         result = train_transcoders(model, layers=args.layers or "all", width=args.width or 4096, tokens=args.tokens or 1_000_000,
-                                   skip=True if args.skip is None else args.skip, **common)
+                                   skip=True if args.skip is None else args.skip, **settings)
         first = next(iter(result))
         out = Path(first.source).parent
         print(f"saved {len(result)} transcoders (layers {result.layers}) to {out}")
@@ -105,7 +104,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         if args.skip:
             raise InputError("--skip is for transcoders")
-        result = train_sae(model, args.hook, width=args.width or 8192, tokens=args.tokens or 2_000_000, **common)
+        result = train_sae(model, args.hook, width=args.width or 8192, tokens=args.tokens or 2_000_000, **settings)
         out = Path(result.source)
         print(f"saved {result!r} to {out}")
         _print_train_summary(args.hook, result.stats)
