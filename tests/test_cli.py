@@ -335,3 +335,26 @@ def test_generate_prints_prompts_and_continuations_as_they_are(monkeypatch, caps
     assert main(["generate", ODD2, "[red]"]) == 0, capsys.readouterr().err
     out = capsys.readouterr().out.splitlines()
     assert out == [f"{ODD2} {ODD}", f"[red] {ODD}"]
+
+
+def test_renamed_flags_reach_the_library_with_their_units(saved, monkeypatch, capsys):
+    import featurelens.analysis as analysis
+    import featurelens.dictionaries as dictionaries
+
+    got: dict[str, dict] = {}
+
+    def capture(name):
+        def run(*args, **kw):
+            got[name] = kw
+            raise _Stop("captured")
+        return run
+
+    monkeypatch.setattr("featurelens.models.loader.load_model", lambda name, **kw: object())
+    monkeypatch.setattr(analysis, "analyze", capture("analyze"))
+    monkeypatch.setattr(dictionaries, "train_sae", capture("train_sae"))
+    assert main(["analyze", saved["sae", "made-up-model"], "--checkpoint-seconds", "7", "--batch-size", "4",
+                 "--tokens", "2k"]) == 2
+    assert (got["analyze"]["checkpoint_every"], got["analyze"]["batch_size"], got["analyze"]["n_tokens"]) == (7.0, 4, 2000)
+    assert main(["train", "--hook", "blocks.0.hook_resid_post", "--checkpoint-steps", "9", "--batch-tokens", "2k"]) == 2
+    assert (got["train_sae"]["checkpoint_every"], got["train_sae"]["batch_size"]) == (9, 2000)
+    capsys.readouterr()
