@@ -9,7 +9,6 @@ import sys
 from dataclasses import asdict
 
 from rich.table import Table
-from rich.text import Text
 
 from ..errors import FeaturelensError, InputError
 from . import common
