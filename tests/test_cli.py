@@ -358,3 +358,28 @@ def test_renamed_flags_reach_the_library_with_their_units(saved, monkeypatch, ca
     assert main(["train", "--hook", "blocks.0.hook_resid_post", "--checkpoint-steps", "9", "--batch-tokens", "2k"]) == 2
     assert (got["train_sae"]["checkpoint_every"], got["train_sae"]["batch_size"]) == (9, 2000)
     capsys.readouterr()
+
+
+def test_feature_prints_labels_and_corpus_tokens_as_they_are(monkeypatch, capsys):
+    import featurelens.analysis as analysis
+    from featurelens.analysis import FeatureDashboard, TokenExample
+
+    dash = FeatureDashboard(index=3, d_sae=16, model="m", hook_name="h", label=ODD, label_provenance="user",
+                            labels=[], density=0.1, n_fires=1, n_tokens=10, max_act=2.0, mean_act=1.0,
+                            hist_edges=[0.0, 1.0, 2.0], hist_counts=[0, 1], logit_up=[("[/b]", 1, 0.5)],
+                            logit_down=[("[red]", 2, -0.5)], similar=[], cofiring=[],
+                            top_examples=[TokenExample(tokens=["a", ODD2], acts=[0.0, 2.0], index=1, act=2.0, ctx=0,
+                                                       pos=1)])
+
+    class Analysis:
+        def check_index(self, index):
+            return int(index)
+
+        def feature(self, index):
+            return dash
+
+    monkeypatch.setattr(analysis, "open_analysis", lambda path: Analysis())
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["feature", "x", "3"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert ODD in out and ODD2 in out and "'[/b]'" in out and "'[red]'" in out
