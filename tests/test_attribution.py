@@ -605,14 +605,12 @@ class _CharTokenizer:
 @pytest.fixture()
 def cli_setup(tmp_path, monkeypatch):
     from featurelens.dictionaries.formats import save_transcoder_set
-    import featurelens.cli.models as cli_models
     import featurelens.models.loader as loader
 
     model = tiny_model("gemma3")
     model.tokenizer = _CharTokenizer()
     tc_dir = tmp_path / "tc"
     save_transcoder_set(tiny_transcoders(model, skip=True), tc_dir)
-    monkeypatch.setattr(cli_models, "_load", lambda args: model)
     monkeypatch.setattr(loader, "load_model", lambda name, **kw: model)
     return model, tc_dir, tmp_path
 
@@ -628,7 +626,7 @@ def test_cli_graph_check_and_intervene(cli_setup, capsys):
     assert "replacement score" in text and "wrote" in text
     files = sorted(p.name for p in out.glob("*.json"))
     assert files == ["graph-metadata.json", "hello-world.json"]
-    assert main(["graph-check", str(out / "hello-world.json"), "-n", "4"]) == 0
+    assert main(["graph-check", str(out / "hello-world.json"), "--ablate-top", "4", "-n", "2"]) == 0
     text = capsys.readouterr().out
     assert "top paths" in text and "sign agreement" in text and "subgraph" in text
     assert main(["intervene", "-m", "tiny", "--transcoders", str(tc_dir), "hello world", "--set", "1:3@2=0",

@@ -3,20 +3,15 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 
 import pytest
 
 import featurelens.cli as cli
-from featurelens.cli import build_parser, main
+from featurelens.cli import build_parser, common, main
 from featurelens.errors import FeaturelensError, InputError, MissingFileError
-
-
-def _subcommands() -> dict:
-    parser = build_parser()
-    action = next(a for a in parser._actions if a.dest == "command")
-    return action.choices
 
 
 def test_featurelens_error_is_one_line(tmp_path, capsys):
@@ -84,39 +79,118 @@ def test_usage_errors_exit_2(capsys):
     assert main([]) == 2
 
 
-def test_flags_mean_one_thing():
-    cmds = _subcommands()
+def _walk() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser], dict[str, str]]:
+    """The real parser, its subcommands and their one-line help, discovered from the parser itself."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return parser, dict(sub.choices), {a.dest: a.help for a in sub._choices_actions}
 
-    def flags(name: str) -> dict[str, str]:
-        return {opt: a.dest for a in cmds[name]._actions for opt in a.option_strings}
 
-    # --tokens everywhere a token budget is given
-    for name in ("train", "eval", "analyze"):
-        assert flags(name)["--tokens"] == "tokens", name
-        assert "--n-tokens" not in flags(name)
-    # -k is TopK's k and nothing else
-    for name, parser in cmds.items():
-        if "-k" in flags(name):
-            assert name == "train" and flags(name)["-k"] == "k", name
-    # --top-k is the sampling parameter; row counts are -n / --rows
-    assert "--top-k" in flags("generate")
-    assert [name for name in cmds if "--top-k" in flags(name)] == ["generate"]
-    for name in ("next-token", "search"):
-        assert flags(name)["-n"] == flags(name)["--rows"] == "rows"
-    # the corpus is --corpus everywhere
-    for name in ("train", "eval", "analyze"):
-        assert flags(name)["--corpus"] == "corpus" and "--source" not in flags(name)
-    # the dictionary path is the first positional argument of every command that takes one
-    for name, dest in (("steer", "path"), ("eval", "path"), ("analyze", "path"), ("search", "path"),
-                       ("feature", "path")):
-        positionals = [a.dest for a in cmds[name]._actions if not a.option_strings and a.dest != "help"]
-        assert positionals[0] == dest, name
-        assert "--dict" not in flags(name) and "--transcoders" not in flags(name)
-    # graph and intervene take `PATH PROMPT` like the others, or `--transcoders PATH PROMPT` as the issue spells it
-    for name in ("graph", "intervene"):
-        positionals = [a.dest for a in cmds[name]._actions if not a.option_strings and a.dest != "help"]
-        assert positionals == ["inputs"], name
-        assert flags(name)["--transcoders"] == "transcoders" and "--dict" not in flags(name)
+COMMANDS = sorted(_walk()[1])
+
+
+def _options(p: argparse.ArgumentParser) -> list[argparse.Action]:
+    return [a for a in p._actions if a.option_strings and not isinstance(a, argparse._HelpAction)]
+
+
+def test_every_flag_means_one_thing_in_every_command():
+    parser, commands, _ = _walk()
+    assert len(commands) >= 10  # the walk found the commands (no whitelist: new ones are checked as they come)
+    shared_spellings = {flag: key for key, o in common.OPTIONS.items() for flag in o.flags}
+    uses: dict[str, list[tuple[str, argparse.Action]]] = {}
+    for name, p in [("featurelens", parser), *commands.items()]:
+        dests = [a.dest for a in _options(p)]
+        assert len(dests) == len(set(dests)), f"{name}: two options write {dests}"
+        for a in _options(p):
+            assert a.help and a.help.strip(), f"{name} {a.option_strings}: no help text"
+            for flag in a.option_strings:
+                uses.setdefault(flag, []).append((name, a))
+                # a spelling that has a shared meaning is only ever used with that meaning
+                if flag in shared_spellings:
+                    assert getattr(a, "shared", None) == shared_spellings[flag], (name, flag)
+    for flag, where in uses.items():
+        if len(where) < 2:
+            continue
+        # used by several commands: defined once in common.OPTIONS, so one dest, type, action and meaning
+        keys = {getattr(a, "shared", None) for _, a in where}
+        assert len(keys) == 1 and None not in keys, f"{flag} is defined separately in {[n for n, _ in where]}"
+        key = keys.pop()
+        meaning = common.OPTIONS[key].meaning
+        for name, a in where:
+            assert (a.dest, a.type, type(a), a.nargs) == (where[0][1].dest, where[0][1].type, type(where[0][1]),
+                                                         where[0][1].nargs), (flag, name)
+            assert a.help.startswith(meaning), (flag, name, a.help)
+
+
+def test_flags_that_meant_two_things_are_gone():
+    _, commands, _ = _walk()
+    flags = {name: {f for a in _options(p) for f in a.option_strings} for name, p in commands.items()}
+    # -n/--rows is how many rows a listing shows, everywhere it appears
+    for name, p in commands.items():
+        for a in _options(p):
+            if "-n" in a.option_strings:
+                assert a.option_strings[:2] == ["-n", "--rows"] and a.dest == "rows", name
+    # units in the name: steps when training, seconds when analysing
+    assert not any("--checkpoint-every" in f for f in flags.values())
+    assert "--checkpoint-steps" in flags["train"] and "--checkpoint-seconds" in flags["analyze"]
+    # a training batch is a hyperparameter in tokens; --batch-size elsewhere only trades memory for speed
+    assert "--batch-tokens" in flags["train"] and "--batch-size" not in flags["train"]
+    # --hook is a hook name; patching picks a site kind
+    assert "--site" in flags["patch"] and "--hook" not in flags["patch"]
+    # --scale is intervene's edit; demo multiplies its budgets with --budget-scale
+    assert "--budget-scale" in flags["demo"] and "--scale" not in flags["demo"]
+    # serve reads the global data directory
+    assert all(a.dest != "serve_data_dir" for a in _options(commands["serve"]))
+
+
+@pytest.mark.parametrize("argv", [
+    ["analyze", "somewhere", "--checkpoint-every", "5"],
+    ["train", "--hook", "blocks.0.hook_resid_post", "--checkpoint-every", "5"],
+    ["train", "--hook", "blocks.0.hook_resid_post", "--batch-size", "512"],
+    ["graph-check", "g.json", "--features", "3"],
+    ["patch", "--clean", "a", "--corrupt", "b", "--answer", " c", "--hook", "z"],
+    ["demo", "--scale", "2"],
+    ["next-token", "Hi", "--row", "3"],  # no abbreviations: a prefix would mean whichever flag it happens to start
+])
+def test_ambiguous_old_spellings_and_abbreviations_are_refused(argv, capsys):
+    assert main(argv) == 2
+    assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_unambiguous_old_spelling_still_works():
+    parse = build_parser().parse_args
+    args = parse(["graph-check", "g.json", "--paths", "3"])
+    assert args.rows == 3 and args.ablate_top == 10
+    assert parse(["explain", "somewhere", "--redo"]).overwrite and not parse(["explain", "somewhere"]).overwrite
+
+
+def test_every_command_has_help_text():
+    _, commands, helps = _walk()
+    assert set(helps) == set(commands)
+    for name in commands:
+        assert helps[name] and helps[name].strip(), name
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_help_works_for_every_command(name, capsys):
+    assert main([name, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: featurelens {name}") and "--data-dir" in out
+
+
+def test_data_dir_before_or_after_the_command_means_the_same(tmp_path, monkeypatch):
+    from featurelens import paths
+
+    parse = build_parser().parse_args
+    assert parse(["serve", "--data-dir", "A"]).data_dir == "A"
+    assert parse(["--data-dir", "A", "serve"]).data_dir == "A"
+    assert parse(["--data-dir", "A", "serve", "--data-dir", "B"]).data_dir == "B"
+    assert parse(["serve"]).data_dir is None and parse(["models", "--debug"]).debug
+    monkeypatch.setattr(paths, "_override", None)
+    served = []
+    monkeypatch.setattr(cli.serve, "serve", lambda host, port, token: served.append(paths.data_dir()) or 0)
+    assert main(["serve", "--data-dir", str(tmp_path / "served")]) == 0
+    assert served == [tmp_path / "served"]
 
 
 def test_steer_checks_its_specs_before_loading_anything(capsys):
@@ -138,3 +212,174 @@ def test_bad_input_names_the_problem(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------ -m: the dictionary's model unless told otherwise
+class _Stop(InputError):
+    pass
+
+
+def _sae(model_name: str):
+    from featurelens.dictionaries import DictionaryConfig, SparseDictionary
+
+    return SparseDictionary(DictionaryConfig(d_in=8, d_sae=16, arch="topk", k=2, hook_name="blocks.0.hook_resid_post",
+                                             model_name=model_name))
+
+
+def _transcoders(model_name: str):
+    from featurelens.dictionaries import DictionaryConfig, SparseDictionary, TranscoderSet
+
+    return TranscoderSet({layer: SparseDictionary(DictionaryConfig(
+        d_in=8, d_sae=16, arch="topk", k=2, transcoder=True, hook_name=f"blocks.{layer}.ln2.hook_normalized",
+        hook_name_out=f"blocks.{layer}.hook_mlp_out", model_name=model_name)) for layer in (0, 1)})
+
+
+def test_recorded_model_reads_every_kind_of_dictionary():
+    from featurelens.dictionaries import CLTConfig, CrossLayerTranscoder
+
+    assert common.recorded_model(_sae("some-model")) == "some-model"
+    assert common.recorded_model(_transcoders("tc-model")) == "tc-model"
+    assert common.recorded_model(_transcoders("tc-model")[1]) == "tc-model"
+    clt = CrossLayerTranscoder(CLTConfig(layers=[0, 1], d_in=8, d_sae=16, arch="topk", k=2, model_name="clt-model"))
+    assert common.recorded_model(clt) == "clt-model"
+    assert common.recorded_model(_sae("")) == ""
+
+
+@pytest.fixture()
+def saved(tmp_path):
+    from featurelens.dictionaries import save_dictionary, save_transcoder_set
+
+    out = {}
+    for name in ("made-up-model", ""):
+        out["sae", name] = str(save_dictionary(_sae(name), tmp_path / f"sae-{name or 'none'}"))
+        out["tc", name] = str(save_transcoder_set(_transcoders(name), tmp_path / f"tc-{name or 'none'}"))
+    return out
+
+
+def _runs(saved, name: str) -> dict[str, list[str]]:
+    sae, tc = saved["sae", name], saved["tc", name]
+    return {"steer": ["steer", sae, "Hello", "--ablate", "1"], "eval": ["eval", sae], "analyze": ["analyze", sae],
+            "graph": ["graph", tc, "Hello"], "intervene": ["intervene", tc, "Hello", "--set", "0:1@0=0"]}
+
+
+def test_commands_with_a_dictionary_load_the_model_it_records(saved, monkeypatch, capsys):
+    asked: list[tuple[str, dict]] = []
+
+    def load_model(name, **kw):
+        asked.append((name, kw))
+        raise _Stop("stopped before running the model")
+
+    monkeypatch.setattr("featurelens.models.loader.load_model", load_model)
+    for command, argv in _runs(saved, "made-up-model").items():
+        asked.clear()
+        assert main(argv) == 2, command
+        assert "stopped before running the model" in capsys.readouterr().err
+        assert [name for name, _ in asked] == ["made-up-model"], command
+        asked.clear()
+        assert main(argv[:1] + ["-m", "other-model"] + argv[1:]) == 2  # -m wins
+        assert [name for name, _ in asked] == ["other-model"], command
+    asked.clear()
+    assert main(["steer", saved["sae", "made-up-model"], "Hi", "--ablate", "1", "--dtype", "bfloat16"]) == 2
+    assert asked == [("made-up-model", {"dtype": "bfloat16", "device": None})]
+
+
+def test_a_dictionary_that_names_no_model_needs_m(saved, monkeypatch, capsys):
+    def load_model(name, **kw):
+        raise AssertionError(f"no model should be loaded, got {name!r}")
+
+    monkeypatch.setattr("featurelens.models.loader.load_model", load_model)
+    for command, argv in _runs(saved, "").items():
+        assert main(argv) == 2, command
+        err = capsys.readouterr().err
+        assert "does not say which model it was trained on; pass -m MODEL" in err, (command, err)
+
+
+# ------------------------------------------------------------------ user text is printed as it is
+ODD = "[/quote] cat"  # rich markup would fail on this (MarkupError) or swallow it
+ODD2 = "[bold]x[/bold] :smile:"
+
+
+def test_search_prints_markup_like_text_as_it_is(monkeypatch, capsys):
+    import featurelens.analysis as analysis
+    from featurelens.search.by_text import TextHit, TextSearchResult
+    from featurelens.search.by_token import PromoteHit
+    from featurelens.search.concept import SearchHit
+
+    class Analysis:
+        def search(self, query, k, method):
+            return [SearchHit(feature=1, score=0.5, label=ODD, method="lexical", near_max=[ODD2], max_tokens=[ODD])]
+
+        def search_text(self, text, k):
+            return TextSearchResult(text=text, tokens=[ODD, ODD2], overall=[TextHit(1, 2.0, 0.5, 0, ODD)],
+                                    per_token=[[(1, 2.0, 0.5, ODD2)], []])
+
+        def search_promotes(self, token, k):
+            return [PromoteHit(1, 1.0, 2.0, ODD2)]
+
+    monkeypatch.setattr(analysis, "open_analysis", lambda path: Analysis())
+    monkeypatch.setenv("COLUMNS", "400")  # one line per table row, so the texts are not wrapped
+    for argv in (["search", "x", ODD], ["search", "x", "--text", ODD], ["search", "x", "--promotes", ODD]):
+        assert main(argv) == 0, capsys.readouterr().err
+        out = capsys.readouterr().out
+        assert ODD in out and "MarkupError" not in out, argv
+    assert main(["search", "x", "y"]) == 0
+    assert ODD2 in capsys.readouterr().out  # not bold text and an emoji
+
+
+def test_generate_prints_prompts_and_continuations_as_they_are(monkeypatch, capsys):
+    class Model:
+        def generate(self, prompts, **kw):
+            return [" " + ODD for _ in prompts]
+
+    monkeypatch.setattr("featurelens.models.loader.load_model", lambda name, **kw: Model())
+    assert main(["generate", ODD2, "[red]"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out.splitlines()
+    assert out == [f"{ODD2} {ODD}", f"[red] {ODD}"]
+
+
+def test_renamed_flags_reach_the_library_with_their_units(saved, monkeypatch, capsys):
+    import featurelens.analysis as analysis
+    import featurelens.dictionaries as dictionaries
+
+    got: dict[str, dict] = {}
+
+    def capture(name):
+        def run(*args, **kw):
+            got[name] = kw
+            raise _Stop("captured")
+        return run
+
+    monkeypatch.setattr("featurelens.models.loader.load_model", lambda name, **kw: object())
+    monkeypatch.setattr(analysis, "analyze", capture("analyze"))
+    monkeypatch.setattr(dictionaries, "train_sae", capture("train_sae"))
+    assert main(["analyze", saved["sae", "made-up-model"], "--checkpoint-seconds", "7", "--batch-size", "4",
+                 "--tokens", "2k"]) == 2
+    assert (got["analyze"]["checkpoint_every"], got["analyze"]["batch_size"], got["analyze"]["n_tokens"]) == (7.0, 4, 2000)
+    assert main(["train", "--hook", "blocks.0.hook_resid_post", "--checkpoint-steps", "9", "--batch-tokens", "2k"]) == 2
+    assert (got["train_sae"]["checkpoint_every"], got["train_sae"]["batch_size"]) == (9, 2000)
+    capsys.readouterr()
+
+
+def test_feature_prints_labels_and_corpus_tokens_as_they_are(monkeypatch, capsys):
+    import featurelens.analysis as analysis
+    from featurelens.analysis import FeatureDashboard, TokenExample
+
+    dash = FeatureDashboard(index=3, d_sae=16, model="m", hook_name="h", label=ODD, label_provenance="user",
+                            labels=[], density=0.1, n_fires=1, n_tokens=10, max_act=2.0, mean_act=1.0,
+                            hist_edges=[0.0, 1.0, 2.0], hist_counts=[0, 1], logit_up=[("[/b]", 1, 0.5)],
+                            logit_down=[("[red]", 2, -0.5)], similar=[], cofiring=[],
+                            top_examples=[TokenExample(tokens=["a", ODD2], acts=[0.0, 2.0], index=1, act=2.0, ctx=0,
+                                                       pos=1)])
+
+    class Analysis:
+        def check_index(self, index):
+            return int(index)
+
+        def feature(self, index):
+            return dash
+
+    monkeypatch.setattr(analysis, "open_analysis", lambda path: Analysis())
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["feature", "x", "3"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert ODD in out and ODD2 in out and "'[/b]'" in out and "'[red]'" in out

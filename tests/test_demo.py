@@ -57,7 +57,7 @@ def test_unknown_step_to_force_is_refused(tmp_path):
     r = subprocess.run([sys.executable, "-m", "featurelens", "--data-dir", str(tmp_path), "demo", "--force", "nope"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "invalid choice: 'nope'" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "featurelens", "--data-dir", str(tmp_path), "demo", "--scale", "0",
+    r = subprocess.run([sys.executable, "-m", "featurelens", "--data-dir", str(tmp_path), "demo", "--budget-scale", "0",
                         "--no-serve"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "scale must be a positive number" in r.stderr
     assert not (tmp_path / "demo" / "state.json").exists()

@@ -513,7 +513,6 @@ def test_ctrl_c_in_train_sae_on_the_corpus_then_train_resume(gemma, tmp_path, mo
     import signal
 
     from featurelens.cli import main
-    from featurelens.cli import train as cli_train
 
     hook, steps, batch = "blocks.2.hook_resid_post", 6, 256
     kw = dict(arch="topk", k=8, width=128, tokens=steps * batch, batch_size=batch)
@@ -537,9 +536,9 @@ def test_ctrl_c_in_train_sae_on_the_corpus_then_train_resume(gemma, tmp_path, mo
     step = int(saved[0][len("step-"):-len(".pt")])
     assert 1 <= step < steps
 
-    monkeypatch.setattr(cli_train, "_load_model", lambda name: gemma)
+    monkeypatch.setattr("featurelens.models.loader.load_model", lambda name, **kw: gemma)
     rc = main(["train", "-m", "gemma-3-270m", "--hook", hook, "-k", "8", "--width", "128", "--tokens",
-               str(steps * batch), "--batch-size", str(batch), "--out", str(out), "--resume"])
+               str(steps * batch), "--batch-tokens", str(batch), "--out", str(out), "--resume"])
     printed = capsys.readouterr()
     assert rc == 0, printed.err
     assert f"resuming from step-{step:08d}.pt" in printed.out + printed.err
@@ -554,7 +553,7 @@ def test_cli_train_and_eval(gemma, tmp_path, capsys):
 
     out = tmp_path / "cli-sae"
     rc = main(["train", "-m", "gemma-3-270m", "--hook", "blocks.2.hook_resid_post", "--arch", "topk", "--k", "8",
-               "--width", "256", "--tokens", "2_048", "--batch-size", "512", "--out", str(out)])
+               "--width", "256", "--tokens", "2_048", "--batch-tokens", "512", "--out", str(out)])
     assert rc == 0 and (out / "cfg.json").is_file()
     assert "explained variance" in capsys.readouterr().out
     rc = main(["eval", str(out), "--tokens", "1000", "--ce-contexts", "1", "--json"])

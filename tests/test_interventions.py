@@ -359,13 +359,12 @@ def test_bad_inputs(gemma, sae):
 
 # --------------------------------------------------------------------------- command line
 def test_cli_patch_writes_png_and_json(gemma, tmp_path, monkeypatch, capsys):
-    from featurelens.cli import interventions as cli_int
     from featurelens.cli import main
 
-    monkeypatch.setattr(cli_int, "_load_model", lambda args: gemma)
+    monkeypatch.setattr("featurelens.models.loader.load_model", lambda name, **kw: gemma)
     out = tmp_path / "patch"
     rc = main(["patch", "--clean", CLEAN, "--corrupt", CORRUPT, "--answer", " Paris", "--wrong", " Rome",
-               "--hook", "resid_post", "--layers", "17", "--out", str(out)])  # normalized by default
+               "--site", "resid_post", "--layers", "17", "--out", str(out)])  # normalized by default
     assert rc == 0
     data = json.loads(out.with_suffix(".json").read_text())
     assert data["values"][0][-1] == pytest.approx(1.0, abs=1e-4) and data["rows"] == ["L17"]
@@ -376,11 +375,10 @@ def test_cli_patch_writes_png_and_json(gemma, tmp_path, monkeypatch, capsys):
 
 
 def test_cli_steer_end_to_end(gemma, real_sae, tmp_path, monkeypatch, capsys):
-    from featurelens.cli import interventions as cli_int
     from featurelens.cli import main
     from featurelens.dictionaries import save_dictionary
 
-    monkeypatch.setattr(cli_int, "_load_model", lambda args: gemma)
+    monkeypatch.setattr("featurelens.models.loader.load_model", lambda name, **kw: gemma)
     path = save_dictionary(real_sae, tmp_path / "sae", stats={"max_activation": [200.0] + [10.0] * 15})
     rc = main(["steer", str(path), PROMPT, "--feature", "0:+20", "--ablate", "3", "--max-new-tokens", "3",
                "--temperature", "0", "--json"])
@@ -400,7 +398,6 @@ def test_cli_steer_end_to_end(gemma, real_sae, tmp_path, monkeypatch, capsys):
 
 
 def test_strength_sweep_moves_the_output_and_measures_fluency(gemma, real_sae, tmp_path, monkeypatch, capsys):
-    from featurelens.cli import interventions as cli_int
     from featurelens.cli import main
     from featurelens.dictionaries import save_dictionary
 
@@ -417,7 +414,7 @@ def test_strength_sweep_moves_the_output_and_measures_fluency(gemma, real_sae, t
     with pytest.raises(InputError):
         fl.sweep_strengths(gemma, real_sae, 0, PROMPT, [])
 
-    monkeypatch.setattr(cli_int, "_load_model", lambda args: gemma)
+    monkeypatch.setattr("featurelens.models.loader.load_model", lambda name, **kw: gemma)
     path = save_dictionary(real_sae, tmp_path / "sae")
     assert main(["steer", str(path), PROMPT, "--feature", "0:4000", "--mode", "absolute", "--sweep", "0,1",
                  "--max-new-tokens", "3", "--temperature", "0", "--json"]) == 0

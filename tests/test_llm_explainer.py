@@ -310,8 +310,8 @@ def test_cli_explain_with_a_language_model(adir, llm, monkeypatch, capsys):
     llm.reset_counts()
     assert main(base) == 0
     assert "nothing to do" in capsys.readouterr().out and llm.total == 0
-    # --redo on a subset
-    assert main(base + ["--features", "1,2", "--redo"]) == 0
+    # --overwrite on a subset
+    assert main(base + ["--features", "1,2", "--overwrite"]) == 0
     assert "labelled 2 features" in capsys.readouterr().out
     assert llm.per_feature == Counter({1: 1, 2: 1})
     # a subset on resume: one label removed, one asked for

@@ -505,7 +505,7 @@ def test_cli_trains_and_evaluates_a_clt_on_gemma(gemma, tmp_path, capsys):
 
     out = tmp_path / "clt"
     rc = main(["train", "-m", "gemma-3-270m", "--clt", "--layers", "0,1", "--width", "64", "--k", "4", "--tokens",
-               "1024", "--batch-size", "256", "--reuse", "2", "--loss", "normalized_mse", "--out", str(out)])
+               "1024", "--batch-tokens", "256", "--reuse", "2", "--loss", "normalized_mse", "--out", str(out)])
     assert rc == 0, capsys.readouterr().err
     assert "CLT" in capsys.readouterr().out
     clt = load_dictionary(out)
@@ -515,7 +515,7 @@ def test_cli_trains_and_evaluates_a_clt_on_gemma(gemma, tmp_path, capsys):
     rows = [ln.split("│")[1].strip() for ln in capsys.readouterr().out.splitlines() if ln.count("│") > 3]
     assert rc == 0 and rows[-3:] == ["0", "1", "all"]
     rc = main(["train", "-m", "gemma-3-270m", "--transcoder", "--no-skip", "--layers", "3", "--width", "64",
-               "--k", "4", "--tokens", "512", "--batch-size", "256", "--out", str(tmp_path / "plain")])
+               "--k", "4", "--tokens", "512", "--batch-tokens", "256", "--out", str(tmp_path / "plain")])
     assert rc == 0 and load_dictionary(tmp_path / "plain")[3].W_skip is None
     assert main(["train", "--clt", "--transcoder", "--out", str(tmp_path / "z")]) == 2
     assert "give one of --hook" in capsys.readouterr().err

@@ -14,6 +14,7 @@ from typing import Callable
 
 from .. import paths
 from ..errors import FeaturelensError
+from . import common
 
 # Modules that define `register(subparsers)`; each adds its subcommands with a `func(args) -> int` default.
 _COMMAND_MODULES = ("models", "interventions", "train", "analysis", "serve", "graph", "demo")
@@ -22,12 +23,20 @@ _COMMAND_MODULES = ("models", "interventions", "train", "analysis", "serve", "gr
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
-    parser = argparse.ArgumentParser(prog="featurelens", description="Offline mechanistic interpretability.")
-    parser.add_argument("--data-dir", help=f"where artifacts live (default ${paths.ENV_VAR} or ~/.cache/featurelens)")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of every error")
+    # allow_abbrev=False everywhere: an abbreviation would mean whichever option it happens to prefix in that command
+    parser = argparse.ArgumentParser(prog="featurelens", description="Offline mechanistic interpretability.",
+                                     allow_abbrev=False)
+    common.add(parser, "data_dir")
+    common.add(parser, "debug")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for mod in _COMMAND_MODULES:
         importlib.import_module(f"{__name__}.{mod}").register(sub)
+    for command in sub.choices.values():
+        command.allow_abbrev = False
+        # the global options also work after the command (`featurelens serve --data-dir DIR`), with the same meaning;
+        # SUPPRESS keeps a value given before the command when none is given after it
+        common.add(command, "data_dir", default=argparse.SUPPRESS)
+        common.add(command, "debug", default=argparse.SUPPRESS)
     return parser
 
 

@@ -8,8 +8,10 @@ import json
 import sys
 from dataclasses import asdict
 
+from rich.table import Table
+
 from ..errors import FeaturelensError, InputError
-from .train import _int
+from . import common
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,19 +21,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "co-firing features, an automatic label and a search embedding. Resumable: run it "
                                    "again after an interruption.")
     p.add_argument("path", help="the dictionary directory (SAELens layout: cfg.json + sae_weights.safetensors)")
-    p.add_argument("-m", "--model", default=None, help="the model (default: the one the dictionary was trained on)")
-    p.add_argument("--corpus", default=None, help="text source (default: the embedded corpus nlp-corpus, or the "
-                                                   "file in $FEATURELENS_CORPUS; a .txt, .jsonl or .parquet file, or "
-                                                   "hf:name)")
-    p.add_argument("--tokens", type=_int, default=500_000, help="tokens to read (default 500k)")
-    p.add_argument("--batch-size", type=int, default=16, help="contexts per forward pass (default 16)")
-    p.add_argument("--ctx-len", type=int, default=128, help="tokens per context (default 128)")
+    common.add_model(p, default="the one the dictionary was trained on", dtype=False)
+    common.add(p, "corpus", default="nlp-corpus", note="(default nlp-corpus)")
+    common.add(p, "tokens", default=500_000, note="(default 500k)")
+    common.add(p, "batch_size", default=16, note="(contexts; default 16)")
+    common.add(p, "ctx_len", default=128, note="(default 128)")
     p.add_argument("--split", default="test", choices=["test", "train", "all"], help="corpus split (default test)")
-    p.add_argument("--out", default=None, help="analysis directory (default: <dictionary>/analysis)")
-    p.add_argument("--overwrite", action="store_true", help="rebuild a finished analysis (your labels are kept)")
+    common.add(p, "out", note="(the analysis directory; default <dictionary>/analysis)")
+    common.add(p, "overwrite", note="(rebuilds a finished analysis; your labels are kept)")
     p.add_argument("--no-embed", action="store_true", help="skip the search embeddings (search falls back to lexical)")
-    p.add_argument("--checkpoint-every", type=float, default=120.0, help="seconds between saves (default 120)")
-    p.add_argument("--device", default=None, help="cpu (default) or cuda")
+    p.add_argument("--checkpoint-seconds", type=float, default=120.0, metavar="SECONDS",
+                   help="seconds between saves of the partial analysis (default 120)")
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("search", help="find features by concept, by text they fire on, or by a token they promote",
@@ -43,21 +43,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text", default=None, help="features that fire on this text")
     p.add_argument("--promotes", default=None, metavar="TOKEN", help="features that push this output token up, e.g. "
                                                                     "' Paris' (mind the leading space)")
-    p.add_argument("-n", "--rows", type=int, default=10, help="how many features to list (default 10)")
+    common.add(p, "rows", default=10, note="(features; default 10)")
     p.add_argument("--method", default="auto", choices=["auto", "embedding", "lexical"],
                    help="concept search: sentence embeddings (auto when installed) or lexical BM25")
     p.add_argument("--steerable", action="store_true",
                    help="concept search: steer the best --pool matches on neutral prompts and rank them by how much "
                         "they raise the concept's words as the next token (loads the model)")
     p.add_argument("--pool", type=int, default=10, help="with --steerable: how many matches to steer (default 10)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    common.add(p, "json")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("feature", help="one feature's dashboard in the terminal (or as an HTML page)")
     p.add_argument("path", help="an analyzed dictionary (its directory)")
     p.add_argument("index", help="the feature index")
     p.add_argument("--html", default=None, metavar="FILE", help="write a standalone HTML page to FILE")
-    p.add_argument("--json", action="store_true", help="print the dashboard data as JSON")
+    common.add(p, "json")
     p.add_argument("--set-label", default=None, metavar="TEXT", help="replace the feature's label with your own")
     p.add_argument("--clear-label", action="store_true", help="remove your label (the automatic one shows again)")
     p.set_defaults(func=cmd_feature)
@@ -68,7 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "--llm-model: any OpenAI-compatible chat endpoint (llama.cpp server, vLLM, a "
                                    "hosted API), one request per feature. Labels are stored one transaction per "
                                    "--batch, and features already labelled by the same explainer are skipped, so "
-                                   "rerunning after a failure or Ctrl-C resumes (--redo labels them again).")
+                                   "rerunning after a failure or Ctrl-C resumes (--overwrite labels them again).")
     p.add_argument("path", help="an analyzed dictionary (its directory)")
     p.add_argument("--llm-url", default=None, metavar="URL",
                    help="base URL of an OpenAI-compatible API, e.g. http://127.0.0.1:8080/v1 (requests go to "
@@ -83,35 +83,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=None,
                    help="features per stored transaction (default 64 with --llm-url, else 512)")
     p.add_argument("--features", default=None, metavar="LIST", help="only these features, e.g. 1,2,3")
-    p.add_argument("--redo", action="store_true",
-                   help="label again the features that already have a label from this explainer")
+    common.add(p, "overwrite", note="(labels again the features that already have a label from this explainer; "
+                                   "--redo is its old spelling)", old=("--redo",))
     p.set_defaults(func=cmd_explain)
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     from ..analysis import analyze
     from ..dictionaries.compat import resolve_dictionary
-    from ..models.loader import load_model
 
     sae, path = resolve_dictionary(args.path)
-    name = args.model or getattr(sae.cfg, "model_name", "")
-    if not name:
-        raise InputError("the dictionary does not say which model it was trained on; pass --model")
-    model = load_model(name, device=args.device)
+    model = common.load_model(args, sae)
     if args.device:
         sae = sae.to(args.device)
     sae.source = path
     result = analyze(model, sae, args.corpus, n_tokens=args.tokens,
                      batch_size=args.batch_size, ctx_len=args.ctx_len, split=args.split, out=args.out,
-                     overwrite=args.overwrite, embed=not args.no_embed, checkpoint_every=args.checkpoint_every)
+                     overwrite=args.overwrite, embed=not args.no_embed, checkpoint_every=args.checkpoint_seconds)
     print(result)
     return 0
-
-
-def _console():
-    from rich.console import Console
-
-    return Console()
 
 
 def _short(s: str, n: int = 110) -> str:
@@ -120,8 +110,6 @@ def _short(s: str, n: int = 110) -> str:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from rich.table import Table
-
     from ..analysis import open_analysis
 
     modes = [m for m in (args.query is not None, args.text is not None, args.promotes is not None) if m]
@@ -130,7 +118,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.rows <= 0:
         raise InputError(f"--rows must be positive, got {args.rows}")
     fd = open_analysis(args.path)
-    console = _console()
+    console = common.console()
     if args.query is not None:
         if args.steerable:
             from ..interventions import steerable_search
@@ -217,7 +205,7 @@ def cmd_feature(args: argparse.Namespace) -> int:
     if args.json:
         print(dash.to_json(indent=2))
     elif not args.html:
-        _console().print(dash)
+        common.console().print(dash)
     return 0
 
 
@@ -264,19 +252,19 @@ def cmd_explain(args: argparse.Namespace) -> int:
         features = _feature_list(args.features, fd.check_index) if args.features is not None else None
         present = {int(i) for (i,) in fd.store.conn.execute("SELECT idx FROM features")}
         wanted = present if features is None else present & set(features)
-        done = len(wanted & labeled_by(fd.store, explainer.provenance)) if not args.redo else 0
+        done = len(wanted & labeled_by(fd.store, explainer.provenance)) if not args.overwrite else 0
         if done == len(wanted):
             print(f"nothing to do: all {len(wanted):,} features already have a label from {explainer.provenance} "
-                  f"(--redo labels them again)")
+                  f"(--overwrite labels them again)")
             return 0
         started = time.time()
         try:
-            n = fd.explain(explainer, features, skip_labeled=not args.redo, batch=batch)
+            n = fd.explain(explainer, features, skip_labeled=not args.overwrite, batch=batch)
         except FeaturelensError:
             stored = fd.store.conn.execute("SELECT COUNT(*) FROM labels WHERE provenance = ? AND created >= ?",
                                            (explainer.provenance, started)).fetchone()[0]
             print(f"stopped: {stored:,} features were labelled before the failure and are kept; run the same "
-                  f"command again (without --redo) to label the rest", file=sys.stderr)
+                  f"command again (without --overwrite) to label the rest", file=sys.stderr)
             raise
         print(f"labelled {n:,} features with {explainer.provenance}"
               + (f"; {done:,} already had a label from it (skipped)" if done else ""))

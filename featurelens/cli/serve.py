@@ -6,15 +6,21 @@ import argparse
 import ipaddress
 import secrets
 
+from . import common
+
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8765
 
 
+def add_server_args(p: argparse.ArgumentParser) -> None:
+    """--host and --port, as `serve` and `demo` take them."""
+    common.add(p, "host", default=DEFAULT_HOST, note=f"(default {DEFAULT_HOST}: this machine only)")
+    common.add(p, "port", default=DEFAULT_PORT, note=f"(default {DEFAULT_PORT})")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="the web app: dashboards, search, steering, circuit explorer (local server)")
-    p.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}: this machine only)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
-    p.add_argument("--data-dir", dest="serve_data_dir", default=None,
-                   help="the data directory to serve (default: featurelens' data directory)")
+    p = sub.add_parser("serve", help="the web app: dashboards, search, steering, circuit explorer (local server)",
+                       description="Serve the data directory (--data-dir, before or after `serve`) as the web app.")
+    add_server_args(p)
     p.add_argument("--token", default=None, help="access token; required (and made up when not given) when --host "
                                                  "is not a loopback address")
     p.set_defaults(func=cmd_serve)
@@ -30,10 +36,6 @@ def is_loopback(host: str) -> bool:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ..paths import set_data_dir
-
-    if args.serve_data_dir:
-        set_data_dir(args.serve_data_dir)  # models and caches the server makes go where it serves from
     return serve(args.host, args.port, args.token)
 
 

@@ -9,29 +9,21 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-
-
-def _int(text: str) -> int:
-    """Integers with underscores or a k/M suffix: 2_000_000, 2M, 500k."""
-    t = text.strip().replace("_", "").replace(",", "")
-    mult = {"k": 1_000, "m": 1_000_000, "b": 1_000_000_000}.get(t[-1:].lower(), 1)
-    try:
-        return int(float(t[:-1]) * mult) if mult > 1 else int(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+from . import common
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     from ..dictionaries.sae import ARCHITECTURES
+    from ..models.loader import DEFAULT_MODEL
 
     p = sub.add_parser("train", help="train a sparse autoencoder on a hook, or per-layer transcoders",
                        description="Train a sparse dictionary on a model's activations and save it in SAELens's "
                                    "layout. Progress shows live L0 and explained variance; checkpoints allow --resume.")
-    p.add_argument("-m", "--model", default=None, help="model name, .gguf file or HF directory (default gemma-3-270m)")
-    p.add_argument("--hook", help="hook to train an SAE on, e.g. blocks.6.hook_resid_post")
+    common.add_model(p, default=DEFAULT_MODEL, dtype=False, device=False)
+    common.add(p, "hook", note="(train an SAE on this hook)")
     p.add_argument("--transcoder", action="store_true",
                    help="train transcoders blocks.L.ln2.hook_normalized -> blocks.L.hook_mlp_out instead")
-    p.add_argument("--layers", default="all", help="transcoder layers: 'all' (default) or e.g. 0,3,6")
+    common.add(p, "layers", note="(transcoder layers; default all)")
     p.add_argument("--clt", action="store_true",
                    help="train a cross-layer transcoder: layer L's features write to the MLP outputs of L and every "
                         "later layer (--width is features per layer, default 2048; --arch default batchtopk)")
@@ -42,47 +34,40 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the skip's learning rate relative to --lr (default 0: it stays at its least-squares start)")
     p.add_argument("--loss", default=None, choices=("mse", "normalized_mse"),
                    help="reconstruction loss (default mse; normalized_mse weighs each token by its target's norm)")
-    p.add_argument("--reuse", type=_int, default=None,
+    p.add_argument("--reuse", type=common.count, default=None,
                    help="serve each token's activations this many times from an in-memory bfloat16 shuffle buffer "
                         "(default 1: every step on fresh tokens)")
     p.add_argument("--arch", default=None, choices=ARCHITECTURES, help="architecture (default topk; batchtopk for --clt)")
-    p.add_argument("-k", "--k", type=_int, default=None, help="active latents per token for topk / batchtopk (default 32)")
-    p.add_argument("--width", type=_int, default=None, help="dictionary size (default 8192; transcoders 4096)")
-    p.add_argument("--tokens", type=_int, default=None, help="training tokens (default 2M; transcoders 1M)")
-    p.add_argument("--out", default=None, help="output directory (default under the data directory)")
+    p.add_argument("-k", "--k", type=common.count, default=None, help="active latents per token for topk / batchtopk (default 32)")
+    p.add_argument("--width", type=common.count, default=None, help="dictionary size (default 8192; transcoders 4096)")
+    common.add(p, "tokens", note="(training tokens; default 2M, transcoders and CLTs 1M)")
+    common.add(p, "out", note="(the dictionary's directory; default under the data directory)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default depends on --arch)")
-    p.add_argument("--batch-size", type=_int, default=None,
-                   help="tokens per step (default 4096; 1024 for --transcoder, which benchmarks/transcoders.py measured "
-                        "better)")
+    p.add_argument("--batch-tokens", type=common.count, default=None, metavar="N",
+                   help="tokens per training step, a hyperparameter (default 4096; 1024 for --transcoder, which "
+                        "benchmarks/transcoders.py measured better)")
     p.add_argument("--l1-coefficient", type=float, default=None, help="relu: L1 penalty")
     p.add_argument("--l0-coefficient", type=float, default=None, help="jumprelu: L0 penalty")
-    p.add_argument("--corpus", default="nlp-corpus", help="nlp-corpus (default: the embedded corpus, or the file in "
-                                                          "$FEATURELENS_CORPUS), a .txt/.jsonl/.parquet file, or "
-                                                          "hf:name[:config][:split]")
-    p.add_argument("--ctx-len", type=_int, default=128, help="context length (default 128)")
-    p.add_argument("--checkpoint-every", type=_int, default=None, help="steps between checkpoints (default: every 10 minutes)")
-    p.add_argument("--seed", type=int, default=0)
+    common.add(p, "corpus", default="nlp-corpus", note="(default nlp-corpus)")
+    common.add(p, "ctx_len", default=128, note="(default 128)")
+    p.add_argument("--checkpoint-steps", type=common.count, default=None, metavar="STEPS",
+                   help="training steps between checkpoints (default: a checkpoint every 10 minutes)")
+    common.add(p, "seed", default=0, note="(default 0)")
     p.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
-    p.add_argument("--overwrite", action="store_true", help="start over, discarding what --out holds")
+    common.add(p, "overwrite", note="(discards what --out holds)")
     p.add_argument("--eval", action="store_true", help="evaluate the result afterwards (as `featurelens eval`)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="L0, explained variance, CE loss recovered, dead/dense features of a dictionary")
     p.add_argument("path", help="a dictionary directory (ours or SAELens's), a transcoder set, or a params.npz")
-    p.add_argument("-m", "--model", default=None, help="model to splice into (default: the one the dictionary names)")
-    p.add_argument("--tokens", type=_int, default=100_000, help="held-out tokens for L0 / FVU / dead / dense")
-    p.add_argument("--ce-contexts", type=_int, default=32, help="held-out contexts for CE loss (0 skips)")
-    p.add_argument("--corpus", default="nlp-corpus", help="corpus whose test split to use (default nlp-corpus)")
-    p.add_argument("--ctx-len", type=_int, default=128)
-    p.add_argument("--hook", default=None, help="override the dictionary's hook (e.g. for a Gemma Scope file)")
-    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    common.add_model(p, default="the one the dictionary was trained on", dtype=False, device=False)
+    common.add(p, "tokens", default=100_000, note="(held-out tokens for L0 / FVU / dead / dense; default 100k)")
+    p.add_argument("--ce-contexts", type=common.count, default=32, help="held-out contexts for CE loss (0 skips)")
+    common.add(p, "corpus", default="nlp-corpus", note="(its test split; default nlp-corpus)")
+    common.add(p, "ctx_len", default=128, note="(default 128)")
+    common.add(p, "hook", note="(instead of the dictionary's own, e.g. for a Gemma Scope file)")
+    common.add(p, "json")
     p.set_defaults(func=cmd_eval)
-
-
-def _load_model(name: str | None) -> Any:
-    from ..models.loader import DEFAULT_MODEL, load_model
-
-    return load_model(name or DEFAULT_MODEL)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -97,20 +82,20 @@ def cmd_train(args: argparse.Namespace) -> int:
                                  ("loss", args.loss), ("reuse", args.reuse),
                                  ("skip_lr_scale", args.skip_lr_scale)) if v is not None}
     arch = args.arch or ("batchtopk" if args.clt else "topk")
-    batch_size = args.batch_size or (1024 if args.transcoder else 4096)
-    common = dict(arch=arch, k=args.k, out=args.out, lr=args.lr, batch_size=batch_size, source=args.corpus,
+    batch_size = args.batch_tokens or (1024 if args.transcoder else 4096)
+    settings = dict(arch=arch, k=args.k, out=args.out, lr=args.lr, batch_size=batch_size, source=args.corpus,
                   ctx_len=args.ctx_len, resume=args.resume, overwrite=args.overwrite, seed=args.seed,
-                  checkpoint_every=args.checkpoint_every, **options)
-    model = _load_model(args.model)
+                  checkpoint_every=args.checkpoint_steps, **options)
+    model = common.load_model(args)
     if args.clt:
-        result = train_clt(model, layers=args.layers, width=args.width or 2048, tokens=args.tokens or 1_000_000,
-                           skip=bool(args.skip), **common)
+        result = train_clt(model, layers=args.layers or "all", width=args.width or 2048, tokens=args.tokens or 1_000_000,
+                           skip=bool(args.skip), **settings)
         out = Path(result.source)
         print(f"saved {result!r} to {out}")
         _print_train_summary("CLT", result.stats)
     elif args.transcoder:
-        result = train_transcoders(model, layers=args.layers, width=args.width or 4096, tokens=args.tokens or 1_000_000,
-                                   skip=True if args.skip is None else args.skip, **common)
+        result = train_transcoders(model, layers=args.layers or "all", width=args.width or 4096, tokens=args.tokens or 1_000_000,
+                                   skip=True if args.skip is None else args.skip, **settings)
         first = next(iter(result))
         out = Path(first.source).parent
         print(f"saved {len(result)} transcoders (layers {result.layers}) to {out}")
@@ -119,7 +104,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         if args.skip:
             raise InputError("--skip is for transcoders")
-        result = train_sae(model, args.hook, width=args.width or 8192, tokens=args.tokens or 2_000_000, **common)
+        result = train_sae(model, args.hook, width=args.width or 8192, tokens=args.tokens or 2_000_000, **settings)
         out = Path(result.source)
         print(f"saved {result!r} to {out}")
         _print_train_summary(args.hook, result.stats)
@@ -145,10 +130,10 @@ def _evaluate(model: Any, dictionary: Any, ctx_len: int, source: str, tokens: in
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ..dictionaries import SparseDictionary, load_dictionary
+    from ..dictionaries import load_dictionary
 
     dictionary = load_dictionary(args.path, hook_name=args.hook)
-    model = _load_model(args.model or dictionary.cfg.model_name or None)
+    model = common.load_model(args, dictionary)
     _report(_evaluate(model, dictionary, args.ctx_len, args.corpus, args.tokens, args.ce_contexts), args.json)
     return 0
 
@@ -162,7 +147,6 @@ _ROWS = (("L0", "l0", "{:.1f}"), ("explained variance", "explained_variance", "{
 
 
 def _report(result: Any, as_json: bool) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     results = result if isinstance(result, dict) else {"": result}
@@ -189,7 +173,7 @@ def _report(result: Any, as_json: bool) -> None:
             table.add_column(wide[attr], justify="right")
         for key, m in results.items():
             table.add_row(str(key), *(_cell(getattr(m, attr), fmt) for _, attr, fmt in rows))
-    Console().print(table)
+    common.console().print(table)
 
 
 def _cell(value: Any, fmt: str) -> str:
