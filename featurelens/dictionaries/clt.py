@@ -553,21 +553,23 @@ def _tensors(clt: CrossLayerTranscoder) -> dict[str, torch.Tensor]:
 
 def save_clt(clt: CrossLayerTranscoder, path: str | Path, stats: dict[str, Any] | None = None) -> Path:
     """Write `clt` to the directory `path`: cfg.json (its config), clt_weights.safetensors, featurelens.json.
-    Every file is written atomically, weights first."""
+    The directory is saved whole (`atomic_dir`)."""
     from safetensors.torch import save_file
 
-    from ..io import atomic_save, atomic_write_json
+    from ..io import atomic_dir, atomic_save, atomic_write_json
+    from .format import DIR_KEEP
 
     path = Path(path).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     cfg = dataclasses.replace(clt.cfg, dtype=str(clt.dtype).replace("torch.", ""))
     tensors = _tensors(clt)
-    atomic_save(path / CLT_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    atomic_write_json(path / "cfg.json", {"architecture": CLT_KIND, **cfg.to_dict()}, default=str)
-    meta = {"featurelens_format": 1, "kind": CLT_KIND, "config": cfg.to_dict()}
-    if stats:
-        meta["stats"] = stats
-    atomic_write_json(path / "featurelens.json", meta, default=str)
+    with atomic_dir(path, keep=DIR_KEEP) as tmp:  # the whole directory, so a crash never mixes old and new files
+        atomic_save(tmp / CLT_WEIGHTS, lambda f: save_file(tensors, str(f), metadata={"format": "pt"}))
+        atomic_write_json(tmp / "cfg.json", {"architecture": CLT_KIND, **cfg.to_dict()}, default=str)
+        meta = {"featurelens_format": 1, "kind": CLT_KIND, "config": cfg.to_dict()}
+        if stats:
+            meta["stats"] = stats
+        atomic_write_json(tmp / "featurelens.json", meta, default=str)
     return path
 
 

@@ -21,8 +21,9 @@ Read side, besides our own files: SAELens 5.x (flat) and 6.x ("metadata" block) 
 comes from config.json, else from the path (.../gemma-scope-2b-pt-res/layer_12/..., .../resid_post/layer_6_...),
 else from the caller (hook_name=...).
 
-Writes are atomic per file (`featurelens.io`: written to a temporary name, fsynced, then renamed): weights first,
-then cfg.json, then featurelens.json, so an interrupted save never leaves a truncated file behind.
+A dictionary directory is saved whole (`featurelens.io.atomic_dir`: written into a temporary directory beside it,
+fsynced, then swapped in), so a crash leaves the old dictionary or the new one, never new weights beside an old
+cfg.json. What else lives in the directory (checkpoints/, analysis/, ...) is carried over into the new one.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import torch
 
 from ..dtypes import dtype_name
 from ..engine.hooks import hook_layer
-from ..io import atomic_save, atomic_write_json
+from ..io import atomic_dir, atomic_save, atomic_write_json
 from ..models.gguf import CorruptFileError
 from .sae import DictionaryConfig, SparseDictionary, TranscoderSet
 from ..engine.errors import InputError, MissingFileError
@@ -63,6 +64,12 @@ class CorruptDictionaryError(CorruptFileError):
 
 
 # ----------------------------------------------------------------------------------------------- writing
+# What of an old directory survives a save over it: every entry the new dictionary does not write itself (training
+# checkpoints, the analysis, whatever the user keeps there). An analysis is never served for other weights: its
+# dictionary fingerprint is checked when it is opened, and `train --overwrite` removes it.
+DIR_KEEP = ("*",)
+
+
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
     atomic_write_json(path, obj, default=str)
 
@@ -126,17 +133,18 @@ def save_dictionary(dictionary: SparseDictionary, path: str | Path, stats: dict[
     from safetensors.torch import save_file
 
     path = Path(path).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     cfg = dataclasses.replace(dictionary.cfg, dtype=dtype_name(dictionary.dtype))  # what the tensors really are
     tensors = {name: p.detach().to("cpu").contiguous() for name, p in dictionary.named_parameters()}
     tensors = {"W_enc": tensors["W_enc"], "W_dec": tensors["W_dec"], "b_enc": tensors["b_enc"],
                "b_dec": tensors["b_dec"], **{k: v for k, v in tensors.items() if k in ("threshold", "W_skip")}}
-    atomic_save(path / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    _write_json(path / CFG_FILE, saelens_config(cfg))
-    meta = {"featurelens_format": FORMAT_VERSION, "kind": "dictionary", "config": cfg.to_dict()}
-    if stats:
-        meta["stats"] = stats
-    _write_json(path / META_FILE, meta)
+    with atomic_dir(path, keep=DIR_KEEP) as tmp:
+        atomic_save(tmp / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+        _write_json(tmp / CFG_FILE, saelens_config(cfg))
+        meta = {"featurelens_format": FORMAT_VERSION, "kind": "dictionary", "config": cfg.to_dict()}
+        if stats:
+            meta["stats"] = stats
+        _write_json(tmp / META_FILE, meta)
     return path
 
 
@@ -370,13 +378,14 @@ def _load_gemma_scope(path: Path, device: Any, hook_name: str | None, hook_name_
 def save_transcoder_set(tset: TranscoderSet, path: str | Path, stats: dict[str, Any] | None = None) -> Path:
     """Each layer's transcoder in <path>/layer_<L>/ (a dictionary directory SAELens reads), and an index."""
     path = Path(path).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
-    for layer, tc in tset.items():
-        save_dictionary(tc, path / f"layer_{layer}", (stats or {}).get(str(layer)))
-    index = {"featurelens_format": FORMAT_VERSION, "kind": "transcoder_set",
-             "layers": {str(layer): f"layer_{layer}" for layer in tset.layers},
-             "n_layers_model": getattr(tset, "n_layers_model", None)}
-    _write_json(path / META_FILE, index)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(path, keep=(*DIR_KEEP, "layer_*/*")) as tmp:  # every layer and the index, as one
+        for layer, tc in tset.items():
+            save_dictionary(tc, tmp / f"layer_{layer}", (stats or {}).get(str(layer)))
+        index = {"featurelens_format": FORMAT_VERSION, "kind": "transcoder_set",
+                 "layers": {str(layer): f"layer_{layer}" for layer in tset.layers},
+                 "n_layers_model": getattr(tset, "n_layers_model", None)}
+        _write_json(tmp / META_FILE, index)
     return path
 
 
