@@ -10,6 +10,7 @@ their tokens instead of one waiting for the other to finish.
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,6 +22,19 @@ def _open_analysis() -> Callable[..., Any]:
     import featurelens as fl
 
     return getattr(fl, "open_analysis", None) or fl.open_dictionary
+
+
+YIELD_SECONDS = 0.002  # long enough for a thread waiting on the lock to wake and take it
+
+
+def yield_lock(lock: Any) -> None:
+    """Let go of `lock` (held once by this thread) for a moment and take it back: a long holder (a graph job) calls
+    this between its steps so that the requests waiting for the model run in between."""
+    lock.release()
+    try:
+        time.sleep(YIELD_SECONDS)
+    finally:
+        lock.acquire()
 
 
 class Runtime:
