@@ -33,7 +33,8 @@ TMP_PREFIX = "."
 TMP_MARK = ".tmp-"
 OLD_MARK = ".old-"  # a directory `atomic_dir` moved aside while it swaps the new one in
 KEEP_FILE = ".featurelens-keep.json"  # in a directory being swapped in: what to carry over from the old one
-_OWNER = re.compile(r"\.(?:tmp|old)-(\d+)")
+# the names this module makes (and `.<name>.tmp-<pid>`, what earlier versions made): the pid is the writer's
+_OWNER = re.compile(r"(?:\.tmp-(\d+)(?:-\d+-[0-9a-f]{8})?|\.old-(\d+)-\d+-[0-9a-f]{8})$")
 
 
 def _unique(path: Path, mark: str) -> Path:
@@ -49,7 +50,7 @@ def tmp_path(path: str | Path) -> Path:
 def is_tmp(path: str | Path) -> bool:
     """Whether `path` is what an atomic write uses or left behind (never read by anything)."""
     name = Path(path).name
-    return name.startswith(TMP_PREFIX) and (TMP_MARK in name or OLD_MARK in name)
+    return name.startswith(TMP_PREFIX) and _OWNER.search(name) is not None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -79,7 +80,7 @@ def clean_stale_tmp(root: str | Path, *, recursive: bool = True) -> list[Path]:
         if not p.exists() and not p.is_symlink():
             continue  # inside something removed already
         m = _OWNER.search(p.name)
-        if m is None or _pid_alive(int(m.group(1))):
+        if m is None or _pid_alive(int(m.group(1) or m.group(2))):
             continue
         if OLD_MARK in p.name:
             target = p.with_name(p.name[len(TMP_PREFIX):p.name.index(OLD_MARK)])
@@ -133,7 +134,7 @@ def atomic_save(path: str | Path, write: Callable[[Path], Any]) -> Path:
     tmp = tmp_path(path)
     try:
         write(tmp)
-        _crash_point("atomic_save:before-replace")
+        crash_point("atomic_save:before-replace")
         atomic_replace(tmp, path)
     finally:
         if tmp.exists():
@@ -198,20 +199,20 @@ def atomic_dir(path: str | Path, *, replace: bool = True, keep: Sequence[str] = 
             if keep:
                 atomic_write_json(tmp / KEEP_FILE, list(keep))
             old = _unique(path, OLD_MARK)
-            _crash_point("atomic_dir:before-swap")
+            crash_point("atomic_dir:before-swap")
             os.replace(path, old)
-            _crash_point("atomic_dir:mid-swap")
+            crash_point("atomic_dir:mid-swap")
         os.replace(tmp, path)
         fsync_dir(path.parent)
         if old is not None:
-            _crash_point("atomic_dir:after-swap")
+            crash_point("atomic_dir:after-swap")
             _carry_over(old, path)
             shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _crash_point(name: str) -> None:
+def crash_point(name: str) -> None:
     """Test hook: FEATURELENS_CRASH_AT=<name> kills this process here (SIGKILL, no cleanup), as a power cut would.
     The crash tests use it to stop a save between two of its steps."""
     if os.environ.get("FEATURELENS_CRASH_AT") == name:

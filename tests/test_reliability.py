@@ -61,12 +61,12 @@ def test_clean_stale_tmp_removes_only_dead_writers_leftovers(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(dead.stdout)
     (tmp_path / "sub").mkdir()
-    stale_file = tmp_path / "sub" / f".a.json.tmp-{dead_pid}-1-abc"
+    stale_file = tmp_path / "sub" / f".a.json.tmp-{dead_pid}-1-abcdef01"
     stale_file.write_text("half")
-    stale_dir = tmp_path / f".dict.tmp-{dead_pid}-1-abc"
+    stale_dir = tmp_path / f".dict.tmp-{dead_pid}-1-abcdef01"
     stale_dir.mkdir()
     (stale_dir / "w").write_text("w")
-    live = tmp_path / f".b.json.tmp-{os.getpid()}-1-abc"  # a write in flight in a running process
+    live = tmp_path / f".b.json.tmp-{os.getpid()}-1-abcdef01"  # a write in flight in a running process
     live.write_text("in flight")
     legacy = tmp_path / f".c.json.tmp-{dead_pid}"  # the name older versions used
     legacy.write_text("old")
@@ -114,6 +114,7 @@ def _save(path: Path, version: int, kill_at: int = 0) -> subprocess.CompletedPro
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # a dozen subprocesses
 def test_a_dictionary_save_killed_anywhere_leaves_the_old_or_the_new_one(tmp_path):
     from featurelens.dictionaries import load_dictionary
 
@@ -409,3 +410,60 @@ def test_a_graph_job_lets_other_requests_use_the_model_and_stops_when_cancelled(
     t.join(10)
     assert outcome == ["cancelled"] and time.monotonic() - t0 < 1.0
     assert waited[0] < 0.5, f"another request waited {waited[0]:.2f} s for the model"
+
+
+_ANALYZE_SCRIPT = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, sys.argv[3])
+    import featurelens as fl
+    import test_web_fixtures as web
+    model = fl.load_model(sys.argv[1])
+    ctx = web._contexts(model, web.sentences())
+    fl.analyze(model, sys.argv[2], ctx[len(ctx) * 3 // 4:], n_tokens=None, batch_size=8, embed=False, progress=False,
+               n_top=4, n_sample=8, window=(4, 2), overwrite=True)
+""")
+
+
+@pytest.mark.slow  # two analyses in subprocesses
+def test_an_analysis_rebuild_killed_while_publishing_leaves_the_old_one(own_data, web_data):
+    """SIGKILL in the middle of copying the rebuilt analysis into the live file: the old analysis, with the user's
+    label, is what opens afterwards, and the next run cleans up and completes."""
+    import featurelens as fl
+    import test_web_fixtures as web
+
+    data, model = own_data
+    sae = data / "dictionaries" / web.MODEL / "sae"
+    a = fl.open_analysis(sae)
+    a.set_label(5, "mine")
+    before = a.store.meta().get("completed")
+    a.close()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "FEATURELENS_CRASH_AT": "publish:before-commit"}
+    r = subprocess.run([sys.executable, "-c", _ANALYZE_SCRIPT, str(web_data[0] / "models" / web.MODEL), str(sae),
+                        str(REPO / "tests")], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    a = fl.open_analysis(sae)
+    assert a.meta.get("completed") == before and a.feature(5).label == "mine"
+    a.close()
+    env.pop("FEATURELENS_CRASH_AT")
+    r = subprocess.run([sys.executable, "-c", _ANALYZE_SCRIPT, str(web_data[0] / "models" / web.MODEL), str(sae),
+                        str(REPO / "tests")], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a = fl.open_analysis(sae)
+    assert a.meta.get("completed") != before and a.feature(5).label == "mine"
+    a.close()
+    assert not (sae / "analysis" / "building").exists() and not _stray(sae)
+
+
+def test_a_graph_write_killed_before_its_rename_is_cleaned_on_the_next_start(tmp_path):
+    from featurelens.server import create_app
+
+    f = tmp_path / "graphs" / "uploads" / "g.json"
+    f.parent.mkdir(parents=True)
+    atomic_write_json(f, {"version": "old"})
+    env = {**os.environ, "PYTHONPATH": str(REPO), "FEATURELENS_CRASH_AT": "atomic_save:before-replace"}
+    r = subprocess.run([sys.executable, "-c", "import sys; from featurelens.io import atomic_write_json; "
+                        "atomic_write_json(sys.argv[1], {'version': 'new'})", str(f)], env=env, timeout=120)
+    assert r.returncode == -signal.SIGKILL
+    assert json.loads(f.read_text()) == {"version": "old"} and _stray(tmp_path)
+    create_app(tmp_path)  # a server starting on the directory
+    assert not _stray(tmp_path) and json.loads(f.read_text()) == {"version": "old"}

@@ -428,7 +428,7 @@ def publish(src: str | Path, final: str | Path, n_features: int) -> None:
     copy: kept; after: written into the new contents). A file that is replaced instead of rewritten would leave such
     a server writing into a deleted file. Only a first build, or an unreadable old file, is moved into place.
     """
-    from ..io import atomic_replace
+    from ..io import atomic_replace, crash_point
 
     src, final = Path(src), Path(final)
     live = None
@@ -456,6 +456,7 @@ def publish(src: str | Path, final: str | Path, n_features: int) -> None:
                     else:
                         c.execute(f'DELETE FROM main."{t}"')
                         c.execute(f'INSERT INTO main."{t}" ({cols}) SELECT {cols} FROM fresh."{t}"')
+                crash_point("publish:before-commit")
         finally:
             c.execute("DETACH DATABASE fresh")
         try:
