@@ -296,7 +296,7 @@ def test_walkthrough(server, page, tmp_path):
     # ---- save the subgraph with the graph, export both, import the export as a new graph, load the subgraph there
     page.fill("input[aria-label='subgraph name']", "cat subgraph")
     page.click("text=Save subgraph")
-    page.wait_for_selector("#subgraph .saved button")
+    page.wait_for_selector("#subgraph .saved button:has-text('cat subgraph')")  # not an earlier one
     with page.expect_download() as dl:
         page.click("text=Export graph + subgraphs")
     exported = tmp_path / "exported.json"
@@ -305,7 +305,7 @@ def test_walkthrough(server, page, tmp_path):
     assert saved["subgraphs"][-1]["name"] == "cat subgraph" and saved["qParams"]["pinnedIds"] == [feat_id]
     page.set_input_files("input[aria-label='import graph JSON']", str(exported))
     page.wait_for_function("location.hash.startsWith('#/graph/uploads')")
-    page.wait_for_selector("#subgraph .saved button")
+    page.wait_for_selector("#subgraph .saved button:has-text('cat subgraph')")  # not an earlier one
     assert page.locator("#subgraph .pins li").count() == 0
     # other tests may have saved subgraphs of their own into the same graph: load this one by its name
     page.click("#subgraph .saved button:has-text('cat subgraph')")

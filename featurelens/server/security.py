@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -25,6 +26,7 @@ from urllib.parse import urlsplit
 
 from starlette.exceptions import HTTPException
 
+_log = logging.getLogger("featurelens.server")
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 MIN_TOKEN_CHARS = 16
 
@@ -114,6 +116,7 @@ class SecurityMiddleware:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         denied = self._check(scope, headers)
         if denied is not None:
+            _log.warning("refused %s %s: %s", scope.get("method"), scope.get("path"), denied[1].decode())
             await _answer(send, *denied)
             return
         limit = self.limits.max_body_bytes
