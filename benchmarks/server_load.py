@@ -212,6 +212,9 @@ def run_load(data: Path, model: Any, n_requests: int = 1000, n_clients: int = 16
         "light_p95_ms": round(1000 * _p(light, 0.95), 1) if light else None,
         "light_p95_during_job_ms": round(1000 * _p(light_busy, 0.95), 1) if light_busy else None,
         "light_during_job": len(light_busy),
+        "4xx_by_kind": {k: sum(1 for kk, s, _, _ in results if kk == k and 400 <= s < 500)
+                        for k in sorted({r[0] for r in results}) if any(kk == k and 400 <= s < 500
+                                                                           for kk, s, _, _ in results)},
         "by_kind_p95_ms": {k: round(1000 * _p([dt for kk, s, dt, _ in results if kk == k], 0.95), 1)
                            for k in sorted({r[0] for r in results}) if k != "job"},
     }
