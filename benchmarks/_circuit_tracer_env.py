@@ -60,9 +60,10 @@ def env_ready(env: Path | None = None) -> bool:
     return meta.get("format") == ENV_FORMAT and meta.get("circuit_tracer") == CIRCUIT_TRACER_VERSION
 
 
-def ensure_env(progress: bool = True) -> Path:
-    """Create (once) the circuit-tracer venv; returns its directory. pip's output goes to <env>/install.log."""
-    env = env_dir()
+def ensure_env(progress: bool = True, env: Path | None = None) -> Path:
+    """Create (once) the circuit-tracer venv (in `env`, default under the data directory); returns its directory.
+    pip's output goes to <env>/install.log."""
+    env = Path(env) if env is not None else env_dir()
     if env_ready(env):
         return env
     if progress:
@@ -264,3 +265,4 @@ sys.stdout.flush()
 sys.stderr.flush()
 os._exit(0)  # skip interpreter teardown, where the replacement model's __del__ trips over half-unloaded modules
 '''
+

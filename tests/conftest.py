@@ -27,6 +27,34 @@ CACHED_SUBDIRS = ("downloads", "models", "test-fixtures")  # data-directory part
 SLOW_FIXTURES = {"gemma", "smollm", "trained_sae", "analyzed"}
 
 
+CIRCUIT_TRACER_CACHE_VAR = "FEATURELENS_CIRCUIT_TRACER_CACHE"  # .ci/run sets it: build circuit-tracer's venv there
+
+
+def pytest_configure(config):
+    """With $FEATURELENS_CIRCUIT_TRACER_CACHE set (CI), build circuit-tracer's venv there once (cached between runs,
+    keyed by its contents) and point the agreement tests at it; a build that fails stops the run, so those tests
+    cannot skip unnoticed."""
+    cache = os.environ.get(CIRCUIT_TRACER_CACHE_VAR)
+    if not cache or os.environ.get("FEATURELENS_CIRCUIT_TRACER_PYTHON"):
+        return
+    import importlib.util
+    import time
+
+    spec = importlib.util.spec_from_file_location("_ct_env", REPO / "benchmarks" / "_circuit_tracer_env.py")
+    ct = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ct)
+    env = Path(cache) / f"circuit-tracer-{ct.ENV_FORMAT}-{ct.CIRCUIT_TRACER_VERSION}-torch{ct.TORCH_PIN}"
+    t0 = time.perf_counter()
+    try:
+        ct.ensure_env(progress=False, env=env)
+    except (ct.BenchmarkSetupError, OSError) as e:
+        pytest.exit(f"{CIRCUIT_TRACER_CACHE_VAR} is set but circuit-tracer's environment could not be built: {e}",
+                    returncode=1)
+    os.environ["FEATURELENS_CIRCUIT_TRACER_PYTHON"] = str(ct.env_python(env))
+    os.environ["FEATURELENS_CIRCUIT_TRACER_ENV"] = str(env)
+    print(f"circuit-tracer environment: {env} ({time.perf_counter() - t0:.0f} s)")
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):

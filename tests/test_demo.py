@@ -204,10 +204,14 @@ def _browse_the_demo(home: Path, sae_id: str, feature: int, shots: Path) -> None
     import threading
 
     chromium = "/usr/bin/chromium"
-    if not Path(chromium).exists():
-        pytest.skip(f"{chromium} is absent (apt-get install chromium; CI installs it)")
-    playwright_sync = pytest.importorskip("playwright.sync_api")
-    uvicorn = pytest.importorskip("uvicorn")
+    missing = "" if Path(chromium).exists() else f"{chromium} is absent (apt-get install chromium; CI installs it)"
+    try:
+        import playwright.sync_api as playwright_sync
+        import uvicorn
+    except ImportError as e:
+        missing = missing or f"{e.name} is not installed (pip install -e '.[test]')"
+    if missing:  # in CI ($CI set) the browser must be there: a failure, not a skip
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(missing)
     from featurelens import paths
     from featurelens.server import create_app
 

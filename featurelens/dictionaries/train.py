@@ -14,6 +14,7 @@ the loop in `loop.run_training`, the checkpoints in `checkpoints`.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -54,10 +55,18 @@ def _train_options(arch: str, k: int | None, width: int, tokens: int, lr: float 
 
 
 def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
+    from ..io import clean_stale_tmp
+
+    clean_stale_tmp(out.parent, recursive=False)  # a save of `out` cut off by a crash: finished or undone
+    clean_stale_tmp(out)
     has_ckpt = (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("step-*.pt"))
     finished = (out / META_FILE).is_file() or (out / "cfg.json").is_file()
     if overwrite:
         clear_checkpoints(out)
+        # the old weights' dashboards: never to be shown beside new weights
+        for adir in [out / "analysis", *out.glob("layer_*/analysis")]:
+            if adir.is_dir():
+                shutil.rmtree(adir)
         return
     if has_ckpt and not resume:
         raise InputError(f"{out} holds an unfinished training run; pass resume=True (--resume) to continue it, "

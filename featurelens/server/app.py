@@ -29,8 +29,10 @@ from . import catalog
 from .catalog import UnknownIdError
 from ..attribution.files import add_to_set, json_graph_scores, read_feature_card, save_graph, update_graph
 from ..attribution.schema import GraphFile, GraphFormatError, check_subgraph, is_feature, validate_upload
+from .instance import clean_on_start
 from .jobs import JobManager
-from .runtime import Runtime
+from .runtime import Runtime, yield_lock
+from .security import Limits, install_security
 from .streaming import side_by_side, sse
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
@@ -170,12 +172,14 @@ def _json(v: Any, status: int = 200) -> JSONResponse:
 
 # ----------------------------------------------------------------------------------------------- the app
 def create_app(data_dir: str | Path, *, model_loader: Callable[[str], Any] | None = None,
-               token: str | None = None) -> FastAPI:
+               token: str | None = None, host: str | None = None, limits: Limits | None = None) -> FastAPI:
     """The FastAPI app serving `data_dir`.
 
     model_loader: name -> HookedTransformer (default `fl.load_model`); models load on first use, once.
     token: when set, every request must carry it (header `Authorization: Bearer <token>`, header
     `X-Featurelens-Token`, or query `?token=`); `featurelens serve` sets one whenever it binds beyond loopback.
+    host: the address the server is bound to (loopback: only loopback Host names are answered); limits: body size,
+    stored uploads, jobs at once (default `Limits.from_env()`). See security.py.
 
     >>> from fastapi.testclient import TestClient
     >>> client = TestClient(create_app("~/.cache/featurelens"))
@@ -185,6 +189,7 @@ def create_app(data_dir: str | Path, *, model_loader: Callable[[str], Any] | Non
 
     data = Path(data_dir).expanduser()
     data.mkdir(parents=True, exist_ok=True)
+    clean_on_start(data)
     rt = Runtime(data, model_loader)
     jobs = JobManager(data / "server" / "jobs")
     db_lock = threading.RLock()  # one SQLite connection per analysis, shared by the worker threads
@@ -688,7 +693,7 @@ def create_app(data_dir: str | Path, *, model_loader: Callable[[str], Any] | Non
         job.progress("attributing", None, None, "computing edges by batched backward passes")
         from ..attribution import attribute
 
-        with rt.forward_lock, _rows_reported_to(job):
+        with rt.forward_lock, _rows_reported_to(job, rt.forward_lock):
             g = attribute(model, tcs, body.prompt, max_feature_nodes=body.max_feature_nodes,
                           batch_size=body.batch_size, progress=True, transcoders_path=entry["path"])
         job.progress("pruning")
@@ -748,15 +753,17 @@ def create_app(data_dir: str | Path, *, model_loader: Callable[[str], Any] | Non
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     _graph_lock = threading.Lock()
+    install_security(app, data, host=host, limits=limits, jobs=jobs)
     return app
 
 
 # ----------------------------------------------------------------------------------------------- helpers
 @contextlib.contextmanager
-def _rows_reported_to(job: Any) -> Iterator[None]:
+def _rows_reported_to(job: Any, model_lock: Any) -> Iterator[None]:
     """While held, attribution's progress bar (rows of the edge matrix done / total) reports to `job` instead of the
-    terminal, and a cancelled job stops at the next batch of rows. The caller holds the model lock, so no other
-    attribution runs in this process meanwhile."""
+    terminal, a cancelled job stops at the next batch of rows, and between batches the model lock (which the
+    caller holds) is let go for a moment, so that other requests' forward passes run between them instead of after
+    the whole graph. No other attribution runs in this process meanwhile: the bar is patched into the module."""
     import importlib
 
     mod = importlib.import_module("featurelens.attribution.attribute")
@@ -775,6 +782,7 @@ def _rows_reported_to(job: Any) -> Iterator[None]:
         def update(self, n: float | None = 1) -> bool | None:
             self.job_done += n or 0
             job.progress("attributing", self.job_done, self.job_total, "rows of the edge matrix")
+            yield_lock(model_lock)
             return None
 
     mod.tqdm = JobBar

@@ -24,6 +24,7 @@ FINAL = ("done", "failed", "interrupted", "cancelled")
 # would otherwise be skipped by a reader that woke up late. Kept per job, for this many recent jobs and updates.
 HISTORY_JOBS = 64
 HISTORY_UPDATES = 4096
+POLL_SECONDS = 0.5  # how often the file of a job another process runs is looked at
 
 
 class JobCancelled(Exception):
@@ -135,6 +136,11 @@ class JobManager:
         threading.Thread(target=run, name=f"featurelens-job-{job_id}", daemon=True).start()
         return dict(rec)
 
+    def active(self) -> int:
+        """How many jobs of this process are queued or running."""
+        with self._lock:
+            return len(self._live)
+
     def cancel(self, job_id: str) -> dict[str, Any]:
         rec = self.get(job_id)
         with self._lock:
@@ -161,5 +167,14 @@ class JobManager:
                 if left <= 0:
                     return []
                 self._cond.wait(left)
-        rec = self.get(job_id)
-        return [rec] if rec.get("version", 0) != version else []
+        # Not run by this process (another server ran it, or it ended before this one started): nobody will notify
+        # us, so look at its file now and then until the timeout, rather than answering "nothing new" at once to a
+        # caller that would ask again straight away.
+        while True:
+            rec = self.get(job_id)
+            if rec.get("version", 0) != version:
+                return [rec]
+            left = end - time.monotonic()
+            if left <= 0 or rec.get("status") in FINAL:
+                return []
+            time.sleep(min(POLL_SECONDS, left))

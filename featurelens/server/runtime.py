@@ -10,16 +10,31 @@ their tokens instead of one waiting for the other to finish.
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 from . import catalog
+from .freshness import check_fresh, dir_signature, fingerprint_of
 
 
 def _open_analysis() -> Callable[..., Any]:
     import featurelens as fl
 
     return getattr(fl, "open_analysis", None) or fl.open_dictionary
+
+
+YIELD_SECONDS = 0.002  # long enough for a thread waiting on the lock to wake and take it
+
+
+def yield_lock(lock: Any) -> None:
+    """Let go of `lock` (held once by this thread) for a moment and take it back: a long holder (a graph job) calls
+    this between its steps so that the requests waiting for the model run in between."""
+    lock.release()
+    try:
+        time.sleep(YIELD_SECONDS)
+    finally:
+        lock.acquire()
 
 
 class Runtime:
@@ -29,8 +44,9 @@ class Runtime:
         self.forward_lock = threading.RLock()
         self._load_lock = threading.Lock()  # one load at a time: two requests for one model load it once
         self._models: dict[str, Any] = {}
-        self._dictionaries: dict[str, Any] = {}
+        self._dictionaries: dict[str, tuple[Any, Any, str | None]] = {}  # id -> (files' signature, dict, fingerprint)
         self._analyses: dict[str, Any] = {}
+        self._layer_fingerprints: dict[tuple[str, Any], str] = {}
 
     # ----------------------------------------------------------------- models
     def model(self, name: str) -> Any:
@@ -55,15 +71,20 @@ class Runtime:
         """The dictionary (SparseDictionary or TranscoderSet) of a dictionary id."""
         d, adir = catalog.dictionary_dir(self.data_dir, ident)
         with self._load_lock:
-            if ident not in self._dictionaries:
-                from ..dictionaries import load_dictionary
+            return self._dictionary_locked(ident, d, adir)[1]
 
-                if d is None:
-                    analysis = self._analysis_locked(ident, adir)
-                    self._dictionaries[ident] = analysis.dictionary
-                else:
-                    self._dictionaries[ident] = load_dictionary(d)
-            return self._dictionaries[ident]
+    def _dictionary_locked(self, ident: str, d: Path | None, adir: Path | None) -> tuple[Any, Any, str | None]:
+        sig = dir_signature(d)
+        cached = self._dictionaries.get(ident)
+        if cached is None or (d is not None and cached[0] != sig):  # saved again since: load the new weights
+            from ..dictionaries import load_dictionary
+
+            if d is None:
+                obj = self._analysis_locked(ident, adir).dictionary
+            else:
+                obj = load_dictionary(d)
+            self._dictionaries[ident] = (sig, obj, fingerprint_of(obj) if d is not None else None)
+        return self._dictionaries[ident]
 
     def analysis(self, ident: str) -> Any:
         """The `DictionaryAnalysis` of a dictionary id, with the shared model and dictionary attached."""
@@ -74,9 +95,19 @@ class Runtime:
             raise NotAnalyzedError(f"dictionary {ident!r} has not been analyzed: run `featurelens analyze {d}` "
                                    f"to build its dashboards")
         with self._load_lock:
-            return self._analysis_locked(ident, adir)
+            a = self._analysis_locked(ident, adir)
+            if d is not None:  # never the dashboards of other weights than the dictionary's
+                _, obj, fp = self._dictionary_locked(ident, d, adir)
+                if fp is not None:
+                    check_fresh(a, obj, fp, ident)
+            return a
 
     def _analysis_locked(self, ident: str, adir: Path) -> Any:
+        a = self._analyses.get(ident)
+        if a is not None and a.store.changed():
+            # rebuilt (or written by another process) since it was opened: open it afresh. The old object is not
+            # closed here (a request may still be reading it); it closes when the last one lets go of it.
+            del self._analyses[ident]
         if ident not in self._analyses:
             # check_same_thread is off in the store (requests come from a thread pool); writes (labels) are
             # serialized by SQLite itself.
@@ -90,7 +121,15 @@ class Runtime:
         for layer, adir in catalog.layer_analyses(d).items() if d is not None else ():
             key = f"{ident}#layer{layer}"
             with self._load_lock:
-                out[layer] = self._analysis_locked(key, adir)
+                a = self._analysis_locked(key, adir)
+                sig, tset, _ = self._dictionary_locked(ident, d, None)
+                fp = self._layer_fingerprints.get((key, sig))
+                if fp is None:
+                    layers = dict(tset.items()) if hasattr(tset, "items") else {}
+                    fp = fingerprint_of(layers[layer]) if layer in layers else ""
+                    self._layer_fingerprints[(key, sig)] = fp
+            if not fp or a.meta.get("dictionary_fingerprint") in (None, fp):
+                out[layer] = a  # a layer analyzed before it was trained again is left out
         return out
 
     def analysis_with_model(self, ident: str) -> Any:

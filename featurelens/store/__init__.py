@@ -7,7 +7,9 @@ An analyzed dictionary keeps its analysis in a directory:
 
 Inside: ``features.sqlite`` once an analysis is complete (see `FeatureStore`), and ``building/`` while one runs
 (its partial database and ``state.safetensors``, the streaming state saved per chunk of batches). A finished
-analysis is never written by a new run: ``--overwrite`` builds into ``building/`` and swaps the file in at the end.
+analysis is never written by a new run: ``--overwrite`` builds into ``building/`` and copies the result into the live
+file in one transaction at the end (`publish`: a server with the file open keeps reading and writing the right one).
+One analysis builds at a time in a directory (``build.lock``, see `featurelens.io.hold_lock`).
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ import re
 from pathlib import Path
 
 from ..paths import sub_dir
-from .db import UNCLEAR_BELOW, USER, FeatureStore, StoreError, is_clear
+from .db import UNCLEAR_BELOW, USER, FeatureStore, StoreError, StoreReplacedError, is_clear, publish
 
 DB_FILE = "features.sqlite"
 BUILD_DIR = "building"
+BUILD_LOCK = "build.lock"
 ANALYSIS_SUBDIR = "analysis"
 
 
@@ -45,6 +48,7 @@ def data_analysis_dir(name: str, key: str) -> Path:
     return sub_dir(ANALYSIS_SUBDIR) / f"{slug}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
 
 
-__all__ = ["ANALYSIS_SUBDIR", "BUILD_DIR", "DB_FILE", "FeatureStore", "StoreError", "UNCLEAR_BELOW", "USER", "is_clear",
+__all__ = ["ANALYSIS_SUBDIR", "BUILD_DIR", "BUILD_LOCK", "DB_FILE", "FeatureStore", "StoreError", "StoreReplacedError",
+           "UNCLEAR_BELOW", "USER", "is_clear", "publish",
            "analysis_dir_for_path",
            "data_analysis_dir"]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -106,8 +107,24 @@ class StoreError(FeaturelensError, ValueError):
     """The analysis database is missing, from another schema, or unreadable."""
 
 
+class StoreReplacedError(StoreError):
+    """The database file was replaced (deleted, or another file renamed over it) since this store opened it."""
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 class FeatureStore:
-    """Read and write one analysis database. Cheap to open; use as a context manager or call close()."""
+    """Read and write one analysis database. Cheap to open; use as a context manager or call close().
+
+    A long-lived store (the server's) asks `changed()` before use and reopens when true; a write to a file that was
+    replaced under it raises StoreReplacedError instead of landing in a deleted file.
+    """
 
     def __init__(self, path: str | Path, *, create: bool = False, readonly: bool = False):
         self.path = Path(path)
@@ -118,7 +135,12 @@ class FeatureStore:
         self.readonly = readonly
         uri = f"file:{self.path}?mode=ro" if readonly else f"file:{self.path}"
         try:
+            before = _file_id(self.path)
             self.conn = sqlite3.connect(uri, uri=True, timeout=30.0, isolation_level=None, check_same_thread=False)
+            self._file = _file_id(self.path)
+            if before is not None and self._file != before:  # replaced while connecting: which file we hold is unknown
+                self.conn.close()
+                raise sqlite3.DatabaseError("the file was replaced while it was being opened; open it again")
             if not readonly:
                 self.conn.execute("PRAGMA journal_mode=WAL")
                 self.conn.execute("PRAGMA synchronous=NORMAL")
@@ -134,6 +156,17 @@ class FeatureStore:
         if version != SCHEMA_VERSION:
             raise StoreError(f"{self.path}: analysis schema {version}, this featurelens reads {SCHEMA_VERSION}; "
                              f"run `featurelens analyze --overwrite` to rebuild it")
+        self._data_version = self._version()
+
+    def _version(self) -> int:
+        return int(self.conn.execute("PRAGMA data_version").fetchone()[0])
+
+    def changed(self) -> bool:
+        """Whether another connection committed to the database, or the file was replaced, since this store opened
+        it (a rebuild by `featurelens analyze`, a label from the command line): what was read from it may be old."""
+        if self.conn is None:
+            return True
+        return _file_id(self.path) != self._file or self._version() != self._data_version
 
     # ----------------------------------------------------------------- plumbing
     def close(self) -> None:
@@ -155,6 +188,12 @@ class FeatureStore:
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """All writes inside land together or not at all."""
         self.conn.execute("BEGIN IMMEDIATE")
+        if not self.readonly and _file_id(self.path) != self._file:
+            # holding the write lock: the file at our path is not the one we have open (a rebuild renamed another
+            # over it); writing would go to a deleted file and be lost
+            self.conn.execute("ROLLBACK")
+            raise StoreReplacedError(f"{self.path} was replaced since it was opened (rebuilt by `featurelens "
+                                     f"analyze`?); open it again and repeat the change")
         try:
             yield self.conn
         except BaseException:
@@ -378,3 +417,52 @@ def _decode_example(r: Sequence[Any]) -> dict[str, Any]:
     return {"feature": feature, "kind": kind, "rank": rank, "bin": bin_, "ctx": ctx, "pos": pos, "start": start,
             "act": act, "tokens": np.frombuffer(tokens, dtype=np.int32).tolist(),
             "acts": np.frombuffer(acts, dtype=np.float16).astype(np.float32).tolist()}
+
+
+def publish(src: str | Path, final: str | Path, n_features: int) -> None:
+    """Make the finished database `src` the analysis at `final`, keeping the user's labels of features below
+    `n_features` from the old one, and remove `src`.
+
+    Over a readable database the new contents are copied in place, in one transaction: a server reading or writing
+    it all along sees the old analysis or the new one, and a label it saves meanwhile is in the result (before the
+    copy: kept; after: written into the new contents). A file that is replaced instead of rewritten would leave such
+    a server writing into a deleted file. Only a first build, or an unreadable old file, is moved into place.
+    """
+    from ..io import atomic_replace, crash_point
+
+    src, final = Path(src), Path(final)
+    live = None
+    if final.is_file():
+        try:
+            live = FeatureStore(final)
+        except StoreError:
+            live = None  # from another schema or unreadable: nothing can be serving it
+    if live is None:
+        for suffix in ("-wal", "-shm"):  # a stale WAL would be replayed into the new file
+            Path(str(final) + suffix).unlink(missing_ok=True)
+        atomic_replace(src, final)
+        return
+    try:
+        c = live.conn
+        c.execute("ATTACH DATABASE ? AS fresh", (f"file:{src}?mode=ro",))
+        try:
+            tables = [r[0] for r in c.execute("SELECT name FROM fresh.sqlite_master WHERE type = 'table'")]
+            with live.transaction():
+                for t in tables:
+                    cols = ", ".join(f'"{r[1]}"' for r in c.execute(f'PRAGMA fresh.table_info("{t}")'))
+                    if t == "labels":
+                        c.execute("DELETE FROM main.labels WHERE provenance != ? OR feature >= ?", (USER, n_features))
+                        c.execute(f"INSERT OR IGNORE INTO main.labels ({cols}) SELECT {cols} FROM fresh.labels")
+                    else:
+                        c.execute(f'DELETE FROM main."{t}"')
+                        c.execute(f'INSERT INTO main."{t}" ({cols}) SELECT {cols} FROM fresh."{t}"')
+                crash_point("publish:before-commit")
+        finally:
+            c.execute("DETACH DATABASE fresh")
+        try:
+            c.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.DatabaseError:
+            pass
+    finally:
+        live.close()
+    src.unlink()

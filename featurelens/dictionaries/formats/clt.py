@@ -14,9 +14,9 @@ from typing import Any, Mapping
 
 import torch
 
-from ...io import atomic_save, atomic_write_json
+from ...io import atomic_dir, atomic_save, atomic_write_json
 from ..clt import CLTConfig, CrossLayerTranscoder
-from .common import CorruptDictionaryError, read_json, read_safetensors
+from .common import DIR_KEEP, CorruptDictionaryError, read_json, read_safetensors
 
 CLT_KIND = "cross_layer_transcoder"
 CLT_WEIGHTS = "clt_weights.safetensors"
@@ -40,20 +40,20 @@ def clt_tensors(clt: CrossLayerTranscoder) -> dict[str, torch.Tensor]:
 
 def save_clt(clt: CrossLayerTranscoder, path: str | Path, stats: dict[str, Any] | None = None) -> Path:
     """Write `clt` to the directory `path`: cfg.json (its config), clt_weights.safetensors, featurelens.json.
-    Every file is written atomically, weights first."""
+    The directory is saved whole (`atomic_dir`)."""
     from safetensors.torch import save_file
 
-
     path = Path(path).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     cfg = dataclasses.replace(clt.cfg, dtype=str(clt.dtype).replace("torch.", ""))
     tensors = clt_tensors(clt)
-    atomic_save(path / CLT_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    atomic_write_json(path / "cfg.json", {"architecture": CLT_KIND, **cfg.to_dict()}, default=str)
-    meta = {"featurelens_format": 1, "kind": CLT_KIND, "config": cfg.to_dict()}
-    if stats:
-        meta["stats"] = stats
-    atomic_write_json(path / "featurelens.json", meta, default=str)
+    with atomic_dir(path, keep=DIR_KEEP) as tmp:  # the whole directory, so a crash never mixes old and new files
+        atomic_save(tmp / CLT_WEIGHTS, lambda f: save_file(tensors, str(f), metadata={"format": "pt"}))
+        atomic_write_json(tmp / "cfg.json", {"architecture": CLT_KIND, **cfg.to_dict()}, default=str)
+        meta = {"featurelens_format": 1, "kind": CLT_KIND, "config": cfg.to_dict()}
+        if stats:
+            meta["stats"] = stats
+        atomic_write_json(tmp / "featurelens.json", meta, default=str)
     return path
 
 

@@ -18,6 +18,10 @@ CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 META_FILE = "featurelens.json"
 FORMAT_VERSION = 1
+# What of an old directory survives a save over it: every entry the new dictionary does not write itself (training
+# checkpoints, the analysis, whatever the user keeps there). An analysis is never served for other weights: its
+# dictionary fingerprint is checked when it is opened, and `train --overwrite` removes it.
+DIR_KEEP = ("*",)
 
 
 class CorruptDictionaryError(CorruptFileError):

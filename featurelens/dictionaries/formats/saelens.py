@@ -18,8 +18,9 @@ featurelens reads.
 
 Read side, besides our own files: SAELens 5.x (flat) and 6.x ("metadata" block) cfg.json.
 
-Writes are atomic per file (`featurelens.io`: written to a temporary name, fsynced, then renamed): weights first,
-then cfg.json, then featurelens.json, so an interrupted save never leaves a truncated file behind.
+A dictionary directory is saved whole (`featurelens.io.atomic_dir`: written into a temporary directory beside it,
+fsynced, then swapped in), so a crash leaves the old dictionary or the new one, never new weights beside an old
+cfg.json. What else lives in the directory (checkpoints/, analysis/, ...) is carried over into the new one.
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ import torch
 from ...dtypes import dtype_name
 from ...engine.errors import InputError, MissingFileError
 from ...engine.hooks import hook_layer
-from ...io import atomic_save
+from ...io import atomic_dir, atomic_save
 from ..sae import DictionaryConfig, SparseDictionary
-from .common import (CFG_FILE, FORMAT_VERSION, META_FILE, WEIGHTS_FILE, CorruptDictionaryError, read_json, read_safetensors,
+from .common import (CFG_FILE, DIR_KEEP, FORMAT_VERSION, META_FILE, WEIGHTS_FILE, CorruptDictionaryError, read_json, read_safetensors,
                      write_json)
 
 _TO_SAELENS = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}
@@ -106,17 +107,18 @@ def save_saelens(dictionary: SparseDictionary, path: str | Path, stats: dict[str
     from safetensors.torch import save_file
 
     path = Path(path).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     cfg = dataclasses.replace(dictionary.cfg, dtype=dtype_name(dictionary.dtype))  # what the tensors really are
     tensors = {name: p.detach().to("cpu").contiguous() for name, p in dictionary.named_parameters()}
     tensors = {"W_enc": tensors["W_enc"], "W_dec": tensors["W_dec"], "b_enc": tensors["b_enc"],
                "b_dec": tensors["b_dec"], **{k: v for k, v in tensors.items() if k in ("threshold", "W_skip")}}
-    atomic_save(path / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    write_json(path / CFG_FILE, saelens_config(cfg))
-    meta = {"featurelens_format": FORMAT_VERSION, "kind": "dictionary", "config": cfg.to_dict()}
-    if stats:
-        meta["stats"] = stats
-    write_json(path / META_FILE, meta)
+    with atomic_dir(path, keep=DIR_KEEP) as tmp:
+        atomic_save(tmp / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+        write_json(tmp / CFG_FILE, saelens_config(cfg))
+        meta = {"featurelens_format": FORMAT_VERSION, "kind": "dictionary", "config": cfg.to_dict()}
+        if stats:
+            meta["stats"] = stats
+        write_json(tmp / META_FILE, meta)
     return path
 
 

@@ -7,21 +7,23 @@ from pathlib import Path
 from typing import Any
 
 from ...engine.errors import MissingFileError
+from ...io import atomic_dir
 from ..sae import TranscoderSet
-from .common import FORMAT_VERSION, META_FILE, CorruptDictionaryError, read_json, write_json
+from .common import DIR_KEEP, FORMAT_VERSION, META_FILE, CorruptDictionaryError, read_json, write_json
 from .saelens import load_saelens, save_saelens
 
 
 def save_transcoder_set(tset: TranscoderSet, path: str | Path, stats: dict[str, Any] | None = None) -> Path:
     """Each layer's transcoder in <path>/layer_<L>/ (a dictionary directory SAELens reads), and an index."""
     path = Path(path).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
-    for layer, tc in tset.items():
-        save_saelens(tc, path / f"layer_{layer}", (stats or {}).get(str(layer)))
-    index = {"featurelens_format": FORMAT_VERSION, "kind": "transcoder_set",
-             "layers": {str(layer): f"layer_{layer}" for layer in tset.layers},
-             "n_layers_model": getattr(tset, "n_layers_model", None)}
-    write_json(path / META_FILE, index)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(path, keep=(*DIR_KEEP, "layer_*/*")) as tmp:  # every layer and the index, as one
+        for layer, tc in tset.items():
+            save_saelens(tc, tmp / f"layer_{layer}", (stats or {}).get(str(layer)))
+        index = {"featurelens_format": FORMAT_VERSION, "kind": "transcoder_set",
+                 "layers": {str(layer): f"layer_{layer}" for layer in tset.layers},
+                 "n_layers_model": getattr(tset, "n_layers_model", None)}
+        write_json(tmp / META_FILE, index)
     return path
 
 
