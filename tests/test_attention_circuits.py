@@ -1,0 +1,241 @@
+"""Attention circuits are exact: the head split of an edge and the node-pair decomposition of an attention score.
+
+Checked against independent computations on a tiny random model of every family (converted from `transformers`
+as in test_architectures: GQA, MQA, qk-norm, post-attention norms, sliding windows, soft-capped scores, biases,
+learned positions) and on test_attribution's tiny models with skip, plain, cross-layer and partial transcoders:
+
+* each layer's bypass equals the edge recomputed with that layer's attention output cut from the frozen model
+  (its value held, no gradient through it), and each head's part equals the edge with only that head's values
+  left live, minus the bypass;
+* the sum of every pair's term equals the score recorded in the real model (before the soft-cap), and the query
+  parts sum to the recorded (normed, rotated) query.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from featurelens.attribution import attribute
+from featurelens.attribution.heads import AttentionCircuits
+from featurelens.attribution.qk import BIAS, qk_decomposition
+from featurelens.attribution.replacement import as_replacement, demeaned_unembedding, frozen_forward
+from featurelens.dictionaries.sae import DictionaryConfig, SparseDictionary, TranscoderSet
+from featurelens.errors import InputError
+from test_attribution import TOKENS, tiny_clt, tiny_model, tiny_transcoders
+
+OV_TOL = 1e-5
+QK_TOL = 1e-4
+FAMILY_NAMES = ["gemma", "gemma2", "gemma3_text", "llama", "qwen2", "qwen2_sliding", "qwen3", "gpt2"]
+
+
+def _transcoders(model, skip: bool = True, seed: int = 3) -> TranscoderSet:
+    torch.manual_seed(seed)
+    D, out = model.cfg.d_model, {}
+    for layer in range(model.cfg.n_layers):
+        cfg = DictionaryConfig(d_in=D, d_sae=96, arch="topk", k=6, transcoder=True, skip=skip, dtype="float64",
+                               hook_name=f"blocks.{layer}.ln2.hook_normalized",
+                               hook_name_out=f"blocks.{layer}.hook_mlp_out", model_name=model.name)
+        tc = SparseDictionary(cfg)
+        with torch.no_grad():
+            tc.b_enc.normal_(0, 0.1)
+            tc.b_dec.normal_(0, 0.1)
+            if skip:
+                tc.W_skip.normal_(0, 0.05)
+        out[layer] = tc
+    return TranscoderSet(out)
+
+
+def _family(name: str):
+    pytest.importorskip("transformers")
+    from test_architectures import _build
+
+    _, _, model = _build(name)
+    model = model.to(torch.float64)
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(3, model.cfg.d_vocab, (12,), generator=g)  # longer than the sliding windows (7)
+    tcs = _transcoders(model, skip=name != "gpt2")
+    return model, tcs, tokens
+
+
+@pytest.fixture(scope="module", params=FAMILY_NAMES + ["tiny-gemma3-clt", "tiny-llama-partial", "tiny-llama-plain"])
+def case(request):
+    torch.set_num_threads(1)
+    name = request.param
+    if name.startswith("tiny-"):
+        _, kind, tkind = name.split("-")
+        model = tiny_model(kind)
+        tcs = {"clt": lambda: tiny_clt(model), "partial": lambda: tiny_transcoders(model, skip=True, layers=[0, 2]),
+               "plain": lambda: tiny_transcoders(model)}[tkind]()
+        tokens = TOKENS
+    else:
+        model, tcs, tokens = _family(name)
+    graph = attribute(model, tcs, tokens, progress=False, batch_size=64)
+    return name, model, tcs, graph, AttentionCircuits(graph, model, tcs)
+
+
+# --------------------------------------------------------------------------------------------- the OV split
+
+
+def _cut_edge(model, tcs, circuits, s: int, t: int, layer: int, keep: list[int] | None) -> float:
+    """The edge s -> t in the frozen model with layer `layer`'s attention cut: its output held at its value with no
+    gradient through it (keep None), or only the heads in `keep` left live."""
+    g, rec, rep = circuits.graph, circuits.rec, as_replacement(tcs)
+
+    def cut_out(x, hook):
+        return x.detach()
+
+    def cut_heads(z, hook):
+        live = torch.zeros(z.shape[-2], dtype=torch.bool)
+        live[keep] = True
+        return torch.where(live[:, None], z, z.detach())
+
+    hook = (f"blocks.{layer}.hook_attn_out", cut_out) if keep is None else (f"blocks.{layer}.attn.hook_z", cut_heads)
+    with model.hooks([hook]):
+        run = frozen_forward(model, rep, rec, grad=True, logits=False)
+    if g.node_kind(t) == "logit":
+        tok = g.logit_tokens[t - g.logit_slice.start]
+        value = run.final[0, -1] @ demeaned_unembedding(model, tok[None])[0]
+    else:
+        tl, tp, ti = g.features[t].tolist()
+        value = run.inputs[tl][0, tp] @ rep.encoder(tl)[:, ti]
+    kind, pos = g.node_kind(s), g.node_pos(s)
+    if kind == "embedding":
+        points = [(run.resid0, rec.resid0[pos])]
+    elif kind == "error":
+        points = [(run.outputs[g.node_layer(s)], rec.errors[g.node_layer(s)][pos])]
+    else:
+        sl, _, si = g.features[s].tolist()
+        a = rec.acts[sl][pos, si]
+        points = [(run.outputs[o], a * rep.decoder(sl)[si, j]) for j, o in enumerate(rep.output_layers(sl))]
+    grads = torch.autograd.grad(value, [p for p, _ in points], allow_unused=True)
+    return sum(float(gr[0, pos] @ w) for gr, (_, w) in zip(grads, points) if gr is not None)
+
+
+def _cross_position_edges(g, n: int) -> list[tuple[int, int]]:
+    out = []
+    for e in g.weights.abs().argsort(descending=True).tolist():
+        t, s = g.edges[:, e].tolist()
+        if g.node_pos(t) != g.node_pos(s):
+            out.append((s, t))
+        if len(out) == n:
+            break
+    return out
+
+
+def test_head_split_is_exact(case):
+    name, model, tcs, g, circuits = case
+    A = g.dense()
+    edges = _cross_position_edges(g, 4)
+    assert edges
+    kinds = set()
+    for s, t in edges:
+        split = circuits.edge_heads(g.node_id(s), g.node_id(t))
+        kinds.add(g.node_kind(s))
+        assert split.edge == pytest.approx(float(A[t, s]), rel=1e-5, abs=1e-6)
+        assert split.layers, (name, g.node_id(s), g.node_id(t))
+        tol = OV_TOL * max(abs(split.edge), max(abs(h.contribution) for ls in split.layers for h in ls.heads))
+        for ls in split.layers:
+            assert len(ls.heads) == model.cfg.n_heads
+            assert [abs(h.contribution) for h in ls.heads] == sorted((abs(h.contribution) for h in ls.heads),
+                                                                      reverse=True)
+            assert abs(ls.bypass + ls.through - split.edge) <= tol
+            bypass = _cut_edge(model, tcs, circuits, s, t, ls.layer, None)
+            assert abs(ls.bypass - bypass) <= tol, (name, ls.layer, ls.bypass, bypass)
+            for h in ls.heads[:2] + ls.heads[-1:]:
+                only = _cut_edge(model, tcs, circuits, s, t, ls.layer, [h.head])
+                assert abs(h.contribution - (only - bypass)) <= tol, (name, ls.layer, h.head)
+        # some head carries a real part of a cross-position edge
+        assert max(abs(h.contribution) for ls in split.layers for h in ls.heads) > 1e-3 * abs(split.edge)
+    assert kinds & {"feature", "embedding", "error"}
+
+
+def test_head_split_pattern_and_summary(case):
+    name, model, _, g, circuits = case
+    s, t = _cross_position_edges(g, 1)[0]
+    split = g.edge_heads(g.node_id(s), g.node_id(t), model=model, transcoders=circuits.transcoders)
+    ls = split.layers[-1]
+    pat = circuits.rec.frozen[f"blocks.{ls.layer}.attn.hook_pattern"][0]
+    for h in ls.heads:
+        assert h.pattern == pytest.approx(float(pat[h.head, g.node_pos(t), g.node_pos(s)]))
+    text = split.summary()
+    assert text.startswith("edge ") and "head " in text
+    assert split.to_dict()["layers"][0]["heads"][0]["head"] == split.layers[0].heads[0].head
+
+
+def test_head_split_bad_nodes(case):
+    _, _, _, g, circuits = case
+    logit = g.node_id(g.logit_slice.start)
+    token = g.node_id(g.token_slice.start + 1)
+    with pytest.raises(InputError, match="logit"):
+        circuits.edge_heads(logit, token)
+    with pytest.raises(InputError, match="no incoming edges"):
+        circuits.edge_heads(token, g.node_id(g.token_slice.start + 2))
+    with pytest.raises(InputError, match="no node"):
+        circuits.edge_heads("99_99_99", logit)
+
+
+# --------------------------------------------------------------------------------------------- the QK decomposition
+
+
+def _queries(model, P: int) -> list[tuple[int, int, int, int]]:
+    cfg = model.cfg
+    last = cfg.n_layers - 1
+    return [(last, cfg.n_heads - 1, P - 1, P - 4), (last, 0, P - 1, P - 1), (1, 1, P - 2, P - 6), (0, 2, 5, 3)]
+
+
+def test_qk_sum_is_the_recorded_score(case):
+    name, model, _, g, circuits = case
+    cfg = model.cfg
+    for layer, head, q, k in _queries(model, g.n_pos):
+        r = qk_decomposition(circuits, layer, head, q, k)
+        kv = head // (cfg.n_heads // cfg.n_kv_heads)
+        names = [f"blocks.{layer}.attn.{s}" for s in ("hook_rot_q", "hook_rot_k", "hook_attn_scores")]
+        _, cache = model.run_with_cache(torch.tensor(g.tokens)[None], names_filter=names)
+        rq, rk = cache[names[0]][0, q, head].double(), cache[names[1]][0, k, kv].double()
+        score = float(rq @ rk) * cfg.q_scale
+        size = float(rq.norm() * rk.norm()) * cfg.q_scale
+        assert abs(r.total - score) <= QK_TOL * max(abs(score), size), (name, layer, head, q, k, r.total, score)
+        assert r.score == pytest.approx(score, rel=1e-6, abs=1e-9)
+        # each side sums to the recorded vector, and a pair's term is its product
+        assert torch.allclose(r.query_vectors.double().sum(0), rq, rtol=0, atol=1e-5 * float(rq.abs().max()))
+        assert torch.allclose(r.key_vectors.double().sum(0), rk, rtol=0, atol=1e-5 * float(rk.abs().max()))
+        assert float(cache[names[2]][0, head, q, k]) == pytest.approx(r.capped, rel=1e-4, abs=1e-5)
+        top = r.top_pairs[0]
+        assert r.pair(top.query, top.key) == pytest.approx(top.value, rel=1e-5)
+        assert abs(top.value) == max(abs(t.value) for t in r.top_pairs)
+        assert sum(t.value for t in r.top_query) == pytest.approx(sum(t.value for t in r.top_query))
+        # query-side nodes sit at positions <= q, key-side ones at <= k
+        for t in r.top_pairs:
+            if t.key != BIAS:
+                assert g.node_pos(g.index_of(t.key)) <= k
+            if t.query != BIAS:
+                assert g.node_pos(g.index_of(t.query)) <= q
+    if name == "gemma2":
+        assert r.softcap is not None and "soft-cap" in r.summary()
+    if name in ("gpt2", "qwen2"):  # biases on the projections: the constant node carries something
+        assert float(r.query_vectors[-1].abs().max()) > 0
+
+
+def test_qk_bad_positions(case):
+    _, model, _, g, circuits = case
+    with pytest.raises(InputError, match="comes after"):
+        qk_decomposition(circuits, 0, 0, 2, 3)
+    with pytest.raises(InputError, match="layer"):
+        qk_decomposition(circuits, model.cfg.n_layers, 0, 3, 2)
+    with pytest.raises(InputError, match="head"):
+        qk_decomposition(circuits, 0, model.cfg.n_heads, 3, 2)
+    sliding = [l for l, t in enumerate(model.cfg.layer_types) if t == "sliding"]
+    if sliding and g.n_pos > model.cfg.sliding_window:
+        with pytest.raises(InputError, match="window"):
+            qk_decomposition(circuits, sliding[0], 0, g.n_pos - 1, 0)
+
+
+def test_qk_through_the_graph(case):
+    name, model, tcs, g, circuits = case
+    pruned = g.prune(0.5, 0.9)
+    r = pruned.qk(model.cfg.n_layers - 1, 0, pruned.n_pos - 1, pruned.n_pos - 3, model=model, transcoders=tcs)
+    assert r.total == pytest.approx(r.score, rel=QK_TOL, abs=1e-6)
+    assert len(r.node_ids) == pruned.logit_slice.start + 1 and r.node_ids[-1] == BIAS
+    assert "top pairs" in r.summary()
+    assert pruned.qk(model.cfg.n_layers - 1, 0, pruned.n_pos - 1, pruned.n_pos - 3) is not None  # circuits kept
