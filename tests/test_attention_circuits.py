@@ -13,6 +13,8 @@ learned positions) and on test_attribution's tiny models with skip, plain, cross
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -22,7 +24,7 @@ from featurelens.attribution.qk import BIAS, qk_decomposition
 from featurelens.attribution.replacement import as_replacement, demeaned_unembedding, frozen_forward
 from featurelens.dictionaries.sae import DictionaryConfig, SparseDictionary, TranscoderSet
 from featurelens.errors import InputError
-from test_attribution import TOKENS, tiny_clt, tiny_model, tiny_transcoders
+from test_attribution import TOKENS, cli_setup, tiny_clt, tiny_model, tiny_transcoders  # noqa: F401 (a fixture)
 
 OV_TOL = 1e-5
 QK_TOL = 1e-4
@@ -239,3 +241,36 @@ def test_qk_through_the_graph(case):
     assert len(r.node_ids) == pruned.logit_slice.start + 1 and r.node_ids[-1] == BIAS
     assert "top pairs" in r.summary()
     assert pruned.qk(model.cfg.n_layers - 1, 0, pruned.n_pos - 1, pruned.n_pos - 3) is not None  # circuits kept
+
+
+# --------------------------------------------------------------------------------------------- the command line
+
+
+def test_cli_graph_qk_and_heads(cli_setup, capsys):
+    from featurelens.attribution import load_graph
+    from featurelens.cli import main
+
+    model, tc_dir, tmp = cli_setup
+    out = tmp / "graphs"
+    assert main(["graph", "-m", "tiny", str(tc_dir), "hello world", "--out", str(out), "--no-cards",
+                 "--batch-size", "16"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    path = str(out / "hello-world.json")
+    assert main(["graph-qk", path, "--layer", "2", "--head", "1", "--query", "-1", "--key", "-2", "-n", "3"]) == 0, \
+        capsys.readouterr().err
+    text = capsys.readouterr().out
+    assert "head 2.1 attends from" in text and "top pairs" in text and text.count("  x  key: ") == 3
+    assert main(["graph-qk", path, "--layer", "2", "--head", "1", "--query", "-1", "--key", "-2", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["total"] == pytest.approx(data["score"], rel=QK_TOL)
+    g = load_graph(path)
+    s, t = _cross_position_edges(g, 1)[0]
+    assert main(["graph-heads", path, g.node_id(s), g.node_id(t), "--json"]) == 0, capsys.readouterr().err
+    split = json.loads(capsys.readouterr().out)
+    assert split["source"] == g.node_id(s) and split["layers"]
+    assert main(["graph-heads", path, g.node_id(s), g.node_id(t)]) == 0
+    assert "bypass" in capsys.readouterr().out
+    assert main(["graph-qk", path, "--layer", "0", "--head", "0", "--query", "1", "--key", "3"]) == 2
+    assert "comes after" in capsys.readouterr().err
+    assert main(["graph-heads", path, "nope", g.node_id(t)]) == 2
+    assert "no node" in capsys.readouterr().err
