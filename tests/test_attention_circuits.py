@@ -198,7 +198,7 @@ def test_qk_sum_is_the_recorded_score(case):
         score = float(rq @ rk) * cfg.q_scale
         size = float(rq.norm() * rk.norm()) * cfg.q_scale
         assert abs(r.total - score) <= QK_TOL * max(abs(score), size), (name, layer, head, q, k, r.total, score)
-        assert r.score == pytest.approx(score, rel=1e-6, abs=1e-9)
+        assert abs(r.score - score) <= QK_TOL * max(abs(score), size)  # recorded in another pass
         # each side sums to the recorded vector, and a pair's term is its product
         assert torch.allclose(r.query_vectors.double().sum(0), rq, rtol=0, atol=1e-5 * float(rq.abs().max()))
         assert torch.allclose(r.key_vectors.double().sum(0), rk, rtol=0, atol=1e-5 * float(rk.abs().max()))

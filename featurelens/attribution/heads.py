@@ -31,6 +31,7 @@ from ..engine.errors import InputError
 from .graph import AttributionGraph
 from .replacement import FrozenRun, Recording, as_replacement, check_fits, demeaned_unembedding, frozen_forward, record
 
+_TAPES_KEPT = 4  # frozen passes (one per prefix length) kept with their autograd graphs
 # Activations the recording must reproduce for the graph's features (the graph came from these transcoders).
 _ACT_TOLERANCE = 1e-3
 
@@ -109,7 +110,8 @@ class AttentionCircuits:
         tokens = torch.tensor(graph.tokens, dtype=torch.long, device=model.device)
         self.rec: Recording = record(model, self.rep, tokens)
         self._check_activations()
-        self._tape: _Tape | None = None
+        self._tapes: dict[int, _Tape] = {}
+        self.cache: dict[str, Any] = {}  # what later questions reuse (see qk.py)
         self._constant_in: dict[int, torch.Tensor] | None = None
 
     def _check_activations(self) -> None:
@@ -124,8 +126,13 @@ class AttentionCircuits:
                                  f"these are not the transcoders (or the model) the graph was made with")
 
     # ----------------------------------------------------------------- the frozen pass
-    def tape(self) -> _Tape:
-        if self._tape is None:
+    def tape(self, end: int | None = None) -> _Tape:
+        """The frozen pass over the first `end` positions (default: all). A node at position p depends on
+        positions <= p only, so questions about early positions run on a shorter prefix; the last few are kept."""
+        end = self.rec.n_pos if end is None else end
+        if end not in self._tapes:
+            if len(self._tapes) >= _TAPES_KEPT:
+                self._tapes.pop(next(iter(self._tapes)))
             model, n = self.model, self.model.cfg.n_layers
             z: dict[int, torch.Tensor] = {}
             attn_in: dict[int, torch.Tensor] = {}
@@ -133,9 +140,9 @@ class AttentionCircuits:
             hooks += [(f"blocks.{l}.ln1.hook_normalized", lambda x, hook: attn_in.__setitem__(hook.layer(), x))
                       for l in range(n)]
             with model.hooks(hooks):
-                run = frozen_forward(model, self.rep, self.rec, grad=True, logits=False)
-            self._tape = _Tape(run, z, attn_in)
-        return self._tape
+                run = frozen_forward(model, self.rep, self.rec.prefix(end), grad=True, logits=False)
+            self._tapes[end] = _Tape(run, z, attn_in)
+        return self._tapes[end]
 
     def constant_attention_inputs(self) -> dict[int, torch.Tensor]:
         """Per layer [P, D]: the attention's input in the frozen model with every node set to zero, i.e. what the
@@ -179,22 +186,23 @@ class AttentionCircuits:
             return [(-1, pos, rec.resid0[pos])]
         raise InputError(f"{g.node_id(i)} is a logit: it has no outgoing edges")
 
-    def reading(self, i: int) -> tuple[torch.Tensor, int, torch.Tensor, int]:
-        """Where target node i reads the residual stream: (live tensor [1, P, D], pos, vector [D], last attention
-        layer before the read)."""
-        g, tape = self.graph, self.tape()
+    def reading(self, i: int, tape: _Tape) -> tuple[torch.Tensor, int, torch.Tensor, int]:
+        """Where target node i reads the residual stream in `tape`: (live tensor [1, P, D], pos, vector [D], last
+        attention layer before the read)."""
+        g = self.graph
         kind = g.node_kind(i)
         if kind == "feature":
             layer, pos, idx = g.features[i].tolist()
             return tape.run.inputs[layer], pos, self.rep.encoder(layer)[:, idx], layer
         if kind == "logit":
             tok = g.logit_tokens[i - g.logit_slice.start].to(self.model.device)
-            return tape.run.final, g.n_pos - 1, demeaned_unembedding(self.model, tok[None])[0], self.model.cfg.n_layers - 1
+            return tape.run.final, tape.run.final.shape[1] - 1, demeaned_unembedding(self.model, tok[None])[0], self.model.cfg.n_layers - 1
         raise InputError(f"{g.node_id(i)} is a {kind} node: it has no incoming edges (targets are features or logits)")
 
-    def _point(self, point: int) -> torch.Tensor:
-        run = self.tape().run
-        return run.resid0 if point < 0 else run.outputs[point]
+    @staticmethod
+    def point(tape: _Tape, point: int) -> torch.Tensor:
+        """The live tensor a write joins: an MLP output, or the residual stream's start (point -1)."""
+        return tape.run.resid0 if point < 0 else tape.run.outputs[point]
 
     def contract(self, grads: dict[int, torch.Tensor | None], writes: list[tuple[int, int, torch.Tensor]]) -> torch.Tensor:
         """Gradients at the write points {point: [B, 1, P, D]} dotted with the writes: [B]."""
@@ -214,9 +222,9 @@ class AttentionCircuits:
         g, model = self.graph, self.model
         s, t = self.node(source), self.node(target)
         writes = self.writes(s)
-        read, read_pos, read_vec, last_layer = self.reading(t)
+        tape = self.tape(g.node_pos(t) + 1)
+        read, read_pos, read_vec, last_layer = self.reading(t, tape)
         first_layer = min(p for p, _, _ in writes) + 1  # the first attention after the source's write
-        tape = self.tape()
         points = sorted({p for p, _, _ in writes})
         layers = [l for l in range(max(first_layer, 0), last_layer + 1)]
         if not layers or read_pos < g.node_pos(s):
@@ -226,7 +234,7 @@ class AttentionCircuits:
         cot = torch.zeros_like(read)
         cot[0, read_pos] = read_vec.to(read.dtype)
         zs = [tape.z[l] for l in layers]
-        inputs = zs + [self._point(p) for p in points]
+        inputs = zs + [self.point(tape, p) for p in points]
         grads = torch.autograd.grad([read], inputs, grad_outputs=[cot], retain_graph=True, allow_unused=True)
         G = dict(zip(layers, grads[: len(zs)]))
         edge = float(self.contract({p: (None if gr is None else gr[None]) for p, gr in zip(points, grads[len(zs):])},
@@ -243,7 +251,7 @@ class AttentionCircuits:
                 for h in range(H):
                     c[j * H + h, ..., h, :] = G[l][..., h, :]
                 cots.append(c)
-            back = torch.autograd.grad([tape.z[l] for l in live], [self._point(p) for p in points], grad_outputs=cots,
+            back = torch.autograd.grad([tape.z[l] for l in live], [self.point(tape, p) for p in points], grad_outputs=cots,
                                        retain_graph=True, allow_unused=True, is_grads_batched=True)
             vals = self.contract(dict(zip(points, back)), writes).double().view(len(live), H)
             for j, l in enumerate(live):

@@ -99,26 +99,36 @@ class QKDecomposition:
                 "top_key": [term(t) for t in self.top_key]}
 
 
+def _recorded(circuits: AttentionCircuits) -> dict[str, torch.Tensor]:
+    """Queries and keys (before and after norm and rotation) and patterns of every layer in the real model, and the
+    projection weights: recorded once per prompt."""
+    if "qk_record" not in circuits.cache:
+        model, n = circuits.model, circuits.model.cfg.n_layers
+        parts = ("hook_q", "hook_k", "hook_rot_q", "hook_rot_k", "hook_pattern")
+        with torch.no_grad():
+            _, cache = model.run_with_cache(circuits.rec.tokens[None],
+                                            names_filter=[f"blocks.{l}.attn.{s}" for l in range(n) for s in parts])
+            out = {s: torch.stack([cache[f"blocks.{l}.attn.{s}"][0] for l in range(n)]) for s in parts}
+            out.update(W_Q=model.W_Q, b_Q=model.b_Q, W_K=model.W_K, b_K=model.b_K)
+        circuits.cache["qk_record"] = out
+    return circuits.cache["qk_record"]
+
+
 def _affine_maps(circuits: AttentionCircuits, layer: int, head: int, q: int, k: int
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """(M_q [D, d], c_q [d], M_k, c_k, recorded activations): query / key = attention input @ M + c, exactly, with the
     q/k norms at the scales of the real run."""
     model, cfg = circuits.model, circuits.model.cfg
     kv = head // (cfg.n_heads // cfg.n_kv_heads)
-    names = {s: f"blocks.{layer}.attn.{s}" for s in ("hook_q", "hook_k", "hook_rot_q", "hook_rot_k", "hook_pattern")}
-    with torch.no_grad():
-        _, cache = model.run_with_cache(circuits.rec.tokens[None], names_filter=list(names.values()),
-                                        stop_at_layer=layer + 1)
-    rec = {s: cache[n][0] for s, n in names.items()}
+    rec = {name: v[layer] for name, v in _recorded(circuits).items()}
     attn = model.blocks[layer].attn
     positions = torch.arange(circuits.rec.n_pos, device=model.device)[None]
     rope = model.net._rope(layer, positions, {})  # (cos, sin, ..) [1, P, 1, d], or None (learned positions)
-    W_Q, b_Q = model.W_Q[layer, head].double(), model.b_Q[layer, head].double()
-    W_K, b_K = model.W_K[layer, kv].double(), model.b_K[layer, kv].double()
     eye = torch.eye(cfg.d_head, dtype=torch.float64, device=model.device)
 
     def fold(W: torch.Tensor, b: torch.Tensor, pre: torch.Tensor, norm: Any, pos: int) -> tuple[torch.Tensor, ...]:
         # the projection's output is multiplied by the norm's frozen scale and weight, then rotated: all linear
+        W, b = W.double(), b.double()
         f = torch.ones(cfg.d_head, dtype=torch.float64, device=model.device)
         if norm is not None:
             pre = pre.double()
@@ -127,10 +137,32 @@ def _affine_maps(circuits: AttentionCircuits, layer: int, head: int, q: int, k: 
                                             rope[1][:, pos : pos + 1].double())[0, 0]  # rotate(x) = x @ R
         return (W * f) @ R, (b * f) @ R
 
-    M_q, c_q = fold(W_Q, b_Q, rec["hook_q"][q, head], attn.q_norm, q)
-    M_k, c_k = fold(W_K, b_K, rec["hook_k"][k, kv], attn.k_norm, k)
+    M_q, c_q = fold(rec["W_Q"][head], rec["b_Q"][head], rec["hook_q"][q, head], attn.q_norm, q)
+    M_k, c_k = fold(rec["W_K"][kv], rec["b_K"][kv], rec["hook_k"][k, kv], attn.k_norm, k)
     return M_q, c_q, M_k, c_k, {"rot_q": rec["hook_rot_q"][q, head], "rot_k": rec["hook_rot_k"][k, kv],
                                 "pattern": rec["hook_pattern"][head, q, k]}
+
+
+def _parts(circuits: AttentionCircuits, layer: int, pos: int, M: torch.Tensor) -> torch.Tensor:
+    """[d, columns]: what every source column (active feature, error, embedding) puts into (attention input at pos)
+    @ M, from one batched backward pass of d rows over the prefix that ends at pos."""
+    tape = circuits.tape(pos + 1)
+    x = tape.attn_in[layer]  # [1, pos + 1, D], live
+    d = M.shape[1]
+    cot = torch.zeros(d, *x.shape, dtype=x.dtype, device=x.device)
+    cot[:, 0, pos] = M.T.to(x.dtype)
+    out_layers = list(range(layer))  # only earlier MLP outputs (and the embeddings) reach this attention's input
+    run = tape.run
+    grads = torch.autograd.grad([x], [run.outputs[l] for l in out_layers] + [run.resid0], grad_outputs=[cot],
+                                retain_graph=True, allow_unused=True, is_grads_batched=True)
+    return _sources(circuits).rows({l: (None if gr is None else gr[:, 0]) for l, gr in zip(out_layers, grads[:-1])},
+                                   None if grads[-1] is None else grads[-1][:, 0], d)
+
+
+def _sources(circuits: AttentionCircuits) -> _Sources:
+    if "sources" not in circuits.cache:
+        circuits.cache["sources"] = _Sources(circuits.model, circuits.rep, circuits.rec, skip_pos0=False)
+    return circuits.cache["sources"]
 
 
 def _node_map(circuits: AttentionCircuits, src: _Sources) -> torch.Tensor:
@@ -178,21 +210,12 @@ def qk_decomposition(circuits: AttentionCircuits, layer: int, head: int, q: int,
         raise InputError(f"layer {layer} slides a window of {window} tokens: from position {q} it cannot see {k}")
 
     M_q, c_q, M_k, c_k, real = _affine_maps(circuits, layer, head, q, k)
-    tape = circuits.tape()
-    x = tape.attn_in[layer]  # [1, P, D], live
     d = cfg.d_head
-    # rows 0..d-1: the query's coordinates (cotangent column i of M_q at q), rows d..2d-1: the key's
-    cot = torch.zeros(2 * d, *x.shape, dtype=x.dtype, device=x.device)
-    cot[:d, 0, q] = M_q.T.to(x.dtype)
-    cot[d:, 0, k] = M_k.T.to(x.dtype)
-    out_layers = list(range(layer))  # only earlier MLP outputs (and the embeddings) reach this attention's input
-    run = tape.run
-    grads = torch.autograd.grad([x], [run.outputs[l] for l in out_layers] + [run.resid0], grad_outputs=[cot],
-                                retain_graph=True, allow_unused=True, is_grads_batched=True)
-    src = _Sources(model, circuits.rep, circuits.rec, skip_pos0=False)
-    rows = src.rows({l: (None if gr is None else gr[:, 0]) for l, gr in zip(out_layers, grads[:-1])},
-                    None if grads[-1] is None else grads[-1][:, 0], 2 * d)  # [2d, columns]
-    owner = _node_map(circuits, src)
+    src = _sources(circuits)
+    rows = torch.cat([_parts(circuits, layer, q, M_q), _parts(circuits, layer, k, M_k)])  # [2d, columns]
+    if "owner" not in circuits.cache:
+        circuits.cache["owner"] = _node_map(circuits, src)
+    owner = circuits.cache["owner"]
     n_nodes = g.logit_slice.start  # features, errors, embeddings (logits never write)
     vecs = torch.zeros(n_nodes + 1, 2 * d, dtype=torch.float64)
     vecs.index_add_(0, owner, rows.T.double())
