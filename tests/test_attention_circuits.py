@@ -128,7 +128,7 @@ def _cross_position_edges(g, n: int) -> list[tuple[int, int]]:
 def test_head_split_is_exact(case):
     name, model, tcs, g, circuits = case
     A = g.dense()
-    edges = _cross_position_edges(g, 4)
+    edges = _cross_position_edges(g, 3)
     assert edges
     kinds = set()
     for s, t in edges:
@@ -144,7 +144,7 @@ def test_head_split_is_exact(case):
             assert abs(ls.bypass + ls.through - split.edge) <= tol
             bypass = _cut_edge(model, tcs, circuits, s, t, ls.layer, None)
             assert abs(ls.bypass - bypass) <= tol, (name, ls.layer, ls.bypass, bypass)
-            for h in ls.heads[:2] + ls.heads[-1:]:
+            for h in ls.heads[:1] + ls.heads[-1:]:
                 only = _cut_edge(model, tcs, circuits, s, t, ls.layer, [h.head])
                 assert abs(h.contribution - (only - bypass)) <= tol, (name, ls.layer, h.head)
         # some head carries a real part of a cross-position edge
@@ -274,3 +274,43 @@ def test_cli_graph_qk_and_heads(cli_setup, capsys):
     assert "comes after" in capsys.readouterr().err
     assert main(["graph-heads", path, "nope", g.node_id(t)]) == 2
     assert "no node" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------- the embedded model
+
+
+def test_exact_on_the_embedded_model(gemma):
+    """The same checks on Gemma 3 270M (float32: 4 query heads on 1 key/value head, qk-norm, post-attention norms,
+    sliding and global layers), with random skip transcoders on every layer."""
+    torch.manual_seed(0)
+    d = gemma.cfg.d_model
+    tcs = {}
+    for layer in range(gemma.cfg.n_layers):
+        cfg = DictionaryConfig(d_in=d, d_sae=256, arch="topk", k=8, transcoder=True, skip=True,
+                               hook_name=f"blocks.{layer}.ln2.hook_normalized",
+                               hook_name_out=f"blocks.{layer}.hook_mlp_out", model_name=gemma.name)
+        tc = SparseDictionary(cfg)
+        with torch.no_grad():
+            tc.W_skip.normal_(0, 0.01)
+        tcs[layer] = tc
+    tcs = TranscoderSet(tcs)
+    g = attribute(gemma, tcs, "The capital of France is", max_feature_nodes=48, batch_size=32, progress=False)
+    circuits = AttentionCircuits(g, gemma, tcs)
+    A = g.dense()
+    for s, t in _cross_position_edges(g, 3):
+        split = circuits.edge_heads(s, t)
+        assert split.edge == pytest.approx(float(A[t, s]), rel=1e-4)
+        tol = 1e-5 * max(abs(split.edge), max(abs(h.contribution) for ls in split.layers for h in ls.heads))
+        for ls in split.layers[:: max(1, len(split.layers) // 4)]:  # a few layers: each cut is a frozen pass
+            assert abs(ls.bypass + ls.through - split.edge) <= tol
+            bypass = _cut_edge(gemma, tcs, circuits, s, t, ls.layer, None)
+            assert abs(ls.bypass - bypass) <= tol, (ls.layer, ls.bypass, bypass)
+            top = ls.heads[0]
+            only = _cut_edge(gemma, tcs, circuits, s, t, ls.layer, [top.head])
+            assert abs(top.contribution - (only - bypass)) <= tol, (ls.layer, top.head)
+    P = g.n_pos
+    for layer, head, q, k in [(17, 3, P - 1, 1), (5, 2, P - 1, P - 3), (11, 0, P - 2, P - 2)]:
+        r = qk_decomposition(circuits, layer, head, q, k)
+        size = float(r.query_vectors.double().sum(0).norm() * r.key_vectors.double().sum(0).norm()) * r.scale
+        assert abs(r.total - r.score) <= QK_TOL * max(abs(r.score), size), (layer, head, q, k, r.total, r.score)
+        assert r.top_pairs and r.top_query and r.top_key
