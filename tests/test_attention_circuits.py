@@ -14,12 +14,13 @@ learned positions) and on test_attribution's tiny models with skip, plain, cross
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 
 from featurelens.attribution import attribute
-from featurelens.attribution.heads import AttentionCircuits
+from featurelens.attribution.heads import AttentionCircuits, head_path_check
 from featurelens.attribution.qk import BIAS, qk_decomposition
 from featurelens.attribution.replacement import as_replacement, demeaned_unembedding, frozen_forward
 from featurelens.dictionaries.sae import DictionaryConfig, SparseDictionary, TranscoderSet
@@ -177,6 +178,21 @@ def test_head_split_bad_nodes(case):
         circuits.edge_heads("99_99_99", logit)
 
 
+def test_path_patching_one_head_removes_its_part(case):
+    """Patching a head's values with those of a run without the source moves the target by minus the head's part:
+    exactly in the frozen model (a forward difference, not a gradient), approximately in the real one."""
+    name, model, _, g, circuits = case
+    s, t = _cross_position_edges(g, 1)[0]
+    split = circuits.edge_heads(s, t)
+    for layer, share in split.top(2):
+        check = head_path_check(circuits, s, t, layer, share.head)
+        assert check.predicted == share.contribution
+        assert check.frozen == pytest.approx(share.contribution, rel=1e-3, abs=1e-4 * abs(split.edge))
+        assert math.isfinite(check.live) and "real-model" in check.summary()
+    with pytest.raises(InputError, match="not between"):
+        head_path_check(circuits, s, t, model.cfg.n_layers + 5, 0)
+
+
 # --------------------------------------------------------------------------------------------- the QK decomposition
 
 
@@ -268,8 +284,9 @@ def test_cli_graph_qk_and_heads(cli_setup, capsys):
     assert main(["graph-heads", path, g.node_id(s), g.node_id(t), "--json"]) == 0, capsys.readouterr().err
     split = json.loads(capsys.readouterr().out)
     assert split["source"] == g.node_id(s) and split["layers"]
-    assert main(["graph-heads", path, g.node_id(s), g.node_id(t)]) == 0
-    assert "bypass" in capsys.readouterr().out
+    assert main(["graph-heads", path, g.node_id(s), g.node_id(t), "--check", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "bypass" in text and text.count("real-model patch") == 2
     assert main(["graph-qk", path, "--layer", "0", "--head", "0", "--query", "1", "--key", "3"]) == 2
     assert "comes after" in capsys.readouterr().err
     assert main(["graph-heads", path, "nope", g.node_id(t)]) == 2

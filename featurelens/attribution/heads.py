@@ -291,3 +291,101 @@ def circuits_for(graph: AttributionGraph, model: Any = None, transcoders: Any = 
     circuits = AttentionCircuits(graph, model, transcoders)
     graph.__dict__["_attention_circuits"] = circuits
     return circuits
+
+
+@dataclass
+class HeadPathCheck:
+    """Does the story hold? Head `head` of `layer` is made to see the prompt as if the source were absent (its
+    values, pattern-weighted, from a run without the source; every other head and path sees the source), and the
+    target's change is compared with the head's part of the edge."""
+
+    source: str
+    target: str
+    layer: int
+    head: int
+    predicted: float  # the head's part of the edge (edge_heads)
+    frozen: float  # minus the target's change under that patch in the frozen model (equals `predicted`)
+    live: float  # the same in the real model: attention patterns, norms and MLPs respond
+
+    def summary(self) -> str:
+        return (f"head {self.layer}.{self.head} on {self.source} -> {self.target}: split {self.predicted:+.4g}, "
+                f"frozen-model patch {self.frozen:+.4g}, real-model patch {self.live:+.4g}")
+
+
+def head_path_check(circuits: AttentionCircuits, source: "str | int", target: "str | int", layer: int, head: int
+                    ) -> HeadPathCheck:
+    """Path-patch one head: replace its pattern-weighted values z (every position) by those of a run without the
+    source, in the frozen model and in the real one, and read the target's change (see `HeadPathCheck`)."""
+    g, model, rep, rec = circuits.graph, circuits.model, circuits.rep, circuits.rec
+    s, t = circuits.node(source), circuits.node(target)
+    split = circuits.edge_heads(s, t)
+    parts = {ls.layer: {h.head: h.contribution for h in ls.heads} for ls in split.layers}
+    if layer not in parts:
+        raise InputError(f"layer {layer}'s attention is not between {g.node_id(s)} and {g.node_id(t)} "
+                         f"(layers {sorted(parts)})")
+    if not 0 <= head < model.cfg.n_heads:
+        raise InputError(f"head must be in [0, {model.cfg.n_heads}), got {head}")
+    writes = circuits.writes(s)
+    kind, pos = g.node_kind(t), g.node_pos(t)
+    if kind == "feature":
+        tl, _, ti = g.features[t].tolist()
+        read_hook, read_vec = rep.input_hook(tl), rep.encoder(tl)[:, ti].detach()
+    else:
+        tok = g.logit_tokens[t - g.logit_slice.start].to(model.device)
+        read_hook, read_vec = "ln_final.hook_normalized", demeaned_unembedding(model, tok[None])[0]
+    z_name = f"blocks.{layer}.attn.hook_z"
+
+    def run(frozen: bool, without_source: bool, patch: torch.Tensor | None) -> tuple[float, torch.Tensor]:
+        seen: dict[str, torch.Tensor] = {}
+        hooks: list[tuple[str, Any]] = [(read_hook, lambda x, hook: seen.__setitem__("read", x[0, pos])),
+                                        (z_name, lambda x, hook: seen.__setitem__("z", x[0].detach().clone()))]
+        if patch is not None:
+            def patch_z(x: torch.Tensor, hook: Any) -> torch.Tensor:
+                y = x.clone()
+                y[0, :, head] = patch[:, head].to(x.dtype)
+                return y
+
+            hooks.insert(0, (z_name, patch_z))
+        with torch.no_grad():
+            if frozen:
+                kw = _without(rec, g, s) if without_source else {}
+                with model.hooks(hooks):
+                    frozen_forward(model, rep, rec, logits=False, **kw)
+            else:
+                if without_source:
+                    hooks += [(f"blocks.{p}.hook_mlp_out" if p >= 0 else "blocks.0.hook_resid_pre",
+                               lambda x, hook, p=p, at=at, v=v: _subtract(x, at, v)) for p, at, v in writes]
+                model.run_with_hooks(rec.tokens[None], fwd_hooks=hooks)
+        return float(seen["read"].to(read_vec.dtype) @ read_vec), seen["z"]
+
+    results = {}
+    for frozen in (True, False):
+        clean, _ = run(frozen, False, None)
+        _, z_without = run(frozen, True, None)
+        patched, _ = run(frozen, False, z_without)
+        results[frozen] = clean - patched
+    return HeadPathCheck(g.node_id(s), g.node_id(t), layer, head, parts[layer][head], results[True], results[False])
+
+
+def _subtract(x: torch.Tensor, pos: int, vec: torch.Tensor) -> torch.Tensor:
+    y = x.clone()
+    y[0, pos] -= vec.to(x.dtype)
+    return y
+
+
+def _without(rec: Recording, g: AttributionGraph, s: int) -> dict[str, Any]:
+    """frozen_forward's overrides that remove source node s."""
+    kind, pos = g.node_kind(s), g.node_pos(s)
+    if kind == "feature":
+        layer, _, idx = g.features[s].tolist()
+        a = rec.acts[layer].clone()
+        a[pos, idx] = 0
+        return {"acts": {layer: a}}
+    if kind == "error":
+        layer = g.node_layer(s)
+        e = rec.errors[layer].clone()
+        e[pos] = 0
+        return {"errors": {layer: e}}
+    r0 = rec.resid0.clone()
+    r0[pos] = 0
+    return {"resid0": r0}

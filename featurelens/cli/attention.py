@@ -25,6 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("source", help="source node id, e.g. E_6037_3 or 3_87_4")
     p.add_argument("target", help="target node id, e.g. 6_231_5 or a logit node 19_9079_5")
     p.add_argument("-n", "--top", type=int, default=8, help="heads to list (default 8)")
+    p.add_argument("--check", type=int, default=0, metavar="N",
+                   help="path-patch the N strongest heads in the frozen and the real model (faithfulness)")
     p.set_defaults(func=cmd_heads)
 
 
@@ -73,11 +75,19 @@ def cmd_qk(args: argparse.Namespace) -> int:
 def cmd_heads(args: argparse.Namespace) -> int:
     if args.top < 1:
         raise InputError(f"--top must be >= 1, got {args.top}")
-    split = _circuits(args).edge_heads(args.source, args.target)
+    from ..attribution.heads import head_path_check
+
+    if args.check < 0:
+        raise InputError(f"--check must be >= 0, got {args.check}")
+    circuits = _circuits(args)
+    split = circuits.edge_heads(args.source, args.target)
+    checks = [head_path_check(circuits, args.source, args.target, layer, h.head) for layer, h in split.top(args.check)]
     if args.json:
-        print(json.dumps(split.to_dict(), indent=2))
+        print(json.dumps({**split.to_dict(), "checks": [vars(c) for c in checks]}, indent=2))
         return 0
     print(split.summary(args.top))
     for s in split.layers:
         print(f"  layer {s.layer}: bypass {s.bypass:+.4g}, through attention {s.through:+.4g}")
+    for c in checks:
+        print(c.summary())
     return 0
