@@ -32,19 +32,21 @@ QK_TOL = 1e-4
 FAMILY_NAMES = ["gemma", "gemma2", "gemma3_text", "llama", "qwen2", "qwen2_sliding", "qwen3", "gpt2"]
 
 
-def _transcoders(model, skip: bool = True, seed: int = 3) -> TranscoderSet:
+def _transcoders(model, skip: bool = True, seed: int = 3, width: int = 96, k: int = 6, noise: float = 0.1,
+                 dtype: str = "float64") -> TranscoderSet:
+    """Random transcoders on every layer (biases and skips drawn too, `noise` their scale)."""
     torch.manual_seed(seed)
-    D, out = model.cfg.d_model, {}
+    out = {}
     for layer in range(model.cfg.n_layers):
-        cfg = DictionaryConfig(d_in=D, d_sae=96, arch="topk", k=6, transcoder=True, skip=skip, dtype="float64",
-                               hook_name=f"blocks.{layer}.ln2.hook_normalized",
+        cfg = DictionaryConfig(d_in=model.cfg.d_model, d_sae=width, arch="topk", k=k, transcoder=True, skip=skip,
+                               dtype=dtype, hook_name=f"blocks.{layer}.ln2.hook_normalized",
                                hook_name_out=f"blocks.{layer}.hook_mlp_out", model_name=model.name)
         tc = SparseDictionary(cfg)
         with torch.no_grad():
-            tc.b_enc.normal_(0, 0.1)
-            tc.b_dec.normal_(0, 0.1)
+            tc.b_enc.normal_(0, noise)
+            tc.b_dec.normal_(0, noise)
             if skip:
-                tc.W_skip.normal_(0, 0.05)
+                tc.W_skip.normal_(0, noise / 2)
         out[layer] = tc
     return TranscoderSet(out)
 
@@ -299,18 +301,7 @@ def test_cli_graph_qk_and_heads(cli_setup, capsys):
 def test_exact_on_the_embedded_model(gemma):
     """The same checks on Gemma 3 270M (float32: 4 query heads on 1 key/value head, qk-norm, post-attention norms,
     sliding and global layers), with random skip transcoders on every layer."""
-    torch.manual_seed(0)
-    d = gemma.cfg.d_model
-    tcs = {}
-    for layer in range(gemma.cfg.n_layers):
-        cfg = DictionaryConfig(d_in=d, d_sae=256, arch="topk", k=8, transcoder=True, skip=True,
-                               hook_name=f"blocks.{layer}.ln2.hook_normalized",
-                               hook_name_out=f"blocks.{layer}.hook_mlp_out", model_name=gemma.name)
-        tc = SparseDictionary(cfg)
-        with torch.no_grad():
-            tc.W_skip.normal_(0, 0.01)
-        tcs[layer] = tc
-    tcs = TranscoderSet(tcs)
+    tcs = _transcoders(gemma, seed=0, width=256, k=8, noise=0.02, dtype="float32")
     g = attribute(gemma, tcs, "The capital of France is", max_feature_nodes=48, batch_size=32, progress=False)
     circuits = AttentionCircuits(g, gemma, tcs)
     A = g.dense()
