@@ -22,7 +22,7 @@ import torch  # noqa: E402
 
 import featurelens as fl  # noqa: E402
 from featurelens.attribution.heads import AttentionCircuits  # noqa: E402
-from featurelens.attribution.qk import qk_decomposition  # noqa: E402
+from featurelens.attribution.qk import qk_decomposition, strongest_cross_position_edges  # noqa: E402
 from featurelens.dictionaries.sae import DictionaryConfig, SparseDictionary, TranscoderSet  # noqa: E402
 
 
@@ -104,13 +104,7 @@ def main() -> None:
     print(f"one QK decomposition: median {sorted(times)[len(times) // 2]:.2f} s; peak RSS {peak_mb():.0f} MB, "
           f"{peak_mb() - before:.0f} MB above the resident memory before the first question; "
           f"GEMM now {gemm_gflops():.0f} GFLOP/s")
-    edges = []
-    for e in g.weights.abs().argsort(descending=True).tolist():
-        tgt, src = g.edges[:, e].tolist()
-        if g.node_pos(tgt) != g.node_pos(src):
-            edges.append((src, tgt))
-        if len(edges) == args.edges:
-            break
+    edges = strongest_cross_position_edges(g, args.edges)
     t = time.perf_counter()
     t_split = 0.0
     for src, tgt in edges:

@@ -21,7 +21,7 @@ import torch
 
 from featurelens.attribution import attribute
 from featurelens.attribution.heads import AttentionCircuits, head_path_check
-from featurelens.attribution.qk import BIAS, qk_decomposition
+from featurelens.attribution.qk import BIAS, attention_story, qk_decomposition, strongest_cross_position_edges
 from featurelens.attribution.replacement import as_replacement, demeaned_unembedding, frozen_forward
 from featurelens.dictionaries.sae import DictionaryConfig, SparseDictionary, TranscoderSet
 from featurelens.errors import InputError
@@ -117,21 +117,10 @@ def _cut_edge(model, tcs, circuits, s: int, t: int, layer: int, keep: list[int] 
     return sum(float(gr[0, pos] @ w) for gr, (_, w) in zip(grads, points) if gr is not None)
 
 
-def _cross_position_edges(g, n: int) -> list[tuple[int, int]]:
-    out = []
-    for e in g.weights.abs().argsort(descending=True).tolist():
-        t, s = g.edges[:, e].tolist()
-        if g.node_pos(t) != g.node_pos(s):
-            out.append((s, t))
-        if len(out) == n:
-            break
-    return out
-
-
 def test_head_split_is_exact(case):
     name, model, tcs, g, circuits = case
     A = g.dense()
-    edges = _cross_position_edges(g, 3)
+    edges = strongest_cross_position_edges(g, 3)
     assert edges
     kinds = set()
     for s, t in edges:
@@ -157,7 +146,7 @@ def test_head_split_is_exact(case):
 
 def test_head_split_pattern_and_summary(case):
     name, model, _, g, circuits = case
-    s, t = _cross_position_edges(g, 1)[0]
+    s, t = strongest_cross_position_edges(g, 1)[0]
     split = g.edge_heads(g.node_id(s), g.node_id(t), model=model, transcoders=circuits.transcoders)
     ls = split.layers[-1]
     pat = circuits.rec.frozen[f"blocks.{ls.layer}.attn.hook_pattern"][0]
@@ -184,7 +173,7 @@ def test_path_patching_one_head_removes_its_part(case):
     """Patching a head's values with those of a run without the source moves the target by minus the head's part:
     exactly in the frozen model (a forward difference, not a gradient), approximately in the real one."""
     name, model, _, g, circuits = case
-    s, t = _cross_position_edges(g, 1)[0]
+    s, t = strongest_cross_position_edges(g, 1)[0]
     split = circuits.edge_heads(s, t)
     for layer, share in split.top(2):
         check = head_path_check(circuits, s, t, layer, share.head)
@@ -193,6 +182,21 @@ def test_path_patching_one_head_removes_its_part(case):
         assert math.isfinite(check.live) and "real-model" in check.summary()
     with pytest.raises(InputError, match="not between"):
         head_path_check(circuits, s, t, model.cfg.n_layers + 5, 0)
+
+
+def test_attention_story(case):
+    name, model, _, g, circuits = case
+    seen = []
+    story = attention_story(circuits, n_edges=2, heads=3, progress=lambda d, n: seen.append((d, n)))
+    assert seen[-1] == (len(story["edges"]), len(story["edges"])) and story["version"] == 1
+    for e in story["edges"]:
+        assert len(e["top_heads"]) == 3
+        top = e["top_heads"][0]
+        assert abs(top["contribution"]) == max(abs(h["contribution"]) for ls in e["layers"] for h in ls["heads"])
+        if "qk" in e:
+            assert e["qk"]["layer"] == top["layer"] and e["qk"]["head"] == top["head"]
+            assert e["qk"]["total"] == pytest.approx(e["qk"]["score"], rel=QK_TOL, abs=1e-6)
+    json.dumps(story)
 
 
 # --------------------------------------------------------------------------------------------- the QK decomposition
@@ -282,13 +286,19 @@ def test_cli_graph_qk_and_heads(cli_setup, capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["total"] == pytest.approx(data["score"], rel=QK_TOL)
     g = load_graph(path)
-    s, t = _cross_position_edges(g, 1)[0]
+    s, t = strongest_cross_position_edges(g, 1)[0]
     assert main(["graph-heads", path, g.node_id(s), g.node_id(t), "--json"]) == 0, capsys.readouterr().err
     split = json.loads(capsys.readouterr().out)
     assert split["source"] == g.node_id(s) and split["layers"]
     assert main(["graph-heads", path, g.node_id(s), g.node_id(t), "--check", "2"]) == 0
     text = capsys.readouterr().out
     assert "bypass" in text and text.count("real-model patch") == 2
+    assert main(["graph-attention", path, "--edges", "3"]) == 0, capsys.readouterr().err
+    text = capsys.readouterr().out
+    assert text.count(" carries ") == 3 and "hello-world.attention.json" in text
+    story = json.loads((out / "hello-world.attention.json").read_text())
+    assert len(story["edges"]) == 3 and story["edges"][0]["top_heads"]
+    assert json.loads((out / "graph-metadata.json").read_text())["graphs"][0]["slug"] == "hello-world"
     assert main(["graph-qk", path, "--layer", "0", "--head", "0", "--query", "1", "--key", "3"]) == 2
     assert "comes after" in capsys.readouterr().err
     assert main(["graph-heads", path, "nope", g.node_id(t)]) == 2
@@ -305,7 +315,7 @@ def test_exact_on_the_embedded_model(gemma):
     g = attribute(gemma, tcs, "The capital of France is", max_feature_nodes=48, batch_size=32, progress=False)
     circuits = AttentionCircuits(g, gemma, tcs)
     A = g.dense()
-    for s, t in _cross_position_edges(g, 3):
+    for s, t in strongest_cross_position_edges(g, 3):
         split = circuits.edge_heads(s, t)
         assert split.edge == pytest.approx(float(A[t, s]), rel=1e-4)
         tol = 1e-5 * max(abs(split.edge), max(abs(h.contribution) for ls in split.layers for h in ls.heads))

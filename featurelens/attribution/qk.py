@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -91,7 +92,8 @@ class QKDecomposition:
 
     def to_dict(self) -> dict[str, Any]:
         def term(t: QKTerm) -> dict[str, Any]:
-            return {"query": t.query, "key": t.key, "value": t.value}
+            return {"query": t.query, "key": t.key, "value": t.value, "query_label": t.query_label,
+                    "key_label": t.key_label}
 
         return {"layer": self.layer, "head": self.head, "query_pos": self.query_pos, "key_pos": self.key_pos,
                 "score": self.score, "total": self.total, "pattern": self.pattern, "softcap": self.softcap,
@@ -250,3 +252,53 @@ def qk_decomposition(circuits: AttentionCircuits, layer: int, head: int, q: int,
         if side_k[j] != 0:
             result.top_key.append(QKTerm("", ids[j], float(side_k[j]), "", labels[j]))
     return result
+
+
+def strongest_cross_position_edges(graph: Any, n: int) -> list[tuple[int, int]]:
+    """(source, target) node indices of the n edges with the largest |weight| whose ends sit at different positions:
+    the edges attention carries."""
+    out: list[tuple[int, int]] = []
+    for e in graph.weights.abs().argsort(descending=True).tolist():
+        t, s = graph.edges[:, e].tolist()
+        if graph.node_pos(t) != graph.node_pos(s):
+            out.append((s, t))
+            if len(out) == n:
+                break
+    return out
+
+
+def attention_story(circuits: AttentionCircuits, n_edges: int = 20, heads: int = 5, top: int = 10,
+                    progress: Any = None) -> dict[str, Any]:
+    """For the graph's n_edges strongest cross-position edges: the head split (the `heads` strongest heads of the
+    edge) and the QK decomposition of the top head at (target position, source position). JSON-ready; `progress`
+    is called with (done, total) after each edge."""
+    g = circuits.graph
+    edges = strongest_cross_position_edges(g, n_edges)
+    out = []
+    for done, (s, t) in enumerate(edges, 1):
+        split = circuits.edge_heads(s, t)
+        entry: dict[str, Any] = {**split.to_dict(), "top_heads": [
+            {"layer": layer, "head": h.head, "contribution": h.contribution, "pattern": h.pattern}
+            for layer, h in split.top(heads)]}
+        layer, share = split.top(1)[0]
+        q, k = g.node_pos(t), g.node_pos(s)
+        window = circuits.model.cfg.sliding_window if circuits.model.cfg.layer_types[layer] == "sliding" else None
+        if window is None or q - k < window:
+            entry["qk"] = qk_decomposition(circuits, layer, share.head, q, k, top=top).to_dict()
+        out.append(entry)
+        if progress is not None:
+            progress(done, len(edges))
+    return {"version": 1, "edges": out}
+
+
+def attention_story_path(graph_file: "str | Path") -> Path:
+    """Where the attention story of a graph file is kept: `<slug>.attention.json` beside `<slug>.json` (a file no
+    graph viewer lists: they read graph-metadata.json)."""
+    p = Path(graph_file)
+    return p.with_name(p.stem + ".attention.json")
+
+
+def save_attention_story(graph_file: "str | Path", story: dict[str, Any]) -> Path:
+    from ..io import atomic_write_json
+
+    return atomic_write_json(attention_story_path(graph_file), story)

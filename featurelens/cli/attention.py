@@ -30,6 +30,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_heads)
 
 
+    p = sub.add_parser("graph-attention", help="head splits and QK terms of a graph's strongest cross-position edges, "
+                                                "saved beside the graph as <slug>.attention.json")
+    _graph_args(p)
+    p.add_argument("--edges", type=int, default=20, help="strongest cross-position edges to explain (default 20)")
+    p.add_argument("--heads", type=int, default=5, help="heads kept per edge (default 5)")
+    p.set_defaults(func=cmd_story)
+
+
 def _graph_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", help="a graph JSON written by `featurelens graph`")
     p.add_argument("-m", "--model", default=None, help="model (default: the one recorded in the graph)")
@@ -90,4 +98,36 @@ def cmd_heads(args: argparse.Namespace) -> int:
         print(f"  layer {s.layer}: bypass {s.bypass:+.4g}, through attention {s.through:+.4g}")
     for c in checks:
         print(c.summary())
+    return 0
+
+
+def cmd_story(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from ..attribution.qk import attention_story, save_attention_story
+
+    if args.edges < 1 or args.heads < 1:
+        raise InputError(f"--edges and --heads must be >= 1, got {args.edges} and {args.heads}")
+    circuits = _circuits(args)
+    bar = tqdm(total=args.edges, desc="attention", unit="edge", leave=False)
+
+    def step(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    story = attention_story(circuits, n_edges=args.edges, heads=args.heads, progress=step)
+    bar.close()
+    path = save_attention_story(args.file, story)
+    if args.json:
+        print(json.dumps(story, indent=2))
+        return 0
+    for e in story["edges"]:
+        top = e["top_heads"][0]
+        line = (f"{e['source']} -> {e['target']} ({e['edge']:+.3g}): head {top['layer']}.{top['head']} carries "
+                f"{top['contribution']:+.3g}")
+        if "qk" in e and e["qk"]["top_pairs"]:
+            pair = e["qk"]["top_pairs"][0]
+            line += f"; it attends there most for query {pair['query']} x key {pair['key']} ({pair['value']:+.3g})"
+        print(line)
+    print(f"wrote {path}")
     return 0
