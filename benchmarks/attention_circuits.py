@@ -96,7 +96,8 @@ def main() -> None:
     qk_decomposition(circuits, 1, 0, 1, 0)  # first question: records q/k, builds the source columns
     print(f"setup (record, frozen pass, one small question): {time.perf_counter() - t:.2f} s")
     times = []
-    for layer, head, q, k in [(L - 1, 0, P - 1, 1), (L // 2, 1, P - 1, P - 3), (5, 3, P - 2, 2), (L - 1, 2, P - 1, P - 1)]:
+    questions = [(L - 1, 0, P - 1, 1), (L // 2, 1, P - 1, P - 3), (5, 3, P - 2, 2), (L - 1, 2, P - 1, P - 1)]
+    for layer, head, q, k in questions:
         t = time.perf_counter()
         r = qk_decomposition(circuits, layer, head, q, k)
         times.append(time.perf_counter() - t)

@@ -98,7 +98,8 @@ class AttentionCircuits:
     """The frozen replacement model of a graph's prompt, kept to split edges by head (`edge_heads`) and attention
     scores by node pairs (`qk`, see `qk.py`).
 
-    The prompt is recorded once; one frozen forward pass with gradients serves every later question.
+    The prompt is recorded once; a frozen forward pass with gradients per prefix length (a question about position
+    p needs positions <= p only) serves every later question about that prefix.
     """
 
     def __init__(self, graph: AttributionGraph, model: Any, transcoders: Any):
@@ -196,7 +197,8 @@ class AttentionCircuits:
             return tape.run.inputs[layer], pos, self.rep.encoder(layer)[:, idx], layer
         if kind == "logit":
             tok = g.logit_tokens[i - g.logit_slice.start].to(self.model.device)
-            return tape.run.final, tape.run.final.shape[1] - 1, demeaned_unembedding(self.model, tok[None])[0], self.model.cfg.n_layers - 1
+            u = demeaned_unembedding(self.model, tok[None])[0]
+            return tape.run.final, tape.run.final.shape[1] - 1, u, self.model.cfg.n_layers - 1
         raise InputError(f"{g.node_id(i)} is a {kind} node: it has no incoming edges (targets are features or logits)")
 
     @staticmethod
@@ -204,7 +206,8 @@ class AttentionCircuits:
         """The live tensor a write joins: an MLP output, or the residual stream's start (point -1)."""
         return tape.run.resid0 if point < 0 else tape.run.outputs[point]
 
-    def contract(self, grads: dict[int, torch.Tensor | None], writes: list[tuple[int, int, torch.Tensor]]) -> torch.Tensor:
+    def contract(self, grads: dict[int, torch.Tensor | None], writes: list[tuple[int, int, torch.Tensor]]
+                 ) -> torch.Tensor:
         """Gradients at the write points {point: [B, 1, P, D]} dotted with the writes: [B]."""
         total: torch.Tensor | int = 0
         for point, pos, vec in writes:
@@ -251,8 +254,8 @@ class AttentionCircuits:
                 for h in range(H):
                     c[j * H + h, ..., h, :] = G[l][..., h, :]
                 cots.append(c)
-            back = torch.autograd.grad([tape.z[l] for l in live], [self.point(tape, p) for p in points], grad_outputs=cots,
-                                       retain_graph=True, allow_unused=True, is_grads_batched=True)
+            back = torch.autograd.grad([tape.z[l] for l in live], [self.point(tape, p) for p in points],
+                                       grad_outputs=cots, retain_graph=True, allow_unused=True, is_grads_batched=True)
             vals = self.contract(dict(zip(points, back)), writes).double().view(len(live), H)
             for j, l in enumerate(live):
                 contrib[layers.index(l)] = vals[j]
@@ -272,7 +275,8 @@ def circuits_for(graph: AttributionGraph, model: Any = None, transcoders: Any = 
     from pathlib import Path
 
     kept = graph.__dict__.get("_attention_circuits")
-    if kept is not None and model in (None, kept.model) and transcoders in (None, kept.transcoders):
+    if kept is not None and (model is None or model is kept.model) and \
+            (transcoders is None or transcoders is kept.transcoders):
         return kept
     if model is None:
         if not graph.model_name:

@@ -182,7 +182,8 @@ def _node_map(circuits: AttentionCircuits, src: _Sources) -> torch.Tensor:
     return out
 
 
-def _top_pairs(Q: torch.Tensor, K: torch.Tensor, scale: float, k: int, chunk: int = 2048) -> list[tuple[int, int, float]]:
+def _top_pairs(Q: torch.Tensor, K: torch.Tensor, scale: float, k: int, chunk: int = 2048
+               ) -> list[tuple[int, int, float]]:
     """The k largest |scale * Q_i . K_j| over all pairs, without holding the whole [n, m] matrix."""
     best: list[tuple[int, int, float]] = []
     m = K.shape[0]
@@ -206,7 +207,8 @@ def qk_decomposition(circuits: AttentionCircuits, layer: int, head: int, q: int,
         if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < hi:
             raise InputError(f"{name} must be an integer in [0, {hi}), got {v!r}")
     if k > q:
-        raise InputError(f"the key position ({k}) comes after the query position ({q}): a causal model cannot look there")
+        raise InputError(f"the key position ({k}) comes after the query position ({q}): a causal model cannot look "
+                         f"there")
     window = cfg.sliding_window if cfg.layer_types[layer] == "sliding" else None
     if window is not None and q - k >= window:
         raise InputError(f"layer {layer} slides a window of {window} tokens: from position {q} it cannot see {k}")
