@@ -31,7 +31,9 @@ from ..engine.errors import InputError
 from .graph import AttributionGraph
 from .replacement import FrozenRun, Recording, as_replacement, check_fits, demeaned_unembedding, frozen_forward, record
 
-_TAPES_KEPT = 4  # frozen passes (one per prefix length) kept with their autograd graphs
+# Frozen passes (one per prefix length) are kept with their autograd graphs, the least recently used dropped first
+# once their lengths add up to more than this many positions (a 10-token pass of Gemma 3 270M holds ~15 MB).
+_TAPE_POSITIONS = 256
 # Activations the recording must reproduce for the graph's features (the graph came from these transcoders).
 _ACT_TOLERANCE = 1e-3
 
@@ -131,8 +133,10 @@ class AttentionCircuits:
         """The frozen pass over the first `end` positions (default: all). A node at position p depends on
         positions <= p only, so questions about early positions run on a shorter prefix; the last few are kept."""
         end = self.rec.n_pos if end is None else end
-        if end not in self._tapes:
-            if len(self._tapes) >= _TAPES_KEPT:
+        if end in self._tapes:
+            self._tapes[end] = self._tapes.pop(end)  # most recently used last
+        else:
+            while self._tapes and sum(self._tapes) + end > _TAPE_POSITIONS:
                 self._tapes.pop(next(iter(self._tapes)))
             model, n = self.model, self.model.cfg.n_layers
             z: dict[int, torch.Tensor] = {}
