@@ -416,3 +416,21 @@ class AttributionGraph:
         starts = [v for v in best if v != t and v not in by_target]
         paths = sorted((sp for v in starts for sp in best[v]), key=lambda x: -x[0])[:k]
         return [GraphPath(s, [g.node_id(i) for i in p], [g.node_label(i) for i in p]) for s, p in paths]
+
+
+    # ----------------------------------------------------------------- attention circuits (see heads.py, qk.py)
+    def edge_heads(self, source: "str | int", target: "str | int", model: Any = None, transcoders: Any = None) -> Any:
+        """The edge source -> target split by attention head, layer by layer (`heads.EdgeHeads`). Without a model or
+        transcoders, the ones the graph names are loaded (once; later calls reuse them)."""
+        from .heads import circuits_for
+
+        return circuits_for(self, model, transcoders).edge_heads(source, target)
+
+    def qk(self, layer: int, head: int, q: int, k: int, model: Any = None, transcoders: Any = None,
+           top: int = 10) -> Any:
+        """The pre-softmax attention score of `head` in `layer` from position q to position k as a sum over pairs of
+        this graph's nodes (`qk.QKDecomposition`)."""
+        from .heads import circuits_for
+        from .qk import qk_decomposition
+
+        return qk_decomposition(circuits_for(self, model, transcoders), layer, head, q, k, top=top)

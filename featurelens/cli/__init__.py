@@ -17,7 +17,7 @@ from ..errors import FeaturelensError
 from . import common
 
 # Modules that define `register(subparsers)`; each adds its subcommands with a `func(args) -> int` default.
-_COMMAND_MODULES = ("models", "interventions", "train", "analysis", "serve", "graph", "demo")
+_COMMAND_MODULES = ("models", "interventions", "train", "analysis", "serve", "graph", "attention", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
