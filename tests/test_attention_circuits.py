@@ -22,7 +22,7 @@ import torch
 from featurelens.attribution import attribute
 from featurelens.attribution.heads import AttentionCircuits, head_path_check
 from featurelens.attribution.qk import BIAS, attention_story, qk_decomposition, strongest_cross_position_edges
-from featurelens.attribution.replacement import as_replacement, demeaned_unembedding, frozen_forward
+from featurelens.attribution.replacement import demeaned_unembedding, frozen_forward
 from featurelens.dictionaries.sae import DictionaryConfig, SparseDictionary, TranscoderSet
 from featurelens.errors import InputError
 from test_attribution import TOKENS, cli_setup, tiny_clt, tiny_model, tiny_transcoders  # noqa: F401 (a fixture)
@@ -85,7 +85,7 @@ def case(request):
 def _cut_edge(model, tcs, circuits, s: int, t: int, layer: int, keep: list[int] | None) -> float:
     """The edge s -> t in the frozen model with layer `layer`'s attention cut: its output held at its value with no
     gradient through it (keep None), or only the heads in `keep` left live."""
-    g, rec, rep = circuits.graph, circuits.rec, as_replacement(tcs)
+    g, rec, rep = circuits.graph, circuits.rec, tcs
 
     def cut_out(x, hook):
         return x.detach()

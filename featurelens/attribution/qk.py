@@ -28,7 +28,7 @@ import torch
 
 from ..engine.errors import InputError
 from ..engine.model import rotate
-from .attribute import _Sources
+from .sources import Sources
 from .heads import AttentionCircuits
 
 BIAS = "bias"  # the node id of the constant terms
@@ -161,13 +161,13 @@ def _parts(circuits: AttentionCircuits, layer: int, pos: int, M: torch.Tensor) -
                                    None if grads[-1] is None else grads[-1][:, 0], d)
 
 
-def _sources(circuits: AttentionCircuits) -> _Sources:
+def _sources(circuits: AttentionCircuits) -> Sources:
     if "sources" not in circuits.cache:
-        circuits.cache["sources"] = _Sources(circuits.model, circuits.rep, circuits.rec, skip_pos0=False)
+        circuits.cache["sources"] = Sources(circuits.model, circuits.rep, circuits.rec, skip_pos0=False)
     return circuits.cache["sources"]
 
 
-def _node_map(circuits: AttentionCircuits, src: _Sources) -> torch.Tensor:
+def _node_map(circuits: AttentionCircuits, src: Sources) -> torch.Tensor:
     """For each column of the sources (every active feature, every error, every embedding), the graph node it
     belongs to: the feature itself if the graph shows it, else the error at its layer and position."""
     g = circuits.graph
