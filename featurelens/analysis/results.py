@@ -12,7 +12,7 @@ from ..dictionaries.format import load_dictionary
 from ..dictionaries.sae import check_feature_index
 from ..engine.errors import FeaturelensError, InputError, MissingFileError
 from ..models.loader import load_model
-from ..search.by_text import TextSearchResult, search_text
+from ..search.by_text import FeatureActivations, TextSearchResult, feature_activations, search_text
 from ..search.by_token import PromoteHit, search_promotes
 from ..search.concept import SearchHit, concept_search
 from ..store import BUILD_DIR, DB_FILE, USER, FeatureStore, analysis_dir_for_path, data_analysis_dir
@@ -210,6 +210,10 @@ class DictionaryAnalysis:
     def search_text(self, text: str, k: int = 10) -> TextSearchResult:
         """The features that fire on `text`: overall and per token."""
         return search_text(self, text, k=k)
+
+    def feature_activations(self, idx: int, text: str) -> FeatureActivations:
+        """Feature `idx`'s activation at each token of `text`."""
+        return feature_activations(self, idx, text)
 
     def search_promotes(self, token: str | int, k: int = 10) -> list[PromoteHit]:
         """The features whose logit lens pushes `token` up most."""

@@ -14,11 +14,12 @@ Modules: `replacement` (the frozen local replacement model), `attribute` (edges 
 from .attribute import attribute
 from .check import CheckResult, FaithfulnessReport, check_graph, check_prompts
 from .files import GraphFileError, load_graph
-from .graph import AttributionGraph, GraphPath
+from .graph import AttributionGraph, GraphPath, parse_feature_node_id
 from .intervene import InterventionResult, feature_intervention
 from .replacement import TranscoderMismatchError, as_replacement
 
 __all__ = [
     "AttributionGraph", "CheckResult", "FaithfulnessReport", "GraphFileError", "GraphPath", "InterventionResult", "TranscoderMismatchError",
     "as_replacement", "attribute", "check_graph", "check_prompts", "feature_intervention", "load_graph",
+    "parse_feature_node_id",
 ]

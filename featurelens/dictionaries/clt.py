@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..engine.errors import InputError
+from ..progress import OnProgress
 from .sae import ConfigBase, DictionaryConfig, sparse_activation
 from .training import (
     TrainConfig, adam_for, choose_select_dtype, clear_checkpoints, dead_latent_aux, decode_for_training,
@@ -486,7 +487,7 @@ def train_clt(model: Any, layers: "str | int | Sequence[int]" = "all", *, arch: 
               lr: float | None = None, batch_size: int = 4096, skip: bool = False, source: Any = "nlp-corpus",
               ctx_len: int = 128, resume: bool = False, overwrite: bool = False, progress: bool = True, seed: int = 0,
               checkpoint_every: int | None = None, contexts: torch.Tensor | None = None,
-              **options: Any) -> CrossLayerTranscoder:
+              on_progress: OnProgress | None = None, **options: Any) -> CrossLayerTranscoder:
     """Train a cross-layer transcoder over `layers` (each layer's MLP input -> its MLP output and all later ones).
 
     width: features per layer. arch: "batchtopk" (default: at inference a threshold, i.e. a JumpReLU that
@@ -522,7 +523,7 @@ def train_clt(model: Any, layers: "str | int | Sequence[int]" = "all", *, arch: 
     batches = model_batches(model, hooks, contexts, tcfg.batch_size, seed,
                             chunk_contexts=chunk_for(tokens, contexts, row_width))
     res = run_training([learner], batches, tcfg, out, resume=resume, progress=progress,  # type: ignore[list-item]
-                       desc=f"{arch} CLT x{len(wanted)} layers")
+                       desc=f"{arch} CLT x{len(wanted)} layers", on_progress=on_progress)
     clt = learner.export()
     stats = {"train_config": tcfg.to_dict(), "tokens_trained": res.tokens, "steps": res.steps, "source": str(source),
              "context_size": ctx_len, "model": getattr(model, "name", ""), "scale_in": learner.scale_in,

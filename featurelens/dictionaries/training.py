@@ -54,6 +54,7 @@ import torch
 
 from ..interrupt import deferred_interrupt
 from ..io import atomic_save
+from ..progress import OnProgress, ProgressBar
 from ..device import bf16_matmul_is_fast
 from .autograd import JumpReLU, SelectedEncode, Step, gathered_dot, sparse_decode
 from .median import geometric_median
@@ -551,7 +552,7 @@ class RunResult:
 
 def run_training(learners: list[Learner], batches: Batches, tcfg: TrainConfig, out: Path | None,
                  resume: bool = False, progress: bool = True, desc: str = "training",
-                 stop_after_steps: int | None = None) -> RunResult:
+                 stop_after_steps: int | None = None, on_progress: OnProgress | None = None) -> RunResult:
     """Train `learners` together on one stream: `batches(tokens_seen)` yields {hook: [n, d]} with rows aligned.
 
     Checkpoints go to <out>/checkpoints (none when out is None). `stop_after_steps` ends the run early
@@ -589,8 +590,8 @@ def run_training(learners: list[Learner], batches: Batches, tcfg: TrainConfig, o
 
     t0, steps_run = time.perf_counter(), 0
     last_checkpoint = t0
-    bar = tqdm(total=tcfg.tokens, initial=min(tokens_seen, tcfg.tokens), unit="tok", unit_scale=True, desc=desc,
-               disable=not progress, dynamic_ncols=True, smoothing=0.05, file=sys.stderr)
+    bar = ProgressBar(desc, tcfg.tokens, initial=min(tokens_seen, tcfg.tokens), unit="tok", unit_scale=True,
+                      show=progress, on_progress=on_progress, smoothing=0.05)
     try:
         with deferred_interrupt() as stop:
             it = iter(batches(tokens_seen))

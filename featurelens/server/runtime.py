@@ -16,12 +16,6 @@ from typing import Any, Callable
 from . import catalog
 
 
-def _open_analysis() -> Callable[..., Any]:
-    import featurelens as fl
-
-    return getattr(fl, "open_analysis", None) or fl.open_dictionary
-
-
 class Runtime:
     def __init__(self, data_dir: Path, model_loader: Callable[[str], Any] | None = None):
         self.data_dir = Path(data_dir)
@@ -80,7 +74,9 @@ class Runtime:
         if ident not in self._analyses:
             # check_same_thread is off in the store (requests come from a thread pool); writes (labels) are
             # serialized by SQLite itself.
-            self._analyses[ident] = _open_analysis()(adir)
+            from ..analysis import open_analysis
+
+            self._analyses[ident] = open_analysis(adir)
         return self._analyses[ident]
 
     def layer_analyses(self, ident: str) -> dict[int, Any]:
