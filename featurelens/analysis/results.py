@@ -15,7 +15,7 @@ from ..models.loader import load_model
 from ..search.by_text import FeatureActivations, TextSearchResult, feature_activations, search_text
 from ..search.by_token import PromoteHit, search_promotes
 from ..search.concept import SearchHit, concept_search
-from ..store import BUILD_DIR, DB_FILE, USER, FeatureStore, analysis_dir_for_path, data_analysis_dir
+from ..store import BUILD_DIR, DB_FILE, USER, FeatureStore, StoreError, analysis_dir_for_path, data_analysis_dir
 from .dashboard import FeatureDashboard, TokenExample
 from .explain import AutoExplainer, Explainer, explain_store
 from .scoring import score_labels
@@ -77,6 +77,10 @@ class DictionaryAnalysis:
         self.meta = self.store.meta()
         if self.meta.get("status") != "complete":
             raise NotAnalyzedError(f"{path}: the analysis is not complete")
+        d = self.meta.get("dictionary")
+        if not isinstance(d, dict) or not isinstance(d.get("d_sae"), int) or not isinstance(d.get("hook_name"), str):
+            raise StoreError(f"{path} is damaged: it does not record which dictionary it analyzed (d_sae, hook_name); "
+                             f"run `featurelens analyze --overwrite` to rebuild it")
         self._dictionary = dictionary
         self._model = model
         self.timings: Any = None

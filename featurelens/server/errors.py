@@ -1,9 +1,11 @@
 """How errors become responses: JSON `{"detail": message}` always.
 
 featurelens's own errors (`FeaturelensError` and its subclasses, raised on purpose for bad input or missing files)
-are the client's to fix: 404 for what is not there (an unknown id, a missing file, a feature index out of range),
-422 for a graph or request that breaks the format's rules, 400 for other bad input. Anything else is a bug of the
-server or the library: 500 with a generic message, and the traceback in the server's log.
+say what is wrong: 404 for what is not there (an unknown id, a missing file, a feature index out of range), 422 for
+a graph or request that breaks the format's rules, 409 for a stored file that cannot be used as it is (a damaged
+analysis or dictionary: the request is fine, the data directory needs repair, and the message says how), 400 for
+other bad input. Anything else is a bug of the server or the library: 500 with a generic message, and the
+traceback in the server's log.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from ..errors import FeaturelensError
+from ..models.gguf import CorruptFileError
+from ..store import StoreError
 from .graphs import GraphFormatError
 from .responses import clean
 
@@ -28,6 +32,8 @@ def status_for(e: FeaturelensError) -> int:
     # featurelens's error classes also derive from the built-in class that says what went wrong
     if isinstance(e, GraphFormatError):
         return 422
+    if isinstance(e, (StoreError, CorruptFileError)):
+        return 409
     if isinstance(e, PermissionError):
         return 403
     if isinstance(e, (LookupError, FileNotFoundError)):
