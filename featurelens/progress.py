@@ -1,8 +1,9 @@
 """Progress of featurelens's long calls (`attribute`, `train_*`, `analyze`), for a terminal bar and for callers.
 
 Each long call takes `progress` (draw a bar on stderr) and `on_progress`, a function called with a `ProgressEvent`
-every time the work advances: the CLI's bars and the web server's job events are two readers of the same counts.
-A callback that raises stops the call there (the server cancels a graph job that way).
+every time the work advances: the terminal's bars (`TerminalBar`, which `progress=True` adds) and the web server's
+job events are two readers of the same events. A callback that raises stops the call there (the server cancels a
+graph job that way); callbacks are called at every step, so they should be quick.
 
 >>> events = []
 >>> g = fl.attribute(model, transcoders, "The cat sat", progress=False, on_progress=events.append)
@@ -31,50 +32,81 @@ class ProgressEvent:
 OnProgress = Callable[[ProgressEvent], None]
 
 
-class ProgressBar:
-    """A tqdm bar on stderr (when `show`) that also reports every step to `on_progress`.
+class TerminalBar:
+    """An `on_progress` that draws each stage as a tqdm bar on stderr: what `progress=True` shows.
 
-    Used like tqdm: `update(n)`, `set_postfix(...)`, `close()`; the bar's options (smoothing, leave, ...) pass
-    through to tqdm.
-    """
+    Options (smoothing, leave, unit_scale, ...) pass through to tqdm."""
+
+    def __init__(self, **bar_options: Any):
+        bar_options.setdefault("file", sys.stderr)
+        bar_options.setdefault("dynamic_ncols", True)
+        self._options = bar_options
+        self._bars: dict[str, Any] = {}
+
+    def __call__(self, e: ProgressEvent) -> None:
+        from tqdm.auto import tqdm
+
+        bar = self._bars.get(e.stage)
+        if bar is None:
+            bar = self._bars[e.stage] = tqdm(total=e.total, initial=e.done, desc=e.stage, unit=e.unit or "it",
+                                             **self._options)
+        elif e.done != bar.n:
+            bar.update(e.done - bar.n)
+        if e.finished:
+            self.close(e.stage)
+
+    def set_postfix(self, stage: str, *args: Any, **kwargs: Any) -> None:
+        bar = self._bars.get(stage)
+        if bar is not None:
+            bar.set_postfix(*args, **kwargs)
+
+    def close(self, stage: str) -> None:
+        bar = self._bars.pop(stage, None)
+        if bar is not None:
+            bar.close()
+
+
+class ProgressBar:
+    """One stage of a long call: `update(n)` after each step reports a `ProgressEvent` to `on_progress` and, when
+    `show`, to a `TerminalBar` (the bar's options pass through to tqdm). `close()` ends the stage (`finished`);
+    leaving a `with` block by an exception only takes the bar off the terminal."""
 
     def __init__(self, stage: str, total: float | None, *, unit: str = "", initial: float = 0, show: bool = True,
                  on_progress: OnProgress | None = None, **bar_options: Any):
-        from tqdm.auto import tqdm
-
         self.stage, self.total, self.unit, self.done = stage, total, unit, initial
-        self._on_progress = on_progress
+        self._terminal = TerminalBar(**bar_options) if show else None
+        self._sinks = [f for f in (self._terminal, on_progress) if f is not None]
         self._closed = False
-        bar_options.setdefault("file", sys.stderr)
-        bar_options.setdefault("dynamic_ncols", True)
-        self._bar = tqdm(total=total, initial=initial, desc=stage, unit=unit, disable=not show, **bar_options)
         self._report(False)
 
     def _report(self, finished: bool) -> None:
-        if self._on_progress is not None:
-            self._on_progress(ProgressEvent(self.stage, self.done, self.total, self.unit, finished))
+        e = ProgressEvent(self.stage, self.done, self.total, self.unit, finished)
+        for sink in self._sinks:
+            sink(e)
 
     def update(self, n: float = 1) -> None:
         self.done += n
-        self._bar.update(n)
         self._report(False)
 
     def set_postfix(self, *args: Any, **kwargs: Any) -> None:
-        self._bar.set_postfix(*args, **kwargs)
+        """Extra figures beside the terminal bar (training's loss and L0)."""
+        if self._terminal is not None:
+            self._terminal.set_postfix(self.stage, *args, **kwargs)
 
     def close(self) -> None:
-        """End the stage (once; later calls do nothing): the bar closes and `on_progress` gets `finished=True`."""
+        """End the stage (once; later calls do nothing)."""
         if self._closed:
             return
         self._closed = True
-        self._bar.close()
         self._report(True)
 
     def __enter__(self) -> "ProgressBar":
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._bar.close()
-        if not self._closed and exc[0] is None:
+        if exc[0] is None:
             self.close()
-        self._closed = True
+        else:
+            self._closed = True
+            if self._terminal is not None:
+                self._terminal.close(self.stage)

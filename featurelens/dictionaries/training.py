@@ -558,9 +558,8 @@ def run_training(learners: list[Learner], batches: Batches, tcfg: TrainConfig, o
     Checkpoints go to <out>/checkpoints (none when out is None). `stop_after_steps` ends the run early
     (as an interruption would), for tests and benchmarks. With tcfg.reuse > 1 the stream is served through
     `reuse_batches` (each row seen `reuse` times; tcfg.tokens counts rows trained on, repeats included).
+    on_progress: called with a `ProgressEvent` (stage `desc`, tokens trained on) after every step.
     """
-    from tqdm.auto import tqdm
-
     if tcfg.reuse > 1:
         # a short run needs no more fresh rows than tokens / reuse: a bigger buffer would only cost forward passes
         buffer_tokens = min(tcfg.reuse_buffer_tokens, -(-tcfg.tokens // tcfg.reuse))
