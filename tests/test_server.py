@@ -547,6 +547,26 @@ def test_intervene_from_graph(client, web_data):
     assert r.status_code == 422
 
 
+@pytest.mark.parametrize("layer, feature, pos", [(7, 3, 1), (1, 99_999, 1), (1, 3, 999)])
+def test_intervene_on_a_node_the_transcoders_do_not_have_is_4xx(client, layer, feature, pos):
+    """An uploaded graph can name any layer, feature and position: what the transcoders or the prompt lack is bad
+    input (4xx naming it), never a 500."""
+    g = client.get(f"/api/graphs/{web.GRAPH_ID}").json()
+    feat = next(n for n in g["nodes"] if n["feature_type"] == "cross layer transcoder")
+    old, new = feat["node_id"], f"{layer}_{feature}_{pos}"
+    feat.update(node_id=new, layer=str(layer), ctx_idx=pos)
+    for e in g["links"]:
+        e["source"], e["target"] = (new if e["source"] == old else e["source"]), (new if e["target"] == old else
+                                                                                  e["target"])
+    g.pop("id", None)
+    g["metadata"]["slug"] = f"odd-node-{layer}-{feature}-{pos}"
+    up = client.post("/api/graphs", json=g)
+    assert up.status_code == 201, up.text
+    r = client.post(f"/api/graphs/{up.json()['id']}/intervene", json={
+        "interventions": [{"node_id": new, "value": 1.0}], "transcoders": web.TC_ID, "max_new_tokens": 0})
+    assert 400 <= r.status_code < 500 and r.json()["detail"], r.text
+
+
 # ----------------------------------------------------------------------------------------------- jobs
 def test_graph_job_runs_in_background_with_progress_events(client, app):
     body = {"transcoders": web.TC_ID, "prompt": "The cat sat", "max_feature_nodes": 32}

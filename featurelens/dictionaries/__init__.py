@@ -18,7 +18,7 @@ from .compat import DictionaryModelMismatchError, check_compatible
 from .format import CorruptDictionaryError, load_dictionary, save_dictionary, save_transcoder_set
 from .replacement import Replacement, evaluate_replacement
 from .metrics import DictionaryMetrics, evaluate_dictionary, reconstruction_metrics, splice_metrics
-from .sae import (ARCHITECTURES, DictionaryConfig, FeatureIndexError, SparseDictionary, TranscoderSet,
+from .sae import (ARCHITECTURES, DictionaryConfig, FeatureIndexError, LayerError, SparseDictionary, TranscoderSet,
                   check_feature_index)
 from .splice import splice_hooks
 from .train import train_sae, train_transcoders
@@ -28,7 +28,7 @@ __all__ = [
     "CLTConfig", "CrossLayerTranscoder", "evaluate_replacement", "load_circuit_tracer", "load_clt",
     "save_circuit_tracer", "save_clt", "train_clt",
     "ARCHITECTURES", "CorruptDictionaryError", "DictionaryConfig", "DictionaryMetrics", "DictionaryModelMismatchError",
-    "FeatureIndexError", "Learner", "SparseDictionary", "TrainConfig", "TranscoderSet", "check_compatible",
+    "FeatureIndexError", "LayerError", "Learner", "SparseDictionary", "TrainConfig", "TranscoderSet", "check_compatible",
     "check_feature_index", "evaluate_dictionary", "iterate_tensors", "load_dictionary", "model_batches",
     "reconstruction_metrics", "run_training", "save_dictionary", "save_transcoder_set", "splice_hooks",
     "splice_metrics", "train_sae", "train_transcoders",

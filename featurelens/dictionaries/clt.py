@@ -38,7 +38,7 @@ from torch import nn
 
 from ..engine.errors import InputError
 from ..progress import OnProgress
-from .sae import ConfigBase, DictionaryConfig, sparse_activation
+from .sae import ConfigBase, DictionaryConfig, LayerError, sparse_activation
 from .training import (
     TrainConfig, adam_for, choose_select_dtype, clear_checkpoints, dead_latent_aux, decode_for_training,
     default_dead_tokens, encode_for_training, init_sparse_offsets, project_decoder_grad, reconstruction_loss,
@@ -51,7 +51,7 @@ CLT_KIND = "cross_layer_transcoder"
 CLT_WEIGHTS = "clt_weights.safetensors"
 
 
-class CLTLayerError(InputError, KeyError):
+class CLTLayerError(LayerError):
     """A layer the cross-layer transcoder does not have (or a model lacks); the message names it."""
 
     def __str__(self) -> str:  # KeyError would quote the message

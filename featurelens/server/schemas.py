@@ -3,9 +3,9 @@ the OpenAPI document; an unknown field is refused)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 MAX_PROMPT_CHARS = 2000
 MAX_TEXT_CHARS = 4000
@@ -15,6 +15,19 @@ MAX_FEATURES = 16
 MAX_K = 100
 MAX_DICTS = 16
 IdStr = Field(min_length=1, max_length=400, pattern=r"^@?[A-Za-z0-9._~+=-]+$")
+
+
+def _not_blank(what: str) -> AfterValidator:
+    def check(v: str) -> str:
+        if not v.strip():
+            raise ValueError(f"the {what} is blank")
+        return v
+
+    return AfterValidator(check)
+
+
+Prompt = Annotated[str, _not_blank("prompt")]
+Text = Annotated[str, _not_blank("text")]
 
 
 class _Strict(BaseModel):
@@ -30,30 +43,16 @@ class FeatureStrength(_Strict):
 class SteerRequest(_Strict):
     dictionary: str = IdStr
     features: list[FeatureStrength] = Field(min_length=1, max_length=MAX_FEATURES)
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    prompt: Prompt = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     max_new_tokens: int = Field(30, ge=1, le=MAX_NEW_TOKENS)
     temperature: float = Field(0.7, ge=0.0, le=5.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     seed: int | None = Field(0, ge=0, le=2**31 - 1)
     mode: Literal["relative", "absolute"] = "relative"
 
-    @field_validator("prompt")
-    @classmethod
-    def _not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("the prompt is blank")
-        return v
-
 
 class TextRequest(_Strict):
-    text: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
-
-    @field_validator("text")
-    @classmethod
-    def _not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("the text is blank")
-        return v
+    text: Text = Field(min_length=1, max_length=MAX_TEXT_CHARS)
 
 
 class TextSearchRequest(TextRequest):
@@ -95,16 +94,9 @@ class InterveneRequest(_Strict):
 
 class GraphJobRequest(_Strict):
     transcoders: str = IdStr
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    prompt: Prompt = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     max_feature_nodes: int | None = Field(1024, ge=1, le=100_000)
     node_threshold: float = Field(0.8, gt=0.0, le=1.0)
     edge_threshold: float = Field(0.98, gt=0.0, le=1.0)
     batch_size: int = Field(64, ge=1, le=4096)
     slug: str | None = Field(None, max_length=80, pattern=r"^[A-Za-z0-9._-]+$")
-
-    @field_validator("prompt")
-    @classmethod
-    def _not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("the prompt is blank")
-        return v
