@@ -274,14 +274,20 @@ def test_steer_rejects_bad_input_with_the_field_named(client, patch, where):
 def test_a_damaged_analysis_is_a_409_that_says_how_to_repair_it(tmp_path, web_data):
     """An analysis database that lost its record of the dictionary, or is not a database at all: the request is
     fine and nothing is missing, the file on the server needs rebuilding (409, and the message says how)."""
-    import shutil
     import sqlite3
+    from contextlib import closing
 
     data, model = web_data
     broken = tmp_path / "analysis" / "broken"
-    shutil.copytree(data / "dictionaries" / web.MODEL / "sae" / "analysis", broken)
-    with sqlite3.connect(broken / "features.sqlite") as db:
-        db.execute("DELETE FROM meta WHERE key = 'dictionary'")
+    broken.mkdir(parents=True)
+    # copied by SQLite, not by copying files: closing a file of a database this process has open would drop its
+    # locks and break the session's other connections to it
+    src = data / "dictionaries" / web.MODEL / "sae" / "analysis" / "features.sqlite"
+    with closing(sqlite3.connect(f"file:{src}?mode=ro", uri=True)) as a, \
+            closing(sqlite3.connect(broken / "features.sqlite")) as b:
+        a.backup(b)
+        b.execute("DELETE FROM meta WHERE key = 'dictionary'")
+        b.commit()
     (tmp_path / "analysis" / "garbage").mkdir()
     (tmp_path / "analysis" / "garbage" / "features.sqlite").write_bytes(b"this is not a database" * 100)
     with TestClient(create_app(tmp_path, model_loader=lambda name: model)) as c:
@@ -554,10 +560,8 @@ def test_intervene_on_a_node_the_transcoders_do_not_have_is_4xx(client, layer, f
     g = client.get(f"/api/graphs/{web.GRAPH_ID}").json()
     feat = next(n for n in g["nodes"] if n["feature_type"] == "cross layer transcoder")
     old, new = feat["node_id"], f"{layer}_{feature}_{pos}"
-    feat.update(node_id=new, layer=str(layer), ctx_idx=pos)
-    for e in g["links"]:
-        e["source"], e["target"] = (new if e["source"] == old else e["source"]), (new if e["target"] == old else
-                                                                                  e["target"])
+    feat.update(layer=str(layer), ctx_idx=pos)
+    g = json.loads(json.dumps(g).replace(json.dumps(old), json.dumps(new)))  # in links and subgraphs too
     g.pop("id", None)
     g["metadata"]["slug"] = f"odd-node-{layer}-{feature}-{pos}"
     up = client.post("/api/graphs", json=g)
