@@ -23,15 +23,18 @@ def lint_imports(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_import_contracts_hold():
+    import tomllib
+
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
     r = lint_imports()
     out = r.stdout + r.stderr
     assert r.returncode == 0, out
     # the contracts are the ones declared (an emptied config would pass vacuously)
     for name in ("layers: engine < utilities", "the engine imports nothing from featurelens",
                  "no import cycles between the packages", "no import cycles between the modules",
-                 "graph files: files imports graph and schema"):
+                 "graph files: files imports graph and schema", "no import cycles between the modules of the server"):
         assert name in out, out
-    assert " 0 broken" in out and "kept" in out, out
+    assert f"{len(contracts)} kept, 0 broken" in out, out
 
 
 # Known cycles between modules, each to be removed by the change named (an entry here is a debt, not a permission)

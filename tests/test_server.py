@@ -27,14 +27,6 @@ from featurelens.server import create_app  # noqa: E402
 import test_web_fixtures as web  # noqa: E402
 
 
-def _has_attribution(name: str) -> bool:
-    try:
-        import featurelens.attribution as attribution
-    except ImportError:
-        return False
-    return hasattr(attribution, name) or hasattr(fl, name)
-
-
 # ----------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="session")
 def web_data(tmp_path_factory):
@@ -56,8 +48,7 @@ def client(app):
 
 def _analysis(web_data):
     data, model = web_data
-    open_analysis = getattr(fl, "open_analysis", None) or fl.open_dictionary
-    return open_analysis(data / "dictionaries" / web.MODEL / "sae" / "analysis")
+    return fl.open_analysis(data / "dictionaries" / web.MODEL / "sae" / "analysis")
 
 
 def _events(text: str) -> list[tuple[str, dict]]:
@@ -280,6 +271,59 @@ def test_steer_rejects_bad_input_with_the_field_named(client, patch, where):
     assert where in r.json()["detail"]
 
 
+def test_a_damaged_analysis_is_a_409_that_says_how_to_repair_it(tmp_path, web_data):
+    """An analysis database that lost its record of the dictionary, or is not a database at all: the request is
+    fine and nothing is missing, the file on the server needs rebuilding (409, and the message says how)."""
+    import sqlite3
+    from contextlib import closing
+
+    data, model = web_data
+    broken = tmp_path / "analysis" / "broken"
+    broken.mkdir(parents=True)
+    # copied by SQLite, not by copying files: closing a file of a database this process has open would drop its
+    # locks and break the session's other connections to it
+    src = data / "dictionaries" / web.MODEL / "sae" / "analysis" / "features.sqlite"
+    with closing(sqlite3.connect(f"file:{src}?mode=ro", uri=True)) as a, \
+            closing(sqlite3.connect(broken / "features.sqlite")) as b:
+        a.backup(b)
+        b.execute("DELETE FROM meta WHERE key = 'dictionary'")
+        b.commit()
+    (tmp_path / "analysis" / "garbage").mkdir()
+    (tmp_path / "analysis" / "garbage" / "features.sqlite").write_bytes(b"this is not a database" * 100)
+    with TestClient(create_app(tmp_path, model_loader=lambda name: model)) as c:
+        listed = c.get("/api/dictionaries")
+        assert listed.status_code == 200 and {"@broken", "@garbage"} <= {d["id"] for d in listed.json()}
+        r = c.get("/api/dictionaries/@broken/features/0")
+        assert r.status_code == 409, r.text
+        assert "damaged" in r.json()["detail"] and "analyze --overwrite" in r.json()["detail"]
+        r = c.get("/api/dictionaries/@garbage/features/0")
+        assert r.status_code == 409 and "not a readable analysis database" in r.json()["detail"], r.text
+
+
+def test_a_bug_is_a_500_with_a_log_line(client, monkeypatch, caplog):
+    """Built-in exceptions are bugs, whatever their class (KeyError was a 404, TypeError a 400): a 500 with a
+    generic message (no internals), and the traceback in the log."""
+    from featurelens.analysis import DictionaryAnalysis
+    from featurelens.server import catalog
+    from featurelens.server.errors import INTERNAL_ERROR
+
+    def broken(*args, **kwargs):
+        raise KeyError("dictionary")
+
+    def also_broken(*args, **kwargs):
+        raise TypeError("an internal detail")
+
+    monkeypatch.setattr(DictionaryAnalysis, "feature", broken)
+    monkeypatch.setattr(catalog, "list_dictionaries", also_broken)
+    with caplog.at_level("ERROR", logger="featurelens.server"):
+        for url in (f"/api/dictionaries/{web.SAE_ID}/features/0", "/api/dictionaries"):
+            r = client.get(url)
+            assert r.status_code == 500 and r.json() == {"detail": INTERNAL_ERROR}, (url, r.text)
+    logged = [rec for rec in caplog.records if rec.exc_info]
+    assert [type(rec.exc_info[1]) for rec in logged] == [KeyError, TypeError]
+    assert "/api/dictionaries" in logged[1].getMessage()
+
+
 def test_steer_errors_from_the_library_are_4xx(client):
     r = client.post("/api/steer", json={**STEER, "features": [{"feature": 500, "strength": 1}]})
     assert r.status_code == 404 and "500" in r.json()["detail"]
@@ -298,10 +342,8 @@ def test_server_answers_while_two_generations_run(app, web_data):
             results[i] = c.post("/api/steer", json={**STEER, "max_new_tokens": 60, "seed": i}).json()
 
     threads = [threading.Thread(target=go, args=(i,)) for i in range(2)]
-    job = None
-    with TestClient(app) as c:
-        if _has_attribution("attribute"):  # and a graph computing meanwhile
-            job = c.post("/api/jobs/graph", json={"transcoders": web.TC_ID, "prompt": "A dog ran",
+    with TestClient(app) as c:  # and a graph computing meanwhile
+        job = c.post("/api/jobs/graph", json={"transcoders": web.TC_ID, "prompt": "A dog ran",
                                                   "max_feature_nodes": 16}).json()["id"]
     for t in threads:
         t.start()
@@ -318,12 +360,11 @@ def test_server_answers_while_two_generations_run(app, web_data):
         assert results[i]["default"] == model.generate("The cat", max_new_tokens=60, temperature=0.7, seed=i,
                                                        return_new_only=True)
     assert listing_s < 5.0 and (busy or listing_s < 1.0)
-    if job is not None:
-        with TestClient(app) as c:
-            end = time.time() + 120
-            while c.get(f"/api/jobs/{job}").json()["status"] in ("queued", "running") and time.time() < end:
-                time.sleep(0.1)
-            assert c.get(f"/api/jobs/{job}").json()["status"] == "done"
+    with TestClient(app) as c:
+        end = time.time() + 120
+        while c.get(f"/api/jobs/{job}").json()["status"] in ("queued", "running") and time.time() < end:
+            time.sleep(0.1)
+        assert c.get(f"/api/jobs/{job}").json()["status"] == "done"
 
 
 def test_a_cancelled_job_stops_at_its_next_report(tmp_path):
@@ -518,8 +559,7 @@ def test_analyzed_transcoder_layer_gives_cards_and_densities(client, web_data):
     data, _ = web_data
     tcs = next(d for d in client.get("/api/dictionaries").json() if d["id"] == web.TC_ID)
     assert tcs["analyzed_layers"] == [1]
-    open_analysis = getattr(fl, "open_analysis", None) or fl.open_dictionary
-    a = open_analysis(data / "dictionaries" / web.MODEL / "transcoders" / "layer_1" / "analysis")
+    a = fl.open_analysis(data / "dictionaries" / web.MODEL / "transcoders" / "layer_1" / "analysis")
     g = client.get(f"/api/graphs/{web.GRAPH_ID}").json()
     l1 = [n for n in g["nodes"] if n["layer"] == "1" and n["feature_type"] == "cross layer transcoder"]
     l0 = [n for n in g["nodes"] if n["layer"] == "0" and n["feature_type"] == "cross layer transcoder"]
@@ -543,9 +583,6 @@ def test_intervene_from_graph(client, web_data):
     err = next(n for n in g["nodes"] if "error" in n["feature_type"])
     body = {"interventions": [{"node_id": feat["node_id"], "value": None}], "top_k": 5, "max_new_tokens": 5}
     r = client.post(f"/api/graphs/{web.GRAPH_ID}/intervene", json=body)
-    if not _has_attribution("feature_intervention"):
-        assert r.status_code == 501 and "attribution" in r.json()["detail"]
-        pytest.skip("featurelens.attribution.feature_intervention is not there yet: the endpoint answers 501")
     assert r.status_code == 200, r.text
     out = r.json()
     _, model = web_data
@@ -569,13 +606,28 @@ def test_intervene_from_graph(client, web_data):
     assert r.status_code == 422
 
 
+@pytest.mark.parametrize("layer, feature, pos", [(7, 3, 1), (1, 99_999, 1), (1, 3, 999)])
+def test_intervene_on_a_node_the_transcoders_do_not_have_is_4xx(client, layer, feature, pos):
+    """An uploaded graph can name any layer, feature and position: what the transcoders or the prompt lack is bad
+    input (4xx naming it), never a 500."""
+    g = client.get(f"/api/graphs/{web.GRAPH_ID}").json()
+    feat = next(n for n in g["nodes"] if n["feature_type"] == "cross layer transcoder")
+    old, new = feat["node_id"], f"{layer}_{feature}_{pos}"
+    feat.update(layer=str(layer), ctx_idx=pos)
+    g = json.loads(json.dumps(g).replace(json.dumps(old), json.dumps(new)))  # in links and subgraphs too
+    g.pop("id", None)
+    g["metadata"]["slug"] = f"odd-node-{layer}-{feature}-{pos}"
+    up = client.post("/api/graphs", json=g)
+    assert up.status_code == 201, up.text
+    r = client.post(f"/api/graphs/{up.json()['id']}/intervene", json={
+        "interventions": [{"node_id": new, "value": 1.0}], "transcoders": web.TC_ID, "max_new_tokens": 0})
+    assert 400 <= r.status_code < 500 and r.json()["detail"], r.text
+
+
 # ----------------------------------------------------------------------------------------------- jobs
 def test_graph_job_runs_in_background_with_progress_events(client, app):
     body = {"transcoders": web.TC_ID, "prompt": "The cat sat", "max_feature_nodes": 32}
     r = client.post("/api/jobs/graph", json=body)
-    if not _has_attribution("attribute"):
-        assert r.status_code == 501
-        pytest.skip("featurelens.attribution is not there yet: the endpoint answers 501")
     assert r.status_code == 202, r.text
     job = r.json()
     ev = _events(client.get(f"/api/jobs/{job['id']}/events").text)
@@ -764,8 +816,16 @@ def test_featurelens_serve_runs_the_app(web_data):
 
 
 # ----------------------------------------------------------------------------------------------- fuzzing
+# Operations that run the model for every valid example get fewer examples, to keep the run under a minute.
+FUZZ_EXAMPLES, FUZZ_EXAMPLES_HEAVY = 15, 4
+FUZZ_HEAVY = {("POST", "/api/steer"), ("POST", "/api/steer/stream"), ("POST", "/api/jobs/graph"),
+              ("POST", "/api/graphs/{graph}/intervene"), ("POST", "/api/search/text"),
+              ("POST", "/api/dictionaries/{dictionary}/features/{feature}/activations")}
+
+
 def test_openapi_fuzz_has_no_server_errors(app):
-    """Every operation of the OpenAPI description, with schemathesis' valid and invalid inputs (a bounded run)."""
+    """Every operation of the OpenAPI description, with schemathesis' valid and invalid inputs (a bounded run): no
+    5xx at all (a bug answers 500 now, see test_a_bug_is_a_500_with_a_log_line), and every error a JSON detail."""
     schemathesis = pytest.importorskip("schemathesis")
     from hypothesis import HealthCheck, given, settings
     from hypothesis.errors import Unsatisfiable
@@ -773,23 +833,34 @@ def test_openapi_fuzz_has_no_server_errors(app):
 
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     failures, n_calls = [], 0
+    t0 = time.perf_counter()
     for result in schema.get_all_operations():
         op = result.ok()
+        n = FUZZ_EXAMPLES_HEAVY if (op.method.upper(), op.path) in FUZZ_HEAVY else FUZZ_EXAMPLES
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-            @settings(max_examples=4, deadline=None, derandomize=True, database=None,
+            @settings(max_examples=n, deadline=None, derandomize=True, database=None,
                       suppress_health_check=list(HealthCheck))
             @given(case=op.as_strategy(generation_mode=mode))
             def run(case):
                 nonlocal n_calls
                 response = case.call()
                 n_calls += 1
+                where = f"{case.method} {case.formatted_path} {case.query!r:.100} {case.body!r:.200}"
                 if response.status_code >= 500:
-                    failures.append(f"{case.method} {case.formatted_path} {case.body!r:.200} -> "
-                                    f"{response.status_code}: {response.text[:300]}")
+                    failures.append(f"{where} -> {response.status_code}: {response.text[:300]}")
+                elif response.status_code >= 400:
+                    try:
+                        detail = response.json().get("detail")
+                    except ValueError:
+                        detail = None
+                    if not isinstance(detail, str) or not detail:
+                        failures.append(f"{where} -> {response.status_code} without a detail: {response.text[:300]}")
 
             try:
                 run()
             except Unsatisfiable:  # nothing to make invalid (an operation without parameters)
                 pass
-    assert n_calls > 50
+    took = time.perf_counter() - t0
+    assert n_calls > 400, n_calls
     assert not failures, "\n".join(failures)
+    print(f"fuzz: {n_calls} calls in {took:.1f} s")

@@ -34,6 +34,7 @@ import numpy as np
 from ..dictionaries.compat import check_fits, dictionary_fingerprint, dictionary_hooks, resolve_dictionary
 from ..engine.errors import InputError
 from ..io import clean_stale_tmp, hold_lock
+from ..progress import OnProgress
 from ..models.loader import load_model
 from ..search.concept import ensure_embeddings
 from ..search.embed import get_embedder
@@ -55,7 +56,8 @@ def analyze(model: Any = None, dictionary: Any = None, data: Any = None, *, n_to
             batch_size: int = 16, ctx_len: int = 128, split: str = "test", out: str | Path | None = None,
             overwrite: bool = False, n_top: int = 24, n_sample: int = 64, window: tuple[int, int] = (24, 8),
             embed: bool = True, explainer: Any = None, checkpoint_every: float = 120.0, seed: int = 0,
-            progress: bool = True, _stop_after_batches: int | None = None) -> "Any":
+            progress: bool = True, on_progress: OnProgress | None = None,
+            _stop_after_batches: int | None = None) -> "Any":
     """Analyze every feature of `dictionary` over held-out text; returns the `DictionaryAnalysis`.
 
     model: a HookedTransformer, a model name, or None (the model the dictionary names).
@@ -155,7 +157,7 @@ def analyze(model: Any = None, dictionary: Any = None, data: Any = None, *, n_to
                 if state_path.is_file():
                     done = load_state(acc, state_path)
                 stopped = stream(model, dictionary, acc, contexts, done, batch_size, state_path, checkpoint_every, timings,
-                                 progress, _stop_after_batches)
+                                 progress, _stop_after_batches, on_progress)
                 if stopped:
                     store.set("timings_partial", timings.as_dict())
                     return None
@@ -169,7 +171,7 @@ def analyze(model: Any = None, dictionary: Any = None, data: Any = None, *, n_to
                 raise RuntimeError(f"{build}: stage {stage!r} but no streaming state; delete {build} and run again")
 
             if stage == "finalize":
-                finalize(model, dictionary, acc, contexts, store, timings, progress)
+                finalize(model, dictionary, acc, contexts, store, timings, progress, on_progress)
                 with store.transaction():
                     store.set("stage", "labels")
                 stage = "labels"

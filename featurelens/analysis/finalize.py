@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..dictionaries.logit_lens import LogitLens, logit_lens_weights
+from ..progress import OnProgress, ProgressBar
 from ..store import FeatureStore
 from .accumulate import Accumulator
 from .timings import AnalysisTimings
@@ -29,10 +30,8 @@ FINALIZE_CHUNK = 1024
 
 
 def finalize(model: Any, dictionary: Any, acc: Accumulator, contexts: torch.Tensor, store: FeatureStore,
-             timings: AnalysisTimings, progress: bool) -> None:
+             timings: AnalysisTimings, progress: bool, on_progress: OnProgress | None = None) -> None:
     """Per chunk of features, one transaction each: the dashboards' rows (see the module docstring)."""
-    from tqdm.auto import tqdm
-
     d = acc.cfg.d_sae
     start = int(store.get("finalized", 0))
     W_eff = logit_lens_weights(model, dictionary)
@@ -50,8 +49,7 @@ def finalize(model: Any, dictionary: Any, acc: Accumulator, contexts: torch.Tens
     sep_ids = [t for t in (model.cfg.bos_token_id, model.cfg.pad_token_id) if t is not None]
     seps = np.array(sep_ids, dtype=ctx_np.dtype) if sep_ids else None
     tok = model.tokenizer
-    bar = tqdm(total=d, initial=start, unit="feat", desc="dashboards", disable=not progress, file=sys.stderr,
-               dynamic_ncols=True)
+    bar = ProgressBar("dashboards", d, initial=start, unit="feat", show=progress, on_progress=on_progress)
     for f0 in range(start, d, FINALIZE_CHUNK):
         f1 = min(d, f0 + FINALIZE_CHUNK)
         # logit lens

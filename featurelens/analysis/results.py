@@ -12,10 +12,10 @@ from ..dictionaries.formats import load_dictionary
 from ..dictionaries.sae import check_feature_index
 from ..engine.errors import FeaturelensError, InputError, MissingFileError
 from ..models.loader import load_model
-from ..search.by_text import TextSearchResult, search_text
+from ..search.by_text import FeatureActivations, TextSearchResult, feature_activations, search_text
 from ..search.by_token import PromoteHit, search_promotes
 from ..search.concept import SearchHit, concept_search
-from ..store import BUILD_DIR, DB_FILE, USER, FeatureStore, analysis_dir_for_path, data_analysis_dir
+from ..store import BUILD_DIR, DB_FILE, USER, FeatureStore, StoreError, analysis_dir_for_path, data_analysis_dir
 from .dashboard import FeatureDashboard, TokenExample
 from .explain import AutoExplainer, Explainer, explain_store
 from .scoring import score_labels
@@ -77,6 +77,10 @@ class DictionaryAnalysis:
         self.meta = self.store.meta()
         if self.meta.get("status") != "complete":
             raise NotAnalyzedError(f"{path}: the analysis is not complete")
+        d = self.meta.get("dictionary")
+        if not isinstance(d, dict) or not isinstance(d.get("d_sae"), int) or not isinstance(d.get("hook_name"), str):
+            raise StoreError(f"{path} is damaged: it does not record which dictionary it analyzed (d_sae, hook_name); "
+                             f"run `featurelens analyze --overwrite` to rebuild it")
         self._dictionary = dictionary
         self._model = model
         self.timings: Any = None
@@ -210,6 +214,10 @@ class DictionaryAnalysis:
     def search_text(self, text: str, k: int = 10) -> TextSearchResult:
         """The features that fire on `text`: overall and per token."""
         return search_text(self, text, k=k)
+
+    def feature_activations(self, idx: int, text: str) -> FeatureActivations:
+        """Feature `idx`'s activation at each token of `text`."""
+        return feature_activations(self, idx, text)
 
     def search_promotes(self, token: str | int, k: int = 10) -> list[PromoteHit]:
         """The features whose logit lens pushes `token` up most."""

@@ -17,6 +17,7 @@ import torch
 from ..data import content_mask
 from ..interrupt import deferred_interrupt
 from ..io import atomic_save
+from ..progress import OnProgress, ProgressBar
 from .accumulate import Accumulator
 from .timings import AnalysisTimings
 
@@ -43,17 +44,15 @@ def save_state(acc: Accumulator, path: Path, done: int) -> None:
 
 def stream(model: Any, dictionary: Any, acc: Accumulator, contexts: torch.Tensor, done: int, batch_size: int,
            state_path: Path, checkpoint_every: float, timings: AnalysisTimings, progress: bool,
-           stop_after: int | None) -> bool:
+           stop_after: int | None, on_progress: OnProgress | None = None) -> bool:
     """Stream contexts[done:] through model and dictionary into acc. Returns True when stopped early (testing)."""
-    from tqdm.auto import tqdm
-
     hook = dictionary.cfg.hook_name
     stop = model.hook_spec(hook).stop_layer
     n_ctx, T = contexts.shape
     dev = model.device
     dict_dev = getattr(dictionary, "device", dev)
-    bar = tqdm(total=n_ctx * T, initial=done * T, unit="tok", unit_scale=True, desc="analyzing",
-               disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    bar = ProgressBar("analyzing", n_ctx * T, initial=done * T, unit="tok", unit_scale=True, show=progress,
+                      on_progress=on_progress)
     last_save = time.perf_counter()
     n_batches = 0
     try:

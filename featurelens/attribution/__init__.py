@@ -15,12 +15,12 @@ Modules: `replacement` (the frozen local replacement model), `attribute` (edges 
 from .attribute import attribute
 from .check import CheckResult, FaithfulnessReport, check_graph, check_prompts
 from .files import GraphFileError, load_graph, save_graph
-from .graph import AttributionGraph, GraphPath
+from .graph import AttributionGraph, GraphPath, parse_feature_node_id
 from .intervene import InterventionResult, feature_intervention
 from .schema import GraphFormatError
 
 __all__ = [
     "AttributionGraph", "CheckResult", "FaithfulnessReport", "GraphFileError", "GraphFormatError", "GraphPath",
     "InterventionResult", "attribute", "check_graph", "check_prompts", "feature_intervention", "load_graph",
-    "save_graph",
+    "parse_feature_node_id", "save_graph",
 ]

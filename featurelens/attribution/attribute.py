@@ -20,9 +20,9 @@ import time
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from ..engine.errors import InputError
+from ..progress import OnProgress, ProgressBar
 from .graph import AttributionGraph
 from .replacement import check_transcoders, demeaned_unembedding, frozen_forward, record
 from .sources import Sources
@@ -87,6 +87,7 @@ def attribute(
     progress: bool = True,
     update_interval: int = 4,
     transcoders_path: str | None = None,
+    on_progress: OnProgress | None = None,
 ) -> AttributionGraph:
     """The attribution graph of `prompt` (text or token ids) through `transcoders` (a per-layer `TranscoderSet` or a
     cross-layer transcoder): every edge an exact direct effect in the frozen replacement model.
@@ -99,7 +100,8 @@ def attribute(
     True
 
     max_feature_nodes: feature rows to compute (None: every active feature); the rest stay as sources only and are
-    left out of the graph. batch_size: target rows per backward pass.
+    left out of the graph. batch_size: target rows per backward pass. progress: a bar on stderr; on_progress: called
+    with a `ProgressEvent` (stage "attribution", rows of the edge matrix done / total) after every batch of rows.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -166,7 +168,7 @@ def attribute(
 
     A = torch.zeros(K + n_rows, src.n_cols)  # rows: logits, then features in the order computed
     row_node = torch.zeros(K + n_rows, dtype=torch.long)  # column-space index of each row's node (logits: n_cols+k)
-    bar = tqdm(total=K + n_rows, desc="attribution", unit="row", disable=not progress, leave=False)
+    bar = ProgressBar("attribution", K + n_rows, unit="row", show=progress, on_progress=on_progress, leave=False)
     for s in range(0, K, batch):
         ids = range(s, min(K, s + batch))
         A[s : s + len(ids)] = backward([("logit", n, P - 1, logit_vecs[k]) for k in ids], P)

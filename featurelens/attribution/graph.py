@@ -35,6 +35,18 @@ def uncantor(z: int) -> tuple[int, int]:
     return w - index, index
 
 
+def parse_feature_node_id(node_id: str) -> tuple[int, int, int]:
+    """(layer, feature, position) of a feature node's id `{layer}_{feature}_{pos}` (see `AttributionGraph.node_id`).
+
+    Raises InputError for anything else; an error node's `{layer}_-1_{pos}` included. A logit node's id has the same
+    shape, so callers tell node kinds apart by the node's type first."""
+    parts = node_id.split("_") if isinstance(node_id, str) else []
+    if len(parts) != 3 or not all(p.isascii() and p.isdigit() for p in parts):
+        raise InputError(f"node {node_id!r} is not a feature node (layer_feature_position)")
+    layer, feature, pos = (int(p) for p in parts)
+    return layer, feature, pos
+
+
 # --------------------------------------------------------------------------------------------- sparse maths
 
 

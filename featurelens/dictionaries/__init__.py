@@ -26,7 +26,7 @@ from .loop import run_training
 from .metrics import DictionaryMetrics, reconstruction_metrics, splice_metrics
 from .replacement import evaluate_replacement
 from .protocol import Transcoders
-from .sae import (ARCHITECTURES, DictionaryConfig, FeatureIndexError, SparseDictionary, TranscoderSet,
+from .sae import (ARCHITECTURES, DictionaryConfig, FeatureIndexError, LayerError, SparseDictionary, TranscoderSet,
                   check_feature_index)
 from .splice import splice_hooks
 from .train import train_clt, train_sae, train_transcoders
@@ -36,7 +36,7 @@ __all__ = [
     "CLTConfig", "CrossLayerTranscoder", "evaluate_replacement", "load_circuit_tracer", "load_clt",
     "save_circuit_tracer", "save_clt", "train_clt",
     "ARCHITECTURES", "CorruptDictionaryError", "DictionaryConfig", "DictionaryMetrics", "DictionaryModelMismatchError",
-    "FeatureIndexError", "Learner", "SparseDictionary", "TrainConfig", "TranscoderSet", "Transcoders", "check_fits",
+    "FeatureIndexError", "LayerError", "Learner", "SparseDictionary", "TrainConfig", "TranscoderSet", "Transcoders", "check_fits",
     "check_feature_index", "evaluate_dictionary", "iterate_tensors", "load_dictionary", "model_batches",
     "reconstruction_metrics", "run_training", "save_dictionary", "save_transcoder_set", "splice_hooks",
     "splice_metrics", "train_sae", "train_transcoders",

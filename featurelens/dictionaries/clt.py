@@ -34,10 +34,10 @@ from torch import nn
 
 from ..engine.errors import InputError
 from .protocol import TRANSCODER_IN, TRANSCODER_OUT, Transcoders, decode_contributions
-from .sae import ConfigBase, DictionaryConfig, sparse_activation
+from .sae import ConfigBase, DictionaryConfig, LayerError, sparse_activation
 
 
-class CLTLayerError(InputError, KeyError):
+class CLTLayerError(LayerError):
     """A layer the cross-layer transcoder does not have (or a model lacks); the message names it."""
 
     def __str__(self) -> str:  # KeyError would quote the message

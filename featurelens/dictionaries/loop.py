@@ -20,6 +20,7 @@ from typing import Iterator, Mapping
 import torch
 
 from ..interrupt import deferred_interrupt
+from ..progress import OnProgress, ProgressBar
 from .batches import Batches, reuse_batches
 from .checkpoints import CHECKPOINT_FORMAT, check_resumable, checkpoint_files, load_latest_checkpoint, save_checkpoint
 from .learner import Learner
@@ -40,15 +41,14 @@ class RunResult:
 
 def run_training(learners: list[Learner], batches: Batches, tcfg: TrainConfig, out: Path | None,
                  resume: bool = False, progress: bool = True, desc: str = "training",
-                 stop_after_steps: int | None = None) -> RunResult:
+                 stop_after_steps: int | None = None, on_progress: OnProgress | None = None) -> RunResult:
     """Train `learners` together on one stream: `batches(tokens_seen)` yields {hook: [n, d]} with rows aligned.
 
     Checkpoints go to <out>/checkpoints (none when out is None). `stop_after_steps` ends the run early
     (as an interruption would), for tests and benchmarks. With tcfg.reuse > 1 the stream is served through
     `reuse_batches` (each row seen `reuse` times; tcfg.tokens counts rows trained on, repeats included).
+    on_progress: called with a `ProgressEvent` (stage `desc`, tokens trained on) after every step.
     """
-    from tqdm.auto import tqdm
-
     if tcfg.reuse > 1:
         # a short run needs no more fresh rows than tokens / reuse: a bigger buffer would only cost forward passes
         buffer_tokens = min(tcfg.reuse_buffer_tokens, -(-tcfg.tokens // tcfg.reuse))
@@ -78,8 +78,8 @@ def run_training(learners: list[Learner], batches: Batches, tcfg: TrainConfig, o
 
     t0, steps_run = time.perf_counter(), 0
     last_checkpoint = t0
-    bar = tqdm(total=tcfg.tokens, initial=min(tokens_seen, tcfg.tokens), unit="tok", unit_scale=True, desc=desc,
-               disable=not progress, dynamic_ncols=True, smoothing=0.05, file=sys.stderr)
+    bar = ProgressBar(desc, tcfg.tokens, initial=min(tokens_seen, tcfg.tokens), unit="tok", unit_scale=True,
+                      show=progress, on_progress=on_progress, smoothing=0.05)
     try:
         with deferred_interrupt() as stop:
             it = iter(batches(tokens_seen))

@@ -64,6 +64,10 @@ class FeatureIndexError(FeaturelensError, IndexError, ValueError):
     reports it as bad input)."""
 
 
+class LayerError(InputError, KeyError):
+    """A layer a transcoder set or cross-layer transcoder does not have (or a model lacks); the message names it."""
+
+
 def check_feature_index(index: Any, n_features: int, where: str = "") -> int:
     """`index` as an int in [0, n_features), accepting ints, numpy integers, 0-d tensors and digit strings (from a
     command line or URL); anything else raises FeatureIndexError naming the value and the valid range.
@@ -315,7 +319,7 @@ class TranscoderSet(nn.Module, Transcoders):
         try:
             return self._by_layer[str(layer)]  # type: ignore[return-value]
         except KeyError:
-            raise KeyError(f"no transcoder for layer {layer}; this set has layers {self.layers}") from None
+            raise LayerError(f"no transcoder for layer {layer}; this set has layers {self.layers}") from None
 
     def __contains__(self, layer: object) -> bool:
         return str(layer) in self._by_layer

@@ -23,6 +23,7 @@ import torch
 from ..data import load_contexts
 from ..engine.errors import InputError
 from ..paths import sub_dir
+from ..progress import OnProgress
 from .batches import chunk_for, model_batches
 from .checkpoints import clear_checkpoints
 from .clt import CLTConfig, CrossLayerTranscoder
@@ -95,13 +96,15 @@ def train_sae(model: Any, hook: str, *, arch: str = "topk", k: int | None = None
               tokens: int = 2_000_000, out: str | Path | None = None, lr: float | None = None,
               batch_size: int = 4096, source: Any = "nlp-corpus", ctx_len: int = 128, resume: bool = False,
               overwrite: bool = False, progress: bool = True, seed: int = 0, checkpoint_every: int | None = None,
-              contexts: torch.Tensor | None = None, **options: Any) -> SparseDictionary:
+              contexts: torch.Tensor | None = None, on_progress: OnProgress | None = None,
+              **options: Any) -> SparseDictionary:
     """Train a sparse autoencoder on `hook` of `model`; save it to `out` (SAELens layout) and return it.
 
     arch: "topk" (default, k=32), "batchtopk", "relu" or "jumprelu". tokens: training tokens (BOS excluded).
     resume: continue the run checkpointed in <out>/checkpoints. Further `options` are `TrainConfig` fields
     (l1_coefficient, l0_coefficient, aux_coefficient, dead_tokens, warmup, decay, normalize, ...).
-    `contexts` (token ids [n, ctx]) replaces the corpus's training split.
+    `contexts` (token ids [n, ctx]) replaces the corpus's training split. on_progress: called with a
+    `ProgressEvent` (tokens trained on) after every step.
     """
     d = _check_hook(model, hook)
     tcfg = _train_options(arch, k, width, tokens, lr, batch_size, seed, checkpoint_every, options)
@@ -115,7 +118,7 @@ def train_sae(model: Any, hook: str, *, arch: str = "topk", k: int | None = None
         contexts = load_contexts(model, source, ctx_len, "train", progress=progress)
     batches = model_batches(model, [hook], contexts, tcfg.batch_size, seed, chunk_contexts=chunk_for(tokens, contexts, d))
     res = run_training([learner], batches, tcfg, out, resume=resume, progress=progress,
-                       desc=f"{arch} SAE {hook}")
+                       desc=f"{arch} SAE {hook}", on_progress=on_progress)
     sae = learner.export()
     save_dictionary(sae, out, _run_metadata(model, source, ctx_len, tcfg, res, learner))
     clear_checkpoints(out)
@@ -145,7 +148,7 @@ def train_transcoders(model: Any, layers: "str | int | Sequence[int]" = "all", *
                       lr: float | None = None, batch_size: int = 1024, skip: bool = True, source: Any = "nlp-corpus",
                       ctx_len: int = 128, resume: bool = False, overwrite: bool = False, progress: bool = True,
                       seed: int = 0, checkpoint_every: int | None = None, contexts: torch.Tensor | None = None,
-                      **options: Any) -> TranscoderSet:
+                      on_progress: OnProgress | None = None, **options: Any) -> TranscoderSet:
     """Train per-layer transcoders (blocks.L.ln2.hook_normalized -> blocks.L.hook_mlp_out) from one stream.
 
     skip (default True): each transcoder also has an affine skip W_skip from the MLP input to its output, started at
@@ -176,7 +179,7 @@ def train_transcoders(model: Any, layers: "str | int | Sequence[int]" = "all", *
     width = sum(lrn.sae.d_in + lrn.sae.d_out for lrn in learners)
     batches = model_batches(model, hooks, contexts, tcfg.batch_size, seed, chunk_contexts=chunk_for(tokens, contexts, width))
     res = run_training(learners, batches, tcfg, out, resume=resume, progress=progress,
-                       desc=f"{arch} transcoders x{len(learners)}")
+                       desc=f"{arch} transcoders x{len(learners)}", on_progress=on_progress)
     tset = TranscoderSet({layer: lrn.export() for layer, lrn in zip(wanted, learners)}, n_layers_model=model.cfg.n_layers)
     stats = {str(layer): _run_metadata(model, source, ctx_len, tcfg, res, lrn) for layer, lrn in zip(wanted, learners)}
     save_transcoder_set(tset, out, stats)
@@ -191,7 +194,7 @@ def train_clt(model: Any, layers: "str | int | Sequence[int]" = "all", *, arch: 
               lr: float | None = None, batch_size: int = 4096, skip: bool = False, source: Any = "nlp-corpus",
               ctx_len: int = 128, resume: bool = False, overwrite: bool = False, progress: bool = True, seed: int = 0,
               checkpoint_every: int | None = None, contexts: torch.Tensor | None = None,
-              **options: Any) -> CrossLayerTranscoder:
+              on_progress: OnProgress | None = None, **options: Any) -> CrossLayerTranscoder:
     """Train a cross-layer transcoder over `layers` (each layer's MLP input -> its MLP output and all later ones).
 
     width: features per layer. arch: "batchtopk" (default: at inference a threshold, i.e. a JumpReLU that
@@ -222,7 +225,7 @@ def train_clt(model: Any, layers: "str | int | Sequence[int]" = "all", *, arch: 
     batches = model_batches(model, hooks, contexts, tcfg.batch_size, seed,
                             chunk_contexts=chunk_for(tokens, contexts, row_width))
     res = run_training([learner], batches, tcfg, out, resume=resume, progress=progress,  # type: ignore[list-item]
-                       desc=f"{arch} CLT x{len(wanted)} layers")
+                       desc=f"{arch} CLT x{len(wanted)} layers", on_progress=on_progress)
     clt = learner.export()
     stats = {"train_config": tcfg.to_dict(), "tokens_trained": res.tokens, "steps": res.steps, "source": str(source),
              "context_size": ctx_len, "model": getattr(model, "name", ""), "scale_in": learner.scale_in,

@@ -90,6 +90,39 @@ def rerank_by_steering(model: Any, query: str, candidates: Sequence[tuple[Any, S
     return out[:k] if k is not None else out
 
 
+def rerank_analyses_by_steering(query: str, found: Sequence[tuple[Any, SearchHit]], k: int | None = None, *,
+                                strength: float = 1.0, max_activations: Sequence[float | None] | None = None,
+                                progress: bool = False) -> list[tuple[Any, SearchHit]]:
+    """Concept-search hits (analysis, hit) from one or several analyzed dictionaries, re-ranked by steering them
+    (`rerank_by_steering`); the hits of dictionaries of one model are steered and ranked together. Best k first.
+
+    max_activations: each hit's feature's max activation over its analysis (default: read from each analysis).
+    Every analysis needs its model and dictionary (loaded on first use, or attached by the caller).
+    """
+    if max_activations is None:  # relative strength means what it means on each analysis's pages
+        columns: dict[int, Any] = {}
+        for a, _ in found:
+            if id(a) not in columns:
+                columns[id(a)] = a.store.column("max_act")
+        max_activations = [float(columns[id(a)][h.feature]) for a, h in found]
+    tops = list(max_activations)
+    if len(tops) != len(found):
+        raise InputError(f"{len(tops)} max activations for {len(found)} hits")
+    by_model: dict[str, tuple[Any, list[tuple[Any, SearchHit]], list[float | None]]] = {}
+    owner: dict[int, Any] = {}  # id(dictionary) -> its analysis
+    for (a, h), top in zip(found, tops):
+        model, dictionary = checked_model_and_dictionary(a)
+        owner[id(dictionary)] = a
+        _, cands, group_tops = by_model.setdefault(a.model_name, (model, [], []))
+        cands.append((dictionary, h))
+        group_tops.append(top)
+    out = [(owner[id(d)], h) for model, cands, group_tops in by_model.values()
+           for d, h in rerank_by_steering(model, query, cands, strength=strength, max_activations=group_tops,
+                                          progress=progress)]
+    out.sort(key=lambda ah: -ah[1].score)
+    return out[:k] if k is not None else out
+
+
 def steerable_search(analysis: Any, query: str, k: int = 10, *, pool: int = POOL, strength: float = 1.0,
                      method: str = "auto", progress: bool = False) -> list[SearchHit]:
     """Concept search over one analyzed dictionary, its best `pool` matches checked by steering them (relative
@@ -100,10 +133,6 @@ def steerable_search(analysis: Any, query: str, k: int = 10, *, pool: int = POOL
     if isinstance(pool, bool) or not isinstance(pool, int) or pool <= 0:
         raise InputError(f"pool must be a positive integer, got {pool!r}")
     hits = concept_search(analysis.store, query, k=max(k, pool), method=method)
-    if not hits:
-        return []
-    model, dictionary = checked_model_and_dictionary(analysis)
-    max_act = analysis.store.column("max_act")  # relative strength means what it means on this analysis's pages
-    ranked = rerank_by_steering(model, query, [(dictionary, h) for h in hits], k=k, strength=strength,
-                                progress=progress, max_activations=[float(max_act[h.feature]) for h in hits])
+    ranked = rerank_analyses_by_steering(query, [(analysis, h) for h in hits], k=k, strength=strength,
+                                         progress=progress)
     return [h for _, h in ranked]

@@ -113,12 +113,13 @@ def _build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], tokenizer: An
 def _read_meta(d: Path) -> dict[str, Any]:
     cfg_path = d / "config.json"
     try:
-        meta = json.loads(cfg_path.read_text())
-        if not isinstance(meta, dict):
-            raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
-        return meta
-    except Exception as e:
+        meta = json.loads(cfg_path.read_bytes())
+    except ValueError as e:  # not JSON, or not UTF-8: a file cut off or overwritten
         raise CorruptFileError(f"{cfg_path} is corrupt ({e}); delete {d} to convert again") from e
+    if not isinstance(meta, dict):
+        raise CorruptFileError(f"{cfg_path} is corrupt (expected a JSON object, got {type(meta).__name__}); delete "
+                               f"{d} to convert again")
+    return meta
 
 
 def stale_reason(d: Path, source_id: str) -> str | None:
@@ -139,9 +140,11 @@ def _read_cache(d: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
 
     cfg_path, weights = d / "config.json", d / "model.safetensors"
     meta = _read_meta(d)
+    if not isinstance(meta.get("config"), dict):
+        raise CorruptFileError(f"{cfg_path} is corrupt (no \"config\" object); delete {d} to convert again")
     try:
         cfg = ModelConfig.from_dict(meta["config"])
-    except Exception as e:
+    except (TypeError, ValueError) as e:  # a field missing, unknown or of the wrong type
         raise CorruptFileError(f"{cfg_path} is corrupt ({e}); delete {d} to convert again") from e
     try:
         state = load_file(str(weights))

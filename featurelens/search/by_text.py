@@ -49,24 +49,51 @@ def checked_model_and_dictionary(analysis: Any) -> tuple[Any, Any]:
     return model, dictionary
 
 
-def search_text(analysis: Any, text: str, k: int = 10, per_token: int = 5) -> TextSearchResult:
-    """The features that fire on `text` (over the analysis's dictionary): ranked overall by the share of each
-    feature's maximum over the analyzed corpus, and the top `per_token` at every token.
-
-    >>> fl.open_analysis("~/sae-l6").search_text("The Eiffel Tower is in Paris").overall[:3]
-    """
+def _encode_text(analysis: Any, text: str) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """(model, tokens [1, T], feature activations [T, d_sae] on the CPU, zero at BOS and padding) of `text`."""
     if not isinstance(text, str) or not text.strip():
         raise EmptyQueryError("empty text: give the sentence whose features you want to see")
     model, dictionary = checked_model_and_dictionary(analysis)
     hook = dictionary.cfg.hook_name
     with torch.inference_mode():
         tokens = model.to_tokens(text)
+        if tokens.shape[1] > model.cfg.n_ctx:
+            raise InputError(f"{tokens.shape[1]} tokens is longer than the model's context of {model.cfg.n_ctx} "
+                             f"tokens")
         _, cache = model.run_with_cache(tokens, names_filter=[hook], stop_at_layer=model.hook_spec(hook).stop_layer)
         W = dictionary.W_dec
         x = cache[hook][0].flatten(1).to(device=W.device, dtype=W.dtype)  # [T, d_in] (attention heads flattened)
         f = dictionary.encode(x).float().cpu().clone()  # [T, d_sae]
         f[~content_mask(tokens[0].cpu(), model)] = 0.0
-    f = f.clone()  # a normal tensor, not an inference one
+    return model, tokens, f.clone()  # a normal tensor, not an inference one
+
+
+@dataclass
+class FeatureActivations:
+    """One feature's activation at each token of a text (0 at BOS, which `analyze` also leaves out)."""
+
+    feature: int
+    tokens: list[str]
+    acts: list[float]
+
+
+def feature_activations(analysis: Any, feature: int, text: str) -> FeatureActivations:
+    """The activations of `feature` (of the analysis's dictionary) on each token of `text`.
+
+    >>> fl.open_analysis("~/sae-l6").feature_activations(123, "The Eiffel Tower is in Paris").acts
+    """
+    idx = analysis.check_index(feature)
+    model, tokens, f = _encode_text(analysis, text)
+    return FeatureActivations(feature=idx, tokens=model.to_str_tokens(tokens[0]), acts=f[:, idx].tolist())
+
+
+def search_text(analysis: Any, text: str, k: int = 10, per_token: int = 5) -> TextSearchResult:
+    """The features that fire on `text` (over the analysis's dictionary): ranked overall by the share of each
+    feature's maximum over the analyzed corpus, and the top `per_token` at every token.
+
+    >>> fl.open_analysis("~/sae-l6").search_text("The Eiffel Tower is in Paris").overall[:3]
+    """
+    model, tokens, f = _encode_text(analysis, text)
     ref = torch.from_numpy(np.nan_to_num(analysis.store.column("max_act"), nan=0.0)).float()
     if len(ref) < f.shape[1]:
         ref = torch.cat([ref, torch.zeros(f.shape[1] - len(ref))])

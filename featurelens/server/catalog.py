@@ -175,6 +175,15 @@ def dictionary_dir(data: Path, ident: str) -> tuple[Path | None, Path | None]:
 
 
 # ----------------------------------------------------------------------------------------------- models
+def dictionary_id_of_path(data: Path, path: str | Path) -> str | None:
+    """The id of the dictionary at `path` (or with id `path`), None when the data directory has no such one."""
+    want = Path(path).expanduser().resolve()
+    for d in list_dictionaries(data):
+        if d["id"] == str(path) or (d["path"] and Path(d["path"]).resolve() == want):
+            return d["id"]
+    return None
+
+
 def list_models(data: Path, dictionaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The embedded models, converted model caches under <data>/models, and models dictionaries name."""
     from ..models.loader import list_models as embedded

@@ -8,6 +8,7 @@ job found "running" when the server starts was cut off by the restart and is mar
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import traceback
@@ -15,8 +16,11 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
+from ..errors import FeaturelensError
 from .catalog import UnknownIdError
 from ..io import atomic_write_json
+
+logger = logging.getLogger("featurelens.server")
 
 JOB_ID_LEN = 12
 FINAL = ("done", "failed", "interrupted", "cancelled")
@@ -121,13 +125,12 @@ class JobManager:
                 self.update(job_id, status="done", stage="done", result=result, finished=time.time())
             except JobCancelled:
                 self.update(job_id, status="cancelled", message="cancelled", finished=time.time())
-            except Exception as e:  # noqa: BLE001  (the job's error goes to its record, where the page shows it)
-                from ..errors import FeaturelensError
-
-                msg = str(e) if isinstance(e, (FeaturelensError, ValueError, FileNotFoundError)) else \
-                    f"{type(e).__name__}: {e}"
-                self.update(job_id, status="failed", error=msg, finished=time.time(),
-                            trace=None if isinstance(e, FeaturelensError) else traceback.format_exc(limit=5))
+            except FeaturelensError as e:  # the job's error goes to its record, where the page shows it
+                self.update(job_id, status="failed", error=str(e), finished=time.time(), trace=None)
+            except Exception as e:  # noqa: BLE001  (a bug: logged, and named in the record)
+                logger.exception("job %s (%s) failed", job_id, kind)
+                self.update(job_id, status="failed", error=f"internal error ({type(e).__name__}: {e}); this is a bug "
+                            f"in featurelens", finished=time.time(), trace=traceback.format_exc(limit=5))
             finally:
                 with self._cond:
                     self._live.pop(job_id, None)

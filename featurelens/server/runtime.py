@@ -18,12 +18,6 @@ from . import catalog
 from .freshness import check_fresh, dir_signature, fingerprint_of
 
 
-def _open_analysis() -> Callable[..., Any]:
-    import featurelens as fl
-
-    return getattr(fl, "open_analysis", None) or fl.open_dictionary
-
-
 YIELD_SECONDS = 0.002  # long enough for a thread waiting on the lock to wake and take it
 
 
@@ -111,7 +105,9 @@ class Runtime:
         if ident not in self._analyses:
             # check_same_thread is off in the store (requests come from a thread pool); writes (labels) are
             # serialized by SQLite itself.
-            self._analyses[ident] = _open_analysis()(adir)
+            from ..analysis import open_analysis
+
+            self._analyses[ident] = open_analysis(adir)
         return self._analyses[ident]
 
     def layer_analyses(self, ident: str) -> dict[int, Any]:

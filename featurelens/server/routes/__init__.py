@@ -1,0 +1,10 @@
+"""The API's routes, one `APIRouter` per area; `create_app` includes them in this order."""
+
+from __future__ import annotations
+
+from . import dictionaries, features, graphs, jobs, meta, models, search, steering
+
+ROUTERS = [meta.router, models.router, dictionaries.router, features.router, search.router, steering.router,
+           graphs.router, jobs.router]
+
+__all__ = ["ROUTERS"]

@@ -1,0 +1,107 @@
+"""Background jobs: computing an attribution graph, with progress that pages follow as server-sent events."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Path as PathParam, Query
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from ...progress import ProgressEvent
+from .. import catalog
+from ...attribution.schema import GraphFormatError
+from ..jobs import FINAL, Job
+from ..runtime import yield_lock
+from ..responses import clean, json_response
+from ..schemas import GraphJobRequest
+from ..state import AppState, State
+from ..streaming import sse
+
+router = APIRouter(tags=["jobs"])
+
+
+@router.post("/api/jobs/graph", status_code=202,
+             summary="Compute an attribution graph in the background; follow it at /api/jobs/{id}/events")
+def start_graph_job(state: State, body: GraphJobRequest) -> JSONResponse:
+    entry = state.find_dictionary(body.transcoders)
+    if entry["kind"] != "transcoders":
+        raise GraphFormatError(f"{body.transcoders!r} is a {entry['kind']}, not a set of transcoders; graphs "
+                               f"need transcoders for every layer (featurelens train --transcoder --layers all)")
+    params = body.model_dump()
+    return json_response(state.jobs.submit("graph", params, lambda job: _graph_job(state, job, body, entry)), 202)
+
+
+def _graph_job(state: AppState, job: Job, body: GraphJobRequest, entry: dict[str, Any]) -> dict[str, Any]:
+    from ...attribution import attribute, save_graph
+
+    rt = state.runtime
+    job.progress("loading model and transcoders")
+    tcs = rt.dictionary(body.transcoders)
+    model = rt.model(entry["model"])
+    job.progress("attributing", None, None, "computing edges by batched backward passes")
+
+    def rows_done(ev: ProgressEvent) -> None:  # raises JobCancelled, which stops attribution at this batch
+        job.progress("attributing", ev.done, ev.total, "rows of the edge matrix")
+        # between batches of rows, let the requests waiting for the model run (not after the whole graph)
+        yield_lock(rt.forward_lock)
+
+    with rt.forward_lock:
+        g = attribute(model, tcs, body.prompt, max_feature_nodes=body.max_feature_nodes, batch_size=body.batch_size,
+                      progress=False, on_progress=rows_done, transcoders_path=entry["path"])
+    job.progress("pruning")
+    pruned = g.prune(node_threshold=body.node_threshold, edge_threshold=body.edge_threshold)
+    pruned.info["transcoders_id"] = body.transcoders  # which dictionary the page loads for cards and steering
+    job.progress("saving", message="graph file and feature cards")
+    set_dir = catalog.graphs_root(state.data) / "computed"
+    analyses = rt.layer_analyses(body.transcoders)
+    with rt.forward_lock, state.db_lock:  # the slug is chosen under the graph set's lock (save_graph's unique=True)
+        f = save_graph(pruned, set_dir, slug=body.slug or body.prompt, model=model, transcoders=tcs,
+                       analyses=analyses or None, unique=True)
+    return {"graph": f"computed~{f.stem}", "nodes": int(pruned.kept().sum()), "links": int(pruned.edges.shape[1]),
+            "scores": {k: float(v) for k, v in g.scores.items()}}
+
+
+@router.get("/api/jobs", summary="Recent jobs")
+def list_jobs(state: State, limit: int = Query(50, ge=1, le=500)) -> JSONResponse:
+    return json_response(state.jobs.list(limit))
+
+
+@router.get("/api/jobs/{job}", summary="A job's status, progress, result or error")
+def job(state: State, job: str = PathParam(max_length=40)) -> JSONResponse:
+    return json_response(state.jobs.get(job))
+
+
+@router.delete("/api/jobs/{job}", summary="Cancel a running job (it stops at its next progress report)")
+def cancel_job(state: State, job: str = PathParam(max_length=40)) -> JSONResponse:
+    return json_response(state.jobs.cancel(job))
+
+
+@router.get("/api/jobs/{job}/events", summary="A job's progress as server-sent events",
+            response_description="text/event-stream: `progress` events with the job record until it ends")
+def job_events(state: State, job: str = PathParam(max_length=40)) -> StreamingResponse:
+    jobs = state.jobs
+    rec = jobs.get(job)  # 404 before the stream starts
+
+    def events() -> Any:
+        backlog = jobs.changes_since(job, -1, timeout=0.0) or [rec]  # a late subscriber still sees every stage
+        for cur in backlog[:-1]:
+            yield sse("progress", clean(cur))
+        cur = backlog[-1]
+        last_beat = time.monotonic()
+        while True:
+            yield sse("progress", clean(cur))
+            if cur.get("status") in FINAL:
+                yield sse("end", {"status": cur["status"]})
+                return
+            newer = jobs.changes_since(job, cur.get("version", 0), timeout=10.0)
+            if not newer:
+                if time.monotonic() - last_beat > 9:
+                    last_beat = time.monotonic()
+                    yield ": keep-alive\n\n"
+                continue
+            for cur in newer[:-1]:
+                yield sse("progress", clean(cur))
+            cur = newer[-1]
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
