@@ -366,13 +366,9 @@ def test_an_event_stream_of_another_servers_job_waits_instead_of_spinning(tmp_pa
 def test_a_graph_job_lets_other_requests_use_the_model_and_stops_when_cancelled():
     """Between batches of attribution rows the job lets go of the model lock (another request waits a batch, not
     the whole graph), and a cancelled job stops at the next batch."""
-    import importlib
-
-    from featurelens.server.app import _rows_reported_to
+    from featurelens.progress import ProgressEvent
     from featurelens.server.jobs import JobCancelled
-
-    pytest.importorskip("featurelens.attribution.attribute")
-    mod = importlib.import_module("featurelens.attribution.attribute")
+    from featurelens.server.routes.jobs import attribution_progress
 
     class FakeJob:
         def __init__(self):
@@ -389,12 +385,12 @@ def test_a_graph_job_lets_other_requests_use_the_model_and_stops_when_cancelled(
 
     def attribution():  # 300 batches of 10 ms under the model lock, as the graph job runs attribute()
         try:
-            with lock, _rows_reported_to(job, lock):
-                bar = mod.tqdm(total=300)
+            with lock:
+                report = attribution_progress(job, lock)
                 holding.set()
-                for _ in range(300):
+                for i in range(300):
                     time.sleep(0.01)
-                    bar.update(1)
+                    report(ProgressEvent("attributing", i + 1, 300, "rows"))
             outcome.append("done")
         except JobCancelled:
             outcome.append("cancelled")

@@ -75,6 +75,7 @@ OPTIONS: dict[str, Option] = {o.dest: o for o in (
     Option(("--seed",), "seed", "random seed", type=int),
     Option(("--transcoders",), "transcoders", "the transcoders: a transcoder set or cross-layer transcoder "
                                               "directory", metavar="PATH"),
+    Option(("--layer",), "layer", "one layer of the model, by number", type=int),
     Option(("--layers",), "layers", "which layers: all, or a comma-separated list such as 0,6,12", type=layer_list),
     Option(("--hook",), "hook", "a hook name, e.g. blocks.6.hook_resid_post"),
     Option(("--host",), "host", "address to bind"),

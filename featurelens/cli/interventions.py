@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     common.add_model(p, default="the one the dictionary was trained on")
     p.add_argument("path", help="a saved sparse dictionary (its directory, SAELens layout) or a transcoder set")
     p.add_argument("prompt", help="the text to continue")
-    p.add_argument("--layer", type=int, default=None, help="which layer's transcoder, when PATH is a transcoder set")
+    common.add(p, "layer", note="(here: which layer's transcoder, when PATH is a transcoder set)")
     p.add_argument("--feature", action="append", default=[], metavar="IDX:STRENGTH",
                    help="add STRENGTH x the feature's decoder direction, e.g. 1234:+8 or 77:-4 (repeatable)")
     p.add_argument("--clamp", action="append", default=[], metavar="IDX:VALUE",

@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Path as PathParam, Query
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ...progress import ProgressEvent
+from ...progress import OnProgress, ProgressEvent
 from .. import catalog
 from ...attribution.schema import GraphFormatError
 from ..jobs import FINAL, Job
@@ -40,15 +40,10 @@ def _graph_job(state: AppState, job: Job, body: GraphJobRequest, entry: dict[str
     tcs = rt.dictionary(body.transcoders)
     model = rt.model(entry["model"])
     job.progress("attributing", None, None, "computing edges by batched backward passes")
-
-    def rows_done(ev: ProgressEvent) -> None:  # raises JobCancelled, which stops attribution at this batch
-        job.progress("attributing", ev.done, ev.total, "rows of the edge matrix")
-        # between batches of rows, let the requests waiting for the model run (not after the whole graph)
-        yield_lock(rt.forward_lock)
-
     with rt.forward_lock:
         g = attribute(model, tcs, body.prompt, max_feature_nodes=body.max_feature_nodes, batch_size=body.batch_size,
-                      progress=False, on_progress=rows_done, transcoders_path=entry["path"])
+                      progress=False, on_progress=attribution_progress(job, rt.forward_lock),
+                      transcoders_path=entry["path"])
     job.progress("pruning")
     pruned = g.prune(node_threshold=body.node_threshold, edge_threshold=body.edge_threshold)
     pruned.info["transcoders_id"] = body.transcoders  # which dictionary the page loads for cards and steering
@@ -60,6 +55,18 @@ def _graph_job(state: AppState, job: Job, body: GraphJobRequest, entry: dict[str
                        analyses=analyses or None, unique=True)
     return {"graph": f"computed~{f.stem}", "nodes": int(pruned.kept().sum()), "links": int(pruned.edges.shape[1]),
             "scores": {k: float(v) for k, v in g.scores.items()}}
+
+
+def attribution_progress(job: Job, model_lock: Any) -> OnProgress:
+    """The `on_progress` of a graph job's attribution: each batch of rows is reported to `job` (a cancelled job raises
+    JobCancelled there, which stops attribution at that batch), then the model lock, which the caller holds, is let
+    go for a moment, so that requests waiting for the model run between batches instead of after the whole graph."""
+
+    def rows_done(ev: ProgressEvent) -> None:
+        job.progress("attributing", ev.done, ev.total, "rows of the edge matrix")
+        yield_lock(model_lock)
+
+    return rows_done
 
 
 @router.get("/api/jobs", summary="Recent jobs")
