@@ -91,7 +91,7 @@ def load_or_train_transcoders(model: Any, args: argparse.Namespace) -> tuple[Any
 
 def circuit_tracer_transcoders(tset: Any, source: Path) -> Path:
     """The transcoders in circuit-tracer's layout (`fl.save_circuit_tracer`, which circuit-tracer's loader reads: see
-    tests/test_transcoders.py) under <data dir>/bench-transcoders/<name>-circuit-tracer."""
+    tests/dictionaries/test_transcoders.py) under <data dir>/bench-transcoders/<name>-circuit-tracer."""
     import featurelens as fl
     from featurelens.paths import sub_dir
 

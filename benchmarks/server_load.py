@@ -2,13 +2,13 @@
 
     python benchmarks/server_load.py [--requests 1000] [--clients 16] [--seed 0]
 
-Serves a copy of the tiny test data directory (tests/test_web_fixtures.py: a 2-layer Llama, an analyzed SAE,
+Serves a copy of the tiny test data directory (tests/builders.py: a 2-layer Llama, an analyzed SAE,
 transcoders, a graph) with uvicorn on 127.0.0.1 and sends a fixed mix of requests from --clients threads: dashboards,
 listings, searches, label edits, graph uploads, steering, text activations, while graph jobs run one after another
 in the background. Then it restarts the server on the same directory and checks that every upload answered 2xx is
 listed and every label answered 2xx reads back (the last one each feature was given). Prints counts by status, the
 p50 / p95 latency of the light endpoints overall and while a graph job ran, and what was lost (nothing, or it
-exits 1). tests/test_load.py runs the same with assertions.
+exits 1). tests/server/test_load.py runs the same with assertions.
 """
 
 from __future__ import annotations
@@ -228,7 +228,7 @@ def main() -> int:
     args = ap.parse_args()
     repo = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(repo / "tests"))
-    import test_web_fixtures as web
+    import builders as web
 
     from featurelens import paths
 

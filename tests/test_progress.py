@@ -9,7 +9,7 @@ import pytest
 import featurelens as fl
 from featurelens.progress import ProgressBar, ProgressEvent
 
-import test_web_fixtures as web
+import builders as web
 
 
 @pytest.fixture(scope="module")

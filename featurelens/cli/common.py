@@ -3,7 +3,7 @@ command works on, and a console that prints text as it is.
 
 One flag, one meaning: every option that more than one command takes is defined once in `OPTIONS` (its spellings,
 destination, type and meaning), and commands add it with `add(parser, key)`, choosing only its default and a note of
-their own. A command-specific option must not reuse a spelling from `OPTIONS`. tests/test_cli.py walks the real
+their own. A command-specific option must not reuse a spelling from `OPTIONS`. tests/cli/test_cli.py walks the real
 parser and holds every command to this.
 """
 

@@ -1,5 +1,5 @@
 """The web app in a real headless Chromium (Debian's /usr/bin/chromium driven by Playwright), against a uvicorn
-server this test starts on a free loopback port over the tiny data directory of tests/test_web_fixtures.py.
+server this test starts on a free loopback port over the tiny data directory of tests/builders.py.
 
 The walk: home -> concept search -> feature page (label edit, test your text) -> steer -> circuit explorer (compute
 a graph as a background job, open the saved graph, hover, click a node, pin it, group a supernode, reload with the
@@ -44,11 +44,11 @@ except ImportError as e:
 
 from featurelens.server import create_app  # noqa: E402
 
-import test_web_fixtures as web  # noqa: E402
+import builders as web  # noqa: E402
 
 ARGS = ["--no-sandbox", "--disable-gpu", "--headless", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 def _free_port() -> int:
@@ -319,7 +319,7 @@ def test_upload_and_bad_input_shows_errors_not_crashes(server, page, tmp_path):
     page.goto(base + "/#/graph")
     page.wait_for_selector("input[aria-label='upload graph JSON']")
     # a graph file circuit-tracer itself wrote (its create_graph_files, from the attribution benchmark)
-    ct = Path(__file__).parent / "data" / "circuit-tracer-graph.json"
+    ct = Path(__file__).resolve().parents[1] / "fixtures" / "circuit-tracer-graph.json"
     page.set_input_files("input[aria-label='upload graph JSON']", str(ct))
     page.wait_for_function("location.hash.startsWith('#/graph/uploads')")
     page.wait_for_selector("#graph-canvas")

@@ -18,127 +18,11 @@ transformers = pytest.importorskip("transformers")
 import featurelens as fl  # noqa: E402
 from featurelens.engine.generate import generate_tokens  # noqa: E402
 from featurelens.engine.hooks import BLOCK_HOOKS  # noqa: E402
-
-VOCAB = 96
-BATCH, SEQ = 2, 40
-WINDOW = 7  # tiny sliding window: SEQ and every generation run well past it
-TOL = 1e-4
-
-# --------------------------------------------------------------------------- tiny configs, one per family
-
-_LLAMA_COMMON = dict(
-    vocab_size=VOCAB, hidden_size=64, intermediate_size=112, num_hidden_layers=3, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
-    pad_token_id=0,
+from builders import (  # noqa: E402  the tiny configs of every family, shared with other tests
+    BATCH, FAMILIES, SEQ, VOCAB, WINDOW, _LLAMA_COMMON, _build, _gemma, _gemma2, _gemma3, _gpt2, _llama, _llama3_untied, _qwen2, _qwen2_sliding, _qwen3, _randomize, _tokens,
 )
 
-
-def _gemma() -> Any:  # Gemma 1: (1 + w) norms, sqrt(d_model) embedding scale, MQA, head_dim != d_model / heads
-    return transformers.GemmaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=1, head_dim=24, max_position_embeddings=256, rope_theta=500.0, rms_norm_eps=1e-6,
-        hidden_act="gelu_pytorch_tanh",
-    )
-
-
-def _gemma2() -> Any:  # soft-capped scores and logits (small caps so they bind), alternating sliding windows
-    return transformers.Gemma2Config(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, query_pre_attn_scalar=24,
-        attn_logit_softcapping=3.0, final_logit_softcapping=5.0, sliding_window=WINDOW, rope_theta=1000.0,
-    )
-
-
-def _gemma3() -> Any:  # sliding + global layers with two rope bases (global one linearly scaled), qk-norm
-    return transformers.Gemma3TextConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=32, max_position_embeddings=256, query_pre_attn_scalar=20,
-        sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"] * 2,
-        rope_parameters={
-            "sliding_attention": {"rope_type": "default", "rope_theta": 50.0},
-            "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10_000.0},
-        },
-    )
-
-
-def _llama() -> Any:  # SmolLM2-like: tied embeddings, GQA
-    return transformers.LlamaConfig(**_LLAMA_COMMON, tie_word_embeddings=True, rope_theta=1000.0)
-
-
-def _llama3_untied() -> Any:  # llama3 rope scaling whose three frequency bands all occur at head_dim 16
-    return transformers.LlamaConfig(
-        **_LLAMA_COMMON, tie_word_embeddings=False,
-        rope_parameters={"rope_type": "llama3", "rope_theta": 10_000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
-    )
-
-
-def _qwen2() -> Any:  # biases on q, k, v (not on o)
-    return transformers.Qwen2Config(**_LLAMA_COMMON, tie_word_embeddings=False, rope_theta=2000.0)
-
-
-def _qwen2_sliding() -> Any:  # use_sliding_window: layers from max_window_layers on slide
-    return transformers.Qwen2Config(
-        **_LLAMA_COMMON, tie_word_embeddings=True, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1,
-    )
-
-
-def _qwen3() -> Any:  # qk-norm, head_dim (24) != d_model / heads (16)
-    return transformers.Qwen3Config(**_LLAMA_COMMON, head_dim=24, tie_word_embeddings=True, rope_theta=3000.0)
-
-
-def _gpt2() -> Any:  # learned positions, LayerNorm with bias, Conv1D weights, biases everywhere
-    return transformers.GPT2Config(
-        vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, n_positions=128, activation_function="gelu_new",
-        bos_token_id=1, eos_token_id=2,
-    )
-
-
-FAMILIES: dict[str, tuple[Callable[[], Any], str]] = {
-    "gemma": (_gemma, "GemmaForCausalLM"),
-    "gemma2": (_gemma2, "Gemma2ForCausalLM"),
-    "gemma3_text": (_gemma3, "Gemma3ForCausalLM"),
-    "llama": (_llama, "LlamaForCausalLM"),
-    "llama3_untied": (_llama3_untied, "LlamaForCausalLM"),
-    "qwen2": (_qwen2, "Qwen2ForCausalLM"),
-    "qwen2_sliding": (_qwen2_sliding, "Qwen2ForCausalLM"),
-    "qwen3": (_qwen3, "Qwen3ForCausalLM"),
-    "gpt2": (_gpt2, "GPT2LMHeadModel"),
-}
-
-
-def _randomize(model: torch.nn.Module, seed: int) -> None:
-    """Every parameter random and far from its default: norm weights around 1 (or around 0.5 for Gemma's
-    1 + w), biases non-zero, matrices scaled by 1/sqrt(fan_in) so activations stay O(1)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            r = torch.randn(p.shape, generator=g)
-            if "norm" in name or ".ln_" in name:
-                p.copy_(0.5 + 0.3 * r if p.dim() == 1 and name.endswith("weight") else 0.2 * r)
-            elif p.dim() == 1:  # biases
-                p.copy_(0.3 * r)
-            elif "embed_tokens" in name or "wte" in name or "lm_head" in name:
-                p.copy_(r)
-            elif "wpe" in name:
-                p.copy_(0.5 * r)
-            else:  # nn.Linear is [out, in]; GPT-2's Conv1D is [in, out]
-                fan_in = p.shape[0] if type(model).__name__.startswith("GPT2") else p.shape[1]
-                p.copy_(r / math.sqrt(fan_in))
-
-
-def _build(family: str) -> tuple[str, Any, fl.HookedTransformer]:
-    make_config, cls_name = FAMILIES[family]
-    hf_cfg = make_config()
-    hf_cfg._attn_implementation = "eager"
-    torch.manual_seed(0)
-    hf = getattr(transformers, cls_name)(hf_cfg).eval()
-    _randomize(hf, seed=len(family))
-    if not hf_cfg.to_dict().get("tie_word_embeddings", True) and hasattr(hf, "lm_head"):
-        assert hf.lm_head.weight.data_ptr() != hf.get_input_embeddings().weight.data_ptr()
-    ours = fl.from_transformers(hf)
-    return family, hf, ours
-
+TOL = 1e-4
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
@@ -153,11 +37,6 @@ def _one_thread():
 def pair(request) -> tuple[str, Any, fl.HookedTransformer]:
     """(family, HF model, our model) on the same random weights."""
     return _build(request.param)
-
-
-def _tokens(seed: int = 0, batch: int = BATCH, seq: int = SEQ) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, VOCAB, (batch, seq), generator=g)
 
 
 def _hf_logits(hf: Any, tokens: torch.Tensor, **kw: Any) -> Any:

@@ -1,4 +1,10 @@
-"""A tiny, hermetic data directory for the web app's tests (tests/test_server.py, tests/test_web.py).
+"""What the tests build, in one place: tiny random models and dictionaries, and a tiny data directory for the web app.
+
+- Tiny models of every supported family as `transformers` models with random weights (`FAMILIES`, `_build`:
+  the HF model and ours on the same weights), for the exactness tests against `transformers`.
+- Tiny featurelens models (`tiny_model`) with random per-layer and cross-layer transcoders (`tiny_transcoders`,
+  `tiny_clt`), for attribution.
+- The web app's data directory (below):
 
 A 2-layer random Llama with a byte-level BPE tokenizer trained here on made-up sentences (some of them HTML- and
 script-like, as the real corpus has), a TopK SAE trained on it and analyzed, per-layer transcoders, and a saved
@@ -8,11 +14,205 @@ attribution graph in circuit-tracer's format over those transcoders. Built in a 
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+
+import featurelens as fl
+from featurelens.dictionaries.clt import CLTConfig, CrossLayerTranscoder
+from featurelens.dictionaries.sae import DictionaryConfig, SparseDictionary, TranscoderSet
+from featurelens.engine.config import ModelConfig
+from featurelens.engine.hooked import HookedTransformer
+
+
+def _transformers() -> Any:
+    import transformers  # slow to import: only the tests that build HF models pay for it
+
+    return transformers
+
+
+# --------------------------------------------------------------------------- tiny HF models, one per family
+VOCAB = 96
+BATCH, SEQ = 2, 40
+WINDOW = 7  # tiny sliding window: SEQ and every generation run well past it
+
+# --------------------------------------------------------------------------- tiny configs, one per family
+
+_LLAMA_COMMON = dict(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=112, num_hidden_layers=3, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+    pad_token_id=0,
+)
+
+
+def _gemma() -> Any:  # Gemma 1: (1 + w) norms, sqrt(d_model) embedding scale, MQA, head_dim != d_model / heads
+    return _transformers().GemmaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=24, max_position_embeddings=256, rope_theta=500.0, rms_norm_eps=1e-6,
+        hidden_act="gelu_pytorch_tanh",
+    )
+
+
+def _gemma2() -> Any:  # soft-capped scores and logits (small caps so they bind), alternating sliding windows
+    return _transformers().Gemma2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, query_pre_attn_scalar=24,
+        attn_logit_softcapping=3.0, final_logit_softcapping=5.0, sliding_window=WINDOW, rope_theta=1000.0,
+    )
+
+
+def _gemma3() -> Any:  # sliding + global layers with two rope bases (global one linearly scaled), qk-norm
+    return _transformers().Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, max_position_embeddings=256, query_pre_attn_scalar=20,
+        sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"] * 2,
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 50.0},
+            "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10_000.0},
+        },
+    )
+
+
+def _llama() -> Any:  # SmolLM2-like: tied embeddings, GQA
+    return _transformers().LlamaConfig(**_LLAMA_COMMON, tie_word_embeddings=True, rope_theta=1000.0)
+
+
+def _llama3_untied() -> Any:  # llama3 rope scaling whose three frequency bands all occur at head_dim 16
+    return _transformers().LlamaConfig(
+        **_LLAMA_COMMON, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 10_000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+    )
+
+
+def _qwen2() -> Any:  # biases on q, k, v (not on o)
+    return _transformers().Qwen2Config(**_LLAMA_COMMON, tie_word_embeddings=False, rope_theta=2000.0)
+
+
+def _qwen2_sliding() -> Any:  # use_sliding_window: layers from max_window_layers on slide
+    return _transformers().Qwen2Config(
+        **_LLAMA_COMMON, tie_word_embeddings=True, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1,
+    )
+
+
+def _qwen3() -> Any:  # qk-norm, head_dim (24) != d_model / heads (16)
+    return _transformers().Qwen3Config(**_LLAMA_COMMON, head_dim=24, tie_word_embeddings=True, rope_theta=3000.0)
+
+
+def _gpt2() -> Any:  # learned positions, LayerNorm with bias, Conv1D weights, biases everywhere
+    return _transformers().GPT2Config(
+        vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, n_positions=128, activation_function="gelu_new",
+        bos_token_id=1, eos_token_id=2,
+    )
+
+
+FAMILIES: dict[str, tuple[Callable[[], Any], str]] = {
+    "gemma": (_gemma, "GemmaForCausalLM"),
+    "gemma2": (_gemma2, "Gemma2ForCausalLM"),
+    "gemma3_text": (_gemma3, "Gemma3ForCausalLM"),
+    "llama": (_llama, "LlamaForCausalLM"),
+    "llama3_untied": (_llama3_untied, "LlamaForCausalLM"),
+    "qwen2": (_qwen2, "Qwen2ForCausalLM"),
+    "qwen2_sliding": (_qwen2_sliding, "Qwen2ForCausalLM"),
+    "qwen3": (_qwen3, "Qwen3ForCausalLM"),
+    "gpt2": (_gpt2, "GPT2LMHeadModel"),
+}
+
+
+def _randomize(model: torch.nn.Module, seed: int) -> None:
+    """Every parameter random and far from its default: norm weights around 1 (or around 0.5 for Gemma's
+    1 + w), biases non-zero, matrices scaled by 1/sqrt(fan_in) so activations stay O(1)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            r = torch.randn(p.shape, generator=g)
+            if "norm" in name or ".ln_" in name:
+                p.copy_(0.5 + 0.3 * r if p.dim() == 1 and name.endswith("weight") else 0.2 * r)
+            elif p.dim() == 1:  # biases
+                p.copy_(0.3 * r)
+            elif "embed_tokens" in name or "wte" in name or "lm_head" in name:
+                p.copy_(r)
+            elif "wpe" in name:
+                p.copy_(0.5 * r)
+            else:  # nn.Linear is [out, in]; GPT-2's Conv1D is [in, out]
+                fan_in = p.shape[0] if type(model).__name__.startswith("GPT2") else p.shape[1]
+                p.copy_(r / math.sqrt(fan_in))
+
+
+def _build(family: str) -> tuple[str, Any, fl.HookedTransformer]:
+    make_config, cls_name = FAMILIES[family]
+    hf_cfg = make_config()
+    hf_cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    hf = getattr(_transformers(), cls_name)(hf_cfg).eval()
+    _randomize(hf, seed=len(family))
+    if not hf_cfg.to_dict().get("tie_word_embeddings", True) and hasattr(hf, "lm_head"):
+        assert hf.lm_head.weight.data_ptr() != hf.get_input_embeddings().weight.data_ptr()
+    ours = fl.from_transformers(hf)
+    return family, hf, ours
+
+
+def _tokens(seed: int = 0, batch: int = BATCH, seq: int = SEQ) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, seq), generator=g)
+
+
+# --------------------------------------------------------------------------- tiny featurelens models and transcoders
+TOKENS = torch.tensor([1, 5, 7, 9, 11, 13, 2, 4, 21, 8])
+D = 32
+
+
+def tiny_model(kind: str = "gemma3", seed: int = 0) -> HookedTransformer:
+    torch.manual_seed(seed)
+    common = dict(n_layers=3, d_model=D, n_heads=4, n_kv_heads=2, d_head=8, d_mlp=48, d_vocab=50, n_ctx=64,
+                  bos_token_id=1)
+    if kind == "gemma3":
+        cfg = ModelConfig(architecture="gemma3", post_attn_norm=True, post_mlp_norm=True, qk_norm=True,
+                          embed_scale=D**0.5, act_fn="gelu_tanh", rope_local_base=100.0, sliding_window=4,
+                          layer_types=["sliding", "global", "sliding"], **common)
+    else:
+        cfg = ModelConfig(architecture="llama", **common)
+    model = HookedTransformer(cfg, name=f"tiny-{kind}")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".w"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0, 0.2)
+    return model.to(torch.float64)
+
+
+def tiny_transcoders(model: HookedTransformer, skip: bool = False, layers=None, seed: int = 1) -> TranscoderSet:
+    torch.manual_seed(seed)
+    out = {}
+    for layer in layers if layers is not None else range(model.cfg.n_layers):
+        cfg = DictionaryConfig(d_in=D, d_sae=64, arch="topk", k=6, transcoder=True, skip=skip, dtype="float64",
+                               hook_name=f"blocks.{layer}.ln2.hook_normalized",
+                               hook_name_out=f"blocks.{layer}.hook_mlp_out", model_name=model.name)
+        tc = SparseDictionary(cfg)
+        with torch.no_grad():
+            tc.b_enc.normal_(0, 0.1)
+            tc.b_dec.normal_(0, 0.1)
+            if skip:
+                tc.W_skip.normal_(0, 0.1)
+        out[layer] = tc
+    return TranscoderSet(out)
+
+
+def tiny_clt(model: HookedTransformer, skip: bool = True, seed: int = 2) -> CrossLayerTranscoder:
+    torch.manual_seed(seed)
+    clt = CrossLayerTranscoder(CLTConfig(layers=[0, 1, 2], d_in=D, d_sae=48, arch="topk", k=5, skip=skip,
+                                         model_name=model.name, dtype="float64"))
+    with torch.no_grad():
+        for p in clt.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return clt
+
+
+# --------------------------------------------------------------------------- the web app's data directory
 
 MODEL = "tiny-llama"
 SAE_ID = f"{MODEL}~sae"

@@ -25,7 +25,7 @@ import torch
 from featurelens.io import (LockedError, atomic_dir, atomic_write_json, clean_stale_tmp, hold_lock, is_tmp,
                             tmp_path as tmp_name)
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _stray(root: Path) -> list[Path]:
@@ -150,7 +150,7 @@ def test_a_dictionary_save_killed_anywhere_leaves_the_old_or_the_new_one(tmp_pat
 # ----------------------------------------------------------------------------------------------- analyses
 @pytest.fixture(scope="module")
 def web_data(tmp_path_factory):
-    import test_web_fixtures as web
+    import builders as web
 
     return web.shared_data(tmp_path_factory)
 
@@ -158,7 +158,7 @@ def web_data(tmp_path_factory):
 @pytest.fixture
 def own_data(web_data, tmp_path):
     """A data directory of our own (the SAE and its analysis copied from the shared one), to rebuild and retrain."""
-    import test_web_fixtures as web
+    import builders as web
 
     data, model = web_data
     mine = tmp_path / "data"
@@ -168,7 +168,7 @@ def own_data(web_data, tmp_path):
 
 
 def _test_contexts(model):
-    import test_web_fixtures as web
+    import builders as web
 
     ctx = web._contexts(model, web.sentences())
     return ctx[len(ctx) * 3 // 4:]
@@ -180,7 +180,7 @@ def test_labels_saved_while_the_analysis_is_rebuilt_are_kept(own_data):
     from fastapi.testclient import TestClient
 
     import featurelens as fl
-    import test_web_fixtures as web
+    import builders as web
     from featurelens.server import create_app
 
     data, model = own_data
@@ -202,7 +202,7 @@ def test_labels_saved_while_the_analysis_is_rebuilt_are_kept(own_data):
 
 def test_a_second_analysis_of_one_directory_stops_with_a_clear_error(own_data):
     import featurelens as fl
-    import test_web_fixtures as web
+    import builders as web
 
     data, model = own_data
     sae = data / "dictionaries" / web.MODEL / "sae"
@@ -217,7 +217,7 @@ def test_an_analysis_of_other_weights_is_never_served(own_data):
     from fastapi.testclient import TestClient
 
     import featurelens as fl
-    import test_web_fixtures as web
+    import builders as web
     from featurelens.server import create_app
 
     data, model = own_data
@@ -236,7 +236,7 @@ def test_an_analysis_of_other_weights_is_never_served(own_data):
 
 def test_train_overwrite_removes_the_old_analysis(own_data):
     import featurelens as fl
-    import test_web_fixtures as web
+    import builders as web
 
     data, model = own_data
     sae = data / "dictionaries" / web.MODEL / "sae"
@@ -271,7 +271,7 @@ def test_loopback_server_refuses_foreign_host_and_origin(tmp_path):
 def test_body_size_upload_and_job_limits(tmp_path, web_data):
     from fastapi.testclient import TestClient
 
-    import test_web_fixtures as web
+    import builders as web
     from featurelens.server.security import Limits
 
     g = json.loads((web_data[0] / "graphs" / "demo" / "tiny-prompt.json").read_text())
@@ -412,7 +412,7 @@ _ANALYZE_SCRIPT = textwrap.dedent("""
     import sys
     sys.path.insert(0, sys.argv[3])
     import featurelens as fl
-    import test_web_fixtures as web
+    import builders as web
     model = fl.load_model(sys.argv[1])
     ctx = web._contexts(model, web.sentences())
     fl.analyze(model, sys.argv[2], ctx[len(ctx) * 3 // 4:], n_tokens=None, batch_size=8, embed=False, progress=False,
@@ -425,7 +425,7 @@ def test_an_analysis_rebuild_killed_while_publishing_leaves_the_old_one(own_data
     """SIGKILL in the middle of copying the rebuilt analysis into the live file: the old analysis, with the user's
     label, is what opens afterwards, and the next run cleans up and completes."""
     import featurelens as fl
-    import test_web_fixtures as web
+    import builders as web
 
     data, model = own_data
     sae = data / "dictionaries" / web.MODEL / "sae"

@@ -21,8 +21,8 @@ from featurelens.attribution.files import (METADATA_FILE, add_to_set, graph_json
                                            read_feature_card, read_listing)
 from featurelens.attribution.schema import (GraphFormatError, check_scan, is_feature, node_kind, scan_dir,
                                             validate_graph)
-from tests.test_graph_clients import tiny_model, tiny_transcoders
-from tests.test_web_fixtures import synthetic_graph
+from builders import synthetic_graph
+from test_graph_clients import tiny_model, tiny_transcoders
 
 
 @pytest.fixture(scope="module")
@@ -80,11 +80,12 @@ def test_concurrent_processes_share_the_set_lock(tmp_path):
     import sys
 
     code = ("import json, sys; from featurelens.attribution.files import add_to_set; "
-            "from tests.test_graph_files import _small_graph\n"
+            "from test_graph_files import _small_graph\n"
             "for i in range(6):\n"
             "    g = _small_graph('shared'); g['metadata']['prompt'] = sys.argv[2] + str(i)\n"
             "    print(add_to_set(sys.argv[1], g, unique=True))")
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    here = Path(__file__).resolve().parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(map(str, (here.parents[1], here.parent, here))))
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), f"p{k}-"], stdout=subprocess.PIPE,
                               text=True, env=env) for k in range(2)]
     out = [p.communicate(timeout=300)[0].split() for p in procs]

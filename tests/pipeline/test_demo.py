@@ -18,7 +18,7 @@ from featurelens.errors import InputError
 from featurelens.pipeline import DEMO_STEPS, DemoBudget, demo_state, run_demo
 from featurelens.pipeline.demo import step_keys
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 QUICK_LIMIT_S = 600
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import featurelens as fl
 from featurelens.errors import InputError
-from test_architectures import FAMILIES, _build, _tokens  # the tiny configs of every family
+from builders import FAMILIES, _build, _tokens  # the tiny configs of every family
 
 SEQ = 16
 

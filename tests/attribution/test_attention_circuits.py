@@ -1,8 +1,8 @@
 """Attention circuits are exact: the head split of an edge and the node-pair decomposition of an attention score.
 
 Checked against independent computations on a tiny random model of every family (converted from `transformers`
-as in test_architectures: GQA, MQA, qk-norm, post-attention norms, sliding windows, soft-capped scores, biases,
-learned positions) and on test_attribution's tiny models with skip, plain, cross-layer and partial transcoders:
+as in tests/builders.py: GQA, MQA, qk-norm, post-attention norms, sliding windows, soft-capped scores, biases,
+learned positions) and on its tiny featurelens models with skip, plain, cross-layer and partial transcoders:
 
 * each layer's bypass equals the edge recomputed with that layer's attention output cut from the frozen model
   (its value held, no gradient through it), and each head's part equals the edge with only that head's values
@@ -25,7 +25,7 @@ from featurelens.attribution.qk import BIAS, attention_story, qk_decomposition, 
 from featurelens.attribution.replacement import demeaned_unembedding, frozen_forward
 from featurelens.dictionaries.sae import DictionaryConfig, SparseDictionary, TranscoderSet
 from featurelens.errors import InputError
-from test_attribution import TOKENS, cli_setup, tiny_clt, tiny_model, tiny_transcoders  # noqa: F401 (a fixture)
+from builders import TOKENS, tiny_clt, tiny_model, tiny_transcoders
 
 OV_TOL = 1e-5
 QK_TOL = 1e-4
@@ -53,7 +53,7 @@ def _transcoders(model, skip: bool = True, seed: int = 3, width: int = 96, k: in
 
 def _family(name: str):
     pytest.importorskip("transformers")
-    from test_architectures import _build
+    from builders import _build
 
     _, _, model = _build(name)
     model = model.to(torch.float64)

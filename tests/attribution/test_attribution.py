@@ -28,55 +28,7 @@ from featurelens.engine.config import ModelConfig
 from featurelens.engine.hooked import HookedTransformer
 from featurelens.errors import FeaturelensError, InputError
 
-TOKENS = torch.tensor([1, 5, 7, 9, 11, 13, 2, 4, 21, 8])
-D = 32
-
-
-def tiny_model(kind: str = "gemma3", seed: int = 0) -> HookedTransformer:
-    torch.manual_seed(seed)
-    common = dict(n_layers=3, d_model=D, n_heads=4, n_kv_heads=2, d_head=8, d_mlp=48, d_vocab=50, n_ctx=64,
-                  bos_token_id=1)
-    if kind == "gemma3":
-        cfg = ModelConfig(architecture="gemma3", post_attn_norm=True, post_mlp_norm=True, qk_norm=True,
-                          embed_scale=D**0.5, act_fn="gelu_tanh", rope_local_base=100.0, sliding_window=4,
-                          layer_types=["sliding", "global", "sliding"], **common)
-    else:
-        cfg = ModelConfig(architecture="llama", **common)
-    model = HookedTransformer(cfg, name=f"tiny-{kind}")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".w"):
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-            else:
-                p.normal_(0, 0.2)
-    return model.to(torch.float64)
-
-
-def tiny_transcoders(model: HookedTransformer, skip: bool = False, layers=None, seed: int = 1) -> TranscoderSet:
-    torch.manual_seed(seed)
-    out = {}
-    for layer in layers if layers is not None else range(model.cfg.n_layers):
-        cfg = DictionaryConfig(d_in=D, d_sae=64, arch="topk", k=6, transcoder=True, skip=skip, dtype="float64",
-                               hook_name=f"blocks.{layer}.ln2.hook_normalized",
-                               hook_name_out=f"blocks.{layer}.hook_mlp_out", model_name=model.name)
-        tc = SparseDictionary(cfg)
-        with torch.no_grad():
-            tc.b_enc.normal_(0, 0.1)
-            tc.b_dec.normal_(0, 0.1)
-            if skip:
-                tc.W_skip.normal_(0, 0.1)
-        out[layer] = tc
-    return TranscoderSet(out)
-
-
-def tiny_clt(model: HookedTransformer, skip: bool = True, seed: int = 2) -> CrossLayerTranscoder:
-    torch.manual_seed(seed)
-    clt = CrossLayerTranscoder(CLTConfig(layers=[0, 1, 2], d_in=D, d_sae=48, arch="topk", k=5, skip=skip,
-                                         model_name=model.name, dtype="float64"))
-    with torch.no_grad():
-        for p in clt.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return clt
+from builders import D, TOKENS, tiny_clt, tiny_model, tiny_transcoders  # noqa: E402
 
 
 @pytest.fixture(scope="module", params=["gemma3-skip", "llama-plain", "gemma3-clt", "llama-partial"])
@@ -590,29 +542,6 @@ def test_top_level_exports():
 
 
 # --------------------------------------------------------------------------------------------- command line
-
-
-class _CharTokenizer:
-    """Characters as tokens (ids 2..49), enough for the command line to take text prompts on a tiny model."""
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return [2 + ord(c) % 48 for c in text]
-
-    def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        return "".join(chr(ord("a") + (i - 2) % 26) if i >= 2 else "" for i in ids)
-
-
-@pytest.fixture()
-def cli_setup(tmp_path, monkeypatch):
-    from featurelens.dictionaries.formats import save_transcoder_set
-    import featurelens.models.loader as loader
-
-    model = tiny_model("gemma3")
-    model.tokenizer = _CharTokenizer()
-    tc_dir = tmp_path / "tc"
-    save_transcoder_set(tiny_transcoders(model, skip=True), tc_dir)
-    monkeypatch.setattr(loader, "load_model", lambda name, **kw: model)
-    return model, tc_dir, tmp_path
 
 
 def test_cli_graph_check_and_intervene(cli_setup, capsys):

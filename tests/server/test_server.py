@@ -1,5 +1,5 @@
 """The web app's JSON API (featurelens.server): every endpoint with good and bad input, against a tiny data directory
-(tests/test_web_fixtures.py: a random 2-layer Llama, a trained and analyzed SAE, transcoders, a saved graph).
+(tests/builders.py: a random 2-layer Llama, a trained and analyzed SAE, transcoders, a saved graph).
 
 Oracles: what the API returns is checked against featurelens' own Python API on the same files (dashboards, labels,
 activations, generations), the graph scores against a property they must have (pinning every feature is the whole
@@ -24,7 +24,7 @@ import featurelens as fl  # noqa: E402
 from featurelens import paths  # noqa: E402
 from featurelens.server import create_app  # noqa: E402
 
-import test_web_fixtures as web  # noqa: E402
+import builders as web  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------- fixtures
@@ -468,9 +468,9 @@ def test_circuit_tracer_graph_file_opens(client):
 
 
 def test_graph_written_by_circuit_tracer_opens(client):
-    """tests/data/circuit-tracer-graph.json was written by circuit-tracer's own create_graph_files (in the attribution
+    """tests/fixtures/circuit-tracer-graph.json was written by circuit-tracer's own create_graph_files (in the attribution
     benchmark's environment, on Gemma 3 270M): it uploads, opens, and its scores and node cards work."""
-    g = json.loads((Path(__file__).parent / "data" / "circuit-tracer-graph.json").read_text())
+    g = json.loads((Path(__file__).resolve().parents[1] / "fixtures" / "circuit-tracer-graph.json").read_text())
     r = client.post("/api/graphs", json=g)
     assert r.status_code == 201, r.text
     gid = r.json()["id"]
@@ -753,7 +753,7 @@ def test_pages_and_openapi_are_served(client):
 
 def test_web_code_never_puts_data_in_innerhtml():
     """The pages build the DOM with textContent only: corpus text holds HTML and scripts."""
-    web_dir = Path(__file__).resolve().parents[1] / "featurelens" / "web"
+    web_dir = Path(__file__).resolve().parents[2] / "featurelens" / "web"
     for f in web_dir.glob("*.js"):
         src = f.read_text()
         for bad in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval("):
