@@ -38,8 +38,5 @@ def test_server_under_load_loses_nothing(tmp_path_factory, tmp_path):
     assert out["labels_checked"] > 50 and not out["lost_labels"], list(out["lost_labels"].items())[:5]
     assert out["graph_jobs"] >= 1 and out["light_during_job"] > 0
     assert out["uploads_2xx"] > 100
-    if out["lost_uploads"]:
-        # Concurrent uploads rewrite the set's graph-metadata.json without a lock: the graph-set lock of issue 28
-        # (another branch) fixes it; remove this once it is merged.
-        pytest.xfail(f"{len(out['lost_uploads'])} of {out['uploads_2xx']} uploads answered 201 are not listed "
-                     f"(graph set written without a lock)")
+    assert not out["lost_uploads"], f"{len(out['lost_uploads'])} of {out['uploads_2xx']} uploads answered 201 " \
+                                    f"are not listed after a restart"
