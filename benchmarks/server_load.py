@@ -14,10 +14,10 @@ exits 1). tests/server/test_load.py runs the same with assertions.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -32,12 +32,6 @@ MIX = (("health", 8), ("overview", 8), ("dashboard", 20), ("concept", 8), ("toke
        ("label", 20), ("upload", 15), ("activations", 6), ("steer", 2), ("job-status", 2))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _p(xs: list[float], q: float) -> float | None:
     if not xs:
         return None
@@ -50,7 +44,6 @@ def run_load(data: Path, model: Any, n_requests: int = 1000, n_clients: int = 16
              graph_file: str = "graphs/demo/tiny-prompt.json", timeout_s: float = 600.0) -> dict[str, Any]:
     """Run the load against a server on `data` (which it writes to: pass a copy). Returns the figures."""
     import httpx
-    import uvicorn
     from fastapi.testclient import TestClient
 
     from featurelens.server import create_app
@@ -58,16 +51,10 @@ def run_load(data: Path, model: Any, n_requests: int = 1000, n_clients: int = 16
     graph = json.loads((data / graph_file).read_text())
     d_sae = 96
     app = create_app(data, model_loader=lambda name: model, host="127.0.0.1")
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    server_thread = threading.Thread(target=srv.run, daemon=True)
-    server_thread.start()
-    end = time.time() + 30
-    while not srv.started and time.time() < end:
-        time.sleep(0.05)
-    if not srv.started:
-        raise RuntimeError("uvicorn did not start")
-    base = f"http://127.0.0.1:{port}"
+    import builders  # tests/builders.py: on the path under pytest, and put there by main()
+
+    served = contextlib.ExitStack()
+    base = served.enter_context(builders.serving(app))
 
     rng = random.Random(seed)
     kinds = [k for k, _ in MIX]
@@ -181,8 +168,7 @@ def run_load(data: Path, model: Any, n_requests: int = 1000, n_clients: int = 16
     load_done.set()
     jt.join(180)
     wall = time.perf_counter() - t_start
-    srv.should_exit = True
-    server_thread.join(30)
+    served.close()
     app.state.runtime.close()
 
     # a restart on the same directory: what was acknowledged must be there

@@ -13,11 +13,15 @@ attribution graph in circuit-tracer's format over those transcoders. Built in a 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
+import socket
+import threading
+import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -393,3 +397,27 @@ def synthetic_graph(n_nodes: int = 1000, n_links: int = 10_000, n_layers: int = 
                          "prompt": " ".join(toks)},
             "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
             "nodes": nodes, "links": links}
+
+
+@contextlib.contextmanager
+def serving(app: Any) -> Iterator[str]:
+    """`app` served by uvicorn on a free loopback port in a thread (a real HTTP server, as a browser or a load test
+    needs); yields its base URL and stops the server on exit."""
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    end = time.time() + 30
+    while not srv.started and time.time() < end:
+        time.sleep(0.05)
+    if not srv.started:
+        raise RuntimeError("uvicorn did not start")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(30)

@@ -24,13 +24,7 @@ from builders import (  # noqa: E402  the tiny configs of every family, shared w
 
 TOL = 1e-4
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matrices: threads only add overhead (tenfold on a busy machine). Restored after this module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))

@@ -21,12 +21,7 @@ from builders import FAMILIES, _build, _tokens  # the tiny configs of every fami
 SEQ = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))

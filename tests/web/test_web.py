@@ -16,9 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -51,27 +48,12 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--headless", "--disable-background-net
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     data, model = web.shared_data(tmp_path_factory)  # the tiny model, SAE, analysis and graph of test_server.py
     app = create_app(data, model_loader=lambda name: model)
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    end = time.time() + 30
-    while not srv.started and time.time() < end:
-        time.sleep(0.05)
-    assert srv.started, "uvicorn did not start"
-    yield f"http://127.0.0.1:{port}", data, model
-    srv.should_exit = True
-    t.join(10)
+    with web.serving(app) as base:
+        yield base, data, model
 
 
 @pytest.fixture(scope="module")
