@@ -188,7 +188,10 @@ def concept_search(store: FeatureStore, query: str, k: int = 10, method: str = "
     else:
         # label and snippets only: the max tokens (mostly single common words) would only lengthen the documents
         docs = {f: ". ".join(t for t in ts[:1 + N_SNIPPETS] if t) for f, ts in texts.items()}
-        scores = BM25([docs[int(f)] for f in feats]).scores(query)
+        # the label is the feature's summary: a query word in it counts again (a label-only field), so a feature
+        # labelled "numbers" outranks one whose snippets merely mention numbers
+        scores = (BM25([docs[int(f)] for f in feats]).scores(query)
+                  + BM25([texts[int(f)][0] for f in feats]).scores(query))
         # BM25's length normalisation favours short documents, i.e. features seen in one or two snippets; weigh by
         # the evidence each feature has, as the embedding score does by averaging over its example slots
         evidence = np.array([(1 + sum(1 for t in texts[int(f)][1:1 + N_SNIPPETS] if t)) / (1 + N_SNIPPETS)

@@ -99,7 +99,7 @@ class _Interrupt:
 def test_tiny_demo_interrupted_in_every_long_step_resumes_to_the_same_result(tmp_path, monkeypatch, gemma):
     import featurelens as fl
     from featurelens import paths
-    from featurelens.attribution import files
+    import featurelens.attribution as attribution
 
     home = tmp_path / "home"  # a data directory of its own, sharing the converted model
     home.mkdir()
@@ -113,13 +113,13 @@ def test_tiny_demo_interrupted_in_every_long_step_resumes_to_the_same_result(tmp
                 run_demo(budget, progress=False)
         assert demo_state()["steps"][step]["status"] == "running"
     with monkeypatch.context() as mp:  # graphs: interrupted after the first graph is written
-        save = files.save_graph
+        save = attribution.save_graph  # what the demo's graph step calls
 
         def save_then_stop(*a, **kw):
             save(*a, **kw)
             raise KeyboardInterrupt
 
-        mp.setattr(files, "save_graph", save_then_stop)
+        mp.setattr(attribution, "save_graph", save_then_stop)
         with pytest.raises(KeyboardInterrupt):
             run_demo(budget, progress=False)
     report = run_demo(budget, progress=False)
