@@ -35,7 +35,7 @@ def finalize(model: Any, dictionary: Any, acc: Accumulator, contexts: torch.Tens
     d = acc.cfg.d_sae
     start = int(store.get("finalized", 0))
     W_eff = logit_lens_weights(model, dictionary)
-    lens_ctx = LogitLens(model) if W_eff is not None else None
+    lens_ctx = LogitLens.of(model) if W_eff is not None else None
     W_dec = dictionary.W_dec.detach().float().cpu()
     W_n = W_dec / W_dec.norm(dim=1, keepdim=True).clamp(min=1e-12)
     density = acc.density()
@@ -47,7 +47,8 @@ def finalize(model: Any, dictionary: Any, acc: Accumulator, contexts: torch.Tens
     before, after = acc.cfg.before, acc.cfg.after
     known_tokens = set(store.token_strings().keys())
     sep_ids = [t for t in (model.cfg.bos_token_id, model.cfg.pad_token_id) if t is not None]
-    seps = np.array(sep_ids, dtype=ctx_np.dtype) if sep_ids else None
+    # where documents join inside the packed contexts, found once rather than per example
+    is_sep = np.isin(ctx_np, np.array(sep_ids, dtype=ctx_np.dtype)) if sep_ids else None
     tok = model.tokenizer
     bar = ProgressBar("dashboards", d, initial=start, unit="feat", show=progress, on_progress=on_progress)
     for f0 in range(start, d, FINALIZE_CHUNK):
@@ -105,8 +106,8 @@ def finalize(model: Any, dictionary: Any, acc: Accumulator, contexts: torch.Tens
                         continue
                     p = int(poss[k])
                     s, e = max(0, p - before), min(T, p + after + 1)
-                    if seps is not None:  # keep to the example's own document: packed contexts join several
-                        seg = np.isin(ctx_np[c, s:e], seps)
+                    if is_sep is not None:  # keep to the example's own document: packed contexts join several
+                        seg = is_sep[c, s:e]
                         left = np.flatnonzero(seg[: p - s])
                         right = np.flatnonzero(seg[p - s + 1:])
                         if len(left):

@@ -163,7 +163,14 @@ def adam_for(weights: list[torch.Tensor], offsets: list[torch.Tensor], tcfg: "Tr
     groups = [{"params": weights, "lr_scale": 1.0}, {"params": offsets, "lr_scale": tcfg.offset_lr_scale}]
     if skips:
         groups.append({"params": list(skips), "lr_scale": tcfg.skip_lr_scale})
-    return torch.optim.Adam(groups, lr=tcfg.lr, betas=tcfg.adam_betas)
+        if tcfg.skip_lr_scale == 0:
+            # a skip kept at its least-squares start needs no gradient: its [d_out, d_in] gradient would cost as
+            # much as the decoder's every step, and Adam passes over parameters without one
+            for w in skips:
+                w.requires_grad_(False)
+    # fused: one kernel per step instead of a dozen per parameter (4x faster on 2 CPU cores), same update rule
+    fused = all(w.is_cpu or w.is_cuda for g in groups for w in g["params"])
+    return torch.optim.Adam(groups, lr=tcfg.lr, betas=tcfg.adam_betas, fused=fused or None)
 
 
 @torch.no_grad()
