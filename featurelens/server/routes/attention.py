@@ -29,8 +29,8 @@ router = APIRouter(tags=["attention"])
 KEPT_CIRCUITS = 2  # graphs whose frozen models stay loaded (each holds a recording and a few forward passes)
 
 
-def _circuits(state: AppState, gid: str) -> tuple[Path, Any]:
-    """(graph file, AttentionCircuits) of a saved graph, built on first use and kept while the file is unchanged.
+def _circuits(state: AppState, gid: str) -> tuple[Path, Any, str]:
+    """(graph file, AttentionCircuits, transcoders' dictionary id) of a saved graph, built on first use and kept while the file is unchanged.
     The caller holds the runtime's forward lock."""
     from ...attribution import load_graph
     from ...attribution.heads import AttentionCircuits
@@ -40,7 +40,7 @@ def _circuits(state: AppState, gid: str) -> tuple[Path, Any]:
     kept = state.circuits.get(gid)
     if kept is not None and kept[0] == stamp:
         state.circuits[gid] = state.circuits.pop(gid)  # most recently used last
-        return f, kept[1]
+        return f, kept[1], kept[2]
     tid = state.graph_transcoders(g)
     if tid is None:
         raise GraphFormatError(f"graph {gid!r} does not say which transcoders made it (metadata.info.featurelens); "
@@ -51,10 +51,16 @@ def _circuits(state: AppState, gid: str) -> tuple[Path, Any]:
     rt = state.runtime
     circuits = AttentionCircuits(load_graph(f), rt.model(entry["model"] or g["metadata"].get("scan", "")),
                                  rt.dictionary(tid))
-    state.circuits[gid] = (stamp, circuits)
+    state.circuits[gid] = (stamp, circuits, tid)
     while len(state.circuits) > KEPT_CIRCUITS:
         state.circuits.pop(next(iter(state.circuits)))
-    return f, circuits
+    return f, circuits, tid
+
+
+def _feature_pages(state: AppState, tid: str) -> dict[str, str]:
+    """{layer: dictionary id of its feature pages} for the transcoder layers that were analyzed (the explorer links
+    a feature to `#/feature/<id>/<index>`)."""
+    return {str(layer): f"{tid}~layer_{layer}" for layer in state.layer_analyses_or_none(tid)}
 
 
 def _node(circuits: Any, gid: str, node: str) -> str:
@@ -89,9 +95,11 @@ def edge_heads(state: State, graph: str = PathParam(max_length=400),
                target: str = Query(min_length=1, max_length=200, description="target node id")) -> JSONResponse:
     rt = state.runtime
     with rt.forward_lock:
-        _, circuits = _circuits(state, graph)
+        _, circuits, _ = _circuits(state, graph)
         split = circuits.edge_heads(_node(circuits, graph, source), _node(circuits, graph, target))
+    g = circuits.graph
     return json_response({"graph": graph, "source_label": split.source_label, "target_label": split.target_label,
+                          "source_pos": g.node_pos(g.index_of(source)), "target_pos": g.node_pos(g.index_of(target)),
                           **split.to_dict()})
 
 
@@ -108,9 +116,10 @@ def qk(state: State, graph: str = PathParam(max_length=400),
 
     rt = state.runtime
     with rt.forward_lock:
-        _, circuits = _circuits(state, graph)
+        _, circuits, tid = _circuits(state, graph)
         r = qk_decomposition(circuits, layer, head, query, key, top=top)
-    return json_response({"graph": graph, "query_token": r.query_token, "key_token": r.key_token, **r.to_dict()})
+    return json_response({"graph": graph, "query_token": r.query_token, "key_token": r.key_token,
+                          "feature_pages": _feature_pages(state, tid), **r.to_dict()})
 
 
 @router.post("/api/jobs/attention", status_code=202,
@@ -131,7 +140,7 @@ def _story_job(state: AppState, job: Job, body: AttentionJobRequest) -> dict[str
     rt = state.runtime
     job.progress("loading model, transcoders and the graph's prompt")
     with rt.forward_lock:
-        f, circuits = _circuits(state, body.graph)
+        f, circuits, _ = _circuits(state, body.graph)
 
         def edge_done(done: int, total: int) -> None:
             job.progress("explaining edges", done, total, "head split and QK terms of each edge")
