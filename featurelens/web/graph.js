@@ -26,6 +26,9 @@ export async function graphPage(root, parts, query) {
   const gid = parts[1];
   const t0 = performance.now();
   const g = await get(`/api/graphs/${enc(gid)}`);
+  for (const n of g.nodes) {  // circuit-tracer leaves embeddings unlabelled: name them by their token
+    if (nodeKind(n) === "embedding" && !n.clerp) n.clerp = JSON.stringify(g.metadata.prompt_tokens[n.ctx_idx] ?? "");
+  }
   const st = readState(query);
   const view = new GraphView(g, st, () => { writeState(gid, st); sidePanels(); });
   const scoresBox = h("div", { class: "scores" });
@@ -89,7 +92,7 @@ export async function graphPage(root, parts, query) {
         return tr;
       });
       heads.append(
-        h("p", { class: "muted", text: `edge in the frozen model ${fmt(r.edge)}; attention from ${showToken(meta.prompt_tokens[r.target_pos] ?? "")}@${r.target_pos} to ${showToken(meta.prompt_tokens[r.source_pos] ?? "")}@${r.source_pos}` }),
+        h("p", { class: "muted", text: `edge in the frozen model ${fmt(r.edge)}; attention from ${JSON.stringify(meta.prompt_tokens[r.target_pos] ?? "")}@${r.target_pos} to ${JSON.stringify(meta.prompt_tokens[r.source_pos] ?? "")}@${r.source_pos}` }),
         h("table", { class: "heads" }, h("thead", {}, h("tr", {}, h("th", { text: "head" }), h("th", { text: "part of the edge" }), h("th", { text: "pattern" }))), h("tbody", {}, rows)),
         h("p", { class: "muted", text: "Per layer, the heads' parts plus the part bypassing that layer's attention sum to the edge: " +
           r.layers.map((l) => `L${l.layer} bypass ${fmt(l.bypass)}`).join(", ") }));
@@ -156,7 +159,8 @@ export async function graphPage(root, parts, query) {
           onclick: (ev) => { ev.preventDefault(); view.select(e.node.node_id); } }), " ",
           nodeKind(incoming ? n : e.node) === "feature" || nodeKind(incoming ? n : e.node) === "logit" ? h("button", { type: "button", class: "link edge-heads-link", text: "heads",
             title: "which attention heads carry this edge", onclick: () => incoming ? showHeads(e.node, n, e.weight) : showHeads(n, e.node, e.weight) }) : null))) : h("p", { class: "muted", text: "none" }));
-      card.append(list("Inputs", c.inputs, true), list("Outputs", c.outputs, false));
+      const ours = (xs) => xs.map((e) => ({ ...e, node: view.byId.get(e.node.node_id) || e.node }));  // labelled as on the canvas
+      card.append(list("Inputs", ours(c.inputs), true), list("Outputs", ours(c.outputs), false));
     } catch (e) { card.appendChild(errorBox(e)); }
   }
 
