@@ -2,10 +2,12 @@
 cross-position edges of a demo-sized graph.
 
     python benchmarks/attention_circuits.py [--transcoders DIR] [--prompt TEXT] [--max-feature-nodes 1000]
+    FEATURELENS_HOME=<data dir> python benchmarks/attention_circuits.py --graph <data dir>/graphs/demo/<slug>.json
 
 Without --transcoders it uses random skip transcoders of the demo's shape (width 1024, top-32, every layer): the
-cost depends on the shapes (layers, positions, active features, head_dim), not on what the features mean. Prints
-seconds per step and the process's peak resident memory.
+cost depends on the shapes (layers, positions, active features, head_dim), not on what the features mean. With
+--graph it measures a saved graph (a demo's) with the model and transcoders the graph names. Prints seconds per
+step and the process's peak resident memory.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch  # noqa: E402
 
 import featurelens as fl  # noqa: E402
 from featurelens.attribution.heads import AttentionCircuits  # noqa: E402
-from featurelens.attribution.qk import qk_decomposition, strongest_cross_position_edges  # noqa: E402
+from featurelens.attribution.qk import attention_story, qk_decomposition  # noqa: E402
 from featurelens.dictionaries.sae import DictionaryConfig, SparseDictionary, TranscoderSet  # noqa: E402
 
 
@@ -74,6 +76,7 @@ def gemm_gflops() -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--transcoders", default=None)
+    ap.add_argument("--graph", default=None, help="a saved graph JSON (its model and transcoders are loaded)")
     ap.add_argument("--prompt", default="The Eiffel Tower is located in the city of")
     ap.add_argument("--max-feature-nodes", type=int, default=1000)
     ap.add_argument("--edges", type=int, default=20)
@@ -82,12 +85,19 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch threads {torch.get_num_threads()}, float32 GEMM {gemm_gflops():.0f} GFLOP/s at the start")
-    model = fl.load_model("gemma-3-270m")
-    tcs = fl.load_dictionary(args.transcoders) if args.transcoders else random_transcoders(model, 1024, 32)
-    t = time.perf_counter()
-    g = fl.attribute(model, tcs, args.prompt, max_feature_nodes=args.max_feature_nodes, progress=False)
-    print(f"graph: {g.n_pos} tokens, {g.info['n_active_features']} active features, {g.n_features} feature nodes, "
-          f"{time.perf_counter() - t:.1f} s; peak RSS {peak_mb():.0f} MB")
+    if args.graph:
+        g = fl.load_graph(args.graph)
+        model = fl.load_model(g.model_name)
+        tcs = fl.load_dictionary(args.transcoders or g.transcoders)
+        print(f"graph {args.graph}: {g.n_pos} tokens, {g.n_features} feature nodes, {g.n_nodes} nodes, "
+              f"{g.edges.shape[1]} edges")
+    else:
+        model = fl.load_model("gemma-3-270m")
+        tcs = fl.load_dictionary(args.transcoders) if args.transcoders else random_transcoders(model, 1024, 32)
+        t = time.perf_counter()
+        g = fl.attribute(model, tcs, args.prompt, max_feature_nodes=args.max_feature_nodes, progress=False)
+        print(f"graph: {g.n_pos} tokens, {g.info['n_active_features']} active features, {g.n_features} feature "
+              f"nodes, {time.perf_counter() - t:.1f} s; peak RSS {peak_mb():.0f} MB")
     P, L = g.n_pos, model.cfg.n_layers
     reset_peak()
     before = rss_mb()
@@ -105,19 +115,17 @@ def main() -> None:
     print(f"one QK decomposition: median {sorted(times)[len(times) // 2]:.2f} s; peak RSS {peak_mb():.0f} MB, "
           f"{peak_mb() - before:.0f} MB above the resident memory before the first question; "
           f"GEMM now {gemm_gflops():.0f} GFLOP/s")
-    edges = strongest_cross_position_edges(g, args.edges)
+    # the story from scratch (a fresh frozen model, as a server job on a saved graph does): nothing reused from above
+    del circuits
+    reset_peak()
+    before = rss_mb()
     t = time.perf_counter()
-    t_split = 0.0
-    for src, tgt in edges:
-        t0 = time.perf_counter()
-        split = circuits.edge_heads(src, tgt)
-        t_split += time.perf_counter() - t0
-        layer, share = split.top(1)[0]
-        qk_decomposition(circuits, layer, share.head, g.node_pos(tgt), g.node_pos(src))
-    print(f"{len(edges)} strongest cross-position edges: head split + QK of each one's top head "
-          f"{time.perf_counter() - t:.1f} s (head splits alone {t_split:.1f} s); peak RSS {peak_mb():.0f} MB; "
-          f"GEMM now {gemm_gflops():.0f} GFLOP/s")
-
+    circuits = AttentionCircuits(g, model, tcs)
+    t_setup = time.perf_counter() - t
+    story = attention_story(circuits, n_edges=args.edges)
+    print(f"attention story of the {len(story['edges'])} strongest cross-position edges (head split + QK of each "
+          f"one's top head): {time.perf_counter() - t:.1f} s including {t_setup:.1f} s of setup; peak RSS "
+          f"{peak_mb():.0f} MB ({peak_mb() - before:.0f} MB above before); GEMM now {gemm_gflops():.0f} GFLOP/s")
 
 if __name__ == "__main__":
     main()

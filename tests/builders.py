@@ -367,6 +367,21 @@ def write_graph(data: Path, model: Any) -> None:
         {"slug": "tiny-prompt", "scan": MODEL, "prompt_tokens": toks, "prompt": PROMPT, "title_prefix": ""}]}))
 
 
+def sse_events(text: str) -> list[tuple[str, dict]]:
+    """(event name, JSON data) of each event in a server-sent-events body."""
+    out = []
+    for chunk in text.split("\n\n"):
+        name, payload = None, ""
+        for line in chunk.splitlines():
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: "):
+                payload += line[6:]
+        if name:
+            out.append((name, json.loads(payload)))
+    return out
+
+
 def synthetic_graph(n_nodes: int = 1000, n_links: int = 10_000, n_layers: int = 18, n_pos: int = 24,
                     seed: int = 0) -> dict[str, Any]:
     """A large random graph in circuit-tracer's format (for the explorer's drawing speed)."""

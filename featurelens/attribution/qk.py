@@ -161,6 +161,33 @@ def _parts(circuits: AttentionCircuits, layer: int, pos: int, M: torch.Tensor) -
                                    None if grads[-1] is None else grads[-1][:, 0], d)
 
 
+# Node vectors of one side of a score ([nodes + 1, d] float64, ~1 MB for a demo graph) kept per (side, layer, head,
+# position): the heads that share a key head share its key side, and the edges of a graph ask about the same few
+# heads and positions again and again.
+_KEPT_SIDES = 64
+
+
+def _side(circuits: AttentionCircuits, key: tuple[Any, ...], layer: int, pos: int, M: torch.Tensor, c: torch.Tensor
+          ) -> torch.Tensor:
+    """[nodes + 1, d]: each graph node's part of (attention input at pos) @ M + c, the constant terms in the last
+    row (the bias node)."""
+    kept: dict[tuple[Any, ...], torch.Tensor] = circuits.cache.setdefault("sides", {})
+    if key in kept:
+        kept[key] = kept.pop(key)  # most recently used last
+        return kept[key]
+    src = _sources(circuits)
+    if "owner" not in circuits.cache:
+        circuits.cache["owner"] = _node_map(circuits, src)
+    n_nodes = circuits.graph.logit_slice.start  # features, errors, embeddings (logits never write)
+    vecs = torch.zeros(n_nodes + 1, M.shape[1], dtype=torch.float64)
+    vecs.index_add_(0, circuits.cache["owner"], _parts(circuits, layer, pos, M).T.double())
+    vecs[n_nodes] = circuits.constant_attention_inputs()[layer][pos].double() @ M + c
+    kept[key] = vecs
+    while len(kept) > _KEPT_SIDES:
+        kept.pop(next(iter(kept)))
+    return vecs
+
+
 def _sources(circuits: AttentionCircuits) -> Sources:
     if "sources" not in circuits.cache:
         circuits.cache["sources"] = Sources(circuits.model, circuits.rep, circuits.rec, skip_pos0=False)
@@ -214,20 +241,11 @@ def qk_decomposition(circuits: AttentionCircuits, layer: int, head: int, q: int,
         raise InputError(f"layer {layer} slides a window of {window} tokens: from position {q} it cannot see {k}")
 
     M_q, c_q, M_k, c_k, real = _affine_maps(circuits, layer, head, q, k)
-    d = cfg.d_head
-    src = _sources(circuits)
-    rows = torch.cat([_parts(circuits, layer, q, M_q), _parts(circuits, layer, k, M_k)])  # [2d, columns]
-    if "owner" not in circuits.cache:
-        circuits.cache["owner"] = _node_map(circuits, src)
-    owner = circuits.cache["owner"]
-    n_nodes = g.logit_slice.start  # features, errors, embeddings (logits never write)
-    vecs = torch.zeros(n_nodes + 1, 2 * d, dtype=torch.float64)
-    vecs.index_add_(0, owner, rows.T.double())
-    const = circuits.constant_attention_inputs()[layer].double()
-    vecs[n_nodes, :d] = const[q] @ M_q + c_q
-    vecs[n_nodes, d:] = const[k] @ M_k + c_k
-    Qv, Kv = vecs[:, :d], vecs[:, d:]
+    kv = head // (cfg.n_heads // cfg.n_kv_heads)
+    Qv = _side(circuits, ("query", layer, head, q), layer, q, M_q, c_q)
+    Kv = _side(circuits, ("key", layer, kv, k), layer, k, M_k, c_k)  # shared by the query heads of a key head
 
+    n_nodes = g.logit_slice.start
     scale = cfg.q_scale
     q_all, k_all = Qv.sum(0), Kv.sum(0)
     score = float(real["rot_q"].double() @ real["rot_k"].double()) * scale

@@ -240,7 +240,8 @@ def list_graphs(data: Path) -> list[dict[str, Any]]:
 def graph_file(data: Path, ident: str) -> Path:
     p = path_of(graphs_root(data), ident)
     f = p.with_name(p.name + ".json")
-    if not f.is_file() or not (f.parent / "graph-metadata.json").is_file():
+    # <slug>.attention.json beside a graph is its attention story, not a graph
+    if p.name.endswith(".attention") or not f.is_file() or not (f.parent / "graph-metadata.json").is_file():
         raise UnknownIdError(f"no graph {ident!r} (GET /api/graphs lists them)")
     return f
 

@@ -100,3 +100,10 @@ class GraphJobRequest(_Strict):
     edge_threshold: float = Field(0.98, gt=0.0, le=1.0)
     batch_size: int = Field(64, ge=1, le=4096)
     slug: str | None = Field(None, max_length=80, pattern=r"^[A-Za-z0-9._-]+$")
+
+
+class AttentionJobRequest(_Strict):
+    graph: str = IdStr
+    edges: int = Field(20, ge=1, le=200, description="strongest cross-position edges to explain")
+    heads: int = Field(5, ge=1, le=50, description="heads kept per edge")
+    top: int = Field(10, ge=1, le=100, description="QK pairs and single-side terms kept per edge")

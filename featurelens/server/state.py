@@ -28,6 +28,8 @@ class AppState:
     db_lock: threading.RLock = field(default_factory=threading.RLock)
     # read-modify-write of a graph file (subgraphs)
     graph_lock: threading.Lock = field(default_factory=threading.Lock)
+    # graph id -> (file's mtime, AttentionCircuits, transcoders id): the frozen models of recently asked graphs (routes/attention.py)
+    circuits: dict[str, tuple[int, Any, str]] = field(default_factory=dict)
 
     def find_dictionary(self, ident: str) -> dict[str, Any]:
         """The catalog entry of a dictionary id (404 for an id that names nothing)."""

@@ -26,6 +26,9 @@ export async function graphPage(root, parts, query) {
   const gid = parts[1];
   const t0 = performance.now();
   const g = await get(`/api/graphs/${enc(gid)}`);
+  for (const n of g.nodes) {  // circuit-tracer leaves embeddings unlabelled: name them by their token
+    if (nodeKind(n) === "embedding" && !n.clerp) n.clerp = JSON.stringify(g.metadata.prompt_tokens[n.ctx_idx] ?? "");
+  }
   const st = readState(query);
   const view = new GraphView(g, st, () => { writeState(gid, st); sidePanels(); });
   const scoresBox = h("div", { class: "scores" });
@@ -38,6 +41,10 @@ export async function graphPage(root, parts, query) {
   const card = h("div", { class: "panel card", id: "node-card" }, h("p", { class: "muted", text: "Click a node to see its feature card." }));
   const sub = h("div", { class: "panel subgraph", id: "subgraph" });
   const steer = h("div", { class: "panel steer-graph", id: "graph-steer" });
+  const heads = h("div", { class: "panel edge-heads", id: "edge-heads" },
+    h("h3", { text: "Attention heads of an edge" }), h("p", { class: "muted", text: "Click an edge (on the canvas, or “heads” beside an input or output of a node) to see which attention heads carry it." }));
+  const qkBox = h("div", { class: "panel qk", id: "qk-panel" }, h("h3", { text: "Why the head attends there (QK)" }),
+    h("p", { class: "muted", text: "Pick a head of the edge to split its attention score into pairs of graph nodes." }));
   const meta = g.metadata;
   root.append(
     h("h1", {}, "Circuit explorer ", h("span", { class: "muted", text: `${meta.scan}` })),
@@ -48,6 +55,7 @@ export async function graphPage(root, parts, query) {
       h("span", { class: "muted", text: "  edges: blue +, red −; width ∝ |weight|" })),
     h("div", { class: "graph-layout" }, h("div", { class: "canvas-wrap" }, view.canvas, view.tip),
       h("div", { class: "side" }, card, sub)),
+    h("div", { class: "attention-panels" }, heads, qkBox),
     steer,
   );
   view.mount();
@@ -55,6 +63,74 @@ export async function graphPage(root, parts, query) {
   perf.view = view;
 
   view.onClick = (id) => { st.clicked = id; writeState(gid, st); showCard(id); };
+  view.onEdge = (e) => showHeads(e.s, e.t, e.w);
+
+  // Which heads carry the edge source -> target (each head's part of the edge, strongest first, and its attention
+  // from the target's position to the source's), from the frozen replacement model on the server.
+  let headsSeq = 0;
+  async function showHeads(s, t, weight) {
+    const seq = ++headsSeq;
+    clear(heads).append(h("h3", { text: "Attention heads of an edge" }),
+      h("div", { class: "edge-title" }, h("b", { text: nodeTitle(s, st) }), " → ", h("b", { text: nodeTitle(t, st) }),
+        h("span", { class: "muted", text: `  weight ${fmt(weight)}` })),
+      h("p", { class: "muted", text: "computing…" }));
+    try {
+      const r = await get(`/api/graphs/${enc(gid)}/heads?source=${enc(s.node_id)}&target=${enc(t.node_id)}`);
+      if (seq !== headsSeq) return;
+      heads.lastChild.remove();
+      const parts = r.layers.flatMap((l) => l.heads.map((x) => ({ layer: l.layer, ...x })));
+      parts.sort((a, b) => Math.abs(b.contribution) - Math.abs(a.contribution));
+      const share = (x) => (r.edge ? ` (${pct(x / r.edge, 0)})` : "");
+      const rows = parts.slice(0, 12).map((x) => {
+        const tr = h("tr", { class: "head-row" },
+          h("td", {}, h("button", { type: "button", class: "link head-pick", text: `head ${x.layer}.${x.head}`, title: "show why this head attends there",
+            onclick: () => { heads.querySelectorAll("tr.chosen").forEach((e) => e.classList.remove("chosen")); tr.classList.add("chosen");
+              showQK(x.layer, x.head, r.target_pos, r.source_pos); } })),
+          h("td", { class: x.contribution >= 0 ? "pos" : "neg", text: fmt(x.contribution) + share(x.contribution) }),
+          h("td", { class: "pattern", text: fmt(x.pattern) }));
+        tr.dataset.layer = String(x.layer); tr.dataset.head = String(x.head);
+        return tr;
+      });
+      heads.append(
+        h("p", { class: "muted", text: `edge in the frozen model ${fmt(r.edge)}; attention from ${JSON.stringify(meta.prompt_tokens[r.target_pos] ?? "")}@${r.target_pos} to ${JSON.stringify(meta.prompt_tokens[r.source_pos] ?? "")}@${r.source_pos}` }),
+        h("table", { class: "heads" }, h("thead", {}, h("tr", {}, h("th", { text: "head" }), h("th", { text: "part of the edge" }), h("th", { text: "pattern" }))), h("tbody", {}, rows)),
+        h("p", { class: "muted", text: "Per layer, the heads' parts plus the part bypassing that layer's attention sum to the edge: " +
+          r.layers.map((l) => `L${l.layer} bypass ${fmt(l.bypass)}`).join(", ") }));
+      if (rows.length && r.source_pos !== r.target_pos) rows[0].querySelector("button").click();
+    } catch (e) { if (seq === headsSeq) { heads.lastChild.remove(); heads.appendChild(errorBox(e)); } }
+  }
+
+  // The head's pre-softmax score at (query, key) as a sum over pairs of graph nodes: the top pairs, and the top
+  // terms of one side against the whole other side. Features link to their feature pages where analyzed.
+  let qkSeq = 0;
+  async function showQK(layer, head, q, k) {
+    const seq = ++qkSeq;
+    clear(qkBox).append(h("h3", { text: `Why head ${layer}.${head} attends there (QK)` }), h("p", { class: "muted", text: "computing…" }));
+    try {
+      const r = await get(`/api/graphs/${enc(gid)}/qk?layer=${layer}&head=${head}&query=${q}&key=${k}&top=8`);
+      if (seq !== qkSeq) return;
+      qkBox.lastChild.remove();
+      const who = (id, label) => {
+        const n = view.byId.get(id);
+        const text = n ? nodeTitle(n, st) : label || id;
+        const parts = id.split("_");
+        const dict = n && isFeature(n) && r.feature_pages[String(n.layer)];
+        return dict ? h("a", { href: `#/feature/${enc(dict)}/${parts[1]}`, class: "qk-feature", text }) : h("span", { text });
+      };
+      const val = (v) => h("td", { class: v >= 0 ? "pos" : "neg", text: fmt(v) });
+      qkBox.append(
+        h("p", { class: "qk-summary", text: `head ${layer}.${head} attends from ${JSON.stringify(r.query_token)}@${q} to ${JSON.stringify(r.key_token)}@${k} ` +
+          `with weight ${fmt(r.pattern)}; score ${fmt(r.score)} = sum of the terms ${fmt(r.total)}` + (r.softcap ? ` (soft-capped at ${fmt(r.softcap)})` : "") }),
+        h("h4", { text: "Top pairs (query-side node × key-side node)" }),
+        h("table", { class: "qk-pairs" }, h("tbody", {}, r.top_pairs.map((t) => h("tr", {}, val(t.value),
+          h("td", {}, "query: ", who(t.query, t.query_label)), h("td", {}, "key: ", who(t.key, t.key_label)))))),
+        h("div", { class: "side-by-side" },
+          h("div", {}, h("h4", { text: "Query side (node · whole key)" }), h("table", { class: "qk-query" }, h("tbody", {},
+            r.top_query.map((t) => h("tr", {}, val(t.value), h("td", {}, who(t.query, t.query_label))))))),
+          h("div", {}, h("h4", { text: "Key side (whole query · node)" }), h("table", { class: "qk-key" }, h("tbody", {},
+            r.top_key.map((t) => h("tr", {}, val(t.value), h("td", {}, who(t.key, t.key_label)))))))));
+    } catch (e) { if (seq === qkSeq) { qkBox.lastChild.remove(); qkBox.appendChild(errorBox(e)); } }
+  }
 
   async function showCard(id) {
     clear(card);
@@ -78,10 +154,13 @@ export async function graphPage(root, parts, query) {
       } else if (fc) {
         card.append(h("pre", { class: "json", text: JSON.stringify(fc, null, 1).slice(0, 2000) }));
       }
-      const list = (title, xs) => h("div", {}, h("h4", { text: title }), xs.length ? h("ul", { class: "edges" }, xs.map((e) =>
+      const list = (title, xs, incoming) => h("div", {}, h("h4", { text: title }), xs.length ? h("ul", { class: "edges" }, xs.map((e) =>
         h("li", {}, h("a", { href: "#", class: e.weight >= 0 ? "pos" : "neg", text: `${fmt(e.weight)}  ${nodeTitle(e.node, st)}`,
-          onclick: (ev) => { ev.preventDefault(); view.select(e.node.node_id); } })))) : h("p", { class: "muted", text: "none" }));
-      card.append(list("Inputs", c.inputs), list("Outputs", c.outputs));
+          onclick: (ev) => { ev.preventDefault(); view.select(e.node.node_id); } }), " ",
+          nodeKind(incoming ? n : e.node) === "feature" || nodeKind(incoming ? n : e.node) === "logit" ? h("button", { type: "button", class: "link edge-heads-link", text: "heads",
+            title: "which attention heads carry this edge", onclick: () => incoming ? showHeads(e.node, n, e.weight) : showHeads(n, e.node, e.weight) }) : null))) : h("p", { class: "muted", text: "none" }));
+      const ours = (xs) => xs.map((e) => ({ ...e, node: view.byId.get(e.node.node_id) || e.node }));  // labelled as on the canvas
+      card.append(list("Inputs", ours(c.inputs), true), list("Outputs", ours(c.outputs), false));
     } catch (e) { card.appendChild(errorBox(e)); }
   }
 
@@ -316,7 +395,12 @@ class GraphView {
     }
     this.onMove = (ev) => this.move(ev);
     this.onLeave = () => { this.hover = null; this.tip.hidden = true; this.redraw(); };
-    this.onClickEv = (ev) => { const n = this.pick(ev); if (n) this.select(n.node_id); };
+    this.onClickEv = (ev) => {
+      const n = this.pick(ev);
+      if (n) { this.select(n.node_id); return; }
+      const e = this.pickEdge(ev);
+      if (e && this.onEdge) { this.edge = e; this.redraw(); this.onEdge(e); }
+    };
     this.onResize = () => { this.layout(); this.draw(); };
   }
 
@@ -465,6 +549,12 @@ class GraphView {
       c.strokeStyle = id === this.clicked ? "#000" : "#444"; c.lineWidth = 2;
       c.beginPath(); c.arc(p.x, p.y, 7, 0, 2 * Math.PI); c.stroke();
     }
+    const e = this.edge;
+    if (e && this.pos.has(e.s) && this.pos.has(e.t)) {  // the edge whose heads are shown
+      const a = this.pos.get(e.s), b = this.pos.get(e.t);
+      c.strokeStyle = "rgba(106,27,154,0.9)"; c.lineWidth = 4;
+      c.beginPath(); c.moveTo(a.x, a.y); c.lineTo(b.x, b.y); c.stroke();
+    }
     perf.lastRedraw = performance.now() - t0;
   }
 
@@ -481,6 +571,27 @@ class GraphView {
       }
     }
     return best;
+  }
+
+  // the drawn edge nearest to the pointer, within 4 px (nodes take precedence: see onClickEv)
+  pickEdge(ev) {
+    const r = this.canvas.getBoundingClientRect();
+    const x = ev.clientX - r.left, y = ev.clientY - r.top;
+    let best = null, bd = 16;
+    for (const e of this.visLinks) {
+      const a = this.pos.get(e.s), b = this.pos.get(e.t);
+      const dx = b.x - a.x, dy = b.y - a.y, len = dx * dx + dy * dy;
+      const u = len ? Math.max(0, Math.min(1, ((x - a.x) * dx + (y - a.y) * dy) / len)) : 0;
+      const d = (a.x + u * dx - x) ** 2 + (a.y + u * dy - y) ** 2;
+      if (d < bd) { bd = d; best = e; }
+    }
+    return best;
+  }
+
+  // for tests: a point on the edge source -> target, away from both nodes
+  edgePoint(source, target, u = 0.5) {
+    const a = this.nodePosition(source), b = this.nodePosition(target);
+    return a && b ? { x: a.x + u * (b.x - a.x), y: a.y + u * (b.y - a.y) } : null;
   }
 
   move(ev) {

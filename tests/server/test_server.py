@@ -51,18 +51,7 @@ def _analysis(web_data):
     return fl.open_analysis(data / "dictionaries" / web.MODEL / "sae" / "analysis")
 
 
-def _events(text: str) -> list[tuple[str, dict]]:
-    out = []
-    for chunk in text.split("\n\n"):
-        name, payload = None, ""
-        for line in chunk.splitlines():
-            if line.startswith("event: "):
-                name = line[7:]
-            elif line.startswith("data: "):
-                payload += line[6:]
-        if name:
-            out.append((name, json.loads(payload)))
-    return out
+_events = web.sse_events
 
 
 # ----------------------------------------------------------------------------------------------- listings

@@ -375,3 +375,94 @@ def test_big_graph_draws_fast(server, page):
           f"{first_in_app:.0f} ms on page load, of which layout {layout_ms:.0f} ms), hover redraw median {median:.1f} ms, worst "
           f"{worst:.1f} ms over {len(times)} hovers")
     assert first < 1000 and median < 50
+
+
+def _computed_graph(base: str, prompt: str, slug: str) -> str:
+    """The id of a graph the server computes (a background job) with every node and edge kept."""
+    import time
+
+    import httpx
+
+    r = httpx.post(base + "/api/jobs/graph", timeout=30, json={
+        "transcoders": web.TC_ID, "prompt": prompt, "max_feature_nodes": 200, "node_threshold": 1.0,
+        "edge_threshold": 1.0, "slug": slug})
+    assert r.status_code == 202, r.text
+    end = time.time() + 120
+    while (job := httpx.get(f"{base}/api/jobs/{r.json()['id']}", timeout=30).json())["status"] in ("queued", "running"):
+        assert time.time() < end, job
+        time.sleep(0.2)
+    assert job["status"] == "done", job
+    return job["result"]["graph"]
+
+
+def test_attention_panels_explain_a_clicked_edge(server, page, tmp_path):
+    """Click an edge on the canvas: its heads, strongest first, with their patterns; the top head's QK panel with
+    pairs of graph nodes in words and links to the analyzed features' pages; another head on demand."""
+    import httpx
+
+    base, _, _ = server
+    gid = _computed_graph(base, "the cat sat on the mat", "attention-panels")
+    g = httpx.get(f"{base}/api/graphs/{gid}", timeout=30).json()
+    by_id = {n["node_id"]: n for n in g["nodes"]}
+    # cross-position edges (attention carries them) into a feature or a logit (the nodes that read the residual)
+    links = [e for e in g["links"] if by_id[e["source"]]["ctx_idx"] != by_id[e["target"]]["ctx_idx"]
+             and by_id[e["target"]]["feature_type"] != "embedding" and "error" not in by_id[e["target"]]["feature_type"]]
+    edge = max(links, key=lambda e: abs(e["weight"]))
+    want = httpx.get(f"{base}/api/graphs/{gid}/heads", params={"source": edge["source"], "target": edge["target"]},
+                     timeout=120).json()
+    parts = sorted(((layer["layer"], h["head"], h["contribution"], h["pattern"]) for layer in want["layers"]
+                    for h in layer["heads"]), key=lambda x: -abs(x[2]))
+
+    page.goto(f"{base}/#/graph/{gid}")
+    page.wait_for_selector("#graph-canvas")
+    # a point on the edge that picks it and no node (edges cross; try along its length)
+    point = page.evaluate("""([s, t]) => {
+      const v = window.__featurelens.view, r = v.canvas.getBoundingClientRect();
+      for (let u = 0.5; u > 0.05; u -= 0.05) for (const w of [u, 1 - u]) {
+        const p = v.edgePoint(s, t, w), ev = { clientX: r.left + p.x, clientY: r.top + p.y };
+        const e = v.pickEdge(ev);
+        if (!v.pick(ev) && e && e.s.node_id === s && e.t.node_id === t) return { x: ev.clientX, y: ev.clientY };
+      }
+      return null; }""", [edge["source"], edge["target"]])
+    assert point, "no point of the strongest edge is free of nodes and other edges"
+    page.mouse.click(point["x"], point["y"])
+    page.wait_for_selector("#edge-heads tr.head-row")
+    rows = page.locator("#edge-heads tr.head-row")
+    shown = [(int(rows.nth(i).get_attribute("data-layer")), int(rows.nth(i).get_attribute("data-head")))
+             for i in range(rows.count())]
+    assert shown == [(x[0], x[1]) for x in parts[:len(shown)]] and len(shown) == min(12, len(parts))
+    first = rows.nth(0).inner_text()
+    assert f"head {parts[0][0]}.{parts[0][1]}" in first
+    assert first.split("\t")[-1].strip() == _fmt3(parts[0][3])  # the head's pattern from the target's position
+
+    # the QK panel opens on the strongest head, at (target position, source position)
+    page.wait_for_selector("#qk-panel table.qk-pairs tr")
+    qk = httpx.get(f"{base}/api/graphs/{gid}/qk", timeout=120, params={
+        "layer": parts[0][0], "head": parts[0][1], "query": want["target_pos"], "key": want["source_pos"], "top": 8}).json()
+    text = page.inner_text("#qk-panel")
+    assert f"head {parts[0][0]}.{parts[0][1]} attends from" in text and "sum of the terms" in text
+    assert page.locator("#qk-panel table.qk-pairs tr").count() == len(qk["top_pairs"])
+    first_pair = page.locator("#qk-panel table.qk-pairs tr").nth(0).inner_text()
+    assert first_pair.startswith(_fmt3(qk["top_pairs"][0]["value"]))
+    assert page.locator("#qk-panel table.qk-query tr").count() == len(qk["top_query"])
+    assert page.locator("#qk-panel table.qk-key tr").count() == len(qk["top_key"])
+    # features of the analyzed transcoder layer (layer 1) link to their pages; others are named only
+    hrefs = page.eval_on_selector_all("#qk-panel a.qk-feature", "xs => xs.map(x => x.getAttribute('href'))")
+    assert all(h.startswith(f"#/feature/{web.TC_ID}~layer_1/") for h in hrefs)
+    terms = qk["top_pairs"] + qk["top_query"] + qk["top_key"]
+    assert len(hrefs) == sum(1 for t in terms for side in ("query", "key")
+                             if t[side].startswith("1_") and by_id.get(t[side], {}).get("feature_type") not in
+                             (None, "logit", "embedding") and "error" not in by_id[t[side]]["feature_type"])
+    # another head on demand
+    rows.nth(1).locator("button").click()
+    page.wait_for_function(f"document.querySelector('#qk-panel h3').textContent.includes('head {parts[1][0]}.{parts[1][1]}')")
+    page.wait_for_selector("#qk-panel table.qk-pairs tr")
+    Shots(page, tmp_path / "screens")("attention", element=".attention-panels")
+
+
+def _fmt3(x: float) -> str:
+    """The page's fmt(x): 3 significant digits, exponent form for tiny or huge values."""
+    if x != 0 and (abs(x) < 1e-3 or abs(x) >= 1e5):
+        m, e = f"{x:.2e}".split("e")
+        return f"{m}e{int(e):+d}"
+    return f"{float(f'{x:.3g}'):g}" if abs(x) < 1e5 else str(x)

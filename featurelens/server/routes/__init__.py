@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from . import dictionaries, features, graphs, jobs, meta, models, search, steering
+from . import attention, dictionaries, features, graphs, jobs, meta, models, search, steering
 
 ROUTERS = [meta.router, models.router, dictionaries.router, features.router, search.router, steering.router,
-           graphs.router, jobs.router]
+           graphs.router, attention.router, jobs.router]
 
 __all__ = ["ROUTERS"]
