@@ -20,11 +20,12 @@ from typing import Any, Sequence
 
 import torch
 
+from .. import distributed as dist
 from ..data import load_contexts
 from ..engine.errors import InputError
 from ..paths import sub_dir
 from ..progress import OnProgress
-from .batches import chunk_for, model_batches
+from .batches import Batches, chunk_for, model_batches
 from .checkpoints import clear_checkpoints
 from .clt import CLTConfig, CrossLayerTranscoder
 from .formats import META_FILE, save_clt, save_dictionary, save_transcoder_set
@@ -51,23 +52,53 @@ def _train_options(arch: str, k: int | None, width: int, tokens: int, lr: float 
     unknown = sorted(set(options) - known)
     if unknown:
         raise TypeError(f"unknown training option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    options = {"shards": dist.world_size(), **{k_: v for k_, v in options.items() if v is not None or k_ != "shards"}}
     return TrainConfig(arch=arch, k=k, width=width, tokens=tokens, lr=lr, batch_size=batch_size, seed=seed,
                        checkpoint_every=checkpoint_every, **options)
 
 
+def _shard_batches(model: Any, hooks: list[str], contexts: torch.Tensor, tcfg: TrainConfig,
+                   row_width: int) -> list[Batches]:
+    """This rank's activation streams: contexts dealt round-robin into tcfg.shards shards, rank r holding the r-th
+    equal run of them, each computing its own activations (batch_size / shards rows a step)."""
+    n_shards, world = tcfg.shards, dist.world_size()
+    if n_shards % world:
+        raise InputError(f"shards ({n_shards}) must be a multiple of the number of ranks ({world})")
+    if len(contexts) < n_shards:
+        raise InputError(f"{len(contexts)} contexts cannot be dealt into {n_shards} shards")
+    per_rank = n_shards // world
+    first = dist.rank() * per_rank
+    out: list[Batches] = []
+    for j in range(first, first + per_rank):
+        part = contexts[j::n_shards]
+        out.append(model_batches(model, hooks, part, tcfg.batch_size // n_shards, tcfg.seed,
+                                 chunk_contexts=chunk_for(tcfg.tokens // n_shards, part, row_width)))
+    return out
+
+
 def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
+    try:
+        _check_out(out, resume, overwrite)
+    finally:
+        dist.barrier()  # every rank sees `out` as rank 0 left it
+
+
+def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
     from ..io import clean_stale_tmp
 
-    clean_stale_tmp(out.parent, recursive=False)  # a save of `out` cut off by a crash: finished or undone
-    clean_stale_tmp(out)
+    main = dist.is_main()  # only rank 0 changes the disk; every rank makes the same checks
+    if main:
+        clean_stale_tmp(out.parent, recursive=False)  # a save of `out` cut off by a crash: finished or undone
+        clean_stale_tmp(out)
     has_ckpt = (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("step-*.pt"))
     finished = (out / META_FILE).is_file() or (out / "cfg.json").is_file()
     if overwrite:
-        clear_checkpoints(out)
-        # the old weights' dashboards: never to be shown beside new weights
-        for adir in [out / "analysis", *out.glob("layer_*/analysis")]:
-            if adir.is_dir():
-                shutil.rmtree(adir)
+        if main:
+            clear_checkpoints(out)
+            # the old weights' dashboards: never to be shown beside new weights
+            for adir in [out / "analysis", *out.glob("layer_*/analysis")]:
+                if adir.is_dir():
+                    shutil.rmtree(adir)
         return
     if has_ckpt and not resume:
         raise InputError(f"{out} holds an unfinished training run; pass resume=True (--resume) to continue it, "
@@ -115,13 +146,15 @@ def train_sae(model: Any, hook: str, *, arch: str = "topk", k: int | None = None
                            metadata={"context_size": ctx_len, "dataset_path": str(source), "prepend_bos": True})
     learner = Learner(hook, cfg, tcfg, device=model.device)
     if contexts is None:
-        contexts = load_contexts(model, source, ctx_len, "train", progress=progress)
-    batches = model_batches(model, [hook], contexts, tcfg.batch_size, seed, chunk_contexts=chunk_for(tokens, contexts, d))
+        contexts = load_contexts(model, source, ctx_len, "train", progress=progress and dist.is_main())
+    batches = _shard_batches(model, [hook], contexts, tcfg, d)
     res = run_training([learner], batches, tcfg, out, resume=resume, progress=progress,
                        desc=f"{arch} SAE {hook}", on_progress=on_progress)
     sae = learner.export()
-    save_dictionary(sae, out, _run_metadata(model, source, ctx_len, tcfg, res, learner))
-    clear_checkpoints(out)
+    if dist.is_main():
+        save_dictionary(sae, out, _run_metadata(model, source, ctx_len, tcfg, res, learner))
+        clear_checkpoints(out)
+    dist.barrier()
     sae.stats, sae.source = _run_metadata(model, source, ctx_len, tcfg, res, learner), out
     return sae
 
@@ -175,15 +208,17 @@ def train_transcoders(model: Any, layers: "str | int | Sequence[int]" = "all", *
         learners.append(Learner(f"layer_{layer}", cfg, tcfg, device=model.device))
         hooks += [h_in, h_out]
     if contexts is None:
-        contexts = load_contexts(model, source, ctx_len, "train", progress=progress)
+        contexts = load_contexts(model, source, ctx_len, "train", progress=progress and dist.is_main())
     width = sum(lrn.sae.d_in + lrn.sae.d_out for lrn in learners)
-    batches = model_batches(model, hooks, contexts, tcfg.batch_size, seed, chunk_contexts=chunk_for(tokens, contexts, width))
+    batches = _shard_batches(model, hooks, contexts, tcfg, width)
     res = run_training(learners, batches, tcfg, out, resume=resume, progress=progress,
                        desc=f"{arch} transcoders x{len(learners)}", on_progress=on_progress)
     tset = TranscoderSet({layer: lrn.export() for layer, lrn in zip(wanted, learners)}, n_layers_model=model.cfg.n_layers)
     stats = {str(layer): _run_metadata(model, source, ctx_len, tcfg, res, lrn) for layer, lrn in zip(wanted, learners)}
-    save_transcoder_set(tset, out, stats)
-    clear_checkpoints(out)
+    if dist.is_main():
+        save_transcoder_set(tset, out, stats)
+        clear_checkpoints(out)
+    dist.barrier()
     for layer, tc in tset.items():
         tc.stats, tc.source = stats[str(layer)], out / f"layer_{layer}"
     return tset
@@ -220,10 +255,9 @@ def train_clt(model: Any, layers: "str | int | Sequence[int]" = "all", *, arch: 
                     metadata={"context_size": ctx_len, "dataset_path": str(source), "prepend_bos": True})
     learner = CLTLearner("clt", cfg, tcfg, device=model.device)
     if contexts is None:
-        contexts = load_contexts(model, source, ctx_len, "train", progress=progress)
+        contexts = load_contexts(model, source, ctx_len, "train", progress=progress and dist.is_main())
     row_width = len(wanted) * (d_in + d_out)
-    batches = model_batches(model, hooks, contexts, tcfg.batch_size, seed,
-                            chunk_contexts=chunk_for(tokens, contexts, row_width))
+    batches = _shard_batches(model, hooks, contexts, tcfg, row_width)
     res = run_training([learner], batches, tcfg, out, resume=resume, progress=progress,  # type: ignore[list-item]
                        desc=f"{arch} CLT x{len(wanted)} layers", on_progress=on_progress)
     clt = learner.export()
@@ -231,7 +265,9 @@ def train_clt(model: Any, layers: "str | int | Sequence[int]" = "all", *, arch: 
              "context_size": ctx_len, "model": getattr(model, "name", ""), "scale_in": learner.scale_in,
              "scale_out": learner.scale_out, "final_train_metrics": {k_: round(v, 6) for k_, v in learner.ema.items()},
              "train_seconds_last_session": round(res.seconds, 1), "resumed_from_step": res.resumed_from}
-    save_clt(clt, out, stats)
-    clear_checkpoints(out)
+    if dist.is_main():
+        save_clt(clt, out, stats)
+        clear_checkpoints(out)
+    dist.barrier()
     clt.stats, clt.source = stats, out
     return clt
