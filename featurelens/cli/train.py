@@ -59,10 +59,31 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="data shards the corpus is dealt into (default: the number of torchrun ranks); a run "
                         "resumes on any number of ranks that divides it. --batch-tokens and --tokens must be "
                         "multiples of it")
+    p.add_argument("--from-cache", default=None, metavar="DIR",
+                   help="read activations (and their contexts) from an activation cache written by "
+                        "`featurelens cache-activations` instead of running the model over --corpus")
     p.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
     common.add(p, "overwrite", note="(discards what --out holds)")
     p.add_argument("--eval", action="store_true", help="evaluate the result afterwards (as `featurelens eval`)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("cache-activations", help="write a model's activations to an activation cache for training",
+                       description="Compute activations at the hooks a training run reads (an SAE's --hook, or "
+                                   "--transcoder / --clt layers) over the corpus's training split and write them as "
+                                   "sharded safetensors with a manifest; under torchrun the ranks write the shards "
+                                   "in parallel. Train on it with `featurelens train --from-cache DIR`.")
+    common.add_model(p, default=DEFAULT_MODEL, dtype=False)
+    common.add(p, "hook", note="(an SAE's hook)")
+    p.add_argument("--transcoder", "--clt", dest="transcoder", action="store_true",
+                   help="the MLP inputs and outputs of --layers (what transcoders and CLTs read)")
+    common.add(p, "layers", note="(with --transcoder; default all)")
+    common.add(p, "tokens", default=1_000_000, note="(default 1M)")
+    common.add(p, "corpus", default="nlp-corpus", note="(default nlp-corpus)")
+    common.add(p, "ctx_len", default=128, note="(default 128)")
+    p.add_argument("--cache-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="dtype the activations are stored in (default float32)")
+    p.add_argument("--out", required=True, metavar="DIR", help="the cache: a directory, or an fsspec URL")
+    p.set_defaults(func=cmd_cache_activations)
 
     p = sub.add_parser("eval", help="L0, explained variance, CE loss recovered, dead/dense features of a dictionary")
     p.add_argument("path", help="a dictionary directory (ours or SAELens's), a transcoder set, or a params.npz")
@@ -95,7 +116,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                   checkpoint_every=args.checkpoint_steps, **options)
     check_device(args.device)
     distributed.init_from_env(args.device)  # under torchrun: one rank of a data-parallel run
-    settings.update(progress=distributed.is_main(), shards=args.shards)
+    settings.update(progress=distributed.is_main(), shards=args.shards, from_cache=args.from_cache)
     model = common.load_model(args)
     if not distributed.is_main():  # the other ranks train along and say nothing
         with contextlib.redirect_stdout(io.StringIO()):
@@ -132,6 +153,33 @@ def _train(args: argparse.Namespace, model: Any, settings: dict[str, Any]) -> in
         _report(_evaluate(model, result, args.ctx_len, args.corpus, 100_000, 32), as_json=False)
     else:
         print(f"evaluate it with: featurelens eval {out}")
+    return 0
+
+
+def cmd_cache_activations(args: argparse.Namespace) -> int:
+    from .. import distributed
+    from ..data import load_contexts, write_activation_cache
+    from ..device import check_device
+    from ..dictionaries.protocol import TRANSCODER_IN, TRANSCODER_OUT
+
+    if bool(args.hook) == bool(args.transcoder):
+        raise InputError("give --hook HOOK (an SAE's activations) or --transcoder (MLP inputs and outputs)")
+    check_device(args.device)
+    distributed.init_from_env(args.device)
+    model = common.load_model(args)
+    if args.hook:
+        hooks = [args.hook]
+    else:
+        layers = args.layers if args.layers not in (None, "all") else range(model.cfg.n_layers)
+        hooks = [h for layer in layers for h in (TRANSCODER_IN.format(layer), TRANSCODER_OUT.format(layer))]
+    main = distributed.is_main()
+    contexts = load_contexts(model, args.corpus, args.ctx_len, "train", progress=main)
+    n = min(len(contexts), -(-args.tokens // args.ctx_len))
+    m = write_activation_cache(model, hooks, contexts[:n], args.out, dtype=args.cache_dtype, corpus=str(args.corpus),
+                               progress=main)
+    if main:
+        print(f"cached {m['n_tokens']:,} tokens ({m['n_contexts']:,} contexts x {m['ctx_len']}) at {len(hooks)} "
+              f"hook(s) in {m['n_shards']} shard(s) at {args.out}; train on it with --from-cache {args.out}")
     return 0
 
 

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 
 from .. import distributed as dist
-from ..data import load_contexts
+from ..data import CachedActivations, load_contexts
 from ..engine.errors import InputError
 from ..paths import sub_dir
 from ..progress import OnProgress
@@ -110,6 +110,21 @@ def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
         raise InputError(f"{out} already holds a trained dictionary; choose another out, or overwrite=True (--overwrite)")
 
 
+def _activations(model: Any, hooks: list[str], contexts: torch.Tensor | None, source: Any, ctx_len: int,
+                 progress: bool, from_cache: "str | Path | None") -> tuple[Any, torch.Tensor, Any, int]:
+    """(what computes the activations, the contexts, their source, ctx_len): the model over the corpus's training
+    split (or the `contexts` given), or an activation cache (`data.cache`), checked against the model and hooks."""
+    if from_cache is None:
+        if contexts is None:
+            contexts = load_contexts(model, source, ctx_len, "train", progress=progress and dist.is_main())
+        return model, contexts, source, ctx_len
+    if contexts is not None:
+        raise InputError("give contexts or from_cache, not both (a cache holds its own contexts)")
+    cache = CachedActivations(from_cache, model=model, hooks=hooks)
+    return (cache.model_view(model), cache.contexts, cache.manifest["corpus"] or str(from_cache),
+            int(cache.manifest["ctx_len"]))
+
+
 def _run_metadata(model: Any, source: Any, ctx_len: int, tcfg: TrainConfig, res: RunResult,
                   learner: Learner) -> dict[str, Any]:
     return {"train_config": tcfg.to_dict(), "tokens_trained": res.tokens, "steps": res.steps,
@@ -128,26 +143,27 @@ def train_sae(model: Any, hook: str, *, arch: str = "topk", k: int | None = None
               batch_size: int = 4096, source: Any = "nlp-corpus", ctx_len: int = 128, resume: bool = False,
               overwrite: bool = False, progress: bool = True, seed: int = 0, checkpoint_every: int | None = None,
               contexts: torch.Tensor | None = None, on_progress: OnProgress | None = None,
-              **options: Any) -> SparseDictionary:
+              from_cache: str | Path | None = None, **options: Any) -> SparseDictionary:
     """Train a sparse autoencoder on `hook` of `model`; save it to `out` (SAELens layout) and return it.
 
     arch: "topk" (default, k=32), "batchtopk", "relu" or "jumprelu". tokens: training tokens (BOS excluded).
     resume: continue the run checkpointed in <out>/checkpoints. Further `options` are `TrainConfig` fields
     (l1_coefficient, l0_coefficient, aux_coefficient, dead_tokens, warmup, decay, normalize, ...).
-    `contexts` (token ids [n, ctx]) replaces the corpus's training split. on_progress: called with a
-    `ProgressEvent` (tokens trained on) after every step.
+    `contexts` (token ids [n, ctx]) replaces the corpus's training split; `from_cache` (a directory or URL written
+    by `write_activation_cache` / `featurelens cache-activations`) reads activations and contexts from a cache
+    instead of running the model. on_progress: called with a `ProgressEvent` (tokens trained on) after every step.
+    Under torchrun every rank calls this: the run is data parallel (see `distributed`, TrainConfig.shards).
     """
     d = _check_hook(model, hook)
     tcfg = _train_options(arch, k, width, tokens, lr, batch_size, seed, checkpoint_every, options)
     out = Path(out).expanduser() if out is not None else _default_out(model, f"{hook}-{arch}-{width}")
     _prepare_out(out, resume, overwrite)
+    acts, contexts, source, ctx_len = _activations(model, [hook], contexts, source, ctx_len, progress, from_cache)
     torch.manual_seed(seed)
     cfg = DictionaryConfig(d_in=d, d_sae=width, arch=arch, k=tcfg.k, hook_name=hook, model_name=model.name,
                            metadata={"context_size": ctx_len, "dataset_path": str(source), "prepend_bos": True})
     learner = Learner(hook, cfg, tcfg, device=model.device)
-    if contexts is None:
-        contexts = load_contexts(model, source, ctx_len, "train", progress=progress and dist.is_main())
-    batches = _shard_batches(model, [hook], contexts, tcfg, d)
+    batches = _shard_batches(acts, [hook], contexts, tcfg, d)
     res = run_training([learner], batches, tcfg, out, resume=resume, progress=progress,
                        desc=f"{arch} SAE {hook}", on_progress=on_progress)
     sae = learner.export()
@@ -181,7 +197,8 @@ def train_transcoders(model: Any, layers: "str | int | Sequence[int]" = "all", *
                       lr: float | None = None, batch_size: int = 1024, skip: bool = True, source: Any = "nlp-corpus",
                       ctx_len: int = 128, resume: bool = False, overwrite: bool = False, progress: bool = True,
                       seed: int = 0, checkpoint_every: int | None = None, contexts: torch.Tensor | None = None,
-                      on_progress: OnProgress | None = None, **options: Any) -> TranscoderSet:
+                      on_progress: OnProgress | None = None, from_cache: str | Path | None = None,
+                      **options: Any) -> TranscoderSet:
     """Train per-layer transcoders (blocks.L.ln2.hook_normalized -> blocks.L.hook_mlp_out) from one stream.
 
     skip (default True): each transcoder also has an affine skip W_skip from the MLP input to its output, started at
@@ -197,8 +214,10 @@ def train_transcoders(model: Any, layers: "str | int | Sequence[int]" = "all", *
     tcfg = _train_options(arch, k, width, tokens, lr, batch_size, seed, checkpoint_every, {**options, "skip": skip})
     out = Path(out).expanduser() if out is not None else _default_out(model, f"transcoders-{arch}-{width}")
     _prepare_out(out, resume, overwrite)
+    hooks = [h for layer in wanted for h in (TRANSCODER_IN.format(layer), TRANSCODER_OUT.format(layer))]
+    acts, contexts, source, ctx_len = _activations(model, hooks, contexts, source, ctx_len, progress, from_cache)
     torch.manual_seed(seed)
-    learners, hooks = [], []
+    learners = []
     for layer in wanted:
         h_in, h_out = TRANSCODER_IN.format(layer), TRANSCODER_OUT.format(layer)
         d_in, d_out = _check_hook(model, h_in), _check_hook(model, h_out)
@@ -206,11 +225,8 @@ def train_transcoders(model: Any, layers: "str | int | Sequence[int]" = "all", *
                                hook_name=h_in, hook_name_out=h_out, model_name=model.name,
                                metadata={"context_size": ctx_len, "dataset_path": str(source), "prepend_bos": True})
         learners.append(Learner(f"layer_{layer}", cfg, tcfg, device=model.device))
-        hooks += [h_in, h_out]
-    if contexts is None:
-        contexts = load_contexts(model, source, ctx_len, "train", progress=progress and dist.is_main())
     width = sum(lrn.sae.d_in + lrn.sae.d_out for lrn in learners)
-    batches = _shard_batches(model, hooks, contexts, tcfg, width)
+    batches = _shard_batches(acts, hooks, contexts, tcfg, width)
     res = run_training(learners, batches, tcfg, out, resume=resume, progress=progress,
                        desc=f"{arch} transcoders x{len(learners)}", on_progress=on_progress)
     tset = TranscoderSet({layer: lrn.export() for layer, lrn in zip(wanted, learners)}, n_layers_model=model.cfg.n_layers)
@@ -229,7 +245,8 @@ def train_clt(model: Any, layers: "str | int | Sequence[int]" = "all", *, arch: 
               lr: float | None = None, batch_size: int = 4096, skip: bool = False, source: Any = "nlp-corpus",
               ctx_len: int = 128, resume: bool = False, overwrite: bool = False, progress: bool = True, seed: int = 0,
               checkpoint_every: int | None = None, contexts: torch.Tensor | None = None,
-              on_progress: OnProgress | None = None, **options: Any) -> CrossLayerTranscoder:
+              on_progress: OnProgress | None = None, from_cache: str | Path | None = None,
+              **options: Any) -> CrossLayerTranscoder:
     """Train a cross-layer transcoder over `layers` (each layer's MLP input -> its MLP output and all later ones).
 
     width: features per layer. arch: "batchtopk" (default: at inference a threshold, i.e. a JumpReLU that
@@ -249,15 +266,14 @@ def train_clt(model: Any, layers: "str | int | Sequence[int]" = "all", *, arch: 
             width_of[h] = _check_hook(model, h)  # the width of h's per-token vectors
             hooks.append(h)
     d_in, d_out = width_of[hooks[0]], width_of[hooks[1]]
+    acts, contexts, source, ctx_len = _activations(model, hooks, contexts, source, ctx_len, progress, from_cache)
     torch.manual_seed(seed)
     cfg = CLTConfig(layers=wanted, d_in=d_in, d_sae=width, arch=arch, k=tcfg.k, d_out=d_out, skip=skip,
                     model_name=getattr(model, "name", ""), n_layers_model=model.cfg.n_layers,
                     metadata={"context_size": ctx_len, "dataset_path": str(source), "prepend_bos": True})
     learner = CLTLearner("clt", cfg, tcfg, device=model.device)
-    if contexts is None:
-        contexts = load_contexts(model, source, ctx_len, "train", progress=progress and dist.is_main())
     row_width = len(wanted) * (d_in + d_out)
-    batches = _shard_batches(model, hooks, contexts, tcfg, row_width)
+    batches = _shard_batches(acts, hooks, contexts, tcfg, row_width)
     res = run_training([learner], batches, tcfg, out, resume=resume, progress=progress,  # type: ignore[list-item]
                        desc=f"{arch} CLT x{len(wanted)} layers", on_progress=on_progress)
     clt = learner.export()
