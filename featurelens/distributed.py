@@ -134,10 +134,16 @@ def gather_rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def sum_grads(params: Iterable[torch.Tensor]) -> None:
-    """Sum the parameters' gradients over the ranks in one flat collective (a missing gradient counts as zero)."""
+    """Sum the parameters' gradients over the ranks in one flat collective. A parameter without a gradient on every
+    rank keeps none (the optimizer skips it, as in one process); one with a gradient somewhere gets the sum, zero
+    standing in for the ranks where it had none."""
     if not active():
         return
     ps = list(params)
+    has = all_sum(torch.tensor([p.grad is not None for p in ps], dtype=torch.int32, device=comm_device()))
+    ps = [p for p, h in zip(ps, has.tolist()) if h]
+    if not ps:
+        return
     for p in ps:
         if p.grad is None:
             p.grad = torch.zeros_like(p)

@@ -1,5 +1,5 @@
 """Data-parallel training: real `torchrun` runs (gloo, 2 CPU processes) on the tiny model equal one process given
-the same data shards, and a run whose rank 0 is killed mid-way resumes on 2 ranks to the same result.
+the same data shards, and a run whose rank 0 is killed mid-way resumes to the same result on 2 ranks or on 1.
 
 This file is also the ranks' program: torchrun runs it as a script (`python test_distributed.py KIND OUT ...`).
 """
@@ -100,11 +100,17 @@ def test_killed_run_resumes_on_two_ranks(tmp_path: Path) -> None:
     assert killed.returncode != 0  # rank 0 was killed
     assert sorted(p.name for p in (out / "checkpoints").glob("step-*.pt"))[-1] == "step-00000004.pt"
     assert not (out / "cfg.json").exists()
+    import shutil
+
+    shutil.copytree(out, tmp_path / "on-one")  # the same stopped run, to resume on 1 rank as well
     resumed = _torchrun("sae", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     train("sae", tmp_path / "whole")
     _assert_same("sae", _weights("sae", tmp_path / "whole"), _weights("sae", out))
     assert _stats(out)["resumed_from_step"] == 4
+    train("sae", tmp_path / "on-one", resume=True)  # its 2 shards now both on one rank
+    _assert_same("sae", _weights("sae", tmp_path / "whole"), _weights("sae", tmp_path / "on-one"))
+    assert _stats(tmp_path / "on-one")["resumed_from_step"] == 4
 
 
 if __name__ == "__main__":  # a rank of torchrun
