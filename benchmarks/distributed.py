@@ -85,7 +85,7 @@ def worker(args: argparse.Namespace) -> None:
 def run(kind: str, ranks: int, args: argparse.Namespace) -> dict:
     result = Path(tempfile.mktemp(suffix=".json"))
     cores = os.cpu_count() or 1
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(max(1, cores // ranks))}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(args.threads or max(1, cores // ranks))}
     tokens, batch = (args.tokens, args.batch) if kind == "sae" else (args.clt_tokens, args.clt_batch)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
            __file__, "--worker", "--kind", kind, "--result", str(result), "--tokens", str(tokens),
@@ -110,6 +110,7 @@ def main() -> None:
     ap.add_argument("--clt-width", type=int, default=128, help="CLT features per layer (all 18 layers)")
     ap.add_argument("--clt-tokens", type=int, default=4096)
     ap.add_argument("--clt-batch", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per rank (default: cores / ranks)")
     ap.add_argument("--device", default=None, help="cuda: one GPU per rank, nccl (default: cpu, gloo)")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     args = ap.parse_args()

@@ -85,8 +85,20 @@ def _follow(model: Any, dictionary: Any, acfg: AccumulatorConfig, seed: int, con
         if _stream_stage(model, dictionary, acc, contexts, batch_size, adir / BUILD_DIR, checkpoint_every,
                          AnalysisTimings(), False, None, None):
             return None  # stopped early (testing): rank 0 stops too
-    dist.barrier()
-    return DictionaryAnalysis(adir, dictionary=dictionary, model=model)
+    dist.barrier()  # rank 0 has published the analysis
+    return _open_in_turn(adir, dictionary, model)
+
+
+def _open_in_turn(adir: Path, dictionary: Any, model: Any) -> DictionaryAnalysis:
+    """The published analysis, opened by one rank after another (rank 0 first): opening a store for writing sets
+    its journal mode, which two processes at once would find locked."""
+    result = None
+    for r in range(dist.world_size()):
+        if r == dist.rank():
+            result = DictionaryAnalysis(adir, dictionary=dictionary, model=model)
+        dist.barrier()
+    assert result is not None
+    return result
 
 
 def analyze(model: Any = None, dictionary: Any = None, data: Any = None, *, n_tokens: int | None = 500_000,
@@ -257,6 +269,6 @@ def analyze(model: Any = None, dictionary: Any = None, data: Any = None, *, n_to
     dist.barrier()  # the other ranks return once the analysis is published
     if progress:
         print(f"featurelens: analysis written to {final}\n  {timings.summary()}", file=sys.stderr, flush=True)
-    result = DictionaryAnalysis(adir, dictionary=dictionary, model=model)
+    result = _open_in_turn(adir, dictionary, model)
     result.timings = timings
     return result

@@ -69,20 +69,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("cache-activations", help="write a model's activations to an activation cache for training",
                        description="Compute activations at the hooks a training run reads (an SAE's --hook, or "
-                                   "--transcoder / --clt layers) over the corpus's training split and write them as "
+                                   "the MLP inputs and outputs of --layers with --mlp) over the corpus's training split and write them as "
                                    "sharded safetensors with a manifest; under torchrun the ranks write the shards "
                                    "in parallel. Train on it with `featurelens train --from-cache DIR`.")
     common.add_model(p, default=DEFAULT_MODEL, dtype=False)
     common.add(p, "hook", note="(an SAE's hook)")
-    p.add_argument("--transcoder", "--clt", dest="transcoder", action="store_true",
-                   help="the MLP inputs and outputs of --layers (what transcoders and CLTs read)")
-    common.add(p, "layers", note="(with --transcoder; default all)")
+    p.add_argument("--mlp", action="store_true",
+                   help="the MLP inputs and outputs of --layers: what `train --transcoder` and `train --clt` read")
+    common.add(p, "layers", note="(with --mlp; default all)")
     common.add(p, "tokens", default=1_000_000, note="(default 1M)")
     common.add(p, "corpus", default="nlp-corpus", note="(default nlp-corpus)")
     common.add(p, "ctx_len", default=128, note="(default 128)")
     p.add_argument("--cache-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="dtype the activations are stored in (default float32)")
-    p.add_argument("--out", required=True, metavar="DIR", help="the cache: a directory, or an fsspec URL")
+    common.add(p, "out", note="(required: the cache, a directory or an fsspec URL such as s3://bucket/acts)")
     p.set_defaults(func=cmd_cache_activations)
 
     p = sub.add_parser("eval", help="L0, explained variance, CE loss recovered, dead/dense features of a dictionary")
@@ -162,8 +162,11 @@ def cmd_cache_activations(args: argparse.Namespace) -> int:
     from ..device import check_device
     from ..dictionaries.protocol import TRANSCODER_IN, TRANSCODER_OUT
 
-    if bool(args.hook) == bool(args.transcoder):
-        raise InputError("give --hook HOOK (an SAE's activations) or --transcoder (MLP inputs and outputs)")
+    if bool(args.hook) == bool(args.mlp):
+        raise InputError("give --hook HOOK (an SAE's activations) or --mlp (MLP inputs and outputs, for transcoders "
+                         "and CLTs)")
+    if not args.out:
+        raise InputError("give --out DIR: where to write the activation cache")
     check_device(args.device)
     distributed.init_from_env(args.device)
     model = common.load_model(args)

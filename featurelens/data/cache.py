@@ -3,7 +3,7 @@ safetensors files plus a manifest, written in parallel by the ranks of a torchru
 (`train_sae(..., from_cache=DIR)`, `featurelens train --from-cache DIR`).
 
     featurelens cache-activations --hook blocks.6.hook_resid_post --tokens 2M --out ~/acts-l6
-    torchrun --nproc_per_node 8 -m featurelens cache-activations --transcoder --tokens 100M --out s3://bucket/acts
+    torchrun --nproc_per_node 8 -m featurelens cache-activations --mlp --tokens 100M --out s3://bucket/acts
 
 Shard k holds contexts [k * per_shard, (k + 1) * per_shard) (every position, BOS included, [contexts, ctx_len, d]
 per hook) and is written by rank k mod world. The manifest (model, hooks and widths, dtype, token count, corpus and

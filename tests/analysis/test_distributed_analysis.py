@@ -2,7 +2,7 @@
 same densities, histograms, top and quantile examples (with their activation windows), co-firing and labels.
 Also `Accumulator.merge`, which the ranks' merge is made of.
 
-This file is also the ranks' program: torchrun runs it as a script (`python test_distributed.py DIR`).
+This file is also the ranks' program: torchrun runs it as a script (`python test_distributed_analysis.py DIR`).
 """
 
 from __future__ import annotations
@@ -99,4 +99,5 @@ if __name__ == "__main__":  # a rank of torchrun
     from featurelens import distributed
 
     assert distributed.init_from_env(), "run under torchrun with 2 processes"
-    _analyze(Path(sys.argv[1]), Path(sys.argv[1]) / "ranks")
+    result = _analyze(Path(sys.argv[1]), Path(sys.argv[1]) / "ranks")
+    assert result.n_features == 48  # every rank gets the published analysis

@@ -1,7 +1,7 @@
 """Data-parallel training: real `torchrun` runs (gloo, 2 CPU processes) on the tiny model equal one process given
 the same data shards, and a run whose rank 0 is killed mid-way resumes to the same result on 2 ranks or on 1.
 
-This file is also the ranks' program: torchrun runs it as a script (`python test_distributed.py KIND OUT ...`).
+This file is also the ranks' program: torchrun runs it as a script (`python test_distributed_training.py KIND OUT ...`).
 """
 
 from __future__ import annotations
