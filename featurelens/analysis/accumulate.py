@@ -6,7 +6,8 @@ feature at once:
 - firing counts, activation sums and the histogram of nonzero activations (fixed log-spaced bins; one
   bincount over the batch's nonzeros);
 - the top-K contexts: the batch's per-context maximum [B, d] is concatenated with the running top-K [d, K] and
-  one `topk` picks the new top-K; only entries that are new pull their window of activations (one gather);
+  one stable sort picks the new top-K (ties to the earlier context); only entries that are new pull their window
+  of activations (one gather);
 - a uniform random sample of R firing tokens (reservoir by random keys: each firing gets a key u ~ U(0, 1), a
   feature keeps the R largest keys it has seen: a uniform sample without replacement), from which examples across
   activation quantiles are drawn at the end;
@@ -72,24 +73,26 @@ class Accumulator:
 
     # ----------------------------------------------------------------- the per-batch update
     @torch.no_grad()
-    def update(self, acts: torch.Tensor, valid: torch.Tensor, ctx_offset: int) -> None:
+    def update(self, acts: torch.Tensor, valid: torch.Tensor, ctx_offset: int, batch_index: int | None = None) -> None:
         """acts [B, T, d] (non-negative; modified in place), valid [B, T] bool (False: BOS, padding), the global
-        index of the batch's first context."""
+        index of the batch's first context. batch_index: the batch's place in the whole stream (default: the
+        batches seen so far), which seeds its random sample keys, so that accumulators fed different batches of
+        one stream (the ranks of a distributed analysis) `merge` into what one would have made of all of them."""
         before = torch.get_num_threads()
         if self.cfg.threads is not None and self.cfg.threads != before:
             torch.set_num_threads(self.cfg.threads)
         try:
-            self._update(acts, valid, ctx_offset)
+            self._update(acts, valid, ctx_offset, int(self.n_batches) if batch_index is None else batch_index)
         finally:
             if torch.get_num_threads() != before:
                 torch.set_num_threads(before)
 
-    def _update(self, acts: torch.Tensor, valid: torch.Tensor, ctx_offset: int) -> None:
+    def _update(self, acts: torch.Tensor, valid: torch.Tensor, ctx_offset: int, batch_index: int) -> None:
         cfg = self.cfg
         B, T, d = acts.shape
         if d != cfg.d_sae:
             raise InputError(f"activations have {d} features, the accumulator {cfg.d_sae}")
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.n_batches))
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + batch_index)
         acts.masked_fill_(~valid[..., None], 0.0)
         flat = acts.view(B * T, d)
         self.n_tokens += int(valid.sum())
@@ -133,10 +136,15 @@ class Accumulator:
         win = getattr(self, f"{which}_win")
         K = val.shape[1]
         if which == "top":
+            # ranked by value, ties (repeated text) by the earlier context: a total order, so the top-K is the same
+            # whichever way the stream was cut into batches or dealt to ranks
             score = torch.cat([val, cand_val], 1)
+            by_ctx = torch.cat([ctx, cand_ctx], 1).argsort(dim=1, stable=True)
+            sel = by_ctx.gather(1, score.gather(1, by_ctx).argsort(dim=1, descending=True, stable=True))[:, :K]
+            best = score.gather(1, sel)
         else:
             score = torch.cat([self.smp_key, key], 1)  # type: ignore[list-item]
-        best, sel = score.topk(K, dim=1)
+            best, sel = score.topk(K, dim=1)
         is_new = sel >= K
         old = sel.clamp(max=K - 1)
         newi = (sel - K).clamp(min=0)
@@ -205,6 +213,33 @@ class Accumulator:
         right = start[tok].repeat_interleave(ct) + (torch.arange(total) - base)
         keys = feat[left] * d + feat[right]
         self.cofire.view(-1).index_add_(0, keys, torch.ones(total, dtype=torch.int32))  # type: ignore[union-attr]
+
+    # ----------------------------------------------------------------- merging
+    _SUMS = ("n_tokens", "n_batches", "n_fire", "sum_act", "hist", "cofire_tokens")
+
+    @torch.no_grad()
+    def merge(self, other: "Accumulator") -> None:
+        """Add what `other` saw (other batches of the same stream, same config and seed): counts, sums, histograms
+        and co-firing add up; the top-K and sample lists are merged as `update` merges a batch's candidates, so the
+        result is what one accumulator fed all the batches holds (sums of floats up to their order)."""
+        if other.cfg != self.cfg or other.seed != self.seed:
+            raise InputError("only accumulators with the same config and seed merge")
+        for k in self._SUMS:
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+        if self.cofire is not None:
+            self.cofire += other.cofire  # type: ignore[operator]
+        self.merge_lists(other)
+
+    _LISTS = ("top_val", "top_ctx", "top_pos", "top_win", "smp_key", "smp_val", "smp_ctx", "smp_pos", "smp_win")
+
+    @torch.no_grad()
+    def merge_lists(self, other: "Accumulator") -> None:
+        """Merge only `other`'s top-K and sample lists into these (see `merge`)."""
+        for which in ("top", "smp"):
+            win = getattr(other, f"{which}_win")
+            self._merge(which, getattr(other, f"{which}_val"), getattr(other, f"{which}_ctx"),
+                        getattr(other, f"{which}_pos"), lambda fi, ci, win=win: win[fi, ci],
+                        key=other.smp_key if which == "smp" else None)
 
     # ----------------------------------------------------------------- saving and restoring
     _FIELDS = ("n_tokens", "n_batches", "n_fire", "sum_act", "hist", "top_val", "top_ctx", "top_pos", "top_win",

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import distributed as dist
 from ..dictionaries.compat import check_fits, dictionary_fingerprint, dictionary_hooks, resolve_dictionary
 from ..engine.errors import InputError
 from ..io import clean_stale_tmp, hold_lock
@@ -45,11 +46,59 @@ from .explain import AutoExplainer, explain_store
 from .scoring import score_labels
 from .finalize import finalize
 from .results import DictionaryAnalysis, default_analysis_dir
-from .stream import STATE_FILE, load_state, stream
+from .stream import STATE_FILE, load_state, merge_over_ranks, save_state, stream
 from .timings import AnalysisTimings, merge_timings
 
 ANALYSIS_VERSION = 1
 COFIRE_MAX_WIDTH = 16384  # co-firing counts are a dense [d, d] int32 matrix: 1 GiB at this width
+
+
+def _stream_stage(model: Any, dictionary: Any, acc: Accumulator, contexts: Any, batch_size: int, build: Path,
+                  checkpoint_every: float, timings: AnalysisTimings, progress: bool, stop_after: int | None,
+                  on_progress: OnProgress | None) -> bool:
+    """The streaming stage, resumed from its saved state; with several ranks each streams every world-th batch
+    (saving its own state, `build`/state.rank-R-of-W.safetensors, resumable on as many ranks), then all merge, and
+    rank 0 saves the merged state as one process would have. True when stopped early (testing)."""
+    n_ctx = len(contexts)
+    r, world = dist.rank(), dist.world_size()
+    path = build / (STATE_FILE if world == 1 else f"state.rank-{r}-of-{world}.safetensors")
+    done = load_state(acc, path) if path.is_file() else 0
+    stopped = stream(model, dictionary, acc, contexts, done, batch_size, path, checkpoint_every, timings, progress,
+                     stop_after, on_progress, rank=r, world=world)
+    if world == 1:
+        return stopped
+    if dist.any_rank(stopped):
+        return True
+    merge_over_ranks(acc)
+    if dist.is_main():
+        save_state(acc, build / STATE_FILE, n_ctx)
+    return False
+
+
+def _follow(model: Any, dictionary: Any, acfg: AccumulatorConfig, seed: int, contexts: Any, batch_size: int,
+            adir: Path, checkpoint_every: float) -> Any:
+    """A rank other than 0: stream its share of the batches when rank 0 finds streaming to do, then wait for rank
+    0 to finish and publish the analysis."""
+    dist.barrier()  # rank 0 has prepared building/
+    if dist.any_rank(False):
+        acc = Accumulator(acfg, seed=seed)
+        if _stream_stage(model, dictionary, acc, contexts, batch_size, adir / BUILD_DIR, checkpoint_every,
+                         AnalysisTimings(), False, None, None):
+            return None  # stopped early (testing): rank 0 stops too
+    dist.barrier()  # rank 0 has published the analysis
+    return _open_in_turn(adir, dictionary, model)
+
+
+def _open_in_turn(adir: Path, dictionary: Any, model: Any) -> DictionaryAnalysis:
+    """The published analysis, opened by one rank after another (rank 0 first): opening a store for writing sets
+    its journal mode, which two processes at once would find locked."""
+    result = None
+    for r in range(dist.world_size()):
+        if r == dist.rank():
+            result = DictionaryAnalysis(adir, dictionary=dictionary, model=model)
+        dist.barrier()
+    assert result is not None
+    return result
 
 
 def analyze(model: Any = None, dictionary: Any = None, data: Any = None, *, n_tokens: int | None = 500_000,
@@ -99,6 +148,8 @@ def analyze(model: Any = None, dictionary: Any = None, data: Any = None, *, n_to
                   file=sys.stderr, flush=True)
         return DictionaryAnalysis(adir, dictionary=dictionary, model=model)
 
+    main = dist.is_main()  # several ranks (torchrun): each streams its share, rank 0 builds and publishes the rest
+    progress = progress and main
     contexts, ctx_info = select_contexts(model, data, n_tokens, ctx_len, split, progress)
     n_ctx, T = contexts.shape
     ctx_sha = hashlib.sha1(contexts.numpy().astype(np.int32).tobytes()).hexdigest()
@@ -110,6 +161,8 @@ def analyze(model: Any = None, dictionary: Any = None, data: Any = None, *, n_to
                 "ctx_len": T, "batch_size": batch_size, "n_top": n_top, "n_sample": n_sample, "window": list(window),
                 "seed": seed}
 
+    if not main:
+        return _follow(model, dictionary, acfg, seed, contexts, batch_size, adir, checkpoint_every)
     adir.mkdir(parents=True, exist_ok=True)
     clean_stale_tmp(adir)
     # two runs building one analysis would share building/: the second stops at once with a clear message
@@ -151,13 +204,13 @@ def analyze(model: Any = None, dictionary: Any = None, data: Any = None, *, n_to
                 store.set("window", list(window))
             acc = Accumulator(acfg, seed=seed)
             stage = store.get("stage")
+            if dist.active():  # the other ranks wait in `_follow` for this: whether there is streaming to do
+                dist.barrier()
+                dist.any_rank(stage == "stream")
 
             if stage == "stream":
-                done = 0
-                if state_path.is_file():
-                    done = load_state(acc, state_path)
-                stopped = stream(model, dictionary, acc, contexts, done, batch_size, state_path, checkpoint_every, timings,
-                                 progress, _stop_after_batches, on_progress)
+                stopped = _stream_stage(model, dictionary, acc, contexts, batch_size, build, checkpoint_every,
+                                        timings, progress, _stop_after_batches, on_progress)
                 if stopped:
                     store.set("timings_partial", timings.as_dict())
                     return None
@@ -213,8 +266,9 @@ def analyze(model: Any = None, dictionary: Any = None, data: Any = None, *, n_to
             store.close()
         publish(db_path, final, d_sae)  # in place over a live analysis, keeping the user's labels
         shutil.rmtree(build, ignore_errors=True)
+    dist.barrier()  # the other ranks return once the analysis is published
     if progress:
         print(f"featurelens: analysis written to {final}\n  {timings.summary()}", file=sys.stderr, flush=True)
-    result = DictionaryAnalysis(adir, dictionary=dictionary, model=model)
+    result = _open_in_turn(adir, dictionary, model)
     result.timings = timings
     return result

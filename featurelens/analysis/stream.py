@@ -7,6 +7,7 @@ at the end of the stream.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .. import distributed as dist
 from ..data import content_mask
 from ..interrupt import deferred_interrupt
 from ..io import atomic_save
@@ -42,22 +44,48 @@ def save_state(acc: Accumulator, path: Path, done: int) -> None:
     atomic_save(path, lambda tmp: save_file(state, str(tmp)))
 
 
+def merge_over_ranks(acc: Accumulator) -> None:
+    """Several ranks, each having streamed its own batches: every rank's `acc` becomes the merge of all of them
+    (counts summed, top-K and sample lists merged in rank order), as one process streaming everything makes it."""
+    if not dist.active():
+        return
+    for k in acc._SUMS:
+        setattr(acc, k, dist.all_sum(getattr(acc, k).clone()))
+    if acc.cofire is not None:
+        dist.all_sum(acc.cofire)
+    gathered = {k: dist.gather_rows(getattr(acc, k)).view(dist.world_size(), *getattr(acc, k).shape)
+                for k in acc._LISTS}
+    for k in acc._LISTS:
+        setattr(acc, k, gathered[k][0].clone())
+    other = Accumulator(dataclasses.replace(acc.cfg, cofire=False), seed=acc.seed)  # lists only
+    for w in range(1, dist.world_size()):
+        for k in acc._LISTS:
+            setattr(other, k, gathered[k][w])
+        acc.merge_lists(other)
+
+
 def stream(model: Any, dictionary: Any, acc: Accumulator, contexts: torch.Tensor, done: int, batch_size: int,
            state_path: Path, checkpoint_every: float, timings: AnalysisTimings, progress: bool,
-           stop_after: int | None, on_progress: OnProgress | None = None) -> bool:
-    """Stream contexts[done:] through model and dictionary into acc. Returns True when stopped early (testing)."""
+           stop_after: int | None, on_progress: OnProgress | None = None, rank: int = 0, world: int = 1) -> bool:
+    """Stream contexts[done:] through model and dictionary into acc. Returns True when stopped early (testing).
+
+    Several ranks (`rank` of `world`): the stream's batches are dealt round-robin, this rank taking batches
+    rank, rank + world, ...; `done` is then the first context of the next batch this rank has not read."""
     hook = dictionary.cfg.hook_name
     stop = model.hook_spec(hook).stop_layer
     n_ctx, T = contexts.shape
     dev = model.device
     dict_dev = getattr(dictionary, "device", dev)
-    bar = ProgressBar("analyzing", n_ctx * T, initial=done * T, unit="tok", unit_scale=True, show=progress,
-                      on_progress=on_progress)
+    starts = [s for s in range(0, n_ctx, batch_size) if (s // batch_size) % world == rank]
+    mine = sum(min(batch_size, n_ctx - s) for s in starts)
+    bar = ProgressBar("analyzing", mine * T, initial=sum(min(batch_size, n_ctx - s) for s in starts if s < done) * T,
+                      unit="tok", unit_scale=True, show=progress, on_progress=on_progress)
     last_save = time.perf_counter()
     n_batches = 0
+    todo = [s for s in starts if s >= done]
     try:
         with torch.inference_mode(), deferred_interrupt() as interrupt:
-            while done < n_ctx:
+            for i, done in enumerate(todo):
                 tokens = contexts[done: done + batch_size]
                 t0 = time.perf_counter()
                 _, cache = model.run_with_cache(tokens.to(dev), names_filter=[hook], stop_at_layer=stop)
@@ -66,16 +94,17 @@ def stream(model: Any, dictionary: Any, acc: Accumulator, contexts: torch.Tensor
                 B = x.shape[0]
                 f = dictionary.encode(x.reshape(B * T, -1).to(dict_dev)).float().cpu().view(B, T, -1)
                 t2 = time.perf_counter()
-                acc.update(f, content_mask(tokens, model), done)
+                acc.update(f, content_mask(tokens, model), done, batch_index=done // batch_size)
                 t3 = time.perf_counter()
                 timings.model_forward += t1 - t0
                 timings.encoding += t2 - t1
                 timings.bookkeeping += t3 - t2
                 timings.tokens += B * T
-                done += B
+                last = i == len(todo) - 1
+                done = n_ctx if last else todo[i + 1]
                 n_batches += 1
                 bar.update(B * T)
-                if done >= n_ctx or time.perf_counter() - last_save >= checkpoint_every or interrupt.requested or \
+                if last or time.perf_counter() - last_save >= checkpoint_every or interrupt.requested or \
                         (stop_after is not None and n_batches >= stop_after):
                     t4 = time.perf_counter()
                     save_state(acc, state_path, done)

@@ -89,9 +89,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
+    from .. import distributed
     from ..analysis import analyze
+    from ..device import check_device
     from ..dictionaries.compat import resolve_dictionary
 
+    check_device(args.device)
+    distributed.init_from_env(args.device)  # under torchrun: the ranks share the token stream, rank 0 writes
     sae, path = resolve_dictionary(args.path)
     model = common.load_model(args, sae)
     if args.device:
@@ -100,7 +104,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     result = analyze(model, sae, args.corpus, n_tokens=args.tokens,
                      batch_size=args.batch_size, ctx_len=args.ctx_len, split=args.split, out=args.out,
                      overwrite=args.overwrite, embed=not args.no_embed, checkpoint_every=args.checkpoint_seconds)
-    print(result)
+    if distributed.is_main():
+        print(result)
     return 0
 
 

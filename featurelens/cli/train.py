@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import math
 from pathlib import Path
@@ -19,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a sparse autoencoder on a hook, or per-layer transcoders",
                        description="Train a sparse dictionary on a model's activations and save it in SAELens's "
                                    "layout. Progress shows live L0 and explained variance; checkpoints allow --resume.")
-    common.add_model(p, default=DEFAULT_MODEL, dtype=False, device=False)
+    common.add_model(p, default=DEFAULT_MODEL, dtype=False)
     common.add(p, "hook", note="(train an SAE on this hook)")
     p.add_argument("--transcoder", action="store_true",
                    help="train transcoders blocks.L.ln2.hook_normalized -> blocks.L.hook_mlp_out instead")
@@ -53,14 +55,39 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-steps", type=common.count, default=None, metavar="STEPS",
                    help="training steps between checkpoints (default: a checkpoint every 10 minutes)")
     common.add(p, "seed", default=0, note="(default 0)")
+    p.add_argument("--shards", type=common.count, default=None,
+                   help="data shards the corpus is dealt into (default: the number of torchrun ranks); a run "
+                        "resumes on any number of ranks that divides it. --batch-tokens and --tokens must be "
+                        "multiples of it")
+    p.add_argument("--from-cache", default=None, metavar="DIR",
+                   help="read activations (and their contexts) from an activation cache written by "
+                        "`featurelens cache-activations` instead of running the model over --corpus")
     p.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
     common.add(p, "overwrite", note="(discards what --out holds)")
     p.add_argument("--eval", action="store_true", help="evaluate the result afterwards (as `featurelens eval`)")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("cache-activations", help="write a model's activations to an activation cache for training",
+                       description="Compute activations at the hooks a training run reads (an SAE's --hook, or "
+                                   "the MLP inputs and outputs of --layers with --mlp) over the corpus's training split and write them as "
+                                   "sharded safetensors with a manifest; under torchrun the ranks write the shards "
+                                   "in parallel. Train on it with `featurelens train --from-cache DIR`.")
+    common.add_model(p, default=DEFAULT_MODEL, dtype=False)
+    common.add(p, "hook", note="(an SAE's hook)")
+    p.add_argument("--mlp", action="store_true",
+                   help="the MLP inputs and outputs of --layers: what `train --transcoder` and `train --clt` read")
+    common.add(p, "layers", note="(with --mlp; default all)")
+    common.add(p, "tokens", default=1_000_000, note="(default 1M)")
+    common.add(p, "corpus", default="nlp-corpus", note="(default nlp-corpus)")
+    common.add(p, "ctx_len", default=128, note="(default 128)")
+    p.add_argument("--cache-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="dtype the activations are stored in (default float32)")
+    common.add(p, "out", note="(required: the cache, a directory or an fsspec URL such as s3://bucket/acts)")
+    p.set_defaults(func=cmd_cache_activations)
+
     p = sub.add_parser("eval", help="L0, explained variance, CE loss recovered, dead/dense features of a dictionary")
     p.add_argument("path", help="a dictionary directory (ours or SAELens's), a transcoder set, or a params.npz")
-    common.add_model(p, default="the one the dictionary was trained on", dtype=False, device=False)
+    common.add_model(p, default="the one the dictionary was trained on", dtype=False)
     common.add(p, "tokens", default=100_000, note="(held-out tokens for L0 / FVU / dead / dense; default 100k)")
     p.add_argument("--ce-contexts", type=common.count, default=32, help="held-out contexts for CE loss (0 skips)")
     common.add(p, "corpus", default="nlp-corpus", note="(its test split; default nlp-corpus)")
@@ -71,7 +98,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ..dictionaries import train_clt, train_sae, train_transcoders
+    from .. import distributed
+    from ..device import check_device
 
     if sum(map(bool, (args.transcoder, args.hook, args.clt))) > 1:
         raise InputError("give one of --hook (an SAE), --transcoder (per-layer transcoders) or --clt (a cross-layer "
@@ -86,9 +114,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     settings = dict(arch=arch, k=args.k, out=args.out, lr=args.lr, batch_size=batch_size, source=args.corpus,
                   ctx_len=args.ctx_len, resume=args.resume, overwrite=args.overwrite, seed=args.seed,
                   checkpoint_every=args.checkpoint_steps, **options)
+    check_device(args.device)
+    distributed.init_from_env(args.device)  # under torchrun: one rank of a data-parallel run
+    settings.update(progress=distributed.is_main(), shards=args.shards, from_cache=args.from_cache)
     model = common.load_model(args)
+    if not distributed.is_main():  # the other ranks train along and say nothing
+        with contextlib.redirect_stdout(io.StringIO()):
+            _train(args, model, settings)
+        return 0
+    return _train(args, model, settings)
+
+
+def _train(args: argparse.Namespace, model: Any, settings: dict[str, Any]) -> int:
+    from ..dictionaries import train_clt, train_sae, train_transcoders
+
     if args.clt:
-        result = train_clt(model, layers=args.layers or "all", width=args.width or 2048, tokens=args.tokens or 1_000_000,
+        result: Any = train_clt(model, layers=args.layers or "all", width=args.width or 2048, tokens=args.tokens or 1_000_000,
                            skip=bool(args.skip), **settings)
         out = Path(result.source)
         print(f"saved {result!r} to {out}")
@@ -108,10 +149,40 @@ def cmd_train(args: argparse.Namespace) -> int:
         out = Path(result.source)
         print(f"saved {result!r} to {out}")
         _print_train_summary(args.hook, result.stats)
-    if args.eval:
+    if args.eval and settings["progress"]:  # rank 0 (or the only process) evaluates
         _report(_evaluate(model, result, args.ctx_len, args.corpus, 100_000, 32), as_json=False)
     else:
         print(f"evaluate it with: featurelens eval {out}")
+    return 0
+
+
+def cmd_cache_activations(args: argparse.Namespace) -> int:
+    from .. import distributed
+    from ..data import load_contexts, write_activation_cache
+    from ..device import check_device
+    from ..dictionaries.protocol import TRANSCODER_IN, TRANSCODER_OUT
+
+    if bool(args.hook) == bool(args.mlp):
+        raise InputError("give --hook HOOK (an SAE's activations) or --mlp (MLP inputs and outputs, for transcoders "
+                         "and CLTs)")
+    if not args.out:
+        raise InputError("give --out DIR: where to write the activation cache")
+    check_device(args.device)
+    distributed.init_from_env(args.device)
+    model = common.load_model(args)
+    if args.hook:
+        hooks = [args.hook]
+    else:
+        layers = args.layers if args.layers not in (None, "all") else range(model.cfg.n_layers)
+        hooks = [h for layer in layers for h in (TRANSCODER_IN.format(layer), TRANSCODER_OUT.format(layer))]
+    main = distributed.is_main()
+    contexts = load_contexts(model, args.corpus, args.ctx_len, "train", progress=main)
+    n = min(len(contexts), -(-args.tokens // args.ctx_len))
+    m = write_activation_cache(model, hooks, contexts[:n], args.out, dtype=args.cache_dtype, corpus=str(args.corpus),
+                               progress=main)
+    if main:
+        print(f"cached {m['n_tokens']:,} tokens ({m['n_contexts']:,} contexts x {m['ctx_len']}) at {len(hooks)} "
+              f"hook(s) in {m['n_shards']} shard(s) at {args.out}; train on it with --from-cache {args.out}")
     return 0
 
 
@@ -130,8 +201,10 @@ def _evaluate(model: Any, dictionary: Any, ctx_len: int, source: str, tokens: in
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from ..device import check_device
     from ..dictionaries import load_dictionary
 
+    check_device(args.device)  # before the dictionary is read
     dictionary = load_dictionary(args.path, hook_name=args.hook)
     model = common.load_model(args, dictionary)
     _report(_evaluate(model, dictionary, args.ctx_len, args.corpus, args.tokens, args.ce_contexts), args.json)

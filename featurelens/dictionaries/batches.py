@@ -150,6 +150,30 @@ def reuse_batches(batches: Batches, reuse: int, buffer_tokens: int, batch_size: 
     return gen
 
 
+def combine_shards(streams: Sequence[Batches], shards: int, first_shard: int, budget: int) -> Batches:
+    """This rank's part of each step's batch: the next batch of each of its shard streams (global shard ids
+    first_shard, first_shard + 1, ...), concatenated. Every shard yields batches of one size b, so after
+    `tokens_seen` rows of all `shards` each shard stands at tokens_seen / shards. The last step is cut shard by
+    shard to an equal share of the `budget` rows left, so one process holding all shards and several ranks holding
+    some see the same rows."""
+
+    def gen(tokens_seen: int) -> Iterator[dict[str, torch.Tensor]]:
+        its = [iter(s(tokens_seen // shards)) for s in streams]
+        seen = tokens_seen
+        while seen < budget:
+            parts = [next(it, None) for it in its]
+            if any(p is None for p in parts):
+                return
+            b = len(next(iter(parts[0].values())))  # type: ignore[union-attr]
+            share = min(b, (budget - seen) // shards)
+            if share <= 0:
+                return
+            yield {h: torch.cat([p[h][:share] for p in parts]) for h in parts[0]}  # type: ignore[index]
+            seen += share * shards
+
+    return gen
+
+
 def _chain_first(first: dict[str, torch.Tensor], rest: Iterator[dict[str, torch.Tensor]]) -> Iterator[dict[str, torch.Tensor]]:
     yield {h: v.float() if v.is_floating_point() else v for h, v in first.items()}
     yield from rest

@@ -30,12 +30,13 @@ from typing import Any, Mapping
 
 import torch
 
+from .. import distributed as dist
 from ..engine.errors import InputError
 from .clt import CLTConfig, CrossLayerTranscoder
 from .losses import (
     adam_for, choose_select_dtype, dead_latent_aux, decode_for_training, default_dead_tokens,
-    encode_for_training, fit_affine, init_sparse_offsets, project_decoder_grad, reconstruction_loss,
-    renormalize_rows, skip_init_rows, start_skip, update_batchtopk_threshold, update_ema,
+    encode_for_training, fired_anywhere, fit_affine, init_sparse_offsets, mean_over_ranks, project_decoder_grad,
+    reconstruction_loss, renormalize_rows, skip_init_rows, start_skip, update_batchtopk_threshold, update_ema,
 )
 from .median import geometric_median
 from .sae import DictionaryConfig, SparseDictionary
@@ -58,6 +59,7 @@ class Learner:
         self.initialized = False
         self.since_fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=device)
         self.bt_threshold: float | None = None
+        self.rows_all = 0  # rows of the current step's batch over all ranks (this rank's in one process)
         self.ema: dict[str, float] = {}
         sae = self.sae
         if sae.threshold is not None:
@@ -102,9 +104,10 @@ class Learner:
         self.initialized = True
 
     def train_step(self, batch: Mapping[str, torch.Tensor], lr: float, sparsity_scale: float) -> int:
+        """One step on this rank's part of the batch; returns the rows of the whole batch (all ranks)."""
         x, y = _pair(batch, self)
         self.step(x, y, lr, sparsity_scale)
-        return x.shape[0]
+        return self.rows_all
 
     def step(self, x: torch.Tensor, y: torch.Tensor, lr: float, sparsity_scale: float) -> dict[str, float]:
         sae, cfg, tcfg = self.sae, self.sae.cfg, self.tcfg
@@ -132,22 +135,27 @@ class Learner:
             aux = dead_latent_aux(x, b_dec_in, sae.W_enc, sae.b_enc, sae.W_dec, enc.pre, dead, self.aux_k, err)
             loss = loss + tcfg.aux_coefficient * aux
 
+        rows = x.shape[0]
+        rows_all = self.rows_all = int(dist.total(rows))
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        # each rank's loss is a mean over its rows: weighted by its share, the ranks' gradients sum to the whole
+        # batch's (and in one process the weight is 1)
+        (loss * (rows / rows_all)).backward()
+        dist.sum_grads(optimized(self.opt))
         with torch.no_grad():
             project_decoder_grad(sae.W_dec)
             self.opt.step()
             renormalize_rows(sae.W_dec)
             if cfg.arch == "jumprelu":
                 sae.threshold.clamp_(min=1e-6)
-            self.since_fired += x.shape[0]
-            self.since_fired[enc.fired.to(torch.long)] = 0
+            self.since_fired += rows_all
+            self.since_fired[fired_anywhere(enc.fired.to(torch.long), sae.d_sae)] = 0
             if cfg.arch == "batchtopk":
                 self.bt_threshold = update_batchtopk_threshold(self.bt_threshold, enc, tcfg.batchtopk_threshold_rate)
             var = (y - y.mean(0)).pow(2).sum()
             stats = {"loss": float(loss), "mse": float(mse), "fvu": float(err2.sum() / var.clamp_min(1e-12)),
                      "l0": float(enc.l0), "dead": n_dead / sae.d_sae, "aux": float(aux)}
-        update_ema(self.ema, stats)
+        update_ema(self.ema, mean_over_ranks(stats, rows, rows_all))
         return stats
 
     def export(self) -> SparseDictionary:
@@ -178,6 +186,11 @@ class Learner:
         self.ema = dict(st["ema"])
 
 
+def optimized(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The parameters an optimizer updates: what the ranks keep identical (gradients summed, starts broadcast)."""
+    return [p for g in opt.param_groups for p in g["params"]]
+
+
 def _pair(batch: Mapping[str, torch.Tensor], learner: Learner) -> tuple[torch.Tensor, torch.Tensor]:
     try:
         x, y = batch[learner.hook_in], batch[learner.hook_out]
@@ -203,6 +216,7 @@ class CLTLearner:
         self.initialized = False
         self.since_fired = torch.zeros(n, cfg.d_sae, dtype=torch.long, device=device)
         self.bt_threshold: list[float | None] = [None] * n
+        self.rows_all = 0  # as in Learner
         self.ema: dict[str, float] = {}
         clt = self.clt
         if clt.threshold is not None:
@@ -252,7 +266,7 @@ class CLTLearner:
         xs = [batch[h].reshape(len(batch[h]), -1) for h in self.hooks_in]
         ys = [batch[h].reshape(len(batch[h]), -1) for h in self.hooks_out]
         self.step(xs, ys, lr, sparsity_scale)
-        return xs[0].shape[0]
+        return self.rows_all
 
     def step(self, xs: list[torch.Tensor], ys: list[torch.Tensor], lr: float, sparsity_scale: float) -> dict[str, float]:
         clt, cfg, tcfg = self.clt, self.clt.cfg, self.tcfg
@@ -297,8 +311,10 @@ class CLTLearner:
                                                             encs[i].pre, dead, self.aux_k, err_cat)
             loss = loss + tcfg.aux_coefficient * aux_total
 
+        rows_all = self.rows_all = int(dist.total(B))
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[union-attr]
+        (loss * (B / rows_all)).backward()  # type: ignore[operator]  # weighted as in Learner.step
+        dist.sum_grads(optimized(self.opt))
         with torch.no_grad():
             for W in clt.W_dec:
                 project_decoder_grad(W)
@@ -308,9 +324,9 @@ class CLTLearner:
             if cfg.arch == "jumprelu":
                 for t in clt.threshold:  # type: ignore[union-attr]
                     t.clamp_(min=1e-6)
-            self.since_fired += B
+            self.since_fired += rows_all
             for i, enc in enumerate(encs):
-                self.since_fired[i, enc.fired.to(torch.long)] = 0
+                self.since_fired[i, fired_anywhere(enc.fired.to(torch.long), cfg.d_sae)] = 0
                 if cfg.arch == "batchtopk":
                     self.bt_threshold[i] = update_batchtopk_threshold(self.bt_threshold[i], enc,
                                                                       tcfg.batchtopk_threshold_rate)
@@ -320,7 +336,7 @@ class CLTLearner:
                      "fvu": float(sum(float(e.sum()) for e in err2) / max(var, 1e-12)),
                      "l0": sum(l0s) / n, "l0_total": sum(l0s), "dead": n_dead / (n * cfg.d_sae),
                      "aux": float(aux_total)}
-        update_ema(self.ema, stats)
+        update_ema(self.ema, mean_over_ranks(stats, B, rows_all))
         return stats
 
     def export(self) -> CrossLayerTranscoder:

@@ -15,15 +15,17 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, Sequence
 
 import torch
 
+from .. import distributed as dist
+from ..engine.errors import InputError
 from ..interrupt import deferred_interrupt
 from ..progress import OnProgress, ProgressBar
-from .batches import Batches, reuse_batches
+from .batches import Batches, combine_shards, reuse_batches
 from .checkpoints import CHECKPOINT_FORMAT, check_resumable, checkpoint_files, load_latest_checkpoint, save_checkpoint
-from .learner import Learner
+from .learner import Learner, optimized
 from .train_config import TrainConfig
 from .losses import lr_factor
 
@@ -39,7 +41,7 @@ class RunResult:
     resumed_from: int | None  # step
 
 
-def run_training(learners: list[Learner], batches: Batches, tcfg: TrainConfig, out: Path | None,
+def run_training(learners: list[Learner], batches: "Batches | Sequence[Batches]", tcfg: TrainConfig, out: Path | None,
                  resume: bool = False, progress: bool = True, desc: str = "training",
                  stop_after_steps: int | None = None, on_progress: OnProgress | None = None) -> RunResult:
     """Train `learners` together on one stream: `batches(tokens_seen)` yields {hook: [n, d]} with rows aligned.
@@ -48,11 +50,25 @@ def run_training(learners: list[Learner], batches: Batches, tcfg: TrainConfig, o
     (as an interruption would), for tests and benchmarks. With tcfg.reuse > 1 the stream is served through
     `reuse_batches` (each row seen `reuse` times; tcfg.tokens counts rows trained on, repeats included).
     on_progress: called with a `ProgressEvent` (stage `desc`, tokens trained on) after every step.
+
+    Data parallel (several ranks, `distributed`): `batches` is then a list, this rank's streams out of
+    tcfg.shards data shards (rank r holds shards r * len .. (r + 1) * len - 1), each yielding batch_size / shards
+    rows; a step's batch is all shards' rows, gradients and statistics are summed over the ranks, and rank 0 writes
+    the checkpoints. One process given all the shards' streams trains on exactly the same batches.
     """
+    streams = list(batches) if isinstance(batches, (list, tuple)) else [batches]
+    n_shards = tcfg.shards if isinstance(batches, (list, tuple)) else 1
+    if len(streams) * dist.world_size() != n_shards:
+        raise InputError(f"{dist.world_size()} rank(s) given {len(streams)} data shard(s) each, but the run has "
+                         f"{n_shards} (TrainConfig.shards must be a multiple of the number of ranks)")
     if tcfg.reuse > 1:
         # a short run needs no more fresh rows than tokens / reuse: a bigger buffer would only cost forward passes
-        buffer_tokens = min(tcfg.reuse_buffer_tokens, -(-tcfg.tokens // tcfg.reuse))
-        batches = reuse_batches(batches, tcfg.reuse, buffer_tokens, tcfg.batch_size, tcfg.seed)
+        buffer_tokens = min(tcfg.reuse_buffer_tokens, -(-tcfg.tokens // tcfg.reuse)) // n_shards
+        streams = [reuse_batches(b, tcfg.reuse, max(1, buffer_tokens), tcfg.batch_size // n_shards, tcfg.seed)
+                   for b in streams]
+    batches = streams[0] if n_shards == 1 else \
+        combine_shards(streams, n_shards, dist.rank() * len(streams), tcfg.tokens)
+    main = dist.is_main()
 
     ckdir = out / "checkpoints" if out is not None else None
     step, tokens_seen, resumed_from = 0, 0, None
@@ -66,12 +82,16 @@ def run_training(learners: list[Learner], batches: Batches, tcfg: TrainConfig, o
                 lr_.restore(by_name[lr_.name])
             step, tokens_seen, resumed_from = int(state["step"]), int(state["tokens_seen"]), int(state["step"])
             torch.set_rng_state(state["rng"])
-            if progress:
+            if progress and main:
                 print(f"resuming from {path.name}: step {step}, {tokens_seen:,} of {tcfg.tokens:,} tokens",
                       file=sys.stderr)
 
+    if resumed_from is None:  # a fresh run: every rank starts from rank 0's random weights
+        for lr_ in learners:
+            dist.broadcast(optimized(lr_.opt))
+
     def checkpoint() -> None:
-        if ckdir is not None:
+        if ckdir is not None and main:
             save_checkpoint(ckdir, {"format": CHECKPOINT_FORMAT, "step": step, "tokens_seen": tokens_seen,
                                     "train_config": tcfg.to_dict(), "rng": torch.get_rng_state(),
                                     "learners": [lr_.state() for lr_ in learners]})
@@ -79,10 +99,12 @@ def run_training(learners: list[Learner], batches: Batches, tcfg: TrainConfig, o
     t0, steps_run = time.perf_counter(), 0
     last_checkpoint = t0
     bar = ProgressBar(desc, tcfg.tokens, initial=min(tokens_seen, tcfg.tokens), unit="tok", unit_scale=True,
-                      show=progress, on_progress=on_progress, smoothing=0.05)
+                      show=progress and main, on_progress=on_progress if main else None, smoothing=0.05)
     try:
         with deferred_interrupt() as stop:
             it = iter(batches(tokens_seen))
+            if dist.active():
+                it = _initialize_together(learners, it, tcfg)
             wanted = [lr_ for lr_ in learners if not lr_.initialized and lr_.init_rows()]
             if wanted:  # a fresh run whose skips start at least squares: fit them on the first rows
                 first = _first_rows(it, min(max(lr_.init_rows() for lr_ in wanted), tcfg.tokens))
@@ -116,19 +138,36 @@ def run_training(learners: list[Learner], batches: Batches, tcfg: TrainConfig, o
                 if due and tokens_seen < tcfg.tokens:
                     checkpoint()
                     last_checkpoint = time.perf_counter()
-                if stop.requested and tokens_seen < tcfg.tokens:  # Ctrl-C: save this step, then stop
+                # Ctrl-C: save this step, then stop (all ranks at the same step, whichever saw it)
+                if dist.any_rank(stop.requested) and tokens_seen < tcfg.tokens:
                     checkpoint()
                     raise KeyboardInterrupt
     except KeyboardInterrupt:
         bar.close()
         found = checkpoint_files(ckdir) if ckdir is not None else []
-        if found:
+        if found and main:
             print(f"\ninterrupted at step {step}; the last checkpoint is {found[0].name}: run again with resume=True "
                   f"(--resume) to continue from it", file=sys.stderr)
         raise
     finally:
         bar.close()
     return RunResult(learners, step, tokens_seen, time.perf_counter() - t0, resumed_from)
+
+
+def _initialize_together(learners: list[Learner], it: Iterator[Mapping[str, torch.Tensor]],
+                         tcfg: TrainConfig) -> Iterator[Mapping[str, torch.Tensor]]:
+    """Several ranks: every learner not yet started is started by every rank from the same rows, the first batches
+    of all ranks gathered in rank (= shard) order, so its scales, geometric median, least-squares skip and offsets
+    are those of the whole batch, as in one process. Returns the stream with those batches put back in front."""
+    fresh = [lr_ for lr_ in learners if not lr_.initialized]
+    if not fresh:
+        return it
+    want = min(max([lr_.init_rows() for lr_ in fresh] + [1]), tcfg.tokens)
+    first = _first_rows(it, -(-want // dist.world_size()))
+    gathered = [{h: dist.gather_rows(v) for h, v in b.items()} for b in first]
+    for lr_ in fresh:
+        lr_.initialize(gathered if lr_.init_rows() else gathered[:1])  # in one process: the first batch
+    return itertools.chain(first, it)
 
 
 def _first_rows(it: Iterator[Mapping[str, torch.Tensor]], rows: int) -> list[Mapping[str, torch.Tensor]]:

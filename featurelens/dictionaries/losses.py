@@ -28,6 +28,7 @@ from typing import Mapping
 
 import torch
 
+from .. import distributed as dist
 from ..device import bf16_matmul_is_fast
 from .autograd import JumpReLU, SelectedEncode, Step, gathered_dot, sparse_decode
 from .train_config import TrainConfig
@@ -49,8 +50,12 @@ def select_latents(pre: torch.Tensor, arch: str, k: int) -> tuple[torch.Tensor, 
         return idx, vals, None
     # batchtopk: candidates = each row's top 4k (exact unless one token holds more than 4k of the batch's top)
     cand_v, cand_i = pre.topk(min(pre.shape[1], 4 * k), dim=-1, sorted=False)
-    n_keep = min(k * pre.shape[0], cand_v.numel())
-    cut = cand_v.reshape(-1).topk(n_keep, sorted=False).values.min()
+    flat = cand_v.reshape(-1)
+    n_keep = min(k * pre.shape[0], flat.numel())
+    if dist.active():  # the batch is spread over the ranks: its cut is the k * (global batch)-th largest of all
+        n_keep = min(k * int(dist.total(pre.shape[0])), int(dist.total(flat.numel())))
+        flat = dist.gather_rows(flat.topk(min(n_keep, flat.numel()), sorted=False).values)
+    cut = flat.topk(n_keep, sorted=False).values.min()
     keep = (cand_v >= cut) & (cand_v > 0)
     width = max(1, int(keep.sum(1).max()))
     vals, pos = cand_v.masked_fill(~keep, float("-inf")).topk(width, dim=-1)
@@ -132,7 +137,7 @@ def reconstruction_loss(err2: torch.Tensor, y2: torch.Tensor, kind: str) -> torc
     """
     if kind == "mse":
         return err2.mean()
-    mean_y2 = y2.mean().clamp_min(1e-12)
+    mean_y2 = (y2.mean() if not dist.active() else dist.all_sum(y2.sum().detach()) / dist.total(len(y2))).clamp_min(1e-12)
     return (err2 / y2.clamp_min(0.1 * mean_y2)).mean() * mean_y2
 
 
@@ -150,10 +155,30 @@ def renormalize_rows(W: torch.Tensor) -> None:
 
 def update_batchtopk_threshold(current: float | None, enc: TrainEncoding, rate: float) -> float | None:
     """Running average of the smallest kept activation: the threshold a batchtopk dictionary uses at inference."""
-    if not enc.active.any():
+    kept = enc.acts.detach()[enc.active]
+    low_t = kept.min().reshape(1) if len(kept) else enc.acts.new_full((1,), float("inf"))
+    low = float(dist.all_min(low_t)[0])  # over the whole batch, every rank's part of it
+    if low == float("inf"):
         return current
-    low = float(enc.acts.detach()[enc.active].min())
     return low if current is None else (1 - rate) * current + rate * low
+
+
+def fired_anywhere(fired: torch.Tensor, d_sae: int) -> torch.Tensor:
+    """The ids of the latents that fired on some rank's part of the batch (`fired`: this rank's ids)."""
+    if not dist.active():
+        return fired
+    mask = torch.zeros(d_sae, dtype=torch.int32, device=fired.device)
+    mask[fired] = 1
+    return dist.all_sum(mask).nonzero().squeeze(1)
+
+
+def mean_over_ranks(stats: dict[str, float], rows: int, rows_all: int) -> dict[str, float]:
+    """A step's metrics averaged over the ranks, weighted by their rows (one collective; as is in one process)."""
+    if not dist.active():
+        return stats
+    v = dist.all_sum(torch.tensor([stats[k] * rows for k in stats], dtype=torch.float64,
+                                  device=dist.comm_device())) / rows_all
+    return dict(zip(stats, v.tolist()))
 
 
 def adam_for(weights: list[torch.Tensor], offsets: list[torch.Tensor], tcfg: "TrainConfig",

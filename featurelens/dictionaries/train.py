@@ -20,11 +20,12 @@ from typing import Any, Sequence
 
 import torch
 
-from ..data import load_contexts
+from .. import distributed as dist
+from ..data import CachedActivations, load_contexts
 from ..engine.errors import InputError
 from ..paths import sub_dir
 from ..progress import OnProgress
-from .batches import chunk_for, model_batches
+from .batches import Batches, chunk_for, model_batches
 from .checkpoints import clear_checkpoints
 from .clt import CLTConfig, CrossLayerTranscoder
 from .formats import META_FILE, save_clt, save_dictionary, save_transcoder_set
@@ -51,23 +52,53 @@ def _train_options(arch: str, k: int | None, width: int, tokens: int, lr: float 
     unknown = sorted(set(options) - known)
     if unknown:
         raise TypeError(f"unknown training option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    options = {"shards": dist.world_size(), **{k_: v for k_, v in options.items() if v is not None or k_ != "shards"}}
     return TrainConfig(arch=arch, k=k, width=width, tokens=tokens, lr=lr, batch_size=batch_size, seed=seed,
                        checkpoint_every=checkpoint_every, **options)
 
 
+def _shard_batches(model: Any, hooks: list[str], contexts: torch.Tensor, tcfg: TrainConfig,
+                   row_width: int) -> list[Batches]:
+    """This rank's activation streams: contexts dealt round-robin into tcfg.shards shards, rank r holding the r-th
+    equal run of them, each computing its own activations (batch_size / shards rows a step)."""
+    n_shards, world = tcfg.shards, dist.world_size()
+    if n_shards % world:
+        raise InputError(f"shards ({n_shards}) must be a multiple of the number of ranks ({world})")
+    if len(contexts) < n_shards:
+        raise InputError(f"{len(contexts)} contexts cannot be dealt into {n_shards} shards")
+    per_rank = n_shards // world
+    first = dist.rank() * per_rank
+    out: list[Batches] = []
+    for j in range(first, first + per_rank):
+        part = contexts[j::n_shards]
+        out.append(model_batches(model, hooks, part, tcfg.batch_size // n_shards, tcfg.seed,
+                                 chunk_contexts=chunk_for(tcfg.tokens // n_shards, part, row_width)))
+    return out
+
+
 def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
+    try:
+        _check_out(out, resume, overwrite)
+    finally:
+        dist.barrier()  # every rank sees `out` as rank 0 left it
+
+
+def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
     from ..io import clean_stale_tmp
 
-    clean_stale_tmp(out.parent, recursive=False)  # a save of `out` cut off by a crash: finished or undone
-    clean_stale_tmp(out)
+    main = dist.is_main()  # only rank 0 changes the disk; every rank makes the same checks
+    if main:
+        clean_stale_tmp(out.parent, recursive=False)  # a save of `out` cut off by a crash: finished or undone
+        clean_stale_tmp(out)
     has_ckpt = (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("step-*.pt"))
     finished = (out / META_FILE).is_file() or (out / "cfg.json").is_file()
     if overwrite:
-        clear_checkpoints(out)
-        # the old weights' dashboards: never to be shown beside new weights
-        for adir in [out / "analysis", *out.glob("layer_*/analysis")]:
-            if adir.is_dir():
-                shutil.rmtree(adir)
+        if main:
+            clear_checkpoints(out)
+            # the old weights' dashboards: never to be shown beside new weights
+            for adir in [out / "analysis", *out.glob("layer_*/analysis")]:
+                if adir.is_dir():
+                    shutil.rmtree(adir)
         return
     if has_ckpt and not resume:
         raise InputError(f"{out} holds an unfinished training run; pass resume=True (--resume) to continue it, "
@@ -77,6 +108,21 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
             raise InputError(f"{out} holds a finished dictionary: nothing to resume (overwrite=True / --overwrite "
                              f"trains it again)")
         raise InputError(f"{out} already holds a trained dictionary; choose another out, or overwrite=True (--overwrite)")
+
+
+def _activations(model: Any, hooks: list[str], contexts: torch.Tensor | None, source: Any, ctx_len: int,
+                 progress: bool, from_cache: "str | Path | None") -> tuple[Any, torch.Tensor, Any, int]:
+    """(what computes the activations, the contexts, their source, ctx_len): the model over the corpus's training
+    split (or the `contexts` given), or an activation cache (`data.cache`), checked against the model and hooks."""
+    if from_cache is None:
+        if contexts is None:
+            contexts = load_contexts(model, source, ctx_len, "train", progress=progress and dist.is_main())
+        return model, contexts, source, ctx_len
+    if contexts is not None:
+        raise InputError("give contexts or from_cache, not both (a cache holds its own contexts)")
+    cache = CachedActivations(from_cache, model=model, hooks=hooks)
+    return (cache.model_view(model), cache.contexts, cache.manifest["corpus"] or str(from_cache),
+            int(cache.manifest["ctx_len"]))
 
 
 def _run_metadata(model: Any, source: Any, ctx_len: int, tcfg: TrainConfig, res: RunResult,
@@ -97,31 +143,34 @@ def train_sae(model: Any, hook: str, *, arch: str = "topk", k: int | None = None
               batch_size: int = 4096, source: Any = "nlp-corpus", ctx_len: int = 128, resume: bool = False,
               overwrite: bool = False, progress: bool = True, seed: int = 0, checkpoint_every: int | None = None,
               contexts: torch.Tensor | None = None, on_progress: OnProgress | None = None,
-              **options: Any) -> SparseDictionary:
+              from_cache: str | Path | None = None, **options: Any) -> SparseDictionary:
     """Train a sparse autoencoder on `hook` of `model`; save it to `out` (SAELens layout) and return it.
 
     arch: "topk" (default, k=32), "batchtopk", "relu" or "jumprelu". tokens: training tokens (BOS excluded).
     resume: continue the run checkpointed in <out>/checkpoints. Further `options` are `TrainConfig` fields
     (l1_coefficient, l0_coefficient, aux_coefficient, dead_tokens, warmup, decay, normalize, ...).
-    `contexts` (token ids [n, ctx]) replaces the corpus's training split. on_progress: called with a
-    `ProgressEvent` (tokens trained on) after every step.
+    `contexts` (token ids [n, ctx]) replaces the corpus's training split; `from_cache` (a directory or URL written
+    by `write_activation_cache` / `featurelens cache-activations`) reads activations and contexts from a cache
+    instead of running the model. on_progress: called with a `ProgressEvent` (tokens trained on) after every step.
+    Under torchrun every rank calls this: the run is data parallel (see `distributed`, TrainConfig.shards).
     """
     d = _check_hook(model, hook)
     tcfg = _train_options(arch, k, width, tokens, lr, batch_size, seed, checkpoint_every, options)
     out = Path(out).expanduser() if out is not None else _default_out(model, f"{hook}-{arch}-{width}")
     _prepare_out(out, resume, overwrite)
+    acts, contexts, source, ctx_len = _activations(model, [hook], contexts, source, ctx_len, progress, from_cache)
     torch.manual_seed(seed)
     cfg = DictionaryConfig(d_in=d, d_sae=width, arch=arch, k=tcfg.k, hook_name=hook, model_name=model.name,
                            metadata={"context_size": ctx_len, "dataset_path": str(source), "prepend_bos": True})
     learner = Learner(hook, cfg, tcfg, device=model.device)
-    if contexts is None:
-        contexts = load_contexts(model, source, ctx_len, "train", progress=progress)
-    batches = model_batches(model, [hook], contexts, tcfg.batch_size, seed, chunk_contexts=chunk_for(tokens, contexts, d))
+    batches = _shard_batches(acts, [hook], contexts, tcfg, d)
     res = run_training([learner], batches, tcfg, out, resume=resume, progress=progress,
                        desc=f"{arch} SAE {hook}", on_progress=on_progress)
     sae = learner.export()
-    save_dictionary(sae, out, _run_metadata(model, source, ctx_len, tcfg, res, learner))
-    clear_checkpoints(out)
+    if dist.is_main():
+        save_dictionary(sae, out, _run_metadata(model, source, ctx_len, tcfg, res, learner))
+        clear_checkpoints(out)
+    dist.barrier()
     sae.stats, sae.source = _run_metadata(model, source, ctx_len, tcfg, res, learner), out
     return sae
 
@@ -148,7 +197,8 @@ def train_transcoders(model: Any, layers: "str | int | Sequence[int]" = "all", *
                       lr: float | None = None, batch_size: int = 1024, skip: bool = True, source: Any = "nlp-corpus",
                       ctx_len: int = 128, resume: bool = False, overwrite: bool = False, progress: bool = True,
                       seed: int = 0, checkpoint_every: int | None = None, contexts: torch.Tensor | None = None,
-                      on_progress: OnProgress | None = None, **options: Any) -> TranscoderSet:
+                      on_progress: OnProgress | None = None, from_cache: str | Path | None = None,
+                      **options: Any) -> TranscoderSet:
     """Train per-layer transcoders (blocks.L.ln2.hook_normalized -> blocks.L.hook_mlp_out) from one stream.
 
     skip (default True): each transcoder also has an affine skip W_skip from the MLP input to its output, started at
@@ -164,8 +214,10 @@ def train_transcoders(model: Any, layers: "str | int | Sequence[int]" = "all", *
     tcfg = _train_options(arch, k, width, tokens, lr, batch_size, seed, checkpoint_every, {**options, "skip": skip})
     out = Path(out).expanduser() if out is not None else _default_out(model, f"transcoders-{arch}-{width}")
     _prepare_out(out, resume, overwrite)
+    hooks = [h for layer in wanted for h in (TRANSCODER_IN.format(layer), TRANSCODER_OUT.format(layer))]
+    acts, contexts, source, ctx_len = _activations(model, hooks, contexts, source, ctx_len, progress, from_cache)
     torch.manual_seed(seed)
-    learners, hooks = [], []
+    learners = []
     for layer in wanted:
         h_in, h_out = TRANSCODER_IN.format(layer), TRANSCODER_OUT.format(layer)
         d_in, d_out = _check_hook(model, h_in), _check_hook(model, h_out)
@@ -173,17 +225,16 @@ def train_transcoders(model: Any, layers: "str | int | Sequence[int]" = "all", *
                                hook_name=h_in, hook_name_out=h_out, model_name=model.name,
                                metadata={"context_size": ctx_len, "dataset_path": str(source), "prepend_bos": True})
         learners.append(Learner(f"layer_{layer}", cfg, tcfg, device=model.device))
-        hooks += [h_in, h_out]
-    if contexts is None:
-        contexts = load_contexts(model, source, ctx_len, "train", progress=progress)
     width = sum(lrn.sae.d_in + lrn.sae.d_out for lrn in learners)
-    batches = model_batches(model, hooks, contexts, tcfg.batch_size, seed, chunk_contexts=chunk_for(tokens, contexts, width))
+    batches = _shard_batches(acts, hooks, contexts, tcfg, width)
     res = run_training(learners, batches, tcfg, out, resume=resume, progress=progress,
                        desc=f"{arch} transcoders x{len(learners)}", on_progress=on_progress)
     tset = TranscoderSet({layer: lrn.export() for layer, lrn in zip(wanted, learners)}, n_layers_model=model.cfg.n_layers)
     stats = {str(layer): _run_metadata(model, source, ctx_len, tcfg, res, lrn) for layer, lrn in zip(wanted, learners)}
-    save_transcoder_set(tset, out, stats)
-    clear_checkpoints(out)
+    if dist.is_main():
+        save_transcoder_set(tset, out, stats)
+        clear_checkpoints(out)
+    dist.barrier()
     for layer, tc in tset.items():
         tc.stats, tc.source = stats[str(layer)], out / f"layer_{layer}"
     return tset
@@ -194,7 +245,8 @@ def train_clt(model: Any, layers: "str | int | Sequence[int]" = "all", *, arch: 
               lr: float | None = None, batch_size: int = 4096, skip: bool = False, source: Any = "nlp-corpus",
               ctx_len: int = 128, resume: bool = False, overwrite: bool = False, progress: bool = True, seed: int = 0,
               checkpoint_every: int | None = None, contexts: torch.Tensor | None = None,
-              on_progress: OnProgress | None = None, **options: Any) -> CrossLayerTranscoder:
+              on_progress: OnProgress | None = None, from_cache: str | Path | None = None,
+              **options: Any) -> CrossLayerTranscoder:
     """Train a cross-layer transcoder over `layers` (each layer's MLP input -> its MLP output and all later ones).
 
     width: features per layer. arch: "batchtopk" (default: at inference a threshold, i.e. a JumpReLU that
@@ -214,16 +266,14 @@ def train_clt(model: Any, layers: "str | int | Sequence[int]" = "all", *, arch: 
             width_of[h] = _check_hook(model, h)  # the width of h's per-token vectors
             hooks.append(h)
     d_in, d_out = width_of[hooks[0]], width_of[hooks[1]]
+    acts, contexts, source, ctx_len = _activations(model, hooks, contexts, source, ctx_len, progress, from_cache)
     torch.manual_seed(seed)
     cfg = CLTConfig(layers=wanted, d_in=d_in, d_sae=width, arch=arch, k=tcfg.k, d_out=d_out, skip=skip,
                     model_name=getattr(model, "name", ""), n_layers_model=model.cfg.n_layers,
                     metadata={"context_size": ctx_len, "dataset_path": str(source), "prepend_bos": True})
     learner = CLTLearner("clt", cfg, tcfg, device=model.device)
-    if contexts is None:
-        contexts = load_contexts(model, source, ctx_len, "train", progress=progress)
     row_width = len(wanted) * (d_in + d_out)
-    batches = model_batches(model, hooks, contexts, tcfg.batch_size, seed,
-                            chunk_contexts=chunk_for(tokens, contexts, row_width))
+    batches = _shard_batches(acts, hooks, contexts, tcfg, row_width)
     res = run_training([learner], batches, tcfg, out, resume=resume, progress=progress,  # type: ignore[list-item]
                        desc=f"{arch} CLT x{len(wanted)} layers", on_progress=on_progress)
     clt = learner.export()
@@ -231,7 +281,9 @@ def train_clt(model: Any, layers: "str | int | Sequence[int]" = "all", *, arch: 
              "context_size": ctx_len, "model": getattr(model, "name", ""), "scale_in": learner.scale_in,
              "scale_out": learner.scale_out, "final_train_metrics": {k_: round(v, 6) for k_, v in learner.ema.items()},
              "train_seconds_last_session": round(res.seconds, 1), "resumed_from_step": res.resumed_from}
-    save_clt(clt, out, stats)
-    clear_checkpoints(out)
+    if dist.is_main():
+        save_clt(clt, out, stats)
+        clear_checkpoints(out)
+    dist.barrier()
     clt.stats, clt.source = stats, out
     return clt

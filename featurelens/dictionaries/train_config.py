@@ -57,10 +57,13 @@ class TrainConfig:
     skip_lr_scale: float = 0.0  # the skip's rate relative to lr; 0 keeps it at its least-squares start, which
     #                             holds up better when every layer is replaced at once (benchmarks/transcoders.py)
     checkpoint_every: int | None = None  # steps; default: every CHECKPOINT_SECONDS of training
+    shards: int = 1  # data shards: the corpus's contexts are dealt into this many streams, each giving batch_size /
+    #                  shards rows of every step; the ranks of a data-parallel run hold equal numbers of them. The
+    #                  rows a run sees depend on it, not on the number of ranks (so a run may resume on other ranks)
     seed: int = 0
 
     # fields a resumed run must share with its checkpoint
-    STRUCTURAL = ("arch", "width", "k", "normalize", "skip", "seed", "reuse", "reuse_buffer_tokens")
+    STRUCTURAL = ("arch", "width", "k", "normalize", "skip", "seed", "reuse", "reuse_buffer_tokens", "shards")
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
@@ -90,6 +93,11 @@ class TrainConfig:
             raise InputError(f"select_dtype must be auto, float32 or bfloat16, got {self.select_dtype!r}")
         if self.loss not in LOSSES:
             raise InputError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        _positive_int("shards", self.shards)
+        for name in ("batch_size", "tokens"):
+            if getattr(self, name) % self.shards:
+                raise InputError(f"{name} ({getattr(self, name)}) must be a multiple of shards ({self.shards}): every "
+                                 f"data shard gives an equal part of each step")
         _positive_int("reuse", self.reuse)
         _positive_int("reuse_buffer_tokens", self.reuse_buffer_tokens)
         _positive_int("init_tokens", self.init_tokens)

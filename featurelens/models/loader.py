@@ -21,6 +21,7 @@ import torch
 
 from ..engine.config import ModelConfig
 from ..engine.hooked import HookedTransformer
+from ..device import check_device
 from ..dtypes import parse_dtype
 from ..paths import sub_dir
 from .convert import config_from_hf, state_dict_from_hf
@@ -270,6 +271,7 @@ def load_model(name: Any = DEFAULT_MODEL, *, dtype: str | torch.dtype = "float32
     >>> model.generate("The Eiffel Tower is located in the city of", max_new_tokens=3, temperature=0)
     """
     dt = _parse_dtype(dtype)
+    device = check_device(device)
     if not isinstance(name, (str, Path)):
         if hasattr(name, "config") and hasattr(name, "state_dict"):
             return from_transformers(name, tokenizer, dt, device)
