@@ -125,6 +125,8 @@ def parse_target(model: Any, spec: Any) -> Target:
             spec = [spec]
     if isinstance(spec, torch.Tensor):
         spec = spec.flatten().tolist()
+    if not isinstance(spec, (str, list, tuple, dict, set)):  # one token id (or something _token names as wrong)
+        spec = [spec]
     if not isinstance(spec, (list, tuple)) or not spec:
         raise InputError(f"a target is a token, a list of tokens or a logit difference '\"A\" - \"B\"', got {spec!r}")
     pairs = [_token(model, s) for s in spec]
