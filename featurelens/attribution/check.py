@@ -28,7 +28,7 @@ from ..engine.errors import InputError
 from .attribute import prompt_tokens
 from .graph import AttributionGraph
 from .intervene import intervention_hooks
-from .replacement import Recording, check_transcoders, demeaned_unembedding, record
+from .replacement import Recording, _Stop, check_transcoders, demeaned_unembedding, record
 from .targets import Target
 
 TIERS = ("a", "b", "c")
@@ -94,16 +94,18 @@ class FeatureCheck:
         return {"a": self.measured_a, "b": self.measured_b, "c": self.measured}[t]
 
 
-def faithfulness_score(features: list[FeatureCheck], target_value: float, scale: float = 0.0) -> float:
-    """One number in [0, 1] from the measured interventions of the real model (tier c):
+def faithfulness_score(features: list[FeatureCheck], errors: list[float]) -> float:
+    """One number in [0, 1] from measured interventions in the real model (tier c):
 
-    agreement x coverage, where agreement is the measured-magnitude-weighted mean over the ablations of
-    min(|predicted|, |measured|) / max(...) (0 where the signs differ), i.e. how closely the graph predicts the
-    ablations that matter, and coverage = min(1, sum |measured| / ((1 - scale) |target|)), how much of the target's
-    (demeaned) value the checked features measurably carry. A replacement model whose features do not carry the computation
-    (skip-only, random features) scores near 0 however exact its maths; a graph without features scores 0.
+    agreement x coverage. Agreement is the measured-magnitude-weighted mean over the feature ablations of
+    min(|predicted|, |measured|) / max(...) (0 where the signs differ): how closely the graph predicts the ablations
+    that matter. Coverage is sum |measured| over the features / (that + sum |measured| over as many of the most
+    influential error nodes, each removed from its MLP output): how much of what measurably moves the target the
+    graph's features carry rather than its errors (a measured counterpart of the replacement score). A replacement
+    model whose features do not carry the computation (skip only, random features) scores near 0 however exact its
+    maths; a graph without features scores 0.
     """
-    if not features or target_value == 0:
+    if not features:
         return 0.0
     w = sum(abs(f.measured) for f in features)
     if w == 0:
@@ -113,7 +115,7 @@ def faithfulness_score(features: list[FeatureCheck], target_value: float, scale:
         p, m = f.predicted_total, f.measured
         if p * m > 0:
             close += abs(m) * min(abs(p), abs(m)) / max(abs(p), abs(m))
-    return (close / w) * min(1.0, w / abs((1 - scale) * target_value))
+    return (close / w) * w / (w + sum(abs(e) for e in errors))
 
 
 @dataclass
@@ -129,6 +131,7 @@ class CheckResult:
     tiers: dict[str, Agreement] = field(default_factory=dict)  # tier -> agreement over every ablation
     tiers_no_crossing: dict[str, Agreement] = field(default_factory=dict)  # ... over those without crossings
     score: float = float("nan")  # `faithfulness_score`
+    errors: list[tuple[str, float]] = field(default_factory=list)  # (error node, measured change when removed)
 
     def summary(self) -> str:
         n = len(self.features)
@@ -143,6 +146,10 @@ class CheckResult:
                          f"{b.spearman:6.3f} {b.pearson:6.3f}")
         lines.append(f"  correlation (direct, real model) {self.correlation_direct:.3f}, ablation lowers the target "
                      f"{self.lowers_target:.0%}")
+        if self.errors:
+            lines.append(f"  the {len(self.errors)} most influential error nodes, removed one at a time, move the "
+                         f"target by {sum(abs(m) for _, m in self.errors):.4f} in all (the features "
+                         f"{sum(abs(f.measured) for f in self.features):.4f})")
         lines.append(f"  {'node':<18}{'influence':>10}{'direct':>10}{'predicted':>10}{'(a)':>10}{'(b)':>10}"
                      f"{'(c)':>10}{'crossed':>8}")
         for f in self.features:
@@ -160,6 +167,7 @@ class CheckResult:
             "features": [{"node_id": f.node_id, "influence": fin(f.influence), "predicted": fin(f.predicted_total),
                           "direct": fin(f.predicted_direct), "a": fin(f.measured_a), "b": fin(f.measured_b),
                           "c": fin(f.measured), "crossings": f.crossings} for f in self.features],
+            "errors": [{"node_id": n, "c": fin(m)} for n, m in self.errors],
         }
 
 
@@ -205,8 +213,15 @@ class _Tiers:
 
     def _read(self, hooks: list) -> float:
         final: list[torch.Tensor] = []
-        hooks = hooks + [("ln_final.hook_normalized", lambda x, hook: final.append(x[0, -1]))]
-        self.model.run_with_hooks(self.rec.tokens[None], fwd_hooks=hooks)
+
+        def grab(x: torch.Tensor, hook: Any) -> None:
+            final.append(x[0, -1])
+            raise _Stop  # the target reads the unembedding's input: the [P, vocab] logits are not needed
+
+        try:
+            self.model.run_with_hooks(self.rec.tokens[None], fwd_hooks=hooks + [("ln_final.hook_normalized", grab)])
+        except _Stop:
+            pass
         return float(final[-1] @ self.u) - self.clean
 
     def local(self, layer: int, pos: int, idx: int, scale: float) -> tuple[float, int]:
@@ -242,6 +257,17 @@ class _Tiers:
         hooks = splice_hooks(rep, keep_error=True, edit={layer: edit}, features={layer: held},
                              outputs=rep.output_layers(layer))
         return self._read((self.patterns if freeze_attention else []) + hooks)
+
+    def without_error(self, layer: int, pos: int) -> float:
+        """Tier (c) with one error node removed: its recorded vector taken out of the live MLP output."""
+        err = self.rec.errors[layer][pos]
+
+        def remove(y: torch.Tensor, hook: Any) -> torch.Tensor:
+            y = y.clone()
+            y[0, pos] -= err.to(y.dtype)
+            return y
+
+        return self._read([(f"blocks.{layer}.hook_mlp_out", remove)])
 
 
 @torch.no_grad()
@@ -280,11 +306,18 @@ def check_graph(graph: AttributionGraph, model: Any, transcoders: Any, k: int = 
         mc = run.live(layer, pos, idx, a, scale, freeze_attention=False)
         checks.append(FeatureCheck(g.node_id(f), float(infl[f]), -float(A[logit_node, f]) * (1 - scale),
                                    float(totals[f]), mc, ma, mb, crossed))
-    return _result(g.logit_strs[0], checks, scale, run.clean, tiers)
+    errors = []
+    if scale == 0:  # coverage: the same number of the most influential error nodes, removed in the real model
+        e_infl = g.node_influence()[g.error_slice]
+        for i in e_infl.argsort(descending=True)[:k].tolist():
+            if float(e_infl[i]) > 0:
+                node = g.error_slice.start + i
+                errors.append((g.node_id(node), run.without_error(g.node_layer(node), g.node_pos(node))))
+    return _result(g.logit_strs[0], checks, scale, run.clean, tiers, errors)
 
 
-def _result(target: str, checks: list[FeatureCheck], scale: float, clean: float, tiers: tuple[str, ...] = TIERS
-            ) -> CheckResult:
+def _result(target: str, checks: list[FeatureCheck], scale: float, clean: float, tiers: tuple[str, ...] = TIERS,
+            errors: list[tuple[str, float]] | None = None) -> CheckResult:
     pred = [c.predicted_total for c in checks]
     meas = [c.measured for c in checks]
     c_agree = agreement(pred, meas)
@@ -296,7 +329,8 @@ def _result(target: str, checks: list[FeatureCheck], scale: float, clean: float,
         tiers={t: agreement(pred, [c.tier(t) for c in checks]) for t in tiers},
         tiers_no_crossing={t: agreement([c.predicted_total for c in quiet], [c.tier(t) for c in quiet])
                            for t in tiers},
-        score=faithfulness_score(checks, clean, scale),
+        score=faithfulness_score(checks, [m for _, m in errors or []]) if scale == 0 else float("nan"),
+        errors=list(errors or []),
     )
 
 

@@ -204,6 +204,13 @@ def test_walkthrough(server, page, tmp_path):
     page.wait_for_selector("form.graph-form")
     page.fill("input[aria-label='graph prompt']", "The dog sat")
     page.fill("input[aria-label='max feature nodes']", "24")
+    page.fill("input[aria-label='graph target']", "no such single token")  # a bad target: the job says why
+    page.click("form.graph-form button[type=submit]")
+    page.wait_for_selector("#job-progress .error", timeout=60_000)
+    assert "not one token" in page.inner_text("#job-progress .error")
+    # traced to a chosen token (the second word's first token, so not the model's choice), faithfulness measured
+    answer = model.tokenizer.decode([model.encode(" on", prepend_bos=False)[0]])
+    page.fill("input[aria-label='graph target']", f'"{answer}"')
     page.click("form.graph-form button[type=submit]")
     page.wait_for_function("location.hash.startsWith('#/graph?job=') || location.hash.startsWith('#/graph/computed')")
     if "job=" in page.url:  # the job's id is in the URL: a reload picks its progress up again
@@ -211,6 +218,12 @@ def test_walkthrough(server, page, tmp_path):
     page.wait_for_function("location.hash.startsWith('#/graph/computed')", timeout=120_000)
     page.wait_for_selector("#graph-canvas")
     assert "The dog sat" in page.inner_text(".graph-prompt")
+    assert page.inner_text(".graph-target").strip() == f'target: "{answer}"'
+    assert page.inner_text("#faithfulness .faith-badge").startswith("faithfulness ")
+    page.click("#faithfulness summary")
+    assert page.locator("#faithfulness table tbody tr").count() >= 1
+    assert page.locator("#faithfulness th").all_text_contents()[3:6] == ["(a) local", "(b) attn frozen", "(c) real"]
+    shots("graph-faithfulness", "#faithfulness")
 
     # ---- the saved graph: hover, click a node, pin it
     page.goto(base + f"/#/graph/{web.GRAPH_ID}")
@@ -346,7 +359,17 @@ def test_big_graph_draws_fast(server, page):
     base, _, _ = server
     g = web.synthetic_graph(1000, 10_000)
     gid = httpx.post(base + "/api/graphs", json=g, timeout=60).json()["id"]
+    # by default only the strongest edges are drawn (plus those of hovered, clicked and pinned nodes)
     page.goto(base + f"/#/graph/{gid}?s=" + '{"nt":1}')
+    page.wait_for_selector("#graph-canvas")
+    page.wait_for_function("window.__featurelens.allVisibleLinks === 10000")
+    assert page.evaluate("window.__featurelens.visibleLinks") == 300
+    assert "300 of 10000 edges drawn" in page.inner_text(".edge-note")
+    page.select_option("select[aria-label='edges drawn']", "0")  # all of them, on demand
+    assert page.evaluate("window.__featurelens.visibleLinks") == 10_000 and '"ed":0' in page.url.replace("%22", '"').replace("%3A", ":")
+    page.evaluate("window.__featurelens.firstRender = undefined")
+    page.goto(base + f"/#/graph/{gid}?s=" + '{"nt":1,"ed":0}')
+    page.reload()
     page.wait_for_selector("#graph-canvas")
     page.wait_for_function("window.__featurelens.firstRender !== undefined")
     first_in_app = page.evaluate("window.__featurelens.firstRender")
