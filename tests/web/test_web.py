@@ -117,6 +117,10 @@ def test_walkthrough(server, page, tmp_path):
     assert web.SAE_ID in body and web.TC_ID in body and web.MODEL in body and web.PROMPT in body
     row = page.locator("tr", has=page.locator(f"a.dict-link:text-is('{web.SAE_ID}')"))
     assert "analyzed" in row.inner_text() and "\t4\t" in row.inner_text()  # L0 of a TopK k=4 SAE
+    # the transcoder set: its analyzed layers (one of two here), each linked to its own feature pages
+    tc_row = page.locator("tr", has_text=web.TC_ID).first
+    assert "1 of 2 layers analyzed" in tc_row.inner_text()
+    assert tc_row.locator("a.layer-link").get_attribute("href") == f"#/feature/{web.TC_ID}~layer_1/0"
     shots("home")
 
     # ---- concept search from the home search box
