@@ -131,6 +131,9 @@ def main() -> None:
                 continue
             results.append((p, check_graph(g, model, tcs, k=args.k, scale=args.scale)))
             where_of[p] = where
+            r = results[-1][1]
+            print(f"  {p[:44]!r:<48} -> {r.target!r:<10} score {r.score:.2f}  " + "  ".join(
+                f"({t}) sign {a.sign_agreement:.0%} spearman {a.spearman:.2f}" for t, a in r.tiers.items()), flush=True)
         rep = pool(results)
         scores = [r.score for _, r in results if r.score == r.score]
         by_set = {s: pool([(p, r) for p, r in results if where_of[p] == s]) for s in ("demo", "held-out")}

@@ -3,7 +3,8 @@ change of the target logit with what the graph predicts, in three models side by
 
 * tier (a), the local replacement model the graph describes: attention patterns and every norm scale frozen at the
   recorded pass, each layer's error held at its recorded value (a layer without a transcoder: its whole output),
-  the transcoders live with their activation function. The graph is exact here for small perturbations; a whole
+  the transcoders live with their activation function (active features the graph left out, with max_feature_nodes,
+  held at their recorded values, as the graph treats them). The graph is exact here for small perturbations; a whole
   ablation may push other features across their thresholds, which is counted (`crossings`).
 * tier (b), attention frozen and everything else live: the real model with its attention patterns held (Neuronpedia's
   "frozen attention"); the feature's decoder contribution leaves the MLP output it writes, the error stays live.
@@ -203,8 +204,16 @@ def target_direction(model: Any, graph: AttributionGraph) -> torch.Tensor:
 class _Tiers:
     """Runs one edit of one feature in the three models and reads the target."""
 
-    def __init__(self, model: Any, rep: Any, rec: Recording, u: torch.Tensor, first: int):
+    def __init__(self, model: Any, rep: Any, rec: Recording, u: torch.Tensor, first: int, graph_features: torch.Tensor):
         self.model, self.rep, self.rec, self.u, self.first = model, rep, rec, u, first
+        # active features outside the graph: tier (a) holds them, as the graph does
+        self.hold: dict[int, torch.Tensor] = {}
+        for l in rep.layers:
+            active = rec.acts[l] != 0
+            mine = graph_features[graph_features[:, 0] == l]
+            active[mine[:, 1], mine[:, 2]] = False
+            if bool(active.any()):
+                self.hold[l] = active
         self.clean = float(rec.final[-1] @ u)
         self.patterns = [(nm, self._frozen) for nm in rec.frozen if nm.endswith("hook_pattern")]
 
@@ -228,7 +237,7 @@ class _Tiers:
         """Tier (a): the change of the target, and how many other features switched on or off."""
         rep, rec = self.rep, self.rec
         hooks = intervention_hooks(self.model, rep, rec, {layer: [(pos, idx, scale)]}, mode="scale",
-                                   freeze_attention=True, freeze_norms=True)
+                                   freeze_attention=True, freeze_norms=True, hold=self.hold)
         inputs: dict[int, torch.Tensor] = {}
         for l in rep.layers:
             hooks.append((rep.input_hook(l), lambda x, hook, l=l: inputs.__setitem__(l, x[0].detach())))
@@ -237,7 +246,10 @@ class _Tiers:
         for l, x in inputs.items():
             on = rep.encode_layer(l, x.reshape(x.shape[0], -1)).to(rec.acts[l].dtype) != 0
             was = rec.acts[l] != 0
-            flip = (on != was)[self.first:]
+            flip = on != was
+            if l in self.hold:
+                flip &= ~self.hold[l]
+            flip = flip[self.first:]
             if l == layer and pos >= self.first:
                 flip[pos - self.first, idx] = False  # the edited feature itself
             crossed += int(flip.sum())
@@ -290,7 +302,7 @@ def check_graph(graph: AttributionGraph, model: Any, transcoders: Any, k: int = 
     tokens = prompt_tokens(model, torch.tensor(g.tokens))
     rec = record(model, rep, tokens)
     u = target_direction(model, g).to(rec.final.dtype)
-    run = _Tiers(model, rep, rec, u, first=1 if g.bos else 0)
+    run = _Tiers(model, rep, rec, u, first=1 if g.bos else 0, graph_features=g.features.to(rec.tokens.device))
     logit_node = g.logit_slice.start
     infl = g.node_influence()[: g.n_features]
     order = infl.argsort(descending=True)[:k].tolist()

@@ -651,3 +651,24 @@ def test_exact_edges_on_the_embedded_model(gemma, tmp_path):
     from featurelens.attribution import check_graph
 
     assert len(check_graph(g, gemma, tcs, k=5).features) == 5
+    # tier (a) on Gemma: a 1% nudge of a feature moves the target by the graph's prediction (the 48 admitted
+    # features live, the rest of the active ones held as the graph holds them)
+    res = check_graph(g, gemma, tcs, k=4, scale=0.99, tiers=("a", "c"))
+    quiet = [f for f in res.features if f.crossings == 0]
+    assert quiet
+    for f in quiet:
+        assert f.measured_a == pytest.approx(f.predicted_total, rel=1e-3, abs=1e-5), f.node_id
+
+
+def test_local_replacement_holds_the_features_a_graph_left_out():
+    """With max_feature_nodes, tier (a) is the model of the partial graph: a small nudge still matches it."""
+    from featurelens.attribution.check import check_graph
+
+    model = tiny_model("gemma3")
+    tcs = tiny_transcoders(model, skip=True)
+    g = attribute(model, tcs, TOKENS, progress=False, batch_size=64, max_feature_nodes=20)
+    res = check_graph(g, model, tcs, k=6, scale=0.99, tiers=("a", "c"))
+    quiet = [f for f in res.features if f.crossings == 0]
+    assert len(quiet) >= 3
+    for f in quiet:
+        assert f.measured_a == pytest.approx(f.predicted_total, rel=1e-3, abs=1e-6), f.node_id
