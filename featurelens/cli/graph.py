@@ -30,17 +30,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target", default=None, metavar="TOKEN",
                    help="trace this token instead of the most likely ones: ' Paris', several '\" Paris\", \" Rome\"' "
                         "or a logit difference '\" Paris\" - \" London\"' (each one token of the vocabulary)")
-    p.add_argument("--check", type=int, default=10, metavar="N",
-                   help="measure faithfulness by ablating the N most influential features in the three tiers and save "
-                        "it in the graph's metadata (default 10; 0: do not)")
+    common.add(p, "ablate_top", default=10, note="and save it in the graph's metadata (default 10; 0: do not)")
     p.set_defaults(func=cmd_graph)
 
     p = sub.add_parser("graph-check", help="scores, top paths and faithfulness (ablations in the real model) of a graph")
     p.add_argument("file", help="a graph JSON written by `featurelens graph` (or circuit-tracer)")
     common.add_model(p, default="the one the graph records")
     common.add(p, "transcoders", note="(default: the ones the graph records)")
-    p.add_argument("--ablate-top", type=common.count, default=10, metavar="N",
-                   help="check faithfulness by ablating the graph's N most influential features (default 10)")
+    common.add(p, "ablate_top", default=10, note="(default 10)")
     common.add(p, "rows", default=5, note="(top paths into the top logit; default 5)", old=("--paths",))
     p.set_defaults(func=cmd_check)
 
@@ -134,8 +131,8 @@ def cmd_graph(args: argparse.Namespace) -> int:
     _threshold("edge-threshold", args.edge_threshold)
     if not args.prompt.strip():
         raise InputError("empty prompt: give the text to attribute")
-    if args.check < 0:
-        raise InputError(f"--check must be 0 or more, got {args.check}")
+    if args.ablate_top < 0:
+        raise InputError(f"--ablate-top must be 0 or more, got {args.ablate_top}")
     transcoders = _load_transcoders(args.transcoders)
     model = common.load_model(args, transcoders)
     check_transcoders(model, transcoders)  # a mismatch is the error to show, before any note on layers
@@ -149,8 +146,8 @@ def cmd_graph(args: argparse.Namespace) -> int:
     t_attr = time.perf_counter() - t0
     pruned = g.prune(args.node_threshold, args.edge_threshold)
     check = None
-    if args.check and g.n_features:
-        check = check_graph(g, model, transcoders, k=args.check)
+    if args.ablate_top and g.n_features:
+        check = check_graph(g, model, transcoders, k=args.ablate_top)
         pruned.info["faithfulness"] = check.to_info()
     out = Path(args.out).expanduser() if args.out else sub_dir("graphs")
     path = save_graph(pruned, out, slug=args.slug, model=model, transcoders=transcoders,

@@ -107,7 +107,7 @@ def test_cli_target_and_saved_faithfulness(cli_setup, capsys):
     model, tc_dir, tmp = cli_setup
     out = tmp / "graphs"
     assert main(["graph", "-m", "tiny", str(tc_dir), "hello world", "--out", str(out), "--batch-size", "16",
-                 "--target", "h", "--check", "4"]) == 0, capsys.readouterr().err
+                 "--target", "h", "--ablate-top", "4"]) == 0, capsys.readouterr().err
     text = capsys.readouterr().out
     assert "target 'h'" in text and "(a) local replacement" in text
     meta = json.loads((out / "hello-world.json").read_text())["metadata"]["info"]["featurelens"]
