@@ -215,8 +215,10 @@ def test_walkthrough(server, page, tmp_path):
     # traced to a chosen token (the second word's first token, so not the model's choice), faithfulness measured
     answer = model.tokenizer.decode([model.encode(" on", prepend_bos=False)[0]])
     page.fill("input[aria-label='graph target']", f'"{answer}"')
+    failed = page.evaluate("location.hash")  # the failed job's id is in the URL until the new job replaces it
     page.click("form.graph-form button[type=submit]")
-    page.wait_for_function("location.hash.startsWith('#/graph?job=') || location.hash.startsWith('#/graph/computed')")
+    page.wait_for_function(f"location.hash !== {json.dumps(failed)} && (location.hash.startsWith('#/graph?job=') || "
+                           f"location.hash.startsWith('#/graph/computed'))")
     if "job=" in page.url:  # the job's id is in the URL: a reload picks its progress up again
         page.reload()
     page.wait_for_function("location.hash.startsWith('#/graph/computed')", timeout=120_000)
