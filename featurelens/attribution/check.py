@@ -288,7 +288,8 @@ def check_graph(graph: AttributionGraph, model: Any, transcoders: Any, k: int = 
     """Edit the graph's k most influential features one at a time (multiply the activation by `scale`; 0 ablates)
     in tiers (a), (b) and (c) (see the module docstring) and compare with the graph's prediction.
 
-    >>> r = fl.check_graph(g, model, tc)            # r.tiers["c"].spearman, r.score, print(r.summary())
+    >>> from featurelens.attribution import check_graph
+    >>> r = check_graph(g, model, tc)               # r.tiers["c"].spearman, r.score, print(r.summary())
     """
     g = graph.root
     if g.n_features == 0:
