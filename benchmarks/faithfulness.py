@@ -1,46 +1,52 @@
-"""Faithfulness of attribution graphs in the real model, over a fixed set of prompts.
+"""Faithfulness of attribution graphs, tier by tier, over the demo's prompts and held-out ones.
 
-    python benchmarks/faithfulness.py [--transcoders DIR] [-k 10] [--max-feature-nodes 1024] [--json out.json]
+    python benchmarks/faithfulness.py --transcoders DIR [--model NAME] [-k 10] [--max-feature-nodes 256]
+        [--scale 0] [--replacements trained,random,skip] [--json out.json]
 
-For each prompt (facts, arithmetic, opposites, subject-verb agreement): `fl.attribute` builds the graph on the
-transcoders, then `check_graph` ablates the graph's k most influential features one at a time in the real,
-unfrozen model (attention and norms live, every later layer recomputed) and measures the change of the target
-(top) logit, demeaned as the graph's logit nodes are. Pooled over every ablation of every prompt, it prints how
-often the sign the graph predicts (its total effect on the logit) is the sign measured, the correlation of
-predicted and measured changes (total and direct-only predictions), and how often an ablation lowered the target.
+For each prompt `fl.attribute` builds the graph (the demo's prompts traced to their answers, as the demo traces
+them; the held-out prompts, which the demo does not use, to their most likely next token), then `check_graph` edits
+the graph's k most influential features one at a time (multiplies the activation by --scale; 0 ablates) in three
+models: (a) the local replacement model (attention, norms and errors frozen, transcoders live), (b) attention
+frozen, (c) the real model. Pooled over every edit of every prompt it prints, per tier, sign agreement, Spearman and
+Pearson between predicted total effect and measured change of the target, with and without the edits that pushed
+other features across their thresholds in (a), and the mean faithfulness score of the graphs.
 
-The transcoders are `--transcoders DIR` or, by default, the ones benchmarks/attribution.py trains and caches
-(18 TopK-16 width-2048 transcoders, `--train-tokens`), so both benchmarks describe the same graphs.
+--replacements also scores the same prompts on two broken replacement models built from the transcoders: "random"
+(each layer's encoder and decoder replaced by Gaussian ones of the same scale; skip and biases kept) and "skip"
+(decoders zeroed: only the skip connection is left), to see whether the score tells them from trained transcoders.
+
+Without --transcoders the transcoders are the ones benchmarks/attribution.py trains and caches.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-PROMPTS = [
+# prompts the demo does not use (featurelens.pipeline.demo.PROMPTS), traced to their most likely next token
+HELD_OUT = [
     # facts
-    "The capital of France is",
     "The capital of Japan is",
-    "The Eiffel Tower is located in the city of",
     "The largest planet in the solar system is",
     "The chemical symbol for gold is",
     "Michael Jordan played the sport of",
-    # arithmetic
-    "2 + 2 =",
+    "The capital of Italy is",
+    # arithmetic and sequences
     "3 + 5 =",
     "10 - 4 =",
     "One, two, three, four,",
     "Monday, Tuesday, Wednesday,",
+    "January, February, March,",
     # opposites
-    'The opposite of "small" is "',
     'The opposite of "hot" is "',
     'The opposite of "up" is "',
     'The opposite of "happy" is "',
@@ -52,39 +58,100 @@ PROMPTS = [
     "The author of the books",
     "My friends from the city",
     "The girl with the red shoes",
+    # other
+    "She poured herself a cup of",
+    "The cat sat on the",
 ]
+
+
+def replacement(transcoders: Any, kind: str, seed: int = 0) -> Any:
+    """The trained transcoders, or a broken copy: random features, or the skip connection alone."""
+    import torch
+
+    if kind == "trained":
+        return transcoders
+    broken = copy.deepcopy(transcoders)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, tc in broken.items():
+            if kind == "random":
+                for W in (tc.W_enc, tc.W_dec):
+                    W.copy_(torch.randn(W.shape, generator=g, dtype=W.dtype) * W.std())
+            elif kind == "skip":
+                tc.W_dec.zero_()
+            else:
+                raise SystemExit(f"unknown replacement {kind!r}: trained, random or skip")
+    return broken
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--transcoders", default=None, help="a transcoder set or CLT directory (default: the benchmark's)")
+    ap.add_argument("--transcoders", default=None, help="a transcoder set directory (default: the benchmark's)")
     ap.add_argument("--train-tokens", type=int, default=200_000, help="as benchmarks/attribution.py")
     ap.add_argument("--model", default="gemma-3-270m")
-    ap.add_argument("-k", type=int, default=10, help="features ablated per prompt (most influential first)")
-    ap.add_argument("--max-feature-nodes", type=int, default=1024)
-    ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--json", default=None, help="also write the per-ablation numbers here")
+    ap.add_argument("--data-dir", default=None, help="featurelens data directory holding the model")
+    ap.add_argument("-k", type=int, default=10, help="features edited per prompt (most influential first)")
+    ap.add_argument("--scale", type=float, default=0.0, help="multiply each activation by this (0 ablates)")
+    ap.add_argument("--max-feature-nodes", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--replacements", default="trained", help="comma-separated: trained, random, skip")
+    ap.add_argument("--held-out", type=int, default=len(HELD_OUT), help="how many held-out prompts to use")
+    ap.add_argument("--json", default=None, help="also write the per-edit numbers here")
     args = ap.parse_args()
 
-    import featurelens as fl
-    from attribution import load_or_train_transcoders
-    from featurelens.attribution import check_prompts
+    import torch
 
+    import featurelens as fl
+    from attention_circuits import gemm_gflops
+    from attribution import load_or_train_transcoders
+    from featurelens.attribution import attribute, check_graph
+    from featurelens.attribution.check import pool
+    from featurelens.pipeline.demo import ANSWERS, PROMPTS
+
+    if args.data_dir:
+        from featurelens import paths
+
+        paths.set_data_dir(args.data_dir)
     model = fl.load_model(args.model)
     transcoders, path = load_or_train_transcoders(model, args)
-    print(f"model {model.name}; transcoders {path}; {len(PROMPTS)} prompts, {args.k} ablations each", flush=True)
-    t = time.perf_counter()
-    rep = check_prompts(model, transcoders, PROMPTS, k=args.k, max_feature_nodes=args.max_feature_nodes,
-                        batch_size=args.batch_size)
-    print(rep.summary())
-    print(f"({time.perf_counter() - t:.0f} s)")
+    prompts = [(p, ANSWERS.get(p), "demo") for p in PROMPTS] + [(p, None, "held-out") for p in HELD_OUT[: args.held_out]]
+    print(f"model {model.name}; transcoders {path}; {len(prompts)} prompts ({len(PROMPTS)} of the demo's), "
+          f"{args.k} edits each, scale {args.scale:g}; torch threads {torch.get_num_threads()}, float32 GEMM "
+          f"{gemm_gflops():.0f} GFLOP/s at the start", flush=True)
+    out: dict[str, Any] = {"transcoders": str(path), "k": args.k, "scale": args.scale, "replacements": {}}
+    for kind in args.replacements.split(","):
+        tcs = replacement(transcoders, kind.strip())
+        t = time.perf_counter()
+        results = []
+        where_of: dict[str, str] = {}
+        for p, target, where in prompts:
+            g = attribute(model, tcs, p, max_feature_nodes=args.max_feature_nodes, batch_size=args.batch_size,
+                          progress=False, target=target)
+            if g.n_features == 0:
+                continue
+            results.append((p, check_graph(g, model, tcs, k=args.k, scale=args.scale)))
+            where_of[p] = where
+            r = results[-1][1]
+            print(f"  {p[:44]!r:<48} -> {r.target!r:<10} score {r.score:.2f}  " + "  ".join(
+                f"({t}) sign {a.sign_agreement:.0%} spearman {a.spearman:.2f}" for t, a in r.tiers.items()), flush=True)
+        rep = pool(results)
+        scores = [r.score for _, r in results if r.score == r.score]
+        by_set = {s: pool([(p, r) for p, r in results if where_of[p] == s]) for s in ("demo", "held-out")}
+        print(f"\n== {kind}: {time.perf_counter() - t:.0f} s, GEMM now {gemm_gflops():.0f} GFLOP/s")
+        print(rep.summary())
+        for s, r in by_set.items():
+            if r.per_prompt:
+                print(f"  {s} prompts only: " + "; ".join(
+                    f"({t}) sign {a.sign_agreement:.0%} spearman {a.spearman:.3f}" for t, a in r.tiers.items()))
+        if scores:
+            print(f"  mean faithfulness score {sum(scores) / len(scores):.3f} over {len(scores)} graphs")
+        out["replacements"][kind] = {
+            "tiers": {t: a.as_dict() for t, a in rep.tiers.items()},
+            "tiers_no_crossing": {t: a.as_dict() for t, a in rep.tiers_no_crossing.items()},
+            "mean_score": sum(scores) / len(scores) if scores else None,
+            "prompts": [{"prompt": p, **r.to_info()} for p, r in results]}
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "transcoders": str(path), "k": args.k, "sign_agreement": rep.sign_agreement,
-            "correlation": rep.correlation, "correlation_direct": rep.correlation_direct,
-            "lowers_target": rep.lowers_target,
-            "prompts": [{"prompt": p, "target": r.target, "ablations": [vars(f) for f in r.features]}
-                        for p, r in rep.per_prompt]}, indent=2))
+        Path(args.json).write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from ..progress import OnProgress, ProgressBar
 from .graph import AttributionGraph
 from .replacement import check_transcoders, demeaned_unembedding, frozen_forward, record
 from .sources import Sources
+from .targets import parse_target
 
 # Gradients held at once per batch: batch x positions x d_model x layers floats. Larger batches are split.
 _GRAD_BUDGET_BYTES = 2 * 1024**3
@@ -88,6 +89,7 @@ def attribute(
     update_interval: int = 4,
     transcoders_path: str | None = None,
     on_progress: OnProgress | None = None,
+    target: Any = None,
 ) -> AttributionGraph:
     """The attribution graph of `prompt` (text or token ids) through `transcoders` (a per-layer `TranscoderSet` or a
     cross-layer transcoder): every edge an exact direct effect in the frozen replacement model.
@@ -102,6 +104,9 @@ def attribute(
     max_feature_nodes: feature rows to compute (None: every active feature); the rest stay as sources only and are
     left out of the graph. batch_size: target rows per backward pass. progress: a bar on stderr; on_progress: called
     with a `ProgressEvent` (stage "attribution", rows of the edge matrix done / total) after every batch of rows.
+    target: what to trace (see `targets`): None for the most likely next tokens (up to desired_logit_prob of the
+    probability, at most max_n_logits), a token (" Paris"), a list of tokens, or a logit difference
+    ('" Paris" - " London"'); the graph's metadata records it (`info["target"]`).
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -115,15 +120,25 @@ def attribute(
     t0 = time.perf_counter()
     rep = check_transcoders(model, transcoders)
     tokens = prompt_tokens(model, prompt)
+    chosen = None if target is None else parse_target(model, target)
     bos_id = model.cfg.bos_token_id
     skip_pos0 = bos_id is not None and int(tokens[0]) == bos_id and tokens.numel() > 1
 
     rec = record(model, rep, tokens)
     src = Sources(model, rep, rec, skip_pos0)
     n, P, F = model.cfg.n_layers, rec.n_pos, src.n_active
-    logit_ids, logit_probs = select_logits(rec.logits[-1], desired_logit_prob, max_n_logits)
+    if chosen is None:
+        logit_ids, logit_probs = select_logits(rec.logits[-1], desired_logit_prob, max_n_logits)
+        logit_vecs = demeaned_unembedding(model, logit_ids).to(model.dtype)  # [K, D]
+        logit_strs = _decode_each(model, logit_ids.tolist())
+    else:
+        logit_ids = torch.tensor(chosen.tokens, device=rec.logits.device)
+        # the model's probabilities weigh the logit nodes (their ratios are all that influence uses); a floor keeps
+        # an unlikely target's influence from underflowing to zero
+        logit_probs = torch.softmax(rec.logits[-1].double(), -1)[logit_ids].float().clamp_min(1e-30)
+        logit_vecs = chosen.vectors(model).to(model.dtype)
+        logit_strs = chosen.node_strs()
     K = len(logit_ids)
-    logit_vecs = demeaned_unembedding(model, logit_ids).to(model.dtype)  # [K, D]
     n_rows = F if max_feature_nodes is None else min(max_feature_nodes, F)
     need = (K + n_rows) * src.n_cols * 4  # the dense rows of A, float32
     if need > _memory_budget():
@@ -223,12 +238,12 @@ def attribute(
                                                        else "".join(token_strs)),
         tokens=tokens.tolist(), token_strs=token_strs, n_layers=n,
         features=src.features[selected], activations=src.activations[selected],
-        logit_tokens=logit_ids.cpu(), logit_probs=logit_probs.cpu(), logit_strs=_decode_each(model, logit_ids.tolist()),
+        logit_tokens=logit_ids.cpu(), logit_probs=logit_probs.cpu(), logit_strs=logit_strs,
         edges=edges, weights=weights, model_name=getattr(model, "name", ""),
         transcoders=transcoders_path or _source_path(transcoders) or rep.describe(), bos=skip_pos0,
         info={"n_active_features": F, "n_feature_rows": n_sel, "batch_size": batch,
               "seconds": round(time.perf_counter() - t0, 3), "seconds_rows": round(t_rows - t0, 3),
-              "transcoder_kind": rep.describe()},
+              "transcoder_kind": rep.describe(), **({} if chosen is None else {"target": chosen.info()})},
     )
     return graph
 

@@ -81,9 +81,15 @@ def _edit(acts: torch.Tensor, edits: list[tuple], mode: str) -> torch.Tensor:
 
 
 def intervention_hooks(model: Any, rep: Any, rec: Recording, edits: dict[int, list[tuple]], *, mode: str = "set",
-                       freeze_attention: bool = True, direct_only: bool = False) -> list[tuple[str, Callable]]:
+                       freeze_attention: bool = True, direct_only: bool = False, freeze_norms: bool = False,
+                       hold: dict[int, torch.Tensor] | None = None) -> list[tuple[str, Callable]]:
     """Forward hooks running the replacement model of `rec` with `edits`; they act on the prompt's own forward
-    pass (position count P, nothing cached before) and let any other call (generation steps) through."""
+    pass (position count P, nothing cached before) and let any other call (generation steps) through.
+
+    freeze_norms (with freeze_attention): every norm scale, and the output of each layer without a transcoder, held
+    at its recorded value: the local replacement model the graph describes, with its transcoders live.
+    hold: {layer: bool mask [P, S]} of features held at their recorded activations (e.g. active features a graph
+    left out, whose effects it does not describe)."""
     n, P = model.cfg.n_layers, rec.n_pos
     spliced = set(rep.all_output_layers())
 
@@ -100,13 +106,21 @@ def intervention_hooks(model: Any, rep: Any, rec: Recording, edits: dict[int, li
     hooks: list[tuple[str, Callable]] = []
     if freeze_attention:
         hooks += [(nm, frozen) for nm in rec.frozen if nm.endswith("hook_pattern")]
-    if direct_only and freeze_attention:
+    norms_held = freeze_attention and (direct_only or freeze_norms)
+    if norms_held:
         hooks += [(nm, frozen) for nm in rec.frozen if nm.endswith("hook_scale")]
     # the transcoders spliced in with the clean prompt's errors held, features live (or held too: direct_only)
+    def edit_for(layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        def edit(a: torch.Tensor) -> torch.Tensor:
+            if hold is not None and layer in hold:
+                a = torch.where(hold[layer].to(a.device), rec.acts[layer].to(a.dtype), a)
+            return _edit(a, edits[layer], mode) if layer in edits else a
+        return edit
+
     hooks += splice_hooks(rep, keep_error=False, errors=rec.errors, features=rec.acts if direct_only else None,
-                          edit={layer: (lambda a, items=items: _edit(a, items, mode)) for layer, items in edits.items()},
+                          edit={layer: edit_for(layer) for layer in set(edits) | set(hold or {})},
                           where=lambda x, hook: None if prompt_pass(x, hook) else False)
-    if direct_only:
+    if direct_only or norms_held:
         hooks += [(f"blocks.{l}.hook_mlp_out", recorded_out) for l in range(n) if l not in spliced]
     return hooks
 

@@ -80,6 +80,9 @@ OPTIONS: dict[str, Option] = {o.dest: o for o in (
     Option(("--hook",), "hook", "a hook name, e.g. blocks.6.hook_resid_post"),
     Option(("--host",), "host", "address to bind"),
     Option(("--port",), "port", "port to serve on", type=int),
+    Option(("--ablate-top",), "ablate_top", "measure a graph's faithfulness by ablating its N most influential "
+                                            "features (local replacement, attention frozen, real model)", type=count,
+           metavar="N"),
 )}
 
 

@@ -27,14 +27,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--edge-threshold", type=float, default=0.98, help="cumulative edge influence kept (0, 1]")
     common.add(p, "batch_size", default=256, note="(target rows per backward pass; default 256)")
     p.add_argument("--no-cards", action="store_true", help="do not write feature cards")
+    p.add_argument("--target", default=None, metavar="TOKEN",
+                   help="trace this token instead of the most likely ones: ' Paris', several '\" Paris\", \" Rome\"' "
+                        "or a logit difference '\" Paris\" - \" London\"' (each one token of the vocabulary)")
+    common.add(p, "ablate_top", default=10, note="and save it in the graph's metadata (default 10; 0: do not)")
     p.set_defaults(func=cmd_graph)
 
     p = sub.add_parser("graph-check", help="scores, top paths and faithfulness (ablations in the real model) of a graph")
     p.add_argument("file", help="a graph JSON written by `featurelens graph` (or circuit-tracer)")
     common.add_model(p, default="the one the graph records")
     common.add(p, "transcoders", note="(default: the ones the graph records)")
-    p.add_argument("--ablate-top", type=common.count, default=10, metavar="N",
-                   help="check faithfulness by ablating the graph's N most influential features (default 10)")
+    common.add(p, "ablate_top", default=10, note="(default 10)")
     common.add(p, "rows", default=5, note="(top paths into the top logit; default 5)", old=("--paths",))
     p.set_defaults(func=cmd_check)
 
@@ -119,7 +122,7 @@ def _analyses(transcoders: Any) -> dict[int, Any]:
 
 
 def cmd_graph(args: argparse.Namespace) -> int:
-    from ..attribution import attribute, save_graph
+    from ..attribution import attribute, check_graph, save_graph
     from ..attribution.replacement import check_transcoders
     from ..paths import sub_dir
 
@@ -128,6 +131,8 @@ def cmd_graph(args: argparse.Namespace) -> int:
     _threshold("edge-threshold", args.edge_threshold)
     if not args.prompt.strip():
         raise InputError("empty prompt: give the text to attribute")
+    if args.ablate_top < 0:
+        raise InputError(f"--ablate-top must be 0 or more, got {args.ablate_top}")
     transcoders = _load_transcoders(args.transcoders)
     model = common.load_model(args, transcoders)
     check_transcoders(model, transcoders)  # a mismatch is the error to show, before any note on layers
@@ -136,9 +141,14 @@ def cmd_graph(args: argparse.Namespace) -> int:
         print(f"note: layers {missing} have no transcoder: each of their MLP outputs is one error node")
     t0 = time.perf_counter()
     g = attribute(model, transcoders, args.prompt, max_feature_nodes=args.max_feature_nodes,
-                  batch_size=args.batch_size, transcoders_path=str(Path(args.transcoders).expanduser().resolve()))
+                  batch_size=args.batch_size, transcoders_path=str(Path(args.transcoders).expanduser().resolve()),
+                  target=args.target)
     t_attr = time.perf_counter() - t0
     pruned = g.prune(args.node_threshold, args.edge_threshold)
+    check = None
+    if args.ablate_top and g.n_features:
+        check = check_graph(g, model, transcoders, k=args.ablate_top)
+        pruned.info["faithfulness"] = check.to_info()
     out = Path(args.out).expanduser() if args.out else sub_dir("graphs")
     path = save_graph(pruned, out, slug=args.slug, model=model, transcoders=transcoders,
                       analyses=None if args.no_cards else _analyses(transcoders), cards=not args.no_cards)
@@ -146,14 +156,18 @@ def cmd_graph(args: argparse.Namespace) -> int:
     print(f"{len(g.tokens)} tokens, {g.info['n_active_features']:,} active features, {g.n_features:,} feature rows; "
           f"attribution {t_attr:.1f} s")
     print(f"replacement score {s['replacement']:.3f}, completeness {s['completeness']:.3f}")
-    print(f"pruned to {pruned.n_features} features, {pruned.edges.shape[1]:,} edges; top next token "
+    what = "target" if "target" in g.info else "top next token"
+    print(f"pruned to {pruned.n_features} features, {pruned.edges.shape[1]:,} edges; {what} "
           f"{g.logit_strs[0]!r} (p={float(g.logit_probs[0]):.3f})")
+    if check is not None:
+        print(check.summary())
     print(f"wrote {path}")
     return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     from ..attribution import attribute, check_graph, load_graph
+    from ..attribution.targets import Target
 
     for flag, n in (("--rows", args.rows), ("--ablate-top", args.ablate_top)):
         if n <= 0:
@@ -162,6 +176,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     s = g.scores
     print(f"{args.file}: {g.prompt!r}, {g.n_features} features shown, {g.edges.shape[1]:,} edges")
     print(f"replacement score {s['replacement']:.3f}, completeness {s['completeness']:.3f} (unpruned graph)")
+    saved = g.info.get("faithfulness")
+    if isinstance(saved, dict) and saved.get("score") is not None:
+        print(f"faithfulness saved with the graph: score {saved['score']:.2f} (measured again below)")
     print(f"top paths into {g.logit_strs[0]!r}:")
     for path in g.top_paths(None, k=args.rows):
         print(f"  {path.score:.4f}  " + " -> ".join(path.labels))
@@ -172,7 +189,8 @@ def cmd_check(args: argparse.Namespace) -> int:
                          f"transcoders {tc_path!r}; pass -m and --transcoders")
     transcoders = _load_transcoders(tc_path)
     model = common.load_model(args, name=model_name)
-    full = attribute(model, transcoders, g.tokens, max_feature_nodes=g.info.get("n_feature_rows"))
+    full = attribute(model, transcoders, g.tokens, max_feature_nodes=g.info.get("n_feature_rows"),
+                     target=Target.from_info(g.info.get("target")))
     sub = full.subgraph_scores([g.node_id(i) for i in range(g.n_features)])
     print(f"subgraph of the shown features: replacement {sub['replacement']:.3f}, completeness "
           f"{sub['completeness']:.3f}")

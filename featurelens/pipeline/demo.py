@@ -39,8 +39,12 @@ from ..errors import InputError
 from ..io import atomic_write_json
 from ..paths import data_dir
 
-PROMPTS = ("The capital of France is", "2 + 2 =", 'The opposite of "small" is "',
+PROMPTS = ("The capital of France is", "2 + 2 = ", 'The opposite of "small" is "',
            "The keys to the old cabinet", "The Eiffel Tower is located in the city of")
+# the answer each demo prompt is traced to, whether or not the model ranks it first (Gemma writes " 4" as " " + "4",
+# so the sum's prompt ends with the space)
+ANSWERS = {"The capital of France is": " Paris", "2 + 2 = ": "4", 'The opposite of "small" is "': "large",
+           "The keys to the old cabinet": " are", "The Eiffel Tower is located in the city of": " Paris"}
 STATE_FILE = "state.json"
 GRAPH_SET = "demo"
 
@@ -404,6 +408,7 @@ class _Demo:
         from ..analysis import open_analysis
         from ..attribution import attribute, check_graph, save_graph
         from ..attribution.files import slugify
+        from ..attribution.targets import parse_target
 
         b = self.budget
         tcs, _ = self._dictionaries()
@@ -415,20 +420,29 @@ class _Demo:
         rows = []
         for prompt in b.prompts:
             slug = slugify(prompt)
-            key = hashlib.sha1(json.dumps([prompt, b.max_feature_nodes, b.check_features, self.keys["transcoders"],
-                                           self.keys["analyze"]]).encode()).hexdigest()[:16]
+            target = ANSWERS.get(prompt)
+            if target is not None:
+                try:
+                    parse_target(self.model, target)
+                except InputError as e:  # another model's vocabulary: trace its most likely tokens instead
+                    self.log(f"  {prompt!r}: {e}; tracing the most likely tokens")
+                    target = None
+            key = hashlib.sha1(json.dumps([prompt, target, b.max_feature_nodes, b.check_features,
+                                           self.keys["transcoders"], self.keys["analyze"]]).encode()).hexdigest()[:16]
             if done.get(slug, {}).get("key") == key and (self.graph_dir / f"{slug}.json").is_file():
                 rows.append(done[slug])
                 continue
             g = attribute(self.model, tcs, prompt, max_feature_nodes=b.max_feature_nodes, progress=self.progress,
-                          transcoders_path=str(self.tc_dir))
+                          transcoders_path=str(self.tc_dir), target=target)
             pruned = g.prune()
-            save_graph(pruned, self.graph_dir, slug=slug, model=self.model, transcoders=tcs, analyses=analyses)
             check = check_graph(g, self.model, tcs, k=b.check_features)
+            pruned.info["faithfulness"] = check.to_info()
+            save_graph(pruned, self.graph_dir, slug=slug, model=self.model, transcoders=tcs, analyses=analyses)
             row = {"key": key, "prompt": prompt, "slug": slug, "target": g.logit_strs[0],
                    "replacement": round(float(g.scores["replacement"]), 4),
                    "completeness": round(float(g.scores["completeness"]), 4),
                    "features shown": int(pruned.n_features), "edges shown": int(pruned.edges.shape[1]),
+                   "faithfulness": round(check.score, 4),
                    "sign agreement": round(check.sign_agreement, 4), "ablations lowering the target":
                    round(check.lowers_target, 4)}
             done[slug] = row

@@ -75,6 +75,32 @@ def dictionary_metrics(d: Path) -> dict[str, float | None]:
     return out
 
 
+def set_metrics(d: Path) -> dict[str, float | None]:
+    """A transcoder set's figures from its evaluation (eval.json: {layer: metrics, "all": every layer spliced at
+    once}, as the demo writes it; else each layer's own eval.json): L0 and explained variance averaged over the
+    layers, CE loss recovered and KL with all of them spliced in."""
+    ev = _read_json(d / "eval.json")
+    per: list[dict[str, Any]] = []
+    every: dict[str, Any] = {}
+    if isinstance(ev, dict):
+        per = [v for k, v in ev.items() if str(k).isdigit() and isinstance(v, dict)]
+        every = ev.get("all") if isinstance(ev.get("all"), dict) else {}
+    if not per:
+        meta = _read_json(d / "featurelens.json") or {}
+        layers = meta.get("layers") if isinstance(meta.get("layers"), dict) else {}
+        per = [m for sub in layers.values() if isinstance(sub, str)
+               for m in [_read_json(d / sub / "eval.json")] if isinstance(m, dict)]
+
+    def mean(key: str) -> float | None:
+        vals = [v for m in per for v in [_finite(m.get(key))] if v is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    return {"l0": mean("l0"), "explained_variance": mean("explained_variance"),
+            "ce_loss_recovered": _finite(every.get("ce_loss_recovered")), "kl_div": _finite(every.get("kl_div")),
+            "dead_fraction": mean("dead_fraction"), "layers_evaluated": len(per),
+            "source": "eval (L0 and EV: mean over layers; CE: all layers spliced at once)" if per or every else None}
+
+
 def _dictionary_entry(root: Path, d: Path) -> dict[str, Any]:
     cfg = _read_json(d / "cfg.json") or {}
     meta = _read_json(d / "featurelens.json") or {}
@@ -98,9 +124,12 @@ def _dictionary_entry(root: Path, d: Path) -> dict[str, Any]:
             "arch": own.get("arch") or cfg.get("architecture"),
             "k": own.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k"),
             "layers": sorted(int(x) for x in layers if str(x).isdigit()) if is_set and isinstance(layers, dict) else None,
-            "metrics": dictionary_metrics(d) if not is_set else {},
+            "metrics": dictionary_metrics(d) if not is_set else set_metrics(d),
             "analyzed": (adir / "features.sqlite").is_file(), "analysis_dir": str(adir) if adir.is_dir() else None,
-            "analyzed_layers": sorted(layer_analyses(d)) if is_set else None}
+            "analyzed_layers": sorted(layer_analyses(d)) if is_set else None,
+            # each analyzed layer's own dictionary id (its feature pages: /api/dictionaries/<id>/features/<n>)
+            "layer_ids": {str(layer): id_of(a.parent.relative_to(root)) for layer, a in layer_analyses(d).items()}
+            if is_set else None}
 
 
 def layer_analyses(set_dir: Path) -> dict[int, Path]:

@@ -100,6 +100,8 @@ class GraphJobRequest(_Strict):
     edge_threshold: float = Field(0.98, gt=0.0, le=1.0)
     batch_size: int = Field(64, ge=1, le=4096)
     slug: str | None = Field(None, max_length=80, pattern=r"^[A-Za-z0-9._-]+$")
+    target: str | None = Field(None, max_length=200, description='what to trace instead of the most likely tokens: '
+                               '" Paris", several \'" Paris", " Rome"\' or a logit difference \'" Paris" - " London"\'')
 
 
 class AttentionJobRequest(_Strict):

@@ -5,6 +5,9 @@ import { h, append, clear, fmt, pct, table, errorBox, showToken, tokenRow } from
 import { get, post, put, events, enc } from "./api.js";
 
 const perf = (window.__featurelens = window.__featurelens || {});
+// Edges drawn by default: the strongest ones a reader can follow (a pruned graph of a real prompt has ~10,000); the
+// edges of hovered, clicked and pinned nodes are drawn as well, and "all edges" draws the rest on demand.
+const DEFAULT_EDGES = 300;
 
 // ------------------------------------------------------------------------------------------------ state in the URL
 function readState(query) {
@@ -12,11 +15,12 @@ function readState(query) {
   try { s = JSON.parse(query.get("s") || "{}"); } catch { s = {}; }
   return { pins: Array.isArray(s.pins) ? s.pins : [], sn: Array.isArray(s.sn) ? s.sn : [],
            clicked: typeof s.clicked === "string" ? s.clicked : "", nt: typeof s.nt === "number" ? s.nt : 0.8,
-           dens: typeof s.dens === "number" ? s.dens : 1, labels: s.labels && typeof s.labels === "object" ? s.labels : {} };
+           dens: typeof s.dens === "number" ? s.dens : 1, labels: s.labels && typeof s.labels === "object" ? s.labels : {},
+           ed: typeof s.ed === "number" && s.ed >= 0 ? s.ed : DEFAULT_EDGES };
 }
 
 function writeState(gid, st) {
-  const s = JSON.stringify({ pins: st.pins, sn: st.sn, clicked: st.clicked, nt: st.nt, dens: st.dens, labels: st.labels });
+  const s = JSON.stringify({ pins: st.pins, sn: st.sn, clicked: st.clicked, nt: st.nt, dens: st.dens, labels: st.labels, ed: st.ed });
   history.replaceState(null, "", `#/graph/${enc(gid)}?s=${enc(s)}`);
 }
 
@@ -36,6 +40,12 @@ export async function graphPage(root, parts, query) {
   const ntOut = h("output", { text: fmt(st.nt, 2) });
   const dens = h("input", { type: "range", min: -6, max: 0, step: 0.1, value: Math.log10(Math.max(st.dens, 1e-6)), "aria-label": "feature density threshold" });
   const densOut = h("output", { text: pct(st.dens, 3) });
+  const edgeSel = h("select", { "aria-label": "edges drawn" }, [[DEFAULT_EDGES, `strongest ${DEFAULT_EDGES}`], [1000, "strongest 1000"], [0, "all"]]
+    .map(([v, t]) => h("option", { value: v, text: t, selected: v === st.ed })));
+  if (![DEFAULT_EDGES, 1000, 0].includes(st.ed)) edgeSel.append(h("option", { value: st.ed, text: `strongest ${st.ed}`, selected: true }));
+  edgeSel.addEventListener("change", () => { st.ed = Number(edgeSel.value); view.refilter(); writeState(gid, st); });
+  const edgeNote = h("span", { class: "muted edge-note" });
+  view.onLayout = (shown, total) => { edgeNote.textContent = shown < total ? ` (${shown} of ${total} edges drawn; hover or pin a node for its own)` : ` (${total} edges)`; };
   nt.addEventListener("input", () => { st.nt = Number(nt.value); ntOut.textContent = fmt(st.nt, 2); view.refilter(); writeState(gid, st); });
   dens.addEventListener("input", () => { st.dens = 10 ** Number(dens.value); densOut.textContent = pct(st.dens, 3); view.refilter(); writeState(gid, st); });
   const card = h("div", { class: "panel card", id: "node-card" }, h("p", { class: "muted", text: "Click a node to see its feature card." }));
@@ -51,14 +61,16 @@ export async function graphPage(root, parts, query) {
     h("div", { class: "prompt-line" }, h("b", { text: "prompt: " }), h("span", { class: "graph-prompt", text: meta.prompt })),
     h("div", { class: "controls" },
       h("label", {}, "pruning (node influence) ", nt, " ", ntOut),
-      h("label", {}, " feature density ≤ ", dens, " ", densOut), scoresBox,
+      h("label", {}, " feature density ≤ ", dens, " ", densOut), h("label", {}, " edges ", edgeSel, edgeNote), scoresBox,
       h("span", { class: "muted", text: "  edges: blue +, red −; width ∝ |weight|" })),
+    faithfulnessPanel(meta),
     h("div", { class: "graph-layout" }, h("div", { class: "canvas-wrap" }, view.canvas, view.tip),
       h("div", { class: "side" }, card, sub)),
     h("div", { class: "attention-panels" }, heads, qkBox),
     steer,
   );
   view.mount();
+  view.onLayout(view.visLinks.length, view.allVisLinks);
   perf.graphLoad = performance.now() - t0;
   perf.view = view;
 
@@ -271,6 +283,33 @@ export async function graphPage(root, parts, query) {
   return { dispose: () => view.dispose() };
 }
 
+// How far to trust the graph: the faithfulness its maker measured (featurelens graph, the demo, a graph job) as a
+// badge, and the per-feature table of predicted against measured changes of the target in tiers (a), (b), (c).
+const TIER_NAMES = { a: "local replacement", b: "attention frozen", c: "real model" };
+function faithfulnessPanel(meta) {
+  const info = (meta.info && meta.info.featurelens) || {};
+  const f = info.faithfulness;
+  const target = info.target && typeof info.target.label === "string" ? info.target.label : null;
+  const line = h("div", { class: "faithfulness", id: "faithfulness" });
+  if (target) line.append(h("span", { class: "graph-target", text: `target: ${target} ` }));
+  if (!f || typeof f !== "object" || typeof f.score !== "number") {
+    line.append(h("span", { class: "faith-badge unknown", text: "faithfulness not measured" }));
+    return line;
+  }
+  const level = f.score >= 0.5 ? "good" : f.score >= 0.2 ? "fair" : "poor";
+  const tiers = f.tiers || {};
+  const tierText = Object.keys(TIER_NAMES).filter((t) => tiers[t]).map((t) =>
+    `${TIER_NAMES[t]}: sign ${pct(tiers[t].sign_agreement, 0)}, Spearman ${fmt(tiers[t].spearman, 2)}`).join(" · ");
+  const rows = (Array.isArray(f.features) ? f.features : []).map((x) => [x.node_id, fmt(x.influence, 3), fmt(x.predicted, 3),
+    fmt(x.a, 3), fmt(x.b, 3), fmt(x.c, 3), String(x.crossings ?? "")]);
+  const what = f.scale === 0 ? "ablating" : `scaling by ${fmt(f.scale, 2)}`;
+  line.append(h("span", { class: `faith-badge ${level}`, title: "agreement x coverage of measured ablations in the real model", text: `faithfulness ${fmt(f.score, 2)}` }),
+    h("span", { class: "muted", text: ` ${tierText}` }),
+    h("details", { class: "faith-details" }, h("summary", { text: `per feature: predicted vs measured change of ${JSON.stringify(f.target ?? "")} when ${what}` }),
+      table(["node", "influence", "predicted", "(a) local", "(b) attn frozen", "(c) real", "crossings"], rows)));
+  return line;
+}
+
 function alertBox(where, text) {
   const e = errorBox(text);
   where.appendChild(e);
@@ -330,6 +369,8 @@ async function graphIndex(root, query) {
   const prompt = h("input", { type: "text", "aria-label": "graph prompt", placeholder: "The capital of France is", size: 50 });
   const tsel = h("select", { "aria-label": "transcoders" }, tcs.map((d) => h("option", { value: d.id, text: d.id })));
   const maxNodes = h("input", { type: "number", min: 1, value: 1024, "aria-label": "max feature nodes" });
+  const target = h("input", { type: "text", "aria-label": "graph target", size: 24, placeholder: '" Paris" or " Paris" - " London"',
+    title: 'what to trace (empty: the most likely next tokens): a token, several \'" Paris", " Rome"\' or a logit difference \'" Paris" - " London"\'' });
   const prog = h("div", { class: "job-progress", id: "job-progress" });
   const bar = h("progress", { max: 1, value: 0 });
   let es = null;
@@ -350,12 +391,14 @@ async function graphIndex(root, query) {
   const form = h("form", { class: "graph-form", onsubmit: async (e) => {
     e.preventDefault();
     try {
-      const j = await post("/api/jobs/graph", { transcoders: tsel.value, prompt: prompt.value, max_feature_nodes: Number(maxNodes.value) });
+      const body = { transcoders: tsel.value, prompt: prompt.value, max_feature_nodes: Number(maxNodes.value) };
+      if (target.value.trim()) body.target = target.value;
+      const j = await post("/api/jobs/graph", body);
       history.replaceState(null, "", `#/graph?job=${j.id}`);
       follow(j.id);
     } catch (err) { clear(prog).appendChild(errorBox(err)); }
   } }, prompt, tcs.length ? tsel : h("span", { class: "muted", text: " (no transcoders in the data directory)" }),
-    h("label", {}, " max feature nodes ", maxNodes), h("button", { type: "submit", text: "Compute graph", disabled: !tcs.length }));
+    h("label", {}, " target ", target), h("label", {}, " max feature nodes ", maxNodes), h("button", { type: "submit", text: "Compute graph", disabled: !tcs.length }));
   const file = h("input", { type: "file", accept: ".json,application/json", "aria-label": "upload graph JSON" });
   const upMsg = h("div");
   file.addEventListener("change", () => importGraph(file, upMsg));
@@ -466,8 +509,15 @@ class GraphView {
       if (!this.grid.has(key)) this.grid.set(key, []);
       this.grid.get(key).push(n);
     }
-    this.visLinks = this.links.filter((e) => this.visSet.has(e.s) && this.visSet.has(e.t));
-    perf.visibleNodes = this.vis.length; perf.visibleLinks = this.visLinks.length;
+    const shown = this.links.filter((e) => this.visSet.has(e.s) && this.visSet.has(e.t));
+    this.allVisLinks = shown.length;
+    if (this.st.ed > 0 && shown.length > this.st.ed) {
+      const pins = new Set(this.st.pins);
+      const strongest = new Set([...shown].sort((a, b) => b.a - a.a).slice(0, this.st.ed));
+      this.visLinks = shown.filter((e) => strongest.has(e) || pins.has(e.s.node_id) || pins.has(e.t.node_id));
+    } else this.visLinks = shown;
+    perf.visibleNodes = this.vis.length; perf.visibleLinks = this.visLinks.length; perf.allVisibleLinks = shown.length;
+    if (this.onLayout) this.onLayout(this.visLinks.length, shown.length);
   }
 
   // everything but the hover highlight, into the offscreen canvas

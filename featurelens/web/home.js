@@ -1,6 +1,19 @@
 import { h, fmt, pct, table } from "./dom.js";
 import { get, enc } from "./api.js";
 
+// A dictionary's dashboards: "analyzed", or for a transcoder set its layers' (all of them: "analyzed", with a link to
+// each layer's feature pages).
+function status(d) {
+  if (d.analyzed) return h("span", { class: "ok", text: "analyzed" });
+  const layers = d.layers || [], done = d.analyzed_layers || [];
+  if (!layers.length || !done.length) return h("span", { class: "muted", text: "not analyzed" });
+  const ids = d.layer_ids || {};
+  return h("span", { class: "layer-status" },
+    done.length === layers.length ? h("span", { class: "ok", text: "analyzed" }) : h("span", { class: "muted", text: `${done.length} of ${layers.length} layers analyzed` }),
+    h("span", { class: "layer-links" }, " · layers ", done.map((l) => ids[String(l)]
+      ? h("a", { href: `#/feature/${enc(ids[String(l)])}/0`, class: "layer-link", text: `${l} ` }) : `${l} `)));
+}
+
 export async function homePage(root) {
   const o = await get("/api/overview");
   const search = h("form", { class: "bigsearch", onsubmit: (e) => {
@@ -23,7 +36,7 @@ export async function homePage(root) {
                    : h("span", { text: d.id }),
         d.model, d.hook_name || (d.layers ? `layers ${d.layers.join(",")}` : ""), d.kind, d.d_sae ?? "",
         fmt(d.metrics.l0), fmt(d.metrics.explained_variance), pct(d.metrics.ce_loss_recovered),
-        d.analyzed ? h("span", { class: "ok", text: "analyzed" }) : h("span", { class: "muted", text: "not analyzed" }),
+        status(d),
       ]))
       : h("p", { class: "muted", text: "No dictionaries yet: featurelens train ... (see the README)." }),
     h("h2", { text: "Models" }),

@@ -488,6 +488,30 @@ def test_check_graph_runs_in_the_real_model(setup):
     assert "faithfulness" in res.summary()
 
 
+def test_local_replacement_is_exact_for_small_edits(setup):
+    """Tier (a) is the model the graph describes: scaling a feature by 0.99 moves the target by the graph's predicted
+    total effect (x 0.01) to 1e-3 relative, wherever no other feature crossed its threshold (TopK near-ties may).
+    The 1e-6 floor is the float32 precision of the stored edges and of the clean run (changes here are ~1e-3)."""
+    from featurelens.attribution.check import check_graph
+
+    model, tcs, graph = setup
+    res = check_graph(graph, model, tcs, k=8, scale=0.99)
+    quiet = [f for f in res.features if f.crossings == 0]
+    assert len(quiet) >= 4
+    for f in quiet:
+        assert f.measured_a == pytest.approx(f.predicted_total, rel=1e-3, abs=1e-6), f.node_id
+    assert res.tiers_no_crossing["a"].sign_agreement == 1.0
+    # the live tiers differ from the frozen one (attention, norms and the real MLPs respond)
+    assert any(abs(f.measured_b - f.measured_a) > 1e-3 * abs(f.measured_a) for f in res.features)
+    assert set(res.tiers) == {"a", "b", "c"}
+    whole = check_graph(graph, model, tcs, k=8)  # whole ablations: crossings are counted, agreement split by them
+    assert whole.scale == 0.0 and any(f.crossings > 0 for f in whole.features)
+    assert whole.tiers_no_crossing["c"].n == sum(f.crossings == 0 for f in whole.features)
+    info = whole.to_info()
+    json.dumps(info)
+    assert len(info["features"]) == 8 and set(info["tiers"]) == {"a", "b", "c"} and 0 <= info["score"] <= 1
+
+
 def test_faithfulness_over_prompts():
     from featurelens.attribution import check_prompts
 
@@ -497,7 +521,8 @@ def test_faithfulness_over_prompts():
     rep = check_prompts(model, tcs, prompts, k=4, batch_size=32)
     assert len(rep.per_prompt) == 3 and sum(len(r.features) for _, r in rep.per_prompt) == 12
     assert 0 <= rep.sign_agreement <= 1 and -1 <= rep.correlation <= 1
-    assert "3 prompts" in rep.summary()
+    assert rep.tiers["c"].sign_agreement == rep.sign_agreement and rep.tiers["a"].n == 12
+    assert "3 prompts" in rep.summary() and "(b) attention frozen" in rep.summary()
 
 
 # --------------------------------------------------------------------------------------------- bad input
@@ -626,3 +651,24 @@ def test_exact_edges_on_the_embedded_model(gemma, tmp_path):
     from featurelens.attribution import check_graph
 
     assert len(check_graph(g, gemma, tcs, k=5).features) == 5
+    # tier (a) on Gemma: a 1% nudge of a feature moves the target by the graph's prediction (the 48 admitted
+    # features live, the rest of the active ones held as the graph holds them)
+    res = check_graph(g, gemma, tcs, k=4, scale=0.99, tiers=("a", "c"))
+    quiet = [f for f in res.features if f.crossings == 0]
+    assert quiet
+    for f in quiet:
+        assert f.measured_a == pytest.approx(f.predicted_total, rel=1e-3, abs=1e-5), f.node_id
+
+
+def test_local_replacement_holds_the_features_a_graph_left_out():
+    """With max_feature_nodes, tier (a) is the model of the partial graph: a small nudge still matches it."""
+    from featurelens.attribution.check import check_graph
+
+    model = tiny_model("gemma3")
+    tcs = tiny_transcoders(model, skip=True)
+    g = attribute(model, tcs, TOKENS, progress=False, batch_size=64, max_feature_nodes=20)
+    res = check_graph(g, model, tcs, k=6, scale=0.99, tiers=("a", "c"))
+    quiet = [f for f in res.features if f.crossings == 0]
+    assert len(quiet) >= 3
+    for f in quiet:
+        assert f.measured_a == pytest.approx(f.predicted_total, rel=1e-3, abs=1e-6), f.node_id

@@ -117,6 +117,10 @@ def test_walkthrough(server, page, tmp_path):
     assert web.SAE_ID in body and web.TC_ID in body and web.MODEL in body and web.PROMPT in body
     row = page.locator("tr", has=page.locator(f"a.dict-link:text-is('{web.SAE_ID}')"))
     assert "analyzed" in row.inner_text() and "\t4\t" in row.inner_text()  # L0 of a TopK k=4 SAE
+    # the transcoder set: its analyzed layers (one of two here), each linked to its own feature pages
+    tc_row = page.locator("tr", has_text=web.TC_ID).first
+    assert "1 of 2 layers analyzed" in tc_row.inner_text()
+    assert tc_row.locator("a.layer-link").get_attribute("href") == f"#/feature/{web.TC_ID}~layer_1/0"
     shots("home")
 
     # ---- concept search from the home search box
@@ -204,13 +208,28 @@ def test_walkthrough(server, page, tmp_path):
     page.wait_for_selector("form.graph-form")
     page.fill("input[aria-label='graph prompt']", "The dog sat")
     page.fill("input[aria-label='max feature nodes']", "24")
+    page.fill("input[aria-label='graph target']", "no such single token")  # a bad target: the job says why
     page.click("form.graph-form button[type=submit]")
-    page.wait_for_function("location.hash.startsWith('#/graph?job=') || location.hash.startsWith('#/graph/computed')")
+    page.wait_for_selector("#job-progress .error", timeout=60_000)
+    assert "not one token" in page.inner_text("#job-progress .error")
+    # traced to a chosen token (the second word's first token, so not the model's choice), faithfulness measured
+    answer = model.tokenizer.decode([model.encode(" on", prepend_bos=False)[0]])
+    page.fill("input[aria-label='graph target']", f'"{answer}"')
+    failed = page.evaluate("location.hash")  # the failed job's id is in the URL until the new job replaces it
+    page.click("form.graph-form button[type=submit]")
+    page.wait_for_function(f"location.hash !== {json.dumps(failed)} && (location.hash.startsWith('#/graph?job=') || "
+                           f"location.hash.startsWith('#/graph/computed'))")
     if "job=" in page.url:  # the job's id is in the URL: a reload picks its progress up again
         page.reload()
     page.wait_for_function("location.hash.startsWith('#/graph/computed')", timeout=120_000)
     page.wait_for_selector("#graph-canvas")
     assert "The dog sat" in page.inner_text(".graph-prompt")
+    assert page.inner_text(".graph-target").strip() == f'target: "{answer}"'
+    assert page.inner_text("#faithfulness .faith-badge").startswith("faithfulness ")
+    page.click("#faithfulness summary")
+    assert page.locator("#faithfulness table tbody tr").count() >= 1
+    assert page.locator("#faithfulness th").all_text_contents()[3:6] == ["(a) local", "(b) attn frozen", "(c) real"]
+    shots("graph-faithfulness", "#faithfulness")
 
     # ---- the saved graph: hover, click a node, pin it
     page.goto(base + f"/#/graph/{web.GRAPH_ID}")
@@ -346,7 +365,17 @@ def test_big_graph_draws_fast(server, page):
     base, _, _ = server
     g = web.synthetic_graph(1000, 10_000)
     gid = httpx.post(base + "/api/graphs", json=g, timeout=60).json()["id"]
+    # by default only the strongest edges are drawn (plus those of hovered, clicked and pinned nodes)
     page.goto(base + f"/#/graph/{gid}?s=" + '{"nt":1}')
+    page.wait_for_selector("#graph-canvas")
+    page.wait_for_function("window.__featurelens.allVisibleLinks === 10000")
+    assert page.evaluate("window.__featurelens.visibleLinks") == 300
+    assert "300 of 10000 edges drawn" in page.inner_text(".edge-note")
+    page.select_option("select[aria-label='edges drawn']", "0")  # all of them, on demand
+    assert page.evaluate("window.__featurelens.visibleLinks") == 10_000 and '"ed":0' in page.url.replace("%22", '"').replace("%3A", ":")
+    page.evaluate("window.__featurelens.firstRender = undefined")
+    page.goto(base + f"/#/graph/{gid}?s=" + '{"nt":1,"ed":0}')
+    page.reload()
     page.wait_for_selector("#graph-canvas")
     page.wait_for_function("window.__featurelens.firstRender !== undefined")
     first_in_app = page.evaluate("window.__featurelens.firstRender")

@@ -19,6 +19,7 @@ from ..state import AppState, State
 from ..streaming import sse
 
 router = APIRouter(tags=["jobs"])
+CHECK_FEATURES = 10  # features a graph job ablates to measure the graph's faithfulness
 
 
 @router.post("/api/jobs/graph", status_code=202,
@@ -33,7 +34,7 @@ def start_graph_job(state: State, body: GraphJobRequest) -> JSONResponse:
 
 
 def _graph_job(state: AppState, job: Job, body: GraphJobRequest, entry: dict[str, Any]) -> dict[str, Any]:
-    from ...attribution import attribute, save_graph
+    from ...attribution import attribute, check_graph, save_graph
 
     rt = state.runtime
     job.progress("loading model and transcoders")
@@ -43,9 +44,13 @@ def _graph_job(state: AppState, job: Job, body: GraphJobRequest, entry: dict[str
     with rt.forward_lock:
         g = attribute(model, tcs, body.prompt, max_feature_nodes=body.max_feature_nodes, batch_size=body.batch_size,
                       progress=False, on_progress=attribution_progress(job, rt.forward_lock),
-                      transcoders_path=entry["path"])
+                      transcoders_path=entry["path"], target=body.target or None)
     job.progress("pruning")
     pruned = g.prune(node_threshold=body.node_threshold, edge_threshold=body.edge_threshold)
+    if g.n_features:
+        job.progress("checking faithfulness", message=f"ablating the {CHECK_FEATURES} most influential features")
+        with rt.forward_lock:
+            pruned.info["faithfulness"] = check_graph(g, model, tcs, k=CHECK_FEATURES).to_info()
     pruned.info["transcoders_id"] = body.transcoders  # which dictionary the page loads for cards and steering
     job.progress("saving", message="graph file and feature cards")
     set_dir = catalog.graphs_root(state.data) / "computed"
