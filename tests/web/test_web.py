@@ -448,7 +448,8 @@ def test_attention_panels_explain_a_clicked_edge(server, page, tmp_path):
     point = page.evaluate("""([s, t]) => {
       const v = window.__featurelens.view, r = v.canvas.getBoundingClientRect();
       for (let u = 0.5; u > 0.05; u -= 0.05) for (const w of [u, 1 - u]) {
-        const p = v.edgePoint(s, t, w), ev = { clientX: r.left + p.x, clientY: r.top + p.y };
+        // whole pixels, as the mouse clicks: two edges of nearly stacked nodes can lie under one pixel
+        const p = v.edgePoint(s, t, w), ev = { clientX: Math.round(r.left + p.x), clientY: Math.round(r.top + p.y) };
         const e = v.pickEdge(ev);
         if (!v.pick(ev) && e && e.s.node_id === s && e.t.node_id === t) return { x: ev.clientX, y: ev.clientY };
       }
