@@ -118,6 +118,7 @@ class AttentionCircuits:
         self._tapes: dict[int, _Tape] = {}
         self.cache: dict[str, Any] = {}  # what later questions reuse (see qk.py)
         self._constant_in: dict[int, torch.Tensor] | None = None
+        self._dual: tuple[list[int], list[torch.Tensor], dict[str, list[torch.Tensor]]] | None = None
 
     def _check_activations(self) -> None:
         g = self.graph
@@ -150,6 +151,35 @@ class AttentionCircuits:
                 run = frozen_forward(model, self.rep, self.rec.prefix(end), grad=True, logits=False)
             self._tapes[end] = _Tape(run, z, attn_in)
         return self._tapes[end]
+
+    def push(self, tangents: dict[int, torch.Tensor], what: str) -> list[torch.Tensor | None]:
+        """Forward-mode products of the frozen model over the whole prompt: writes {point: [B, 1, P, D]} (a batch
+        of B changes at the write points, see `point`) -> per layer their change of the attention input (what =
+        "attn_in": [B, 1, P, D]) or of the pattern-weighted values (what = "z": [B, 1, P, heads, d_head]); None
+        where none reaches.
+
+        The frozen model is linear, so these are Jacobian-vector products. They come from differentiating a backward
+        pass (a vector-Jacobian product is linear in its cotangent u; its derivative in u along a write is that
+        write's push-forward), kept once per prompt and batched over B: a pass through the frozen model's linear
+        paths only, not the real MLPs the replacement discards."""
+        if what not in ("attn_in", "z"):
+            raise InputError(f"what must be 'attn_in' or 'z', got {what!r}")
+        if self._dual is None:
+            tape, n = self.tape(), self.model.cfg.n_layers
+            outs = {"attn_in": [tape.attn_in[l] for l in range(n)], "z": [tape.z[l] for l in range(n)]}
+            u = {k: [torch.zeros_like(x, requires_grad=True) for x in v] for k, v in outs.items()}
+            ids = [-1] + list(range(n))
+            with torch.enable_grad():
+                back = torch.autograd.grad(outs["attn_in"] + outs["z"], [self.point(tape, p) for p in ids],
+                                           grad_outputs=u["attn_in"] + u["z"], create_graph=True, allow_unused=True)
+            live = [(p, b) for p, b in zip(ids, back) if b is not None and b.requires_grad]
+            self._dual = ([p for p, _ in live], [b for _, b in live], u)
+        ids, back, u = self._dual
+        batch = next(iter(tangents.values())).shape[0]
+        grad_out = [tangents[p].to(b.dtype) if p in tangents else
+                    torch.zeros(batch, *b.shape, dtype=b.dtype, device=b.device) for p, b in zip(ids, back)]
+        return list(torch.autograd.grad(back, u[what], grad_outputs=grad_out, retain_graph=True, allow_unused=True,
+                                        is_grads_batched=True))
 
     def constant_attention_inputs(self) -> dict[int, torch.Tensor]:
         """Per layer [P, D]: the attention's input in the frozen model with every node set to zero, i.e. what the
@@ -249,22 +279,19 @@ class AttentionCircuits:
         edge = float(self.contract({p: (None if gr is None else gr[None]) for p, gr in zip(points, grads[len(zs):])},
                                    writes))
         H = model.cfg.n_heads
-        live = [l for l in layers if G[l] is not None]
         contrib = torch.zeros(len(layers), H, dtype=torch.float64)
-        if live:
-            # one row per (layer, head): the cotangent G_l on head h's slice of z_l, zero elsewhere
-            rows = len(live) * H
-            cots = []
-            for j, l in enumerate(live):
-                c = torch.zeros(rows, *G[l].shape, dtype=G[l].dtype, device=G[l].device)
-                for h in range(H):
-                    c[j * H + h, ..., h, :] = G[l][..., h, :]
-                cots.append(c)
-            back = torch.autograd.grad([tape.z[l] for l in live], [self.point(tape, p) for p in points],
-                                       grad_outputs=cots, retain_graph=True, allow_unused=True, is_grads_batched=True)
-            vals = self.contract(dict(zip(points, back)), writes).double().view(len(live), H)
-            for j, l in enumerate(live):
-                contrib[layers.index(l)] = vals[j]
+        if any(G[l] is not None for l in layers):
+            # c_{l,h} = G_l . (the source's part of z_l) on head h: the part is one forward-mode product
+            P = self.rec.n_pos
+            tangents: dict[int, torch.Tensor] = {}
+            for p, pos, vec in writes:
+                w = tangents.setdefault(p, torch.zeros(1, 1, P, vec.shape[-1], dtype=vec.dtype, device=vec.device))
+                w[0, 0, pos] += vec
+            zs = self.push(tangents, "z")
+            for j, l in enumerate(layers):
+                if G[l] is not None and zs[l] is not None:
+                    e = G[l].shape[1]  # the prefix the target needs
+                    contrib[j] = (G[l][0].double() * zs[l][0, 0, :e].double()).sum((0, 2)).cpu()
         out = EdgeHeads(g.node_id(s), g.node_id(t), g.node_label(s), g.node_label(t), edge)
         src_pos = g.node_pos(s)
         for j, l in enumerate(layers):

@@ -184,38 +184,22 @@ def _node_writes(circuits: AttentionCircuits) -> tuple[torch.Tensor, torch.Tenso
 
 def _node_inputs(circuits: AttentionCircuits) -> torch.Tensor:
     """[layers, nodes, P, D]: each graph node's part of each layer's attention input (ln1's output, at the frozen norm
-    scales) at every position; the constant terms are `constant_attention_inputs`.
-
-    The frozen model is linear, so this is the Jacobian from the nodes' writes to the attention inputs applied to
-    the writes: a forward-mode product. It is computed as the derivative of a backward pass (a vector-Jacobian
-    product is linear in its cotangent u, and differentiating it with respect to u along a write gives that
-    write's push-forward), batched over the nodes, once per graph. It goes through the frozen model's linear paths
-    only, not the real MLPs the replacement discards."""
+    scales) at every position, from forward-mode passes batched over the nodes (`AttentionCircuits.push`); the
+    constant terms are `constant_attention_inputs`. Kept per graph (n_layers * nodes * P * d_model floats)."""
     if "node_inputs" not in circuits.cache:
         g, model = circuits.graph, circuits.model
         n, P, n_nodes = model.cfg.n_layers, circuits.rec.n_pos, g.logit_slice.start
-        tape = circuits.tape()
-        run = tape.run
-        attn_in = [tape.attn_in[l] for l in range(n)]
-        u = [torch.zeros_like(x, requires_grad=True) for x in attn_in]
-        point_ids = [-1] + list(range(n))
-        points = [circuits.point(tape, p) for p in point_ids]
-        with torch.enable_grad():
-            back = torch.autograd.grad(attn_in, points, grad_outputs=u, create_graph=True, allow_unused=True)
-        live = [(p, b) for p, b in zip(point_ids, back) if b is not None and b.requires_grad]
         node, point, pos, vec = _node_writes(circuits)
-        out = torch.zeros(n, n_nodes, P, run.resid0.shape[-1], dtype=torch.float32)
+        out = torch.zeros(n, n_nodes, P, model.cfg.d_model, dtype=torch.float32)
         for s in range(0, n_nodes, _PUSH_CHUNK):
             e = min(n_nodes, s + _PUSH_CHUNK)
-            tangents = []
-            for p, b in live:
-                t = torch.zeros(e - s, *b.shape, dtype=b.dtype, device=b.device)  # [chunk, 1, P, D]
+            tangents = {}
+            for p in point.unique().tolist():
+                t = torch.zeros(e - s, 1, P, vec.shape[-1], dtype=vec.dtype, device=vec.device)
                 sel = (point == p) & (node >= s) & (node < e)
-                t[:, 0].index_put_((node[sel] - s, pos[sel]), vec[sel].to(b.dtype), accumulate=True)
-                tangents.append(t)
-            fwd = torch.autograd.grad([b for _, b in live], u, grad_outputs=tangents, retain_graph=True,
-                                      allow_unused=True, is_grads_batched=True)
-            for l, f in enumerate(fwd):
+                t[:, 0].index_put_((node[sel] - s, pos[sel]), vec[sel], accumulate=True)
+                tangents[p] = t
+            for l, f in enumerate(circuits.push(tangents, "attn_in")):
                 if f is not None:
                     out[l, s:e] = f[:, 0].float().cpu()
         circuits.cache["node_inputs"] = out
