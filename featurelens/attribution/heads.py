@@ -36,6 +36,9 @@ if TYPE_CHECKING:  # the graph's methods call into this module
 # Frozen passes (one per prefix length) are kept with their autograd graphs, the least recently used dropped first
 # once their lengths add up to more than this many positions (a 10-token pass of Gemma 3 270M holds ~15 MB).
 _TAPE_POSITIONS = 256
+# Sources whose parts of every layer's z are kept for edge splits (n_layers * P * n_heads * d_head floats each:
+# ~0.4 MB for a 6-token prompt of Gemma 3 270M).
+_KEPT_SOURCES = 256
 # Activations the recording must reproduce for the graph's features (the graph came from these transcoders).
 _ACT_TOLERANCE = 1e-3
 
@@ -118,6 +121,7 @@ class AttentionCircuits:
         self._tapes: dict[int, _Tape] = {}
         self.cache: dict[str, Any] = {}  # what later questions reuse (see qk.py)
         self._constant_in: dict[int, torch.Tensor] | None = None
+        self._source_z: dict[int, list[torch.Tensor | None]] = {}
         self._dual: tuple[list[int], list[torch.Tensor], dict[str, list[torch.Tensor]]] | None = None
 
     def _check_activations(self) -> None:
@@ -180,6 +184,30 @@ class AttentionCircuits:
                     torch.zeros(batch, *b.shape, dtype=b.dtype, device=b.device) for p, b in zip(ids, back)]
         return list(torch.autograd.grad(back, u[what], grad_outputs=grad_out, retain_graph=True, allow_unused=True,
                                         is_grads_batched=True))
+
+    def source_parts(self, sources: list[int]) -> list[list[torch.Tensor | None]]:
+        """Per source node, its part of every layer's pattern-weighted values z ([P, heads, d_head], None where it
+        does not reach), the sources not yet kept pushed forward in one batch (`push`); the last few are kept."""
+        kept = self._source_z
+        todo = [s for s in dict.fromkeys(sources) if s not in kept]
+        if todo:
+            P = self.rec.n_pos
+            tangents: dict[int, torch.Tensor] = {}
+            for b, s in enumerate(todo):
+                for p, pos, vec in self.writes(s):
+                    w = tangents.setdefault(p, torch.zeros(len(todo), 1, P, vec.shape[-1], dtype=vec.dtype,
+                                                           device=vec.device))
+                    w[b, 0, pos] += vec
+            zs = self.push(tangents, "z")
+            for b, s in enumerate(todo):
+                kept[s] = [None if z is None else z[b, 0] for z in zs]
+        out = []
+        for s in sources:
+            kept[s] = kept.pop(s)  # most recently used last
+            out.append(kept[s])
+        while len(kept) > max(_KEPT_SOURCES, len(set(sources))):
+            kept.pop(next(iter(kept)))
+        return out
 
     def constant_attention_inputs(self) -> dict[int, torch.Tensor]:
         """Per layer [P, D]: the attention's input in the frozen model with every node set to zero, i.e. what the
@@ -281,17 +309,12 @@ class AttentionCircuits:
         H = model.cfg.n_heads
         contrib = torch.zeros(len(layers), H, dtype=torch.float64)
         if any(G[l] is not None for l in layers):
-            # c_{l,h} = G_l . (the source's part of z_l) on head h: the part is one forward-mode product
-            P = self.rec.n_pos
-            tangents: dict[int, torch.Tensor] = {}
-            for p, pos, vec in writes:
-                w = tangents.setdefault(p, torch.zeros(1, 1, P, vec.shape[-1], dtype=vec.dtype, device=vec.device))
-                w[0, 0, pos] += vec
-            zs = self.push(tangents, "z")
+            # c_{l,h} = G_l . (the source's part of z_l) on head h: the part is a forward-mode product
+            zs = self.source_parts([s])[0]
             for j, l in enumerate(layers):
                 if G[l] is not None and zs[l] is not None:
                     e = G[l].shape[1]  # the prefix the target needs
-                    contrib[j] = (G[l][0].double() * zs[l][0, 0, :e].double()).sum((0, 2)).cpu()
+                    contrib[j] = (G[l][0].double() * zs[l][:e].double()).sum((0, 2)).cpu()
         out = EdgeHeads(g.node_id(s), g.node_id(t), g.node_label(s), g.node_label(t), edge)
         src_pos = g.node_pos(s)
         for j, l in enumerate(layers):
