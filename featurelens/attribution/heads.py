@@ -8,8 +8,9 @@ once, through exactly one head, or not at all. For each attention layer l betwee
 
 exactly. With G_l = d target / d z_l (the gradient at layer l's pattern-weighted values, one backward pass from the
 target) and z_l^src the part of z_l caused by the source, c_{l,h} = sum over positions of G_l[pos, h] . z_l^src[pos, h].
-The second factor is never materialised: c_{l,h} is the source's write dotted with the vector-Jacobian product of
-z_l under the cotangent G_l restricted to head h, and all (l, h) rows are one batched backward pass.
+The second factor, for every layer at once, is one forward-mode product of the source's write through the frozen
+model (`AttentionCircuits.push`; the sources of many edges go in one batch), so a split costs a backward pass from
+the target and a contraction.
 
 Everything after z is linear in the frozen model (W_O, Gemma's post-attention norm with its scale frozen), before
 it the patterns mix values of shared key/value heads (GQA: the split is per query head); q/k norms, soft-capping
@@ -36,9 +37,9 @@ if TYPE_CHECKING:  # the graph's methods call into this module
 # Frozen passes (one per prefix length) are kept with their autograd graphs, the least recently used dropped first
 # once their lengths add up to more than this many positions (a 10-token pass of Gemma 3 270M holds ~15 MB).
 _TAPE_POSITIONS = 256
-# Sources whose parts of every layer's z are kept for edge splits (n_layers * P * n_heads * d_head floats each:
-# ~0.4 MB for a 6-token prompt of Gemma 3 270M).
-_KEPT_SOURCES = 256
+# Sources (their parts of every layer's z) and targets (their gradients at every z and write point) kept for edge
+# splits: ~0.4 and ~0.7 MB each for a 6-token prompt of Gemma 3 270M.
+_KEPT_NODES = 256
 # Activations the recording must reproduce for the graph's features (the graph came from these transcoders).
 _ACT_TOLERANCE = 1e-3
 
@@ -122,6 +123,7 @@ class AttentionCircuits:
         self.cache: dict[str, Any] = {}  # what later questions reuse (see qk.py)
         self._constant_in: dict[int, torch.Tensor] | None = None
         self._source_z: dict[int, list[torch.Tensor | None]] = {}
+        self._target_grads: dict[int, tuple[list[torch.Tensor | None], dict[int, torch.Tensor | None]]] = {}
         self._dual: tuple[list[int], list[torch.Tensor], dict[str, list[torch.Tensor]]] | None = None
 
     def _check_activations(self) -> None:
@@ -201,13 +203,32 @@ class AttentionCircuits:
             zs = self.push(tangents, "z")
             for b, s in enumerate(todo):
                 kept[s] = [None if z is None else z[b, 0] for z in zs]
-        out = []
-        for s in sources:
-            kept[s] = kept.pop(s)  # most recently used last
-            out.append(kept[s])
-        while len(kept) > max(_KEPT_SOURCES, len(set(sources))):
-            kept.pop(next(iter(kept)))
-        return out
+        return _recent(kept, sources)
+
+    def target_grads(self, targets: list[int]
+                     ) -> list[tuple[list[torch.Tensor | None], dict[int, torch.Tensor | None]]]:
+        """Per target node, the gradient of what it reads at every layer's pattern-weighted values z ([P, heads,
+        d_head]) and at every write point ({point: [1, P, D]}), None where it does not depend on them; the targets not
+        yet kept in one batched backward pass over the whole prompt; the last few are kept."""
+        kept = self._target_grads
+        todo = [t for t in dict.fromkeys(targets) if t not in kept]
+        if todo:
+            tape, n = self.tape(), self.model.cfg.n_layers
+            reads: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # targets reading the same tensor share it
+            for b, t in enumerate(todo):
+                read, pos, vec, _ = self.reading(t, tape)
+                _, cot = reads.setdefault(id(read), (read, torch.zeros(len(todo), *read.shape, dtype=read.dtype,
+                                                                       device=read.device)))
+                cot[b, 0, pos] = vec.to(read.dtype)
+            ids = [-1] + list(range(n))
+            grads = torch.autograd.grad([r for r, _ in reads.values()],
+                                        [tape.z[l] for l in range(n)] + [self.point(tape, p) for p in ids],
+                                        grad_outputs=[c for _, c in reads.values()], retain_graph=True,
+                                        allow_unused=True, is_grads_batched=True)
+            for b, t in enumerate(todo):
+                kept[t] = ([None if gr is None else gr[b, 0] for gr in grads[:n]],
+                           {p: None if gr is None else gr[b] for p, gr in zip(ids, grads[n:])})
+        return _recent(kept, targets)
 
     def constant_attention_inputs(self) -> dict[int, torch.Tensor]:
         """Per layer [P, D]: the attention's input in the frozen model with every node set to zero, i.e. what the
@@ -289,23 +310,16 @@ class AttentionCircuits:
         g, model = self.graph, self.model
         s, t = self.node(source), self.node(target)
         writes = self.writes(s)
-        tape = self.tape(g.node_pos(t) + 1)
-        read, read_pos, read_vec, last_layer = self.reading(t, tape)
+        _, read_pos, _, last_layer = self.reading(t, self.tape())
         first_layer = min(p for p, _, _ in writes) + 1  # the first attention after the source's write
-        points = sorted({p for p, _, _ in writes})
         layers = [l for l in range(max(first_layer, 0), last_layer + 1)]
         if not layers or read_pos < g.node_pos(s):
             raise InputError(f"{g.node_id(t)} does not read anything {g.node_id(s)} writes: no attention layer "
                              f"lies between them" if not layers else
                              f"{g.node_id(t)} is at position {read_pos}, before {g.node_id(s)} ({g.node_pos(s)})")
-        cot = torch.zeros_like(read)
-        cot[0, read_pos] = read_vec.to(read.dtype)
-        zs = [tape.z[l] for l in layers]
-        inputs = zs + [self.point(tape, p) for p in points]
-        grads = torch.autograd.grad([read], inputs, grad_outputs=[cot], retain_graph=True, allow_unused=True)
-        G = dict(zip(layers, grads[: len(zs)]))
-        edge = float(self.contract({p: (None if gr is None else gr[None]) for p, gr in zip(points, grads[len(zs):])},
-                                   writes))
+        at_z, at_points = self.target_grads([t])[0]
+        G = {l: at_z[l] for l in layers}
+        edge = float(self.contract({p: None if gr is None else gr[None] for p, gr in at_points.items()}, writes))
         H = model.cfg.n_heads
         contrib = torch.zeros(len(layers), H, dtype=torch.float64)
         if any(G[l] is not None for l in layers):
@@ -313,8 +327,7 @@ class AttentionCircuits:
             zs = self.source_parts([s])[0]
             for j, l in enumerate(layers):
                 if G[l] is not None and zs[l] is not None:
-                    e = G[l].shape[1]  # the prefix the target needs
-                    contrib[j] = (G[l][0].double() * zs[l][:e].double()).sum((0, 2)).cpu()
+                    contrib[j] = (G[l].double() * zs[l].double()).sum((0, 2)).cpu()
         out = EdgeHeads(g.node_id(s), g.node_id(t), g.node_label(s), g.node_label(t), edge)
         src_pos = g.node_pos(s)
         for j, l in enumerate(layers):
@@ -323,6 +336,18 @@ class AttentionCircuits:
             heads.sort(key=lambda x: -abs(x.contribution))
             out.layers.append(LayerSplit(l, edge - float(contrib[j].sum()), heads))
         return out
+
+
+def _recent(kept: dict[int, Any], keys: list[int]) -> list[Any]:
+    """kept[k] for each key, those keys marked most recently used; the least recently used beyond _KEPT_NODES
+    dropped."""
+    out = []
+    for k in keys:
+        kept[k] = kept.pop(k)
+        out.append(kept[k])
+    while len(kept) > max(_KEPT_NODES, len(set(keys))):
+        kept.pop(next(iter(kept)))
+    return out
 
 
 def circuits_for(graph: AttributionGraph, model: Any = None, transcoders: Any = None) -> AttentionCircuits:

@@ -298,7 +298,8 @@ def attention_story(circuits: AttentionCircuits, n_edges: int = 20, heads: int =
     is called with (done, total) after each edge."""
     g = circuits.graph
     edges = strongest_cross_position_edges(g, n_edges)
-    circuits.source_parts([s for s, _ in edges])  # every source pushed forward in one batch
+    circuits.source_parts([s for s, _ in edges])  # every source pushed forward in one batch ...
+    circuits.target_grads([t for _, t in edges])  # ... and every target's gradients in one backward pass
     out = []
     for done, (s, t) in enumerate(edges, 1):
         split = circuits.edge_heads(s, t)
