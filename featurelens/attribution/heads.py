@@ -34,9 +34,6 @@ from .replacement import FrozenRun, Recording, check_transcoders, demeaned_unemb
 if TYPE_CHECKING:  # the graph's methods call into this module
     from .graph import AttributionGraph
 
-# Frozen passes (one per prefix length) are kept with their autograd graphs, the least recently used dropped first
-# once their lengths add up to more than this many positions (a 10-token pass of Gemma 3 270M holds ~15 MB).
-_TAPE_POSITIONS = 256
 # Sources (their parts of every layer's z) and targets (their gradients at every z and write point) kept for edge
 # splits: ~0.4 and ~0.7 MB each for a 6-token prompt of Gemma 3 270M.
 _KEPT_NODES = 256
@@ -106,8 +103,8 @@ class AttentionCircuits:
     """The frozen replacement model of a graph's prompt, kept to split edges by head (`edge_heads`) and attention
     scores by node pairs (`qk`, see `qk.py`).
 
-    The prompt is recorded once; a frozen forward pass with gradients per prefix length (a question about position
-    p needs positions <= p only) serves every later question about that prefix.
+    The prompt is recorded once; one frozen forward pass with gradients serves every later question: backward
+    passes from targets, forward-mode products (`push`) from sources.
     """
 
     def __init__(self, graph: AttributionGraph, model: Any, transcoders: Any):
@@ -119,7 +116,7 @@ class AttentionCircuits:
         tokens = torch.tensor(graph.tokens, dtype=torch.long, device=model.device)
         self.rec: Recording = record(model, self.rep, tokens)
         self._check_activations()
-        self._tapes: dict[int, _Tape] = {}
+        self._tape: _Tape | None = None
         self.cache: dict[str, Any] = {}  # what later questions reuse (see qk.py)
         self._constant_in: dict[int, torch.Tensor] | None = None
         self._source_z: dict[int, list[torch.Tensor | None]] = {}
@@ -138,15 +135,10 @@ class AttentionCircuits:
                                  f"these are not the transcoders (or the model) the graph was made with")
 
     # ----------------------------------------------------------------- the frozen pass
-    def tape(self, end: int | None = None) -> _Tape:
-        """The frozen pass over the first `end` positions (default: all). A node at position p depends on
-        positions <= p only, so questions about early positions run on a shorter prefix; the last few are kept."""
-        end = self.rec.n_pos if end is None else end
-        if end in self._tapes:
-            self._tapes[end] = self._tapes.pop(end)  # most recently used last
-        else:
-            while self._tapes and sum(self._tapes) + end > _TAPE_POSITIONS:
-                self._tapes.pop(next(iter(self._tapes)))
+    def tape(self) -> _Tape:
+        """The frozen pass over the prompt with its autograd graph (~15 MB for 10 tokens of Gemma 3 270M), kept for
+        every question asked of it."""
+        if self._tape is None:
             model, n = self.model, self.model.cfg.n_layers
             z: dict[int, torch.Tensor] = {}
             attn_in: dict[int, torch.Tensor] = {}
@@ -154,9 +146,9 @@ class AttentionCircuits:
             hooks += [(f"blocks.{l}.ln1.hook_normalized", lambda x, hook: attn_in.__setitem__(hook.layer(), x))
                       for l in range(n)]
             with model.hooks(hooks):
-                run = frozen_forward(model, self.rep, self.rec.prefix(end), grad=True, logits=False)
-            self._tapes[end] = _Tape(run, z, attn_in)
-        return self._tapes[end]
+                run = frozen_forward(model, self.rep, self.rec, grad=True, logits=False)
+            self._tape = _Tape(run, z, attn_in)
+        return self._tape
 
     def push(self, tangents: dict[int, torch.Tensor], what: str) -> list[torch.Tensor | None]:
         """Forward-mode products of the frozen model over the whole prompt: writes {point: [B, 1, P, D]} (a batch
