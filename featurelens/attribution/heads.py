@@ -8,8 +8,9 @@ once, through exactly one head, or not at all. For each attention layer l betwee
 
 exactly. With G_l = d target / d z_l (the gradient at layer l's pattern-weighted values, one backward pass from the
 target) and z_l^src the part of z_l caused by the source, c_{l,h} = sum over positions of G_l[pos, h] . z_l^src[pos, h].
-The second factor is never materialised: c_{l,h} is the source's write dotted with the vector-Jacobian product of
-z_l under the cotangent G_l restricted to head h, and all (l, h) rows are one batched backward pass.
+The second factor, for every layer at once, is one forward-mode product of the source's write through the frozen
+model (`AttentionCircuits.push`; the sources of many edges go in one batch), so a split costs a backward pass from
+the target and a contraction.
 
 Everything after z is linear in the frozen model (W_O, Gemma's post-attention norm with its scale frozen), before
 it the patterns mix values of shared key/value heads (GQA: the split is per query head); q/k norms, soft-capping
@@ -33,9 +34,9 @@ from .replacement import FrozenRun, Recording, check_transcoders, demeaned_unemb
 if TYPE_CHECKING:  # the graph's methods call into this module
     from .graph import AttributionGraph
 
-# Frozen passes (one per prefix length) are kept with their autograd graphs, the least recently used dropped first
-# once their lengths add up to more than this many positions (a 10-token pass of Gemma 3 270M holds ~15 MB).
-_TAPE_POSITIONS = 256
+# Sources (their parts of every layer's z) and targets (their gradients at every z and write point) kept for edge
+# splits: ~0.4 and ~0.7 MB each for a 6-token prompt of Gemma 3 270M.
+_KEPT_NODES = 256
 # Activations the recording must reproduce for the graph's features (the graph came from these transcoders).
 _ACT_TOLERANCE = 1e-3
 
@@ -102,8 +103,8 @@ class AttentionCircuits:
     """The frozen replacement model of a graph's prompt, kept to split edges by head (`edge_heads`) and attention
     scores by node pairs (`qk`, see `qk.py`).
 
-    The prompt is recorded once; a frozen forward pass with gradients per prefix length (a question about position
-    p needs positions <= p only) serves every later question about that prefix.
+    The prompt is recorded once; one frozen forward pass with gradients serves every later question: backward
+    passes from targets, forward-mode products (`push`) from sources.
     """
 
     def __init__(self, graph: AttributionGraph, model: Any, transcoders: Any):
@@ -115,9 +116,12 @@ class AttentionCircuits:
         tokens = torch.tensor(graph.tokens, dtype=torch.long, device=model.device)
         self.rec: Recording = record(model, self.rep, tokens)
         self._check_activations()
-        self._tapes: dict[int, _Tape] = {}
+        self._tape: _Tape | None = None
         self.cache: dict[str, Any] = {}  # what later questions reuse (see qk.py)
         self._constant_in: dict[int, torch.Tensor] | None = None
+        self._source_z: dict[int, list[torch.Tensor | None]] = {}
+        self._target_grads: dict[int, tuple[list[torch.Tensor | None], dict[int, torch.Tensor | None]]] = {}
+        self._dual: tuple[list[int], list[torch.Tensor], dict[str, list[torch.Tensor]]] | None = None
 
     def _check_activations(self) -> None:
         g = self.graph
@@ -131,15 +135,10 @@ class AttentionCircuits:
                                  f"these are not the transcoders (or the model) the graph was made with")
 
     # ----------------------------------------------------------------- the frozen pass
-    def tape(self, end: int | None = None) -> _Tape:
-        """The frozen pass over the first `end` positions (default: all). A node at position p depends on
-        positions <= p only, so questions about early positions run on a shorter prefix; the last few are kept."""
-        end = self.rec.n_pos if end is None else end
-        if end in self._tapes:
-            self._tapes[end] = self._tapes.pop(end)  # most recently used last
-        else:
-            while self._tapes and sum(self._tapes) + end > _TAPE_POSITIONS:
-                self._tapes.pop(next(iter(self._tapes)))
+    def tape(self) -> _Tape:
+        """The frozen pass over the prompt with its autograd graph (~15 MB for 10 tokens of Gemma 3 270M), kept for
+        every question asked of it."""
+        if self._tape is None:
             model, n = self.model, self.model.cfg.n_layers
             z: dict[int, torch.Tensor] = {}
             attn_in: dict[int, torch.Tensor] = {}
@@ -147,9 +146,81 @@ class AttentionCircuits:
             hooks += [(f"blocks.{l}.ln1.hook_normalized", lambda x, hook: attn_in.__setitem__(hook.layer(), x))
                       for l in range(n)]
             with model.hooks(hooks):
-                run = frozen_forward(model, self.rep, self.rec.prefix(end), grad=True, logits=False)
-            self._tapes[end] = _Tape(run, z, attn_in)
-        return self._tapes[end]
+                run = frozen_forward(model, self.rep, self.rec, grad=True, logits=False)
+            self._tape = _Tape(run, z, attn_in)
+        return self._tape
+
+    def push(self, tangents: dict[int, torch.Tensor], what: str) -> list[torch.Tensor | None]:
+        """Forward-mode products of the frozen model over the whole prompt: writes {point: [B, 1, P, D]} (a batch
+        of B changes at the write points, see `point`) -> per layer their change of the attention input (what =
+        "attn_in": [B, 1, P, D]) or of the pattern-weighted values (what = "z": [B, 1, P, heads, d_head]); None
+        where none reaches.
+
+        The frozen model is linear, so these are Jacobian-vector products. They come from differentiating a backward
+        pass (a vector-Jacobian product is linear in its cotangent u; its derivative in u along a write is that
+        write's push-forward), kept once per prompt and batched over B: a pass through the frozen model's linear
+        paths only, not the real MLPs the replacement discards."""
+        if what not in ("attn_in", "z"):
+            raise InputError(f"what must be 'attn_in' or 'z', got {what!r}")
+        if self._dual is None:
+            tape, n = self.tape(), self.model.cfg.n_layers
+            outs = {"attn_in": [tape.attn_in[l] for l in range(n)], "z": [tape.z[l] for l in range(n)]}
+            u = {k: [torch.zeros_like(x, requires_grad=True) for x in v] for k, v in outs.items()}
+            ids = [-1] + list(range(n))
+            with torch.enable_grad():
+                back = torch.autograd.grad(outs["attn_in"] + outs["z"], [self.point(tape, p) for p in ids],
+                                           grad_outputs=u["attn_in"] + u["z"], create_graph=True, allow_unused=True)
+            live = [(p, b) for p, b in zip(ids, back) if b is not None and b.requires_grad]
+            self._dual = ([p for p, _ in live], [b for _, b in live], u)
+        ids, back, u = self._dual
+        batch = next(iter(tangents.values())).shape[0]
+        grad_out = [tangents[p].to(b.dtype) if p in tangents else
+                    torch.zeros(batch, *b.shape, dtype=b.dtype, device=b.device) for p, b in zip(ids, back)]
+        return list(torch.autograd.grad(back, u[what], grad_outputs=grad_out, retain_graph=True, allow_unused=True,
+                                        is_grads_batched=True))
+
+    def source_parts(self, sources: list[int]) -> list[list[torch.Tensor | None]]:
+        """Per source node, its part of every layer's pattern-weighted values z ([P, heads, d_head], None where it
+        does not reach), the sources not yet kept pushed forward in one batch (`push`); the last few are kept."""
+        kept = self._source_z
+        todo = [s for s in dict.fromkeys(sources) if s not in kept]
+        if todo:
+            P = self.rec.n_pos
+            tangents: dict[int, torch.Tensor] = {}
+            for b, s in enumerate(todo):
+                for p, pos, vec in self.writes(s):
+                    w = tangents.setdefault(p, torch.zeros(len(todo), 1, P, vec.shape[-1], dtype=vec.dtype,
+                                                           device=vec.device))
+                    w[b, 0, pos] += vec
+            zs = self.push(tangents, "z")
+            for b, s in enumerate(todo):
+                kept[s] = [None if z is None else z[b, 0] for z in zs]
+        return _recent(kept, sources)
+
+    def target_grads(self, targets: list[int]
+                     ) -> list[tuple[list[torch.Tensor | None], dict[int, torch.Tensor | None]]]:
+        """Per target node, the gradient of what it reads at every layer's pattern-weighted values z ([P, heads,
+        d_head]) and at every write point ({point: [1, P, D]}), None where it does not depend on them; the targets not
+        yet kept in one batched backward pass over the whole prompt; the last few are kept."""
+        kept = self._target_grads
+        todo = [t for t in dict.fromkeys(targets) if t not in kept]
+        if todo:
+            tape, n = self.tape(), self.model.cfg.n_layers
+            reads: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # targets reading the same tensor share it
+            for b, t in enumerate(todo):
+                read, pos, vec, _ = self.reading(t, tape)
+                _, cot = reads.setdefault(id(read), (read, torch.zeros(len(todo), *read.shape, dtype=read.dtype,
+                                                                       device=read.device)))
+                cot[b, 0, pos] = vec.to(read.dtype)
+            ids = [-1] + list(range(n))
+            grads = torch.autograd.grad([r for r, _ in reads.values()],
+                                        [tape.z[l] for l in range(n)] + [self.point(tape, p) for p in ids],
+                                        grad_outputs=[c for _, c in reads.values()], retain_graph=True,
+                                        allow_unused=True, is_grads_batched=True)
+            for b, t in enumerate(todo):
+                kept[t] = ([None if gr is None else gr[b, 0] for gr in grads[:n]],
+                           {p: None if gr is None else gr[b] for p, gr in zip(ids, grads[n:])})
+        return _recent(kept, targets)
 
     def constant_attention_inputs(self) -> dict[int, torch.Tensor]:
         """Per layer [P, D]: the attention's input in the frozen model with every node set to zero, i.e. what the
@@ -231,40 +302,24 @@ class AttentionCircuits:
         g, model = self.graph, self.model
         s, t = self.node(source), self.node(target)
         writes = self.writes(s)
-        tape = self.tape(g.node_pos(t) + 1)
-        read, read_pos, read_vec, last_layer = self.reading(t, tape)
+        _, read_pos, _, last_layer = self.reading(t, self.tape())
         first_layer = min(p for p, _, _ in writes) + 1  # the first attention after the source's write
-        points = sorted({p for p, _, _ in writes})
         layers = [l for l in range(max(first_layer, 0), last_layer + 1)]
         if not layers or read_pos < g.node_pos(s):
             raise InputError(f"{g.node_id(t)} does not read anything {g.node_id(s)} writes: no attention layer "
                              f"lies between them" if not layers else
                              f"{g.node_id(t)} is at position {read_pos}, before {g.node_id(s)} ({g.node_pos(s)})")
-        cot = torch.zeros_like(read)
-        cot[0, read_pos] = read_vec.to(read.dtype)
-        zs = [tape.z[l] for l in layers]
-        inputs = zs + [self.point(tape, p) for p in points]
-        grads = torch.autograd.grad([read], inputs, grad_outputs=[cot], retain_graph=True, allow_unused=True)
-        G = dict(zip(layers, grads[: len(zs)]))
-        edge = float(self.contract({p: (None if gr is None else gr[None]) for p, gr in zip(points, grads[len(zs):])},
-                                   writes))
+        at_z, at_points = self.target_grads([t])[0]
+        G = {l: at_z[l] for l in layers}
+        edge = float(self.contract({p: None if gr is None else gr[None] for p, gr in at_points.items()}, writes))
         H = model.cfg.n_heads
-        live = [l for l in layers if G[l] is not None]
         contrib = torch.zeros(len(layers), H, dtype=torch.float64)
-        if live:
-            # one row per (layer, head): the cotangent G_l on head h's slice of z_l, zero elsewhere
-            rows = len(live) * H
-            cots = []
-            for j, l in enumerate(live):
-                c = torch.zeros(rows, *G[l].shape, dtype=G[l].dtype, device=G[l].device)
-                for h in range(H):
-                    c[j * H + h, ..., h, :] = G[l][..., h, :]
-                cots.append(c)
-            back = torch.autograd.grad([tape.z[l] for l in live], [self.point(tape, p) for p in points],
-                                       grad_outputs=cots, retain_graph=True, allow_unused=True, is_grads_batched=True)
-            vals = self.contract(dict(zip(points, back)), writes).double().view(len(live), H)
-            for j, l in enumerate(live):
-                contrib[layers.index(l)] = vals[j]
+        if any(G[l] is not None for l in layers):
+            # c_{l,h} = G_l . (the source's part of z_l) on head h: the part is a forward-mode product
+            zs = self.source_parts([s])[0]
+            for j, l in enumerate(layers):
+                if G[l] is not None and zs[l] is not None:
+                    contrib[j] = (G[l].double() * zs[l].double()).sum((0, 2)).cpu()
         out = EdgeHeads(g.node_id(s), g.node_id(t), g.node_label(s), g.node_label(t), edge)
         src_pos = g.node_pos(s)
         for j, l in enumerate(layers):
@@ -273,6 +328,18 @@ class AttentionCircuits:
             heads.sort(key=lambda x: -abs(x.contribution))
             out.layers.append(LayerSplit(l, edge - float(contrib[j].sum()), heads))
         return out
+
+
+def _recent(kept: dict[int, Any], keys: list[int]) -> list[Any]:
+    """kept[k] for each key, those keys marked most recently used; the least recently used beyond _KEPT_NODES
+    dropped."""
+    out = []
+    for k in keys:
+        kept[k] = kept.pop(k)
+        out.append(kept[k])
+    while len(kept) > max(_KEPT_NODES, len(set(keys))):
+        kept.pop(next(iter(kept)))
+    return out
 
 
 def circuits_for(graph: AttributionGraph, model: Any = None, transcoders: Any = None) -> AttentionCircuits:

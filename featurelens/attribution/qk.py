@@ -8,10 +8,11 @@ layers) and a constant from the biases. So the pre-softmax score of (layer, head
 
     score = scale * q . k = sum over nodes i (query side) and j (key side) of c_ij,   c_ij = scale * q_i . k_j
 
-with one extra "bias" node on each side. Every node's q_i ([d_head]) comes from one batched backward pass of
-d_head rows (the columns of M_q) from the attention input at q, contracted with each node's write, as edges are;
-the keys' rows ride in the same pass. Features of the transcoders that the (pruned) graph does not show are
-merged into the error node at their layer and position, as circuit-tracer's subgraph scores merge them.
+with one extra "bias" node on each side. Each node's part of every layer's attention input at every position is
+pushed through the frozen model once per graph (`_node_inputs`, one forward-mode pass batched over the nodes);
+then a node's q_i ([d_head]) is its part at q times M_q, and k_j likewise: two small matmuls per question.
+Features of the transcoders that the (pruned) graph does not show are merged into the error node at their layer
+and position, as circuit-tracer's subgraph scores merge them.
 
 For soft-capped families (Gemma 2) the decomposed score is the one before the cap (cap * tanh(score / cap) is
 what the softmax sees); `capped` gives that.
@@ -28,7 +29,6 @@ import torch
 
 from ..engine.errors import InputError
 from ..engine.model import rotate
-from .sources import Sources
 from .heads import AttentionCircuits
 
 BIAS = "bias"  # the node id of the constant terms
@@ -145,68 +145,73 @@ def _affine_maps(circuits: AttentionCircuits, layer: int, head: int, q: int, k: 
                                 "pattern": rec["hook_pattern"][head, q, k]}
 
 
-def _parts(circuits: AttentionCircuits, layer: int, pos: int, M: torch.Tensor) -> torch.Tensor:
-    """[d, columns]: what every source column (active feature, error, embedding) puts into (attention input at pos)
-    @ M, from one batched backward pass of d rows over the prefix that ends at pos."""
-    tape = circuits.tape(pos + 1)
-    x = tape.attn_in[layer]  # [1, pos + 1, D], live
-    d = M.shape[1]
-    cot = torch.zeros(d, *x.shape, dtype=x.dtype, device=x.device)
-    cot[:, 0, pos] = M.T.to(x.dtype)
-    out_layers = list(range(layer))  # only earlier MLP outputs (and the embeddings) reach this attention's input
-    run = tape.run
-    grads = torch.autograd.grad([x], [run.outputs[l] for l in out_layers] + [run.resid0], grad_outputs=[cot],
-                                retain_graph=True, allow_unused=True, is_grads_batched=True)
-    return _sources(circuits).rows({l: (None if gr is None else gr[:, 0]) for l, gr in zip(out_layers, grads[:-1])},
-                                   None if grads[-1] is None else grads[-1][:, 0], d)
+# Every graph node's part of every layer's attention input ([layers, nodes, P, D], float32) is kept per graph: from
+# it any side of any QK score is one small matmul. Nodes are pushed through the frozen model this many at a time.
+_PUSH_CHUNK = 128
 
 
-# Node vectors of one side of a score ([nodes + 1, d] float64, ~1 MB for a demo graph) kept per (side, layer, head,
-# position): the heads that share a key head share its key side, and the edges of a graph ask about the same few
-# heads and positions again and again.
-_KEPT_SIDES = 64
+def _node_writes(circuits: AttentionCircuits) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What each graph node adds to the residual stream, as parallel rows (node, point, pos, vector [D]); point = the
+    layer whose MLP output it joins, -1 for the embeddings. A transcoder feature the (pruned) graph does not show is
+    merged into the error node at its layer and position, as circuit-tracer's subgraph scores merge them."""
+    g, rec, rep, dtype = circuits.graph, circuits.rec, circuits.rep, circuits.model.dtype
+    P, dev = rec.n_pos, rec.resid0.device
+    shown = {tuple(f): i for i, f in enumerate(g.features.tolist())}
+    nodes, points, positions, vecs = [], [], [], []
+    for layer in rep.layers:
+        a = rec.acts[layer]
+        pos, idx = a.nonzero(as_tuple=True)
+        owner = torch.tensor([shown.get((layer, p, f), g.error_index(layer, p))
+                              for p, f in zip(pos.tolist(), idx.tolist())], dtype=torch.long)
+        W = rep.decoder(layer)  # [S, O, D]
+        for j, out in enumerate(rep.output_layers(layer)):
+            nodes.append(owner)
+            points.append(torch.full_like(owner, out))
+            positions.append(pos.cpu())
+            vecs.append(a[pos, idx, None].to(dtype) * W[idx, j].to(dtype))
+    every = torch.arange(P)
+    for l in range(g.n_layers):
+        nodes.append(g.error_index(l, 0) + every)
+        points.append(torch.full_like(every, l))
+        positions.append(every)
+        vecs.append(rec.errors[l].to(dtype))
+    nodes.append(g.token_slice.start + every)
+    points.append(torch.full_like(every, -1))
+    positions.append(every)
+    vecs.append(rec.resid0.to(dtype))
+    return torch.cat(nodes), torch.cat(points), torch.cat(positions), torch.cat(vecs).to(dev)
 
 
-def _side(circuits: AttentionCircuits, key: tuple[Any, ...], layer: int, pos: int, M: torch.Tensor, c: torch.Tensor
-          ) -> torch.Tensor:
+def _node_inputs(circuits: AttentionCircuits) -> torch.Tensor:
+    """[layers, nodes, P, D]: each graph node's part of each layer's attention input (ln1's output, at the frozen norm
+    scales) at every position, from forward-mode passes batched over the nodes (`AttentionCircuits.push`); the
+    constant terms are `constant_attention_inputs`. Kept per graph (n_layers * nodes * P * d_model floats)."""
+    if "node_inputs" not in circuits.cache:
+        g, model = circuits.graph, circuits.model
+        n, P, n_nodes = model.cfg.n_layers, circuits.rec.n_pos, g.logit_slice.start
+        node, point, pos, vec = _node_writes(circuits)
+        out = torch.zeros(n, n_nodes, P, model.cfg.d_model, dtype=torch.float32)
+        for s in range(0, n_nodes, _PUSH_CHUNK):
+            e = min(n_nodes, s + _PUSH_CHUNK)
+            tangents = {}
+            for p in point.unique().tolist():
+                t = torch.zeros(e - s, 1, P, vec.shape[-1], dtype=vec.dtype, device=vec.device)
+                sel = (point == p) & (node >= s) & (node < e)
+                t[:, 0].index_put_((node[sel] - s, pos[sel]), vec[sel], accumulate=True)
+                tangents[p] = t
+            for l, f in enumerate(circuits.push(tangents, "attn_in")):
+                if f is not None:
+                    out[l, s:e] = f[:, 0].float().cpu()
+        circuits.cache["node_inputs"] = out
+    return circuits.cache["node_inputs"]
+
+
+def _side(circuits: AttentionCircuits, layer: int, pos: int, M: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """[nodes + 1, d]: each graph node's part of (attention input at pos) @ M + c, the constant terms in the last
     row (the bias node)."""
-    kept: dict[tuple[Any, ...], torch.Tensor] = circuits.cache.setdefault("sides", {})
-    if key in kept:
-        kept[key] = kept.pop(key)  # most recently used last
-        return kept[key]
-    src = _sources(circuits)
-    if "owner" not in circuits.cache:
-        circuits.cache["owner"] = _node_map(circuits, src)
-    n_nodes = circuits.graph.logit_slice.start  # features, errors, embeddings (logits never write)
-    vecs = torch.zeros(n_nodes + 1, M.shape[1], dtype=torch.float64)
-    vecs.index_add_(0, circuits.cache["owner"], _parts(circuits, layer, pos, M).T.double())
-    vecs[n_nodes] = circuits.constant_attention_inputs()[layer][pos].double() @ M + c
-    kept[key] = vecs
-    while len(kept) > _KEPT_SIDES:
-        kept.pop(next(iter(kept)))
-    return vecs
-
-
-def _sources(circuits: AttentionCircuits) -> Sources:
-    if "sources" not in circuits.cache:
-        circuits.cache["sources"] = Sources(circuits.model, circuits.rep, circuits.rec, skip_pos0=False)
-    return circuits.cache["sources"]
-
-
-def _node_map(circuits: AttentionCircuits, src: Sources) -> torch.Tensor:
-    """For each column of the sources (every active feature, every error, every embedding), the graph node it
-    belongs to: the feature itself if the graph shows it, else the error at its layer and position."""
-    g = circuits.graph
-    shown = {tuple(f): i for i, f in enumerate(g.features.tolist())}
-    out = torch.empty(src.n_cols, dtype=torch.long)
-    for c, (layer, pos, idx) in enumerate(src.features.tolist()):
-        out[c] = shown.get((layer, pos, idx), g.error_index(layer, pos))
-    P = src.n_pos
-    errs = torch.arange(src.n_layers * P)
-    out[src.error_start : src.token_start] = g.n_features + errs  # layer-major, as the graph's error nodes
-    out[src.token_start :] = g.token_slice.start + torch.arange(P)
-    return out
+    X = _node_inputs(circuits)[layer, :, pos].double()
+    const = circuits.constant_attention_inputs()[layer][pos].double().cpu() @ M.cpu() + c.cpu()
+    return torch.cat([X @ M.cpu(), const[None]])
 
 
 def _top_pairs(Q: torch.Tensor, K: torch.Tensor, scale: float, k: int, chunk: int = 2048
@@ -241,9 +246,8 @@ def qk_decomposition(circuits: AttentionCircuits, layer: int, head: int, q: int,
         raise InputError(f"layer {layer} slides a window of {window} tokens: from position {q} it cannot see {k}")
 
     M_q, c_q, M_k, c_k, real = _affine_maps(circuits, layer, head, q, k)
-    kv = head // (cfg.n_heads // cfg.n_kv_heads)
-    Qv = _side(circuits, ("query", layer, head, q), layer, q, M_q, c_q)
-    Kv = _side(circuits, ("key", layer, kv, k), layer, k, M_k, c_k)  # shared by the query heads of a key head
+    Qv = _side(circuits, layer, q, M_q, c_q)
+    Kv = _side(circuits, layer, k, M_k, c_k)
 
     n_nodes = g.logit_slice.start
     scale = cfg.q_scale
@@ -294,6 +298,8 @@ def attention_story(circuits: AttentionCircuits, n_edges: int = 20, heads: int =
     is called with (done, total) after each edge."""
     g = circuits.graph
     edges = strongest_cross_position_edges(g, n_edges)
+    circuits.source_parts([s for s, _ in edges])  # every source pushed forward in one batch ...
+    circuits.target_grads([t for _, t in edges])  # ... and every target's gradients in one backward pass
     out = []
     for done, (s, t) in enumerate(edges, 1):
         split = circuits.edge_heads(s, t)

@@ -1,6 +1,6 @@
 """The columns of an attribution graph's adjacency matrix: every active feature, every error (layer, position) and
 every token embedding of a recorded prompt, with what contracts a gradient into them (used by `attribute` for
-the graph's rows and by `qk` for attention scores)."""
+the graph's rows)."""
 
 from __future__ import annotations
 
