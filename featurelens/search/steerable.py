@@ -26,7 +26,15 @@ MIN_WORD_COS = 0.35
 
 def concept_words(query: str, hits: Sequence[SearchHit], embedder: Any, n: int = CONCEPT_WORDS,
                   min_cos: float = MIN_WORD_COS) -> list[str]:
-    """Words of the concept `query`, drawn from the hits' labels, max tokens and snippets, closest first."""
+    """Words of the concept `query`, drawn from the hits' labels, max tokens and snippets, closest first. Without
+    an embedder (None): the query's own words, and the hits' words that share a stem with one of them."""
+    if embedder is None:
+        from .lexical import terms
+
+        stems = set(terms(query))
+        own = [w for w in re.findall(r"[a-z]+", query.lower()) if len(w) >= 3 and terms(w) and terms(w)[0] in stems]
+        found = {re.sub(r"[^a-z]", "", t.lower()) for h in hits for t in h.max_tokens}
+        return list(dict.fromkeys(own + sorted(w for w in found if len(w) >= 3 and terms(w) and terms(w)[0] in stems)))[:n]
     words: set[str] = set()
     for h in hits:
         for t in [*h.max_tokens, *" ".join(h.near_max).split(), *(h.label or "").split()]:

@@ -139,29 +139,28 @@ def test_walkthrough(server, page, tmp_path):
     page.press("textarea[name=q]", "Enter")
     page.wait_for_selector(".results .hit a.feature-link")
     assert "logit +" in page.inner_text(".results")
-    # back to the concept results
+    # back to the concept results: checked by steering by default, each hit shows what steering it does to the
+    # concept's words and links to its page with the strength that steered
     page.goto(base + "/#/search?tab=concept&q=mat")
-    page.wait_for_selector(".results a.feature-link")
+    page.wait_for_selector(".results .steer-ratio")
+    assert "steered:" in page.inner_text(".results") and "fast" not in page.url
+    assert "label score" in page.inner_text(".results .hit") or "unclear label" in page.inner_text(".results .hit")
+    # the fast box skips the check
+    page.check("input[name=fast]")
+    page.press("textarea[name=q]", "Enter")
+    page.wait_for_function("location.hash.includes('fast=1') && document.querySelector('.results a.feature-link')")
+    assert page.locator(".results .steer-ratio").count() == 0
+    page.goto(base + "/#/search?tab=concept&q=mat")
+    page.wait_for_selector(".results .steer-ratio")
     first = page.locator(".results a.feature-link").first
     hit_text = first.inner_text()
-    assert "label score" in page.inner_text(".results .hit") or "unclear label" in page.inner_text(".results .hit")
-    from featurelens.search import embedder_available
-
-    if embedder_available():  # checked by steering: each hit shows what steering it does to the concept's words
-        page.check("input[name=steerable]")
-        page.press("textarea[name=q]", "Enter")
-        page.wait_for_selector(".results .steer-ratio")
-        assert "steer=1" in page.url and "steered:" in page.inner_text(".results")
-        page.goto(base + "/#/search?tab=concept&q=mat")
-        page.wait_for_selector(".results a.feature-link")
-        first = page.locator(".results a.feature-link").first
-        hit_text = first.inner_text()
+    strength = first.get_attribute("href").split("?s=")[1]
 
     # ---- feature page
     first.click()
     page.wait_for_selector(".label-edit")
     assert page.inner_text("h1").startswith("Feature ")
-    feature = int(page.url.rsplit("/", 1)[1])
+    feature = int(page.url.split("?")[0].rsplit("/", 1)[1])
     assert f"#{feature}" in hit_text
     assert page.locator(".examples .ex").count() > 0 and page.locator(".examples .tok").count() > 0
     assert page.locator("svg.chart rect").count() > 0  # histogram
@@ -188,6 +187,7 @@ def test_walkthrough(server, page, tmp_path):
     page.click("a.steer-button")
     page.wait_for_selector("form.steer")
     assert page.locator(".feat-idx").first.input_value() == str(feature)
+    assert float(page.locator("input[type=range]").first.input_value()) == float(strength)  # where the check steered
     page.fill("textarea[name=prompt]", "The cat")
     page.locator("input[aria-label='max new tokens']").fill("12")
     page.locator("input[type=range]").first.fill("3")
