@@ -6,6 +6,8 @@ dictionaries given with --dict), and for each ranking of RANKINGS:
 - **precision@5**: of the 5 features the search ranks first (over all the dictionaries together), the fraction
   that are about the concept: most (>= half) of its top 10 activations have the max token, or the token just
   before or after it, in the lexicon; **top-1**: whether the first is;
+- **of attainable**: the same divided by what the dictionaries allow, min(5, features about the concept) / 5
+  (a small dictionary has only a few features per concept; concepts it has none of are left out);
 - **label score**: the mean stored score of those features' labels (what `fl.score_labels` computed);
 - **steering**: the top result steered (`fl.Steer(sae, feature, strength)`, every position; `--skip-bos`: every
   position but BOS) on NEUTRAL_PROMPTS, at the strength the steering check chose for it (`hit.steer_strength`),
@@ -89,11 +91,13 @@ TUNING: dict[str, str] = {
     "football and soccer": "football soccer goal goals striker league club stadium cup",
     "guns and weapons": "gun guns weapon weapons rifle pistol shooting shot bullets",
     "marriage and weddings": "marriage married wedding weddings bride groom wife husband",
-    "streets and roads": "street streets road roads avenue highway lane",
     "hospitals and nurses": "hospital hospitals nurse nurses clinic ward patients",
-    "parties and celebrations": "party parties celebration celebrate birthday festival holiday",
-    "fishing": "fish fishing fisherman boat catch lake river",
     "years and dates": "year years decade century month months date",
+    "pronouns he and she": "he she his her him hers himself herself",
+    "question words": "what why how when where who which",
+    "counting numbers": "one two three four five six seven eight nine ten hundred thousand",
+    "negation": "not no never nothing none neither nor",
+    "comparisons": "than more less better worse bigger smaller larger",
 }
 # Held out: written before tuning, never used for it; reported on their own.
 HELD_OUT: dict[str, str] = {
@@ -143,6 +147,24 @@ def demo_dictionaries(data_dir: Path) -> list[Path]:
 
 def _norm(s: str) -> str:
     return s.strip().lower()
+
+
+def near_max_tokens(store, strings: dict[int, str], n: int = 10) -> dict[int, list[set[str]]]:
+    """feature -> for each of its top n examples, the (lowercased) max token and its two neighbours."""
+    out = {}
+    for f, exs in store.examples_by_feature("top").items():
+        rows = []
+        for e in exs[:n]:
+            i = e["pos"] - e["start"]
+            rows.append({_norm(strings.get(e["tokens"][j], "")) for j in (i - 1, i, i + 1) if 0 <= j < len(e["tokens"])})
+        out[f] = rows
+    return out
+
+
+def about(near: dict[int, list[set[str]]], feature: int, lexicon: set[str]) -> bool:
+    """`is_about` on `near_max_tokens`, read once per dictionary."""
+    rows = near.get(feature, [])
+    return bool(rows) and sum(bool(r & lexicon) for r in rows) >= len(rows) / 2
 
 
 def is_about(store, strings: dict[int, str], feature: int, lexicon: set[str], n: int = 10) -> bool:
@@ -235,6 +257,7 @@ def run(dict_paths: list[Path], model, rankings: list[str], sets: list[str], k: 
     for _, a, d in analyses:
         a._model, a._dictionary = model, d
     strings = {str(p): a.store.token_strings() for p, a, _ in analyses}
+    near = {str(p): near_max_tokens(a.store, strings[str(p)]) for p, a, _ in analyses}
     measure = Steering(model, steer_bos) if steer else None
     rows = []
     t0 = time.perf_counter()
@@ -245,14 +268,19 @@ def run(dict_paths: list[Path], model, rankings: list[str], sets: list[str], k: 
                 top, seconds = rank(analyses, q, ranking, k, pool)
                 if not top:
                     continue
-                about = [is_about(a.store, strings[p], h.feature, lexicon) for p, h, _, a in top]
+                is_on = [about(near[p], h.feature, lexicon) for p, h, _, _ in top]
+                # how many features of the dictionaries are about the concept: precision@5 cannot pass
+                # min(5, that) / 5, so "attainable" divides by it (None when there is none)
+                exist = sum(about(near[str(p)], f, lexicon) for p, _, _ in analyses for f in near[str(p)])
                 scores = [h.label_score for _, h, _, _ in top if h.label_score is not None]
                 p1, h1, d1, _ = top[0]
-                strength = h1.steer_strength if h1.steer_strength is not None else 1.0
-                row = {"ranking": ranking, "set": set_name, "concept": q, "precision_at_5": sum(about) / len(top),
+                strength = getattr(h1, "steer_strength", None) or 1.0  # the base commit's hits have none
+                row = {"ranking": ranking, "set": set_name, "concept": q, "precision_at_5": sum(is_on) / len(top),
+                       "on_topic_features": exist,
+                       "attainable_precision": sum(is_on) / min(5, exist) if exist else None,
                        "label_score": statistics.mean(scores) if scores else None, "search_seconds": seconds,
                        "top": {"dictionary": Path(p1).name, "feature": h1.feature, "label": h1.label,
-                               "about": about[0], "strength": strength, "check_ratio": h1.steer_ratio}}
+                               "about": is_on[0], "strength": strength, "check_ratio": h1.steer_ratio}}
                 if measure is not None:
                     row.update(measure(p1, d1, h1.feature, strength, lexicon), ppl_clean=measure.ppl_clean)
                 rows.append(row)
@@ -275,6 +303,8 @@ def summarize(rows: list[dict]) -> list[dict]:
             s = {"ranking": ranking, "set": set_name, "concepts": len(rs),
                  "precision_at_5": statistics.mean(r["precision_at_5"] for r in rs),
                  "top1_about": statistics.mean(r["top"]["about"] for r in rs),
+                 "attainable_precision": statistics.mean(r["attainable_precision"] for r in rs
+                                                         if r["attainable_precision"] is not None),
                  "median_search_seconds": statistics.median(r["search_seconds"] for r in rs)}
             if "ratio" in rs[0]:
                 s.update(steer_3x_fraction=statistics.mean(r["ratio"] >= 3 for r in rs),
@@ -286,12 +316,13 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def table(summary: list[dict]) -> str:
-    lines = ["| ranking | concepts | n | precision@5 | top-1 | steered 3x | median ratio | ppl steered (unsteered) "
-             "| search s (median) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| ranking | concepts | n | precision@5 | of attainable | top-1 | steered 3x | median ratio "
+             "| ppl steered (unsteered) | search s (median) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
         steer = (f"{s['steer_3x_fraction']:.2f} | {s['median_mass_ratio']:.2f} | {s['median_ppl_steered']:.1f} "
                  f"({s['median_ppl_clean']:.1f})") if "steer_3x_fraction" in s else "– | – | –"
         lines.append(f"| {s['ranking']} | {s['set']} | {s['concepts']} | {s['precision_at_5']:.2f} | "
+                     f"{s['attainable_precision']:.2f} | "
                      f"{s['top1_about']:.2f} | {steer} | {s['median_search_seconds']:.2f} |")
     return "\n".join(lines)
 

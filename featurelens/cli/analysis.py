@@ -148,7 +148,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                 ("label", {}), ("label score", {"justify": "right"}), ("peaks on", {}),
                 ("top snippets (near the max token)", {})]
         if checked:
-            cols.insert(3, ("steered: concept words (at strength)", {"justify": "right"}))
+            cols.insert(3, ("steered (strength): concept words; promotes", {}))
         for col, kw in cols:
             t.add_column(col, **kw)
         for r, h in enumerate(hits, 1):
@@ -156,7 +156,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             row = [str(r), str(h.feature), f"{h.score:.3f}", h.label or "", score,
                    ", ".join(dict.fromkeys(h.max_tokens[:5])), "\n".join(_short(s, 90) for s in h.near_max[:2])]
             if checked:
-                row.insert(3, f"{h.steer_ratio:.2g}x ({h.steer_strength:g})")
+                row.insert(3, f"({h.steer_strength:g}) {h.steer_ratio:.2g}x; {', '.join(h.steer_promotes)}")
             t.add_row(*row)
         console.print(t)
         if checked and hits:

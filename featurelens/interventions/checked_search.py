@@ -27,7 +27,7 @@ from typing import Any, Sequence
 from ..engine.errors import InputError
 from ..search.by_text import checked_model_and_dictionary
 from ..search.concept import SearchHit, concept_search
-from ..search.steerable import PROBE_PROMPTS, concept_words, next_token_mass, single_token_ids
+from ..search.steerable import PROBE_PROMPTS, concept_words, next_token_probs, raised_words, single_token_ids
 from .types import Steer
 
 STEERS = 3.0  # a match "steers" when it raises its concept's words this many times
@@ -37,23 +37,31 @@ STRENGTHS = (1.0, 1.5)
 POOL = 10  # matches steered by default
 
 
-def steering_ratios(model: Any, candidates: Sequence[tuple], token_ids: Sequence[int],
-                    strength: float = 1.0, prompts: Sequence[str] = PROBE_PROMPTS,
-                    progress: bool = False) -> list[float]:
-    """For each (dictionary, feature) or (dictionary, feature, max_activation): next-token mass of `token_ids`
-    steered at relative `strength` / unsteered, averaged over prompts. Without max_activation (or None), `Steer`
-    looks the feature's up (the dictionary's statistics or its analysis). The unsteered mass is computed once."""
+def steering_effects(model: Any, candidates: Sequence[tuple], token_ids: Sequence[int], strength: float = 1.0,
+                     prompts: Sequence[str] = PROBE_PROMPTS, progress: bool = False) -> list[tuple[float, list[str]]]:
+    """For each (dictionary, feature) or (dictionary, feature, max_activation): (next-token mass of `token_ids`
+    steered at relative `strength` / unsteered, averaged over prompts (1 without token_ids); the words steering
+    raises most, `raised_words`). Without max_activation (or None), `Steer` looks the feature's up (the
+    dictionary's statistics or its analysis). The unsteered distribution is computed once."""
     from tqdm.auto import tqdm
 
-    if not token_ids:
-        return [1.0] * len(candidates)
-    clean = next_token_mass(model, prompts, token_ids)
+    clean = next_token_probs(model, prompts)
+    ids = list(token_ids)
     out = []
     for d, f, *top in tqdm(candidates, desc="steering candidates", unit="feature", disable=not progress,
                            leave=False):
         steer = Steer(d, f, strength, max_activation=top[0] if top else None)
-        out.append(next_token_mass(model, prompts, token_ids, steer.hooks(model)) / max(clean, 1e-12))
+        steered = next_token_probs(model, prompts, steer.hooks(model))
+        ratio = float(steered[ids].sum() / clean[ids].sum().clamp(min=1e-12)) if ids else 1.0
+        out.append((ratio, raised_words(model, steered, clean)))
     return out
+
+
+def steering_ratios(model: Any, candidates: Sequence[tuple], token_ids: Sequence[int],
+                    strength: float = 1.0, prompts: Sequence[str] = PROBE_PROMPTS,
+                    progress: bool = False) -> list[float]:
+    """The ratios of `steering_effects` alone."""
+    return [r for r, _ in steering_effects(model, candidates, token_ids, strength, prompts, progress)]
 
 
 def rerank_by_steering(model: Any, query: str, candidates: Sequence[tuple[Any, SearchHit]], k: int | None = None,
@@ -66,8 +74,8 @@ def rerank_by_steering(model: Any, query: str, candidates: Sequence[tuple[Any, S
     strengths: relative strengths tried in turn until a candidate steers. max_activations: each candidate's
     typical max activation (the scale of relative strength), where the caller knows it (an analysis's
     `max_act`); else `Steer` looks it up. Each returned hit keeps its match score in `match_score`, has
-    `steer_ratio` (its best), `steer_strength` (where it steered, else where its ratio was best) and
-    `steer_words` filled in; `score` is 1 + match score / the best match score of the candidates for a hit that
+    `steer_ratio` (its best), `steer_strength` (where it steered, else where its ratio was best),
+    `steer_promotes` (the words steering at that strength raised most) and `steer_words` filled in; `score` is 1 + match score / the best match score of the candidates for a hit that
     steers, and that share alone for one that does not. Without the embedding model the concept's words are the
     query's own (`concept_words`).
     """
@@ -83,23 +91,23 @@ def rerank_by_steering(model: Any, query: str, candidates: Sequence[tuple[Any, S
         raise InputError(f"{len(tops)} max activations for {len(candidates)} candidates")
     words = concept_words(query, [h for _, h in candidates], embedder)
     ids = single_token_ids(model, words)
-    best = [(0.0, strengths[0])] * len(candidates)
+    best: list[tuple[float, float, list[str]]] = [(0.0, strengths[0], [])] * len(candidates)
     todo = list(range(len(candidates)))
     for strength in strengths:  # stronger only for the candidates that have not steered yet
-        ratios = steering_ratios(model, [(candidates[i][0], candidates[i][1].feature, tops[i]) for i in todo], ids,
-                                 strength=strength, progress=progress)
-        for i, r in zip(todo, ratios):
-            if r > best[i][0]:
-                best[i] = (r, strength)
+        effects = steering_effects(model, [(candidates[i][0], candidates[i][1].feature, tops[i]) for i in todo], ids,
+                                   strength=strength, progress=progress)
+        for i, (r, raised) in zip(todo, effects):
+            if r > best[i][0] or not best[i][2]:
+                best[i] = (r, strength, raised)
         todo = [i for i in todo if best[i][0] < STEERS]
         if not todo or not ids:
             break
     matches = [h.match_score if h.match_score is not None else h.score for _, h in candidates]
     top_match = max(max(matches), 1e-12)
     out = []
-    for (d, h), m, (r, strength) in zip(candidates, matches, best):
+    for (d, h), m, (r, strength, raised) in zip(candidates, matches, best):
         out.append((d, replace(h, score=(r >= STEERS) + max(m, 0.0) / top_match, match_score=m, steer_ratio=r,
-                               steer_strength=float(strength), steer_words=words)))
+                               steer_strength=float(strength), steer_words=words, steer_promotes=raised)))
     out.sort(key=lambda dh: -dh[1].score)
     return out[:k] if k is not None else out
 

@@ -60,6 +60,7 @@ class SearchHit:
     steer_ratio: float | None = None  # the concept words' next-token mass when steered / unsteered
     steer_strength: float | None = None  # the relative strength that ratio was measured at
     steer_words: list[str] = field(default_factory=list)  # the words that ratio was measured on
+    steer_promotes: list[str] = field(default_factory=list)  # the words steering it raised most (what it does)
 
     @property
     def label_clear(self) -> bool | None:
@@ -68,7 +69,9 @@ class SearchHit:
     def __str__(self) -> str:
         tag = "" if self.label_score is None else f" [label score {self.label_score:.2f}" + \
             ("" if self.label_clear else ", unclear") + "]"
-        steer = "" if self.steer_ratio is None else f" [steering: {self.steer_ratio:.2g}x the concept's words]"
+        steer = "" if self.steer_ratio is None else (
+            f" [steering at {self.steer_strength:g}: {self.steer_ratio:.2g}x the concept's words; promotes "
+            f"{', '.join(self.steer_promotes) or 'nothing clear'}]")
         return f"#{self.feature} ({self.score:.3f}) {self.label or ''}{tag}{steer}"
 
 

@@ -63,6 +63,8 @@ export async function searchPage(root, parts, query) {
             hit.steer_ratio == null ? null : h("span", { class: hit.steer_ratio >= 3 ? "steer-ratio good" : "steer-ratio",
               title: `next-token probability of the concept's words, steered at strength ${hit.steer_strength} / unsteered`,
               text: `  steered: ${fmt(hit.steer_ratio, 2)}x at ${hit.steer_strength}` }),
+            hit.steer_promotes && hit.steer_promotes.length ? h("span", { class: "muted steer-promotes",
+              title: "the words whose next-token probability steering raised most", text: `  steering promotes: ${hit.steer_promotes.join(", ")}` }) : null,
             hit.max_tokens.length ? h("span", { class: "muted", text: `  peaks on: ${[...new Set(hit.max_tokens)].join(", ")}` }) : null,
             hit.snippets.map((s) => h("div", { class: "snippet", text: s }))));
         }

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -375,3 +376,35 @@ def test_big_graph_draws_fast(server, page):
           f"{first_in_app:.0f} ms on page load, of which layout {layout_ms:.0f} ms), hover redraw median {median:.1f} ms, worst "
           f"{worst:.1f} ms over {len(times)} hovers")
     assert first < 1000 and median < 50
+
+
+FILM_WORDS = re.compile(r"(?i)\b(films?|movies?|cinemas?|actors?|actress(es)?|directors?|hollywood|starring|oscars?|"
+                        r"screenplays?|documentar(y|ies)|box office)\b")
+
+
+def test_search_movies_and_steer_toward_films(page, gemma, analyzed, tmp_path):
+    """The concept search's top hit for "movies", opened and steered at the strength its steering check found,
+    makes Gemma 3 270M write about films. The trained fixture SAE (tests/conftest.py's `analyzed`) is served as an
+    analysis of its own."""
+    data = tmp_path / "home"
+    (data / "analysis").mkdir(parents=True)
+    (data / "analysis" / "sae-l6").symlink_to(analyzed.dir, target_is_directory=True)
+    app = create_app(data, model_loader=lambda name: gemma)
+    with web.serving(app) as base:
+        page.goto(base + "/#/search?tab=concept&q=movies")
+        page.wait_for_selector(".results .steer-ratio", timeout=120_000)  # checked by steering, by default
+        top = page.locator(".results a.feature-link").first
+        strength = float(top.get_attribute("href").split("?s=")[1])
+        top.click()
+        page.wait_for_selector("a.steer-button")
+        page.click("a.steer-button")
+        page.wait_for_selector("form.steer")
+        assert float(page.locator("input[type=range]").first.input_value()) == strength
+        page.fill("textarea[name=prompt]", "Let me tell you about my weekend:")
+        page.locator("input[aria-label='max new tokens']").fill("30")
+        page.click("form.steer button[type=submit]")
+        page.wait_for_function("document.querySelector('.status').textContent === 'done'", timeout=120_000)
+        default = "".join(page.locator("#gen-default .new").all_text_contents())
+        steered = "".join(page.locator("#gen-steered .new").all_text_contents())
+    assert FILM_WORDS.search(steered), (strength, steered)
+    assert steered != default

@@ -48,7 +48,7 @@ def search_concept(state: State,
              "label_score": h.label_score, "label_score_method": h.label_score_method,
              "label_clear": h.label_clear, "max_tokens": h.max_tokens[:5], "snippets": h.snippets[:3],
              "method": h.method, "match_score": h.match_score, "steer_ratio": h.steer_ratio,
-             "steer_strength": h.steer_strength, "steer_words": h.steer_words} for did, h in found]
+             "steer_strength": h.steer_strength, "steer_promotes": h.steer_promotes, "steer_words": h.steer_words} for did, h in found]
     hits.sort(key=lambda h: -h["score"])
     return json_response({"query": q, "hits": hits[:k] if len(ids) > 1 or steerable else hits})
 
