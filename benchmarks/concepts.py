@@ -348,9 +348,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.data_dir:
         fl.set_data_dir(args.data_dir)
     paths = [Path(p) for p in args.dict] or demo_dictionaries(Path(fl.data_dir()))
+    from attention_circuits import gemm_gflops  # benchmarks/ is on sys.path when this runs as a script
+
+    gflops = gemm_gflops()
     model = fl.load_model("gemma-3-270m")
     out = run(paths, model, rankings, sets, steer_bos=not args.skip_bos, pool=args.pool, steer=not args.no_steer)
-    print(f"\non {', '.join(Path(p).name for p in paths)} ({out['seconds']:.0f} s)")
+    out["gemm_gflops"] = (gflops, gemm_gflops())
+    print(f"\non {', '.join(Path(p).name for p in paths)} ({out['seconds']:.0f} s; float32 GEMM "
+          f"{out['gemm_gflops'][0]:.0f} GFLOP/s at the start, {out['gemm_gflops'][1]:.0f} at the end)")
     for name in rankings:
         print(f"  {name}: {RANKINGS[name][3]}")
     print(table(out["summary"]))

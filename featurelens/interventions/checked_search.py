@@ -7,7 +7,10 @@ a concept search are each steered on a few neutral prompts (`featurelens.search.
 relative strength 1, and again at the next of STRENGTHS while the concept's words have not risen STEERS-fold, and
 ranked with the check leading:
 
-    first the matches that steer (their best ratio >= STEERS), then the others; within each, by match score
+    score = steers + (match score / the best match score + min(ln(ratio) / ln(RATIO_FULL), 1), clipped at 0) / 2
+
+(steers: 1 when the best ratio is >= STEERS): first the matches that steer, then the others; within each, by how
+well they match and how much they steer
 
 where a ratio is the next-token mass of the concept's words steered / unsteered, and the concept's words are
 found in the matches' own labels, max tokens and snippets (`concept_words`). Each hit keeps the strength at which
@@ -20,6 +23,8 @@ passes over the probe prompts.
 """
 
 from __future__ import annotations
+
+import math
 
 from dataclasses import replace
 from typing import Any, Sequence
@@ -35,6 +40,7 @@ STEERS = 3.0  # a match "steers" when it raises its concept's words this many ti
 # (benchmarks/steering_strength.py), the limit of a fluent continuation.
 STRENGTHS = (1.0, 1.5)
 POOL = 10  # matches steered by default
+RATIO_FULL = 100.0  # a ratio from which steering counts in full within its group
 
 
 def steering_effects(model: Any, candidates: Sequence[tuple], token_ids: Sequence[int], strength: float = 1.0,
@@ -64,6 +70,12 @@ def steering_ratios(model: Any, candidates: Sequence[tuple], token_ids: Sequence
     return [r for r, _ in steering_effects(model, candidates, token_ids, strength, prompts, progress)]
 
 
+def combined_score(match_share: float, ratio: float) -> float:
+    """The checked ranking's score (module docstring): >= 1 exactly for a hit that steers."""
+    steering = min(max(math.log(max(ratio, 1e-12)) / math.log(RATIO_FULL), 0.0), 1.0)
+    return float(ratio >= STEERS) + (max(match_share, 0.0) + steering) / 2
+
+
 def rerank_by_steering(model: Any, query: str, candidates: Sequence[tuple[Any, SearchHit]], k: int | None = None,
                        strengths: Sequence[float] = STRENGTHS, embedder: Any = None,
                        max_activations: Sequence[float | None] | None = None,
@@ -75,9 +87,9 @@ def rerank_by_steering(model: Any, query: str, candidates: Sequence[tuple[Any, S
     typical max activation (the scale of relative strength), where the caller knows it (an analysis's
     `max_act`); else `Steer` looks it up. Each returned hit keeps its match score in `match_score`, has
     `steer_ratio` (its best), `steer_strength` (where it steered, else where its ratio was best),
-    `steer_promotes` (the words steering at that strength raised most) and `steer_words` filled in; `score` is 1 + match score / the best match score of the candidates for a hit that
-    steers, and that share alone for one that does not. Without the embedding model the concept's words are the
-    query's own (`concept_words`).
+    `steer_promotes` (the words steering at that strength raised most) and `steer_words` filled in; `score` is
+    `combined_score` of its share of the best match score and its ratio. Without the embedding model the
+    concept's words are the query's own (`concept_words`).
     """
     from ..search.embed import get_embedder
 
@@ -106,7 +118,7 @@ def rerank_by_steering(model: Any, query: str, candidates: Sequence[tuple[Any, S
     top_match = max(max(matches), 1e-12)
     out = []
     for (d, h), m, (r, strength, raised) in zip(candidates, matches, best):
-        out.append((d, replace(h, score=(r >= STEERS) + max(m, 0.0) / top_match, match_score=m, steer_ratio=r,
+        out.append((d, replace(h, score=combined_score(m / top_match, r), match_score=m, steer_ratio=r,
                                steer_strength=float(strength), steer_words=words, steer_promotes=raised)))
     out.sort(key=lambda dh: -dh[1].score)
     return out[:k] if k is not None else out

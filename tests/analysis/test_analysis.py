@@ -389,8 +389,8 @@ def test_steering_checked_search(gemma, analyzed):
     clean = next_token_mass(gemma, PROBE_PROMPTS, ids)
     for h in hits:
         assert h.match_score == pytest.approx(matched[h.feature])
-        steers = h.steer_ratio >= steerable.STEERS
-        assert h.score == pytest.approx(steers + h.match_score / max(matched.values()))
+        assert h.score == pytest.approx(steerable.combined_score(h.match_score / max(matched.values()), h.steer_ratio))
+        assert (h.score >= 1) == (h.steer_ratio >= steerable.STEERS)  # the hits that steer lead
         assert h.steer_strength in steerable.STRENGTHS
         # measured again through the user-facing context manager, on the same prompts
         top = float(analyzed.store.column("max_act")[h.feature])  # relative strength 1 = the dashboard's max

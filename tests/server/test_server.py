@@ -187,7 +187,7 @@ def test_concept_search_finds_labelled_features(client, web_data):
     assert client.get("/api/search/concept", params={"q": "x", "dictionaries": "nope"}).status_code == 404
     assert client.get("/api/search/concept", params={"q": "x", "method": "magic"}).status_code == 422
     # checked by steering by default: the same matches, each steered; those that raise the concept's words
-    # STEERS-fold lead, each group in match order (score = steers + match / best match)
+    # STEERS-fold lead (steerable.combined_score)
     from featurelens.interventions import checked_search as steerable
 
     assert client.get("/api/search/concept", params={"q": "x", "pool": 0}).status_code == 422
@@ -200,8 +200,9 @@ def test_concept_search_finds_labelled_features(client, web_data):
     for h in checked:
         assert h["match_score"] == pytest.approx(plain[h["feature"]]) and h["steer_ratio"] > 0
         assert h["steer_strength"] in steerable.STRENGTHS
-        steers = h["steer_ratio"] >= steerable.STEERS
-        assert h["score"] == pytest.approx(steers + h["match_score"] / max(plain.values()))
+        assert h["score"] == pytest.approx(steerable.combined_score(h["match_score"] / max(plain.values()),
+                                                                    h["steer_ratio"]))
+        assert (h["score"] >= 1) == (h["steer_ratio"] >= steerable.STEERS)
 
 
 def test_search_by_text_and_by_token(client, web_data):
