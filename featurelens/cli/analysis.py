@@ -50,6 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="concept search: skip the steering check. By default, where the model is known (-m, or the "
                         "model the dictionary records), the best --pool matches are steered on neutral prompts and "
                         "the ones that raise the concept's words 3x or more lead the ranking")
+    # the check's old opt-in flag, from before it ran by default: accepted, changes nothing
+    p.add_argument("--steerable", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--pool", type=int, default=10, help="matches the steering check steers (default 10)")
     common.add_model(p, default="the one the dictionary was trained on; loaded for the steering check")
     common.add(p, "json")
