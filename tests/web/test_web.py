@@ -400,11 +400,10 @@ def test_search_movies_and_steer_toward_films(page, gemma, analyzed, tmp_path):
         page.click("a.steer-button")
         page.wait_for_selector("form.steer")
         assert float(page.locator("input[type=range]").first.input_value()) == strength
-        page.fill("textarea[name=prompt]", "Let me tell you about my weekend:")
+        page.fill("textarea[name=prompt]", "Here is what I think:")
         page.locator("input[aria-label='max new tokens']").fill("30")
         page.click("form.steer button[type=submit]")
         page.wait_for_function("document.querySelector('.status').textContent === 'done'", timeout=120_000)
         default = "".join(page.locator("#gen-default .new").all_text_contents())
         steered = "".join(page.locator("#gen-steered .new").all_text_contents())
-    assert FILM_WORDS.search(steered), (strength, steered)
-    assert steered != default
+    assert FILM_WORDS.search(steered) and not FILM_WORDS.search(default), (strength, steered, default)
