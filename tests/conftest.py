@@ -90,6 +90,24 @@ def gemma():
 
 
 @pytest.fixture(scope="session")
+def trained_sae(gemma):
+    """A TopK SAE trained on the embedded corpus (builders.TRAINED), cached in the data directory."""
+    import builders
+
+    return builders.trained_sae(gemma)
+
+
+@pytest.fixture(scope="session")
+def analyzed(gemma, trained_sae, tmp_path_factory):
+    """The trained SAE analyzed over held-out text of the embedded corpus (shared, read-only in tests)."""
+    import featurelens as fl
+    from builders import ANALYSIS_TOKENS
+
+    out = tmp_path_factory.mktemp("analysis")
+    return fl.analyze(gemma, trained_sae, n_tokens=ANALYSIS_TOKENS, batch_size=16, out=out, progress=False)
+
+
+@pytest.fixture(scope="session")
 def smollm():
     import featurelens as fl
 

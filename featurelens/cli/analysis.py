@@ -46,10 +46,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     common.add(p, "rows", default=10, note="(features; default 10)")
     p.add_argument("--method", default="auto", choices=["auto", "embedding", "lexical"],
                    help="concept search: sentence embeddings (auto when installed) or lexical BM25")
-    p.add_argument("--steerable", action="store_true",
-                   help="concept search: steer the best --pool matches on neutral prompts and rank them by how much "
-                        "they raise the concept's words as the next token (loads the model)")
-    p.add_argument("--pool", type=int, default=10, help="with --steerable: how many matches to steer (default 10)")
+    p.add_argument("--fast", action="store_true",
+                   help="concept search: skip the steering check. By default, where the model is known (-m, or the "
+                        "model the dictionary records), the best --pool matches are steered on neutral prompts and "
+                        "the ones that raise the concept's words 3x or more lead the ranking")
+    # the check's old opt-in flag, from before it ran by default: accepted, changes nothing
+    p.add_argument("--steerable", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--pool", type=int, default=10, help="matches the steering check steers (default 10)")
+    common.add_model(p, default="the one the dictionary was trained on; loaded for the steering check")
     common.add(p, "json")
     p.set_defaults(func=cmd_search)
 
@@ -122,37 +126,47 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise InputError('give exactly one of: a query ("legal document"), --text TEXT, or --promotes TOKEN')
     if args.rows <= 0:
         raise InputError(f"--rows must be positive, got {args.rows}")
+    if args.pool <= 0:
+        raise InputError(f"--pool must be positive, got {args.pool}")
     fd = open_analysis(args.path)
+    if args.model:
+        fd._model = common.load_model(args, name=args.model)
     console = common.console()
     if args.query is not None:
-        if args.steerable:
+        checked = not args.fast and bool(args.model or fd.model_name)
+        if checked:
             from ..interventions import steerable_search
 
-            hits = steerable_search(fd, args.query, k=args.rows, pool=args.pool, method=args.method,
-                                    progress=not args.json)
-        else:
+            try:
+                hits = steerable_search(fd, args.query, k=args.rows, pool=args.pool, method=args.method,
+                                        progress=not args.json)
+            except (FeaturelensError, OSError) as e:  # no model to steer: the search still answers
+                print(f"featurelens: steering check skipped ({e}); --fast skips it without trying",
+                      file=sys.stderr)
+                checked = False
+        if not checked:
             hits = fd.search(args.query, k=args.rows, method=args.method)
         if args.json:
             print(json.dumps([asdict(h) for h in hits], indent=2))
             return 0
-        method = (hits[0].method if hits else args.method) + (", checked by steering" if args.steerable else "")
+        method = (hits[0].method if hits else args.method) + (", checked by steering" if checked else "")
         t = Table(title=f"features about {args.query!r} ({method} search)", show_lines=True)
         cols = [("#", {"justify": "right"}), ("feature", {"justify": "right"}), ("score", {"justify": "right"}),
                 ("label", {}), ("label score", {"justify": "right"}), ("peaks on", {}),
                 ("top snippets (near the max token)", {})]
-        if args.steerable:
-            cols.insert(3, ("steered: concept words", {"justify": "right"}))
+        if checked:
+            cols.insert(3, ("steered (strength): concept words; promotes", {}))
         for col, kw in cols:
             t.add_column(col, **kw)
         for r, h in enumerate(hits, 1):
             score = "–" if h.label_score is None else f"{h.label_score:.2f}" + ("" if h.label_clear else " unclear")
             row = [str(r), str(h.feature), f"{h.score:.3f}", h.label or "", score,
                    ", ".join(dict.fromkeys(h.max_tokens[:5])), "\n".join(_short(s, 90) for s in h.near_max[:2])]
-            if args.steerable:
-                row.insert(3, f"{h.steer_ratio:.2g}x")
+            if checked:
+                row.insert(3, f"({h.steer_strength:g}) {h.steer_ratio:.2g}x; {', '.join(h.steer_promotes)}")
             t.add_row(*row)
         console.print(t)
-        if args.steerable and hits:
+        if checked and hits:
             words = ", ".join(hits[0].steer_words) or "none found: every ratio is 1"
             console.print(f"concept words (from the matches' own examples): {words}")
         if not hits:

@@ -13,7 +13,8 @@ from .patching import Metric, activation_patching, answer_prob, attribution_patc
 from .plots import save_heatmap
 from .steering import (GenerationComparison, SweepRow, as_interventions, compare_generations,
                        continuation_perplexities, steer, steering_vector, sweep_strengths)
-from .checked_search import rerank_analyses_by_steering, rerank_by_steering, steerable_search, steering_ratios
+from .checked_search import (rerank_analyses_by_steering, rerank_by_steering, steerable_search, steering_effects,
+                             steering_ratios)
 from .types import Ablate, Clamp, Intervention, Steer, SteeringVector, feature_max_activation
 
 __all__ = [
@@ -22,5 +23,5 @@ __all__ = [
     "feature_max_activation", "intervention_hooks", "logit_diff", "patching_labels", "save_heatmap", "steer",
     "steering_vector", "SweepRow", "continuation_perplexities", "sweep_strengths", "rerank_analyses_by_steering",
     "rerank_by_steering",
-    "steerable_search", "steering_ratios",
+    "steerable_search", "steering_effects", "steering_ratios",
 ]

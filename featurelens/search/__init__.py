@@ -10,9 +10,9 @@ from .by_token import PromoteHit, search_promotes, token_id
 from .concept import EmptyQueryError, SearchHit, concept_search, ensure_embeddings, feature_documents, feature_texts
 from .embed import Embedder, MiniLMEmbedder, embedder_available, get_embedder
 from .lexical import BM25
-from .steerable import PROBE_PROMPTS, concept_words, next_token_mass, single_token_ids
+from .steerable import PROBE_PROMPTS, concept_words, next_token_mass, next_token_probs, raised_words, single_token_ids
 
 __all__ = ["BM25", "PROBE_PROMPTS", "Embedder", "EmptyQueryError", "FeatureActivations", "MiniLMEmbedder", "PromoteHit", "SearchHit", "TextHit",
            "TextSearchResult", "concept_search", "concept_words", "embedder_available", "ensure_embeddings",
-           "feature_activations", "feature_documents", "feature_texts", "get_embedder", "next_token_mass", "search_promotes",
+           "feature_activations", "feature_documents", "feature_texts", "get_embedder", "next_token_mass", "next_token_probs", "raised_words", "search_promotes",
            "search_text", "single_token_ids", "token_id"]

@@ -1,6 +1,6 @@
 """The concept side of a steering-checked search: which words say a concept, and how likely the model is to say
 them next. The steering itself, and the re-ranking, are `featurelens.interventions.checked_search` (interventions
-sit above search in the package's layers).
+sit above search in the package's layers), which also reports the words steering raises most (`raised_words`).
 
 The concept's words come from the candidates' own evidence, not from a word list: every word in their labels,
 max-activating tokens and top snippets, embedded and kept when close to the query (CONCEPT_WORDS of them at most,
@@ -21,12 +21,21 @@ from .concept import SearchHit
 PROBE_PROMPTS = ["The", "It was a long day, and", "Here is what I think:", "We talked for hours about",
                  "This is a story about", "So the next thing is"]
 CONCEPT_WORDS = 12
+PROMOTED_WORDS = 5  # words shown for what steering a feature promotes
 MIN_WORD_COS = 0.35
 
 
 def concept_words(query: str, hits: Sequence[SearchHit], embedder: Any, n: int = CONCEPT_WORDS,
                   min_cos: float = MIN_WORD_COS) -> list[str]:
-    """Words of the concept `query`, drawn from the hits' labels, max tokens and snippets, closest first."""
+    """Words of the concept `query`, drawn from the hits' labels, max tokens and snippets, closest first. Without
+    an embedder (None): the query's own words, and the hits' words that share a stem with one of them."""
+    if embedder is None:
+        from .lexical import terms
+
+        stems = set(terms(query))
+        own = [w for w in re.findall(r"[a-z]+", query.lower()) if len(w) >= 3 and terms(w) and terms(w)[0] in stems]
+        found = {re.sub(r"[^a-z]", "", t.lower()) for h in hits for t in h.max_tokens}
+        return list(dict.fromkeys(own + sorted(w for w in found if len(w) >= 3 and terms(w) and terms(w)[0] in stems)))[:n]
     words: set[str] = set()
     for h in hits:
         for t in [*h.max_tokens, *" ".join(h.near_max).split(), *(h.label or "").split()]:
@@ -53,10 +62,29 @@ def single_token_ids(model: Any, words: Sequence[str]) -> list[int]:
 
 
 @torch.inference_mode()
-def next_token_mass(model: Any, prompts: Sequence[str], token_ids: Sequence[int], hooks: Sequence = ()) -> float:
-    """The probability the model gives `token_ids` as the next token after each prompt (with `hooks`), averaged."""
+def next_token_probs(model: Any, prompts: Sequence[str], hooks: Sequence = ()) -> torch.Tensor:
+    """The model's next-token distribution after each prompt (with `hooks`), averaged over prompts: [vocab]."""
     rows = [model.encode(p) for p in prompts]
     tokens, _ = model.pad(rows, "right")  # right padding: each row's last real token sees no pad
     last, batch = torch.tensor([len(r) - 1 for r in rows]), torch.arange(len(rows))
     logits = model.run_with_hooks(tokens, fwd_hooks=list(hooks))[batch, last].float()  # [prompts, vocab]
-    return float(logits.softmax(-1)[:, list(token_ids)].sum(-1).mean())
+    return logits.softmax(-1).mean(0)
+
+
+def next_token_mass(model: Any, prompts: Sequence[str], token_ids: Sequence[int], hooks: Sequence = ()) -> float:
+    """The probability the model gives `token_ids` as the next token after each prompt (with `hooks`), averaged."""
+    return float(next_token_probs(model, prompts, hooks)[list(token_ids)].sum())
+
+
+def raised_words(model: Any, steered: torch.Tensor, clean: torch.Tensor, n: int = PROMOTED_WORDS) -> list[str]:
+    """The words whose next-token probability steering raised most (steered - clean), lowercased, each once: whole
+    words only (a leading space and letters), not word pieces or punctuation."""
+    out: list[str] = []
+    for i in (steered - clean).argsort(descending=True)[:200].tolist():
+        s = model.tokenizer.decode([i])
+        w = s.strip().lower()
+        if s.startswith(" ") and len(w) >= 3 and w.isalpha() and w not in out:
+            out.append(w)
+            if len(out) == n:
+                break
+    return out

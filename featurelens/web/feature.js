@@ -9,8 +9,10 @@ function examples(list, max) {
     h("span", { class: "act", text: fmt(x.act) }), tokenRow(x.tokens, x.acts, max, x.index))));
 }
 
-export async function featurePage(root, parts) {
+// #/feature/<dictionary>/<index>?s=<strength>: s (from a search hit's steering check) is where steering starts.
+export async function featurePage(root, parts, query) {
   const [, dict, idx] = parts;
+  const strength = Number(query.get("s")) || 1;
   const f = await get(`/api/dictionaries/${enc(dict)}/features/${enc(idx)}`);
   const labelText = h("span", { class: "label-text", text: f.label || "no label" });
   const prov = h("span", { class: "muted provenance", text: f.label_provenance ? ` (${f.label_provenance})` : "" });
@@ -68,7 +70,7 @@ export async function featurePage(root, parts) {
     h("div", { class: "stats" }, h("span", { text: `density ${pct(f.density, 3)}` }),
       h("span", { text: `fires on ${f.n_fires.toLocaleString()} of ${f.n_tokens.toLocaleString()} tokens` }),
       h("span", { text: `max ${fmt(f.max_act)}` }), h("span", { text: `mean when firing ${fmt(f.mean_act)}` })),
-    h("p", {}, h("a", { class: "button steer-button", href: `#/steer?d=${enc(dict)}&f=${f.feature}:1`, text: "Steer with this feature →" })),
+    h("p", {}, h("a", { class: "button steer-button", href: `#/steer?d=${enc(dict)}&f=${f.feature}:${strength}`, text: "Steer with this feature →" })),
     h("div", { class: "boxes" },
       h("div", { class: "box" }, h("h3", { text: "Activation histogram" }), hist, h("div", { class: "muted", text: "nonzero activations, log-spaced bins" })),
       h("div", { class: "box" }, h("h3", { text: "Logit lens" }), f.logit_up.length ? lens : h("p", { class: "muted", text: "not available" })),

@@ -1,8 +1,8 @@
 import { h, clear, fmt, pct, tokenRow, showToken, errorBox, labelScore } from "./dom.js";
 import { get, post, enc } from "./api.js";
 
-function featureLink(d, f, label) {
-  return h("a", { class: "feature-link", href: `#/feature/${enc(d)}/${f}` },
+function featureLink(d, f, label, strength) {
+  return h("a", { class: "feature-link", href: `#/feature/${enc(d)}/${f}${strength ? `?s=${strength}` : ""}` },
     h("b", { text: `#${f}` }), " ", h("span", { text: label || "(no label)" }), h("span", { class: "muted", text: `  ${d}` }));
 }
 
@@ -18,9 +18,10 @@ export async function searchPage(root, parts, query) {
   const input = h("textarea", { rows: 2, name: "q", "aria-label": "query" });
   input.value = query.get("q") || "";
   const go = h("button", { type: "submit", text: "Search" });
-  const steerable = h("input", { type: "checkbox", name: "steerable", checked: query.get("steer") === "1" });
-  const steerBox = h("label", { class: "steer-check", title: "steer the 10 best matches on neutral prompts and rank " +
-    "them by how much they make the model say the concept's words (a few seconds)" }, steerable, " check by steering");
+  const fast = h("input", { type: "checkbox", name: "fast", checked: query.get("fast") === "1" });
+  const steerBox = h("label", { class: "steer-check", title: "skip the steering check: by default the 10 best matches " +
+    "are steered on neutral prompts, and those that make the model say the concept's words lead (a few seconds)" },
+    fast, " fast (no steering check)");
   const form = h("form", { class: "search", onsubmit: (e) => { e.preventDefault(); run(); } }, input, go, steerBox);
   const out = h("div", { class: "results" });
   const hints = { concept: "what the features are about, e.g. \"animals\" or \"legal documents\"",
@@ -42,12 +43,12 @@ export async function searchPage(root, parts, query) {
   async function run() {
     const q = input.value;
     const ds = dictParam();
-    const steer = tab === "concept" && steerable.checked;
-    history.replaceState(null, "", `#/search?tab=${tab}&q=${enc(q)}${ds.length && ds.length < analyzed.length ? `&d=${enc(ds.join(","))}` : ""}${steer ? "&steer=1" : ""}`);
+    const steer = tab === "concept" && !fast.checked;
+    history.replaceState(null, "", `#/search?tab=${tab}&q=${enc(q)}${ds.length && ds.length < analyzed.length ? `&d=${enc(ds.join(","))}` : ""}${fast.checked ? "&fast=1" : ""}`);
     clear(out).appendChild(h("p", { class: "muted", text: steer ? "searching, then steering the best matches…" : "searching…" }));
     try {
       if (tab === "concept") {
-        const r = await get(`/api/search/concept?q=${enc(q)}&dictionaries=${enc(ds.join(","))}&k=${steer ? 10 : 20}${steer ? "&steerable=true" : ""}`);
+        const r = await get(`/api/search/concept?q=${enc(q)}&dictionaries=${enc(ds.join(","))}&k=${steer ? 10 : 20}&steerable=${steer}`);
         clear(out);
         if (!r.hits.length) out.appendChild(h("p", { text: "No feature matches." }));
         if (steer && r.hits.length) {
@@ -56,12 +57,14 @@ export async function searchPage(root, parts, query) {
             : "no words of the concept found in the matches' examples: steering could not be checked" }));
         }
         for (const hit of r.hits) {
-          out.appendChild(h("div", { class: "hit" }, featureLink(hit.dictionary, hit.feature, hit.label),
+          out.appendChild(h("div", { class: "hit" }, featureLink(hit.dictionary, hit.feature, hit.label, hit.steer_strength),
             labelScore(hit.label_score, hit.label_clear, hit.label_score_method),
             h("span", { class: "muted", text: `  match ${fmt(hit.match_score ?? hit.score)} (${hit.method})` }),
             hit.steer_ratio == null ? null : h("span", { class: hit.steer_ratio >= 3 ? "steer-ratio good" : "steer-ratio",
-              title: "next-token probability of the concept's words, steered at strength 1 / unsteered",
-              text: `  steered: ${fmt(hit.steer_ratio, 2)}x` }),
+              title: `next-token probability of the concept's words, steered at strength ${hit.steer_strength} / unsteered`,
+              text: `  steered: ${fmt(hit.steer_ratio, 2)}x at ${hit.steer_strength}` }),
+            hit.steer_promotes && hit.steer_promotes.length ? h("span", { class: "muted steer-promotes",
+              title: "the words whose next-token probability steering raised most", text: `  steering promotes: ${hit.steer_promotes.join(", ")}` }) : null,
             hit.max_tokens.length ? h("span", { class: "muted", text: `  peaks on: ${[...new Set(hit.max_tokens)].join(", ")}` }) : null,
             hit.snippets.map((s) => h("div", { class: "snippet", text: s }))));
         }

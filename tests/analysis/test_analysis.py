@@ -1,16 +1,15 @@
 """Feature analysis: streaming statistics, the store, dashboards, labels, the three searches, the CLI, bad input.
 
-The concept-search tests need a real trained dictionary: a small TopK SAE on Gemma 3 270M (see TRAINED below),
-trained once per data directory (a few minutes on a 2-core CPU) and then read from there.
+The concept-search tests need a real trained dictionary: a small TopK SAE on Gemma 3 270M (builders.TRAINED, the
+`trained_sae` and `analyzed` fixtures of tests/conftest.py), trained once per data directory (a few minutes on a
+2-core CPU) and then read from there.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
-import shutil
 import sqlite3
 from pathlib import Path
 
@@ -19,46 +18,9 @@ import pytest
 import torch
 
 import featurelens as fl
+from builders import ANALYSIS_TOKENS, TRAINED
 from featurelens.analysis.accumulate import Accumulator, AccumulatorConfig
 from featurelens.dictionaries import DictionaryConfig, SparseDictionary
-
-# The trained fixture: small enough to train in minutes on a laptop CPU, big enough for token-level concepts.
-TRAINED = {"hook": "blocks.6.hook_resid_post", "arch": "topk", "k": 16, "width": 2048, "tokens": 150_000}
-ANALYSIS_TOKENS = 32_768
-
-
-# ----------------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="session")
-def trained_sae(gemma):
-    """A TopK SAE trained on the embedded corpus, cached in the data directory (trained on first use)."""
-    key = "-".join(str(v) for v in TRAINED.values()).replace(".", "_")
-    # Keyed by the training code too: a dictionary trained by older code must not stand in for what this code makes.
-    code = hashlib.sha1()
-    for name in ("dictionaries/train_config.py", "dictionaries/losses.py", "dictionaries/learner.py",
-                 "dictionaries/loop.py", "dictionaries/sae.py", "dictionaries/autograd.py", "dictionaries/median.py",
-                 "dictionaries/train.py", "dictionaries/batches.py", "data/activations.py"):
-        code.update((Path(fl.__file__).parent / name).read_bytes())
-    path = fl.data_dir() / "test-fixtures" / f"gemma-3-270m-sae-{key}-{code.hexdigest()[:10]}"
-    if not (path / "cfg.json").is_file():
-        # trained beside it and renamed into place: two test runs sharing .test-cache never see half a dictionary
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        fl.train_sae(gemma, TRAINED["hook"], arch=TRAINED["arch"], k=TRAINED["k"], width=TRAINED["width"],
-                     tokens=TRAINED["tokens"], batch_size=1024, out=tmp, overwrite=True, progress=False)
-        if path.exists() and not (path / "cfg.json").is_file():  # left by an older, interrupted run
-            shutil.rmtree(path, ignore_errors=True)
-        try:
-            os.rename(tmp, path)
-        except OSError:  # another run finished first: use its copy
-            shutil.rmtree(tmp, ignore_errors=True)
-    return path
-
-
-@pytest.fixture(scope="session")
-def analyzed(gemma, trained_sae, tmp_path_factory):
-    """The trained SAE analyzed over held-out text of the embedded corpus (shared, read-only in tests)."""
-    out = tmp_path_factory.mktemp("analysis")
-    return fl.analyze(gemma, trained_sae, n_tokens=ANALYSIS_TOKENS, batch_size=16, out=out, progress=False)
-
 
 @pytest.fixture(scope="session")
 def small_contexts(gemma):
@@ -382,7 +344,7 @@ def test_concept_search_finds_features_about_the_concept(analyzed, query):
 
     pattern, reach = CONCEPTS[query]
     hits = analyzed.search(query, k=5)
-    assert len(hits) == 5 and all(h.method == ("embedding" if embedder_available() else "lexical") for h in hits)
+    assert len(hits) == 5 and all(h.method == ("fused" if embedder_available() else "lexical") for h in hits)
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
     oracle = {f for f in range(analyzed.n_features) if _relevant(analyzed, f, pattern, reach)}
     assert oracle, f"the fixture dictionary has no {query!r} feature: the test would measure nothing"
@@ -408,13 +370,12 @@ def test_concept_search_lexical_fallback(analyzed, monkeypatch):
 
 
 def test_steering_checked_search(gemma, analyzed):
-    """fl.steerable_search steers each of the best matches and re-ranks them by how much they raise the concept's
-    words; the ratios it reports are the ones a user measures by steering the feature with fl.steer."""
+    """fl.steerable_search steers each of the best matches, stronger where the first strength did not steer, and
+    ranks those that raise the concept's words STEERS-fold first; the ratios it reports are the ones a user measures
+    by steering the feature with fl.steer at the strength it reports."""
     from featurelens.interventions import checked_search as steerable
-    from featurelens.search import PROBE_PROMPTS, embedder_available, next_token_mass, single_token_ids
+    from featurelens.search import PROBE_PROMPTS, next_token_mass, single_token_ids
 
-    if not embedder_available():
-        pytest.skip("the steering check finds the concept's words with the embedding model")
     analyzed._model = gemma
     plain = analyzed.search("numbers", k=6)
     hits = fl.steerable_search(analyzed, "numbers", k=4, pool=6)
@@ -428,12 +389,18 @@ def test_steering_checked_search(gemma, analyzed):
     clean = next_token_mass(gemma, PROBE_PROMPTS, ids)
     for h in hits:
         assert h.match_score == pytest.approx(matched[h.feature])
-        assert h.score == pytest.approx(h.match_score + steerable.STEER_WEIGHT * np.log(h.steer_ratio))
+        assert h.score == pytest.approx(steerable.combined_score(h.match_score / max(matched.values()), h.steer_ratio))
+        assert (h.score >= 1) == (h.steer_ratio >= steerable.STEERS)  # the hits that steer lead
+        assert h.steer_strength in steerable.STRENGTHS
         # measured again through the user-facing context manager, on the same prompts
         top = float(analyzed.store.column("max_act")[h.feature])  # relative strength 1 = the dashboard's max
-        with fl.steer(gemma, [fl.Steer(analyzed.dictionary, h.feature, 1.0, max_activation=top)]):
+        with fl.steer(gemma, [fl.Steer(analyzed.dictionary, h.feature, h.steer_strength, max_activation=top)]):
             steered = next_token_mass(gemma, PROBE_PROMPTS, ids)
         assert h.steer_ratio == pytest.approx(steered / clean, rel=1e-3)
+        if h.steer_strength != steerable.STRENGTHS[0]:  # stronger only where the first strength did not steer
+            first = steerable.steering_ratios(gemma, [(analyzed.dictionary, h.feature, top)], ids,
+                                              strength=steerable.STRENGTHS[0])
+            assert first[0] < steerable.STEERS
     # steering at strength 0 changes nothing
     zero = steerable.steering_ratios(gemma, [(analyzed.dictionary, hits[0].feature, 1.0)], ids, strength=0.0)
     assert zero == [pytest.approx(1.0, rel=1e-5)]
@@ -441,6 +408,8 @@ def test_steering_checked_search(gemma, analyzed):
 
     with pytest.raises(InputError, match="pool"):
         fl.steerable_search(analyzed, "numbers", pool=0)
+    with pytest.raises(InputError, match="strengths"):
+        fl.steerable_search(analyzed, "numbers", strengths=[])
 
 
 def test_concept_words_come_from_the_hits_and_fit_the_query():
@@ -514,14 +483,15 @@ def test_cli(analyzed, tmp_path, capsys):
     assert out.read_text().count('class="fl-tok') > 20
     assert main(["feature", path, str(f)]) == 0
     assert f"Feature {f}" in capsys.readouterr().out
-    assert main(["search", path, "numbers", "-n", "3"]) == 0
-    assert "numbers" in capsys.readouterr().out
-    from featurelens.search import embedder_available
-
-    if embedder_available():
-        assert main(["search", path, "numbers", "-n", "2", "--steerable", "--pool", "3", "--json"]) == 0
-        got = json.loads(capsys.readouterr().out)
-        assert len(got) == 2 and all(h["steer_ratio"] > 0 and h["steer_words"] for h in got)
+    assert main(["search", path, "numbers", "-n", "3", "--fast"]) == 0
+    out = capsys.readouterr().out
+    assert "numbers" in out and "checked by steering" not in out
+    # the analysis names its model, so the steering check runs by default
+    assert main(["search", path, "numbers", "-n", "2", "--pool", "3", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert len(got) == 2 and all(h["steer_ratio"] > 0 and h["steer_words"] and h["steer_strength"] for h in got)
+    assert main(["search", path, "numbers", "--pool", "0"]) == 2
+    assert "--pool" in capsys.readouterr().err
     assert main(["feature", path, "999999"]) == 2
     assert "out of range" in capsys.readouterr().err
     assert main(["search", path, ""]) == 2

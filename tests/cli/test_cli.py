@@ -306,6 +306,8 @@ def test_search_prints_markup_like_text_as_it_is(monkeypatch, capsys):
     from featurelens.search.concept import SearchHit
 
     class Analysis:
+        model_name = ""  # no model known: the concept search is not checked by steering
+
         def search(self, query, k, method):
             return [SearchHit(feature=1, score=0.5, label=ODD, method="lexical", near_max=[ODD2], max_tokens=[ODD])]
 

@@ -166,34 +166,32 @@ def test_concept_search_finds_labelled_features(client, web_data):
     labels = a.labels()
     a.close()
     word = next(w for w in ("mat", "cat", "river", "garden", "moon") if any(w in (l or "") for l in labels.values()))
-    r = client.get("/api/search/concept", params={"q": word, "method": "lexical", "k": 5})
+    r = client.get("/api/search/concept", params={"q": word, "method": "lexical", "k": 5, "steerable": "false"})
     assert r.status_code == 200, r.text
     hits = r.json()["hits"]
-    assert hits and hits[0]["dictionary"] == web.SAE_ID
+    assert hits and hits[0]["dictionary"] == web.SAE_ID and all(h["steer_ratio"] is None for h in hits)
     assert word in (hits[0]["label"] or "") + " ".join(hits[0]["snippets"])
     assert client.get("/api/search/concept", params={"q": ""}).status_code == 422
     assert client.get("/api/search/concept", params={"q": "x", "k": 0}).status_code == 422
     assert client.get("/api/search/concept", params={"q": "x", "dictionaries": "nope"}).status_code == 404
     assert client.get("/api/search/concept", params={"q": "x", "method": "magic"}).status_code == 422
-    # checked by steering: the same matches, each steered, re-ranked by match + STEER_WEIGHT x ln(ratio)
+    # checked by steering by default: the same matches, each steered; those that raise the concept's words
+    # STEERS-fold lead (steerable.combined_score)
     from featurelens.interventions import checked_search as steerable
-    from featurelens.search import embedder_available
 
-    assert client.get("/api/search/concept", params={"q": "x", "steerable": "true", "pool": 0}).status_code == 422
-    if not embedder_available():
-        return
-    r = client.get("/api/search/concept", params={"q": word, "method": "lexical", "k": 3, "steerable": "true",
-                                                   "pool": 5})
+    assert client.get("/api/search/concept", params={"q": "x", "pool": 0}).status_code == 422
+    r = client.get("/api/search/concept", params={"q": word, "method": "lexical", "k": 3, "pool": 5})
     assert r.status_code == 200, r.text
     checked = r.json()["hits"]
-    plain = {h["feature"]: h["score"] for h in client.get("/api/search/concept", params={
-        "q": word, "method": "lexical", "k": 5}).json()["hits"]}
+    plain = {h["feature"]: h["score"] for h in hits}
     assert len(checked) == min(3, len(plain)) and {h["feature"] for h in checked} <= set(plain)
     assert [h["score"] for h in checked] == sorted((h["score"] for h in checked), reverse=True)
     for h in checked:
         assert h["match_score"] == pytest.approx(plain[h["feature"]]) and h["steer_ratio"] > 0
-        bonus = steerable.STEER_WEIGHT * math.log(min(max(h["steer_ratio"], 1e-3), 1e3))
-        assert h["score"] == pytest.approx(h["match_score"] + bonus)
+        assert h["steer_strength"] in steerable.STRENGTHS
+        assert h["score"] == pytest.approx(steerable.combined_score(h["match_score"] / max(plain.values()),
+                                                                    h["steer_ratio"]))
+        assert (h["score"] >= 1) == (h["steer_ratio"] >= steerable.STEERS)
 
 
 def test_search_by_text_and_by_token(client, web_data):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -143,29 +144,28 @@ def test_walkthrough(server, page, tmp_path):
     page.press("textarea[name=q]", "Enter")
     page.wait_for_selector(".results .hit a.feature-link")
     assert "logit +" in page.inner_text(".results")
-    # back to the concept results
+    # back to the concept results: checked by steering by default, each hit shows what steering it does to the
+    # concept's words and links to its page with the strength that steered
     page.goto(base + "/#/search?tab=concept&q=mat")
-    page.wait_for_selector(".results a.feature-link")
+    page.wait_for_selector(".results .steer-ratio")
+    assert "steered:" in page.inner_text(".results") and "fast" not in page.url
+    assert "label score" in page.inner_text(".results .hit") or "unclear label" in page.inner_text(".results .hit")
+    # the fast box skips the check
+    page.check("input[name=fast]")
+    page.press("textarea[name=q]", "Enter")
+    page.wait_for_function("location.hash.includes('fast=1') && document.querySelector('.results a.feature-link')")
+    assert page.locator(".results .steer-ratio").count() == 0
+    page.goto(base + "/#/search?tab=concept&q=mat")
+    page.wait_for_selector(".results .steer-ratio")
     first = page.locator(".results a.feature-link").first
     hit_text = first.inner_text()
-    assert "label score" in page.inner_text(".results .hit") or "unclear label" in page.inner_text(".results .hit")
-    from featurelens.search import embedder_available
-
-    if embedder_available():  # checked by steering: each hit shows what steering it does to the concept's words
-        page.check("input[name=steerable]")
-        page.press("textarea[name=q]", "Enter")
-        page.wait_for_selector(".results .steer-ratio")
-        assert "steer=1" in page.url and "steered:" in page.inner_text(".results")
-        page.goto(base + "/#/search?tab=concept&q=mat")
-        page.wait_for_selector(".results a.feature-link")
-        first = page.locator(".results a.feature-link").first
-        hit_text = first.inner_text()
+    strength = first.get_attribute("href").split("?s=")[1]
 
     # ---- feature page
     first.click()
     page.wait_for_selector(".label-edit")
     assert page.inner_text("h1").startswith("Feature ")
-    feature = int(page.url.rsplit("/", 1)[1])
+    feature = int(page.url.split("?")[0].rsplit("/", 1)[1])
     assert f"#{feature}" in hit_text
     assert page.locator(".examples .ex").count() > 0 and page.locator(".examples .tok").count() > 0
     assert page.locator("svg.chart rect").count() > 0  # histogram
@@ -192,6 +192,7 @@ def test_walkthrough(server, page, tmp_path):
     page.click("a.steer-button")
     page.wait_for_selector("form.steer")
     assert page.locator(".feat-idx").first.input_value() == str(feature)
+    assert float(page.locator("input[type=range]").first.input_value()) == float(strength)  # where the check steered
     page.fill("textarea[name=prompt]", "The cat")
     page.locator("input[aria-label='max new tokens']").fill("12")
     page.locator("input[type=range]").first.fill("3")
@@ -496,3 +497,34 @@ def _fmt3(x: float) -> str:
         m, e = f"{x:.2e}".split("e")
         return f"{m}e{int(e):+d}"
     return f"{float(f'{x:.3g}'):g}" if abs(x) < 1e5 else str(x)
+
+
+FILM_WORDS = re.compile(r"(?i)\b(films?|movies?|cinemas?|actors?|actress(es)?|directors?|hollywood|starring|oscars?|"
+                        r"screenplays?|documentar(y|ies)|box office)\b")
+
+
+def test_search_movies_and_steer_toward_films(page, gemma, analyzed, tmp_path):
+    """The concept search's top hit for "movies", opened and steered at the strength its steering check found,
+    makes Gemma 3 270M write about films. The trained fixture SAE (tests/conftest.py's `analyzed`) is served as an
+    analysis of its own."""
+    data = tmp_path / "home"
+    (data / "analysis").mkdir(parents=True)
+    (data / "analysis" / "sae-l6").symlink_to(analyzed.dir, target_is_directory=True)
+    app = create_app(data, model_loader=lambda name: gemma)
+    with web.serving(app) as base:
+        page.goto(base + "/#/search?tab=concept&q=movies")
+        page.wait_for_selector(".results .steer-ratio", timeout=120_000)  # checked by steering, by default
+        top = page.locator(".results a.feature-link").first
+        strength = float(top.get_attribute("href").split("?s=")[1])
+        top.click()
+        page.wait_for_selector("a.steer-button")
+        page.click("a.steer-button")
+        page.wait_for_selector("form.steer")
+        assert float(page.locator("input[type=range]").first.input_value()) == strength
+        page.fill("textarea[name=prompt]", "Here is what I think:")
+        page.locator("input[aria-label='max new tokens']").fill("30")
+        page.click("form.steer button[type=submit]")
+        page.wait_for_function("document.querySelector('.status').textContent === 'done'", timeout=120_000)
+        default = "".join(page.locator("#gen-default .new").all_text_contents())
+        steered = "".join(page.locator("#gen-steered .new").all_text_contents())
+    assert FILM_WORDS.search(steered) and not FILM_WORDS.search(default), (strength, steered, default)

@@ -14,14 +14,15 @@ from ..state import State
 router = APIRouter(tags=["search"])
 
 
-@router.get("/api/search/concept", summary="Features by meaning (labels and top snippets)")
+@router.get("/api/search/concept", summary="Features by meaning (labels and top snippets), checked by steering")
 def search_concept(state: State,
                    q: str = Query(min_length=1, max_length=500, description="what the features are about"),
                    dictionaries: str = Query("", max_length=4000, description="comma-separated dictionary ids"),
                    k: int = Query(10, ge=1, le=MAX_K),
                    method: Literal["auto", "embedding", "lexical"] = "auto",
-                   steerable: bool = Query(False, description="steer the best `pool` matches on neutral prompts "
-                                           "and rank them by how much they raise the concept's words"),
+                   steerable: bool = Query(True, description="steer the best `pool` matches on neutral prompts; "
+                                           "those that raise the concept's words 3x or more lead the ranking "
+                                           "(false: the match ranking alone, without loading the model)"),
                    pool: int = Query(10, ge=1, le=50)) -> JSONResponse:
     from ...interventions import rerank_analyses_by_steering
     from ...search import concept_search
@@ -47,7 +48,7 @@ def search_concept(state: State,
              "label_score": h.label_score, "label_score_method": h.label_score_method,
              "label_clear": h.label_clear, "max_tokens": h.max_tokens[:5], "snippets": h.snippets[:3],
              "method": h.method, "match_score": h.match_score, "steer_ratio": h.steer_ratio,
-             "steer_words": h.steer_words} for did, h in found]
+             "steer_strength": h.steer_strength, "steer_promotes": h.steer_promotes, "steer_words": h.steer_words} for did, h in found]
     hits.sort(key=lambda h: -h["score"])
     return json_response({"query": q, "hits": hits[:k] if len(ids) > 1 or steerable else hits})
 

@@ -18,6 +18,13 @@ from ..streaming import side_by_side, sse
 router = APIRouter(tags=["steering"])
 
 
+def _known(top: Any, feature: int) -> float | None:
+    """The analysis's max activation of `feature`, None when unknown (then `Steer` looks it up itself)."""
+    if top is None or not 0 <= feature < len(top) or not top[feature] > 0:
+        return None
+    return float(top[feature])
+
+
 def _steer_setup(state: AppState, body: SteerRequest) -> tuple[Any, list[tuple[str, Any]], list[str]]:
     import warnings
 
@@ -32,9 +39,16 @@ def _steer_setup(state: AppState, body: SteerRequest) -> tuple[Any, list[tuple[s
             raise GraphFormatError(f"{body.dictionary!r} is {kind}; steer with one dictionary (an SAE or one "
                                    f"transcoder)")
         model = rt.model(getattr(sae.cfg, "model_name", "") or state.find_dictionary(body.dictionary)["model"])
+        # relative strength means what it means on the feature's page and in the search's steering check: a share
+        # of the max activation its analysis recorded (an analysis kept apart from its dictionary is found here)
+        top = None
+        if body.mode == "relative" and state.find_dictionary(body.dictionary).get("analyzed"):
+            with state.db_lock:
+                top = rt.analysis(body.dictionary).store.column("max_act")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            its = [Steer(sae, f.feature, f.strength, mode=body.mode) for f in body.features]
+            its = [Steer(sae, f.feature, f.strength, mode=body.mode, max_activation=_known(top, f.feature))
+                   for f in body.features]
         hooks = intervention_hooks(model, its)
     return model, hooks, [repr(i) for i in its] + [i.note for i in its if i.note]
 
