@@ -110,14 +110,14 @@ def _quality(label_score: float | None, density: float) -> float:
 
 
 def _lexical_scores(feats: np.ndarray, texts: dict[int, list[str]], query: str) -> np.ndarray:
-    """BM25 of `query` over three fields of each feature, summed: label and snippets as one document; the label
+    """BM25 of `query` over two fields of each feature, summed: label and snippets as one document, and the label
     again on its own (the label is the feature's summary: a feature labelled "numbers" outranks one whose snippets
-    merely mention numbers); and its max tokens (what it peaks on, which decides what it is about)."""
+    merely mention numbers). The max tokens are left out: a third field of them put a feature peaking on "an",
+    "turn", "number" first for "numbers" (tests/analysis/test_analysis.py::test_concept_search_lexical_fallback)."""
     from .lexical import BM25
 
     docs = [". ".join(t for t in texts[int(f)][:1 + N_SNIPPETS] if t) for f in feats]
-    scores = (BM25(docs).scores(query) + BM25([texts[int(f)][0] for f in feats]).scores(query)
-              + BM25([" ".join(texts[int(f)][1 + N_SNIPPETS:]) for f in feats]).scores(query))
+    scores = BM25(docs).scores(query) + BM25([texts[int(f)][0] for f in feats]).scores(query)
     # BM25's length normalisation favours short documents, i.e. features seen in one or two snippets; weigh by
     # the evidence each feature has, as the embedding score does by averaging over its example slots
     evidence = np.array([(1 + sum(1 for t in texts[int(f)][1:1 + N_SNIPPETS] if t)) / (1 + N_SNIPPETS)
