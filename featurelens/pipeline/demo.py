@@ -84,8 +84,8 @@ class DemoBudget:
         if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
             raise InputError(f"scale must be a positive number, got {scale!r}")
         base = cls() if not quick else cls(
-            transcoder_tokens=100_000, transcoder_width=512, transcoder_k=16, sae_layers=(6,), sae_tokens=60_000,
-            sae_width=2048, eval_tokens=8_000, ce_contexts=2, analysis_tokens=40_000, transcoder_analysis_tokens=2_000,
+            transcoder_tokens=80_000, transcoder_width=512, transcoder_k=16, sae_layers=(6,), sae_tokens=60_000,
+            sae_width=1024, eval_tokens=8_000, ce_contexts=2, analysis_tokens=30_000, transcoder_analysis_tokens=2_000,
             transcoder_embed=False, prompts=PROMPTS[:2], max_feature_nodes=256, check_features=5)
         scaled = {f: max(1, int(round(getattr(base, f) * scale))) for f in (
             "transcoder_tokens", "sae_tokens", "eval_tokens", "ce_contexts", "analysis_tokens",

@@ -253,9 +253,16 @@ def _browse_the_demo(home: Path, sae_id: str, feature: int, shots: Path) -> None
             node = page.evaluate("""() => { const v = window.__featurelens.view;
                 const n = v.vis.find((n) => n.feature_type === 'cross layer transcoder'); return n && n.node_id; }""")
             assert node, "the demo's graph shows no transcoder feature"
-            box = page.locator("#graph-canvas").bounding_box()
-            pos = page.evaluate(f"window.__featurelens.view.nodePosition({node!r})")
-            page.mouse.click(box["x"] + pos["x"], box["y"] + pos["y"])
+            # the node may lie below the window (the graph's controls sit above the canvas): scroll it into view,
+            # then click it where the page itself picks it
+            at = page.evaluate(f"""() => {{ const v = window.__featurelens.view, p = v.nodePosition({node!r});
+                window.scrollBy(0, v.canvas.getBoundingClientRect().top + p.y - innerHeight / 2);
+                const r = v.canvas.getBoundingClientRect();
+                const ev = {{ clientX: Math.round(r.left + p.x), clientY: Math.round(r.top + p.y) }};
+                const n = v.pick(ev);
+                return n && n.node_id === {node!r} ? {{ x: ev.clientX, y: ev.clientY }} : null; }}""")
+            assert at, f"node {node} cannot be clicked where it is drawn"
+            page.mouse.click(at["x"], at["y"])
             page.wait_for_selector("#node-card h4")
             assert page.inner_text("#node-card .card-title").startswith("L")
             page.screenshot(path=str(shots / "demo-graph.png"))
