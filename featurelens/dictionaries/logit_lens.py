@@ -46,8 +46,8 @@ class LogitLens:
         E = model.W_U.T.detach().float().cpu().contiguous()  # [V, D]
         self.E = E
         self.dtype = torch.bfloat16 if bf16_matmul_is_fast("cpu") else torch.float32
-        # a transposed view costs nothing (the matmul reads it as is); only a bfloat16 copy is worth making
-        self.Ub = (E.to(self.dtype) if self.dtype != torch.float32 else E).T  # [D, V]
+        # a transposed view, not a copy: the matmul reads it as is (`to` copies only for bfloat16)
+        self.Ub = E.to(self.dtype).T  # [D, V]
         self.mu = E.mean(0)  # [D]
         self.G = (E.T @ E) / E.shape[0]  # [D, D]
 
