@@ -59,6 +59,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="data shards the corpus is dealt into (default: the number of torchrun ranks); a run "
                         "resumes on any number of ranks that divides it. --batch-tokens and --tokens must be "
                         "multiples of it")
+    p.add_argument("--shard", default="data", choices=("data", "layers"),
+                   help="under torchrun: split the corpus over the ranks (data, default) or, for --transcoder, give "
+                        "each rank a contiguous run of the layers, trained over the whole stream (layers; at most "
+                        "one rank per layer, resumed on as many ranks)")
     p.add_argument("--from-cache", default=None, metavar="DIR",
                    help="read activations (and their contexts) from an activation cache written by "
                         "`featurelens cache-activations` instead of running the model over --corpus")
@@ -106,6 +110,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                          "transcoder)")
     if not args.transcoder and not args.hook and not args.clt:
         raise InputError("give --hook HOOK (e.g. blocks.6.hook_resid_post) to train an SAE, --transcoder, or --clt")
+    if args.shard == "layers" and not args.transcoder:
+        raise InputError(f"--shard layers puts a transcoder set's layers on different ranks; "
+                         f"{'a CLT couples its layers' if args.clt else 'an SAE has a single hook'}, so it is trained "
+                         f"data parallel (--shard data)")
     options = {k: v for k, v in (("l1_coefficient", args.l1_coefficient), ("l0_coefficient", args.l0_coefficient),
                                  ("loss", args.loss), ("reuse", args.reuse),
                                  ("skip_lr_scale", args.skip_lr_scale)) if v is not None}
@@ -136,7 +144,7 @@ def _train(args: argparse.Namespace, model: Any, settings: dict[str, Any]) -> in
         _print_train_summary("CLT", result.stats)
     elif args.transcoder:
         result = train_transcoders(model, layers=args.layers or "all", width=args.width or 4096, tokens=args.tokens or 1_000_000,
-                                   skip=True if args.skip is None else args.skip, **settings)
+                                   skip=True if args.skip is None else args.skip, shard=args.shard, **settings)
         first = next(iter(result))
         out = Path(first.source).parent
         print(f"saved {len(result)} transcoders (layers {result.layers}) to {out}")
