@@ -134,6 +134,11 @@ def load_model(args: argparse.Namespace, dictionary: Any = None, *, name: str | 
                              device=getattr(args, "device", None))
 
 
+def device(args: argparse.Namespace) -> str:
+    """Where the command's dictionaries go: next to the model, on --device (default cpu)."""
+    return getattr(args, "device", None) or "cpu"
+
+
 def console() -> Any:
     """A rich console that prints user, corpus and model text as it is: no [markup], no :emoji: codes."""
     from rich.console import Console

@@ -103,7 +103,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .. import distributed
-    from ..device import check_device
 
     if sum(map(bool, (args.transcoder, args.hook, args.clt))) > 1:
         raise InputError("give one of --hook (an SAE), --transcoder (per-layer transcoders) or --clt (a cross-layer "
@@ -122,7 +121,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     settings = dict(arch=arch, k=args.k, out=args.out, lr=args.lr, batch_size=batch_size, source=args.corpus,
                   ctx_len=args.ctx_len, resume=args.resume, overwrite=args.overwrite, seed=args.seed,
                   checkpoint_every=args.checkpoint_steps, **options)
-    check_device(args.device)
     distributed.init_from_env(args.device)  # under torchrun: one rank of a data-parallel run
     settings.update(progress=distributed.is_main(), shards=args.shards, from_cache=args.from_cache)
     model = common.load_model(args)
@@ -167,7 +165,6 @@ def _train(args: argparse.Namespace, model: Any, settings: dict[str, Any]) -> in
 def cmd_cache_activations(args: argparse.Namespace) -> int:
     from .. import distributed
     from ..data import load_contexts, write_activation_cache
-    from ..device import check_device
     from ..dictionaries.protocol import TRANSCODER_IN, TRANSCODER_OUT
 
     if bool(args.hook) == bool(args.mlp):
@@ -175,7 +172,6 @@ def cmd_cache_activations(args: argparse.Namespace) -> int:
                          "and CLTs)")
     if not args.out:
         raise InputError("give --out DIR: where to write the activation cache")
-    check_device(args.device)
     distributed.init_from_env(args.device)
     model = common.load_model(args)
     if args.hook:
@@ -209,11 +205,9 @@ def _evaluate(model: Any, dictionary: Any, ctx_len: int, source: str, tokens: in
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ..device import check_device
     from ..dictionaries import load_dictionary
 
-    check_device(args.device)  # before the dictionary is read
-    dictionary = load_dictionary(args.path, hook_name=args.hook)
+    dictionary = load_dictionary(args.path, hook_name=args.hook, device=common.device(args))
     model = common.load_model(args, dictionary)
     _report(_evaluate(model, dictionary, args.ctx_len, args.corpus, args.tokens, args.ce_contexts), args.json)
     return 0
