@@ -59,6 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="data shards the corpus is dealt into (default: the number of torchrun ranks); a run "
                         "resumes on any number of ranks that divides it. --batch-tokens and --tokens must be "
                         "multiples of it")
+    common.add(p, "autocast", note="(the dictionary trains in float32 either way)")
     p.add_argument("--shard", default="data", choices=("data", "layers"),
                    help="under torchrun: split the corpus over the ranks (data, default) or, for --transcoder, give "
                         "each rank a contiguous run of the layers, trained over the whole stream (layers; at most "
@@ -84,6 +85,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     common.add(p, "tokens", default=1_000_000, note="(default 1M)")
     common.add(p, "corpus", default="nlp-corpus", note="(default nlp-corpus)")
     common.add(p, "ctx_len", default=128, note="(default 128)")
+    common.add(p, "autocast", note="(activations are stored in --cache-dtype)")
     p.add_argument("--cache-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="dtype the activations are stored in (default float32)")
     common.add(p, "out", note="(required: the cache, a directory or an fsspec URL such as s3://bucket/acts)")
@@ -115,7 +117,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                          f"data parallel (--shard data)")
     options = {k: v for k, v in (("l1_coefficient", args.l1_coefficient), ("l0_coefficient", args.l0_coefficient),
                                  ("loss", args.loss), ("reuse", args.reuse),
-                                 ("skip_lr_scale", args.skip_lr_scale)) if v is not None}
+                                 ("skip_lr_scale", args.skip_lr_scale), ("autocast", args.autocast)) if v is not None}
     arch = args.arch or ("batchtopk" if args.clt else "topk")
     batch_size = args.batch_tokens or (1024 if args.transcoder else 4096)
     settings = dict(arch=arch, k=args.k, out=args.out, lr=args.lr, batch_size=batch_size, source=args.corpus,
@@ -183,7 +185,7 @@ def cmd_cache_activations(args: argparse.Namespace) -> int:
     contexts = load_contexts(model, args.corpus, args.ctx_len, "train", progress=main)
     n = min(len(contexts), -(-args.tokens // args.ctx_len))
     m = write_activation_cache(model, hooks, contexts[:n], args.out, dtype=args.cache_dtype, corpus=str(args.corpus),
-                               progress=main)
+                               progress=main, autocast=args.autocast)
     if main:
         print(f"cached {m['n_tokens']:,} tokens ({m['n_contexts']:,} contexts x {m['ctx_len']}) at {len(hooks)} "
               f"hook(s) in {m['n_shards']} shard(s) at {args.out}; train on it with --from-cache {args.out}")

@@ -73,7 +73,8 @@ def _shard_batches(model: Any, hooks: list[str], contexts: torch.Tensor, tcfg: T
     for j in range(first, first + per_rank):
         part = contexts[j::n_shards]
         out.append(model_batches(model, hooks, part, tcfg.batch_size // n_shards, tcfg.seed,
-                                 chunk_contexts=chunk_for(tcfg.tokens // n_shards, part, row_width)))
+                                 chunk_contexts=chunk_for(tcfg.tokens // n_shards, part, row_width),
+                                 autocast=tcfg.autocast))
     return out
 
 
