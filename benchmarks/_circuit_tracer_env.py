@@ -197,7 +197,7 @@ from circuit_tracer.utils.create_graph_files import create_graph_files
 
 t0 = time.time()
 tc_dir = Path(job["transcoders"])
-transcoders, tc_cfg = load_transcoders_from_cache(tc_dir.name, cache_dir=str(tc_dir.parent), device=torch.device("cpu"),
+transcoders, tc_cfg = load_transcoders_from_cache(tc_dir.name, cache_dir=str(tc_dir.parent), device=torch.device(job.get("device", "cpu")),
                                                   dtype=torch.float32, lazy_encoder=False, lazy_decoder=False)
 if tc_cfg.get("activation") == "topk":
     # featurelens's TopK keeps the k largest pre-activations and ReLUs them; circuit-tracer's TopK module keeps the k
@@ -225,13 +225,13 @@ TransformerLensReplacementModel._deduplicate_attention_buffers = _share_buffers_
 hf = AutoModelForCausalLM.from_pretrained(job["hf_dir"], dtype=torch.float32).eval()
 tok = AutoTokenizer.from_pretrained(job["hf_dir"])
 model = ReplacementModel.from_pretrained_and_transcoders(job["tl_name"], transcoders, backend="transformerlens",
-                                                         hf_model=hf, tokenizer=tok, device=torch.device("cpu"),
+                                                         hf_model=hf, tokenizer=tok, device=torch.device(job.get("device", "cpu")),
                                                          dtype=torch.float32)
 del hf
 model.cfg.tokenizer_name = job["hf_dir"]  # create_graph_files reloads the tokenizer by this name: keep it offline
 load_s = time.time() - t0
 
-tokens = torch.tensor(job["tokens"], dtype=torch.long)
+tokens = torch.tensor(job["tokens"], dtype=torch.long, device=job.get("device", "cpu"))
 with torch.no_grad():
     logits = model(tokens[None])[0, -1].float()
     hf_check = None
@@ -241,18 +241,20 @@ for i in range(int(job["runs"])):
     t = time.time()
     graph = attribute(tokens, model, max_n_logits=job["max_n_logits"], desired_logit_prob=job["desired_logit_prob"],
                       batch_size=job["batch_size"], max_feature_nodes=job["max_feature_nodes"], verbose=False)
+    if tokens.is_cuda:
+        torch.cuda.synchronize()
     times.append(time.time() - t)
     print(f"circuit-tracer run {i + 1}/{job['runs']}: {times[-1]:.2f}s", flush=True)
 
 from safetensors.torch import save_file
-save_file({"adjacency": graph.adjacency_matrix.float().contiguous(),
-           "active_features": graph.active_features.long().contiguous(),
-           "selected_features": graph.selected_features.long().contiguous(),
-           "activation_values": graph.activation_values.float().contiguous(),
-           "logit_tokens": graph.logit_token_ids.long().contiguous(),
-           "logit_probabilities": graph.logit_probabilities.float().contiguous(),
-           "input_tokens": graph.input_tokens.long().contiguous(),
-           "last_logits": logits.contiguous()}, str(work / "graph.safetensors"))
+save_file({"adjacency": graph.adjacency_matrix.float().cpu().contiguous(),
+           "active_features": graph.active_features.long().cpu().contiguous(),
+           "selected_features": graph.selected_features.long().cpu().contiguous(),
+           "activation_values": graph.activation_values.float().cpu().contiguous(),
+           "logit_tokens": graph.logit_token_ids.long().cpu().contiguous(),
+           "logit_probabilities": graph.logit_probabilities.float().cpu().contiguous(),
+           "input_tokens": graph.input_tokens.long().cpu().contiguous(),
+           "last_logits": logits.cpu().contiguous()}, str(work / "graph.safetensors"))
 json_dir = Path(job["json_dir"])
 create_graph_files(graph, slug=job["slug"], output_path=str(json_dir), scan=job["scan"],
                    node_threshold=job["node_threshold"], edge_threshold=job["edge_threshold"])

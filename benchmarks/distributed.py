@@ -3,13 +3,15 @@ hands to the collectives per step (gradients, statistics, batchtopk's cut), for 
 
     python benchmarks/distributed.py                          # SAE width 4096 and CLT width 128/layer, 1 vs 2 ranks
     python benchmarks/distributed.py --sae-width 16384 --tokens 32k --json out.json
+    python benchmarks/distributed.py --kinds tc-layers   # transcoders for all 18 layers, --shard layers
 
 Every run deals the contexts into the same 2 shards (TrainConfig.shards), so 1 and 2 ranks train on the same rows
 and reach the same weights; each computes its activations from the model (no cache). 1 rank gets all the machine's
 cores as torch threads, N ranks one each (what torchrun does). rows/s = tokens / the training loop's seconds
 (forward passes included). The bytes are this module's count (`featurelens.distributed.comm_bytes`): the payload a
 rank puts into all_reduce / all_gather / broadcast; a ring all-reduce moves about 2 (N - 1) / N times that over
-each rank's link.
+each rank's link. `tc-layers` trains a transcoder set with its layers split over the ranks (shard="layers"): no
+collective runs during training, only the final gather of the trained transcoders (counted in "all steps").
 """
 
 from __future__ import annotations
@@ -65,6 +67,10 @@ def worker(args: argparse.Namespace) -> None:
     if args.kind == "sae":
         d = fl.train_sae(model, HOOK, arch="topk", k=32, width=args.sae_width, **common)
         params = sum(p.numel() for p in d.parameters())
+    elif args.kind == "tc-layers":
+        d = fl.train_transcoders(model, "all", arch="topk", k=16, width=args.clt_width, shard="layers", **common)
+        params = sum(p.numel() for p in d.parameters())
+        d = d[d.layers[-1]]  # its stats and decoder below: the last layer's, trained on the last rank
     else:
         d = fl.train_clt(model, "all", arch="batchtopk", k=16, width=args.clt_width, **common)
         params = sum(p.numel() for p in d.parameters())
@@ -103,7 +109,7 @@ def main() -> None:
     ap.add_argument("--kind", default="sae", help=argparse.SUPPRESS)
     ap.add_argument("--result", default="", help=argparse.SUPPRESS)
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--kinds", nargs="+", default=["sae", "clt"], choices=["sae", "clt"])
+    ap.add_argument("--kinds", nargs="+", default=["sae", "clt"], choices=["sae", "clt", "tc-layers"])
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--batch", type=int, default=2048)
     ap.add_argument("--sae-width", type=int, default=4096)

@@ -59,7 +59,8 @@ from sae_lens.config import SAETrainerConfig
 from sae_lens.training.sae_trainer import SAETrainer
 a = json.loads(sys.argv[1])
 torch.set_num_threads(a["threads"])
-x = load_file(a["acts"])["x"]
+dev = a.get("device", "cpu")
+x = load_file(a["acts"])["x"].to(dev)
 train, held = x[: len(x) - a["held_out"]], x[len(x) - a["held_out"]:]
 # Dataset-wide scaling to mean norm sqrt(d_in), as featurelens does and as SAELens's own training runner does with
 # normalize_activations="expected_average_only_in"; SAETrainer alone takes the rows as given. FVU is scale-free.
@@ -69,17 +70,21 @@ stamps = []
 def provider():
     g = torch.Generator().manual_seed(0)
     while True:
+        if dev != "cpu":
+            torch.cuda.synchronize()
         stamps.append(time.perf_counter())
-        yield train[torch.randint(0, len(train), (a["batch_size"],), generator=g)]
+        yield train[torch.randint(0, len(train), (a["batch_size"],), generator=g).to(dev)]
 steps = a["steps"] + a["warmup_steps"]
 torch.manual_seed(0)
 sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=x.shape[1], d_sae=a["width"], k=a["k"]))
 cfg = SAETrainerConfig(total_training_samples=steps * a["batch_size"], train_batch_size_samples=a["batch_size"],
                        lr=a["lr"], lr_end=a["lr"] * 1e-3, lr_warm_up_steps=a["lr_warm_up_steps"],
                        lr_decay_steps=a["lr_decay_steps"], dead_feature_window=a["dead_feature_window"],
-                       autocast=a["autocast"], device="cpu")
+                       autocast=a["autocast"], device=dev)
 trainer = SAETrainer(cfg, sae, provider())
 trainer.fit()
+if dev != "cpu":
+    torch.cuda.synchronize()
 stamps.append(time.perf_counter())
 w = a["warmup_steps"]
 sae.eval()
@@ -159,14 +164,14 @@ def saelens_python(args: argparse.Namespace) -> Path:
     return py
 
 
-def train_saelens(py: Path, acts: Path, args: argparse.Namespace, autocast: bool) -> dict:
+def train_saelens(py: Path, acts: Path, args: argparse.Namespace, autocast: bool, device: str = "cpu") -> dict:
     steps = args.steps + args.warmup_steps
     payload = json.dumps({"acts": str(acts), "width": args.width, "k": args.k, "batch_size": args.batch_size,
                           "steps": args.steps, "warmup_steps": args.warmup_steps, "lr": args.lr,
                           "threads": torch.get_num_threads(), "autocast": autocast, "held_out": args.held_out,
                           "lr_warm_up_steps": round(WARMUP_FRACTION * steps),
                           "lr_decay_steps": round(DECAY_FRACTION * steps),
-                          "dead_feature_window": args.dead_window_steps - 1})
+                          "dead_feature_window": args.dead_window_steps - 1, "device": device})
     env = {**os.environ, "TQDM_DISABLE": "1", "WANDB_MODE": "disabled"}
     out = subprocess.run([str(py), "-c", SAELENS_SCRIPT, payload], capture_output=True, text=True, env=env)
     if out.returncode:

@@ -9,21 +9,35 @@ gloo on CPU, nccl on CUDA. `comm_bytes` counts the payload every collective here
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
 from .errors import InputError
 
 _sent = [0]  # payload bytes this rank has passed to collectives
+_alone = [0]  # depth of `alone()` blocks: inside one, this rank acts as a single process
 
 
 def active() -> bool:
-    """Whether this process is one of several ranks of an initialized process group."""
+    """Whether this process is one of several ranks of an initialized process group (and not inside `alone()`)."""
     import torch.distributed as dist
 
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return not _alone[0] and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@contextlib.contextmanager
+def alone() -> Iterator[None]:
+    """Inside this block the rank works as a process of its own: `active()` is False, so every collective here is a
+    no-op, `rank()` is 0 and `is_main()` True. For work split by model part rather than by data (a transcoder
+    set's layers on different ranks), where nothing is to be summed until the parts are gathered after it."""
+    _alone[0] += 1
+    try:
+        yield
+    finally:
+        _alone[0] -= 1
 
 
 def rank() -> int:
@@ -131,6 +145,21 @@ def gather_rows(t: torch.Tensor) -> torch.Tensor:
     _count(padded)
     dist.all_gather(parts, padded.contiguous())
     return torch.cat([p[:int(s)] for p, s in zip(parts, sizes)])
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's picklable `obj`, in rank order, on every rank (tensors in it should be on the CPU: they are
+    unpickled on the device they were sent from)."""
+    if not active():
+        return [obj]
+    import pickle
+
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world_size()
+    _sent[0] += len(pickle.dumps(obj))
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def sum_grads(params: Iterable[torch.Tensor]) -> None:

@@ -58,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if getattr(args, "device", None) is not None:  # every command that runs a model: stop before any work
+            from ..device import check_device
+
+            check_device(args.device)
         return func(args) or 0
     except KeyboardInterrupt:
         if args.debug:

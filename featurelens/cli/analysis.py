@@ -95,10 +95,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_analyze(args: argparse.Namespace) -> int:
     from .. import distributed
     from ..analysis import analyze
-    from ..device import check_device
     from ..dictionaries.compat import resolve_dictionary
 
-    check_device(args.device)
     distributed.init_from_env(args.device)  # under torchrun: the ranks share the token stream, rank 0 writes
     sae, path = resolve_dictionary(args.path)
     model = common.load_model(args, sae)
@@ -129,8 +127,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.pool <= 0:
         raise InputError(f"--pool must be positive, got {args.pool}")
     fd = open_analysis(args.path)
-    if args.model:
-        fd._model = common.load_model(args, name=args.model)
+    if args.model or (args.device and fd.model_name):  # else the analysis loads its own model, on the cpu
+        fd._model = common.load_model(args, name=args.model or fd.model_name)
     console = common.console()
     if args.query is not None:
         checked = not args.fast and bool(args.model or fd.model_name)

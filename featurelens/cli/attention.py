@@ -59,7 +59,7 @@ def _circuits(args: argparse.Namespace) -> Any:
     if args.transcoders:
         from ..dictionaries import load_dictionary
 
-        transcoders = load_dictionary(args.transcoders)
+        transcoders = load_dictionary(args.transcoders, device=common.device(args))
     return circuits_for(g, model, transcoders)
 
 

@@ -47,7 +47,7 @@ class Option:
     dest: str
     meaning: str
     type: Callable[[str], Any] | None = None
-    action: str | None = None
+    action: "str | type[argparse.Action] | None" = None
     metavar: str | None = None
 
 
@@ -58,6 +58,9 @@ OPTIONS: dict[str, Option] = {o.dest: o for o in (
     Option(("-m", "--model"), "model", "the model: a name, a .gguf file or a Hugging Face directory", metavar="MODEL"),
     Option(("--dtype",), "dtype", "the model's weights: float32 or bfloat16"),
     Option(("--device",), "device", "cpu or cuda (default: cpu)"),
+    Option(("--autocast",), "autocast", "run the model's forward pass under bfloat16 autocast (default: on with "
+                                        "--device cuda for a float32 model, off on the cpu)",
+           action=argparse.BooleanOptionalAction),
     Option(("--json",), "json", "print machine-readable JSON instead of tables", action="store_true"),
     Option(("--out",), "out", "where to write the result", metavar="PATH"),
     Option(("--overwrite",), "overwrite", "start over, replacing what an earlier run wrote", action="store_true"),
@@ -93,7 +96,7 @@ def add(p: argparse.ArgumentParser, key: str, *, default: Any = None, note: str 
     o = OPTIONS[key]
     kw: dict[str, Any] = {"dest": o.dest, "default": default, "help": o.meaning + (f" {note}" if note else "")}
     if o.action:
-        kw.update(action=o.action, default=False if default is None else default)
+        kw.update(action=o.action, default=False if default is None and o.action == "store_true" else default)
     else:
         kw.update(type=o.type, metavar=o.metavar)
     action = p.add_argument(*o.flags, *old, **kw)
@@ -132,6 +135,11 @@ def load_model(args: argparse.Namespace, dictionary: Any = None, *, name: str | 
             raise InputError("the dictionary does not say which model it was trained on; pass -m MODEL")
     return loader.load_model(name or loader.DEFAULT_MODEL, dtype=getattr(args, "dtype", "float32"),
                              device=getattr(args, "device", None))
+
+
+def device(args: argparse.Namespace) -> str:
+    """Where the command's dictionaries go: next to the model, on --device (default cpu)."""
+    return getattr(args, "device", None) or "cpu"
 
 
 def console() -> Any:

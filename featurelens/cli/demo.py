@@ -37,4 +37,4 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 0
     from .serve import serve
 
-    return serve(args.host, args.port)
+    return serve(args.host, args.port, device=args.device)

@@ -95,11 +95,11 @@ def _threshold(name: str, v: float) -> None:
         raise InputError(f"--{name} must be in (0, 1], got {v}")
 
 
-def _load_transcoders(path: str) -> Any:
+def _load_transcoders(path: str, args: argparse.Namespace) -> Any:
     from ..dictionaries import Transcoders, load_dictionary
 
     p = Path(path).expanduser()
-    tc = load_dictionary(p)
+    tc = load_dictionary(p, device=common.device(args))
     if not isinstance(tc, Transcoders):
         raise InputError(f"{p} is a single dictionary; attribution needs a transcoder set or a cross-layer transcoder")
     return tc
@@ -133,7 +133,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
         raise InputError("empty prompt: give the text to attribute")
     if args.ablate_top < 0:
         raise InputError(f"--ablate-top must be 0 or more, got {args.ablate_top}")
-    transcoders = _load_transcoders(args.transcoders)
+    transcoders = _load_transcoders(args.transcoders, args)
     model = common.load_model(args, transcoders)
     check_transcoders(model, transcoders)  # a mismatch is the error to show, before any note on layers
     missing = sorted(set(range(model.cfg.n_layers)) - set(transcoders.layers))
@@ -187,7 +187,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     if not model_name or not tc_path or not Path(tc_path).expanduser().exists():
         raise InputError(f"faithfulness needs the model and transcoders: the graph names model {model_name!r} and "
                          f"transcoders {tc_path!r}; pass -m and --transcoders")
-    transcoders = _load_transcoders(tc_path)
+    transcoders = _load_transcoders(tc_path, args)
     model = common.load_model(args, name=model_name)
     full = attribute(model, transcoders, g.tokens, max_feature_nodes=g.info.get("n_feature_rows"),
                      target=Target.from_info(g.info.get("target")))
@@ -207,7 +207,7 @@ def cmd_intervene(args: argparse.Namespace) -> int:
     if not args.set and not args.scale:
         raise InputError("nothing to do: give --set L:F@POS=VALUE or --scale L:F@POS=FACTOR")
     edits = [parse_edit(x) for x in (args.set or args.scale)]
-    transcoders = _load_transcoders(args.transcoders)
+    transcoders = _load_transcoders(args.transcoders, args)
     model = common.load_model(args, transcoders)
     r = feature_intervention(model, transcoders, args.prompt, edits, freeze_attention=args.freeze_attention,
                              direct_only=args.direct_only, mode="set" if args.set else "scale", top_k=args.rows,

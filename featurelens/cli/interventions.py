@@ -64,10 +64,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_patch)
 
 
-def _load_dictionary(path: str, layer: int | None):
+def _load_dictionary(path: str, layer: int | None, device: str = "cpu"):
     from ..dictionaries import TranscoderSet, load_dictionary
 
-    sae = load_dictionary(path)
+    sae = load_dictionary(path, device=device)
     if isinstance(sae, TranscoderSet):  # one transcoder per layer
         if layer is None:
             raise InputError(f"{path} holds transcoders for layers {sae.layers}: pick one with --layer")
@@ -112,7 +112,7 @@ def cmd_steer(args: argparse.Namespace) -> int:
             raise InputError(f"--ablate {s!r}: feature index is not an integer") from None
     if not (steers or clamps or ablations):
         raise InputError("nothing to do: give at least one --feature IDX:STRENGTH, --clamp IDX:VALUE or --ablate IDX")
-    sae = _load_dictionary(args.path, args.layer)
+    sae = _load_dictionary(args.path, args.layer, common.device(args))
     if args.sweep is not None:
         return _steer_sweep(args, sae, steers, clamps or ablations)
     with warnings.catch_warnings():

@@ -59,6 +59,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="data shards the corpus is dealt into (default: the number of torchrun ranks); a run "
                         "resumes on any number of ranks that divides it. --batch-tokens and --tokens must be "
                         "multiples of it")
+    common.add(p, "autocast", note="(the dictionary trains in float32 either way)")
+    p.add_argument("--shard", default="data", choices=("data", "layers"),
+                   help="under torchrun: split the corpus over the ranks (data, default) or, for --transcoder, give "
+                        "each rank a contiguous run of the layers, trained over the whole stream (layers; at most "
+                        "one rank per layer, resumed on as many ranks)")
     p.add_argument("--from-cache", default=None, metavar="DIR",
                    help="read activations (and their contexts) from an activation cache written by "
                         "`featurelens cache-activations` instead of running the model over --corpus")
@@ -80,6 +85,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     common.add(p, "tokens", default=1_000_000, note="(default 1M)")
     common.add(p, "corpus", default="nlp-corpus", note="(default nlp-corpus)")
     common.add(p, "ctx_len", default=128, note="(default 128)")
+    common.add(p, "autocast", note="(activations are stored in --cache-dtype)")
     p.add_argument("--cache-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="dtype the activations are stored in (default float32)")
     common.add(p, "out", note="(required: the cache, a directory or an fsspec URL such as s3://bucket/acts)")
@@ -99,22 +105,24 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .. import distributed
-    from ..device import check_device
 
     if sum(map(bool, (args.transcoder, args.hook, args.clt))) > 1:
         raise InputError("give one of --hook (an SAE), --transcoder (per-layer transcoders) or --clt (a cross-layer "
                          "transcoder)")
     if not args.transcoder and not args.hook and not args.clt:
         raise InputError("give --hook HOOK (e.g. blocks.6.hook_resid_post) to train an SAE, --transcoder, or --clt")
+    if args.shard == "layers" and not args.transcoder:
+        raise InputError(f"--shard layers puts a transcoder set's layers on different ranks; "
+                         f"{'a CLT couples its layers' if args.clt else 'an SAE has a single hook'}, so it is trained "
+                         f"data parallel (--shard data)")
     options = {k: v for k, v in (("l1_coefficient", args.l1_coefficient), ("l0_coefficient", args.l0_coefficient),
                                  ("loss", args.loss), ("reuse", args.reuse),
-                                 ("skip_lr_scale", args.skip_lr_scale)) if v is not None}
+                                 ("skip_lr_scale", args.skip_lr_scale), ("autocast", args.autocast)) if v is not None}
     arch = args.arch or ("batchtopk" if args.clt else "topk")
     batch_size = args.batch_tokens or (1024 if args.transcoder else 4096)
     settings = dict(arch=arch, k=args.k, out=args.out, lr=args.lr, batch_size=batch_size, source=args.corpus,
                   ctx_len=args.ctx_len, resume=args.resume, overwrite=args.overwrite, seed=args.seed,
                   checkpoint_every=args.checkpoint_steps, **options)
-    check_device(args.device)
     distributed.init_from_env(args.device)  # under torchrun: one rank of a data-parallel run
     settings.update(progress=distributed.is_main(), shards=args.shards, from_cache=args.from_cache)
     model = common.load_model(args)
@@ -136,7 +144,7 @@ def _train(args: argparse.Namespace, model: Any, settings: dict[str, Any]) -> in
         _print_train_summary("CLT", result.stats)
     elif args.transcoder:
         result = train_transcoders(model, layers=args.layers or "all", width=args.width or 4096, tokens=args.tokens or 1_000_000,
-                                   skip=True if args.skip is None else args.skip, **settings)
+                                   skip=True if args.skip is None else args.skip, shard=args.shard, **settings)
         first = next(iter(result))
         out = Path(first.source).parent
         print(f"saved {len(result)} transcoders (layers {result.layers}) to {out}")
@@ -159,7 +167,6 @@ def _train(args: argparse.Namespace, model: Any, settings: dict[str, Any]) -> in
 def cmd_cache_activations(args: argparse.Namespace) -> int:
     from .. import distributed
     from ..data import load_contexts, write_activation_cache
-    from ..device import check_device
     from ..dictionaries.protocol import TRANSCODER_IN, TRANSCODER_OUT
 
     if bool(args.hook) == bool(args.mlp):
@@ -167,7 +174,6 @@ def cmd_cache_activations(args: argparse.Namespace) -> int:
                          "and CLTs)")
     if not args.out:
         raise InputError("give --out DIR: where to write the activation cache")
-    check_device(args.device)
     distributed.init_from_env(args.device)
     model = common.load_model(args)
     if args.hook:
@@ -179,7 +185,7 @@ def cmd_cache_activations(args: argparse.Namespace) -> int:
     contexts = load_contexts(model, args.corpus, args.ctx_len, "train", progress=main)
     n = min(len(contexts), -(-args.tokens // args.ctx_len))
     m = write_activation_cache(model, hooks, contexts[:n], args.out, dtype=args.cache_dtype, corpus=str(args.corpus),
-                               progress=main)
+                               progress=main, autocast=args.autocast)
     if main:
         print(f"cached {m['n_tokens']:,} tokens ({m['n_contexts']:,} contexts x {m['ctx_len']}) at {len(hooks)} "
               f"hook(s) in {m['n_shards']} shard(s) at {args.out}; train on it with --from-cache {args.out}")
@@ -201,11 +207,9 @@ def _evaluate(model: Any, dictionary: Any, ctx_len: int, source: str, tokens: in
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ..device import check_device
     from ..dictionaries import load_dictionary
 
-    check_device(args.device)  # before the dictionary is read
-    dictionary = load_dictionary(args.path, hook_name=args.hook)
+    dictionary = load_dictionary(args.path, hook_name=args.hook, device=common.device(args))
     model = common.load_model(args, dictionary)
     _report(_evaluate(model, dictionary, args.ctx_len, args.corpus, args.tokens, args.ce_contexts), args.json)
     return 0

@@ -26,7 +26,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from ..dtypes import dtype_name, parse_dtype
+from ..dtypes import dtype_name, forward_autocast, parse_dtype
 from ..engine.hooks import full_hook_name
 from ..io import atomic_save, atomic_write_json
 from ..models.gguf import CorruptFileError
@@ -106,6 +106,8 @@ class ActivationStore:
     cache_dir: a directory for the on-disk activation cache, "auto" for one under <data dir>/activations/,
         or None (default) to stream only. shard_tokens: token positions per shard (auto: about 128 MB a shard).
     return_tokens: also yield the token id of every row under the key "tokens".
+    autocast: run the forward pass under bfloat16 autocast (`dtypes.forward_autocast`); None (default): on for a
+        float32 model on CUDA, off elsewhere. The activations are yielded in `dtype` either way.
 
     Iterating gives one epoch; `stream(n_tokens)` runs epochs until n_tokens rows have been yielded.
     """
@@ -117,7 +119,7 @@ class ActivationStore:
                  model_batch_size: int = 32, buffer_tokens: int = 65536, keep_bos: bool = False, shuffle: bool = True,
                  seed: int = 0, dtype: "torch.dtype | str | None" = None, device: "str | torch.device | None" = None,
                  cache_dir: "str | Path | None" = None, shard_tokens: int | None = None, drop_last: bool = False,
-                 return_tokens: bool = False, progress: bool = True):
+                 return_tokens: bool = False, progress: bool = True, autocast: bool | None = None):
         if batch_size <= 0 or model_batch_size <= 0:
             raise InputError(f"batch_size and model_batch_size must be positive, got {batch_size}, {model_batch_size}")
         if buffer_tokens < batch_size:
@@ -134,7 +136,7 @@ class ActivationStore:
         self.contexts = contexts.long().cpu()
         self.batch_size, self.model_batch_size, self.buffer_tokens = batch_size, model_batch_size, buffer_tokens
         self.keep_bos, self.shuffle, self.seed, self.drop_last = keep_bos, shuffle, seed, drop_last
-        self.return_tokens, self.progress = return_tokens, progress
+        self.return_tokens, self.progress, self.autocast = return_tokens, progress, autocast
         self.bos_token_id = model.cfg.bos_token_id if model is not None else None
         self.dtype = parse_dtype(dtype, DTYPES) if isinstance(dtype, str) else dtype
         if device is None:
@@ -206,7 +208,7 @@ class ActivationStore:
         """One forward pass over contexts [b, p] -> ({hook: [rows, d]}, token ids [rows]), BOS rows dropped."""
         if self.model is None:
             raise InputError(f"the activation cache in {self.cache_dir} is not finished; pass the model to finish it")
-        with torch.inference_mode():
+        with torch.inference_mode(), forward_autocast(self.model.device, self.model.dtype, self.autocast):
             _, cache = self.model.run_with_cache(tokens.to(self.model.device), names_filter=self._run_hooks,
                                                  stop_at_layer=self.stop_at_layer)
             flat_tokens = tokens.reshape(-1)

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import torch
 
 from .. import distributed as dist
-from ..dtypes import dtype_name, parse_dtype
+from ..dtypes import autocast_wanted, dtype_name, forward_autocast, parse_dtype
 from ..engine.errors import InputError, MissingFileError
 from ..io import atomic_save, atomic_write_json
 from .activations import DTYPES, MANIFEST, CacheMismatchError
@@ -89,9 +89,12 @@ def _read_bytes(where: str | Path, name: str) -> bytes:
 
 def write_activation_cache(model: Any, hooks: Sequence[str], contexts: torch.Tensor, out: str | Path, *,
                            dtype: str = "float32", corpus: str = "", contexts_per_shard: int | None = None,
-                           model_batch_size: int = 32, progress: bool = True) -> dict[str, Any]:
+                           model_batch_size: int = 32, progress: bool = True,
+                           autocast: bool | None = None) -> dict[str, Any]:
     """Compute `model`'s activations at `hooks` over `contexts` [n, ctx_len] into the cache `out` (a directory or
-    an fsspec URL); with several ranks each computes and writes every world-th shard. Returns the manifest."""
+    an fsspec URL); with several ranks each computes and writes every world-th shard. Returns the manifest.
+    autocast: the forward pass under bfloat16 autocast (`dtypes.forward_autocast`: by default on CUDA for a float32
+    model); the manifest's "forward" says which ran."""
     from ..progress import ProgressBar
 
     hooks = list(hooks)
@@ -124,7 +127,7 @@ def write_activation_cache(model: Any, hooks: Sequence[str], contexts: torch.Ten
         for k in mine:
             part = contexts[k * contexts_per_shard:(k + 1) * contexts_per_shard]
             acts: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
-            with torch.inference_mode():
+            with torch.inference_mode(), forward_autocast(model.device, model.dtype, autocast):
                 for s in range(0, len(part), model_batch_size):
                     toks = part[s:s + model_batch_size]
                     _, cache = model.run_with_cache(toks.to(model.device), names_filter=hooks, stop_at_layer=stop)
@@ -138,7 +141,9 @@ def write_activation_cache(model: Any, hooks: Sequence[str], contexts: torch.Ten
                 "d": widths, "dtype": dtype_name(store_dtype), "ctx_len": ctx_len, "n_contexts": n,
                 "n_tokens": n * ctx_len, "bos_token_id": model.cfg.bos_token_id, "corpus": corpus,
                 "contexts_sha1": contexts_sha1(contexts), "contexts_per_shard": contexts_per_shard,
-                "n_shards": n_shards, "shards": [f"shard-{k:05d}.safetensors" for k in range(n_shards)]}
+                "n_shards": n_shards, "shards": [f"shard-{k:05d}.safetensors" for k in range(n_shards)],
+                "forward": "bfloat16 autocast" if autocast_wanted(model.device, model.dtype, autocast)
+                else dtype_name(model.dtype)}
     dist.barrier()  # every shard is written before the manifest says the cache is complete
     if dist.is_main():
         _write(out, CONTEXTS_FILE, {"tokens": contexts.to(torch.int32)})

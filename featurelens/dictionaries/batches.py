@@ -19,13 +19,15 @@ CHUNK_CONTEXTS = 512  # contexts per forward-and-shuffle chunk (about 65k token 
 
 
 def model_batches(model: Any, hooks: Sequence[str], contexts: torch.Tensor, batch_size: int, seed: int = 0,
-                  model_batch_size: int = 32, epochs: int | None = None, chunk_contexts: int = CHUNK_CONTEXTS) -> Batches:
+                  model_batch_size: int = 32, epochs: int | None = None, chunk_contexts: int = CHUNK_CONTEXTS,
+                  autocast: bool | None = None) -> Batches:
     """Activation batches {hook: [batch_size, d]} from `contexts`, epoch after epoch, resumable at any row.
 
     Each epoch orders the contexts by a seeded permutation and cuts them into chunks; each chunk is one
     ActivationStore pass (shuffled rows, BOS left out). The row sequence is deterministic, so `batches(n)`
     recomputes only the chunk holding row n and continues from there. With `epochs`, the stream ends after
-    that many (its last batch may be short); without, it goes on.
+    that many (its last batch may be short); without, it goes on. autocast: as `ActivationStore`'s (default: bfloat16
+    autocast for a float32 model on CUDA).
     """
     bos = model.cfg.bos_token_id
     n = len(contexts)
@@ -51,7 +53,7 @@ def model_batches(model: Any, hooks: Sequence[str], contexts: torch.Tensor, batc
                     continue
                 store = ActivationStore(model, list(hooks), chunk, batch_size=batch_size, model_batch_size=model_batch_size,
                                         buffer_tokens=max(batch_size, rows), seed=seed * 100_003 + epoch * 1009 + c,
-                                        dtype=torch.float32, progress=False)
+                                        dtype=torch.float32, progress=False, autocast=autocast)
                 for part in store:
                     if skip:
                         cut = min(skip, len(part[hooks[0]]))

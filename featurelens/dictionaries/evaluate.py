@@ -54,7 +54,8 @@ def evaluate_dictionary(model: Any, dictionary: "SparseDictionary | TranscoderSe
     seen = 0
     row_width = sum(d.d_in + d.d_out for _, d in members)
     chunk = chunk_for(n_tok, recon_contexts, row_width)
-    for batch in model_batches(model, hooks, recon_contexts, batch_size, epochs=1, chunk_contexts=chunk)(0):
+    for batch in model_batches(model, hooks, recon_contexts, batch_size, epochs=1, chunk_contexts=chunk,
+                               autocast=False)(0):  # measured in float32
         batch = {h: v[:n_tok - seen] for h, v in batch.items()}
         for acc in accs:
             acc.update(batch)

@@ -43,10 +43,11 @@ class RunResult:
 
 def run_training(learners: list[Learner], batches: "Batches | Sequence[Batches]", tcfg: TrainConfig, out: Path | None,
                  resume: bool = False, progress: bool = True, desc: str = "training",
-                 stop_after_steps: int | None = None, on_progress: OnProgress | None = None) -> RunResult:
+                 stop_after_steps: int | None = None, on_progress: OnProgress | None = None,
+                 checkpoint_dir: Path | None = None) -> RunResult:
     """Train `learners` together on one stream: `batches(tokens_seen)` yields {hook: [n, d]} with rows aligned.
 
-    Checkpoints go to <out>/checkpoints (none when out is None). `stop_after_steps` ends the run early
+    Checkpoints go to `checkpoint_dir`, by default <out>/checkpoints (none when both are None). `stop_after_steps` ends the run early
     (as an interruption would), for tests and benchmarks. With tcfg.reuse > 1 the stream is served through
     `reuse_batches` (each row seen `reuse` times; tcfg.tokens counts rows trained on, repeats included).
     on_progress: called with a `ProgressEvent` (stage `desc`, tokens trained on) after every step.
@@ -70,7 +71,7 @@ def run_training(learners: list[Learner], batches: "Batches | Sequence[Batches]"
         combine_shards(streams, n_shards, dist.rank() * len(streams), tcfg.tokens)
     main = dist.is_main()
 
-    ckdir = out / "checkpoints" if out is not None else None
+    ckdir = checkpoint_dir if checkpoint_dir is not None else out / "checkpoints" if out is not None else None
     step, tokens_seen, resumed_from = 0, 0, None
     if resume and ckdir is not None:
         found = load_latest_checkpoint(ckdir)

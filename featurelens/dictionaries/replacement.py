@@ -47,7 +47,8 @@ def evaluate_replacement(model: Any, transcoders: Any, *, tokens: int | None = 1
     seen = 0
     width = sum(model.cfg.d_model for _ in hooks)
     chunk = chunk_for(n_tok, contexts[:n_ctx], width)
-    for batch in model_batches(model, hooks, contexts[:n_ctx], batch_size, epochs=1, chunk_contexts=chunk)(0):
+    for batch in model_batches(model, hooks, contexts[:n_ctx], batch_size, epochs=1, chunk_contexts=chunk,
+                               autocast=False)(0):  # measured in float32
         batch = {h: v[:n_tok - seen] for h, v in batch.items()}
         xs = {l: batch[transcoders.input_hook(l)] for l in layers}
         feats = {l: transcoders.encode_layer(l, x) for l, x in xs.items()}

@@ -13,6 +13,7 @@ the loop in `loop.run_training`, the checkpoints in `checkpoints`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 from pathlib import Path
@@ -72,7 +73,8 @@ def _shard_batches(model: Any, hooks: list[str], contexts: torch.Tensor, tcfg: T
     for j in range(first, first + per_rank):
         part = contexts[j::n_shards]
         out.append(model_batches(model, hooks, part, tcfg.batch_size // n_shards, tcfg.seed,
-                                 chunk_contexts=chunk_for(tcfg.tokens // n_shards, part, row_width)))
+                                 chunk_contexts=chunk_for(tcfg.tokens // n_shards, part, row_width),
+                                 autocast=tcfg.autocast))
     return out
 
 
@@ -90,7 +92,7 @@ def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
     if main:
         clean_stale_tmp(out.parent, recursive=False)  # a save of `out` cut off by a crash: finished or undone
         clean_stale_tmp(out)
-    has_ckpt = (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("step-*.pt"))
+    has_ckpt = (out / "checkpoints").is_dir() and any((out / "checkpoints").rglob("step-*.pt"))
     finished = (out / META_FILE).is_file() or (out / "cfg.json").is_file()
     if overwrite:
         if main:
@@ -192,13 +194,54 @@ def _parse_layers(layers: "str | int | Sequence[int]", n_layers: int) -> list[in
     return out
 
 
+SHARD_MODES = ("data", "layers")
+
+
+def _layer_groups(layers: list[int], n: int) -> list[list[int]]:
+    """`layers` cut into `n` contiguous runs of nearly equal length, the first ones a layer longer: the rank with
+    the lower layers then stops its forward passes earlier."""
+    q, r = divmod(len(layers), n)
+    groups, at = [], 0
+    for i in range(n):
+        size = q + (i < r)
+        groups.append(layers[at:at + size])
+        at += size
+    return groups
+
+
+def _group_dir(group: list[int]) -> str:
+    return "layers-" + "_".join(map(str, group))
+
+
+def _check_layer_checkpoints(out: Path, groups: list[list[int]] | None) -> None:
+    """A resume must split the layers as the stopped run did: checkpoints of a `shard="layers"` run sit in
+    <out>/checkpoints/layers-<its layers>/, one directory per rank's group; a data-parallel run's in <out>/checkpoints.
+    A group without a checkpoint of its own (none was due before the stop) starts afresh: the groups are independent."""
+    root = out / "checkpoints"
+    if not root.is_dir():
+        return
+    flat = any(root.glob("step-*.pt"))
+    found = sorted(p.name for p in root.iterdir() if p.is_dir() and any(p.glob("step-*.pt")))
+    if groups is None:
+        if found and not flat:
+            raise InputError(f"{out} holds checkpoints of a run with its layers on {len(found)} ranks ({', '.join(found)}); "
+                             f"resume it with shard='layers' (--shard layers) on {len(found)} ranks")
+        return
+    if flat:
+        raise InputError(f"{out} holds checkpoints of a data-parallel run; resume it without shard='layers' (--shard layers)")
+    expected = {_group_dir(g) for g in groups}
+    if not set(found) <= expected:
+        raise InputError(f"{out} holds checkpoints of layer groups {', '.join(found)}, but {len(groups)} rank(s) split "
+                         f"the layers as {', '.join(sorted(expected))}: resume on as many ranks as the stopped run had")
+
+
 def train_transcoders(model: Any, layers: "str | int | Sequence[int]" = "all", *, arch: str = "topk",
                       k: int | None = None, width: int = 4096, tokens: int = 1_000_000, out: str | Path | None = None,
                       lr: float | None = None, batch_size: int = 1024, skip: bool = True, source: Any = "nlp-corpus",
                       ctx_len: int = 128, resume: bool = False, overwrite: bool = False, progress: bool = True,
                       seed: int = 0, checkpoint_every: int | None = None, contexts: torch.Tensor | None = None,
                       on_progress: OnProgress | None = None, from_cache: str | Path | None = None,
-                      **options: Any) -> TranscoderSet:
+                      shard: str = "data", **options: Any) -> TranscoderSet:
     """Train per-layer transcoders (blocks.L.ln2.hook_normalized -> blocks.L.hook_mlp_out) from one stream.
 
     skip (default True): each transcoder also has an affine skip W_skip from the MLP input to its output, started at
@@ -207,30 +250,58 @@ def train_transcoders(model: Any, layers: "str | int | Sequence[int]" = "all", *
     plain transcoders. batch_size 1024 (more, smaller steps) beat 4096 in benchmarks/transcoders.py. Saved as
     <out>/layer_<L>/ (each a SAELens-layout dictionary) plus <out>/featurelens.json; returns the set.
 
+    Under torchrun, shard="data" (default) splits the corpus over the ranks, each holding every layer's transcoder;
+    shard="layers" gives each rank a contiguous run of the layers instead: it runs the model over the whole stream
+    (data shards `shards`, default 1) for its own layers only, trains their transcoders with no collectives at all
+    (each layer's transcoder depends only on its own layer's rows), and the ranks' results are gathered at the end,
+    where rank 0 saves the set. The result equals one process training all the layers; a stopped run resumes on the
+    same number of ranks.
+
     >>> tcs = fl.train_transcoders(model, layers="all", width=1024, tokens=600_000, reuse=4)
     >>> fl.evaluate_dictionary(model, tcs, per_layer_ce=False)["all"].ce_loss_recovered
     """
     wanted = _parse_layers(layers, model.cfg.n_layers)
+    if shard not in SHARD_MODES:
+        raise InputError(f"shard must be one of {', '.join(SHARD_MODES)}, got {shard!r}")
+    by_layers = shard == "layers"
+    if by_layers:
+        if dist.world_size() > len(wanted):
+            raise InputError(f"shard='layers' (--shard layers) gives every rank at least one layer, but there are "
+                             f"{dist.world_size()} ranks for {len(wanted)} layer(s): use at most {len(wanted)} "
+                             f"ranks, or shard='data'")
+        options = {**options, "shards": options.get("shards") or 1}  # every rank reads the whole stream
     tcfg = _train_options(arch, k, width, tokens, lr, batch_size, seed, checkpoint_every, {**options, "skip": skip})
     out = Path(out).expanduser() if out is not None else _default_out(model, f"transcoders-{arch}-{width}")
     _prepare_out(out, resume, overwrite)
-    hooks = [h for layer in wanted for h in (TRANSCODER_IN.format(layer), TRANSCODER_OUT.format(layer))]
+    groups = _layer_groups(wanted, dist.world_size()) if by_layers else None
+    mine = groups[dist.rank()] if groups is not None else wanted
+    if resume:
+        _check_layer_checkpoints(out, groups)
+    hooks = [h for layer in mine for h in (TRANSCODER_IN.format(layer), TRANSCODER_OUT.format(layer))]
     acts, contexts, source, ctx_len = _activations(model, hooks, contexts, source, ctx_len, progress, from_cache)
     torch.manual_seed(seed)
     learners = []
-    for layer in wanted:
+    for layer in wanted:  # every layer's, in order, so that each starts from the random weights it has in one process
         h_in, h_out = TRANSCODER_IN.format(layer), TRANSCODER_OUT.format(layer)
         d_in, d_out = _check_hook(model, h_in), _check_hook(model, h_out)
         cfg = DictionaryConfig(d_in=d_in, d_sae=width, arch=arch, k=tcfg.k, transcoder=True, d_out=d_out, skip=skip,
                                hook_name=h_in, hook_name_out=h_out, model_name=model.name,
                                metadata={"context_size": ctx_len, "dataset_path": str(source), "prepend_bos": True})
         learners.append(Learner(f"layer_{layer}", cfg, tcfg, device=model.device))
-    width = sum(lrn.sae.d_in + lrn.sae.d_out for lrn in learners)
-    batches = _shard_batches(acts, hooks, contexts, tcfg, width)
-    res = run_training(learners, batches, tcfg, out, resume=resume, progress=progress,
-                       desc=f"{arch} transcoders x{len(learners)}", on_progress=on_progress)
-    tset = TranscoderSet({layer: lrn.export() for layer, lrn in zip(wanted, learners)}, n_layers_model=model.cfg.n_layers)
-    stats = {str(layer): _run_metadata(model, source, ctx_len, tcfg, res, lrn) for layer, lrn in zip(wanted, learners)}
+    learners = [lrn for layer, lrn in zip(wanted, learners) if layer in mine]
+    row_width = sum(lrn.sae.d_in + lrn.sae.d_out for lrn in learners)
+    main = dist.is_main()
+    with dist.alone() if by_layers else contextlib.nullcontext():
+        batches = _shard_batches(acts, hooks, contexts, tcfg, row_width)
+        res = run_training(learners, batches, tcfg, out, resume=resume, progress=progress and main,
+                           desc=f"{arch} transcoders x{len(learners)}", on_progress=on_progress if main else None,
+                           checkpoint_dir=out / "checkpoints" / _group_dir(mine) if by_layers else None)
+    trained = {layer: (lrn.export(), _run_metadata(model, source, ctx_len, tcfg, res, lrn))
+               for layer, lrn in zip(mine, learners)}
+    if by_layers:  # every rank's layers, on every rank
+        trained = {layer: t for part in dist.gather_objects(trained) for layer, t in part.items()}
+    tset = TranscoderSet({layer: trained[layer][0] for layer in wanted}, n_layers_model=model.cfg.n_layers)
+    stats = {str(layer): trained[layer][1] for layer in wanted}
     if dist.is_main():
         save_transcoder_set(tset, out, stats)
         clear_checkpoints(out)

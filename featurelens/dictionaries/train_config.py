@@ -56,6 +56,8 @@ class TrainConfig:
     #                                  untrained features then add little noise to the least-squares start
     skip_lr_scale: float = 0.0  # the skip's rate relative to lr; 0 keeps it at its least-squares start, which
     #                             holds up better when every layer is replaced at once (benchmarks/transcoders.py)
+    autocast: bool | None = None  # the model's forward pass under bfloat16 autocast (dtypes.forward_autocast);
+    #                               None: on for a float32 model on CUDA, off elsewhere. Dictionaries train in float32
     checkpoint_every: int | None = None  # steps; default: every CHECKPOINT_SECONDS of training
     shards: int = 1  # data shards: the corpus's contexts are dealt into this many streams, each giving batch_size /
     #                  shards rows of every step; the ranks of a data-parallel run hold equal numbers of them. The

@@ -219,6 +219,9 @@ def run_demo(budget: DemoBudget | None = None, *, quick: bool = False, scale: fl
     >>> report.steps["graphs"]["summary"]["graphs"]   # doctest: +SKIP
     2
     """
+    from ..device import check_device
+
+    check_device(device)  # before any step: `device` is where the model, training and analyses run
     budget = budget or DemoBudget.preset(quick=quick, scale=scale)
     bad = [f for f in force if f not in STEP_NAMES]
     if bad:
@@ -351,8 +354,9 @@ class _Demo:
     def _dictionaries(self) -> tuple[Any, dict[int, Any]]:
         from ..dictionaries import load_dictionary
 
-        return load_dictionary(self.tc_dir), {layer: load_dictionary(self.sae_dir(layer))
-                                              for layer in self.budget.sae_layers}
+        on = self.device or "cpu"  # next to the model: graphs and evaluations run there
+        return load_dictionary(self.tc_dir, device=on), {layer: load_dictionary(self.sae_dir(layer), device=on)
+                                                         for layer in self.budget.sae_layers}
 
     def _step_evaluate(self) -> dict[str, Any]:
         from ..data import load_contexts

@@ -32,10 +32,12 @@ from .token import install_token_check
 
 
 def create_app(data_dir: str | Path, *, model_loader: Callable[[str], Any] | None = None,
-               token: str | None = None, host: str | None = None, limits: Limits | None = None) -> FastAPI:
+               token: str | None = None, host: str | None = None, limits: Limits | None = None,
+               device: str | None = None) -> FastAPI:
     """The FastAPI app serving `data_dir`.
 
     model_loader: name -> HookedTransformer (default `fl.load_model`); models load on first use, once.
+    device: where the default loader puts models and where dictionaries are loaded (default cpu).
     token: when set, every request must carry it (header `Authorization: Bearer <token>`, header
     `X-Featurelens-Token`, or query `?token=`); `featurelens serve` sets one whenever it binds beyond loopback.
     host: the address the server is bound to (loopback: only loopback Host names are answered); limits: body size,
@@ -48,7 +50,7 @@ def create_app(data_dir: str | Path, *, model_loader: Callable[[str], Any] | Non
     data = Path(data_dir).expanduser()
     data.mkdir(parents=True, exist_ok=True)
     clean_on_start(data)
-    state = AppState(data=data, runtime=Runtime(data, model_loader), jobs=JobManager(data / "server" / "jobs"))
+    state = AppState(data=data, runtime=Runtime(data, model_loader, device=device), jobs=JobManager(data / "server" / "jobs"))
 
     # FastAPI's /docs and /redoc pages load their scripts from the web; the app's own #/api page reads /openapi.json
     app = FastAPI(title="featurelens", version=__version__, docs_url=None, redoc_url=None,

@@ -32,8 +32,9 @@ def yield_lock(lock: Any) -> None:
 
 
 class Runtime:
-    def __init__(self, data_dir: Path, model_loader: Callable[[str], Any] | None = None):
+    def __init__(self, data_dir: Path, model_loader: Callable[[str], Any] | None = None, device: str | None = None):
         self.data_dir = Path(data_dir)
+        self.device = device  # models' and dictionaries' (None: cpu)
         self._model_loader = model_loader
         self.forward_lock = threading.RLock()
         self._load_lock = threading.Lock()  # one load at a time: two requests for one model load it once
@@ -57,7 +58,7 @@ class Runtime:
                     hf_dir = name not in EMBEDDED and (local / "config.json").is_file() and \
                         any((local / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
                     # a Hugging Face directory placed under <data dir>/models/ loads by its folder name
-                    self._models[name] = load_model(local if hf_dir else name)
+                    self._models[name] = load_model(local if hf_dir else name, device=self.device)
             return self._models[name]
 
     # ----------------------------------------------------------------- dictionaries and analyses
@@ -76,7 +77,7 @@ class Runtime:
             if d is None:
                 obj = self._analysis_locked(ident, adir).dictionary
             else:
-                obj = load_dictionary(d)
+                obj = load_dictionary(d, device=self.device or "cpu")
             self._dictionaries[ident] = (sig, obj, fingerprint_of(obj) if d is not None else None)
         return self._dictionaries[ident]
 

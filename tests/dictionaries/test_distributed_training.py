@@ -49,6 +49,10 @@ def train(kind: str, out: Path, resume: bool = False, kill_after: int | None = N
     if kind == "transcoders":
         return fl.train_transcoders(model, [0, 2], arch="topk", k=4, width=32, init_tokens=128,
                                     loss="normalized_mse", **common)
+    if kind in ("by-layers", "one-process"):  # the layers on different ranks, against one process holding all three
+        common.pop("shards")
+        return fl.train_transcoders(model, [0, 1, 2], arch="batchtopk", k=4, width=32, init_tokens=128,
+                                    shard="layers" if kind == "by-layers" else "data", **common)
     return fl.train_clt(model, "all", arch="jumprelu", width=32, reuse=2, reuse_buffer_tokens=256, init_l0=8.0,
                         **common)
 
@@ -113,12 +117,66 @@ def test_killed_run_resumes_on_two_ranks(tmp_path: Path) -> None:
     assert _stats(tmp_path / "on-one")["resumed_from_step"] == 4
 
 
+def test_layers_on_two_ranks_equal_one_process_and_resume(tmp_path: Path) -> None:
+    """--shard layers: rank 0 trains layers 0 and 1, rank 1 layer 2, each over the whole stream; the set equals one
+    process training all three, also after rank 0 is killed mid-way and the run resumed on 2 ranks."""
+    train("one-process", tmp_path / "one")
+    one = _weights("transcoders", tmp_path / "one")
+    run = _torchrun("by-layers", str(tmp_path / "ranks"))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    _assert_same("by-layers", one, _weights("transcoders", tmp_path / "ranks"))
+    assert [_stats(tmp_path / "ranks")["tokens_trained"]] == [640]
+
+    out = tmp_path / "killed"
+    killed = _torchrun("by-layers", str(out), "--kill-after", "5")
+    assert killed.returncode != 0
+    assert (out / "checkpoints" / "layers-0_1" / "step-00000004.pt").is_file()
+    assert not (out / "featurelens.json").exists()
+    resumed = _torchrun("by-layers", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    _assert_same("by-layers resumed", one, _weights("transcoders", out))
+    assert _stats(out)["resumed_from_step"] == 4
+    assert not (out / "checkpoints").exists()
+
+
+def test_layers_shard_refuses_what_it_cannot_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    import featurelens as fl
+    from builders import tiny_model
+    from featurelens import distributed
+    from featurelens.cli import main as cli_main
+    from featurelens.dictionaries.train import _check_layer_checkpoints
+    from featurelens.errors import InputError
+
+    model = tiny_model("llama")
+    monkeypatch.setattr(distributed, "world_size", lambda: 3)
+    with pytest.raises(InputError, match="3 ranks for 2 layer"):
+        fl.train_transcoders(model, [0, 1], shard="layers", out=tmp_path / "x", progress=False)
+    with pytest.raises(InputError, match="shard must be one of"):
+        fl.train_transcoders(model, [0, 1], shard="heads", out=tmp_path / "x", progress=False)
+    monkeypatch.undo()
+    for flag, why in (("--hook=blocks.0.hook_resid_post", "single hook"), ("--clt", "couples its layers")):
+        assert cli_main(["train", flag, "--shard", "layers", "--out", str(tmp_path / "y")]) == 2
+        assert why in capsys.readouterr().err
+    # checkpoints of another split, or of a data-parallel run, are not silently ignored on resume
+    (tmp_path / "c" / "checkpoints" / "layers-0_1").mkdir(parents=True)
+    (tmp_path / "c" / "checkpoints" / "layers-0_1" / "step-00000002.pt").write_bytes(b"")
+    with pytest.raises(InputError, match="resume on as many ranks"):
+        _check_layer_checkpoints(tmp_path / "c", [[0], [1]])
+    with pytest.raises(InputError, match="--shard layers"):
+        _check_layer_checkpoints(tmp_path / "c", None)
+    _check_layer_checkpoints(tmp_path / "c", [[0, 1], [2]])  # the same split: rank 1 had not checkpointed yet
+    (tmp_path / "c" / "checkpoints" / "step-00000002.pt").write_bytes(b"")
+    with pytest.raises(InputError, match="data-parallel"):
+        _check_layer_checkpoints(tmp_path / "c", [[0, 1], [2]])
+
+
 if __name__ == "__main__":  # a rank of torchrun
     from featurelens import distributed
 
     assert distributed.init_from_env(), "run under torchrun with 2 processes"
     what, where = sys.argv[1], Path(sys.argv[2])
     kill = int(sys.argv[sys.argv.index("--kill-after") + 1]) if "--kill-after" in sys.argv else None
-    for k in (KINDS if what == "all" else (what,)):
+    for k in (KINDS if what == "all" else (what,)):  # "by-layers" too
         train(k, where / k if what == "all" else where, resume="--resume" in sys.argv,
               kill_after=kill if distributed.is_main() else None)
