@@ -72,9 +72,12 @@ def check_url(url: str) -> str:
     except ImportError:
         raise InputError("PostgreSQL support needs psycopg: pip install 'featurelens[postgres]'") from None
     try:
-        conninfo_to_dict(url)
+        params = conninfo_to_dict(url)
     except Exception as e:  # psycopg.ProgrammingError: libpq's own words say what is wrong
         raise InputError(f"malformed PostgreSQL URL {redact(url)!r}: {str(e).strip()}") from None
+    ports = str(params.get("port") or "")
+    if ports and not all(p.isdigit() and 0 < int(p) < 65536 for p in ports.split(",")):
+        raise InputError(f"malformed PostgreSQL URL {redact(url)!r}: the port {ports!r} is not a number in 1-65535")
     return url
 
 

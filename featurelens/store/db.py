@@ -508,6 +508,7 @@ def publish(src: str | Path, final: str | Path | PgLocation, n_features: int) ->
     from ..io import atomic_replace, crash_point
 
     src = Path(src)
+    final = store_target(final)
     if isinstance(final, PgLocation):
         _publish_postgres(src, final, n_features)
         src.unlink()
