@@ -180,3 +180,20 @@ def store_target(request, tmp_path):
     with psycopg.connect(url, autocommit=True) as conn:
         for name in made:
             conn.execute(f'DROP SCHEMA IF EXISTS "fl_{name}" CASCADE')
+
+
+@pytest.fixture
+def postgres_db():
+    """The test server's URL (see `postgres_url`); the analyses (schemas) a test makes there are dropped after it."""
+    url = postgres_url()
+    import psycopg
+
+    def schemas() -> set[str]:
+        with psycopg.connect(url, autocommit=True) as conn:
+            return {r[0] for r in conn.execute("SELECT nspname FROM pg_namespace WHERE nspname LIKE 'fl\\_%'")}
+
+    before = schemas()
+    yield url
+    with psycopg.connect(url, autocommit=True) as conn:
+        for s in schemas() - before:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{s}" CASCADE')

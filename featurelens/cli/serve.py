@@ -23,15 +23,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_server_args(p)
     p.add_argument("--token", default=None, help="access token, at least 16 characters; required (and made up when not "
                                                  "given) when --host is not a loopback address")
+    p.add_argument("--db", default=None, metavar="URL",
+                   help="also serve the analyses in this PostgreSQL database (postgresql://user@host/db), written there "
+                        "by `featurelens analyze --store URL`; labels edited in the app are saved there")
     p.set_defaults(func=cmd_serve)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    return serve(args.host, args.port, args.token)
+    return serve(args.host, args.port, args.token, db=args.db)
 
 
-def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, token: str | None = None) -> int:
-    """Serve featurelens' data directory at http://host:port/ until interrupted (also the end of `demo`)."""
+def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, token: str | None = None, db: str | None = None) -> int:
+    """Serve featurelens' data directory (and the analyses in the PostgreSQL database `db`) at http://host:port/
+    until interrupted (also the end of `demo`)."""
     import uvicorn
 
     from ..errors import InputError
@@ -49,13 +53,16 @@ def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, token: str | None 
         token = secrets.token_urlsafe(18)  # never serve beyond this machine without one
     root = data_dir()
     with instance_lock(root):  # a second server on this directory stops here, before touching its jobs
-        app = create_app(root, token=token, host=host)
+        app = create_app(root, token=token, host=host, db=db)
         shown = f"[{host}]" if ":" in host else host
         url = f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
         if not is_loopback(host):
             print(f"featurelens: warning: serving beyond this machine over plain HTTP: the token travels in the URL "
                   f"and in every request unencrypted, so anyone on the network path can read it and the data. Put a "
                   f"TLS proxy in front, or keep to 127.0.0.1 and use an SSH tunnel.", file=sys.stderr, flush=True)
-        print(f"featurelens: serving {root} at {url}", flush=True)
+        from ..store.backends import redact
+
+        print(f"featurelens: serving {root}" + (f" and the analyses in {redact(db)}" if db else "") + f" at {url}",
+              flush=True)
         uvicorn.run(app, host=host, port=port, log_level="warning")
     return 0

@@ -35,6 +35,10 @@ class StoreError(FeaturelensError, ValueError):
     """The analysis database is missing, from another schema, or unreadable."""
 
 
+class AnalysisNotFoundError(StoreError, LookupError):
+    """No analysis by that name in the PostgreSQL database."""
+
+
 class StoreConnectionError(StoreError):
     """The PostgreSQL server named by a store URL could not be reached or refused the connection."""
 
@@ -105,6 +109,15 @@ def pg_connect(url: str) -> Any:
         raise StoreConnectionError(f"cannot connect to the PostgreSQL server at {redact(url)}: {msg}") from None
 
 
+def check_reachable(url: str) -> None:
+    """Connect once and let go: a StoreConnectionError (or InputError) now, instead of at the end of a long job.
+    `url` may end in '#<analysis name>', which is checked too."""
+    base, _, name = url.partition("#")
+    if name:
+        pg_location(url)
+    pg_connect(base).close()
+
+
 class _Cursor:
     """Rows of a query, read as a list (psycopg fetches them all anyway), with the DB-API calls the store uses."""
 
@@ -145,6 +158,8 @@ class Backend:
     lock: threading.RLock
 
     def transaction(self) -> contextlib.AbstractContextManager: ...
+    def encode_token(self, s: str) -> Any: ...
+    def decode_token(self, v: Any) -> str: ...
     def has_table(self, name: str) -> bool: ...
     def stamp(self) -> Any: ...
     def close(self) -> None: ...
@@ -152,7 +167,15 @@ class Backend:
 
 class SQLiteBackend(Backend):
     kind = "sqlite"
-    types = {"blob": "BLOB", "real": "REAL", "bigint": "INTEGER", "norowid": " WITHOUT ROWID"}
+    types = {"blob": "BLOB", "real": "REAL", "bigint": "INTEGER", "norowid": " WITHOUT ROWID", "token_text": "TEXT"}
+
+    @staticmethod
+    def encode_token(s: str) -> Any:
+        return s
+
+    @staticmethod
+    def decode_token(v: Any) -> str:
+        return v
 
     def __init__(self, path: Path, readonly: bool):
         uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
@@ -214,7 +237,16 @@ class _PgConn:
 
 class PostgresBackend(Backend):
     kind = "postgresql"
-    types = {"blob": "BYTEA", "real": "DOUBLE PRECISION", "bigint": "BIGINT", "norowid": ""}
+    types = {"blob": "BYTEA", "real": "DOUBLE PRECISION", "bigint": "BIGINT", "norowid": "",
+             "token_text": "BYTEA"}
+
+    @staticmethod
+    def encode_token(s: str) -> Any:
+        return s.encode("utf-8", "surrogatepass")  # a token may be a NUL byte, which text columns refuse
+
+    @staticmethod
+    def decode_token(v: Any) -> str:
+        return bytes(v).decode("utf-8", "surrogatepass")
 
     def __init__(self, loc: PgLocation):
         self.loc = loc
@@ -265,15 +297,24 @@ def _quote(ident: str) -> str:
     return '"' + ident.replace('"', '""') + '"'
 
 
-def list_pg_analyses(url: str) -> list[str]:
-    """The names of the analyses (schemas with a meta table) in a PostgreSQL database."""
+def list_pg_analyses(url: str) -> dict[str, dict[str, Any]]:
+    """name -> the meta (key -> JSON text) of every analysis in a PostgreSQL database: its schemas with a meta
+    table, read over one connection."""
     conn = pg_connect(url)
+    out: dict[str, dict[str, Any]] = {}
     try:
-        rows = conn.execute("SELECT schemaname FROM pg_tables WHERE tablename = 'meta' AND schemaname LIKE %s "
-                            "ORDER BY schemaname", (SCHEMA_PREFIX.replace("_", r"\_") + "%",)).fetchall()
+        schemas = [r[0] for r in conn.execute(
+            "SELECT schemaname FROM pg_tables WHERE tablename = 'meta' AND starts_with(schemaname, %s) "
+            "ORDER BY schemaname", (SCHEMA_PREFIX,))]
+        for schema in schemas:
+            name = schema[len(SCHEMA_PREFIX):]
+            if NAME_RE.match(name):
+                rows = conn.execute(f"SELECT key, value FROM {_quote(schema)}.meta WHERE key IN "
+                                    f"('dictionary', 'status', 'model')").fetchall()
+                out[name] = dict(rows)
     finally:
         conn.close()
-    return [r[0][len(SCHEMA_PREFIX):] for r in rows if NAME_RE.match(r[0][len(SCHEMA_PREFIX):])]
+    return out
 
 
 def sqlite_file_id(path: Path) -> tuple[int, int] | None:

@@ -39,7 +39,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 from ..engine.errors import InputError
-from .backends import (PgLocation, PostgresBackend, SQLiteBackend, StoreError, is_postgres_url, pg_location,
+from .backends import (AnalysisNotFoundError, PgLocation, PostgresBackend, SQLiteBackend, StoreError, is_postgres_url, pg_location,
                        sqlite_file_id)
 
 UNCLEAR_BELOW = 0.75  # a label scoring under this (AUROC, see featurelens.analysis.scoring) is shown as unclear
@@ -51,7 +51,8 @@ def is_clear(score: float | None) -> bool | None:
 
 
 # Ordered migration steps: step N brings a store at version N-1 to N, in one transaction, and `schema_version`
-# records N. Column types are the backend's ({blob}, {real}, {bigint}; {norowid} is SQLite's WITHOUT ROWID).
+# records N. Column types are the backend's ({blob}, {real}, {bigint}; {norowid} is SQLite's WITHOUT ROWID;
+# {token_text} holds token strings, which may contain NUL: TEXT in SQLite, UTF-8 BYTEA in PostgreSQL).
 # Step 1 is the first schema; written with IF NOT EXISTS, it also completes a SQLite file made before
 # `schema_version` existed (such a file says schema 1 in meta and may lack the later tables).
 MIGRATIONS: list[str] = ["""
@@ -83,7 +84,7 @@ CREATE TABLE IF NOT EXISTS examples (
     acts {blob} NOT NULL,
     PRIMARY KEY (feature, kind, rank)
 ){norowid};
-CREATE TABLE IF NOT EXISTS tokens (id INTEGER PRIMARY KEY, str TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS tokens (id INTEGER PRIMARY KEY, str {token_text} NOT NULL);
 CREATE TABLE IF NOT EXISTS labels (
     feature INTEGER NOT NULL,
     provenance TEXT NOT NULL,
@@ -206,7 +207,7 @@ class FeatureStore:
         b = PostgresBackend(loc)
         if not create and not b.schema_exists():
             b.close()
-            raise StoreError(f"{loc}: no analysis named {loc.name!r} in this database")
+            raise AnalysisNotFoundError(f"{loc}: no analysis named {loc.name!r} in this database")
         return b
 
     def _migrate(self) -> int | None:
@@ -370,17 +371,19 @@ class FeatureStore:
 
     # ----------------------------------------------------------------- tokens
     def write_tokens(self, items: Iterable[tuple[int, str]]) -> None:
-        self.conn.executemany(_upsert("tokens", ("id", "str")), [(int(i), t) for i, t in items])
+        enc = self._b.encode_token
+        self.conn.executemany(_upsert("tokens", ("id", "str")), [(int(i), enc(t)) for i, t in items])
 
     def token_strings(self, ids: Iterable[int] | None = None) -> dict[int, str]:
+        dec = self._b.decode_token
         if ids is None:
-            return dict(self.conn.execute("SELECT id, str FROM tokens"))
+            return {i: dec(t) for i, t in self.conn.execute("SELECT id, str FROM tokens")}
         ids = sorted({int(i) for i in ids})
         out: dict[int, str] = {}
         for k in range(0, len(ids), 900):
             part = ids[k:k + 900]
             q = f"SELECT id, str FROM tokens WHERE id IN ({','.join('?' * len(part))})"
-            out.update(self.conn.execute(q, part))
+            out.update((i, dec(t)) for i, t in self.conn.execute(q, part))
         return out
 
     # ----------------------------------------------------------------- labels
@@ -390,7 +393,7 @@ class FeatureStore:
             if label is None:
                 c.execute("DELETE FROM labels WHERE feature = ? AND provenance = ?", (int(idx), provenance))
             else:
-                c.execute(_upsert("labels", LABEL_COLUMNS), (int(idx), provenance, label, time.time()))
+                c.execute(_upsert("labels", LABEL_COLUMNS), (int(idx), provenance, _clean(label), time.time()))
             if self._has_scores():
                 c.execute("DELETE FROM label_scores WHERE feature = ? AND provenance = ?", (int(idx), provenance))
 
@@ -398,7 +401,7 @@ class FeatureStore:
         """(feature, provenance, label) rows; call inside a transaction."""
         now = time.time()
         # in key order: two writers taking the same rows take them in the same order (no deadlock on PostgreSQL)
-        rows = sorted({(int(f), p): l for f, p, l in rows}.items())
+        rows = sorted({(int(f), p): _clean(l) for f, p, l in rows}.items())
         self.conn.executemany(_upsert("labels", LABEL_COLUMNS), [(f, p, l, now) for (f, p), l in rows])
         if self._has_scores():
             self.conn.executemany("DELETE FROM label_scores WHERE feature = ? AND provenance = ?",
@@ -472,6 +475,11 @@ class FeatureStore:
 
 
 # ----------------------------------------------------------------------------------------------- row codecs
+def _clean(label: str) -> str:
+    """A label as stored: without NUL characters (meaningless in a label; PostgreSQL's text refuses them)."""
+    return label.replace("\x00", "")
+
+
 def _encode_feature(r: dict[str, Any]) -> dict[str, Any]:
     out = dict(r)
     out["hist"] = np.asarray(r["hist"], dtype=np.int32).tobytes() if r.get("hist") is not None else None
@@ -578,5 +586,7 @@ def _publish_postgres(src: Path, final: PgLocation, n_features: int) -> None:
                     live.conn.execute(f"DELETE FROM {t}")
                 cur = fresh.conn.execute(f"SELECT {names} FROM {t} ORDER BY {', '.join(_KEYS[t])}")
                 while rows := cur.fetchmany(COPY_BATCH):
+                    if t == "tokens":
+                        rows = [(i, live._b.encode_token(s)) for i, s in rows]
                     live.conn.executemany(insert, rows)
             crash_point("publish:before-commit")

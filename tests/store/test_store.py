@@ -50,6 +50,11 @@ def test_every_table_reads_back_as_written(store_target):
         assert [(i, len(b)) for i, b in st.top_examples_all(1)] == [(i, 1) for i in range(6)]
         assert sorted(st.examples_by_feature("quantile")) == list(range(6))
         assert st.token_strings([3, 7, 999]) == {3: " w3", 7: " w7"} and len(st.token_strings()) == 50
+        with st.transaction():  # byte-level tokens include NUL, which PostgreSQL's text columns refuse
+            st.write_tokens([(60, "\x00"), (61, "é\x00ß")])
+            st.write_labels([(0, "llm", "a label\x00 with a NUL")])
+        assert st.token_strings([60, 61]) == {60: "\x00", 61: "é\x00ß"} and st.token_strings()[61] == "é\x00ß"
+        assert st.labels(0)[0]["label"] == "a label with a NUL"
         assert [i for i, _, _ in st.logit_lists()] == list(range(6))
         assert st.get("dictionary")["d_sae"] == 6 and st.get("nothing", 5) == 5 and "status" in st.meta()
 
