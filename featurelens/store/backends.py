@@ -248,12 +248,14 @@ class PostgresBackend(Backend):
     def decode_token(v: Any) -> str:
         return bytes(v).decode("utf-8", "surrogatepass")
 
-    def __init__(self, loc: PgLocation):
+    def __init__(self, loc: PgLocation, readonly: bool = False):
         self.loc = loc
         self.lock = threading.RLock()  # one transaction at a time on the shared connection (the server's threads)
         raw = pg_connect(loc.url)
         # the schema's tables, unqualified, are the analysis's: every query reads the same as on SQLite
         raw.execute("SELECT set_config('search_path', %s, false)", (_quote(loc.schema),))
+        if readonly:  # as SQLite's mode=ro: a write is refused by the server, not merely not attempted
+            raw.execute("SET default_transaction_read_only = on")
         self.conn = _PgConn(raw, self.lock)
 
     def schema_exists(self) -> bool:

@@ -204,7 +204,7 @@ class FeatureStore:
         return b
 
     def _open_postgres(self, loc: PgLocation, create: bool) -> PostgresBackend:
-        b = PostgresBackend(loc)
+        b = PostgresBackend(loc, self.readonly)
         if not create and not b.schema_exists():
             b.close()
             raise AnalysisNotFoundError(f"{loc}: no analysis named {loc.name!r} in this database")

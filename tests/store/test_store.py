@@ -96,6 +96,9 @@ def test_migrations_run_once_and_a_newer_schema_is_refused(store_target):
         assert st.conn.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
     with FeatureStore(target) as st:  # opened again: nothing re-applied, nothing lost
         assert st.conn.execute("SELECT COUNT(*) FROM schema_version").fetchone()[0] == 1 and st.n_features() == 6
+    with FeatureStore(target, readonly=True) as ro, pytest.raises(Exception, match="read-only|readonly"):
+        ro.set_label(0, "refused")  # a read-only store refuses writes on both backends
+    with FeatureStore(target) as st:  # as a newer featurelens would leave it
         st.conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION + 1,))
     for readonly in (False, True):
         with pytest.raises(StoreError, match=f"schema {SCHEMA_VERSION + 1}"):
