@@ -4,7 +4,11 @@ over a live analysis, and concurrent writers losing nothing."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +16,8 @@ import pytest
 from featurelens.errors import InputError
 from featurelens.store import USER, FeatureStore, StoreConnectionError, StoreError, pg_location, publish
 from featurelens.store.db import SCHEMA_VERSION
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def fill(store: FeatureStore, n: int = 6, seed: int = 0, tag: str = "") -> None:
@@ -129,44 +135,45 @@ def test_publish_replaces_the_analysis_and_keeps_the_users_labels(store_target, 
         assert st.token_strings([3]) == {3: " w3new"}
 
 
+WRITER = """
+import sys
+from featurelens.store import FeatureStore
+target, name, order, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+features = list(range(n))[::-1] if order == "down" else list(range(n))
+with FeatureStore(target) as st:
+    print("ready", flush=True)
+    sys.stdin.readline()  # all start together
+    for rnd in (1, 2):
+        for k in range(0, n, 7):
+            with st.transaction():
+                st.write_labels((f, name, f"{name} {f} round {rnd}") for f in features[k:k + 7])
+"""
+
+
 def test_two_writers_and_a_label_editor_at_once_lose_nothing(store_target):
-    """Two explainers write their labels in batches (twice over, in opposite orders) while a person edits labels
-    one at a time, each on its own connection: every row is there once, with its last value. (Threads, each with its
-    own connection: on PostgreSQL each is its own server process, as separate programs would be.)"""
+    """Two explainer processes write their labels in batches (twice over, in opposite orders) while a person edits
+    labels one at a time: every row is there once, with its last value."""
     target = store_target()
     n = 60
     with FeatureStore(target, create=True) as st:
         fill(st, n=n)
-    errors: list[BaseException] = []
-
-    def explainer(name: str, order: list[int]) -> None:
-        try:
-            with FeatureStore(target) as st:
-                for rnd in (1, 2):
-                    for k in range(0, n, 7):
-                        with st.transaction():
-                            st.write_labels((f, name, f"{name} {f} round {rnd}") for f in order[k:k + 7])
-        except BaseException as e:  # noqa: BLE001 - reported by the main thread
-            errors.append(e)
-
-    def editor() -> None:
-        try:
-            with FeatureStore(target) as st:
-                for f in range(n):
-                    st.set_label(f, f"edited {f}")
-                    if f % 3 == 0:
-                        st.set_label(f, f"edited {f} twice")
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
-
-    threads = [threading.Thread(target=explainer, args=("exp-a", list(range(n)))),
-               threading.Thread(target=explainer, args=("exp-b", list(range(n))[::-1])),
-               threading.Thread(target=editor)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors, errors
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(target), name, order, str(n)], env=env,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for name, order in (("exp-a", "up"), ("exp-b", "down"))]
+    for w in writers:
+        assert w.stdout.readline().strip() == "ready", w.stderr.read()
+    for w in writers:
+        w.stdin.write("go\n")
+        w.stdin.flush()
+    with FeatureStore(target) as st:
+        for f in range(n):
+            st.set_label(f, f"edited {f}")
+            if f % 3 == 0:
+                st.set_label(f, f"edited {f} twice")
+    for w in writers:
+        _, err = w.communicate(timeout=120)
+        assert w.returncode == 0, err
     with FeatureStore(target) as st:
         rows = st.conn.execute("SELECT feature, provenance, label FROM labels").fetchall()
         assert len(rows) == len({(f, p) for f, p, _ in rows}) == 4 * n  # auto, two explainers, the user: once each
