@@ -64,7 +64,8 @@ class PgLocation:
 
 def redact(url: str) -> str:
     """The URL with its password hidden, for messages."""
-    return re.sub(r"^(\w+://[^:/@]*):[^@/]*@", r"\1:***@", url)
+    url = re.sub(r"^(\w+://[^:/@]*):[^@/]*@", r"\1:***@", url)
+    return re.sub(r"([?&]password=)[^&#]*", r"\1***", url)
 
 
 def check_url(url: str) -> str:
