@@ -39,8 +39,8 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 from ..engine.errors import InputError
-from .backends import (AnalysisNotFoundError, PgLocation, PostgresBackend, SQLiteBackend, StoreError, is_postgres_url, pg_location,
-                       sqlite_file_id)
+from .backends import (AnalysisNotFoundError, PgLocation, PostgresBackend, SQLiteBackend, StoreError, is_postgres_url,
+                       pg_location, sqlite_file_id)
 
 UNCLEAR_BELOW = 0.75  # a label scoring under this (AUROC, see featurelens.analysis.scoring) is shown as unclear
 
@@ -505,8 +505,8 @@ def _decode_example(r: Sequence[Any]) -> dict[str, Any]:
 
 
 def publish(src: str | Path, final: str | Path | PgLocation, n_features: int) -> None:
-    """Make the finished database `src` the analysis at `final` (a SQLite path or a PostgreSQL analysis), keeping the user's labels of features below
-    `n_features` from the old one, and remove `src`.
+    """Make the finished database `src` the analysis at `final` (a SQLite path or a PostgreSQL analysis), keeping
+    the user's labels of features below `n_features` from the old one, and remove `src`.
 
     Over a readable database the new contents are copied in place, in one transaction: a server reading or writing
     it all along sees the old analysis or the new one, and a label it saves meanwhile is in the result (before the
