@@ -12,6 +12,7 @@ Tiers: tests that need an embedded model (converted on first use, about 40 s) or
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
@@ -138,3 +139,64 @@ def sigint_default():
 def pytest_report_header(config):
     return [f"featurelens test data: temporary directory per run; models cached in {TEST_CACHE}; "
             f"corpus {SHARED_CORPUS}" + ("" if SHARED_CORPUS.is_file() else " (MISSING)")]
+
+
+# ----------------------------------------------------------------------------------------------- store backends
+POSTGRES_VAR = "FEATURELENS_TEST_POSTGRES"  # a postgresql:// URL of a server the tests may create schemas on
+SKIP_POSTGRES_VAR = "FEATURELENS_SKIP_POSTGRES"
+_pg_names = itertools.count()
+
+
+def postgres_url() -> str:
+    """The test server's URL. Without one the PostgreSQL tests fail (CI must test both backends); a developer may
+    skip them with FEATURELENS_SKIP_POSTGRES=1, never CI."""
+    url = os.environ.get(POSTGRES_VAR, "").strip()
+    if url:
+        return url
+    if os.environ.get(SKIP_POSTGRES_VAR) == "1" and os.environ.get("CI", "").lower() not in ("true", "1"):
+        pytest.skip(f"PostgreSQL store tests skipped ({SKIP_POSTGRES_VAR}=1)")
+    pytest.fail(f"the PostgreSQL store tests need a server: set {POSTGRES_VAR}=postgresql://user@host/db (a database "
+                f"the tests may create schemas in; .ci/postgres starts a throw-away one: `source .ci/postgres`), or "
+                f"on a developer machine set {SKIP_POSTGRES_VAR}=1 to skip them" +
+                (" (CI=true: they may not be skipped)" if os.environ.get("CI") else ""), pytrace=False)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_target(request, tmp_path):
+    """A function making a new, empty store location on each backend: a SQLite path, or a PostgreSQL URL naming an
+    analysis of its own (its schema is dropped after the test)."""
+    if request.param == "sqlite":
+        names = itertools.count()
+        yield lambda: tmp_path / f"store-{next(names)}.sqlite"
+        return
+    url = postgres_url()
+    import psycopg
+
+    made: list[str] = []
+
+    def new() -> str:
+        name = f"t{os.getpid()}-{next(_pg_names)}"
+        made.append(name)
+        return f"{url}#{name}"
+
+    yield new
+    with psycopg.connect(url, autocommit=True) as conn:
+        for name in made:
+            conn.execute(f'DROP SCHEMA IF EXISTS "fl_{name}" CASCADE')
+
+
+@pytest.fixture
+def postgres_db():
+    """The test server's URL (see `postgres_url`); the analyses (schemas) a test makes there are dropped after it."""
+    url = postgres_url()
+    import psycopg
+
+    def schemas() -> set[str]:
+        with psycopg.connect(url, autocommit=True) as conn:
+            return {r[0] for r in conn.execute("SELECT nspname FROM pg_namespace WHERE nspname LIKE 'fl\\_%'")}
+
+    before = schemas()
+    yield url
+    with psycopg.connect(url, autocommit=True) as conn:
+        for s in schemas() - before:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{s}" CASCADE')

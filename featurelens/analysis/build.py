@@ -13,7 +13,8 @@ Stages (progress is saved within each, so an interrupted run resumes where it st
 4. **embed**: search documents (label + top snippets) are embedded for concept search (skipped without the
    embedding model; search then falls back to lexical).
 
-Then the database moves from ``building/`` to ``features.sqlite`` in one rename. A finished analysis is never
+Then the database moves from ``building/`` to ``features.sqlite`` in one rename (or, with ``store=``, is copied into
+its schema of a PostgreSQL database in one transaction). A finished analysis is never
 modified by a later run; ``overwrite=True`` rebuilds in ``building/`` and keeps the user's labels.
 
 The stages live in their own modules: `contexts` (which text is read), `stream`, `finalize` (and the logit lens in
@@ -39,13 +40,14 @@ from ..progress import OnProgress
 from ..models.loader import load_model
 from ..search.concept import ensure_embeddings
 from ..search.embed import get_embedder
-from ..store import BUILD_DIR, BUILD_LOCK, DB_FILE, FeatureStore, publish
+from ..store import BUILD_DIR, BUILD_LOCK, DB_FILE, FeatureStore, PgLocation, StoreError, pg_location, publish
+from ..store.backends import check_reachable, is_postgres_url
 from .accumulate import Accumulator, AccumulatorConfig
 from .contexts import select_contexts
 from .explain import AutoExplainer, explain_store
 from .scoring import score_labels
 from .finalize import finalize
-from .results import DictionaryAnalysis, default_analysis_dir
+from .results import DictionaryAnalysis, default_analysis_dir, default_analysis_name
 from .stream import STATE_FILE, load_state, merge_over_ranks, save_state, stream
 from .timings import AnalysisTimings, merge_timings
 
@@ -76,7 +78,7 @@ def _stream_stage(model: Any, dictionary: Any, acc: Accumulator, contexts: Any, 
 
 
 def _follow(model: Any, dictionary: Any, acfg: AccumulatorConfig, seed: int, contexts: Any, batch_size: int,
-            adir: Path, checkpoint_every: float) -> Any:
+            adir: Path, checkpoint_every: float, final: Path | PgLocation) -> Any:
     """A rank other than 0: stream its share of the batches when rank 0 finds streaming to do, then wait for rank
     0 to finish and publish the analysis."""
     dist.barrier()  # rank 0 has prepared building/
@@ -86,10 +88,15 @@ def _follow(model: Any, dictionary: Any, acfg: AccumulatorConfig, seed: int, con
                          AnalysisTimings(), False, None, None):
             return None  # stopped early (testing): rank 0 stops too
     dist.barrier()  # rank 0 has published the analysis
-    return _open_in_turn(adir, dictionary, model)
+    return _open_in_turn(_where(adir, final), dictionary, model)
 
 
-def _open_in_turn(adir: Path, dictionary: Any, model: Any) -> DictionaryAnalysis:
+def _where(adir: Path, final: Path | PgLocation) -> Path | PgLocation:
+    """What DictionaryAnalysis opens: the analysis directory, or the PostgreSQL analysis."""
+    return final if isinstance(final, PgLocation) else adir
+
+
+def _open_in_turn(adir: Path | PgLocation, dictionary: Any, model: Any) -> DictionaryAnalysis:
     """The published analysis, opened by one rank after another (rank 0 first): opening a store for writing sets
     its journal mode, which two processes at once would find locked."""
     result = None
@@ -105,7 +112,7 @@ def analyze(model: Any = None, dictionary: Any = None, data: Any = None, *, n_to
             batch_size: int = 16, ctx_len: int = 128, split: str = "test", out: str | Path | None = None,
             overwrite: bool = False, n_top: int = 24, n_sample: int = 64, window: tuple[int, int] = (24, 8),
             embed: bool = True, explainer: Any = None, checkpoint_every: float = 120.0, seed: int = 0,
-            progress: bool = True, on_progress: OnProgress | None = None,
+            progress: bool = True, on_progress: OnProgress | None = None, store: str | None = None,
             _stop_after_batches: int | None = None) -> "Any":
     """Analyze every feature of `dictionary` over held-out text; returns the `DictionaryAnalysis`.
 
@@ -120,7 +127,15 @@ def analyze(model: Any = None, dictionary: Any = None, data: Any = None, *, n_to
     window: tokens shown (before, after) the example's token. embed: embed search documents at the end.
     explainer: an `Explainer` for the labels (default: the built-in `AutoExplainer`).
     checkpoint_every: seconds between saves of the streaming state (and always at the end of the stream).
+    store: a PostgreSQL database to keep the finished analysis in ("postgresql://user@host/db", optionally
+        "#name"; default name: like the analysis directory's). It is still built (resumably) in `out`, then copied
+        into the database in one transaction; `featurelens serve --db` serves it from there.
     """
+    if store is not None and not is_postgres_url(store):
+        raise InputError(f"store= takes a PostgreSQL URL (postgresql://user@host/db[#name]), got {store!r}; "
+                         f"for a local directory use out=")
+    if store is not None:
+        check_reachable(store)  # before hours of streaming, not after
     if not isinstance(batch_size, int) or batch_size <= 0:
         raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
     if n_tokens is not None and n_tokens <= 0:
@@ -136,8 +151,10 @@ def analyze(model: Any = None, dictionary: Any = None, data: Any = None, *, n_to
     check_fits(model, dictionary)
     fp = dictionary_fingerprint(dictionary)
     adir = Path(out).expanduser() if out is not None else default_analysis_dir(dictionary, dict_dir, model.name)
-    final = adir / DB_FILE
-    if final.is_file() and not overwrite:
+    final: Path | PgLocation = adir / DB_FILE
+    if store is not None:
+        final = pg_location(store, None if "#" in store else default_analysis_name(dictionary, dict_dir, model.name))
+    if _exists(final) and not overwrite:
         with FeatureStore(final, readonly=True) as st:
             old_fp = st.get("dictionary_fingerprint")
         if old_fp != fp:
@@ -146,7 +163,7 @@ def analyze(model: Any = None, dictionary: Any = None, data: Any = None, *, n_to
         if progress:
             print(f"featurelens: {final} is complete; pass overwrite=True (--overwrite) to rebuild it",
                   file=sys.stderr, flush=True)
-        return DictionaryAnalysis(adir, dictionary=dictionary, model=model)
+        return DictionaryAnalysis(_where(adir, final), dictionary=dictionary, model=model)
 
     main = dist.is_main()  # several ranks (torchrun): each streams its share, rank 0 builds and publishes the rest
     progress = progress and main
@@ -162,7 +179,7 @@ def analyze(model: Any = None, dictionary: Any = None, data: Any = None, *, n_to
                 "seed": seed}
 
     if not main:
-        return _follow(model, dictionary, acfg, seed, contexts, batch_size, adir, checkpoint_every)
+        return _follow(model, dictionary, acfg, seed, contexts, batch_size, adir, checkpoint_every, final)
     adir.mkdir(parents=True, exist_ok=True)
     clean_stale_tmp(adir)
     # two runs building one analysis would share building/: the second stops at once with a clear message
@@ -269,6 +286,17 @@ def analyze(model: Any = None, dictionary: Any = None, data: Any = None, *, n_to
     dist.barrier()  # the other ranks return once the analysis is published
     if progress:
         print(f"featurelens: analysis written to {final}\n  {timings.summary()}", file=sys.stderr, flush=True)
-    result = _open_in_turn(adir, dictionary, model)
+    result = _open_in_turn(_where(adir, final), dictionary, model)
     result.timings = timings
     return result
+
+
+def _exists(final: Path | PgLocation) -> bool:
+    """Whether a finished analysis is at `final`."""
+    if isinstance(final, Path):
+        return final.is_file()
+    try:
+        with FeatureStore(final, readonly=True) as st:
+            return st.get("status") == "complete"
+    except StoreError:
+        return False

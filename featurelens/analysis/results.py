@@ -15,7 +15,9 @@ from ..models.loader import load_model
 from ..search.by_text import FeatureActivations, TextSearchResult, feature_activations, search_text
 from ..search.by_token import PromoteHit, search_promotes
 from ..search.concept import SearchHit, concept_search
-from ..store import BUILD_DIR, DB_FILE, USER, FeatureStore, StoreError, analysis_dir_for_path, data_analysis_dir
+from ..store import (BUILD_DIR, DB_FILE, USER, FeatureStore, PgLocation, StoreError, analysis_dir_for_path,
+                     analysis_slug, data_analysis_dir, is_postgres_url, pg_location)
+from ..store.backends import MAX_NAME
 from .dashboard import FeatureDashboard, TokenExample
 from .explain import AutoExplainer, Explainer, explain_store
 from .scoring import score_labels
@@ -33,8 +35,24 @@ def default_analysis_dir(dictionary: Any, dict_dir: Path | None, model_name: str
     return data_analysis_dir(f"{name}-{cfg.hook_name}-{cfg.d_sae}", dictionary_fingerprint(dictionary))
 
 
-def find_analysis(path: Any) -> Path:
-    """The analysis directory for a dictionary directory, an analysis directory, its database, or a dictionary."""
+def default_analysis_name(dictionary: Any, dict_dir: Path | None, model_name: str | None = None) -> str:
+    """The name of a dictionary's analysis in a PostgreSQL database: like its directory under the data dir (the
+    dictionary directory's name and a hash of its path; in memory: model, hook and width, and its weights' hash)."""
+    if dict_dir is not None:
+        p = Path(dict_dir).expanduser().resolve()
+        return analysis_slug(p.name, str(p), MAX_NAME)
+    cfg = dictionary.cfg
+    name = model_name or getattr(cfg, "model_name", "") or "model"
+    return analysis_slug(f"{name}-{cfg.hook_name}-{cfg.d_sae}", dictionary_fingerprint(dictionary), MAX_NAME)
+
+
+def find_analysis(path: Any) -> Path | PgLocation:
+    """The analysis directory for a dictionary directory, an analysis directory, its database, or a dictionary; or
+    the PostgreSQL analysis a URL names (postgresql://.../db#name)."""
+    if isinstance(path, PgLocation):
+        return path
+    if is_postgres_url(path):
+        return pg_location(path)
     if not isinstance(path, (str, Path)):
         dictionary, d = resolve_dictionary(path)
         cands = [default_analysis_dir(dictionary, d)]
@@ -56,24 +74,31 @@ def find_analysis(path: Any) -> Path:
 
 
 def open_analysis(path: Any, *, model: Any = None) -> "DictionaryAnalysis":
-    """Open the finished analysis of a dictionary (its directory, its analysis directory, or a SparseDictionary).
+    """Open the finished analysis of a dictionary (its directory, its analysis directory, or a SparseDictionary), or
+    one in a PostgreSQL database (postgresql://user@host/db#analysis-name).
 
     >>> fd = fl.open_analysis("~/sae-l6")
     >>> fd.feature(1234)           # dashboard data; displays as HTML in Jupyter
     >>> fd.search("legal document")
     """
-    dictionary = None if isinstance(path, (str, Path)) else path
+    dictionary = None if isinstance(path, (str, Path, PgLocation)) else path
     return DictionaryAnalysis(find_analysis(path), dictionary=dictionary, model=model)
 
 
 class DictionaryAnalysis:
     """An analyzed dictionary: dashboards (`feature`), labels (`label`, `set_label`) and the three searches."""
 
-    def __init__(self, adir: str | Path, dictionary: Any = None, model: Any = None):
-        self.dir = Path(adir)
-        path = self.dir / DB_FILE
-        writable = os.access(self.dir, os.W_OK) and (not path.exists() or os.access(path, os.W_OK))
-        self.store = FeatureStore(path, readonly=not writable)
+    def __init__(self, adir: str | Path | PgLocation, dictionary: Any = None, model: Any = None):
+        """adir: the analysis directory, or a PostgreSQL analysis (a `PgLocation` or postgresql://...#name)."""
+        if isinstance(adir, PgLocation) or is_postgres_url(adir):
+            self.dir: Path | PgLocation = find_analysis(adir)
+            path: Any = self.dir
+            self.store = FeatureStore(path)
+        else:
+            self.dir = Path(adir)
+            path = self.dir / DB_FILE
+            writable = os.access(self.dir, os.W_OK) and (not path.exists() or os.access(path, os.W_OK))
+            self.store = FeatureStore(path, readonly=not writable)
         self.meta = self.store.meta()
         if self.meta.get("status") != "complete":
             raise NotAnalyzedError(f"{path}: the analysis is not complete")

@@ -14,6 +14,9 @@ from ..errors import FeaturelensError, InputError
 from . import common
 
 
+ANALYZED_PATH = "an analyzed dictionary (its directory), or an analysis in PostgreSQL: postgresql://user@host/db#name"
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("analyze", help="build dashboards, labels and the search index for every feature of a dictionary",
                        description="Stream held-out text through the model and the dictionary and store, for every "
@@ -29,6 +32,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test", choices=["test", "train", "all"], help="corpus split (default test)")
     common.add(p, "out", note="(the analysis directory; default <dictionary>/analysis)")
     common.add(p, "overwrite", note="(rebuilds a finished analysis; your labels are kept)")
+    p.add_argument("--store", default=None, metavar="URL",
+                   help="keep the finished analysis in a PostgreSQL database, postgresql://user@host/db[#name] "
+                        "(default name: from the dictionary's directory); it is built in --out, then copied in; "
+                        "`featurelens serve --db URL` serves it")
     p.add_argument("--no-embed", action="store_true", help="skip the search embeddings (search falls back to lexical)")
     p.add_argument("--checkpoint-seconds", type=float, default=120.0, metavar="SECONDS",
                    help="seconds between saves of the partial analysis (default 120)")
@@ -38,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="search PATH \"legal document\" ranks features by meaning (labels and top snippets); "
                                    "--text shows the features that fire on a text, overall and per token; --promotes "
                                    "shows the features whose logit lens pushes a token up most.")
-    p.add_argument("path", help="an analyzed dictionary (its directory)")
+    p.add_argument("path", help=ANALYZED_PATH)
     p.add_argument("query", nargs="?", default=None, help="what the features should be about")
     p.add_argument("--text", default=None, help="features that fire on this text")
     p.add_argument("--promotes", default=None, metavar="TOKEN", help="features that push this output token up, e.g. "
@@ -58,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("feature", help="one feature's dashboard in the terminal (or as an HTML page)")
-    p.add_argument("path", help="an analyzed dictionary (its directory)")
+    p.add_argument("path", help=ANALYZED_PATH)
     p.add_argument("index", help="the feature index")
     p.add_argument("--html", default=None, metavar="FILE", help="write a standalone HTML page to FILE")
     common.add(p, "json")
@@ -73,7 +80,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "hosted API), one request per feature. Labels are stored one transaction per "
                                    "--batch, and features already labelled by the same explainer are skipped, so "
                                    "rerunning after a failure or Ctrl-C resumes (--overwrite labels them again).")
-    p.add_argument("path", help="an analyzed dictionary (its directory)")
+    p.add_argument("path", help=ANALYZED_PATH)
     p.add_argument("--llm-url", default=None, metavar="URL",
                    help="base URL of an OpenAI-compatible API, e.g. http://127.0.0.1:8080/v1 (requests go to "
                         "URL/chat/completions)")
@@ -97,6 +104,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from ..analysis import analyze
     from ..dictionaries.compat import resolve_dictionary
 
+    if args.store is not None:
+        from ..store.backends import check_reachable
+
+        check_reachable(args.store)  # before the model loads
     distributed.init_from_env(args.device)  # under torchrun: the ranks share the token stream, rank 0 writes
     sae, path = resolve_dictionary(args.path)
     model = common.load_model(args, sae)
@@ -105,7 +116,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     sae.source = path
     result = analyze(model, sae, args.corpus, n_tokens=args.tokens,
                      batch_size=args.batch_size, ctx_len=args.ctx_len, split=args.split, out=args.out,
-                     overwrite=args.overwrite, embed=not args.no_embed, checkpoint_every=args.checkpoint_seconds)
+                     overwrite=args.overwrite, embed=not args.no_embed, checkpoint_every=args.checkpoint_seconds,
+                     store=args.store)
     if distributed.is_main():
         print(result)
     return 0

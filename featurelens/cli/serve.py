@@ -24,17 +24,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     common.add(p, "device", note="(models and dictionaries are loaded there on first use)")
     p.add_argument("--token", default=None, help="access token, at least 16 characters; required (and made up when not "
                                                  "given) when --host is not a loopback address")
+    p.add_argument("--db", default=None, metavar="URL",
+                   help="also serve the analyses in this PostgreSQL database (postgresql://user@host/db), written there "
+                        "by `featurelens analyze --store URL`; labels edited in the app are saved there")
     p.set_defaults(func=cmd_serve)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    return serve(args.host, args.port, args.token, device=args.device)
+    return serve(args.host, args.port, args.token, device=args.device, db=args.db)
 
 
 def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, token: str | None = None,
-          device: str | None = None) -> int:
-    """Serve featurelens' data directory at http://host:port/ until interrupted (also the end of `demo`); models
-    and dictionaries are loaded on `device` (default cpu)."""
+          device: str | None = None, db: str | None = None) -> int:
+    """Serve featurelens' data directory (and the analyses in the PostgreSQL database `db`) at http://host:port/
+    until interrupted (also the end of `demo`); models and dictionaries are loaded on `device` (default cpu)."""
     import uvicorn
 
     from ..device import check_device
@@ -54,13 +57,16 @@ def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, token: str | None 
         token = secrets.token_urlsafe(18)  # never serve beyond this machine without one
     root = data_dir()
     with instance_lock(root):  # a second server on this directory stops here, before touching its jobs
-        app = create_app(root, token=token, host=host, device=device)
+        app = create_app(root, token=token, host=host, device=device, db=db)
         shown = f"[{host}]" if ":" in host else host
         url = f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
         if not is_loopback(host):
             print(f"featurelens: warning: serving beyond this machine over plain HTTP: the token travels in the URL "
                   f"and in every request unencrypted, so anyone on the network path can read it and the data. Put a "
                   f"TLS proxy in front, or keep to 127.0.0.1 and use an SSH tunnel.", file=sys.stderr, flush=True)
-        print(f"featurelens: serving {root} at {url}" + (f" (models on {device})" if device else ""), flush=True)
+        from ..store.backends import redact
+
+        print(f"featurelens: serving {root}" + (f" and the analyses in {redact(db)}" if db else "") + f" at {url}"
+              + (f" (models on {device})" if device else ""), flush=True)
         uvicorn.run(app, host=host, port=port, log_level="warning")
     return 0

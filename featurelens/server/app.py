@@ -33,7 +33,7 @@ from .token import install_token_check
 
 def create_app(data_dir: str | Path, *, model_loader: Callable[[str], Any] | None = None,
                token: str | None = None, host: str | None = None, limits: Limits | None = None,
-               device: str | None = None) -> FastAPI:
+               device: str | None = None, db: str | None = None) -> FastAPI:
     """The FastAPI app serving `data_dir`.
 
     model_loader: name -> HookedTransformer (default `fl.load_model`); models load on first use, once.
@@ -42,6 +42,8 @@ def create_app(data_dir: str | Path, *, model_loader: Callable[[str], Any] | Non
     `X-Featurelens-Token`, or query `?token=`); `featurelens serve` sets one whenever it binds beyond loopback.
     host: the address the server is bound to (loopback: only loopback Host names are answered); limits: body size,
     stored uploads, jobs at once (default `Limits.from_env()`). See security.py.
+    db: a PostgreSQL database (postgresql://user@host/db) whose analyses are served beside the data directory's,
+    listed as "@pg.<name>"; checked here, so a wrong URL or a server that is down stops the start with a message.
 
     >>> from fastapi.testclient import TestClient
     >>> client = TestClient(create_app("~/.cache/featurelens"))
@@ -50,7 +52,12 @@ def create_app(data_dir: str | Path, *, model_loader: Callable[[str], Any] | Non
     data = Path(data_dir).expanduser()
     data.mkdir(parents=True, exist_ok=True)
     clean_on_start(data)
-    state = AppState(data=data, runtime=Runtime(data, model_loader, device=device), jobs=JobManager(data / "server" / "jobs"))
+    if db is not None:
+        from ..store.backends import check_reachable
+
+        check_reachable(db)
+    state = AppState(data=data, runtime=Runtime(data, model_loader, device=device, db=db),
+                     jobs=JobManager(data / "server" / "jobs"), db=db)
 
     # FastAPI's /docs and /redoc pages load their scripts from the web; the app's own #/api page reads /openapi.json
     app = FastAPI(title="featurelens", version=__version__, docs_url=None, redoc_url=None,

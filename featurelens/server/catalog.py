@@ -1,10 +1,11 @@
 """What the data directory holds, as the web app lists it: models, dictionaries (with their metrics and analyses),
-standalone analyses and saved attribution graphs.
+standalone analyses, the analyses in a PostgreSQL database (`featurelens serve --db`) and saved attribution graphs.
 
 Ids are paths relative to their folder with "/" written as "~", so they fit in one URL segment and say where the
 files are: dictionary "gemma-3-270m~blocks.6.hook_resid_post-topk-8192" is
 <data dir>/dictionaries/gemma-3-270m/blocks.6.hook_resid_post-topk-8192. An analysis stored apart from its
-dictionary (<data dir>/analysis/<slug>) is listed as "@<slug>". A graph is "<set>~<slug>": <data dir>/graphs/<set>/
+dictionary (<data dir>/analysis/<slug>) is listed as "@<slug>", one in the server's
+PostgreSQL database as "@pg.<name>". A graph is "<set>~<slug>": <data dir>/graphs/<set>/
 holds graph-metadata.json and <slug>.json.
 """
 
@@ -18,6 +19,7 @@ from typing import Any
 
 from ..errors import FeaturelensError, MissingFileError
 
+PG_PREFIX = "@pg."  # ids of the analyses in the server's PostgreSQL database
 MAX_DEPTH = 4  # how deep dictionaries/ and graphs/ are searched
 ID_RE = re.compile(r"^@?[A-Za-z0-9._~+=-]{1,400}$")
 SLUG_RE = re.compile(r"^[A-Za-z0-9._+=-]{1,200}$")
@@ -145,9 +147,10 @@ def layer_analyses(set_dir: Path) -> dict[int, Path]:
     return out
 
 
-def list_dictionaries(data: Path) -> list[dict[str, Any]]:
-    """Every dictionary directory under <data>/dictionaries (cfg.json, or a transcoder set's featurelens.json), and
-    every analysis under <data>/analysis whose dictionary lies elsewhere."""
+def list_dictionaries(data: Path, db: str | None = None) -> list[dict[str, Any]]:
+    """Every dictionary directory under <data>/dictionaries (cfg.json, or a transcoder set's featurelens.json),
+    every analysis under <data>/analysis whose dictionary lies elsewhere, and every analysis in the PostgreSQL
+    database `db` (`featurelens serve --db`)."""
     root = data / "dictionaries"
     out: list[dict[str, Any]] = []
     if root.is_dir():
@@ -167,6 +170,30 @@ def list_dictionaries(data: Path) -> list[dict[str, Any]]:
                 stack.extend((c, depth + 1) for c in reversed(children) if c.name not in ("checkpoints", "analysis"))
     for a in sorted((data / "analysis").glob("*/features.sqlite")) if (data / "analysis").is_dir() else []:
         out.append(_analysis_entry(a.parent))
+    if db is not None:
+        out.extend(_pg_entries(db))
+    return out
+
+
+def _pg_entries(db: str) -> list[dict[str, Any]]:
+    """The analyses in a PostgreSQL database, each listed as "@pg.<name>"."""
+    from ..store import list_pg_analyses, pg_location
+
+    out = []
+    for name, meta in list_pg_analyses(db).items():
+        try:
+            d = json.loads(meta.get("dictionary") or "{}")
+            complete = json.loads(meta.get("status") or "null") == "complete"
+        except ValueError:
+            d, complete = {}, False
+        d = d if isinstance(d, dict) else {}
+        info = {"id": PG_PREFIX + name, "path": d.get("path"), "kind": "transcoder" if d.get("transcoder") else "sae",
+                "model": d.get("model_name", ""), "hook_name": d.get("hook_name", ""), "d_sae": d.get("d_sae"),
+                "arch": d.get("arch"), "k": None, "layers": None, "metrics": {}, "analyzed": complete,
+                "analysis_dir": str(pg_location(db, name))}
+        if d.get("path") and Path(d["path"]).is_dir():
+            info["metrics"] = dictionary_metrics(Path(d["path"]))
+        out.append(info)
     return out
 
 
@@ -188,8 +215,19 @@ def _analysis_entry(adir: Path) -> dict[str, Any]:
     return info
 
 
-def dictionary_dir(data: Path, ident: str) -> tuple[Path | None, Path | None]:
-    """(dictionary directory, analysis directory or None) of a dictionary id."""
+def dictionary_dir(data: Path, ident: str, db: str | None = None) -> tuple[Path | None, Any]:
+    """(dictionary directory, analysis directory or None) of a dictionary id; an analysis in the PostgreSQL
+    database `db` ("@pg.<name>") is (None, its `PgLocation`)."""
+    if isinstance(ident, str) and ident.startswith(PG_PREFIX):
+        if db is None:
+            raise UnknownIdError(f"{ident!r} names an analysis in a PostgreSQL database, and this server has none "
+                                 f"(featurelens serve --db postgresql://...)")
+        from ..store import pg_location
+
+        try:
+            return None, pg_location(db, ident[len(PG_PREFIX):])
+        except FeaturelensError as e:
+            raise UnknownIdError(str(e)) from None
     if isinstance(ident, str) and ident.startswith("@"):
         a = path_of(data / "analysis", ident[1:])
         if not (a / "features.sqlite").is_file():

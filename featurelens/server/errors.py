@@ -32,7 +32,7 @@ def status_for(e: FeaturelensError) -> int:
     # featurelens's error classes also derive from the built-in class that says what went wrong
     if isinstance(e, GraphFormatError):
         return 422
-    if isinstance(e, (StoreError, CorruptFileError)):
+    if isinstance(e, (StoreError, CorruptFileError)) and not isinstance(e, LookupError):
         return 409
     if isinstance(e, PermissionError):
         return 403

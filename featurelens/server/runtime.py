@@ -32,9 +32,11 @@ def yield_lock(lock: Any) -> None:
 
 
 class Runtime:
-    def __init__(self, data_dir: Path, model_loader: Callable[[str], Any] | None = None, device: str | None = None):
+    def __init__(self, data_dir: Path, model_loader: Callable[[str], Any] | None = None, device: str | None = None,
+                 db: str | None = None):
         self.data_dir = Path(data_dir)
         self.device = device  # models' and dictionaries' (None: cpu)
+        self.db = db  # a PostgreSQL database whose analyses are served beside the data directory's
         self._model_loader = model_loader
         self.forward_lock = threading.RLock()
         self._load_lock = threading.Lock()  # one load at a time: two requests for one model load it once
@@ -64,7 +66,7 @@ class Runtime:
     # ----------------------------------------------------------------- dictionaries and analyses
     def dictionary(self, ident: str) -> Any:
         """The dictionary (SparseDictionary or TranscoderSet) of a dictionary id."""
-        d, adir = catalog.dictionary_dir(self.data_dir, ident)
+        d, adir = catalog.dictionary_dir(self.data_dir, ident, self.db)
         with self._load_lock:
             return self._dictionary_locked(ident, d, adir)[1]
 
@@ -83,7 +85,7 @@ class Runtime:
 
     def analysis(self, ident: str) -> Any:
         """The `DictionaryAnalysis` of a dictionary id, with the shared model and dictionary attached."""
-        d, adir = catalog.dictionary_dir(self.data_dir, ident)
+        d, adir = catalog.dictionary_dir(self.data_dir, ident, self.db)
         if adir is None:
             from ..analysis import NotAnalyzedError
 
@@ -97,7 +99,7 @@ class Runtime:
                     check_fresh(a, obj, fp, ident)
             return a
 
-    def _analysis_locked(self, ident: str, adir: Path) -> Any:
+    def _analysis_locked(self, ident: str, adir: Any) -> Any:
         a = self._analyses.get(ident)
         if a is not None and a.store.changed():
             # rebuilt (or written by another process) since it was opened: open it afresh. The old object is not
@@ -105,7 +107,7 @@ class Runtime:
             del self._analyses[ident]
         if ident not in self._analyses:
             # check_same_thread is off in the store (requests come from a thread pool); writes (labels) are
-            # serialized by SQLite itself.
+            # serialized by SQLite itself, or on PostgreSQL by the store's lock around its one connection.
             from ..analysis import open_analysis
 
             self._analyses[ident] = open_analysis(adir)
@@ -113,7 +115,7 @@ class Runtime:
 
     def layer_analyses(self, ident: str) -> dict[int, Any]:
         """{layer: DictionaryAnalysis} for the analyzed layers of a transcoder set (opened once, shared)."""
-        d, _ = catalog.dictionary_dir(self.data_dir, ident)
+        d, _ = catalog.dictionary_dir(self.data_dir, ident, self.db)
         out = {}
         for layer, adir in catalog.layer_analyses(d).items() if d is not None else ():
             key = f"{ident}#layer{layer}"
@@ -135,7 +137,7 @@ class Runtime:
         if a._model is None:
             a._model = self.model(a.model_name)
         if a._dictionary is None:
-            d, _ = catalog.dictionary_dir(self.data_dir, ident)
+            d, _ = catalog.dictionary_dir(self.data_dir, ident, self.db)
             a._dictionary = self.dictionary(ident) if d is not None else a.dictionary
         return a
 

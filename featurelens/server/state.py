@@ -30,11 +30,16 @@ class AppState:
     graph_lock: threading.Lock = field(default_factory=threading.Lock)
     # graph id -> (file's mtime, AttentionCircuits, transcoders id): the frozen models of recently asked graphs (routes/attention.py)
     circuits: dict[str, tuple[int, Any, str]] = field(default_factory=dict)
+    db: str | None = None  # a PostgreSQL database whose analyses are served too (`featurelens serve --db`)
+
+    def list_dictionaries(self) -> list[dict[str, Any]]:
+        """The catalog: the data directory's dictionaries and analyses, and those in the PostgreSQL database."""
+        return catalog.list_dictionaries(self.data, self.db)
 
     def find_dictionary(self, ident: str) -> dict[str, Any]:
         """The catalog entry of a dictionary id (404 for an id that names nothing)."""
-        catalog.dictionary_dir(self.data, ident)  # raises a clear 404 for a bad id
-        for d in catalog.list_dictionaries(self.data):
+        catalog.dictionary_dir(self.data, ident, self.db)  # raises a clear 404 for a bad id
+        for d in self.list_dictionaries():
             if d["id"] == ident:
                 return d
         raise UnknownIdError(f"no dictionary {ident!r}")
@@ -47,9 +52,9 @@ class AppState:
             if len(given) > MAX_DICTS:
                 raise GraphFormatError(f"at most {MAX_DICTS} dictionaries per search")
             for g in given:
-                catalog.dictionary_dir(self.data, g)
+                catalog.dictionary_dir(self.data, g, self.db)
             return list(dict.fromkeys(given))
-        ids = [d["id"] for d in catalog.list_dictionaries(self.data) if d["analyzed"]]
+        ids = [d["id"] for d in self.list_dictionaries() if d["analyzed"]]
         if not ids:
             from ..analysis import NotAnalyzedError
 

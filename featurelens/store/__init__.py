@@ -10,6 +10,10 @@ Inside: ``features.sqlite`` once an analysis is complete (see `FeatureStore`), a
 analysis is never written by a new run: ``--overwrite`` builds into ``building/`` and copies the result into the live
 file in one transaction at the end (`publish`: a server with the file open keeps reading and writing the right one).
 One analysis builds at a time in a directory (``build.lock``, see `featurelens.io.hold_lock`).
+
+An analysis may instead live in a PostgreSQL database (``analyze(..., store="postgresql://...")``): it is still
+built in a local ``building/`` directory (resumable as above) and then copied into its schema of the database in one
+transaction (`publish`), so the shared database only ever holds finished analyses.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ import re
 from pathlib import Path
 
 from ..paths import sub_dir
-from .db import UNCLEAR_BELOW, USER, FeatureStore, StoreError, StoreReplacedError, is_clear, publish
+from .backends import (AnalysisNotFoundError, PgLocation, StoreConnectionError, is_postgres_url, list_pg_analyses,
+                       pg_location)
+from .db import UNCLEAR_BELOW, USER, FeatureStore, StoreError, StoreReplacedError, is_clear, publish, store_target
 
 DB_FILE = "features.sqlite"
 BUILD_DIR = "building"
@@ -43,12 +49,19 @@ def analysis_dir_for_path(path: str | Path) -> Path:
     return data_analysis_dir(p.name, str(p))
 
 
-def data_analysis_dir(name: str, key: str) -> Path:
+def analysis_slug(name: str, key: str, max_len: int = 200) -> str:
+    """A file- and schema-safe name for an analysis: `name` cleaned and cut to fit, then a hash of `key`."""
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "dictionary"
-    return sub_dir(ANALYSIS_SUBDIR) / f"{slug}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+    return f"{slug[:max_len - 11]}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+
+
+def data_analysis_dir(name: str, key: str) -> Path:
+    return sub_dir(ANALYSIS_SUBDIR) / analysis_slug(name, key)
 
 
 __all__ = ["ANALYSIS_SUBDIR", "BUILD_DIR", "BUILD_LOCK", "DB_FILE", "FeatureStore", "StoreError", "StoreReplacedError",
-           "UNCLEAR_BELOW", "USER", "is_clear", "publish",
-           "analysis_dir_for_path",
+           "UNCLEAR_BELOW", "USER", "is_clear", "publish", "store_target",
+           "AnalysisNotFoundError", "PgLocation", "StoreConnectionError", "is_postgres_url", "list_pg_analyses",
+           "pg_location",
+           "analysis_dir_for_path", "analysis_slug",
            "data_analysis_dir"]

@@ -1,4 +1,5 @@
-"""`FeatureStore`: one SQLite file per analyzed dictionary.
+"""`FeatureStore`: one analyzed dictionary, in a SQLite file (the default) or in its own schema of a shared
+PostgreSQL database (`backends` holds what differs between the two; every method here is written once).
 
 Tables (all keyed by the feature index):
 
@@ -18,24 +19,29 @@ Tables (all keyed by the feature index):
     embeddings  (feature, embedding model) -> float32 vectors [n, dim] of the feature's search texts (its label,
                 then its top snippets) and the sha1 of those texts (a changed label makes them stale: re-embedded)
 
-The database runs in WAL mode; writers group their rows into one transaction per batch, so a crash loses at
-most the batch in flight and never leaves half a batch behind.
+A SQLite database runs in WAL mode; writers group their rows into one transaction per batch, so a crash loses at
+most the batch in flight and never leaves half a batch behind. Every write is a row-level upsert (INSERT ... ON
+CONFLICT) or delete inside such a transaction, never a read-modify-write: on PostgreSQL, several processes (label
+edits from the web app, explainers, a rebuild being published) write one analysis at once without losing an update.
+
+Schema changes are ordered `MIGRATIONS`, applied when a store is opened for writing; `schema_version` records how
+far a store is.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sqlite3
 import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
-from ..engine.errors import FeaturelensError, InputError
+from ..engine.errors import InputError
+from .backends import (AnalysisNotFoundError, PgLocation, PostgresBackend, SQLiteBackend, StoreError, is_postgres_url,
+                       pg_location, sqlite_file_id)
 
-SCHEMA_VERSION = 1
 UNCLEAR_BELOW = 0.75  # a label scoring under this (AUROC, see featurelens.analysis.scoring) is shown as unclear
 
 
@@ -43,20 +49,26 @@ def is_clear(score: float | None) -> bool | None:
     """Whether a label with this score is trusted: True/False, None when it has no score."""
     return None if score is None else bool(score >= UNCLEAR_BELOW)
 
-_SCHEMA = """
+
+# Ordered migration steps: step N brings a store at version N-1 to N, in one transaction, and `schema_version`
+# records N. Column types are the backend's ({blob}, {real}, {bigint}; {norowid} is SQLite's WITHOUT ROWID;
+# {token_text} holds token strings, which may contain NUL: TEXT in SQLite, UTF-8 BYTEA in PostgreSQL).
+# Step 1 is the first schema; written with IF NOT EXISTS, it also completes a SQLite file made before
+# `schema_version` existed (such a file says schema 1 in meta and may lack the later tables).
+MIGRATIONS: list[str] = ["""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS features (
     idx INTEGER PRIMARY KEY,
-    n_fires INTEGER NOT NULL,
-    density REAL NOT NULL,
-    max_act REAL NOT NULL,
-    mean_act REAL NOT NULL,
-    hist BLOB,
+    n_fires {bigint} NOT NULL,
+    density {real} NOT NULL,
+    max_act {real} NOT NULL,
+    mean_act {real} NOT NULL,
+    hist {blob},
     logit_up TEXT,
     logit_down TEXT,
-    logit_mean REAL,
-    logit_std REAL,
-    similar TEXT,
+    logit_mean {real},
+    logit_std {real},
+    "similar" TEXT,
     cofire TEXT
 );
 CREATE TABLE IF NOT EXISTS examples (
@@ -64,115 +76,193 @@ CREATE TABLE IF NOT EXISTS examples (
     kind TEXT NOT NULL,
     rank INTEGER NOT NULL,
     bin INTEGER NOT NULL,
-    ctx INTEGER NOT NULL,
+    ctx {bigint} NOT NULL,
     pos INTEGER NOT NULL,
     start INTEGER NOT NULL,
-    act REAL NOT NULL,
-    tokens BLOB NOT NULL,
-    acts BLOB NOT NULL,
+    act {real} NOT NULL,
+    tokens {blob} NOT NULL,
+    acts {blob} NOT NULL,
     PRIMARY KEY (feature, kind, rank)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS tokens (id INTEGER PRIMARY KEY, str TEXT NOT NULL);
+){norowid};
+CREATE TABLE IF NOT EXISTS tokens (id INTEGER PRIMARY KEY, str {token_text} NOT NULL);
 CREATE TABLE IF NOT EXISTS labels (
     feature INTEGER NOT NULL,
     provenance TEXT NOT NULL,
     label TEXT NOT NULL,
-    created REAL NOT NULL,
+    created {real} NOT NULL,
     PRIMARY KEY (feature, provenance)
-) WITHOUT ROWID;
+){norowid};
 CREATE TABLE IF NOT EXISTS label_scores (
     feature INTEGER NOT NULL,
     provenance TEXT NOT NULL,
     method TEXT NOT NULL,
-    score REAL NOT NULL,
+    score {real} NOT NULL,
     n_pos INTEGER NOT NULL,
     n_neg INTEGER NOT NULL,
-    created REAL NOT NULL,
+    created {real} NOT NULL,
     PRIMARY KEY (feature, provenance, method)
-) WITHOUT ROWID;
+){norowid};
 CREATE TABLE IF NOT EXISTS embeddings (
     feature INTEGER NOT NULL,
     model TEXT NOT NULL,
     text_sha TEXT NOT NULL,
     dim INTEGER NOT NULL,
-    vecs BLOB NOT NULL,
+    vecs {blob} NOT NULL,
     PRIMARY KEY (feature, model)
-) WITHOUT ROWID;
-"""
+){norowid};
+"""]
+SCHEMA_VERSION = len(MIGRATIONS)
+TABLES = ("meta", "features", "examples", "tokens", "labels", "label_scores", "embeddings")  # in lock order
+_KEYS = {"meta": ("key",), "features": ("idx",), "examples": ("feature", "kind", "rank"), "tokens": ("id",),
+         "labels": ("feature", "provenance"), "label_scores": ("feature", "provenance", "method"),
+         "embeddings": ("feature", "model")}
 
 USER = "user"  # provenance of labels a person wrote
+FEATURE_COLUMNS = ("idx", "n_fires", "density", "max_act", "mean_act", "hist", "logit_up", "logit_down", "logit_mean",
+                   "logit_std", "similar", "cofire")
+EXAMPLE_COLUMNS = ("feature", "kind", "rank", "bin", "ctx", "pos", "start", "act", "tokens", "acts")
+LABEL_COLUMNS = ("feature", "provenance", "label", "created")
 
 
-class StoreError(FeaturelensError, ValueError):
-    """The analysis database is missing, from another schema, or unreadable."""
+def _upsert(table: str, cols: Sequence[str], named: bool = False) -> str:
+    """INSERT that replaces the row with the same key (both backends understand ON CONFLICT ... DO UPDATE)."""
+    key = _KEYS[table]
+    vals = ", ".join(f":{c}" for c in cols) if named else ", ".join("?" * len(cols))
+    sets = ", ".join(f'"{c}" = excluded."{c}"' for c in cols if c not in key)
+    return (f"INSERT INTO {table} ({', '.join(f'{chr(34)}{c}{chr(34)}' for c in cols)}) VALUES ({vals}) "
+            f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET {sets}")
 
 
 class StoreReplacedError(StoreError):
     """The database file was replaced (deleted, or another file renamed over it) since this store opened it."""
 
 
-def _file_id(path: Path) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
+def store_target(target: str | Path | PgLocation) -> Path | PgLocation:
+    """A SQLite path or a PostgreSQL analysis (a `PgLocation`, or a URL ending in '#<analysis name>')."""
+    if isinstance(target, PgLocation):
+        return target
+    if is_postgres_url(target):
+        return pg_location(str(target))
+    if isinstance(target, str) and "://" in target:
+        raise InputError(f"{target!r}: a store is a file path or a postgresql:// URL")
+    return Path(target)
 
 
 class FeatureStore:
-    """Read and write one analysis database. Cheap to open; use as a context manager or call close().
+    """Read and write one analysis: a SQLite file, or a schema of a PostgreSQL database (see `backends`). Cheap to
+    open; use as a context manager or call close().
 
     A long-lived store (the server's) asks `changed()` before use and reopens when true; a write to a file that was
     replaced under it raises StoreReplacedError instead of landing in a deleted file.
     """
 
-    def __init__(self, path: str | Path, *, create: bool = False, readonly: bool = False):
-        self.path = Path(path)
-        if not create and not self.path.is_file():
-            raise StoreError(f"{self.path}: no analysis database here")
-        if create:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: str | Path | PgLocation, *, create: bool = False, readonly: bool = False):
+        target = store_target(path)
         self.readonly = readonly
-        uri = f"file:{self.path}?mode=ro" if readonly else f"file:{self.path}"
+        self._file: tuple[int, int] | None = None
+        if isinstance(target, PgLocation):
+            self.path: Any = target
+            self._b: SQLiteBackend | PostgresBackend = self._open_postgres(target, create)
+        else:
+            self.path = target
+            self._b = self._open_sqlite(target, create)
+        self.conn: Any = self._b.conn
+        self.backend = self._b.kind
         try:
-            before = _file_id(self.path)
-            self.conn = sqlite3.connect(uri, uri=True, timeout=30.0, isolation_level=None, check_same_thread=False)
-            self._file = _file_id(self.path)
-            if before is not None and self._file != before:  # replaced while connecting: which file we hold is unknown
-                self.conn.close()
-                raise sqlite3.DatabaseError("the file was replaced while it was being opened; open it again")
-            if not readonly:
-                self.conn.execute("PRAGMA journal_mode=WAL")
-                self.conn.execute("PRAGMA synchronous=NORMAL")
-            if create:
-                self.conn.executescript(_SCHEMA)
-                if self.get("schema_version") is None:
-                    self.set("schema_version", SCHEMA_VERSION)
-            version = self.get("schema_version")
-            if version == SCHEMA_VERSION and not readonly and not create:
-                self.conn.executescript(_SCHEMA)  # tables added since the store was made start empty (additive)
-        except sqlite3.DatabaseError as e:
-            raise StoreError(f"{self.path}: not a readable analysis database ({e})") from None
+            version = self._migrate()
+        except (sqlite3.DatabaseError, self._pg_errors()) as e:
+            self._b.close()
+            raise StoreError(f"{self.path}: not a readable analysis database ({' '.join(str(e).split())})") from None
         if version != SCHEMA_VERSION:
+            self._b.close()
             raise StoreError(f"{self.path}: analysis schema {version}, this featurelens reads {SCHEMA_VERSION}; "
                              f"run `featurelens analyze --overwrite` to rebuild it")
-        self._data_version = self._version()
+        self._data_version = self._b.stamp()
 
-    def _version(self) -> int:
-        return int(self.conn.execute("PRAGMA data_version").fetchone()[0])
+    @staticmethod
+    def _pg_errors() -> type[Exception]:
+        try:
+            import psycopg
+        except ImportError:
+            return sqlite3.DatabaseError
+        return psycopg.Error
+
+    def _open_sqlite(self, path: Path, create: bool) -> SQLiteBackend:
+        if not create and not path.is_file():
+            raise StoreError(f"{path}: no analysis database here")
+        if create:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            before = sqlite_file_id(path)
+            b = SQLiteBackend(path, self.readonly)
+            self._file = sqlite_file_id(path)
+            if before is not None and self._file != before:  # replaced while connecting: which file we hold is unknown
+                b.close()
+                raise sqlite3.DatabaseError("the file was replaced while it was being opened; open it again")
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{path}: not a readable analysis database ({e})") from None
+        return b
+
+    def _open_postgres(self, loc: PgLocation, create: bool) -> PostgresBackend:
+        b = PostgresBackend(loc, self.readonly)
+        if not create and not b.schema_exists():
+            b.close()
+            raise AnalysisNotFoundError(f"{loc}: no analysis named {loc.name!r} in this database")
+        return b
+
+    def _migrate(self) -> int | None:
+        """Apply the migration steps this store lacks (not when read-only); its schema version after."""
+        b = self._b
+        if self.readonly:
+            return self._stored_version()
+        with b.transaction():
+            if isinstance(b, PostgresBackend):
+                b.advisory_lock("migrate")  # two processes opening a new analysis at once migrate it once
+                b.create_schema()
+            if b.has_table("schema_version"):
+                version = self._stored_version() or 0
+            else:  # new, or a SQLite file from before migrations: step 1 (IF NOT EXISTS) completes it
+                legacy = self.get("schema_version") if b.has_table("meta") else None
+                if legacy not in (None, 1):
+                    return legacy
+                version = 0
+                b.script("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            if version > SCHEMA_VERSION:
+                return version
+            for step in range(version, SCHEMA_VERSION):
+                b.script(MIGRATIONS[step].format(**b.types))
+            if version < SCHEMA_VERSION:
+                self.conn.execute("DELETE FROM schema_version")
+                self.conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            if self.get("schema_version") is None:
+                self.set("schema_version", SCHEMA_VERSION)  # what featurelens before migrations checks
+        return SCHEMA_VERSION
+
+    def _stored_version(self) -> int | None:
+        if self._b.has_table("schema_version"):
+            row = self.conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
+            if row and row[0] is not None:
+                return int(row[0])
+        if not self._b.has_table("meta"):
+            return None
+        v = self.get("schema_version")  # a SQLite file from before the schema_version table
+        return int(v) if isinstance(v, int) else v
 
     def changed(self) -> bool:
         """Whether another connection committed to the database, or the file was replaced, since this store opened
-        it (a rebuild by `featurelens analyze`, a label from the command line): what was read from it may be old."""
+        it (a rebuild by `featurelens analyze`, a label from the command line): what was read from it may be old.
+        On PostgreSQL: whether the analysis was published again (or dropped) since."""
         if self.conn is None:
             return True
-        return _file_id(self.path) != self._file or self._version() != self._data_version
+        if self._file is not None and sqlite_file_id(self.path) != self._file:
+            return True
+        return self._b.stamp() != self._data_version
 
     # ----------------------------------------------------------------- plumbing
     def close(self) -> None:
         if self.conn is not None:
-            self.conn.close()
-            self.conn = None  # type: ignore[assignment]
+            self._b.close()
+            self.conn = None
 
     def __enter__(self) -> "FeatureStore":
         return self
@@ -181,25 +271,20 @@ class FeatureStore:
         self.close()
 
     def checkpoint(self) -> None:
-        """Fold the WAL into the main file (before the file is moved or copied)."""
-        self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        """Fold the WAL into the main file (before the file is moved or copied); nothing to do on PostgreSQL."""
+        if self.backend == "sqlite":
+            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> Iterator[Any]:
         """All writes inside land together or not at all."""
-        self.conn.execute("BEGIN IMMEDIATE")
-        if not self.readonly and _file_id(self.path) != self._file:
-            # holding the write lock: the file at our path is not the one we have open (a rebuild renamed another
-            # over it); writing would go to a deleted file and be lost
-            self.conn.execute("ROLLBACK")
-            raise StoreReplacedError(f"{self.path} was replaced since it was opened (rebuilt by `featurelens "
-                                     f"analyze`?); open it again and repeat the change")
-        try:
+        with self._b.transaction():
+            if self._file is not None and not self.readonly and sqlite_file_id(self.path) != self._file:
+                # holding the write lock: the file at our path is not the one we have open (a rebuild renamed
+                # another over it); writing would go to a deleted file and be lost
+                raise StoreReplacedError(f"{self.path} was replaced since it was opened (rebuilt by `featurelens "
+                                         f"analyze`?); open it again and repeat the change")
             yield self.conn
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        self.conn.execute("COMMIT")
 
     # ----------------------------------------------------------------- meta
     def get(self, key: str, default: Any = None) -> Any:
@@ -207,18 +292,14 @@ class FeatureStore:
         return json.loads(row[0]) if row else default
 
     def set(self, key: str, value: Any) -> None:
-        self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, json.dumps(value)))
+        self.conn.execute(_upsert("meta", ("key", "value")), (key, json.dumps(value)))
 
     def meta(self) -> dict[str, Any]:
         return {k: json.loads(v) for k, v in self.conn.execute("SELECT key, value FROM meta")}
 
     # ----------------------------------------------------------------- features
     def write_features(self, rows: Iterable[dict[str, Any]]) -> None:
-        self.conn.executemany(
-            "INSERT OR REPLACE INTO features (idx, n_fires, density, max_act, mean_act, hist, logit_up, logit_down, "
-            "logit_mean, logit_std, similar, cofire) VALUES (:idx, :n_fires, :density, :max_act, :mean_act, :hist, "
-            ":logit_up, :logit_down, :logit_mean, :logit_std, :similar, :cofire)",
-            [_encode_feature(r) for r in rows])
+        self.conn.executemany(_upsert("features", FEATURE_COLUMNS, named=True), [_encode_feature(r) for r in rows])
 
     def feature(self, idx: int) -> dict[str, Any] | None:
         cur = self.conn.execute("SELECT * FROM features WHERE idx = ?", (int(idx),))
@@ -248,8 +329,7 @@ class FeatureStore:
     # ----------------------------------------------------------------- examples
     def write_examples(self, rows: Iterable[dict[str, Any]]) -> None:
         self.conn.executemany(
-            "INSERT OR REPLACE INTO examples (feature, kind, rank, bin, ctx, pos, start, act, tokens, acts) "
-            "VALUES (:feature, :kind, :rank, :bin, :ctx, :pos, :start, :act, :tokens, :acts)",
+            _upsert("examples", EXAMPLE_COLUMNS, named=True),
             [{**r, "tokens": np.asarray(r["tokens"], dtype=np.int32).tobytes(),
               "acts": np.asarray(r["acts"], dtype=np.float16).tobytes()} for r in rows])
 
@@ -291,17 +371,19 @@ class FeatureStore:
 
     # ----------------------------------------------------------------- tokens
     def write_tokens(self, items: Iterable[tuple[int, str]]) -> None:
-        self.conn.executemany("INSERT OR REPLACE INTO tokens (id, str) VALUES (?, ?)", list(items))
+        enc = self._b.encode_token
+        self.conn.executemany(_upsert("tokens", ("id", "str")), [(int(i), enc(t)) for i, t in items])
 
     def token_strings(self, ids: Iterable[int] | None = None) -> dict[int, str]:
+        dec = self._b.decode_token
         if ids is None:
-            return dict(self.conn.execute("SELECT id, str FROM tokens"))
+            return {i: dec(t) for i, t in self.conn.execute("SELECT id, str FROM tokens")}
         ids = sorted({int(i) for i in ids})
         out: dict[int, str] = {}
         for k in range(0, len(ids), 900):
             part = ids[k:k + 900]
             q = f"SELECT id, str FROM tokens WHERE id IN ({','.join('?' * len(part))})"
-            out.update(self.conn.execute(q, part))
+            out.update((i, dec(t)) for i, t in self.conn.execute(q, part))
         return out
 
     # ----------------------------------------------------------------- labels
@@ -311,20 +393,19 @@ class FeatureStore:
             if label is None:
                 c.execute("DELETE FROM labels WHERE feature = ? AND provenance = ?", (int(idx), provenance))
             else:
-                c.execute("INSERT OR REPLACE INTO labels (feature, provenance, label, created) VALUES (?, ?, ?, ?)",
-                          (int(idx), provenance, label, time.time()))
+                c.execute(_upsert("labels", LABEL_COLUMNS), (int(idx), provenance, _clean(label), time.time()))
             if self._has_scores():
                 c.execute("DELETE FROM label_scores WHERE feature = ? AND provenance = ?", (int(idx), provenance))
 
     def write_labels(self, rows: Iterable[tuple[int, str, str]]) -> None:
         """(feature, provenance, label) rows; call inside a transaction."""
         now = time.time()
-        rows = [(int(f), p, l) for f, p, l in rows]
-        self.conn.executemany("INSERT OR REPLACE INTO labels (feature, provenance, label, created) VALUES (?, ?, ?, ?)",
-                              [(f, p, l, now) for f, p, l in rows])
+        # in key order: two writers taking the same rows take them in the same order (no deadlock on PostgreSQL)
+        rows = sorted({(int(f), p): _clean(l) for f, p, l in rows}.items())
+        self.conn.executemany(_upsert("labels", LABEL_COLUMNS), [(f, p, l, now) for (f, p), l in rows])
         if self._has_scores():
             self.conn.executemany("DELETE FROM label_scores WHERE feature = ? AND provenance = ?",
-                                  [(f, p) for f, p, _ in rows])
+                                  [k for k, _ in rows])
 
     def labels(self, idx: int) -> list[dict[str, Any]]:
         """Every label of a feature, the current one first, each with its score ("score", "score_method": None
@@ -352,15 +433,14 @@ class FeatureStore:
     # ----------------------------------------------------------------- label scores
     def _has_scores(self) -> bool:
         """False only for a store from before label scores, opened read-only (its table was never made)."""
-        return self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'label_scores'"
-                                 ).fetchone() is not None
+        return self._b.has_table("label_scores")
 
     def write_label_scores(self, rows: Iterable[tuple[int, str, str, float, int, int]]) -> None:
         """(feature, provenance, method, score, n_pos, n_neg) rows; call inside a transaction."""
         now = time.time()
         self.conn.executemany(
-            "INSERT OR REPLACE INTO label_scores (feature, provenance, method, score, n_pos, n_neg, created) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)", [(int(f), p, m, float(s), int(a), int(b), now) for f, p, m, s, a, b in rows])
+            _upsert("label_scores", ("feature", "provenance", "method", "score", "n_pos", "n_neg", "created")),
+            sorted((int(f), p, m, float(s), int(a), int(b), now) for f, p, m, s, a, b in rows))
 
     def label_scores(self, idx: int) -> dict[str, dict[str, Any]]:
         """provenance -> {"score", "method", "n_pos", "n_neg"} for the labels of `idx` that have a score."""
@@ -384,7 +464,7 @@ class FeatureStore:
     def write_embeddings(self, model: str, rows: Sequence[tuple[int, str, np.ndarray]]) -> None:
         """(feature, sha1 of its texts, vectors [n, dim]) rows; call inside a transaction."""
         self.conn.executemany(
-            "INSERT OR REPLACE INTO embeddings (feature, model, text_sha, dim, vecs) VALUES (?, ?, ?, ?, ?)",
+            _upsert("embeddings", ("feature", "model", "text_sha", "dim", "vecs")),
             [(int(f), model, sha, int(np.shape(v)[-1]), np.asarray(v, dtype=np.float32).tobytes())
              for f, sha, v in rows])
 
@@ -395,6 +475,11 @@ class FeatureStore:
 
 
 # ----------------------------------------------------------------------------------------------- row codecs
+def _clean(label: str) -> str:
+    """A label as stored: without NUL characters (meaningless in a label; PostgreSQL's text refuses them)."""
+    return label.replace("\x00", "")
+
+
 def _encode_feature(r: dict[str, Any]) -> dict[str, Any]:
     out = dict(r)
     out["hist"] = np.asarray(r["hist"], dtype=np.int32).tobytes() if r.get("hist") is not None else None
@@ -419,9 +504,9 @@ def _decode_example(r: Sequence[Any]) -> dict[str, Any]:
             "acts": np.frombuffer(acts, dtype=np.float16).astype(np.float32).tolist()}
 
 
-def publish(src: str | Path, final: str | Path, n_features: int) -> None:
-    """Make the finished database `src` the analysis at `final`, keeping the user's labels of features below
-    `n_features` from the old one, and remove `src`.
+def publish(src: str | Path, final: str | Path | PgLocation, n_features: int) -> None:
+    """Make the finished database `src` the analysis at `final` (a SQLite path or a PostgreSQL analysis), keeping
+    the user's labels of features below `n_features` from the old one, and remove `src`.
 
     Over a readable database the new contents are copied in place, in one transaction: a server reading or writing
     it all along sees the old analysis or the new one, and a label it saves meanwhile is in the result (before the
@@ -430,7 +515,13 @@ def publish(src: str | Path, final: str | Path, n_features: int) -> None:
     """
     from ..io import atomic_replace, crash_point
 
-    src, final = Path(src), Path(final)
+    src = Path(src)
+    final = store_target(final)
+    if isinstance(final, PgLocation):
+        _publish_postgres(src, final, n_features)
+        src.unlink()
+        return
+    final = Path(final)
     live = None
     if final.is_file():
         try:
@@ -466,3 +557,36 @@ def publish(src: str | Path, final: str | Path, n_features: int) -> None:
     finally:
         live.close()
     src.unlink()
+
+
+COPY_BATCH = 2000  # rows per round trip when copying into PostgreSQL
+
+
+def _publish_postgres(src: Path, final: PgLocation, n_features: int) -> None:
+    """Copy the finished SQLite build `src` into the PostgreSQL analysis `final` in one transaction, as `publish`
+    does in place over a live SQLite file: readers see the old analysis or the new one, the user's labels are kept,
+    and a label saved meanwhile lands before the copy (kept) or after it (in the new contents). Two publishes of one
+    analysis take turns (an advisory lock); analyses in other schemas do not wait for each other."""
+    from ..io import crash_point
+
+    with FeatureStore(src, readonly=True) as fresh, FeatureStore(final, create=True) as live:
+        with live.transaction():
+            assert isinstance(live._b, PostgresBackend)
+            live._b.advisory_lock("publish")
+            for t in TABLES:
+                if not fresh._b.has_table(t):
+                    continue
+                cols = [r[1] for r in fresh.conn.execute(f'PRAGMA table_info("{t}")')]
+                names = ", ".join(f'"{c}"' for c in cols)
+                insert = f"INSERT INTO {t} ({names}) VALUES ({', '.join('?' * len(cols))})"
+                if t == "labels":
+                    live.conn.execute("DELETE FROM labels WHERE provenance != ? OR feature >= ?", (USER, n_features))
+                    insert += " ON CONFLICT DO NOTHING"  # the user's label stays the user's
+                else:
+                    live.conn.execute(f"DELETE FROM {t}")
+                cur = fresh.conn.execute(f"SELECT {names} FROM {t} ORDER BY {', '.join(_KEYS[t])}")
+                while rows := cur.fetchmany(COPY_BATCH):
+                    if t == "tokens":
+                        rows = [(i, live._b.encode_token(s)) for i, s in rows]
+                    live.conn.executemany(insert, rows)
+            crash_point("publish:before-commit")

@@ -71,7 +71,7 @@ def test_label_reading_drops_layout():
 
 
 @pytest.mark.parametrize("reader", ["lexical", "embedding"])
-def test_right_labels_score_high_wrong_ones_near_chance(tmp_path, reader):
+def test_right_labels_score_high_wrong_ones_near_chance(store_target, reader):
     if reader == "embedding":
         from featurelens.search.embed import get_embedder
 
@@ -80,7 +80,7 @@ def test_right_labels_score_high_wrong_ones_near_chance(tmp_path, reader):
             pytest.skip("embedding model not installed")
     else:
         embedder = None
-    store = build_store(tmp_path / "f.sqlite")
+    store = build_store(store_target())
     n = scoring.score_labels(store, embedder, n_neg=100, progress=False)
     assert n == 5
     got = store.current_label_scores()
@@ -99,8 +99,8 @@ def test_right_labels_score_high_wrong_ones_near_chance(tmp_path, reader):
     assert summary["n"] == 5 and 0 < summary["clear_fraction"] < 1
 
 
-def test_a_rewritten_label_loses_its_old_score_and_a_users_label_is_scored(tmp_path):
-    store = build_store(tmp_path / "f.sqlite")
+def test_a_rewritten_label_loses_its_old_score_and_a_users_label_is_scored(store_target):
+    store = build_store(store_target())
     scoring.score_labels(store, None, progress=False)
     assert 2 in store.current_label_scores()
     with store.transaction():
@@ -115,12 +115,12 @@ def test_a_rewritten_label_loses_its_old_score_and_a_users_label_is_scored(tmp_p
     assert store.label_scores(3).keys() == {"auto:v2", "user"}  # the automatic label keeps its own score
 
 
-def test_scores_reach_dashboard_and_search(tmp_path, monkeypatch):
+def test_scores_reach_dashboard_and_search(store_target, monkeypatch):
     monkeypatch.setenv("FEATURELENS_NO_EMBEDDINGS", "1")
     from featurelens.search import embed
 
     monkeypatch.setattr(embed, "_CACHE", {})
-    store = build_store(tmp_path / "f.sqlite")
+    store = build_store(store_target())
     scoring.score_labels(store, None, progress=False)
     hits = concept_search(store, "dog cat horse pet", k=5, method="lexical")
     assert hits[0].feature == 3 and hits[0].label_clear
@@ -137,6 +137,7 @@ def test_old_store_without_the_table_reads_and_gains_it(tmp_path):
     path = tmp_path / "f.sqlite"
     store = build_store(path)
     store.conn.execute("DROP TABLE label_scores")
+    store.conn.execute("DROP TABLE schema_version")  # as made before migrations
     store.close()
     with FeatureStore(path, readonly=True) as ro:  # a store from before label scores, read-only: no scores
         assert ro.current_label_scores() == {} and ro.labels(0)[0]["score"] is None

@@ -188,7 +188,8 @@ def test_data_dir_before_or_after_the_command_means_the_same(tmp_path, monkeypat
     assert parse(["serve"]).data_dir is None and parse(["models", "--debug"]).debug
     monkeypatch.setattr(paths, "_override", None)
     served = []
-    monkeypatch.setattr(cli.serve, "serve", lambda host, port, token, device: served.append(paths.data_dir()) or 0)
+    monkeypatch.setattr(cli.serve, "serve", lambda host, port, token, device=None, db=None:
+                        served.append(paths.data_dir()) or 0)
     assert main(["serve", "--data-dir", str(tmp_path / "served")]) == 0
     assert served == [tmp_path / "served"]
 

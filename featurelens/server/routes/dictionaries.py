@@ -5,7 +5,6 @@ from __future__ import annotations
 from fastapi import APIRouter, Path as PathParam
 from fastapi.responses import JSONResponse
 
-from .. import catalog
 from ..responses import json_response
 from ..state import State
 
@@ -14,7 +13,7 @@ router = APIRouter(tags=["data"])
 
 @router.get("/api/dictionaries", summary="Dictionaries with L0, explained variance, CE loss recovered")
 def dictionaries(state: State) -> JSONResponse:
-    return json_response(catalog.list_dictionaries(state.data))
+    return json_response(state.list_dictionaries())
 
 
 @router.get("/api/dictionaries/{dictionary}", summary="One dictionary")

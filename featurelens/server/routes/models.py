@@ -14,11 +14,11 @@ router = APIRouter(tags=["data"])
 
 @router.get("/api/overview", summary="Models, dictionaries (with metrics) and saved graphs")
 def overview(state: State) -> JSONResponse:
-    dicts = catalog.list_dictionaries(state.data)
+    dicts = state.list_dictionaries()
     return json_response({"data_dir": str(state.data), "models": catalog.list_models(state.data, dicts),
                           "dictionaries": dicts, "graphs": catalog.list_graphs(state.data)})
 
 
 @router.get("/api/models", summary="Models: embedded, converted, and named by dictionaries")
 def models(state: State) -> JSONResponse:
-    return json_response(catalog.list_models(state.data, catalog.list_dictionaries(state.data)))
+    return json_response(catalog.list_models(state.data, state.list_dictionaries()))
