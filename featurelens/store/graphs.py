@@ -160,6 +160,15 @@ def list_graphs(url: str) -> list[dict[str, Any]]:
     return out
 
 
+def count_graphs(url: str, set_name: str) -> int:
+    """How many graphs the set holds."""
+    conn = _connect(url)
+    try:
+        return int(conn.execute("SELECT count(*) FROM graphs WHERE set_name = %s", (set_name,)).fetchone()[0])
+    finally:
+        conn.close()
+
+
 def delete_graph(url: str, set_name: str, slug: str) -> bool:
     """Remove a graph; whether there was one."""
     conn = _connect(url)
@@ -171,5 +180,5 @@ def delete_graph(url: str, set_name: str, slug: str) -> bool:
     return row is not None
 
 
-__all__ = ["GraphNotFoundError", "SCHEMA", "add_graph", "check_name", "delete_graph", "list_graphs", "put_graph",
+__all__ = ["GraphNotFoundError", "SCHEMA", "add_graph", "check_name", "count_graphs", "delete_graph", "list_graphs", "put_graph",
            "read_graph"]

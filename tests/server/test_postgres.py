@@ -154,6 +154,12 @@ def test_serve_db_keeps_uploaded_and_computed_graphs_in_the_database(web_data, p
             assert r.status_code == 404 and r.json()["detail"], (bad, r.text)
     assert sorted(p.relative_to(data) for p in (data / "graphs").rglob("*.json")) == files_before
 
+    from featurelens.server.security import Limits
+
+    with TestClient(create_app(data, db=postgres_db, limits=Limits(max_uploads=2))) as c:  # two are stored already
+        r = c.post("/api/graphs", json=g)
+        assert r.status_code == 429 and "FEATURELENS_MAX_UPLOADS" in r.json()["detail"], r.text
+
     with TestClient(create_app(data, model_loader=lambda name: model)) as c:  # without --db: as before
         assert not any(x["id"].startswith("@pg.") for x in c.get("/api/graphs").json())
         assert c.get("/api/graphs/@pg.uploads~team-upload").status_code == 404

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Body, Path as PathParam, Query
+from fastapi import APIRouter, Body, HTTPException, Path as PathParam, Query, Request
 from fastapi.responses import JSONResponse
 
 from ...errors import InputError
@@ -70,11 +70,18 @@ def _add_densities(state: AppState, g: dict[str, Any]) -> None:
 @router.post("/api/graphs", summary="Upload a graph JSON (circuit-tracer or Neuronpedia)", status_code=201,
              openapi_extra={"requestBody": {"required": True, "content": {
                  "application/json": {"schema": {"$ref": "#/components/schemas/GraphFile"}}}}})
-def upload_graph(state: State, body: dict[str, Any] = Body(..., include_in_schema=False)) -> JSONResponse:
+def upload_graph(state: State, request: Request, body: dict[str, Any] = Body(..., include_in_schema=False)
+                 ) -> JSONResponse:
     g = validate_upload(body)
     g.pop("id", None)
     if state.db is not None:  # `serve --db`: kept in the database, for everyone who serves it
-        from ...store.graphs import add_graph
+        from ...store.graphs import add_graph, count_graphs
+
+        cap = request.app.state.limits.max_uploads  # as the security middleware's cap on the data directory's
+        n = count_graphs(state.db, "uploads")
+        if n >= cap:
+            raise HTTPException(429, f"{n} uploaded graphs are stored in the database, the most this server keeps "
+                                     f"({cap}; FEATURELENS_MAX_UPLOADS)")
 
         slug = add_graph(state.db, "uploads", g, slugify(g["metadata"].get("slug") or g["metadata"].get("prompt", "")))
         gid = f"{catalog.PG_PREFIX}uploads~{slug}"
