@@ -180,5 +180,5 @@ def delete_graph(url: str, set_name: str, slug: str) -> bool:
     return row is not None
 
 
-__all__ = ["GraphNotFoundError", "SCHEMA", "add_graph", "check_name", "count_graphs", "delete_graph", "list_graphs", "put_graph",
-           "read_graph"]
+__all__ = ["GraphNotFoundError", "SCHEMA", "add_graph", "check_name", "count_graphs", "delete_graph", "list_graphs",
+           "put_graph", "read_graph"]
