@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     common.add_model(p, default=_FROM_TRANSCODERS)
     _path_and_prompt(p)
     common.add(p, "out", note="(the graph directory; default <data dir>/graphs)")
-    p.add_argument("--slug", default=None, help="file name of the graph (default: from the prompt)")
+    common.add(p, "slug", note="(default: from the prompt)")
     p.add_argument("--max-feature-nodes", type=int, default=None, help="feature rows to compute (default: all active)")
     p.add_argument("--node-threshold", type=float, default=0.8, help="cumulative influence kept by pruning (0, 1]")
     p.add_argument("--edge-threshold", type=float, default=0.98, help="cumulative edge influence kept (0, 1]")
@@ -44,9 +44,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("graph-push", help="put a graph file into a PostgreSQL database, where `featurelens serve "
                                           "--db` serves it (the later push of a set and slug replaces the earlier)")
     p.add_argument("file", help="a graph JSON (circuit-tracer / Neuronpedia format); stored byte for byte")
-    p.add_argument("--db", required=True, metavar="URL", help="the database (postgresql://user@host/db)")
-    p.add_argument("--set", dest="set_name", default="pushed", help="the graph set it joins (default: pushed)")
-    p.add_argument("--slug", default=None, help="its name in the set (default: the file's name without .json)")
+    common.add(p, "db", note="to store it in (required)")
+    p.add_argument("--graph-set", dest="set_name", default="pushed", metavar="NAME",
+                   help="the graph set it joins (default: pushed)")
+    common.add(p, "slug", note="(default: the file's name without .json)")
     p.set_defaults(func=cmd_push)
 
     p = sub.add_parser("intervene", help="set or scale transcoder features at prompt positions; compare next tokens")
@@ -212,6 +213,8 @@ def cmd_push(args: argparse.Namespace) -> int:
     from ..attribution.schema import validate_upload
     from ..store.graphs import put_graph
 
+    if not args.db:
+        raise InputError("say which database: --db postgresql://user@host/db")
     f = Path(args.file).expanduser()
     try:
         data = f.read_bytes()

@@ -120,13 +120,15 @@ def test_two_processes_saving_at_once_lose_and_duplicate_nothing(postgres_db):
 def test_graph_push_command(postgres_db, tmp_path, capsys):
     f = tmp_path / "my-graph.json"
     f.write_bytes(_graph_bytes("whatever"))
-    assert main(["graph-push", str(f), "--db", postgres_db, "--set", "lab"]) == 0
+    assert main(["graph-push", str(f), "--db", postgres_db, "--graph-set", "lab"]) == 0
     assert "as @pg.lab~my-graph" in capsys.readouterr().out
     assert read_graph(postgres_db, "lab", "my-graph") == f.read_bytes()
     assert main(["graph-push", str(f), "--db", "postgresql://nobody@/x?host=/nonexistent-dir"]) != 0
     assert "cannot connect to the PostgreSQL server" in capsys.readouterr().err
     assert main(["graph-push", str(f), "--db", "localhost/db"]) != 0
     assert "not a PostgreSQL URL" in capsys.readouterr().err
+    assert main(["graph-push", str(f)]) != 0
+    assert "say which database: --db" in capsys.readouterr().err
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"metadata": {}}))
     assert main(["graph-push", str(bad), "--db", postgres_db]) != 0
