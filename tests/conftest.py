@@ -187,13 +187,15 @@ def store_target(request, tmp_path):
 
 @pytest.fixture
 def postgres_db():
-    """The test server's URL (see `postgres_url`); the analyses (schemas) a test makes there are dropped after it."""
+    """The test server's URL (see `postgres_url`); the analyses (schemas) a test makes there, and the graphs' schema
+    when the test made it, are dropped after it."""
     url = postgres_url()
     import psycopg
 
     def schemas() -> set[str]:
         with psycopg.connect(url, autocommit=True) as conn:
-            return {r[0] for r in conn.execute("SELECT nspname FROM pg_namespace WHERE nspname LIKE 'fl\\_%'")}
+            return {r[0] for r in conn.execute("SELECT nspname FROM pg_namespace WHERE nspname LIKE 'fl\\_%' "
+                                                    "OR nspname = 'featurelens_graphs'")}
 
     before = schemas()
     yield url

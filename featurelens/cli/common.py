@@ -61,6 +61,9 @@ OPTIONS: dict[str, Option] = {o.dest: o for o in (
     Option(("--autocast",), "autocast", "run the model's forward pass under bfloat16 autocast (default: on with "
                                         "--device cuda for a float32 model, off on the cpu)",
            action=argparse.BooleanOptionalAction),
+    Option(("--db",), "db", "a PostgreSQL database (postgresql://[user[:password]@][host][:port]/database)",
+           metavar="URL"),
+    Option(("--slug",), "slug", "the graph's name in its set"),
     Option(("--json",), "json", "print machine-readable JSON instead of tables", action="store_true"),
     Option(("--out",), "out", "where to write the result", metavar="PATH"),
     Option(("--overwrite",), "overwrite", "start over, replacing what an earlier run wrote", action="store_true"),

@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     common.add_model(p, default=_FROM_TRANSCODERS)
     _path_and_prompt(p)
     common.add(p, "out", note="(the graph directory; default <data dir>/graphs)")
-    p.add_argument("--slug", default=None, help="file name of the graph (default: from the prompt)")
+    common.add(p, "slug", note="(default: from the prompt)")
     p.add_argument("--max-feature-nodes", type=int, default=None, help="feature rows to compute (default: all active)")
     p.add_argument("--node-threshold", type=float, default=0.8, help="cumulative influence kept by pruning (0, 1]")
     p.add_argument("--edge-threshold", type=float, default=0.98, help="cumulative edge influence kept (0, 1]")
@@ -40,6 +40,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     common.add(p, "ablate_top", default=10, note="(default 10)")
     common.add(p, "rows", default=5, note="(top paths into the top logit; default 5)", old=("--paths",))
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("graph-push", help="put a graph file into a PostgreSQL database, where `featurelens serve "
+                                          "--db` serves it (the later push of a set and slug replaces the earlier)")
+    p.add_argument("file", help="a graph JSON (circuit-tracer / Neuronpedia format); stored byte for byte")
+    common.add(p, "db", note="to store it in (required)")
+    p.add_argument("--graph-set", dest="set_name", default="pushed", metavar="NAME",
+                   help="the graph set it joins (default: pushed)")
+    common.add(p, "slug", note="(default: the file's name without .json)")
+    p.set_defaults(func=cmd_push)
 
     p = sub.add_parser("intervene", help="set or scale transcoder features at prompt positions; compare next tokens")
     common.add_model(p, default=_FROM_TRANSCODERS)
@@ -195,6 +204,29 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"subgraph of the shown features: replacement {sub['replacement']:.3f}, completeness "
           f"{sub['completeness']:.3f}")
     print(check_graph(full, model, transcoders, k=args.ablate_top).summary())
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    import json
+
+    from ..attribution.schema import validate_upload
+    from ..store.graphs import put_graph
+
+    if not args.db:
+        raise InputError("say which database: --db postgresql://user@host/db")
+    f = Path(args.file).expanduser()
+    try:
+        data = f.read_bytes()
+    except OSError as e:
+        raise InputError(f"cannot read the graph file {f}: {e.strerror or e}") from None
+    try:
+        validate_upload(json.loads(data))  # only a graph the web app can open goes in
+    except ValueError as e:
+        raise InputError(f"{f} is not a graph JSON: {e}") from None
+    slug = args.slug or f.name.removesuffix(".json")
+    put_graph(args.db, args.set_name, slug, data)
+    print(f"stored {f} ({len(data):,} bytes) as @pg.{args.set_name}~{slug}")
     return 0
 
 

@@ -24,9 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     common.add(p, "device", note="(models and dictionaries are loaded there on first use)")
     p.add_argument("--token", default=None, help="access token, at least 16 characters; required (and made up when not "
                                                  "given) when --host is not a loopback address")
-    p.add_argument("--db", default=None, metavar="URL",
-                   help="also serve the analyses in this PostgreSQL database (postgresql://user@host/db), written there "
-                        "by `featurelens analyze --store URL`; labels edited in the app are saved there")
+    common.add(p, "db", note="whose analyses (written by `featurelens analyze --store URL`) and graphs are served too; "
+                             "labels edited and graphs uploaded or computed in the app are saved there")
     p.set_defaults(func=cmd_serve)
 
 

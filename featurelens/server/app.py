@@ -75,6 +75,7 @@ def create_app(data_dir: str | Path, *, model_loader: Callable[[str], Any] | Non
     # Middleware: every check made before a request reaches its route is installed here (the last added runs first).
     if token:
         install_token_check(app, token)
+    app.state.limits = limits = limits or Limits.from_env()  # the upload route caps the database's uploads too
     install_security(app, data, host=host, limits=limits, jobs=state.jobs)
     install_internal_errors(app)  # last: the outermost, it answers 500 for an exception anything above let through
     return app

@@ -6,7 +6,7 @@ files are: dictionary "gemma-3-270m~blocks.6.hook_resid_post-topk-8192" is
 <data dir>/dictionaries/gemma-3-270m/blocks.6.hook_resid_post-topk-8192. An analysis stored apart from its
 dictionary (<data dir>/analysis/<slug>) is listed as "@<slug>", one in the server's
 PostgreSQL database as "@pg.<name>". A graph is "<set>~<slug>": <data dir>/graphs/<set>/
-holds graph-metadata.json and <slug>.json.
+holds graph-metadata.json and <slug>.json; one in the PostgreSQL database is "@pg.<set>~<slug>".
 """
 
 from __future__ import annotations
@@ -282,12 +282,37 @@ def graphs_root(data: Path) -> Path:
     return data / "graphs"
 
 
-def list_graphs(data: Path) -> list[dict[str, Any]]:
-    """Graphs listed by every graph-metadata.json under <data>/graphs (circuit-tracer's layout)."""
+def _graph_row(ident: str, slug: str, set_id: str, g: dict[str, Any]) -> dict[str, Any]:
+    return {"id": ident, "slug": slug, "set": set_id, "prompt": g.get("prompt", ""), "scan": g.get("scan", ""),
+            "title_prefix": g.get("title_prefix", ""), "n_tokens": len(g.get("prompt_tokens") or [])}
+
+
+def list_graphs(data: Path, db: str | None = None) -> list[dict[str, Any]]:
+    """Graphs listed by every graph-metadata.json under <data>/graphs (circuit-tracer's layout), then those in the
+    PostgreSQL database `db` as "@pg.<set>~<slug>"."""
     root = graphs_root(data)
-    out = []
-    if not root.is_dir():
-        return out
+    out = _list_file_graphs(root) if root.is_dir() else []
+    if db is not None:
+        from ..store.graphs import list_graphs as list_db_graphs
+
+        out += [_graph_row(f"{PG_PREFIX}{r['set']}~{r['slug']}", r["slug"], PG_PREFIX + r["set"], r["metadata"])
+                for r in list_db_graphs(db)]
+    return out
+
+
+def pg_graph_key(ident: str) -> tuple[str, str] | None:
+    """(set, slug) of a database graph's id "@pg.<set>~<slug>"; None for a data directory's graph id;
+    UnknownIdError for a malformed one."""
+    if not ident.startswith(PG_PREFIX):
+        return None
+    set_name, sep, slug = ident[len(PG_PREFIX):].partition("~")
+    if not sep or not SLUG_RE.match(set_name) or not SLUG_RE.match(slug):
+        raise UnknownIdError(f"{ident!r} is not a database graph id (@pg.<set>~<slug>)")
+    return set_name, slug
+
+
+def _list_file_graphs(root: Path) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
     for meta in sorted(root.rglob("graph-metadata.json")):
         if len(meta.relative_to(root).parts) > MAX_DEPTH + 1:
             continue
@@ -297,10 +322,7 @@ def list_graphs(data: Path) -> list[dict[str, Any]]:
             if not isinstance(slug, str) or not SLUG_RE.match(slug) or not (meta.parent / f"{slug}.json").is_file():
                 continue
             rel = meta.parent.relative_to(root)
-            out.append({"id": id_of(rel / slug) if rel.parts else slug, "slug": slug, "set": id_of(rel),
-                        "prompt": g.get("prompt", ""), "scan": g.get("scan", ""),
-                        "title_prefix": g.get("title_prefix", ""),
-                        "n_tokens": len(g.get("prompt_tokens") or [])})
+            out.append(_graph_row(id_of(rel / slug) if rel.parts else slug, slug, id_of(rel), g))
     return out
 
 

@@ -61,13 +61,23 @@ class AppState:
             raise NotAnalyzedError("no analyzed dictionary in the data directory: run `featurelens analyze` on one")
         return ids[:MAX_DICTS]
 
-    def load_graph(self, gid: str) -> tuple[Path, dict[str, Any]]:
-        """(file, checked graph JSON) of a graph id."""
-        f = catalog.graph_file(self.data, gid)
+    def load_graph(self, gid: str) -> tuple[Path | None, dict[str, Any]]:
+        """(file, checked graph JSON) of a graph id; the file is None for a graph in the PostgreSQL database."""
+        key = catalog.pg_graph_key(gid)
+        if key is not None:
+            if self.db is None:
+                raise UnknownIdError(f"no graph {gid!r}: this server has no database (featurelens serve --db)")
+            from ..store.graphs import read_graph
+
+            where, text = f"graph {gid!r}", read_graph(self.db, *key)
+            f = None
+        else:
+            f = catalog.graph_file(self.data, gid)
+            where, text = str(f), f.read_bytes()
         try:
-            g = json.loads(f.read_text(encoding="utf-8"))
+            g = json.loads(text)
         except ValueError as e:
-            raise GraphFormatError(f"{f} is not valid JSON ({e})") from None
+            raise GraphFormatError(f"{where} is not valid JSON ({e})") from None
         return f, validate_upload(g)
 
     def graph_transcoders(self, g: dict[str, Any]) -> str | None:

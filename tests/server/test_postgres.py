@@ -90,3 +90,76 @@ def test_bad_urls_and_servers_stop_with_a_clear_message(web_data, tmp_path):
         r = subprocess.run([sys.executable, "-m", "featurelens", *argv], capture_output=True, text=True, timeout=300)
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
         assert "PostgreSQL" in r.stderr.strip().splitlines()[-1]
+
+
+def test_serve_db_keeps_uploaded_and_computed_graphs_in_the_database(web_data, postgres_db):
+    """With `serve --db`, an upload and a graph job land in the database (no file under graphs/), are listed beside
+    the data directory's graphs as "@pg.<set>~<slug>" and open; a saved subgraph is written back there; a pushed
+    graph is served byte for byte as the JSON it was; bad ids are 404, a stored non-graph 422."""
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from featurelens.server import create_app
+    from featurelens.store.graphs import put_graph, read_graph
+
+    data, model = web_data
+    files_before = sorted(p.relative_to(data) for p in (data / "graphs").rglob("*.json"))
+    g = web.synthetic_graph(60, 120)
+    g["metadata"]["slug"] = "team-upload"
+    with TestClient(create_app(data, model_loader=lambda name: model, db=postgres_db)) as c:
+        ups = [c.post("/api/graphs", json=g) for _ in range(2)]
+        assert [u.status_code for u in ups] == [201, 201], ups[0].text
+        assert [u.json()["id"] for u in ups] == ["@pg.uploads~team-upload", "@pg.uploads~team-upload-2"]
+        listed = {x["id"]: x for x in c.get("/api/graphs").json()}
+        assert "demo~tiny-prompt" in listed  # the data directory's graphs are still there
+        assert listed["@pg.uploads~team-upload"]["prompt"] == g["metadata"]["prompt"]
+        got = c.get("/api/graphs/@pg.uploads~team-upload").json()
+        assert got["id"] == "@pg.uploads~team-upload"
+        assert [n["node_id"] for n in got["nodes"]] == [n["node_id"] for n in g["nodes"]]
+        assert [(e["source"], e["target"], e["weight"]) for e in got["links"]] == \
+            [(e["source"], e["target"], e["weight"]) for e in g["links"]]
+        assert c.get("/api/overview").json()["graphs"] == list(listed.values())
+
+        pin = g["nodes"][-1]["node_id"]
+        r = c.put("/api/graphs/@pg.uploads~team-upload/subgraphs",
+                  json={"name": "mine", "pinnedIds": [pin], "supernodes": [], "clickedId": pin})
+        assert r.status_code == 200, r.text
+        stored = json.loads(read_graph(postgres_db, "uploads", "team-upload"))
+        assert [s["name"] for s in stored["subgraphs"]] == ["mine"] and stored["qParams"]["pinnedIds"] == [pin]
+        assert c.post("/api/graphs/@pg.uploads~team-upload/scores", json={"pinnedIds": [pin]}).status_code == 200
+
+        job = c.post("/api/jobs/graph", json={"transcoders": web.TC_ID, "prompt": "The cat sat",
+                                              "max_feature_nodes": 16})
+        assert job.status_code == 202, job.text
+        events = c.get(f"/api/jobs/{job.json()['id']}/events").text
+        assert web.sse_events(events)[-1] == ("end", {"status": "done"}), events[-500:]
+        gid = c.get(f"/api/jobs/{job.json()['id']}").json()["result"]["graph"]
+        assert gid.startswith("@pg.computed~the-cat-sat")
+        computed = c.get(f"/api/graphs/{gid}").json()
+        assert computed["metadata"]["prompt"] == "The cat sat" and gid in {x["id"] for x in c.get("/api/graphs").json()}
+        feature = next((n for n in computed["nodes"] if n["feature_type"] == "cross layer transcoder"),
+                       computed["nodes"][-1])
+        card = c.get(f"/api/graphs/{gid}/nodes/{feature['node_id']}")
+        assert card.status_code == 200 and card.json()["node"]["node_id"] == feature["node_id"], card.text
+
+        pushed = json.dumps(web.synthetic_graph(30, 40, seed=3), indent=2).encode()
+        put_graph(postgres_db, "lab", "pushed-one", pushed)
+        assert [n["node_id"] for n in c.get("/api/graphs/@pg.lab~pushed-one").json()["nodes"]] == \
+            [n["node_id"] for n in json.loads(pushed)["nodes"]]
+        put_graph(postgres_db, "lab", "not-a-graph", b'{"metadata": {}}')
+        assert c.get("/api/graphs/@pg.lab~not-a-graph").status_code == 422
+        for bad in ("@pg.uploads~nothing-here", "@pg.no-tilde", "@pg.a~b~c", "@pg.lab~pushed-one.json"):
+            r = c.get(f"/api/graphs/{bad}")
+            assert r.status_code == 404 and r.json()["detail"], (bad, r.text)
+    assert sorted(p.relative_to(data) for p in (data / "graphs").rglob("*.json")) == files_before
+
+    from featurelens.server.security import Limits
+
+    with TestClient(create_app(data, db=postgres_db, limits=Limits(max_uploads=2))) as c:  # two are stored already
+        r = c.post("/api/graphs", json=g)
+        assert r.status_code == 429 and "FEATURELENS_MAX_UPLOADS" in r.json()["detail"], r.text
+
+    with TestClient(create_app(data, model_loader=lambda name: model)) as c:  # without --db: as before
+        assert not any(x["id"].startswith("@pg.") for x in c.get("/api/graphs").json())
+        assert c.get("/api/graphs/@pg.uploads~team-upload").status_code == 404

@@ -36,6 +36,9 @@ def _circuits(state: AppState, gid: str) -> tuple[Path, Any, str]:
     from ...attribution.heads import AttentionCircuits
 
     f, g = state.load_graph(gid)
+    if f is None:
+        raise GraphFormatError(f"graph {gid!r} is in the database; attention circuits are built from graph files "
+                               f"(save it into <data dir>/graphs to trace its attention)")
     stamp = f.stat().st_mtime_ns
     kept = state.circuits.get(gid)
     if kept is not None and kept[0] == stamp:

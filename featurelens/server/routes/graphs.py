@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Body, Path as PathParam, Query
+from fastapi import APIRouter, Body, HTTPException, Path as PathParam, Query, Request
 from fastapi.responses import JSONResponse
 
 from ...errors import InputError
 from .. import catalog
 from ..catalog import UnknownIdError
-from ...attribution.files import add_to_set, json_graph_scores, read_feature_card, update_graph
+from ...attribution.files import add_to_set, slugify, json_graph_scores, read_feature_card, update_graph
 from ...attribution.schema import GraphFile, GraphFormatError, check_subgraph, is_feature, validate_upload
 from ..responses import dashboard_json, json_response
 from ..schemas import InterveneRequest, ScoresRequest, Subgraph
@@ -31,9 +32,10 @@ def _layer_and_feature(n: dict[str, Any]) -> tuple[int, int]:
     return layer, feat
 
 
-@router.get("/api/graphs", summary="Saved attribution graphs (graph-metadata.json under graphs/)")
+@router.get("/api/graphs", summary="Saved attribution graphs (graph-metadata.json under graphs/, and with "
+                                  "`serve --db` the database's as @pg.<set>~<slug>)")
 def graphs(state: State) -> JSONResponse:
-    return json_response(catalog.list_graphs(state.data))
+    return json_response(catalog.list_graphs(state.data, state.db))
 
 
 @router.get("/api/graphs/{graph}", summary="A graph's JSON (circuit-tracer / Neuronpedia format)",
@@ -68,12 +70,25 @@ def _add_densities(state: AppState, g: dict[str, Any]) -> None:
 @router.post("/api/graphs", summary="Upload a graph JSON (circuit-tracer or Neuronpedia)", status_code=201,
              openapi_extra={"requestBody": {"required": True, "content": {
                  "application/json": {"schema": {"$ref": "#/components/schemas/GraphFile"}}}}})
-def upload_graph(state: State, body: dict[str, Any] = Body(..., include_in_schema=False)) -> JSONResponse:
+def upload_graph(state: State, request: Request, body: dict[str, Any] = Body(..., include_in_schema=False)
+                 ) -> JSONResponse:
     g = validate_upload(body)
     g.pop("id", None)
-    slug = add_to_set(catalog.graphs_root(state.data) / "uploads", g)
-    return json_response({"id": f"uploads~{slug}", "slug": slug, "nodes": len(g["nodes"]), "links": len(g["links"])},
-                         201)
+    if state.db is not None:  # `serve --db`: kept in the database, for everyone who serves it
+        from ...store.graphs import add_graph, count_graphs
+
+        cap = request.app.state.limits.max_uploads  # as the security middleware's cap on the data directory's
+        n = count_graphs(state.db, "uploads")
+        if n >= cap:
+            raise HTTPException(429, f"{n} uploaded graphs are stored in the database, the most this server keeps "
+                                     f"({cap}; FEATURELENS_MAX_UPLOADS)")
+
+        slug = add_graph(state.db, "uploads", g, slugify(g["metadata"].get("slug") or g["metadata"].get("prompt", "")))
+        gid = f"{catalog.PG_PREFIX}uploads~{slug}"
+    else:
+        slug = add_to_set(catalog.graphs_root(state.data) / "uploads", g)
+        gid = f"uploads~{slug}"
+    return json_response({"id": gid, "slug": slug, "nodes": len(g["nodes"]), "links": len(g["links"])}, 201)
 
 
 @router.put("/api/graphs/{graph}/subgraphs",
@@ -86,7 +101,14 @@ def save_subgraph(state: State, body: Subgraph, graph: str = PathParam(max_lengt
         subs = [s for s in g.get("subgraphs", []) if s.get("name") != sg["name"]] + [sg]
         g["subgraphs"] = subs
         g["qParams"].update(pinnedIds=sg["pinnedIds"], supernodes=sg["supernodes"], clickedId=sg["clickedId"])
-        update_graph(f, g)
+        key = catalog.pg_graph_key(graph)
+        if key is not None and state.db is not None:
+            from ...store.graphs import put_graph
+
+            # read, change, write back whole: of two servers saving subgraphs of one graph at once, the later wins
+            put_graph(state.db, *key, json.dumps(g).encode("utf-8"))
+        else:
+            update_graph(f, g)
     return json_response({"graph": graph, "subgraphs": subs})
 
 
@@ -126,7 +148,7 @@ def node_card(state: State, graph: str = PathParam(max_length=400), node: str = 
     return json_response(card)
 
 
-def _feature_card(state: AppState, f: Path, g: dict[str, Any], n: dict[str, Any]) -> dict[str, Any] | None:
+def _feature_card(state: AppState, f: Path | None, g: dict[str, Any], n: dict[str, Any]) -> dict[str, Any] | None:
     """The feature's card: the dashboard of its transcoder layer when that layer was analyzed, else the feature
     JSON the graph writer saved beside the graph (where its metadata.scan points)."""
     if not is_feature(n):
@@ -141,6 +163,8 @@ def _feature_card(state: AppState, f: Path, g: dict[str, Any], n: dict[str, Any]
         if a is not None and 0 <= feat < a.n_features:  # type: ignore[operator]
             with state.db_lock:
                 return {"source": "analysis", **dashboard_json(a.feature(feat), f"{tid}~layer_{layer}")}
+    if f is None:  # a database graph has no feature-card files beside it
+        return None
     card = read_feature_card(f, g["metadata"]["scan"], n["feature"], root=state.data)
     return None if card is None else {"source": "graph", **card}
 

@@ -52,14 +52,36 @@ def _graph_job(state: AppState, job: Job, body: GraphJobRequest, entry: dict[str
         with rt.forward_lock:
             pruned.info["faithfulness"] = check_graph(g, model, tcs, k=CHECK_FEATURES).to_info()
     pruned.info["transcoders_id"] = body.transcoders  # which dictionary the page loads for cards and steering
-    job.progress("saving", message="graph file and feature cards")
-    set_dir = catalog.graphs_root(state.data) / "computed"
     analyses = rt.layer_analyses(body.transcoders)
-    with rt.forward_lock, state.db_lock:  # the slug is chosen under the graph set's lock (save_graph's unique=True)
-        f = save_graph(pruned, set_dir, slug=body.slug or body.prompt, model=model, transcoders=tcs,
-                       analyses=analyses or None, unique=True)
-    return {"graph": f"computed~{f.stem}", "nodes": int(pruned.kept().sum()), "links": int(pruned.edges.shape[1]),
+    if state.db is not None:
+        job.progress("saving", message="graph into the database")
+        with state.db_lock:  # the labels are read from the analyses
+            gid = _save_into_db(state.db, pruned, body.slug or body.prompt, analyses)
+    else:
+        job.progress("saving", message="graph file and feature cards")
+        set_dir = catalog.graphs_root(state.data) / "computed"
+        with rt.forward_lock, state.db_lock:  # the slug is chosen under the graph set's lock (save_graph's unique)
+            f = save_graph(pruned, set_dir, slug=body.slug or body.prompt, model=model, transcoders=tcs,
+                           analyses=analyses or None, unique=True)
+        gid = f"computed~{f.stem}"
+    return {"graph": gid, "nodes": int(pruned.kept().sum()), "links": int(pruned.edges.shape[1]),
             "scores": {k: float(v) for k, v in g.scores.items()}}
+
+
+def _save_into_db(db: str, pruned: Any, slug: str, analyses: dict[int, Any]) -> str:
+    """`serve --db`: the graph goes into the database's "computed" set under a free slug (its id
+    "@pg.computed~<slug>"), written by `save_graph` (labels from the analyses) without feature cards: the node cards
+    of a database graph come from the analyzed layers."""
+    import json
+    import tempfile
+
+    from ...attribution import save_graph
+    from ...store.graphs import add_graph
+
+    with tempfile.TemporaryDirectory(prefix="featurelens-graph-") as tmp:
+        f = save_graph(pruned, tmp, slug=slug, analyses=analyses or None, cards=False)
+        g = json.loads(f.read_bytes())
+    return f"{catalog.PG_PREFIX}computed~{add_graph(db, 'computed', g, f.stem)}"
 
 
 def attribution_progress(job: Job, model_lock: Any) -> OnProgress:

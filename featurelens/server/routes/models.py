@@ -16,7 +16,7 @@ router = APIRouter(tags=["data"])
 def overview(state: State) -> JSONResponse:
     dicts = state.list_dictionaries()
     return json_response({"data_dir": str(state.data), "models": catalog.list_models(state.data, dicts),
-                          "dictionaries": dicts, "graphs": catalog.list_graphs(state.data)})
+                          "dictionaries": dicts, "graphs": catalog.list_graphs(state.data, state.db)})
 
 
 @router.get("/api/models", summary="Models: embedded, converted, and named by dictionaries")
