@@ -196,7 +196,11 @@ RANKINGS = {
     "fused": ("fused", True, False, "reciprocal-rank fusion of embedding and lexical (method='fused'), no check"),
     "embedding+check": ("auto", True, True, "default with a model: embedding ranking, steering check leads"),
     "fused+check": ("fused", True, True, "fused ranking, steering check leads"),
-    "lexical+check": ("lexical", False, True, "after, default without the embedding model: lexical + check"),
+    "lexical+check": ("lexical", False, True, "lexical ranking, steering check leads (no embedding model)"),
+    "peaks": ("peaks", True, False, "embedding ranking + the concept's words at the feature's peaks, no check"),
+    "peaks+check": ("peaks", True, True, "peaks ranking, steering check leads"),
+    "lexical-peaks": ("peaks", False, False, "peaks ranking without the embedding model (lexical base), no check"),
+    "lexical-peaks+check": ("peaks", False, True, "lexical peaks ranking, steering check leads"),
 }
 
 
@@ -311,6 +315,7 @@ def summarize(rows: list[dict]) -> list[dict]:
                 s.update(steer_3x_fraction=statistics.mean(r["ratio"] >= 3 for r in rs),
                          median_mass_ratio=statistics.median(r["ratio"] for r in rs),
                          median_ppl_steered=statistics.median(r["ppl_steered"] for r in rs),
+                         median_ppl_ratio=statistics.median(r["ppl_steered"] / r["ppl_clean"] for r in rs),
                          median_ppl_clean=rs[0]["ppl_clean"])
             out.append(s)
     return out
@@ -318,10 +323,12 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 def table(summary: list[dict]) -> str:
     lines = ["| ranking | concepts | n | precision@5 | of attainable | top-1 | steered 3x | median ratio "
-             "| ppl steered (unsteered) | search s (median) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| ppl steered (unsteered) | ppl steered / unsteered | search s (median) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
         steer = (f"{s['steer_3x_fraction']:.2f} | {s['median_mass_ratio']:.2f} | {s['median_ppl_steered']:.1f} "
-                 f"({s['median_ppl_clean']:.1f})") if "steer_3x_fraction" in s else "– | – | –"
+                 f"({s['median_ppl_clean']:.1f}) | {s['median_ppl_ratio']:.2f}") if "steer_3x_fraction" in s \
+            else "– | – | – | –"
         lines.append(f"| {s['ranking']} | {s['set']} | {s['concepts']} | {s['precision_at_5']:.2f} | "
                      f"{s['attainable_precision']:.2f} | "
                      f"{s['top1_about']:.2f} | {steer} | {s['median_search_seconds']:.2f} |")

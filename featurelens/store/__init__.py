@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 
 from ..paths import sub_dir
-from .db import UNCLEAR_BELOW, USER, FeatureStore, StoreError, StoreReplacedError, is_clear, publish
+from .db import EFFECT_PREFIX, UNCLEAR_BELOW, USER, FeatureStore, StoreError, StoreReplacedError, is_clear, publish
 
 DB_FILE = "features.sqlite"
 BUILD_DIR = "building"
@@ -49,6 +49,6 @@ def data_analysis_dir(name: str, key: str) -> Path:
 
 
 __all__ = ["ANALYSIS_SUBDIR", "BUILD_DIR", "BUILD_LOCK", "DB_FILE", "FeatureStore", "StoreError", "StoreReplacedError",
-           "UNCLEAR_BELOW", "USER", "is_clear", "publish",
+           "EFFECT_PREFIX", "UNCLEAR_BELOW", "USER", "is_clear", "publish",
            "analysis_dir_for_path",
            "data_analysis_dir"]
