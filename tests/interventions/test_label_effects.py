@@ -69,3 +69,21 @@ def test_label_effects_score_what_steering_does(lens):
         fl.score_label_effects(lens, features=[f], strength=0)
     with pytest.raises(InputError, match="no feature"):
         fl.score_label_effects(lens, features=[lens.n_features])
+
+
+def test_explain_effects_on_the_command_line(lens, tmp_path_factory, capsys):
+    """`featurelens explain PATH --effects` labels (nothing to do here: already labelled), then scores what the
+    labels say their features promote, with the model -m names."""
+    from featurelens.cli import main
+    from featurelens.interventions import EFFECT_METHOD
+
+    data, _ = web.shared_data(tmp_path_factory)
+    claims = [f for f, (label, _) in lens.store.current_labels().items() if "promotes:" in label][:2]
+    assert claims, "no label of the tiny SAE names promoted words: the test would measure nothing"
+    lens.store.close()
+    assert main(["explain", str(lens.dir.parent), "--features", ",".join(map(str, claims)), "--effects",
+                 "-m", str(data / "models" / web.MODEL)]) == 0
+    out = capsys.readouterr().out
+    assert "nothing to do" in out and f"{EFFECT_METHOD}: {len(claims)} labels name words" in out
+    reread = fl.open_analysis(lens.dir.parent)
+    assert set(reread.store.current_label_scores(effects=True)) == set(claims)
