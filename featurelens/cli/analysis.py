@@ -46,8 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--promotes", default=None, metavar="TOKEN", help="features that push this output token up, e.g. "
                                                                     "' Paris' (mind the leading space)")
     common.add(p, "rows", default=10, note="(features; default 10)")
-    p.add_argument("--method", default="auto", choices=["auto", "embedding", "lexical"],
-                   help="concept search: sentence embeddings (auto when installed) or lexical BM25")
+    p.add_argument("--method", default="auto", choices=["auto", "peaks", "fused", "embedding", "lexical"],
+                   help="concept search: sentence embeddings (auto when installed) or lexical BM25; peaks: that plus "
+                        "the concept's word forms at each feature's max tokens; fused: both rankings fused")
     p.add_argument("--fast", action="store_true",
                    help="concept search: skip the steering check. By default, where the model is known (-m, or the "
                         "model the dictionary records), the best --pool matches are steered on neutral prompts and "

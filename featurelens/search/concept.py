@@ -16,6 +16,10 @@ on 5% of tokens (dense features match every query a little), so unclear or dense
 ones. The vectors are stored with the sha1 of their texts, so a changed label is re-embedded at the next search.
 Without the model, the label and snippets form one document per feature, ranked by BM25 (no quality
 factor: in the fallback it pushed dense on-topic features, such as digits, out of the top five).
+
+method="peaks" adds to either ranking how often the concept's own words sit where the feature peaks: the share of
+its max tokens that are a form of a query word (film/films/filmed, `word_forms`) or, with the embedding model,
+within PEAK_COS of the query, and the share of its top snippets holding such a form (`_peak_evidence`).
 """
 
 from __future__ import annotations
@@ -154,26 +158,29 @@ def query_forms(query: str) -> set[str]:
             for f in word_forms(w)}
 
 
-def _is_concept_word(token: str, forms: set[str]) -> bool:
-    from .lexical import word_forms
-
-    w = re.sub(r"[^a-z]", "", token.lower())
-    return bool(w) and not word_forms(w).isdisjoint(forms)
-
-
 def _peak_evidence(feats: np.ndarray, texts: dict[int, list[str]], query: str,
                    token_sims: np.ndarray | None) -> np.ndarray:
     """W_PEAK x the share of each feature's N_TOKENS max-token slots that hold a concept word (a form of a query
     word, or with the embedding model a token within PEAK_COS of the query: `token_sims` [n_feats, N_TOKENS]) +
     W_WINDOW x the share of its N_SNIPPETS snippet slots that contain a form of a query word."""
+    from .lexical import word_forms
+
     forms = query_forms(query)
+    seen: dict[str, bool] = {}  # the same words recur across features: each is looked at once
+
+    def concept_word(token: str) -> bool:
+        if token not in seen:
+            w = re.sub(r"[^a-z]", "", token.lower())
+            seen[token] = bool(w) and not word_forms(w).isdisjoint(forms)
+        return seen[token]
+
     out = np.zeros(len(feats))
     for j, f in enumerate(feats):
         ts = texts[int(f)]
         toks, snips = ts[1 + N_SNIPPETS:], ts[1:1 + N_SNIPPETS]
-        peak = sum(bool(t) and (_is_concept_word(t, forms) or (token_sims is not None and token_sims[j, i] >= PEAK_COS))
-                   for i, t in enumerate(toks))
-        window = sum(any(_is_concept_word(w, forms) for w in sn.split()) for sn in snips if sn)
+        close = token_sims[j] >= PEAK_COS if token_sims is not None else np.zeros(len(toks), dtype=bool)
+        peak = sum(bool(t) and (bool(close[i]) or concept_word(t)) for i, t in enumerate(toks))
+        window = sum(any(map(concept_word, sn.split())) for sn in snips if sn)
         out[j] = W_PEAK * peak / N_TOKENS + W_WINDOW * window / N_SNIPPETS
     return out
 
