@@ -149,7 +149,7 @@ def _fuse(embedded: np.ndarray, lexical: np.ndarray, quality: np.ndarray) -> np.
     return (W_EMBEDDING / (RRF_K + _ranks(embedded)) + lex) * quality
 
 
-def query_forms(query: str) -> set[str]:
+def _query_forms(query: str) -> set[str]:
     """The forms (`word_forms`) of the query's words other than stopwords."""
     from ..text import STOPWORDS
     from .lexical import word_forms
@@ -165,7 +165,7 @@ def _peak_evidence(feats: np.ndarray, texts: dict[int, list[str]], query: str,
     W_WINDOW x the share of its N_SNIPPETS snippet slots that contain a form of a query word."""
     from .lexical import word_forms
 
-    forms = query_forms(query)
+    forms = _query_forms(query)
     seen: dict[str, bool] = {}  # the same words recur across features: each is looked at once
 
     def concept_word(token: str) -> bool:
