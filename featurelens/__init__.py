@@ -25,13 +25,14 @@ from .interventions import (  # noqa: E402
     Ablate, Clamp, GenerationComparison, Metric, Steer, SteeringVector, activation_patching, answer_prob,
     attribution_patching, compare_generations, intervention_hooks, logit_diff, save_heatmap, steer, steering_vector,
 )
-from .interventions import SweepRow, continuation_perplexities, steerable_search, sweep_strengths  # noqa: E402
+from .interventions import (SweepRow, continuation_perplexities, score_label_effects, steerable_search,  # noqa: E402
+                            sweep_strengths)
 
 __all__ += [
     "Ablate", "Clamp", "GenerationComparison", "Metric", "Steer", "SteeringVector", "activation_patching",
     "answer_prob", "attribution_patching", "compare_generations", "intervention_hooks", "logit_diff",
     "save_heatmap", "steer", "steering_vector", "SweepRow", "continuation_perplexities", "sweep_strengths",
-    "steerable_search",
+    "steerable_search", "score_label_effects",
 ]
 
 # Data: text corpora, packed contexts, activation streams (and their on-disk cache).

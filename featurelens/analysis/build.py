@@ -8,7 +8,7 @@ Stages (progress is saved within each, so an interrupted run resumes where it st
    every `checkpoint_every` seconds and at the end of the stream.
 2. **finalize** per chunk of features, one SQLite transaction each: density, histogram, top and quantile examples
    with their token windows, the logit lens, the most similar features by decoder cosine, top co-firing features.
-3. **labels**: the built-in explainer (provenance "auto:v2") labels every feature; **scores**: each label gets
+3. **labels**: the built-in explainer (provenance "auto:v3") labels every feature; **scores**: each label gets
    its score, how well it predicts where the feature fires (`featurelens.analysis.scoring`).
 4. **embed**: search documents (label + top snippets) are embedded for concept search (skipped without the
    embedding model; search then falls back to lexical).

@@ -1,15 +1,19 @@
 """Explanations: a short label per feature, from a pluggable `Explainer`, stored with its provenance.
 
-The built-in `AutoExplainer` (provenance "auto:v2") needs no model and no network. It reads what a feature fires on
+The built-in `AutoExplainer` (provenance "auto:v3") needs no model and no network. It reads what a feature fires on
 and what it promotes:
 
 - **fires on**: the tokens at the maximum of its top examples, when a few of them recur (e.g. ``"film", "movie"``);
   plus a class when most of them share one (numbers, punctuation, capitalized words, line breaks, word pieces);
 - **context**: words that recur in its top examples' windows and are rare in other features' windows (TF-IDF over
   features: a word scores by the fraction of the feature's top examples containing it times log(N / df));
-- **promotes**: the word-like tokens its logit lens pushes up most.
+- **promotes** (what it does): the whole words its logit lens pushes up most, after an arrow, so the label reads
+  as "fires on X → makes the model say Y". Words that also occur in the feature's own top examples come first:
+  a logit-lens word seen where the feature fires is less likely to be noise of the unembedding.
 
-e.g. ``"film", "movie" | context: review, acting, plot | promotes: critics, buff``.
+e.g. ``"film", "movie" | context: review, acting, plot → promotes: critics, buff``. `featurelens.analysis.scoring`
+scores where a label says its feature fires; `fl.score_label_effects` (opt-in: it steers every feature) scores
+what it says the feature promotes.
 
 To plug in another explainer, subclass `Explainer`, give it a `provenance` such as "llm:my-model", and implement
 `explain` (or `explain_batch`); then ``fl.explain(path, MyExplainer())`` labels every feature. `ChatExplainer`
@@ -35,6 +39,13 @@ from ..store import FeatureStore
 from ..text import STOPWORDS
 
 _WORD = re.compile(r"[A-Za-z][A-Za-z'\-]{1,}")
+PROMOTES = " → promotes: "  # what the feature makes the model say, after what it fires on
+
+
+def promoted_words(label: str) -> list[str]:
+    """The words a label says its feature promotes (after "promotes:"), lowercased; [] when it says none."""
+    _, sep, tail = label.rpartition("promotes:")
+    return [w for w in (x.strip().lower() for x in tail.split(",")) if w] if sep else []
 
 
 @dataclass
@@ -116,7 +127,7 @@ def _is_word_token(s: str) -> bool:
 class AutoExplainer(Explainer):
     """The built-in, model-free explainer (see the module docstring)."""
 
-    provenance = "auto:v2"
+    provenance = "auto:v3"
 
     def __init__(self, n_examples: int = 20, n_tokens: int = 3, n_context: int = 3, n_promotes: int = 3):
         self.n_examples, self.n_tokens, self.n_context, self.n_promotes = n_examples, n_tokens, n_context, n_promotes
@@ -180,14 +191,13 @@ class AutoExplainer(Explainer):
             parts.append("context: " + ", ".join(ctx))
         # what it promotes: only when its top tokens read as words (whole words, not pieces of other scripts'
         # words: the logit lens of early-layer features is mostly such noise)
-        wordlike = [s.strip().lower() for s in ev.promotes[:5] if _is_word_token(s)]
+        wordlike = list(dict.fromkeys(s.strip().lower() for s in ev.promotes[:5] if _is_word_token(s)))
+        does = ""
         if len(wordlike) >= 2:
-            prom: list[str] = []
-            for w in wordlike:
-                if w not in prom:
-                    prom.append(w)
-            parts.append("promotes: " + ", ".join(prom[: self.n_promotes]))
-        return " | ".join(parts) if parts else "(no clear pattern)"
+            seen = set().union(*per_ex) if per_ex else set()
+            prom = sorted(wordlike, key=lambda w: w not in seen)  # stable: logit-lens order within each group
+            does = PROMOTES + ", ".join(prom[: self.n_promotes])
+        return (" | ".join(parts) if parts else "(no clear pattern)") + does
 
 
 # ----------------------------------------------------------------------------------------------- running

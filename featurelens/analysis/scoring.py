@@ -35,7 +35,7 @@ N_POS = 8  # positives per feature
 N_NEG = 200  # shared negative pool
 LEXICAL_METHOD = "lexical-auroc:v1"
 _WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9'\-]*")
-_STRUCTURE = re.compile(r"\b(context|promotes):|\|")
+_STRUCTURE = re.compile(r"\b(context|promotes):|[|→]")
 
 
 def embedding_method(embedder: Any) -> str:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from dataclasses import asdict
+from typing import Any
 
 from rich.table import Table
 
@@ -51,8 +53,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--promotes", default=None, metavar="TOKEN", help="features that push this output token up, e.g. "
                                                                     "' Paris' (mind the leading space)")
     common.add(p, "rows", default=10, note="(features; default 10)")
-    p.add_argument("--method", default="auto", choices=["auto", "embedding", "lexical"],
-                   help="concept search: sentence embeddings (auto when installed) or lexical BM25")
+    p.add_argument("--method", default="auto", choices=["auto", "peaks", "fused", "embedding", "lexical"],
+                   help="concept search: sentence embeddings (auto when installed) or lexical BM25; peaks: that plus "
+                        "the concept's word forms at each feature's max tokens; fused: both rankings fused")
     p.add_argument("--fast", action="store_true",
                    help="concept search: skip the steering check. By default, where the model is known (-m, or the "
                         "model the dictionary records), the best --pool matches are steered on neutral prompts and "
@@ -94,6 +97,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=None,
                    help="features per stored transaction (default 64 with --llm-url, else 512)")
     p.add_argument("--features", default=None, metavar="LIST", help="only these features, e.g. 1,2,3")
+    p.add_argument("--effects", action="store_true",
+                   help="then score what each label says its feature promotes, by steering the feature (one "
+                        "forward pass of the model per feature; stored as method steer-promotes:v1)")
+    common.add_model(p, default="the one the dictionary was trained on; loaded for --effects")
     common.add(p, "overwrite", note="(labels again the features that already have a label from this explainer; "
                                    "--redo is its old spelling)", old=("--redo",))
     p.set_defaults(func=cmd_explain)
@@ -285,7 +292,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         if done == len(wanted):
             print(f"nothing to do: all {len(wanted):,} features already have a label from {explainer.provenance} "
                   f"(--overwrite labels them again)")
-            return 0
+            return _label_effects(args, fd, features) if args.effects else 0
         started = time.time()
         try:
             n = fd.explain(explainer, features, skip_labeled=not args.overwrite, batch=batch)
@@ -297,6 +304,20 @@ def cmd_explain(args: argparse.Namespace) -> int:
             raise
         print(f"labelled {n:,} features with {explainer.provenance}"
               + (f"; {done:,} already had a label from it (skipped)" if done else ""))
+        return _label_effects(args, fd, features) if args.effects else 0
     finally:
         fd.close()
+
+
+def _label_effects(args: argparse.Namespace, fd: Any, features: list[int] | None) -> int:
+    """`explain --effects`: score what the labels say their features promote, by steering them."""
+    from ..interventions import EFFECT_METHOD, score_label_effects
+
+    if args.model:
+        fd._model = common.load_model(args, name=args.model)
+
+    scores = score_label_effects(fd, features)
+    borne = sum(v > 1 for v in scores.values())
+    print(f"{EFFECT_METHOD}: {len(scores):,} labels name words their feature promotes; steering raised those "
+          f"words for {borne:,}" + (f" (median {statistics.median(scores.values()):.2f}x)" if scores else ""))
     return 0

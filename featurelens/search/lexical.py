@@ -21,6 +21,18 @@ def _stem(w: str) -> str:
     return w
 
 
+def word_forms(w: str) -> set[str]:
+    """`w` (lowercase) and the words it may be an inflection of: film/films/filmed/filming share "film",
+    movie/movies share "movie", study/studies share "study". Two words are forms of one word when their sets meet."""
+    out = {w}
+    if len(w) > 3:
+        for suf, repl in (("ies", ("y", "ie")), ("es", ("", "e")), ("s", ("",)), ("ed", ("", "e")), ("d", ("",)),
+                          ("ing", ("", "e"))):
+            if w.endswith(suf) and len(w) - len(suf) >= 3:
+                out.update(w[: -len(suf)] + r for r in repl)
+    return out
+
+
 def terms(text: str) -> list[str]:
     return [_stem(w) for w in _TOKEN.findall(text.lower()) if w not in STOPWORDS]
 

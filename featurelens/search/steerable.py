@@ -67,7 +67,9 @@ def next_token_probs(model: Any, prompts: Sequence[str], hooks: Sequence = ()) -
     rows = [model.encode(p) for p in prompts]
     tokens, _ = model.pad(rows, "right")  # right padding: each row's last real token sees no pad
     last, batch = torch.tensor([len(r) - 1 for r in rows]), torch.arange(len(rows))
-    logits = model.run_with_hooks(tokens, fwd_hooks=list(hooks))[batch, last].float()  # [prompts, vocab]
+    # only the last position is unembedded: the unembedding is most of a small model's cost per token
+    resid = model.run_with_hooks(tokens, fwd_hooks=list(hooks), stop_at_layer=model.cfg.n_layers)
+    logits = model.unembed(resid[batch, last], fwd_hooks=list(hooks)).float()  # [prompts, vocab]
     return logits.softmax(-1).mean(0)
 
 

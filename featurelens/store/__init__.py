@@ -26,7 +26,8 @@ from pathlib import Path
 from ..paths import sub_dir
 from .backends import (AnalysisNotFoundError, PgLocation, StoreConnectionError, is_postgres_url, list_pg_analyses,
                        pg_location)
-from .db import UNCLEAR_BELOW, USER, FeatureStore, StoreError, StoreReplacedError, is_clear, publish, store_target
+from .db import (EFFECT_PREFIX, UNCLEAR_BELOW, USER, FeatureStore, StoreError, StoreReplacedError, is_clear, publish,
+                 store_target)
 
 DB_FILE = "features.sqlite"
 BUILD_DIR = "building"
@@ -60,7 +61,7 @@ def data_analysis_dir(name: str, key: str) -> Path:
 
 
 __all__ = ["ANALYSIS_SUBDIR", "BUILD_DIR", "BUILD_LOCK", "DB_FILE", "FeatureStore", "StoreError", "StoreReplacedError",
-           "UNCLEAR_BELOW", "USER", "is_clear", "publish", "store_target",
+           "EFFECT_PREFIX", "UNCLEAR_BELOW", "USER", "is_clear", "publish", "store_target",
            "AnalysisNotFoundError", "PgLocation", "StoreConnectionError", "is_postgres_url", "list_pg_analyses",
            "pg_location",
            "analysis_dir_for_path", "analysis_slug",

@@ -11,11 +11,13 @@ Tables (all keyed by the feature index):
                 across activation quantiles (kind "quantile", bin 0 = lowest); each holds a window of token ids
                 (int32) and the feature's activation on every token of it (float16), and where it sits in the corpus
     tokens      token id -> its text, for every token shown anywhere (so reading needs no tokenizer)
-    labels      (feature, provenance) -> label: "auto:v2" from the built-in explainer, "user" for edits,
+    labels      (feature, provenance) -> label: "auto:v3" from the built-in explainer, "user" for edits,
                 whatever name another explainer gives; the current label is the user's, else the newest
     label_scores (feature, provenance, method) -> how well that label predicts where the feature fires (AUROC
-                of telling its activating contexts from others, see `featurelens.analysis.scoring`); rewriting a
-                label deletes its scores, so a stored score always belongs to the label text beside it
+                of telling its activating contexts from others, see `featurelens.analysis.scoring`), or, for a
+                method starting with EFFECT_PREFIX, what steering the feature does to the words the label says it
+                promotes (`fl.score_label_effects`); rewriting a label deletes its scores, so a stored score always
+                belongs to the label text beside it
     embeddings  (feature, embedding model) -> float32 vectors [n, dim] of the feature's search texts (its label,
                 then its top snippets) and the sha1 of those texts (a changed label makes them stale: re-embedded)
 
@@ -122,6 +124,7 @@ FEATURE_COLUMNS = ("idx", "n_fires", "density", "max_act", "mean_act", "hist", "
                    "logit_std", "similar", "cofire")
 EXAMPLE_COLUMNS = ("feature", "kind", "rank", "bin", "ctx", "pos", "start", "act", "tokens", "acts")
 LABEL_COLUMNS = ("feature", "provenance", "label", "created")
+EFFECT_PREFIX = "steer-"  # label-score methods that score what a label says its feature does, not where it fires
 
 
 def _upsert(table: str, cols: Sequence[str], named: bool = False) -> str:
@@ -442,21 +445,31 @@ class FeatureStore:
             _upsert("label_scores", ("feature", "provenance", "method", "score", "n_pos", "n_neg", "created")),
             sorted((int(f), p, m, float(s), int(a), int(b), now) for f, p, m, s, a, b in rows))
 
-    def label_scores(self, idx: int) -> dict[str, dict[str, Any]]:
-        """provenance -> {"score", "method", "n_pos", "n_neg"} for the labels of `idx` that have a score."""
+    @staticmethod
+    def _score_kind(effects: bool) -> str:
+        """The SQL condition on `method` for where-it-fires scores (effects False) or what-it-does ones (True)."""
+        return "method LIKE ?" if effects else "method NOT LIKE ?"  # EFFECT_PREFIX has no LIKE wildcard
+
+    def label_scores(self, idx: int, effects: bool = False) -> dict[str, dict[str, Any]]:
+        """provenance -> {"score", "method", "n_pos", "n_neg"} for the labels of `idx` that have a score: how well
+        each predicts where the feature fires, or with `effects` what steering the feature does to the words it
+        says the feature promotes."""
         if not self._has_scores():
             return {}
         rows = self.conn.execute("SELECT provenance, method, score, n_pos, n_neg, created FROM label_scores "
-                                 "WHERE feature = ? ORDER BY created", (int(idx),))
+                                 f"WHERE feature = ? AND {self._score_kind(effects)} ORDER BY created",
+                                 (int(idx), EFFECT_PREFIX + "%"))
         return {p: {"score": s, "method": m, "n_pos": a, "n_neg": b} for p, m, s, a, b, _ in rows}
 
-    def current_label_scores(self) -> dict[int, tuple[float, str]]:
-        """feature -> (score, method) of its current label, for the features whose current label has one."""
+    def current_label_scores(self, effects: bool = False) -> dict[int, tuple[float, str]]:
+        """feature -> (score, method) of its current label, for the features whose current label has one (the
+        where-it-fires score; with `effects`, the what-it-does one)."""
         if not self._has_scores():
             return {}
         scores: dict[tuple[int, str], tuple[float, str]] = {}
         for f, p, m, s in self.conn.execute("SELECT feature, provenance, method, score FROM label_scores "
-                                            "ORDER BY created"):
+                                            f"WHERE {self._score_kind(effects)} ORDER BY created",
+                                            (EFFECT_PREFIX + "%",)):
             scores[(f, p)] = (s, m)
         return {f: scores[(f, p)] for f, (_, p) in self.current_labels().items() if (f, p) in scores}
 

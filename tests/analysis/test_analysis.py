@@ -127,7 +127,12 @@ def test_auto_explainer_labels():
     assert ex.explain(_ev([" film", " movie", " film", " movie", " film"],
                           promotes=[" critics", " reviews", "xq", " director"])).startswith('"film", "movie"')
     lab = ex.explain(_ev([" film", " film", " film"], promotes=[" critics", " reviews"]))
-    assert "promotes: critics, reviews" in lab
+    assert lab.endswith(" → promotes: critics, reviews")  # what it does, after what it fires on
+    # a logit-lens word also seen where the feature fires ("year" is in every example) comes first
+    assert ex.explain(_ev([" film"] * 3, promotes=[" critics", " year"])).endswith("promotes: year, critics")
+    from featurelens.analysis.explain import promoted_words
+
+    assert promoted_words(lab) == ["critics", "reviews"] and promoted_words('"film", "movie"') == []
     assert ex.explain(_ev(["1", "9", "2", "7", "1"])).startswith("numbers")
     assert "punctuation" in ex.explain(_ev([",", ";", ",", ",", "."]))
     assert ex.explain(_ev([" York", " Boston", " York", " Paris", " Rome"])).startswith('capitalized words ("York"')
@@ -178,7 +183,7 @@ def test_analysis_store_and_dashboard(analyzed):
     assert float(W[f] @ W[g]) == pytest.approx(cos, abs=1e-3)
     assert float((W @ W[f]).topk(2).values[1]) == pytest.approx(cos, abs=1e-3)
     assert d.cofiring and all(0 < j <= 1 and 0 < p <= 1 for _, j, p, _, _ in d.cofiring)
-    assert d.label and d.label_provenance == "auto:v2"
+    assert d.label and d.label_provenance == "auto:v3"
     # every label carries its score and method (fl.analyze scores them), shown with the label
     assert d.label_score is not None and 0 <= d.label_score <= 1 and "auroc" in d.label_score_method
     scored = analyzed.store.current_label_scores()
@@ -277,7 +282,7 @@ def test_labels_are_editable_and_pluggable(gemma, trained_sae, small_contexts, t
     a = _small_analysis(gemma, trained_sae, small_contexts, tmp_path)
     f = int(np.nanargmax(a.store.column("n_fires")))
     auto = a.label(f)
-    assert a.store.labels(f)[0]["provenance"] == "auto:v2"
+    assert a.store.labels(f)[0]["provenance"] == "auto:v3"
 
     class Shouting(fl.Explainer):
         provenance = "test:shout"
@@ -291,7 +296,7 @@ def test_labels_are_editable_and_pluggable(gemma, trained_sae, small_contexts, t
     a.set_label(f, "  my own label ")
     assert a.label(f) == "my own label" and a.feature(f).label_provenance == "user"
     assert a.store.label_scores(f)["user"]["score"] == a.feature(f).label_score  # so is a person's
-    assert {r["provenance"] for r in a.store.labels(f)} == {"auto:v2", "test:shout", "user"}
+    assert {r["provenance"] for r in a.store.labels(f)} == {"auto:v3", "test:shout", "user"}
     a.set_label(f, None)
     assert a.label(f) != "my own label" and auto
     with pytest.raises(ValueError):

@@ -48,10 +48,10 @@ def build_store(path, seed: int = 0) -> FeatureStore:
         store.write_features({"idx": f, "n_fires": 100, "density": 0.2 if f == 4 else 0.001, "max_act": 5.0,
                               "mean_act": 2.0, "hist": None, "logit_up": [], "logit_down": [], "similar": [],
                               "cofire": []} for f in range(5))
-        store.write_labels([(0, "auto:v2", '"film", "movie", "cinema" | context: actor'),
-                            (1, "auto:v2", '"court", "judge", "lawyer", "trial"'),
-                            (2, "auto:v2", '"dog", "cat"'),  # wrong: feature 2 is about weather
-                            (3, "auto:v2", '"dog", "cat", "horse", "pet"'), (4, "auto:v2", '"the", "of"')])
+        store.write_labels([(0, "auto:v3", '"film", "movie", "cinema" | context: actor'),
+                            (1, "auto:v3", '"court", "judge", "lawyer", "trial"'),
+                            (2, "auto:v3", '"dog", "cat"'),  # wrong: feature 2 is about weather
+                            (3, "auto:v3", '"dog", "cat", "horse", "pet"'), (4, "auto:v3", '"the", "of"')])
     return store
 
 
@@ -104,7 +104,7 @@ def test_a_rewritten_label_loses_its_old_score_and_a_users_label_is_scored(store
     scoring.score_labels(store, None, progress=False)
     assert 2 in store.current_label_scores()
     with store.transaction():
-        store.write_labels([(2, "auto:v2", '"rain", "storm", "snow", "weather"')])
+        store.write_labels([(2, "auto:v3", '"rain", "storm", "snow", "weather"')])
     assert 2 not in store.current_label_scores()  # the score belonged to the old text
     scoring.score_labels(store, None, features=[2], progress=False)
     assert store.current_label_scores()[2][0] >= 0.85
@@ -112,7 +112,7 @@ def test_a_rewritten_label_loses_its_old_score_and_a_users_label_is_scored(store
     assert 3 not in store.current_label_scores()  # the user's label is current and has no score yet
     scoring.score_labels(store, None, provenance="user", progress=False)
     assert store.current_label_scores()[3][0] < 0.7
-    assert store.label_scores(3).keys() == {"auto:v2", "user"}  # the automatic label keeps its own score
+    assert store.label_scores(3).keys() == {"auto:v3", "user"}  # the automatic label keeps its own score
 
 
 def test_scores_reach_dashboard_and_search(store_target, monkeypatch):
@@ -145,3 +145,42 @@ def test_old_store_without_the_table_reads_and_gains_it(tmp_path):
         assert rw.current_label_scores() == {}
         assert scoring.score_labels(rw, None, progress=False) == 5
 
+
+
+def test_what_it_does_scores_are_kept_apart_from_where_it_fires(tmp_path):
+    """A what-it-does score (method EFFECT_PREFIX...) sits beside the AUROC: the where-it-fires readers (search
+    quality, unclear marks) never take it for the AUROC, and it goes with the label text like any score."""
+    from featurelens.store import EFFECT_PREFIX
+
+    store = build_store(tmp_path / "f.sqlite")
+    scoring.score_labels(store, None, progress=False)
+    fires = store.current_label_scores()
+    with store.transaction():
+        store.write_label_scores([(0, "auto:v3", EFFECT_PREFIX + "promotes:v1", 7.5, 6, 2)])
+    assert store.current_label_scores() == fires  # written later, yet not read as the AUROC
+    assert store.current_label_scores(effects=True) == {0: (7.5, EFFECT_PREFIX + "promotes:v1")}
+    assert store.label_scores(0)["auto:v3"]["method"] == fires[0][1]
+    assert store.label_scores(0, effects=True)["auto:v3"]["score"] == 7.5
+    with store.transaction():
+        store.write_labels([(0, "auto:v3", '"film" → promotes: critics')])
+    assert store.current_label_scores(effects=True) == {}  # it belonged to the old text
+
+
+def test_peaks_ranking_matches_word_forms_the_lexical_one_misses(tmp_path, monkeypatch):
+    """Without the embedding model, "peaks" finds the film feature for "movies" (its max tokens say "movie"),
+    where BM25's stemmer does not join the two spellings."""
+    monkeypatch.setenv("FEATURELENS_NO_EMBEDDINGS", "1")
+    from featurelens.search import embed
+    from featurelens.search.lexical import word_forms
+
+    monkeypatch.setattr(embed, "_CACHE", {})
+    assert not word_forms("movies").isdisjoint(word_forms("movie"))
+    assert not word_forms("filmed").isdisjoint(word_forms("films"))
+    assert word_forms("film").isdisjoint(word_forms("fill"))
+    store = build_store(tmp_path / "f.sqlite")
+    lexical = concept_search(store, "movies", k=5, method="lexical")
+    assert 0 not in {h.feature for h in lexical}
+    hits = concept_search(store, "movies", k=5, method="peaks")
+    assert hits[0].feature == 0 and hits[0].method == "peaks+lexical"
+    assert all(h.feature != 0 for h in hits[1:])
+    store.close()

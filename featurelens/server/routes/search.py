@@ -19,7 +19,7 @@ def search_concept(state: State,
                    q: str = Query(min_length=1, max_length=500, description="what the features are about"),
                    dictionaries: str = Query("", max_length=4000, description="comma-separated dictionary ids"),
                    k: int = Query(10, ge=1, le=MAX_K),
-                   method: Literal["auto", "embedding", "lexical"] = "auto",
+                   method: Literal["auto", "peaks", "fused", "embedding", "lexical"] = "auto",
                    steerable: bool = Query(True, description="steer the best `pool` matches on neutral prompts; "
                                            "those that raise the concept's words 3x or more lead the ranking "
                                            "(false: the match ranking alone, without loading the model)"),
