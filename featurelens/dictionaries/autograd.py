@@ -110,11 +110,14 @@ class CrossLayerDecode(torch.autograd.Function):
     def forward(ctx: Any, n: int, d_out: int, *args: torch.Tensor | None) -> torch.Tensor:
         acts, idxs, Ws = args[:n], args[n:2 * n], args[2 * n:]
         B = acts[0].shape[0]
-        out = acts[0].new_zeros(B, n, d_out)
+        out = torch.empty(0)
         for i in range(n):
             dec = (F.embedding_bag(idxs[i], Ws[i], per_sample_weights=acts[i], mode="sum")
                    if idxs[i] is not None else acts[i] @ Ws[i])
-            out[:, i:].add_(dec.view(B, n - i, d_out))
+            if i == 0:  # the first source layer writes to every output: its decode is the sum's start
+                out = dec.view(B, n, d_out)
+            else:
+                out[:, i:].add_(dec.view(B, n - i, d_out))
         ctx.n = n
         ctx.sparse = [ix is not None for ix in idxs]
         ctx.save_for_backward(*acts, *[ix if ix is not None else acts[0].new_empty(0) for ix in idxs], *Ws)
@@ -125,11 +128,14 @@ class CrossLayerDecode(torch.autograd.Function):
         n = ctx.n
         saved = ctx.saved_tensors
         acts, idxs, Ws = saved[:n], saved[n:2 * n], saved[2 * n:]
+        grad_out = grad_out.contiguous()
         B = grad_out.shape[0]
         grad_acts: list[torch.Tensor | None] = [None] * n
         grad_Ws: list[torch.Tensor | None] = [None] * n
         for i in range(n):
-            g = grad_out[:, i:].reshape(B, -1).contiguous()  # what layer i's outputs receive, [B, (n - i) * d_out]
+            # what layer i's outputs receive, [B, (n - i) * d_out]: a view with rows n * d_out apart, which both
+            # kernels read as it is (a contiguous copy would cost more than it saves)
+            g = grad_out[:, i:].reshape(B, -1)
             need_acts, need_W = ctx.needs_input_grad[2 + i], ctx.needs_input_grad[2 + 2 * n + i]
             if ctx.sparse[i]:
                 if need_acts:
