@@ -3,7 +3,7 @@ same activations.
 
     python benchmarks/clt_train.py [--rows 8192] [--steps 4] [--warmup-steps 1] [--repeats 3] [--width 1024]
                                    [--k 32] [--batch-size 1024] [--threads N] [--code DIR] [--profile]
-                                   [--synthetic] [--json out.json]
+                                   [--synthetic] [--acts FILE] [--json out.json]
 
 1. Activations: every layer's MLP input and output (the pairs both kinds of transcoder learn) for --rows rows of
    Gemma 3 270M over the corpus's training split (`model_batches`, BOS left out), timed apart: `train_transcoders`
@@ -16,7 +16,8 @@ same activations.
 3. The float32 matmul rate at the start and the end, since the machine may be shared.
 
 --code DIR imports featurelens from DIR instead of this checkout (say a tree of an older commit from `git archive`),
-so the same script measures the code before and after a change. --profile prints torch.profiler's table of one CLT
+so the same script measures the code before and after a change; --acts FILE keeps the activations between such
+runs. --profile prints torch.profiler's table of one CLT
 step. The model comes from the data directory ($FEATURELENS_HOME) and the corpus as `fl.load_contexts` finds it.
 """
 
@@ -44,6 +45,8 @@ def main() -> None:
     ap.add_argument("--code", default=None, help="import featurelens from this directory")
     ap.add_argument("--synthetic", action="store_true", help="random activations of the model's shapes, no model")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--acts", default=None, metavar="FILE",
+                    help="cache of the activations (safetensors): read when it exists, else written")
     ap.add_argument("--json", default=None, metavar="FILE")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(args.code).resolve() if args.code else Path(__file__).resolve().parents[1]))
@@ -66,7 +69,15 @@ def main() -> None:
     hooks_in = [f"blocks.{l}.ln2.hook_normalized" for l in range(n_layers)]
     hooks_out = [f"blocks.{l}.hook_mlp_out" for l in range(n_layers)]
     gen_s = None
-    if args.synthetic:
+    if args.acts and Path(args.acts).is_file():
+        from safetensors.torch import load_file
+
+        acts = load_file(args.acts)
+        n_layers = sum(h.endswith("hook_mlp_out") for h in acts)
+        d = acts[hooks_in[0]].shape[1]
+        hooks_in, hooks_out = hooks_in[:n_layers], hooks_out[:n_layers]
+        print(f"activations from {args.acts}", flush=True)
+    elif args.synthetic:
         g = torch.Generator().manual_seed(0)
         acts = {h: torch.randn(args.rows, d, generator=g) for h in hooks_in + hooks_out}
     else:
@@ -79,7 +90,10 @@ def main() -> None:
         t0 = time.perf_counter()
         parts: dict[str, list] = {h: [] for h in hooks_in + hooks_out}
         got = 0
-        for batch in model_batches(model, hooks_in + hooks_out, contexts, args.batch_size, epochs=1)(0):
+        # forward only the contexts the rows need (a chunk of the default size is 65k rows)
+        chunk = args.rows // (contexts.shape[1] - 1) + 2
+        for batch in model_batches(model, hooks_in + hooks_out, contexts, args.batch_size, epochs=1,
+                                   chunk_contexts=chunk)(0):
             for h in parts:
                 parts[h].append(batch[h].reshape(len(batch[h]), -1).float())
             got += len(batch[hooks_in[0]])
@@ -87,6 +101,10 @@ def main() -> None:
                 break
         acts = {h: torch.cat(v)[:args.rows].contiguous() for h, v in parts.items()}
         gen_s = time.perf_counter() - t0
+        if args.acts:
+            from safetensors.torch import save_file
+
+            save_file(acts, args.acts)
         print(f"activations: {len(acts[hooks_in[0]]):,} rows of {2 * n_layers} hooks in {gen_s:.1f} s "
               f"({len(acts[hooks_in[0]]) / gen_s:,.0f} rows/s, the model's forward: shared by both)", flush=True)
     rows = len(acts[hooks_in[0]])

@@ -7,6 +7,8 @@ sparse work proportional to batch * k * d for the rest:
 
 * `SelectedEncode`: pre-activations of the selected latents, whose backward writes only their encoder columns.
 * `SparseDecode`:   sum_j vals[b, j] * W_dec[idx[b, j]] (an embedding bag) with a sampled-matmul backward.
+* `CrossLayerDecode`: the same for every source layer of a cross-layer transcoder at once, summed into one
+  [B, n_layers, d_out] output whose backward hands each layer a view of its slice of the gradient.
 
 The encoder's dense pass only *chooses* latents. Where bfloat16 matmuls are fast
 (`featurelens.device.bf16_matmul_is_fast`) training makes that choice in bfloat16 (about 4x faster here) and then
