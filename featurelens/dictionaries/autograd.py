@@ -7,6 +7,8 @@ sparse work proportional to batch * k * d for the rest:
 
 * `SelectedEncode`: pre-activations of the selected latents, whose backward writes only their encoder columns.
 * `SparseDecode`:   sum_j vals[b, j] * W_dec[idx[b, j]] (an embedding bag) with a sampled-matmul backward.
+* `CrossLayerDecode`: the same for every source layer of a cross-layer transcoder at once, summed into one
+  [B, n_layers, d_out] output whose backward hands each layer a view of its slice of the gradient.
 
 The encoder's dense pass only *chooses* latents. Where bfloat16 matmuls are fast
 (`featurelens.device.bf16_matmul_is_fast`) training makes that choice in bfloat16 (about 4x faster here) and then
@@ -93,6 +95,69 @@ class SparseDecode(torch.autograd.Function):
 
 def sparse_decode(vals: torch.Tensor, idx: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
     return SparseDecode.apply(vals, idx, W_dec)
+
+
+class CrossLayerDecode(torch.autograd.Function):
+    """out[b, L] = sum over source layers i <= L of  acts_i[b] @ W_i[:, L - i]  for a cross-layer transcoder's n
+    source layers, into one [B, n, d_out] tensor.
+
+    Layer i's decoder W_i [d_sae, (n - i) * d_out] writes to the outputs i..n-1, a triangle of blocks. Each layer is
+    decoded once (sparse when idx_i is given: acts_i holds the values of the selected latents idx_i [B, kk]) and
+    added into its slice of the one output; the backward reads the slices of the one output gradient. Decoding into
+    per-layer outputs and summing those under autograd instead costs a zero-filled [B, n - i, d_out] gradient for
+    every (source, output) pair: O(n^2) memory traffic that dominated a CLT step.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, n: int, d_out: int, *args: torch.Tensor | None) -> torch.Tensor:
+        acts, idxs, Ws = args[:n], args[n:2 * n], args[2 * n:]
+        B = acts[0].shape[0]
+        out = torch.empty(0)
+        for i in range(n):
+            dec = (F.embedding_bag(idxs[i], Ws[i], per_sample_weights=acts[i], mode="sum")
+                   if idxs[i] is not None else acts[i] @ Ws[i])
+            if i == 0:  # the first source layer writes to every output: its decode is the sum's start
+                out = dec.view(B, n, d_out)
+            else:
+                out[:, i:].add_(dec.view(B, n - i, d_out))
+        ctx.n = n
+        ctx.sparse = [ix is not None for ix in idxs]
+        ctx.save_for_backward(*acts, *[ix if ix is not None else acts[0].new_empty(0) for ix in idxs], *Ws)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
+        n = ctx.n
+        saved = ctx.saved_tensors
+        acts, idxs, Ws = saved[:n], saved[n:2 * n], saved[2 * n:]
+        grad_out = grad_out.contiguous()
+        B = grad_out.shape[0]
+        grad_acts: list[torch.Tensor | None] = [None] * n
+        grad_Ws: list[torch.Tensor | None] = [None] * n
+        for i in range(n):
+            # what layer i's outputs receive, [B, (n - i) * d_out]: a view with rows n * d_out apart, which both
+            # kernels read as it is (a contiguous copy would cost more than it saves)
+            g = grad_out[:, i:].reshape(B, -1)
+            need_acts, need_W = ctx.needs_input_grad[2 + i], ctx.needs_input_grad[2 + 2 * n + i]
+            if ctx.sparse[i]:
+                if need_acts:
+                    grad_acts[i] = gathered_dot(idxs[i], g, Ws[i])
+                if need_W:
+                    grad_Ws[i] = torch.sparse.mm(_scatter_matrix(idxs[i], acts[i], Ws[i].shape[0]), g)
+            else:
+                if need_acts:
+                    grad_acts[i] = g @ Ws[i].T
+                if need_W:
+                    grad_Ws[i] = acts[i].T @ g
+        return (None, None, *grad_acts, *([None] * n), *grad_Ws)
+
+
+def cross_layer_decode(acts: list[torch.Tensor], idxs: list[torch.Tensor | None], W_dec: list[torch.Tensor],
+                       d_out: int) -> torch.Tensor:
+    """A cross-layer transcoder's decode of every source layer, summed per output layer: [B, n, d_out] (see
+    `CrossLayerDecode`); acts[i] are layer i's selected values (idxs[i] their latents) or dense features (idxs[i]
+    None)."""
+    return CrossLayerDecode.apply(len(acts), d_out, *acts, *idxs, *W_dec)
 
 
 # ----------------------------------------------------------------------------------------------- JumpReLU

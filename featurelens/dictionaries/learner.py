@@ -32,9 +32,10 @@ import torch
 
 from .. import distributed as dist
 from ..engine.errors import InputError
+from .autograd import cross_layer_decode
 from .clt import CLTConfig, CrossLayerTranscoder
 from .losses import (
-    adam_for, choose_select_dtype, dead_latent_aux, decode_for_training, default_dead_tokens,
+    TrainEncoding, adam_for, choose_select_dtype, dead_latent_aux, decode_for_training, default_dead_tokens,
     encode_for_training, fired_anywhere, fit_affine, init_sparse_offsets, mean_over_ranks, project_decoder_grad,
     reconstruction_loss, renormalize_rows, skip_init_rows, start_skip, update_batchtopk_threshold, update_ema,
 )
@@ -268,6 +269,45 @@ class CLTLearner:
         self.step(xs, ys, lr, sparsity_scale)
         return self.rows_all
 
+    def loss(self, xs: list[torch.Tensor], ys: list[torch.Tensor], sparsity_scale: float
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[TrainEncoding], torch.Tensor, int]:
+        """The step's loss on normalized rows xs, ys (one [B, d] per layer), with autograd reaching the parameters:
+        (loss, mse, per-token squared errors [B, n], targets [B, n, d_out], encodings, AuxK term, dead latents)."""
+        clt, cfg, tcfg = self.clt, self.clt.cfg, self.tcfg
+        n = len(cfg.layers)
+        encs, sparsity = [], xs[0].new_zeros(())
+        for i in range(n):
+            thr = clt.threshold[i] if clt.threshold is not None else None
+            enc = encode_for_training(cfg.arch, cfg.k, xs[i], None, clt.W_enc[i], clt.b_enc[i], thr, tcfg,
+                                      self.select_dtype)
+            encs.append(enc)
+            sparsity = sparsity + enc.sparsity
+        # every source layer decoded into its slice of one [B, n, d_out] output (`cross_layer_decode`)
+        y_hat = cross_layer_decode([e.acts for e in encs], [e.idx for e in encs], list(clt.W_dec),
+                                   cfg.d_out) + clt.b_dec  # type: ignore[arg-type]
+        if clt.W_skip is not None:
+            y_hat = y_hat + torch.stack([x @ W.T for x, W in zip(xs, clt.W_skip)], dim=1)
+        Y = torch.stack(ys, dim=1)
+        err = y_hat - Y
+        err2 = err.pow(2).sum(-1)  # [B, n]
+        y2 = Y.pow(2).sum(-1)
+        loss = sum(reconstruction_loss(err2[:, i], y2[:, i], tcfg.loss) for i in range(n))
+        mse = err2.mean(0).sum()
+        loss = loss + sparsity_scale * sparsity
+
+        aux_total, n_dead = xs[0].new_zeros(()), 0
+        if tcfg.aux_coefficient > 0:
+            for i in range(n):
+                dead = self.since_fired[i] >= self.dead_tokens
+                nd = int(dead.sum())
+                n_dead += nd
+                if nd:
+                    err_after = err[:, i:].reshape(len(err), -1)  # what layer i's features could still explain
+                    aux_total = aux_total + dead_latent_aux(xs[i], None, clt.W_enc[i], clt.b_enc[i], clt.W_dec[i],
+                                                            encs[i].pre, dead, self.aux_k, err_after)
+            loss = loss + tcfg.aux_coefficient * aux_total
+        return loss, mse, err2, Y, encs, aux_total, n_dead  # type: ignore[return-value]
+
     def step(self, xs: list[torch.Tensor], ys: list[torch.Tensor], lr: float, sparsity_scale: float) -> dict[str, float]:
         clt, cfg, tcfg = self.clt, self.clt.cfg, self.tcfg
         n = len(cfg.layers)
@@ -280,36 +320,7 @@ class CLTLearner:
         for group in self.opt.param_groups:
             group["lr"] = lr * group["lr_scale"]
         B = xs[0].shape[0]
-        outs: list[torch.Tensor] = [clt.b_dec[j].expand(B, -1) for j in range(n)]
-        encs, sparsity = [], xs[0].new_zeros(())
-        for i in range(n):
-            thr = clt.threshold[i] if clt.threshold is not None else None
-            enc = encode_for_training(cfg.arch, cfg.k, xs[i], None, clt.W_enc[i], clt.b_enc[i], thr, tcfg,
-                                      self.select_dtype)
-            encs.append(enc)
-            sparsity = sparsity + enc.sparsity
-            dec = decode_for_training(enc, clt.W_dec[i]).view(B, n - i, cfg.d_out)  # type: ignore[arg-type]
-            for j in range(n - i):
-                outs[i + j] = outs[i + j] + dec[:, j]
-            if clt.W_skip is not None:
-                outs[i] = outs[i] + xs[i] @ clt.W_skip[i].T
-        errs = [o - y for o, y in zip(outs, ys)]
-        err2 = [e.pow(2).sum(-1) for e in errs]  # per layer [B]
-        loss = sum(reconstruction_loss(e2, y.pow(2).sum(-1), tcfg.loss) for e2, y in zip(err2, ys))
-        mse = sum(e2.mean() for e2 in err2)
-        loss = loss + sparsity_scale * sparsity
-
-        aux_total, n_dead = xs[0].new_zeros(()), 0
-        if tcfg.aux_coefficient > 0:
-            for i in range(n):
-                dead = self.since_fired[i] >= self.dead_tokens
-                nd = int(dead.sum())
-                n_dead += nd
-                if nd:
-                    err_cat = torch.cat(errs[i:], dim=1)  # what layer i's features could still explain
-                    aux_total = aux_total + dead_latent_aux(xs[i], None, clt.W_enc[i], clt.b_enc[i], clt.W_dec[i],
-                                                            encs[i].pre, dead, self.aux_k, err_cat)
-            loss = loss + tcfg.aux_coefficient * aux_total
+        loss, mse, err2, Y, encs, aux_total, n_dead = self.loss(xs, ys, sparsity_scale)
 
         rows_all = self.rows_all = int(dist.total(B))
         self.opt.zero_grad(set_to_none=True)
@@ -330,10 +341,10 @@ class CLTLearner:
                 if cfg.arch == "batchtopk":
                     self.bt_threshold[i] = update_batchtopk_threshold(self.bt_threshold[i], enc,
                                                                       tcfg.batchtopk_threshold_rate)
-            var = sum(float((y - y.mean(0)).pow(2).sum()) for y in ys)
+            var = float((Y - Y.mean(0)).pow(2).sum())
             l0s = [float(e.l0) for e in encs]
-            stats = {"loss": float(loss), "mse": float(mse),  # type: ignore[arg-type]
-                     "fvu": float(sum(float(e.sum()) for e in err2) / max(var, 1e-12)),
+            stats = {"loss": float(loss), "mse": float(mse),
+                     "fvu": float(err2.sum()) / max(var, 1e-12),
                      "l0": sum(l0s) / n, "l0_total": sum(l0s), "dead": n_dead / (n * cfg.d_sae),
                      "aux": float(aux_total)}
         update_ema(self.ema, mean_over_ranks(stats, B, rows_all))
