@@ -440,8 +440,7 @@ def serving(app: Any) -> Iterator[str]:
 
 # The trained fixture (tests/conftest.py's `trained_sae` and `analyzed`): small enough to train in minutes on a laptop
 # CPU, big enough for token-level concepts.
-# 150k training rows from 75k fresh tokens (each seen twice): the model forward is most of the fixture's cost
-TRAINED = {"hook": "blocks.6.hook_resid_post", "arch": "topk", "k": 16, "width": 2048, "tokens": 150_000, "reuse": 2}
+TRAINED = {"hook": "blocks.6.hook_resid_post", "arch": "topk", "k": 16, "width": 2048, "tokens": 150_000}
 ANALYSIS_TOKENS = 32_768
 
 
@@ -464,7 +463,7 @@ def trained_sae(model: Any) -> Path:
         # trained beside it and renamed into place: two test runs sharing .test-cache never see half a dictionary
         tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
         fl.train_sae(model, TRAINED["hook"], arch=TRAINED["arch"], k=TRAINED["k"], width=TRAINED["width"],
-                     tokens=TRAINED["tokens"], reuse=TRAINED["reuse"], batch_size=1024, out=tmp, overwrite=True, progress=False)
+                     tokens=TRAINED["tokens"], batch_size=1024, out=tmp, overwrite=True, progress=False)
         if path.exists() and not (path / "cfg.json").is_file():  # left by an older, interrupted run
             shutil.rmtree(path, ignore_errors=True)
         try:
