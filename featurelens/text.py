@@ -1,4 +1,4 @@
-"""Plain-text helpers shared by the labeler (analysis) and lexical search: English stopwords."""
+"""Plain-text helpers shared by the labeler (analysis) and search: English stopwords, the labels' promotes clause."""
 
 from __future__ import annotations
 
@@ -14,3 +14,15 @@ those through to too under until up us very was wasn't we we'd we'll we're we've
 where where's which while who who's whom why why's will with won't would wouldn't you you'd you'll you're you've your
 yours yourself yourselves s t d ll re ve m o y one two get got like just also would could much many well even still
 """.split())
+
+
+PROMOTES = " → promotes: "  # a built-in label's clause saying what the feature makes the model say
+
+
+def where_it_fires(label: str) -> str:
+    """The part of a label that says where its feature fires: the text before its promotes clause, if any.
+
+    Search matches a concept against this part: a feature *about* films is what a search for films wants, not one
+    whose logit lens happens to promote "film" (steering, not the label, measures what a feature does).
+    """
+    return label.split(PROMOTES, 1)[0]

@@ -36,7 +36,7 @@ def test_cuda_without_a_gpu_is_a_clear_error(capsys: pytest.CaptureFixture) -> N
 
 
 # the commands that never run a model: listing, a stored dashboard, labels from a remote language model
-NO_MODEL = {"models", "feature", "explain"}
+NO_MODEL = {"models", "feature", "explain", "graph-push"}
 
 
 def _model_commands() -> dict[str, argparse.ArgumentParser]:

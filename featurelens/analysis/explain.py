@@ -36,10 +36,9 @@ import numpy as np
 
 from ..engine.errors import InputError
 from ..store import FeatureStore
-from ..text import STOPWORDS
+from ..text import PROMOTES, STOPWORDS
 
 _WORD = re.compile(r"[A-Za-z][A-Za-z'\-]{1,}")
-PROMOTES = " → promotes: "  # what the feature makes the model say, after what it fires on
 
 
 def promoted_words(label: str) -> list[str]:

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from ..store import FeatureStore, is_clear
+from ..text import where_it_fires
 from ..engine.errors import FeaturelensError, InputError
 
 N_SNIPPETS = 4  # top snippets embedded per feature
@@ -106,7 +107,7 @@ def feature_texts(store: FeatureStore) -> tuple[dict[int, list[str]], dict[int, 
         shown[f] = [_snippet(strings, e) for e in exs[:SNIPPETS_SHOWN]]
         snips = [_snippet(strings, e, SNIP_BEFORE, SNIP_AFTER) for e in exs[:N_SNIPPETS]]
         toks = [strings.get(e["tokens"][e["pos"] - e["start"]], "").strip() for e in exs[:N_TOKENS]]
-        texts[f] = ([labels.get(f, ("", ""))[0]] + snips + [""] * (N_SNIPPETS - len(snips))
+        texts[f] = ([where_it_fires(labels.get(f, ("", ""))[0])] + snips + [""] * (N_SNIPPETS - len(snips))
                     + toks + [""] * (N_TOKENS - len(toks)))
     return texts, shown
 

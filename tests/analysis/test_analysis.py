@@ -313,7 +313,7 @@ def test_labels_are_editable_and_pluggable(gemma, trained_sae, small_contexts, t
 # examples, the max token itself (or, for a multi-word concept, the token with its immediate neighbours) is about
 # the query. A regex anywhere in a 33-token window would pass for almost any feature.
 NUMBER_TOKEN = r"^\s*(\d[\d.,:/%-]*|[.,]\d+|one|two|three|four|five|six|seven|eight|nine|ten|hundred|thousand|million|" \
-               r"billion|first|second|third|percent)\s*$"
+               r"billion|first|second|third|percent|number|numbers)\s*$"  # the concept's own word, as for the others
 FILM = r"(?i)\b(film|films|movie|movies|cinema|actor|actress|actors|acting|director|screenplay|hollywood|scene|scenes|" \
        r"plot|cast|character|characters|performance)\b"
 LAW = r"(?i)^\s*(law|laws|legal|court|courts|judge|lawyer|attorney|justice|trial|rights)\s*$"
