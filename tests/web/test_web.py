@@ -521,7 +521,8 @@ def test_search_movies_and_steer_toward_films(page, gemma, analyzed, tmp_path):
         page.click("a.steer-button")
         page.wait_for_selector("form.steer")
         assert float(page.locator("input[type=range]").first.input_value()) == strength
-        page.fill("textarea[name=prompt]", "My favourite way to relax is")  # prose to carry on: after "Here is what I think:" Gemma wrote URLs and lists, steered or not
+        # prose to carry on: after "Here is what I think:" Gemma wrote URLs and lists, steered or not
+        page.fill("textarea[name=prompt]", "My favourite way to relax is")
         page.locator("input[aria-label='max new tokens']").fill("30")
         page.click("form.steer button[type=submit]")
         page.wait_for_function("document.querySelector('.status').textContent === 'done'", timeout=120_000)
