@@ -269,19 +269,26 @@ class CLTLearner:
         self.step(xs, ys, lr, sparsity_scale)
         return self.rows_all
 
+    def encode_all(self, xs: list[torch.Tensor]) -> tuple[list[TrainEncoding], torch.Tensor]:
+        """Every source layer's training encoding of its normalized rows xs[i] [B, d], and their summed sparsity
+        term."""
+        clt, cfg = self.clt, self.clt.cfg
+        encs, sparsity = [], xs[0].new_zeros(())
+        for i in range(len(cfg.layers)):
+            thr = clt.threshold[i] if clt.threshold is not None else None
+            enc = encode_for_training(cfg.arch, cfg.k, xs[i], None, clt.W_enc[i], clt.b_enc[i], thr, self.tcfg,
+                                      self.select_dtype)
+            encs.append(enc)
+            sparsity = sparsity + enc.sparsity
+        return encs, sparsity
+
     def loss(self, xs: list[torch.Tensor], ys: list[torch.Tensor], sparsity_scale: float
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[TrainEncoding], torch.Tensor, int]:
         """The step's loss on normalized rows xs, ys (one [B, d] per layer), with autograd reaching the parameters:
         (loss, mse, per-token squared errors [B, n], targets [B, n, d_out], encodings, AuxK term, dead latents)."""
         clt, cfg, tcfg = self.clt, self.clt.cfg, self.tcfg
         n = len(cfg.layers)
-        encs, sparsity = [], xs[0].new_zeros(())
-        for i in range(n):
-            thr = clt.threshold[i] if clt.threshold is not None else None
-            enc = encode_for_training(cfg.arch, cfg.k, xs[i], None, clt.W_enc[i], clt.b_enc[i], thr, tcfg,
-                                      self.select_dtype)
-            encs.append(enc)
-            sparsity = sparsity + enc.sparsity
+        encs, sparsity = self.encode_all(xs)
         # every source layer decoded into its slice of one [B, n, d_out] output (`cross_layer_decode`)
         y_hat = cross_layer_decode([e.acts for e in encs], [e.idx for e in encs], list(clt.W_dec),
                                    cfg.d_out) + clt.b_dec  # type: ignore[arg-type]

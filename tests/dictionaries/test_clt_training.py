@@ -12,7 +12,7 @@ from featurelens.dictionaries.autograd import cross_layer_decode
 from featurelens.dictionaries.clt import CLTConfig
 from featurelens.dictionaries.learner import CLTLearner
 from featurelens.dictionaries.losses import (
-    dead_latent_aux, decode_for_training, encode_for_training, project_decoder_grad, reconstruction_loss,
+    dead_latent_aux, decode_for_training, project_decoder_grad, reconstruction_loss,
 )
 from featurelens.dictionaries.train_config import TrainConfig
 
@@ -28,17 +28,13 @@ def _tiny_activations(dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torc
 
 
 def _plain_loss(lrn: CLTLearner, xs: list[torch.Tensor], ys: list[torch.Tensor], sparsity_scale: float) -> torch.Tensor:
-    """The step's loss as CLTLearner computed it before the fast path: per-layer outputs, a slice each."""
+    """The step's loss as CLTLearner computed it before the fast path: per-layer outputs, a slice each (the
+    encoding, which the fast path left alone, is the learner's own)."""
     clt, cfg, tcfg = lrn.clt, lrn.clt.cfg, lrn.tcfg
     n, B = len(cfg.layers), xs[0].shape[0]
     outs = [clt.b_dec[j].expand(B, -1) for j in range(n)]
-    encs, sparsity = [], xs[0].new_zeros(())
-    for i in range(n):
-        thr = clt.threshold[i] if clt.threshold is not None else None
-        enc = encode_for_training(cfg.arch, cfg.k, xs[i], None, clt.W_enc[i], clt.b_enc[i], thr, tcfg,
-                                  lrn.select_dtype)
-        encs.append(enc)
-        sparsity = sparsity + enc.sparsity
+    encs, sparsity = lrn.encode_all(xs)
+    for i, enc in enumerate(encs):
         dec = decode_for_training(enc, clt.W_dec[i]).view(B, n - i, cfg.d_out)
         for j in range(n - i):
             outs[i + j] = outs[i + j] + dec[:, j]
