@@ -1,4 +1,4 @@
-"""Plain-text helpers shared by the labeler (analysis) and search: English stopwords, the labels' promotes clause."""
+"""Plain-text helpers shared by the labeler (analysis) and search: stopwords, a label's promotes clause."""
 
 from __future__ import annotations
 
@@ -26,3 +26,10 @@ def where_it_fires(label: str) -> str:
     whose logit lens happens to promote "film" (steering, not the label, measures what a feature does).
     """
     return label.split(PROMOTES, 1)[0]
+
+
+def promoted_words(label: str) -> list[str]:
+    """The words a label says its feature promotes (after "promotes:", so also older labels' "| promotes:"),
+    lowercased; [] when it says none."""
+    _, sep, tail = label.rpartition("promotes:")
+    return [w for w in (x.strip().lower() for x in tail.split(",")) if w] if sep else []

@@ -36,15 +36,9 @@ import numpy as np
 
 from ..engine.errors import InputError
 from ..store import FeatureStore
-from ..text import PROMOTES, STOPWORDS
+from ..text import PROMOTES, STOPWORDS, promoted_words  # noqa: F401  (promoted_words: public here too)
 
 _WORD = re.compile(r"[A-Za-z][A-Za-z'\-]{1,}")
-
-
-def promoted_words(label: str) -> list[str]:
-    """The words a label says its feature promotes (after "promotes:"), lowercased; [] when it says none."""
-    _, sep, tail = label.rpartition("promotes:")
-    return [w for w in (x.strip().lower() for x in tail.split(",")) if w] if sep else []
 
 
 @dataclass

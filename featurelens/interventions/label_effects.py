@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from ..analysis.explain import promoted_words
+from ..text import promoted_words
 from ..engine.errors import InputError
 from ..search.by_text import checked_model_and_dictionary
 from ..search.steerable import PROBE_PROMPTS, next_token_probs, single_token_ids
