@@ -9,7 +9,9 @@ the graph's k most influential features one at a time (multiplies the activation
 models: (a) the local replacement model (attention, norms and errors frozen, transcoders live), (b) attention
 frozen, (c) the real model. Pooled over every edit of every prompt it prints, per tier, sign agreement, Spearman and
 Pearson between predicted total effect and measured change of the target, with and without the edits that pushed
-other features across their thresholds in (a), and the mean faithfulness score of the graphs.
+other features across their thresholds in (a), and the mean faithfulness score of the graphs; beside the graph's
+prediction, the real model's own gradient (its first-order prediction of each edit), and both split into layer-0
+features and later ones.
 
 --replacements also scores the same prompts on two broken replacement models built from the transcoders: "random"
 (each layer's encoder and decoder replaced by Gaussian ones of the same scale; skip and biases kept) and "skip"
@@ -97,6 +99,8 @@ def main() -> None:
     ap.add_argument("--replacements", default="trained", help="comma-separated: trained, random, skip")
     ap.add_argument("--held-out", type=int, default=len(HELD_OUT), help="how many held-out prompts to use")
     ap.add_argument("--json", default=None, help="also write the per-edit numbers here")
+    ap.add_argument("--drop-layers", default="", help="comma-separated layers whose transcoders are left out (their "
+                    "whole MLP output becomes an error node), e.g. 0 to keep layer 0 exact")
     args = ap.parse_args()
 
     import torch
@@ -105,7 +109,7 @@ def main() -> None:
     from attention_circuits import gemm_gflops
     from attribution import load_or_train_transcoders
     from featurelens.attribution import attribute, check_graph
-    from featurelens.attribution.check import pool
+    from featurelens.attribution.check import agreement, pool
     from featurelens.pipeline.demo import ANSWERS, PROMPTS
 
     if args.data_dir:
@@ -114,6 +118,13 @@ def main() -> None:
         paths.set_data_dir(args.data_dir)
     model = fl.load_model(args.model)
     transcoders, path = load_or_train_transcoders(model, args)
+    if args.drop_layers:
+        from featurelens.dictionaries.sae import TranscoderSet
+
+        dropped = {int(x) for x in args.drop_layers.split(",")}
+        transcoders = TranscoderSet({l: tc for l, tc in transcoders.items() if l not in dropped},
+                                    n_layers_model=model.cfg.n_layers)
+        print(f"left out the transcoders of layers {sorted(dropped)}: their MLP outputs are error nodes")
     prompts = [(p, ANSWERS.get(p), "demo") for p in PROMPTS] + [(p, None, "held-out") for p in HELD_OUT[: args.held_out]]
     print(f"model {model.name}; transcoders {path}; {len(prompts)} prompts ({len(PROMPTS)} of the demo's), "
           f"{args.k} edits each, scale {args.scale:g}; torch threads {torch.get_num_threads()}, float32 GEMM "
@@ -143,11 +154,21 @@ def main() -> None:
             if r.per_prompt:
                 print(f"  {s} prompts only: " + "; ".join(
                     f"({t}) sign {a.sign_agreement:.0%} spearman {a.spearman:.3f}" for t, a in r.tiers.items()))
+        feats = [f for _, r in results for f in r.features]
+        for name, keep in (("layer-0 features", lambda f: f.node_id.startswith("0_")),
+                           ("later features", lambda f: not f.node_id.startswith("0_"))):
+            part = [f for f in feats if keep(f)]
+            if part:
+                print(f"  {name} ({len(part)} edits): " + "; ".join(
+                    f"({t}) graph {agreement([f.predicted_total for f in part], [f.tier(t) for f in part]).spearman:.3f}"
+                    f" gradient {agreement([f.predicted_gradient for f in part], [f.tier(t) for f in part]).spearman:.3f}"
+                    for t in rep.tiers) + " (Spearman)")
         if scores:
             print(f"  mean faithfulness score {sum(scores) / len(scores):.3f} over {len(scores)} graphs")
         out["replacements"][kind] = {
             "tiers": {t: a.as_dict() for t, a in rep.tiers.items()},
             "tiers_no_crossing": {t: a.as_dict() for t, a in rep.tiers_no_crossing.items()},
+            "gradient_tiers": {t: a.as_dict() for t, a in rep.gradient_tiers.items()},
             "mean_score": sum(scores) / len(scores) if scores else None,
             "prompts": [{"prompt": p, **r.to_info()} for p, r in results]}
     if args.json:

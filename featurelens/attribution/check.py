@@ -14,6 +14,12 @@ The graph predicts the change of the target as the total effect through every pa
 (features pass changes on with slope 1, errors and tokens stay put), times (1 - scale): scale 0 is an ablation,
 scale 0.99 a 1% nudge. The target is the graph's first logit node (a demeaned logit, or a logit difference when the
 graph was traced to one).
+
+Beside the graph's prediction each edit gets the real model's own first-order prediction (`predicted_gradient`: the
+gradient of the target with respect to the feature's contribution to the MLP outputs it writes, all live, times the
+change; attribution patching). It tells two failures apart: where the gradient agrees with (c) and the graph does
+not, the replacement model responds to the edit unlike the real MLPs; where neither agrees, the edit is too large
+for any linear prediction.
 """
 
 from __future__ import annotations
@@ -90,6 +96,7 @@ class FeatureCheck:
     measured_a: float = float("nan")  # tier (a), the local replacement model
     measured_b: float = float("nan")  # tier (b), attention frozen
     crossings: int = 0  # other features of the local replacement model that switched on or off (tier a)
+    predicted_gradient: float = float("nan")  # the real model's first-order prediction of this edit (tier c)
 
     def tier(self, t: str) -> float:
         return {"a": self.measured_a, "b": self.measured_b, "c": self.measured}[t]
@@ -133,6 +140,7 @@ class CheckResult:
     tiers_no_crossing: dict[str, Agreement] = field(default_factory=dict)  # ... over those without crossings
     score: float = float("nan")  # `faithfulness_score`
     errors: list[tuple[str, float]] = field(default_factory=list)  # (error node, measured change when removed)
+    gradient_tiers: dict[str, Agreement] = field(default_factory=dict)  # the real model's gradient against each tier
 
     def summary(self) -> str:
         n = len(self.features)
@@ -147,15 +155,17 @@ class CheckResult:
                          f"{b.spearman:6.3f} {b.pearson:6.3f}")
         lines.append(f"  correlation (direct, real model) {self.correlation_direct:.3f}, ablation lowers the target "
                      f"{self.lowers_target:.0%}")
+        lines.append(_gradient_line(self.gradient_tiers))
         if self.errors:
             lines.append(f"  the {len(self.errors)} most influential error nodes, removed one at a time, move the "
                          f"target by {sum(abs(m) for _, m in self.errors):.4f} in all (the features "
                          f"{sum(abs(f.measured) for f in self.features):.4f})")
-        lines.append(f"  {'node':<18}{'influence':>10}{'direct':>10}{'predicted':>10}{'(a)':>10}{'(b)':>10}"
-                     f"{'(c)':>10}{'crossed':>8}")
+        lines.append(f"  {'node':<18}{'influence':>10}{'direct':>10}{'predicted':>10}{'gradient':>10}{'(a)':>10}"
+                     f"{'(b)':>10}{'(c)':>10}{'crossed':>8}")
         for f in self.features:
             lines.append(f"  {f.node_id:<18}{f.influence:>10.4f}{f.predicted_direct:>10.4f}{f.predicted_total:>10.4f}"
-                         f"{f.measured_a:>10.4f}{f.measured_b:>10.4f}{f.measured:>10.4f}{f.crossings:>8d}")
+                         f"{f.predicted_gradient:>10.4f}{f.measured_a:>10.4f}{f.measured_b:>10.4f}{f.measured:>10.4f}"
+                         f"{f.crossings:>8d}")
         return "\n".join(lines)
 
     def to_info(self) -> dict[str, Any]:
@@ -165,9 +175,11 @@ class CheckResult:
             "score": fin(self.score), "target": self.target, "scale": self.scale, "target_value": fin(self.target_value),
             "tiers": {t: a.as_dict() for t, a in self.tiers.items()},
             "tiers_no_crossing": {t: a.as_dict() for t, a in self.tiers_no_crossing.items()},
+            "gradient_tiers": {t: a.as_dict() for t, a in self.gradient_tiers.items()},
             "features": [{"node_id": f.node_id, "influence": fin(f.influence), "predicted": fin(f.predicted_total),
-                          "direct": fin(f.predicted_direct), "a": fin(f.measured_a), "b": fin(f.measured_b),
-                          "c": fin(f.measured), "crossings": f.crossings} for f in self.features],
+                          "direct": fin(f.predicted_direct), "gradient": fin(f.predicted_gradient),
+                          "a": fin(f.measured_a), "b": fin(f.measured_b), "c": fin(f.measured),
+                          "crossings": f.crossings} for f in self.features],
             "errors": [{"node_id": n, "c": fin(m)} for n, m in self.errors],
         }
 
@@ -199,6 +211,44 @@ def target_direction(model: Any, graph: AttributionGraph) -> torch.Tensor:
     if chosen is not None and chosen.is_difference:
         return chosen.vectors(model)[0]
     return demeaned_unembedding(model, torch.tensor([int(graph.logit_tokens[0])], device=model.device))[0]
+
+
+def _gradient_line(tiers: dict[str, Agreement]) -> str:
+    return "  the real model's own gradient (first-order prediction) against " + ", ".join(
+        f"({t}): sign {a.sign_agreement:.0%} spearman {a.spearman:.3f}" for t, a in tiers.items())
+
+
+def gradient_effects(model: Any, rep: Any, rec: Recording, u: torch.Tensor) -> dict[int, torch.Tensor]:
+    """{source layer: [P, S]} the gradient of the target (final[-1] @ u) in the real model, everything live, with
+    respect to a gate g multiplying each feature's recorded contribution to the MLP outputs it writes (the change is
+    (g - 1) x contribution, so nothing moves at g = 1). An edit multiplying feature f by `scale` is then predicted to
+    move the target by (scale - 1) x grad[f]: one backward pass for every feature of the prompt."""
+    gates = {l: torch.ones_like(rec.acts[l], requires_grad=True) for l in rep.layers}
+    sources: dict[int, list[tuple[int, int]]] = {}  # output layer -> [(source layer, index among its outputs)]
+    for s in rep.layers:
+        for j, L in enumerate(rep.output_layers(s)):
+            sources.setdefault(L, []).append((s, j))
+
+    def add(y: torch.Tensor, hook: Any) -> torch.Tensor:
+        extra = sum(((gates[s] - 1) * rec.acts[s]) @ rep.decoder(s)[:, j, :].detach().to(y.dtype)
+                    for s, j in sources[hook.layer()])
+        return y + extra[None]
+
+    final: list[torch.Tensor] = []
+
+    def grab(x: torch.Tensor, hook: Any) -> None:
+        final.append(x[0, -1])
+        raise _Stop
+
+    hooks = [(f"blocks.{L}.hook_mlp_out", add) for L in sources] + [("ln_final.hook_normalized", grab)]
+    with torch.enable_grad():
+        try:
+            model.run_with_hooks(rec.tokens[None], fwd_hooks=hooks)
+        except _Stop:
+            pass
+        layers = list(rep.layers)
+        grads = torch.autograd.grad(final[-1] @ u, [gates[l] for l in layers], allow_unused=True)
+    return {l: (g if g is not None else torch.zeros_like(gates[l])).detach() for l, g in zip(layers, grads)}
 
 
 class _Tiers:
@@ -309,6 +359,7 @@ def check_graph(graph: AttributionGraph, model: Any, transcoders: Any, k: int = 
     order = infl.argsort(descending=True)[:k].tolist()
     A = g.dense()
     totals = total_effects(g, logit_node) * (1 - scale)
+    grads = gradient_effects(model, rep, rec, u)
 
     checks = []
     for f in order:
@@ -318,7 +369,8 @@ def check_graph(graph: AttributionGraph, model: Any, transcoders: Any, k: int = 
         mb = run.live(layer, pos, idx, a, scale, freeze_attention=True) if "b" in tiers else float("nan")
         mc = run.live(layer, pos, idx, a, scale, freeze_attention=False)
         checks.append(FeatureCheck(g.node_id(f), float(infl[f]), -float(A[logit_node, f]) * (1 - scale),
-                                   float(totals[f]), mc, ma, mb, crossed))
+                                   float(totals[f]), mc, ma, mb, crossed,
+                                   predicted_gradient=(scale - 1) * float(grads[layer][pos, idx])))
     errors = []
     if scale == 0:  # coverage: the same number of the most influential error nodes, removed in the real model
         e_infl = g.node_influence()[g.error_slice]
@@ -344,6 +396,8 @@ def _result(target: str, checks: list[FeatureCheck], scale: float, clean: float,
                            for t in tiers},
         score=faithfulness_score(checks, [m for _, m in errors or []]) if scale == 0 else float("nan"),
         errors=list(errors or []),
+        gradient_tiers={t: agreement([c.predicted_gradient for c in checks], [c.tier(t) for c in checks])
+                        for t in tiers},
     )
 
 
@@ -358,6 +412,7 @@ class FaithfulnessReport:
     lowers_target: float
     tiers: dict[str, Agreement] = field(default_factory=dict)
     tiers_no_crossing: dict[str, Agreement] = field(default_factory=dict)
+    gradient_tiers: dict[str, Agreement] = field(default_factory=dict)  # the real model's gradient against each tier
 
     def summary(self) -> str:
         feats = [f for _, r in self.per_prompt for f in r.features]
@@ -371,6 +426,7 @@ class FaithfulnessReport:
                          f"   {b.sign_agreement:>23.0%} {b.spearman:>8.3f} {b.pearson:>7.3f}")
         lines.append(f"  correlation (direct, real model) {self.correlation_direct:.3f}, ablation lowers the target "
                      f"{self.lowers_target:.0%}")
+        lines.append(_gradient_line(self.gradient_tiers))
         for prompt, r in self.per_prompt:
             lines.append(f"  {prompt[:40]!r:<44} -> {r.target!r:<16} score {r.score:.2f}  (c) sign "
                          f"{r.sign_agreement:.0%} corr {r.correlation:.3f}")
@@ -391,6 +447,7 @@ def pool(results: list[tuple[str, CheckResult]]) -> FaithfulnessReport:
         lowers_target=sum(m < 0 for m in meas) / max(len(meas), 1),
         tiers={t: agreement(pred, [f.tier(t) for f in feats]) for t in tiers},
         tiers_no_crossing={t: agreement([f.predicted_total for f in quiet], [f.tier(t) for f in quiet]) for t in tiers},
+        gradient_tiers={t: agreement([f.predicted_gradient for f in feats], [f.tier(t) for f in feats]) for t in tiers},
     )
 
 

@@ -301,12 +301,16 @@ function faithfulnessPanel(meta) {
   const tierText = Object.keys(TIER_NAMES).filter((t) => tiers[t]).map((t) =>
     `${TIER_NAMES[t]}: sign ${pct(tiers[t].sign_agreement, 0)}, Spearman ${fmt(tiers[t].spearman, 2)}`).join(" · ");
   const rows = (Array.isArray(f.features) ? f.features : []).map((x) => [x.node_id, fmt(x.influence, 3), fmt(x.predicted, 3),
-    fmt(x.a, 3), fmt(x.b, 3), fmt(x.c, 3), String(x.crossings ?? "")]);
+    fmt(x.gradient, 3), fmt(x.a, 3), fmt(x.b, 3), fmt(x.c, 3), String(x.crossings ?? "")]);
+  // The real model's own first-order prediction: where it matches (c) and the graph does not, the replacement model
+  // is what is wrong; where neither does, the edit is too large for any linear prediction.
+  const grad = f.gradient_tiers && f.gradient_tiers.c;
+  const gradText = grad ? ` · the real model's gradient predicts (c): sign ${pct(grad.sign_agreement, 0)}, Spearman ${fmt(grad.spearman, 2)}` : "";
   const what = f.scale === 0 ? "ablating" : `scaling by ${fmt(f.scale, 2)}`;
   line.append(h("span", { class: `faith-badge ${level}`, title: "agreement x coverage of measured ablations in the real model", text: `faithfulness ${fmt(f.score, 2)}` }),
-    h("span", { class: "muted", text: ` ${tierText}` }),
+    h("span", { class: "muted", text: ` ${tierText}${gradText}` }),
     h("details", { class: "faith-details" }, h("summary", { text: `per feature: predicted vs measured change of ${JSON.stringify(f.target ?? "")} when ${what}` }),
-      table(["node", "influence", "predicted", "(a) local", "(b) attn frozen", "(c) real", "crossings"], rows)));
+      table(["node", "influence", "predicted", "gradient", "(a) local", "(b) attn frozen", "(c) real", "crossings"], rows)));
   return line;
 }
 

@@ -501,6 +501,11 @@ def test_local_replacement_is_exact_for_small_edits(setup):
     for f in quiet:
         assert f.measured_a == pytest.approx(f.predicted_total, rel=1e-3, abs=1e-6), f.node_id
     assert res.tiers_no_crossing["a"].sign_agreement == 1.0
+    # the real model's own gradient is its first-order prediction: a 0.1% nudge in (c) moves the target by it (to
+    # its curvature: 1-3% off at a 1% nudge on these random models, 10x less at 0.1%)
+    nudge = check_graph(graph, model, tcs, k=8, scale=0.999, tiers=("c",))
+    for f in nudge.features:
+        assert f.measured == pytest.approx(f.predicted_gradient, rel=1.5e-2, abs=1e-7), f.node_id
     # the live tiers differ from the frozen one (attention, norms and the real MLPs respond)
     assert any(abs(f.measured_b - f.measured_a) > 1e-3 * abs(f.measured_a) for f in res.features)
     assert set(res.tiers) == {"a", "b", "c"}
@@ -658,6 +663,8 @@ def test_exact_edges_on_the_embedded_model(gemma, tmp_path):
     assert quiet
     for f in quiet:
         assert f.measured_a == pytest.approx(f.predicted_total, rel=1e-3, abs=1e-5), f.node_id
+    for f in res.features:  # the real model's gradient predicts the same nudge in (c)
+        assert f.measured == pytest.approx(f.predicted_gradient, rel=5e-2, abs=1e-4), f.node_id
 
 
 def test_local_replacement_holds_the_features_a_graph_left_out():

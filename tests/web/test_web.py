@@ -229,7 +229,9 @@ def test_walkthrough(server, page, tmp_path):
     assert page.inner_text("#faithfulness .faith-badge").startswith("faithfulness ")
     page.click("#faithfulness summary")
     assert page.locator("#faithfulness table tbody tr").count() >= 1
-    assert page.locator("#faithfulness th").all_text_contents()[3:6] == ["(a) local", "(b) attn frozen", "(c) real"]
+    assert page.locator("#faithfulness th").all_text_contents()[2:7] == ["predicted", "gradient", "(a) local",
+                                                                      "(b) attn frozen", "(c) real"]
+    assert "the real model's gradient predicts (c)" in page.inner_text("#faithfulness")
     shots("graph-faithfulness", "#faithfulness")
 
     # ---- the saved graph: hover, click a node, pin it
