@@ -154,10 +154,21 @@ def _read_cache(d: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     return cfg, state
 
 
+_TOKENIZERS: dict[tuple, Any] = {}  # (folder, its files' sizes and times) -> tokenizer
+
+
 def _load_tokenizer(path: Path) -> Any:
+    """The tokenizer saved in `path`, read once per process: parsing Gemma's 262k-token tokenizer takes about 4 s,
+    and a demo, a server or a test run loads the same model several times. Keyed by the files' sizes and
+    modification times, so a folder converted again is read again. Nothing in featurelens changes a tokenizer's
+    settings, so models of the same folder can share one."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path))
+    files = sorted(p for p in Path(path).iterdir() if p.is_file()) if Path(path).is_dir() else []
+    key = (str(Path(path).resolve()), tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = AutoTokenizer.from_pretrained(str(path))
+    return _TOKENIZERS[key]
 
 
 def _remove_orphans(final: Path) -> None:
