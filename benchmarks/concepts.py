@@ -320,8 +320,9 @@ def summarize(rows: list[dict]) -> list[dict]:
             s = {"ranking": ranking, "set": set_name, "concepts": len(rs),
                  "precision_at_5": statistics.mean(r["precision_at_5"] for r in rs),
                  "top1_about": statistics.mean(r["top"]["about"] for r in rs),
-                 "attainable_precision": statistics.mean(r["attainable_precision"] for r in rs
-                                                         if r["attainable_precision"] is not None),
+                 # None where the dictionaries hold no feature about any of these concepts (a small SAE may not)
+                 "attainable_precision": statistics.mean(attainable) if (attainable := [
+                     r["attainable_precision"] for r in rs if r["attainable_precision"] is not None]) else None,
                  "median_search_seconds": statistics.median(r["search_seconds"] for r in rs)}
             if "ratio" in rs[0]:
                 s.update(steer_3x_fraction=statistics.mean(r["ratio"] >= 3 for r in rs),
@@ -342,7 +343,7 @@ def table(summary: list[dict]) -> str:
                  f"({s['median_ppl_clean']:.1f}) | {s['median_ppl_ratio']:.2f}") if "steer_3x_fraction" in s \
             else "– | – | – | –"
         lines.append(f"| {s['ranking']} | {s['set']} | {s['concepts']} | {s['precision_at_5']:.2f} | "
-                     f"{s['attainable_precision']:.2f} | "
+                     f"{'–' if s['attainable_precision'] is None else format(s['attainable_precision'], '.2f')} | "
                      f"{s['top1_about']:.2f} | {steer} | {s['median_search_seconds']:.2f} |")
     return "\n".join(lines)
 
