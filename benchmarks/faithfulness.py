@@ -86,6 +86,14 @@ def replacement(transcoders: Any, kind: str, seed: int = 0) -> Any:
     return broken
 
 
+def without_layers(transcoders: Any, layers: str, n_layers: int) -> Any:
+    """The transcoder set less the layers named in `layers` ("0" or "0,1"): their MLP outputs become error nodes."""
+    from featurelens.dictionaries.sae import TranscoderSet
+
+    dropped = {int(x) for x in layers.split(",")}
+    return TranscoderSet({l: tc for l, tc in transcoders.items() if l not in dropped}, n_layers_model=n_layers)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--transcoders", default=None, help="a transcoder set directory (default: the benchmark's)")
@@ -119,12 +127,8 @@ def main() -> None:
     model = fl.load_model(args.model)
     transcoders, path = load_or_train_transcoders(model, args)
     if args.drop_layers:
-        from featurelens.dictionaries.sae import TranscoderSet
-
-        dropped = {int(x) for x in args.drop_layers.split(",")}
-        transcoders = TranscoderSet({l: tc for l, tc in transcoders.items() if l not in dropped},
-                                    n_layers_model=model.cfg.n_layers)
-        print(f"left out the transcoders of layers {sorted(dropped)}: their MLP outputs are error nodes")
+        transcoders = without_layers(transcoders, args.drop_layers, model.cfg.n_layers)
+        print(f"left out the transcoders of layers {args.drop_layers}: their MLP outputs are error nodes")
     prompts = [(p, ANSWERS.get(p), "demo") for p in PROMPTS] + [(p, None, "held-out") for p in HELD_OUT[: args.held_out]]
     print(f"model {model.name}; transcoders {path}; {len(prompts)} prompts ({len(PROMPTS)} of the demo's), "
           f"{args.k} edits each, scale {args.scale:g}; torch threads {torch.get_num_threads()}, float32 GEMM "

@@ -84,21 +84,19 @@ def main() -> None:
 
     import featurelens as fl
     from attention_circuits import gemm_gflops
-    from faithfulness import HELD_OUT
+    from faithfulness import HELD_OUT, without_layers
     from featurelens import paths
     from featurelens.attribution import attribute, check_graph
     from featurelens.attribution.attribute import prompt_tokens
     from featurelens.attribution.check import _Tiers, agreement, gradient_effects, target_direction
     from featurelens.attribution.replacement import check_transcoders, record
-    from featurelens.dictionaries.sae import TranscoderSet
     from featurelens.pipeline.demo import ANSWERS, PROMPTS
 
     paths.set_data_dir(args.data_dir)
     model = fl.load_model(args.model)
     tc = fl.load_dictionary(args.transcoders)
     if args.drop_layers:
-        dropped = {int(x) for x in args.drop_layers.split(",")}
-        tc = TranscoderSet({l: t for l, t in tc.items() if l not in dropped}, n_layers_model=model.cfg.n_layers)
+        tc = without_layers(tc, args.drop_layers, model.cfg.n_layers)
     held = HELD_OUT if args.held_out is None else HELD_OUT[: args.held_out]
     prompts = [(p, ANSWERS.get(p)) for p in PROMPTS] + [(p, None) for p in held]
     print(f"{len(prompts)} prompts, {args.k} ablations each; transcoders {args.transcoders} "

@@ -35,7 +35,7 @@ from ..engine.errors import InputError
 from .attribute import prompt_tokens
 from .graph import AttributionGraph
 from .intervene import intervention_hooks
-from .replacement import Recording, _Stop, check_transcoders, demeaned_unembedding, record
+from .replacement import Recording, _Stop, check_transcoders, decoder_terms, demeaned_unembedding, record
 from .targets import Target
 
 TIERS = ("a", "b", "c")
@@ -224,24 +224,20 @@ def gradient_effects(model: Any, rep: Any, rec: Recording, u: torch.Tensor) -> d
     (g - 1) x contribution, so nothing moves at g = 1). An edit multiplying feature f by `scale` is then predicted to
     move the target by (scale - 1) x grad[f]: one backward pass for every feature of the prompt."""
     gates = {l: torch.ones_like(rec.acts[l], requires_grad=True) for l in rep.layers}
-    sources: dict[int, list[tuple[int, int]]] = {}  # output layer -> [(source layer, index among its outputs)]
-    for s in rep.layers:
-        for j, L in enumerate(rep.output_layers(s)):
-            sources.setdefault(L, []).append((s, j))
+    final: list[torch.Tensor] = []
 
     def add(y: torch.Tensor, hook: Any) -> torch.Tensor:
-        extra = sum(((gates[s] - 1) * rec.acts[s]) @ rep.decoder(s)[:, j, :].detach().to(y.dtype)
-                    for s, j in sources[hook.layer()])
-        return y + extra[None]
-
-    final: list[torch.Tensor] = []
+        return y + extra[hook.layer()][None]
 
     def grab(x: torch.Tensor, hook: Any) -> None:
         final.append(x[0, -1])
         raise _Stop
 
-    hooks = [(f"blocks.{L}.hook_mlp_out", add) for L in sources] + [("ln_final.hook_normalized", grab)]
     with torch.enable_grad():
+        # per output layer, the gated change of what every source layer's features write there: {L: [P, D]}
+        extra = decoder_terms(rep, {l: (gates[l] - 1) * rec.acts[l] for l in rep.layers}, model.cfg.n_layers,
+                              model.dtype)
+        hooks = [(f"blocks.{L}.hook_mlp_out", add) for L in extra] + [("ln_final.hook_normalized", grab)]
         try:
             model.run_with_hooks(rec.tokens[None], fwd_hooks=hooks)
         except _Stop:
