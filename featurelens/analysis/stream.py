@@ -8,6 +8,7 @@ at the end of the stream.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import sys
 import time
 from pathlib import Path
@@ -62,6 +63,38 @@ def merge_over_ranks(acc: Accumulator) -> None:
         for k in acc._LISTS:
             setattr(other, k, gathered[k][w])
         acc.merge_lists(other)
+
+
+class SharedForward:
+    """`model` for analysing several dictionaries over the same contexts (a transcoder set's 18 layers): its
+    `run_with_cache` records all of `hooks` in one forward pass per batch of tokens and answers the same tokens
+    from that record afterwards, so the model runs once for all of them, not once per dictionary. Everything else
+    is the model's. The record holds every batch seen ([tokens, width] float32 per hook), so keep it for one set.
+
+    >>> shared = SharedForward(model, [f"blocks.{l}.ln2.hook_normalized" for l in range(18)])
+    >>> for layer in range(18): fl.analyze(shared, tcs[layer], n_tokens=10_000)
+    """
+
+    def __init__(self, model: Any, hooks: list[str]):
+        self.model, self.hooks = model, list(hooks)
+        stops = [model.hook_spec(h).stop_layer for h in self.hooks]
+        self._stop = None if any(s is None for s in stops) else max(stops)
+        self._record: dict[tuple, dict[str, torch.Tensor]] = {}
+
+    def __getattr__(self, name: str) -> Any:  # only what this class does not define
+        return getattr(self.model, name)
+
+    def run_with_cache(self, tokens: torch.Tensor, names_filter: Any = None, stop_at_layer: Any = None,
+                       **kw: Any) -> tuple[None, dict[str, torch.Tensor]]:
+        names = [names_filter] if isinstance(names_filter, str) else list(names_filter or ())
+        if kw or not names or not set(names) <= set(self.hooks):  # not what it records: the model itself answers
+            return self.model.run_with_cache(tokens, names_filter=names_filter, stop_at_layer=stop_at_layer, **kw)
+        key = (tuple(tokens.shape), hashlib.sha1(tokens.cpu().numpy().tobytes()).hexdigest())
+        rec = self._record.get(key)
+        if rec is None:
+            _, cache = self.model.run_with_cache(tokens, names_filter=self.hooks, stop_at_layer=self._stop)
+            rec = self._record[key] = {h: cache[h] for h in self.hooks}
+        return None, {h: rec[h] for h in names}
 
 
 def stream(model: Any, dictionary: Any, acc: Accumulator, contexts: torch.Tensor, done: int, batch_size: int,

@@ -141,6 +141,9 @@ class CheckResult:
     score: float = float("nan")  # `faithfulness_score`
     errors: list[tuple[str, float]] = field(default_factory=list)  # (error node, measured change when removed)
     gradient_tiers: dict[str, Agreement] = field(default_factory=dict)  # the real model's gradient against each tier
+    # every feature node of the graph, checked or not: (the graph's predicted change of the target when the node is
+    # edited by `scale`, the real model's first-order prediction of it), both free once the check has run
+    node_effects: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def summary(self) -> str:
         n = len(self.features)
@@ -181,7 +184,13 @@ class CheckResult:
                           "a": fin(f.measured_a), "b": fin(f.measured_b), "c": fin(f.measured),
                           "crossings": f.crossings} for f in self.features],
             "errors": [{"node_id": n, "c": fin(m)} for n, m in self.errors],
+            "node_effects": {n: [fin(_short(g)), fin(_short(m))] for n, (g, m) in self.node_effects.items()},
         }
+
+
+def _short(v: float) -> float:
+    """Five significant digits: a graph of 1,000 feature nodes carries a pair for each."""
+    return float(f"{v:.5g}")
 
 
 def total_effects(graph: AttributionGraph, logit_node: int) -> torch.Tensor:
@@ -374,11 +383,15 @@ def check_graph(graph: AttributionGraph, model: Any, transcoders: Any, k: int = 
             if float(e_infl[i]) > 0:
                 node = g.error_slice.start + i
                 errors.append((g.node_id(node), run.without_error(g.node_layer(node), g.node_pos(node))))
-    return _result(g.logit_strs[0], checks, scale, run.clean, tiers, errors)
+    feats = g.features.tolist()
+    node_effects = {g.node_id(f): (float(totals[f]), (scale - 1) * float(grads[layer][pos, idx]))
+                    for f, (layer, pos, idx) in enumerate(feats)}
+    return _result(g.logit_strs[0], checks, scale, run.clean, tiers, errors, node_effects)
 
 
 def _result(target: str, checks: list[FeatureCheck], scale: float, clean: float, tiers: tuple[str, ...] = TIERS,
-            errors: list[tuple[str, float]] | None = None) -> CheckResult:
+            errors: list[tuple[str, float]] | None = None,
+            node_effects: dict[str, tuple[float, float]] | None = None) -> CheckResult:
     pred = [c.predicted_total for c in checks]
     meas = [c.measured for c in checks]
     c_agree = agreement(pred, meas)
@@ -394,6 +407,7 @@ def _result(target: str, checks: list[FeatureCheck], scale: float, clean: float,
         errors=list(errors or []),
         gradient_tiers={t: agreement([c.predicted_gradient for c in checks], [c.tier(t) for c in checks])
                         for t in tiers},
+        node_effects=dict(node_effects or {}),
     )
 
 

@@ -34,6 +34,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "fit (default on for --transcoder, off for --clt); --no-skip trains plain transcoders")
     p.add_argument("--skip-lr-scale", type=float, default=None,
                    help="the skip's learning rate relative to --lr (default 0: it stays at its least-squares start)")
+    p.add_argument("--response-coefficient", type=float, default=None,
+                   help="--transcoder: also train each transcoder's response to a small perturbation of its input "
+                        "(its active features held, as an attribution graph uses it) toward the MLP's, with this "
+                        "weight (default 0: outputs only; costs two more MLP passes per row and twice the --reuse "
+                        "buffer's memory)")
     p.add_argument("--loss", default=None, choices=("mse", "normalized_mse"),
                    help="reconstruction loss (default mse; normalized_mse weighs each token by its target's norm)")
     p.add_argument("--reuse", type=common.count, default=None,
@@ -117,7 +122,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                          f"data parallel (--shard data)")
     options = {k: v for k, v in (("l1_coefficient", args.l1_coefficient), ("l0_coefficient", args.l0_coefficient),
                                  ("loss", args.loss), ("reuse", args.reuse),
-                                 ("skip_lr_scale", args.skip_lr_scale), ("autocast", args.autocast)) if v is not None}
+                                 ("skip_lr_scale", args.skip_lr_scale), ("autocast", args.autocast),
+                                 ("response_coefficient", args.response_coefficient)) if v is not None}
     arch = args.arch or ("batchtopk" if args.clt else "topk")
     batch_size = args.batch_tokens or (1024 if args.transcoder else 4096)
     settings = dict(arch=arch, k=args.k, out=args.out, lr=args.lr, batch_size=batch_size, source=args.corpus,

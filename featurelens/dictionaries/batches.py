@@ -112,6 +112,40 @@ def iterate_tensors(x: torch.Tensor, batch_size: int, hook: str, y: torch.Tensor
     return gen
 
 
+PROBE = "probe:"  # batch key prefix of a response probe: PROBE + hook_in holds dx, PROBE + hook_out the MLP's dy
+
+
+def with_mlp_probes(batches: Batches, model: Any, layers: Sequence[int], hooks_in: Sequence[str],
+                    hooks_out: Sequence[str], scale: float, batch_size: int, seed: int = 0) -> Batches:
+    """Add to every batch, for each layer, a small perturbation dx of each row's MLP input and the MLP's response
+    dy = (mlp(x + dx) - mlp(x - dx)) / 2 (a central difference, hook_mlp_out's post-norm included), for
+    transcoders trained to respond like the MLP (TrainConfig.response_coefficient).
+
+    dx is `scale` times the difference between the row and another row of the same batch: perturbations along
+    the directions the activations actually vary in, which is where upstream features push. Deterministic given
+    the batch and its index, so a resumed stream gives the same probes.
+    """
+    blocks = [model.blocks[layer] for layer in layers]
+
+    def gen(tokens_seen: int) -> Iterator[dict[str, torch.Tensor]]:
+        index = tokens_seen // batch_size
+        for batch in batches(tokens_seen):
+            batch = dict(batch)
+            g = torch.Generator().manual_seed(seed * 1_000_003 + index)
+            for blk, h_in, h_out in zip(blocks, hooks_in, hooks_out):
+                x = batch[h_in]  # [B, D] float32
+                partner = torch.randperm(len(x), generator=g).to(x.device)
+                dx = scale * (x[partner] - x)
+                w = next(blk.parameters())
+                xm = x.to(w.dtype)
+                dy = (blk.mlp_output(xm + dx.to(w.dtype)) - blk.mlp_output(xm - dx.to(w.dtype))).float() / 2
+                batch[PROBE + h_in], batch[PROBE + h_out] = dx, dy
+            index += 1
+            yield batch
+
+    return gen
+
+
 def reuse_batches(batches: Batches, reuse: int, buffer_tokens: int, batch_size: int, seed: int = 0) -> Batches:
     """Serve every row of `batches` `reuse` times: fill a buffer of buffer_tokens rows (held as bfloat16, half the
     memory of float32; the activations' own precision is about that anyway), then yield it `reuse` times in fresh
@@ -124,18 +158,30 @@ def reuse_batches(batches: Batches, reuse: int, buffer_tokens: int, batch_size: 
         b, skip = divmod(tokens_seen, per_buffer * reuse)
         inner = iter(batches(b * per_buffer))
         while True:
-            parts, n = [], 0
+            # rows are copied into one preallocated buffer as they come: the peak is one buffer (plus one inner
+            # batch), not the parts and their concatenation, nor the previous buffer, which is dropped first
+            buf: dict[str, torch.Tensor] = {}
+            extra: dict[str, torch.Tensor] | None = None
+            n = 0
             for part in inner:
-                parts.append({h: v.to(torch.bfloat16) if v.is_floating_point() else v for h, v in part.items()})
-                n += len(next(iter(part.values())))
+                m = len(next(iter(part.values())))
+                take = min(m, per_buffer - n)
+                for h, v in part.items():
+                    if h not in buf:
+                        buf[h] = torch.empty((per_buffer, *v.shape[1:]), device=v.device,
+                                             dtype=torch.bfloat16 if v.is_floating_point() else v.dtype)
+                    buf[h][n:n + take] = v[:take]
+                if take < m:  # rows past the buffer (the inner batches need not divide it) start the next one
+                    extra = {h: v[take:].to(torch.bfloat16) if v.is_floating_point() else v[take:]
+                             for h, v in part.items()}
+                n += take
+                del part
                 if n >= per_buffer:
                     break
             if n == 0:
                 return
-            buf = {h: torch.cat([p[h] for p in parts]) for h in parts[0]}
-            extra = {h: v[per_buffer:] for h, v in buf.items()} if n > per_buffer else None
-            buf = {h: v[:per_buffer] for h, v in buf.items()}
-            rows = min(n, per_buffer)
+            buf = {h: v[:n] for h, v in buf.items()}
+            rows = n
             g = torch.Generator().manual_seed(seed * 1_000_003 + b)
             order = torch.cat([torch.randperm(rows, generator=g) for _ in range(reuse)])
             for s in range(0, len(order), batch_size):
@@ -145,7 +191,8 @@ def reuse_batches(batches: Batches, reuse: int, buffer_tokens: int, batch_size: 
                 sel = order[s + skip:s + batch_size]
                 skip = 0
                 yield {h: v[sel].float() if v.is_floating_point() else v[sel] for h, v in buf.items()}
-            if extra is not None:  # rows past the buffer (the inner batches need not divide it) start the next one
+            del buf
+            if extra is not None:
                 inner = _chain_first(extra, inner)
             b += 1
 

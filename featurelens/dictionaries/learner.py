@@ -32,7 +32,8 @@ import torch
 
 from .. import distributed as dist
 from ..engine.errors import InputError
-from .autograd import cross_layer_decode
+from .autograd import SelectedEncode, cross_layer_decode, gathered_dot, sparse_decode
+from .batches import PROBE
 from .clt import CLTConfig, CrossLayerTranscoder
 from .losses import (
     TrainEncoding, adam_for, choose_select_dtype, dead_latent_aux, decode_for_training, default_dead_tokens,
@@ -107,10 +108,19 @@ class Learner:
     def train_step(self, batch: Mapping[str, torch.Tensor], lr: float, sparsity_scale: float) -> int:
         """One step on this rank's part of the batch; returns the rows of the whole batch (all ranks)."""
         x, y = _pair(batch, self)
-        self.step(x, y, lr, sparsity_scale)
+        probe = None
+        if self.tcfg.response_coefficient > 0:
+            if PROBE + self.hook_in not in batch:
+                raise InputError(f"response_coefficient > 0 needs response probes in the batches "
+                                 f"(batches.with_mlp_probes); this batch has none for {self.hook_in}")
+            probe = (batch[PROBE + self.hook_in], batch[PROBE + self.hook_out])
+        self.step(x, y, lr, sparsity_scale, probe)
         return self.rows_all
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, lr: float, sparsity_scale: float) -> dict[str, float]:
+    def step(self, x: torch.Tensor, y: torch.Tensor, lr: float, sparsity_scale: float,
+             probe: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
+        """One optimisation step on rows x -> y; `probe` (dx, dy): perturbations of x and the MLP's responses,
+        which the transcoder's own response (its selected features held) is trained to match."""
         sae, cfg, tcfg = self.sae, self.sae.cfg, self.tcfg
         x, y = x.to(device=sae.device, dtype=sae.dtype), y.to(device=sae.device, dtype=sae.dtype)
         if not self.initialized:
@@ -128,6 +138,10 @@ class Learner:
         err2 = err.pow(2).sum(-1)
         mse = err2.mean()
         loss = reconstruction_loss(err2, y.pow(2).sum(-1), tcfg.loss) + sparsity_scale * enc.sparsity
+        response = x.new_zeros(())
+        if probe is not None:
+            response = self._response_loss(enc, probe, x.shape[1])
+            loss = loss + tcfg.response_coefficient * response * y.pow(2).sum(-1).mean().detach()
 
         dead = self.since_fired >= self.dead_tokens
         n_dead = int(dead.sum())
@@ -156,8 +170,31 @@ class Learner:
             var = (y - y.mean(0)).pow(2).sum()
             stats = {"loss": float(loss), "mse": float(mse), "fvu": float(err2.sum() / var.clamp_min(1e-12)),
                      "l0": float(enc.l0), "dead": n_dead / sae.d_sae, "aux": float(aux)}
+            if probe is not None:
+                stats["response_fvu"] = float(response)
         update_ema(self.ema, mean_over_ranks(stats, rows, rows_all))
         return stats
+
+    def _response_loss(self, enc: TrainEncoding, probe: tuple[torch.Tensor, torch.Tensor], d_in: int) -> torch.Tensor:
+        """The transcoder's linear response to dx with this batch's selected features held (what an attribution
+        graph uses) against the MLP's dy: the mean over rows of the squared error over |dy|^2."""
+        sae = self.sae
+        dx = probe[0].to(device=sae.device, dtype=sae.dtype).reshape(-1, d_in) * self.scale_in
+        dy = probe[1].to(device=sae.device, dtype=sae.dtype).reshape(len(dx), -1) * self.scale_out
+        if enc.idx is None:  # dense activations: the active ones pass dx's encoding on
+            d_acts = (dx @ sae.W_enc) * enc.active
+            response = d_acts @ sae.W_dec
+        else:
+            with torch.no_grad():
+                d_vals = gathered_dot(enc.idx, dx, sae.W_enc.T)
+            d_acts = SelectedEncode.apply(dx, None, sae.W_enc, torch.zeros_like(sae.b_enc), enc.idx, d_vals)
+            response = sparse_decode(d_acts * enc.active, enc.idx, sae.W_dec)
+        if sae.W_skip is not None:
+            response = response + dx @ sae.W_skip.T
+        # each row's error relative to its own response: a few tokens with massive MLP outputs (and responses)
+        # would otherwise be all the loss sees (floored at a tenth of the mean, as reconstruction_loss does)
+        dy2 = dy.pow(2).sum(-1)
+        return ((response - dy).pow(2).sum(-1) / dy2.clamp_min(0.1 * dy2.mean().clamp_min(1e-12))).mean()
 
     def export(self) -> SparseDictionary:
         """The dictionary as saved: batchtopk's threshold set, scaling folded, decoder rows unit-norm."""

@@ -26,7 +26,7 @@ from ..data import CachedActivations, load_contexts
 from ..engine.errors import InputError
 from ..paths import sub_dir
 from ..progress import OnProgress
-from .batches import Batches, chunk_for, model_batches
+from .batches import Batches, chunk_for, model_batches, with_mlp_probes
 from .checkpoints import clear_checkpoints
 from .clt import CLTConfig, CrossLayerTranscoder
 from .formats import META_FILE, save_clt, save_dictionary, save_transcoder_set
@@ -56,6 +56,12 @@ def _train_options(arch: str, k: int | None, width: int, tokens: int, lr: float 
     options = {"shards": dist.world_size(), **{k_: v for k_, v in options.items() if v is not None or k_ != "shards"}}
     return TrainConfig(arch=arch, k=k, width=width, tokens=tokens, lr=lr, batch_size=batch_size, seed=seed,
                        checkpoint_every=checkpoint_every, **options)
+
+
+def _per_layer_transcoders_only(tcfg: TrainConfig, what: str) -> None:
+    if tcfg.response_coefficient > 0:
+        raise InputError(f"response_coefficient (--response-coefficient) matches a per-layer transcoder's response to "
+                         f"its MLP's; {what} has no such MLP to match")
 
 
 def _shard_batches(model: Any, hooks: list[str], contexts: torch.Tensor, tcfg: TrainConfig,
@@ -158,6 +164,7 @@ def train_sae(model: Any, hook: str, *, arch: str = "topk", k: int | None = None
     """
     d = _check_hook(model, hook)
     tcfg = _train_options(arch, k, width, tokens, lr, batch_size, seed, checkpoint_every, options)
+    _per_layer_transcoders_only(tcfg, "an SAE")
     out = Path(out).expanduser() if out is not None else _default_out(model, f"{hook}-{arch}-{width}")
     _prepare_out(out, resume, overwrite)
     acts, contexts, source, ctx_len = _activations(model, [hook], contexts, source, ctx_len, progress, from_cache)
@@ -247,7 +254,10 @@ def train_transcoders(model: Any, layers: "str | int | Sequence[int]" = "all", *
     skip (default True): each transcoder also has an affine skip W_skip from the MLP input to its output, started at
     the least-squares fit over the first rows and kept there (TrainConfig.skip_lr_scale): the linear part of the MLP
     then needs no features, and the replacement model holds when every layer is replaced at once; skip=False trains
-    plain transcoders. batch_size 1024 (more, smaller steps) beat 4096 in benchmarks/transcoders.py. Saved as
+    plain transcoders. response_coefficient > 0 (an option, default 0) also trains each transcoder's response to a
+    small perturbation of its input, its active features held as an attribution graph holds them, toward the
+    MLP's (`batches.with_mlp_probes`; benchmarks/transcoder_response.py measures it). batch_size 1024 (more,
+    smaller steps) beat 4096 in benchmarks/transcoders.py. Saved as
     <out>/layer_<L>/ (each a SAELens-layout dictionary) plus <out>/featurelens.json; returns the set.
 
     Under torchrun, shard="data" (default) splits the corpus over the ranks, each holding every layer's transcoder;
@@ -293,6 +303,9 @@ def train_transcoders(model: Any, layers: "str | int | Sequence[int]" = "all", *
     main = dist.is_main()
     with dist.alone() if by_layers else contextlib.nullcontext():
         batches = _shard_batches(acts, hooks, contexts, tcfg, row_width)
+        if tcfg.response_coefficient > 0:
+            batches = [with_mlp_probes(b, model, mine, hooks[0::2], hooks[1::2], tcfg.response_scale,
+                                       tcfg.batch_size // tcfg.shards, tcfg.seed) for b in batches]
         res = run_training(learners, batches, tcfg, out, resume=resume, progress=progress and main,
                            desc=f"{arch} transcoders x{len(learners)}", on_progress=on_progress if main else None,
                            checkpoint_dir=out / "checkpoints" / _group_dir(mine) if by_layers else None)
@@ -329,6 +342,7 @@ def train_clt(model: Any, layers: "str | int | Sequence[int]" = "all", *, arch: 
     """
     wanted = _parse_layers(layers, model.cfg.n_layers)
     tcfg = _train_options(arch, k, width, tokens, lr, batch_size, seed, checkpoint_every, {**options, "skip": skip})
+    _per_layer_transcoders_only(tcfg, "a cross-layer transcoder")
     out = Path(out).expanduser() if out is not None else _default_out(model, f"clt-{arch}-{width}")
     _prepare_out(out, resume, overwrite)
     hooks, width_of = [], {}

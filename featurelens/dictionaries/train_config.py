@@ -56,6 +56,11 @@ class TrainConfig:
     #                                  untrained features then add little noise to the least-squares start
     skip_lr_scale: float = 0.0  # the skip's rate relative to lr; 0 keeps it at its least-squares start, which
     #                             holds up better when every layer is replaced at once (benchmarks/transcoders.py)
+    response_coefficient: float = 0.0  # transcoders: weight of a second loss, the transcoder's response to a small
+    #                                    perturbation of its input (its features' activity held, as an attribution
+    #                                    graph linearises it) against the MLP's (batches.with_mlp_probes), relative
+    #                                    to the reconstruction loss; 0 trains on outputs alone
+    response_scale: float = 0.05  # the perturbation: this times the difference between two rows' inputs
     autocast: bool | None = None  # the model's forward pass under bfloat16 autocast (dtypes.forward_autocast);
     #                               None: on for a float32 model on CUDA, off elsewhere. Dictionaries train in float32
     checkpoint_every: int | None = None  # steps; default: every CHECKPOINT_SECONDS of training
@@ -105,7 +110,7 @@ class TrainConfig:
         _positive_int("init_tokens", self.init_tokens)
         if self.skip_init not in ("least_squares", "zero"):
             raise InputError(f"skip_init must be least_squares or zero, got {self.skip_init!r}")
-        for name in ("skip_lr_scale", "skip_encoder_scale"):
+        for name in ("skip_lr_scale", "skip_encoder_scale", "response_coefficient", "response_scale"):
             v = getattr(self, name)
             if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise InputError(f"{name} must be a number >= 0, got {v!r}")

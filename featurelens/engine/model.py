@@ -370,6 +370,14 @@ class Block(nn.Module):
             resid = resid + ctx(n["hook_mlp_out"], mlp_out)
         return ctx(n["hook_resid_post"], resid)
 
+    @torch.no_grad()
+    def mlp_output(self, x: torch.Tensor) -> torch.Tensor:
+        """What a transcoder replaces: hook_mlp_out from the MLP's normalized input x [..., D] (ln2's output), the
+        post-MLP norm included, with no hooks."""
+        ctx = ForwardContext({}, {})
+        out = self.mlp(x, ctx)
+        return self.ln2_post(out, ctx, hook_normalized=False) if self.ln2_post is not None else out
+
 
 class Transformer(nn.Module):
     """The bare network: tokens in, logits (or the residual stream at a layer) out."""

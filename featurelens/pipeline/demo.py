@@ -385,7 +385,7 @@ class _Demo:
             summary[f"SAE {layer} CE recovered"] = round(m.ce_loss_recovered, 4)
         return summary
 
-    def _analyze_one(self, path: Path, tokens: int, embed: bool = True) -> Any:
+    def _analyze_one(self, path: Path, tokens: int, embed: bool = True, model: Any = None) -> Any:
         from ..analysis import analyze
         from ..dictionaries.compat import dictionary_fingerprint, resolve_dictionary
         from ..store import DB_FILE, FeatureStore
@@ -397,15 +397,21 @@ class _Demo:
             with FeatureStore(final, readonly=True) as st:
                 same_weights = st.get("dictionary_fingerprint") == dictionary_fingerprint(dictionary)
             stale = not same_weights or not self._started_same("analyze") or "analyze" in self.force
-        return analyze(self.model, path, n_tokens=tokens, ctx_len=self.budget.ctx_len, overwrite=stale,
+        return analyze(model or self.model, path, n_tokens=tokens, ctx_len=self.budget.ctx_len, overwrite=stale,
                        embed=embed, progress=self.progress)
 
     def _step_analyze(self) -> dict[str, Any]:
+        from ..analysis import SharedForward
+        from ..dictionaries.protocol import TRANSCODER_IN
+
         b = self.budget
         for layer in b.sae_layers:
             self._analyze_one(self.sae_dir(layer), b.analysis_tokens)
+        # the 18 layers read the same contexts: one forward pass records every layer's input for all of them
+        shared = SharedForward(self.model, [TRANSCODER_IN.format(layer) for layer in range(self.model.cfg.n_layers)])
         for layer in range(self.model.cfg.n_layers):
-            self._analyze_one(self.tc_dir / f"layer_{layer}", b.transcoder_analysis_tokens, embed=b.transcoder_embed)
+            self._analyze_one(self.tc_dir / f"layer_{layer}", b.transcoder_analysis_tokens, embed=b.transcoder_embed,
+                              model=shared)
         return {"saes": len(b.sae_layers), "transcoder layers": self.model.cfg.n_layers}
 
     def _step_graphs(self) -> dict[str, Any]:

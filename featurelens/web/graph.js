@@ -152,6 +152,7 @@ export async function graphPage(root, parts, query) {
     card.append(h("h3", { class: "card-title", text: nodeTitle(n, st) }),
       h("div", { class: "muted", text: `${n.feature_type} · layer ${n.layer} · position ${n.ctx_idx} (${showToken(meta.prompt_tokens[n.ctx_idx] ?? "")})` +
         (n.activation != null ? ` · activation ${fmt(n.activation)}` : "") + (n.influence != null ? ` · influence ${fmt(n.influence)}` : "") }),
+      nodeEffect(meta, id),
       h("button", { type: "button", class: "pin-button", text: pinned ? "Unpin" : "Pin to subgraph", onclick: () => {
         togglePin(id); showCard(id); } }));
     try {
@@ -312,6 +313,21 @@ function faithfulnessPanel(meta) {
     h("details", { class: "faith-details" }, h("summary", { text: `per feature: predicted vs measured change of ${JSON.stringify(f.target ?? "")} when ${what}` }),
       table(["node", "influence", "predicted", "gradient", "(a) local", "(b) attn frozen", "(c) real", "crossings"], rows)));
   return line;
+}
+
+// One feature's effect on the target, as the graph predicts it and as the real model's gradient does (saved by the
+// faithfulness check for every feature node): where they disagree, the node's place in the circuit is the
+// replacement model's, not the model's.
+function nodeEffect(meta, id) {
+  const f = ((meta.info && meta.info.featurelens) || {}).faithfulness;
+  const pair = f && f.node_effects && f.node_effects[id];
+  if (!Array.isArray(pair) || typeof pair[0] !== "number" || typeof pair[1] !== "number") return null;
+  const [graph, model] = pair;
+  const what = f.scale === 0 ? "Ablating it" : `Scaling it by ${fmt(f.scale, 2)}`;
+  const agree = Math.sign(graph) === Math.sign(model);
+  return h("div", { class: `node-effect ${agree ? "agree" : "disagree"}`,
+    text: `${what} moves ${JSON.stringify(f.target ?? "the target")} by ${fmt(graph, 3)} in the graph, ${fmt(model, 3)} by ` +
+      `the real model's gradient` + (agree ? "" : " (they disagree in sign: do not trust this node's role)") });
 }
 
 function alertBox(where, text) {

@@ -252,6 +252,47 @@ def test_interrupted_analysis_resumes_to_the_same_result(gemma, trained_sae, sma
         assert c.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
+def test_shared_forward_analyses_several_layers_with_one_pass_and_the_same_result(gemma, small_contexts, tmp_path):
+    """SharedForward (the demo's 18 transcoder layers): one forward pass per batch for all the layers, and each
+    layer's analysis exactly what analysing it with the model alone gives."""
+    from featurelens.analysis import SharedForward
+
+    torch.manual_seed(3)
+    layers = (1, 4)
+    hooks = [f"blocks.{layer}.ln2.hook_normalized" for layer in layers]
+    tcs = [SparseDictionary(DictionaryConfig(d_in=640, d_sae=48, arch="topk", k=4, transcoder=True, d_out=640,
+                                             hook_name=h, hook_name_out=f"blocks.{layer}.hook_mlp_out",
+                                             model_name="gemma-3-270m"))
+           for layer, h in zip(layers, hooks)]
+    for tc in tcs:
+        torch.nn.init.normal_(tc.W_enc, std=0.05)
+        tc.b_enc.data.fill_(0.0)
+    shared = SharedForward(gemma, hooks)
+    passes = {"n": 0}
+    run = gemma.run_with_cache
+
+    def counted(*a, **kw):
+        passes["n"] += 1
+        return run(*a, **kw)
+
+    gemma.run_with_cache = counted
+    try:
+        together = [_small_analysis(shared, tc, small_contexts, tmp_path / f"shared-{i}") for i, tc in enumerate(tcs)]
+    finally:
+        del gemma.run_with_cache
+    assert passes["n"] == 4  # 8 contexts in batches of 2, once for both layers
+    assert shared.cfg is gemma.cfg and shared.run_with_cache(small_contexts[:2], "blocks.2.hook_resid_post")[1]
+    q = "SELECT feature, kind, rank, ctx, pos, act, tokens FROM examples ORDER BY feature, kind, rank"
+    for i in (1,):  # the layer answered from the record alone (the first ran the pass itself)
+        tc = tcs[i]
+        alone = _small_analysis(gemma, tc, small_contexts, tmp_path / f"alone-{i}")
+        assert alone.n_features == together[i].n_features == 48
+        for name in ("n_fires", "max_act", "mean_act", "logit_mean"):
+            np.testing.assert_allclose(together[i].store.column(name), alone.store.column(name))
+        assert together[i].store.conn.execute(q).fetchall() == alone.store.conn.execute(q).fetchall()
+        assert together[i].store.column("n_fires").sum() > 0
+
+
 def test_ctrl_c_saves_the_stream_and_the_rerun_continues(gemma, trained_sae, small_contexts, tmp_path, capsys,
                                                          sigint_default):
     import signal

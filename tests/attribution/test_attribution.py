@@ -515,6 +515,15 @@ def test_local_replacement_is_exact_for_small_edits(setup):
     info = whole.to_info()
     json.dumps(info)
     assert len(info["features"]) == 8 and set(info["tiers"]) == {"a", "b", "c"} and 0 <= info["score"] <= 1
+    # every feature node, checked or not, carries the graph's prediction and the real model's gradient; for the
+    # checked ones they are the table's figures
+    assert set(info["node_effects"]) == {graph.node_id(i) for i in range(graph.n_features)}
+    for f in whole.features:
+        graph_says, model_says = info["node_effects"][f.node_id]
+        assert graph_says == pytest.approx(f.predicted_total, rel=1e-4) and \
+            model_says == pytest.approx(f.predicted_gradient, rel=1e-4)
+    unchecked = set(info["node_effects"]) - {f.node_id for f in whole.features}
+    assert unchecked and any(abs(info["node_effects"][n][1]) > 0 for n in unchecked)
 
 
 def test_faithfulness_over_prompts():

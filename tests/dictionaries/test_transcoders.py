@@ -20,6 +20,7 @@ from featurelens.dictionaries.protocol import decode_contributions
 from featurelens.dictionaries.replacement import evaluate_replacement
 from featurelens.dictionaries.batches import reuse_batches
 from featurelens.engine.errors import InputError, MissingFileError
+from featurelens.engine.model import ForwardContext
 
 D, N_LAYERS = 16, 3
 
@@ -725,3 +726,131 @@ def test_one_splice_for_transcoders_live_kept_and_frozen_errors(tiny, kind):
         splice_hooks(tc[0] if kind == "set" else random_set()[0], keep_error=False, outputs=[0])
     with pytest.raises(InputError, match="pass one"):
         splice_hooks(tc, keep_error=True, errors=errors)
+
+
+# ----------------------------------------------------------------------------------------------- response matching
+def _response_error(model, tset, layers, contexts, scale=0.05):
+    """Median over rows of |transcoder's response - MLP's response|^2 / |MLP's response|^2, features held."""
+    hooks = [f"blocks.{layer}.ln2.hook_normalized" for layer in layers]
+    _, cache = model.run_with_cache(contexts, names_filter=hooks)
+    g = torch.Generator().manual_seed(5)
+    errs = []
+    for layer, h in zip(layers, hooks):
+        x = cache[h][:, 1:].reshape(-1, cache[h].shape[-1])
+        dx = scale * (x[torch.randperm(len(x), generator=g)] - x)
+        blk = model.blocks[layer]
+        dy = (blk.mlp_output(x + dx) - blk.mlp_output(x - dx)) / 2
+        tc = tset[layer]
+        with torch.no_grad():
+            held = (tc.encode(x) > 0).float()
+            response = ((dx @ tc.W_enc) * held) @ tc.W_dec + dx @ tc.W_skip.T
+        moved = dy.pow(2).sum(-1) > 0  # a row paired with its own token (same input) has no probe
+        errs.append(((response - dy).pow(2).sum(-1)[moved] / dy.pow(2).sum(-1)[moved]).median())
+    return float(torch.stack(errs).mean())
+
+
+def test_mlp_probes_are_the_mlps_response_and_resume_identically(tiny, contexts):
+    from featurelens.dictionaries.batches import PROBE, model_batches, with_mlp_probes
+
+    layers = [0, 2]
+    hooks = [h for layer in layers for h in (f"blocks.{layer}.ln2.hook_normalized", f"blocks.{layer}.hook_mlp_out")]
+    inner = model_batches(tiny, hooks, contexts, batch_size=64, epochs=1)
+    probed = with_mlp_probes(inner, tiny, layers, hooks[0::2], hooks[1::2], scale=1e-3, batch_size=64, seed=3)
+    batches = list(probed(0))
+    b = batches[1]
+    for layer in layers:
+        h_in, h_out = f"blocks.{layer}.ln2.hook_normalized", f"blocks.{layer}.hook_mlp_out"
+        x, dx, dy = b[h_in], b[PROBE + h_in], b[PROBE + h_out]
+        assert dx.shape == x.shape and dy.shape == b[h_out].shape and dx.norm() > 0
+        blk = tiny.blocks[layer]
+
+        def mlp(v, blk=blk):
+            out = blk.mlp(v, ForwardContext({}, {}))
+            return blk.ln2_post(out, ForwardContext({}, {}), hook_normalized=False)
+
+        _, jvp = torch.autograd.functional.jvp(mlp, (x,), (dx,))
+        torch.testing.assert_close(dy, jvp, rtol=2e-2, atol=1e-4 * float(jvp.abs().max()))  # a small secant is the slope
+        torch.testing.assert_close(blk.mlp_output(x), b[h_out], rtol=1e-4, atol=1e-5)  # what the hook recorded
+    again = list(probed(64))  # resumed from the second batch: the same probes
+    torch.testing.assert_close(again[0][PROBE + hooks[0]], batches[1][PROBE + hooks[0]])
+
+
+def test_response_matching_trains_the_held_response_toward_the_mlps(tiny, contexts, tmp_path):
+    """response_coefficient > 0 adds the transcoder's linear response (its selected features held, as a graph uses
+    it) against the MLP's to the loss: steps on one batch lower that error, which output-only steps leave alone;
+    train_transcoders records it, and a negative coefficient is refused."""
+    from featurelens.dictionaries.batches import PROBE, model_batches, with_mlp_probes
+    from featurelens.dictionaries.learner import Learner
+    from featurelens.dictionaries.losses import encode_for_training
+
+    h_in, h_out = "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"
+    inner = model_batches(tiny, [h_in, h_out], contexts, batch_size=256, epochs=1)
+    batch = next(iter(with_mlp_probes(inner, tiny, [1], [h_in], [h_out], scale=0.05, batch_size=256)(0)))
+    d = tiny.cfg.d_model
+    errors = {}
+    for coef in (0.0, 1.0):
+        torch.manual_seed(0)
+        cfg = DictionaryConfig(d_in=d, d_sae=32, arch="topk", k=4, transcoder=True, d_out=d, skip=True,
+                               hook_name=h_in, hook_name_out=h_out)
+        lrn = Learner("l1", cfg, TrainConfig(arch="topk", k=4, width=32, tokens=10_000, batch_size=256, skip=True,
+                                             response_coefficient=coef, init_tokens=256))
+        lrn.initialize([batch])
+        x, y = batch[h_in], batch[h_out]
+        probe = (batch[PROBE + h_in], batch[PROBE + h_out])
+
+        def response_error() -> float:
+            x_n = x * lrn.scale_in
+            enc = encode_for_training("topk", 4, x_n, None, lrn.sae.W_enc, lrn.sae.b_enc, None, lrn.tcfg, None)
+            with torch.no_grad():
+                return float(lrn._response_loss(enc, probe, d))
+
+        start = response_error()
+        for _ in range(150):
+            lrn.step(x, y, 2e-3, 1.0, probe if coef else None)
+        errors[coef] = (start, response_error())
+    assert errors[1.0][1] < 0.8 * errors[1.0][0], errors
+    assert errors[1.0][1] < 0.8 * errors[0.0][1], errors
+    tset = fl.train_transcoders(tiny, layers=[1], k=4, width=32, tokens=400, batch_size=100, contexts=contexts,
+                                progress=False, out=tmp_path / "tc", response_coefficient=1.0)
+    assert "response_fvu" in tset[1].stats["final_train_metrics"]
+    assert tset[1].stats["train_config"]["response_coefficient"] == 1.0
+    with pytest.raises(InputError, match="response_coefficient must be a number >= 0"):
+        fl.train_transcoders(tiny, layers=[1], out=tmp_path / "bad", contexts=contexts, progress=False,
+                             response_coefficient=-1)
+    with pytest.raises(InputError, match="a cross-layer transcoder has no such MLP"):
+        fl.train_clt(tiny, out=tmp_path / "bad-clt", contexts=contexts, progress=False, response_coefficient=1.0)
+    with pytest.raises(InputError, match="an SAE has no such MLP"):
+        fl.train_sae(tiny, "blocks.1.hook_resid_post", out=tmp_path / "bad-sae", contexts=contexts, progress=False,
+                     response_coefficient=1.0)
+
+
+def test_train_transcoders_interrupted_resumes_to_what_an_uninterrupted_run_trains(tiny, contexts, tmp_path,
+                                                                                    monkeypatch):
+    """Ctrl-C in the middle of train_transcoders (the model's stream, the reuse buffer, every layer): the rerun
+    with resume=True continues from the checkpoint and ends where a run never stopped ends (the demo relies on it)."""
+    from featurelens.dictionaries.learner import Learner
+    from featurelens.interrupt import InterruptRequest
+
+    kw = dict(layers="all", k=3, width=24, tokens=3000, batch_size=100, contexts=contexts, progress=False, reuse=2,
+              reuse_buffer_tokens=400)
+    straight = fl.train_transcoders(tiny, out=tmp_path / "straight", **kw)
+    calls = {"n": 0}
+    step = Learner.train_step
+
+    def press_ctrl_c_at_step_12(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 12 * 3:  # the 12th step of the last of 3 layers
+            monkeypatch.setattr(InterruptRequest, "requested", True)
+        return step(self, *a, **k)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(Learner, "train_step", press_ctrl_c_at_step_12)
+        with pytest.raises(KeyboardInterrupt):
+            fl.train_transcoders(tiny, out=tmp_path / "resumed", **kw)
+    monkeypatch.setattr(InterruptRequest, "requested", False)
+    resumed = fl.train_transcoders(tiny, out=tmp_path / "resumed", resume=True, **kw)
+    assert resumed[0].stats["resumed_from_step"] == 12
+    for layer in range(3):
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec", "W_skip"):
+            torch.testing.assert_close(getattr(resumed[layer], name), getattr(straight[layer], name),
+                                       rtol=1e-5, atol=1e-6)
