@@ -365,6 +365,9 @@ def check_graph(graph: AttributionGraph, model: Any, transcoders: Any, k: int = 
     A = g.dense()
     totals = total_effects(g, logit_node) * (1 - scale)
     grads = gradient_effects(model, rep, rec, u)
+    # every feature node: (the graph's predicted change of the target, the real model's first-order one)
+    node_effects = {g.node_id(f): (float(totals[f]), (scale - 1) * float(grads[layer][pos, idx]))
+                    for f, (layer, pos, idx) in enumerate(g.features.tolist())}
 
     checks = []
     for f in order:
@@ -373,9 +376,10 @@ def check_graph(graph: AttributionGraph, model: Any, transcoders: Any, k: int = 
         ma, crossed = run.local(layer, pos, idx, scale) if "a" in tiers else (float("nan"), 0)
         mb = run.live(layer, pos, idx, a, scale, freeze_attention=True) if "b" in tiers else float("nan")
         mc = run.live(layer, pos, idx, a, scale, freeze_attention=False)
-        checks.append(FeatureCheck(g.node_id(f), float(infl[f]), -float(A[logit_node, f]) * (1 - scale),
-                                   float(totals[f]), mc, ma, mb, crossed,
-                                   predicted_gradient=(scale - 1) * float(grads[layer][pos, idx])))
+        node = g.node_id(f)
+        predicted_total, predicted_gradient = node_effects[node]
+        checks.append(FeatureCheck(node, float(infl[f]), -float(A[logit_node, f]) * (1 - scale), predicted_total,
+                                   mc, ma, mb, crossed, predicted_gradient=predicted_gradient))
     errors = []
     if scale == 0:  # coverage: the same number of the most influential error nodes, removed in the real model
         e_infl = g.node_influence()[g.error_slice]
@@ -383,9 +387,6 @@ def check_graph(graph: AttributionGraph, model: Any, transcoders: Any, k: int = 
             if float(e_infl[i]) > 0:
                 node = g.error_slice.start + i
                 errors.append((g.node_id(node), run.without_error(g.node_layer(node), g.node_pos(node))))
-    feats = g.features.tolist()
-    node_effects = {g.node_id(f): (float(totals[f]), (scale - 1) * float(grads[layer][pos, idx]))
-                    for f, (layer, pos, idx) in enumerate(feats)}
     return _result(g.logit_strs[0], checks, scale, run.clean, tiers, errors, node_effects)
 
 

@@ -26,13 +26,14 @@ must match), and `export()` (the dictionary as saved).
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any, Mapping
 
 import torch
 
 from .. import distributed as dist
 from ..engine.errors import InputError
-from .autograd import SelectedEncode, cross_layer_decode, gathered_dot, sparse_decode
+from .autograd import SelectedEncode, cross_layer_decode, gathered_dot
 from .batches import PROBE
 from .clt import CLTConfig, CrossLayerTranscoder
 from .losses import (
@@ -182,13 +183,12 @@ class Learner:
         dx = probe[0].to(device=sae.device, dtype=sae.dtype).reshape(-1, d_in) * self.scale_in
         dy = probe[1].to(device=sae.device, dtype=sae.dtype).reshape(len(dx), -1) * self.scale_out
         if enc.idx is None:  # dense activations: the active ones pass dx's encoding on
-            d_acts = (dx @ sae.W_enc) * enc.active
-            response = d_acts @ sae.W_dec
+            d_acts = dx @ sae.W_enc
         else:
             with torch.no_grad():
                 d_vals = gathered_dot(enc.idx, dx, sae.W_enc.T)
             d_acts = SelectedEncode.apply(dx, None, sae.W_enc, torch.zeros_like(sae.b_enc), enc.idx, d_vals)
-            response = sparse_decode(d_acts * enc.active, enc.idx, sae.W_dec)
+        response = decode_for_training(dataclasses.replace(enc, acts=d_acts * enc.active), sae.W_dec)
         if sae.W_skip is not None:
             response = response + dx @ sae.W_skip.T
         # each row's error relative to its own response: a few tokens with massive MLP outputs (and responses)
