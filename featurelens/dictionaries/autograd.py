@@ -8,7 +8,8 @@ sparse work proportional to batch * k * d for the rest:
 * `SelectedEncode`: pre-activations of the selected latents, whose backward writes only their encoder columns.
 * `SparseDecode`:   sum_j vals[b, j] * W_dec[idx[b, j]] (an embedding bag) with a sampled-matmul backward.
 * `CrossLayerDecode`: the same for every source layer of a cross-layer transcoder at once, summed into one
-  [B, n_layers, d_out] output whose backward hands each layer a view of its slice of the gradient.
+  [B, n_layers, d_out] output, block by block (one source layer's decoder to one output layer) so that each block
+  stays in cache.
 
 The encoder's dense pass only *chooses* latents. Where bfloat16 matmuls are fast
 (`featurelens.device.bf16_matmul_is_fast`) training makes that choice in bfloat16 (about 4x faster here) and then
@@ -101,54 +102,71 @@ class CrossLayerDecode(torch.autograd.Function):
     """out[b, L] = sum over source layers i <= L of  acts_i[b] @ W_i[:, L - i]  for a cross-layer transcoder's n
     source layers, into one [B, n, d_out] tensor.
 
-    Layer i's decoder W_i [d_sae, (n - i) * d_out] writes to the outputs i..n-1, a triangle of blocks. Each layer is
-    decoded once (sparse when idx_i is given: acts_i holds the values of the selected latents idx_i [B, kk]) and
-    added into its slice of the one output; the backward reads the slices of the one output gradient. Decoding into
-    per-layer outputs and summing those under autograd instead costs a zero-filled [B, n - i, d_out] gradient for
-    every (source, output) pair: O(n^2) memory traffic that dominated a CLT step.
+    Layer i's decoder W_i [d_sae, (n - i) * d_out] writes to the outputs i..n-1, a triangle of blocks. The sparse
+    kernels work block by block on a target-major copy of it, Wt_i [n - i, d_sae, d_out]: one block (d_sae x d_out,
+    2.6 MB for Gemma 3 270M at width 1024) stays in cache while every token's selected rows are read from it, where
+    a gather of whole feature-major rows ((n - i) * d_out wide) streams the full decoder from memory for each token,
+    about 2x slower forward and 3x slower for the decoder's gradient on the 2-core machine
+    (`benchmarks/clt_train.py`). Every output receives each of its sources' blocks once (no per-pair autograd
+    slices, which zero-filled a [B, n - i, d_out] gradient for every pair).
     """
 
     @staticmethod
     def forward(ctx: Any, n: int, d_out: int, *args: torch.Tensor | None) -> torch.Tensor:
         acts, idxs, Ws = args[:n], args[n:2 * n], args[2 * n:]
         B = acts[0].shape[0]
-        out = torch.empty(0)
-        for i in range(n):
-            dec = (F.embedding_bag(idxs[i], Ws[i], per_sample_weights=acts[i], mode="sum")
-                   if idxs[i] is not None else acts[i] @ Ws[i])
-            if i == 0:  # the first source layer writes to every output: its decode is the sum's start
-                out = dec.view(B, n, d_out)
-            else:
-                out[:, i:].add_(dec.view(B, n - i, d_out))
-        ctx.n = n
+        # sparse sources: target-major blocks; dense sources: their whole decode, [B, n - i, d_out]
+        blocks = [W.view(W.shape[0], n - i, d_out).transpose(0, 1).contiguous() if ix is not None
+                  else (a @ W).view(B, n - i, d_out) for i, (a, ix, W) in enumerate(zip(acts, idxs, Ws))]
+        out = acts[0].new_empty(B, n, d_out)
+        for L in range(n):
+            acc = out.new_zeros(B, d_out)
+            for i in range(L + 1):
+                acc.add_(F.embedding_bag(idxs[i], blocks[i][L - i], per_sample_weights=acts[i], mode="sum")
+                         if idxs[i] is not None else blocks[i][:, L - i])
+            out[:, L].copy_(acc)
+        ctx.n, ctx.d_out = n, d_out
         ctx.sparse = [ix is not None for ix in idxs]
-        ctx.save_for_backward(*acts, *[ix if ix is not None else acts[0].new_empty(0) for ix in idxs], *Ws)
+        empty = acts[0].new_empty(0)
+        ctx.save_for_backward(*acts, *[ix if ix is not None else empty for ix in idxs],
+                              *[blocks[i] if ctx.sparse[i] else Ws[i] for i in range(n)])
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
-        n = ctx.n
+        n, d_out = ctx.n, ctx.d_out
         saved = ctx.saved_tensors
-        acts, idxs, Ws = saved[:n], saved[n:2 * n], saved[2 * n:]
-        grad_out = grad_out.contiguous()
+        acts, idxs, Ws = saved[:n], saved[n:2 * n], saved[2 * n:]  # Ws[i]: target-major blocks where sparse
         B = grad_out.shape[0]
+        grad_t = grad_out.transpose(0, 1).contiguous()  # [n, B, d_out]: each output's gradient one block
         grad_acts: list[torch.Tensor | None] = [None] * n
         grad_Ws: list[torch.Tensor | None] = [None] * n
         for i in range(n):
-            # what layer i's outputs receive, [B, (n - i) * d_out]: a view with rows n * d_out apart, which both
-            # kernels read as it is (a contiguous copy would cost more than it saves)
-            g = grad_out[:, i:].reshape(B, -1)
             need_acts, need_W = ctx.needs_input_grad[2 + i], ctx.needs_input_grad[2 + 2 * n + i]
-            if ctx.sparse[i]:
-                if need_acts:
-                    grad_acts[i] = gathered_dot(idxs[i], g, Ws[i])
-                if need_W:
-                    grad_Ws[i] = torch.sparse.mm(_scatter_matrix(idxs[i], acts[i], Ws[i].shape[0]), g)
-            else:
-                if need_acts:
-                    grad_acts[i] = g @ Ws[i].T
-                if need_W:
-                    grad_Ws[i] = acts[i].T @ g
+            m = n - i
+            if not ctx.sparse[i]:
+                g = grad_out[:, i:].reshape(B, -1)
+                grad_acts[i] = g @ Ws[i].T if need_acts else None
+                grad_Ws[i] = acts[i].T @ g if need_W else None
+                continue
+            idx, Wt = idxs[i], Ws[i]
+            d_sae, k = Wt.shape[1], idx.shape[1]
+            if need_acts:
+                grad_acts[i] = sum(gathered_dot(idx, grad_t[i + j], Wt[j]) for j in range(m))
+            if need_W:
+                # grad Wt[j, f] = sum over the tokens b that selected f of acts[b, f] * grad[i + j, b]: the same
+                # bag-of-rows kernel as the forward, with the tokens grouped by latent (one bag per (j, f))
+                flat = idx.reshape(-1)
+                order = torch.argsort(flat, stable=True)
+                counts = torch.bincount(flat, minlength=d_sae)
+                starts = torch.cumsum(counts, 0) - counts
+                shift = torch.arange(m, device=idx.device)[:, None]
+                tokens = ((order // k)[None] + shift * B).reshape(-1)
+                offsets = (starts[None] + shift * flat.numel()).reshape(-1)
+                weights = acts[i].reshape(-1)[order].repeat(m)
+                grad_blocks = F.embedding_bag(tokens, grad_t[i:].reshape(m * B, d_out), offsets,
+                                              per_sample_weights=weights, mode="sum")  # [m * d_sae, d_out]
+                grad_Ws[i] = grad_blocks.view(m, d_sae, d_out).transpose(0, 1).reshape(d_sae, m * d_out)
         return (None, None, *grad_acts, *([None] * n), *grad_Ws)
 
 

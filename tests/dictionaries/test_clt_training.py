@@ -96,7 +96,7 @@ def test_cross_layer_decode_sums_each_source_into_its_later_outputs():
     n, B, S, d = 3, 4, 6, 5
     Ws = [torch.randn(S, (n - i) * d, dtype=torch.float64, requires_grad=True) for i in range(n)]
     dense = [torch.randn(B, S, dtype=torch.float64).relu().requires_grad_() for _ in range(n)]
-    idx = [torch.randint(0, S, (B, 2)) for _ in range(n)]
+    idx = [torch.randint(0, S - 2, (B, 2)) for _ in range(n)]  # the last two latents never chosen: empty groups
     vals = [torch.rand(B, 2, dtype=torch.float64, requires_grad=True) for _ in range(n)]
     # layer 0 sparse, 1 dense, 2 sparse: both kinds in one call
     acts, idxs = [vals[0], dense[1], vals[2]], [idx[0], None, idx[2]]
