@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import featurelens as fl  # noqa: E402
-from featurelens.cli.train import _int  # noqa: E402
+from featurelens.cli.common import count  # noqa: E402
 from featurelens.dictionaries.metrics import DictionaryMetrics, ReconstructionSums  # noqa: E402
 from featurelens.dictionaries.sae import DictionaryConfig  # noqa: E402
 from featurelens.dictionaries.batches import iterate_tensors  # noqa: E402
@@ -126,12 +126,12 @@ def dense_variant(hidden: int, rows: int, batch_size: int, x, y, xt, yt, lr: flo
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layer", type=int, default=15)
-    ap.add_argument("--fresh", type=_int, default=480_000, help="training tokens collected (each used rows/fresh times)")
-    ap.add_argument("--test", type=_int, default=30_000, help="held-out tokens for explained variance")
-    ap.add_argument("--rows", type=_int, default=2_000_000, help="rows trained per variant")
+    ap.add_argument("--fresh", type=count, default=480_000, help="training tokens collected (each used rows/fresh times)")
+    ap.add_argument("--test", type=count, default=30_000, help="held-out tokens for explained variance")
+    ap.add_argument("--rows", type=count, default=2_000_000, help="rows trained per variant")
     ap.add_argument("--variants", default="1024:32,4096:32,4096:64", help="skip transcoders WIDTH:K, comma-separated")
-    ap.add_argument("--dense", type=_int, default=0, help="also a dense ReLU network of this many hidden units")
-    ap.add_argument("--batch-size", type=_int, default=1024)
+    ap.add_argument("--dense", type=count, default=0, help="also a dense ReLU network of this many hidden units")
+    ap.add_argument("--batch-size", type=count, default=1024)
     ap.add_argument("--json", default=None, metavar="FILE")
     args = ap.parse_args()
     model = fl.load_model("gemma-3-270m")

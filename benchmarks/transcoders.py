@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import featurelens as fl  # noqa: E402
-from featurelens.cli.train import _int  # noqa: E402
+from featurelens.cli.common import count  # noqa: E402
 from featurelens.dictionaries import TrainConfig  # noqa: E402
 from featurelens.paths import sub_dir  # noqa: E402
 
@@ -105,19 +105,19 @@ def per_layer_table(res: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tokens", type=_int, default=2_000_000)
-    ap.add_argument("--width", type=_int, default=1024)
-    ap.add_argument("-k", "--k", type=_int, default=32)
+    ap.add_argument("--tokens", type=count, default=2_000_000)
+    ap.add_argument("--width", type=count, default=1024)
+    ap.add_argument("-k", "--k", type=count, default=32)
     ap.add_argument("--arch", default="topk")
-    ap.add_argument("--batch-size", type=_int, default=1024)
-    ap.add_argument("--reuse", type=_int, default=4)
+    ap.add_argument("--batch-size", type=count, default=1024)
+    ap.add_argument("--reuse", type=count, default=4)
     ap.add_argument("--loss", default="mse", choices=("mse", "normalized_mse"))
     ap.add_argument("--clt", action="store_true", help="a cross-layer transcoder instead of per-layer ones")
     ap.add_argument("--recipes", nargs="?", const="quick", default=None, choices=("quick", "all"),
                     help="compare recipe variants against the default one (quick: " + ", ".join(QUICK_RECIPES)
                     + "; all: every one in RECIPES)")
-    ap.add_argument("--eval-tokens", type=_int, default=50_000)
-    ap.add_argument("--ce-contexts", type=_int, default=16, help="held-out contexts for CE / KL (each pair of "
+    ap.add_argument("--eval-tokens", type=count, default=50_000)
+    ap.add_argument("--ce-contexts", type=count, default=16, help="held-out contexts for CE / KL (each pair of "
                     "contexts costs 2 forwards per layer spliced alone, and 3 for all at once)")
     ap.add_argument("--no-linear-row", dest="linear_row", action="store_false",
                     help="skip the extra evaluation of the default recipe with its features removed")

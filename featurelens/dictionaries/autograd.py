@@ -78,24 +78,68 @@ class SelectedEncode(torch.autograd.Function):
 
 
 class SparseDecode(torch.autograd.Function):
-    """out[b] = sum_j vals[b, j] * W_dec[idx[b, j]]."""
+    """out[b] = sum_j vals[b, j] * W_dec[idx[b, j]]; with blocks > 1, W_dec's rows are `blocks` outputs side by side
+    (a cross-layer transcoder's source layer) and the decode runs block by block, as in `CrossLayerDecode`."""
 
     @staticmethod
-    def forward(ctx: Any, vals: torch.Tensor, idx: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(vals, idx, W_dec)
-        return F.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum")
+    def forward(ctx: Any, vals: torch.Tensor, idx: torch.Tensor, W_dec: torch.Tensor, blocks: int) -> torch.Tensor:
+        ctx.blocks = blocks
+        if blocks == 1:
+            ctx.save_for_backward(vals, idx, W_dec)
+            return F.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum")
+        Wt = _target_major(W_dec, blocks)
+        ctx.save_for_backward(vals, idx, Wt)
+        out = vals.new_empty(len(idx), blocks, Wt.shape[2])
+        for j in range(blocks):
+            out[:, j] = F.embedding_bag(idx, Wt[j], per_sample_weights=vals, mode="sum")
+        return out.view(len(idx), -1)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
-        vals, idx, W_dec = ctx.saved_tensors
+        vals, idx, W = ctx.saved_tensors
+        need_vals, need_W = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        if ctx.blocks > 1:
+            grad_t = grad_out.view(len(idx), ctx.blocks, -1).transpose(0, 1).contiguous()
+            grad_vals, grad_W = _block_grads(vals, idx, W, grad_t, need_vals, need_W)
+            return grad_vals, None, grad_W, None
         grad_out = grad_out.contiguous()
-        grad_vals = gathered_dot(idx, grad_out, W_dec) if ctx.needs_input_grad[0] else None
-        grad_W = torch.sparse.mm(_scatter_matrix(idx, vals, W_dec.shape[0]), grad_out) if ctx.needs_input_grad[2] else None
-        return grad_vals, None, grad_W
+        grad_vals = gathered_dot(idx, grad_out, W) if need_vals else None
+        grad_W = torch.sparse.mm(_scatter_matrix(idx, vals, W.shape[0]), grad_out) if need_W else None
+        return grad_vals, None, grad_W, None
 
 
-def sparse_decode(vals: torch.Tensor, idx: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
-    return SparseDecode.apply(vals, idx, W_dec)
+def sparse_decode(vals: torch.Tensor, idx: torch.Tensor, W_dec: torch.Tensor, blocks: int = 1) -> torch.Tensor:
+    return SparseDecode.apply(vals, idx, W_dec, blocks)
+
+
+def _target_major(W: torch.Tensor, blocks: int) -> torch.Tensor:
+    """[d_sae, blocks * d_out] -> a contiguous [blocks, d_sae, d_out]: each block one output's decoder."""
+    return W.view(W.shape[0], blocks, -1).transpose(0, 1).contiguous()
+
+
+def _block_grads(vals: torch.Tensor, idx: torch.Tensor, Wt: torch.Tensor, grad_t: torch.Tensor, need_vals: bool,
+                 need_W: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of a block-by-block sparse decode (`_target_major` blocks Wt [m, d_sae, d_out]) from each block's
+    output gradient grad_t [m, B, d_out]: (vals' [B, k], the decoder's in its stored layout [d_sae, m * d_out])."""
+    m, d_sae, d_out = Wt.shape
+    B, k = idx.shape
+    grad_vals = sum(gathered_dot(idx, grad_t[j], Wt[j]) for j in range(m)) if need_vals else None
+    grad_W = None
+    if need_W:
+        # grad Wt[j, f] = sum over the tokens b that selected f of vals[b, f] * grad_t[j, b]: the forward's
+        # bag-of-rows kernel over the output gradient, with the tokens grouped by latent (one bag per (j, f))
+        flat = idx.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=d_sae)
+        starts = torch.cumsum(counts, 0) - counts
+        shift = torch.arange(m, device=idx.device)[:, None]
+        tokens = ((order // k)[None] + shift * B).reshape(-1)
+        offsets = (starts[None] + shift * flat.numel()).reshape(-1)
+        weights = vals.reshape(-1)[order].repeat(m)
+        grad_blocks = F.embedding_bag(tokens, grad_t.reshape(m * B, d_out), offsets, per_sample_weights=weights,
+                                      mode="sum")  # [m * d_sae, d_out]
+        grad_W = grad_blocks.view(m, d_sae, d_out).transpose(0, 1).reshape(d_sae, m * d_out)
+    return grad_vals, grad_W
 
 
 class CrossLayerDecode(torch.autograd.Function):
@@ -116,8 +160,8 @@ class CrossLayerDecode(torch.autograd.Function):
         acts, idxs, Ws = args[:n], args[n:2 * n], args[2 * n:]
         B = acts[0].shape[0]
         # sparse sources: target-major blocks; dense sources: their whole decode, [B, n - i, d_out]
-        blocks = [W.view(W.shape[0], n - i, d_out).transpose(0, 1).contiguous() if ix is not None
-                  else (a @ W).view(B, n - i, d_out) for i, (a, ix, W) in enumerate(zip(acts, idxs, Ws))]
+        blocks = [_target_major(W, n - i) if ix is not None else (a @ W).view(B, n - i, d_out)
+                  for i, (a, ix, W) in enumerate(zip(acts, idxs, Ws))]
         out = acts[0].new_empty(B, n, d_out)
         for L in range(n):
             acc = out.new_zeros(B, d_out)
@@ -143,30 +187,12 @@ class CrossLayerDecode(torch.autograd.Function):
         grad_Ws: list[torch.Tensor | None] = [None] * n
         for i in range(n):
             need_acts, need_W = ctx.needs_input_grad[2 + i], ctx.needs_input_grad[2 + 2 * n + i]
-            m = n - i
             if not ctx.sparse[i]:
                 g = grad_out[:, i:].reshape(B, -1)
                 grad_acts[i] = g @ Ws[i].T if need_acts else None
                 grad_Ws[i] = acts[i].T @ g if need_W else None
                 continue
-            idx, Wt = idxs[i], Ws[i]
-            d_sae, k = Wt.shape[1], idx.shape[1]
-            if need_acts:
-                grad_acts[i] = sum(gathered_dot(idx, grad_t[i + j], Wt[j]) for j in range(m))
-            if need_W:
-                # grad Wt[j, f] = sum over the tokens b that selected f of acts[b, f] * grad[i + j, b]: the same
-                # bag-of-rows kernel as the forward, with the tokens grouped by latent (one bag per (j, f))
-                flat = idx.reshape(-1)
-                order = torch.argsort(flat, stable=True)
-                counts = torch.bincount(flat, minlength=d_sae)
-                starts = torch.cumsum(counts, 0) - counts
-                shift = torch.arange(m, device=idx.device)[:, None]
-                tokens = ((order // k)[None] + shift * B).reshape(-1)
-                offsets = (starts[None] + shift * flat.numel()).reshape(-1)
-                weights = acts[i].reshape(-1)[order].repeat(m)
-                grad_blocks = F.embedding_bag(tokens, grad_t[i:].reshape(m * B, d_out), offsets,
-                                              per_sample_weights=weights, mode="sum")  # [m * d_sae, d_out]
-                grad_Ws[i] = grad_blocks.view(m, d_sae, d_out).transpose(0, 1).reshape(d_sae, m * d_out)
+            grad_acts[i], grad_Ws[i] = _block_grads(acts[i], idxs[i], Ws[i], grad_t[i:], need_acts, need_W)
         return (None, None, *grad_acts, *([None] * n), *grad_Ws)
 
 

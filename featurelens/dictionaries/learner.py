@@ -348,7 +348,7 @@ class CLTLearner:
                 if nd:
                     err_after = err[:, i:].reshape(len(err), -1)  # what layer i's features could still explain
                     aux_total = aux_total + dead_latent_aux(xs[i], None, clt.W_enc[i], clt.b_enc[i], clt.W_dec[i],
-                                                            encs[i].pre, dead, self.aux_k, err_after)
+                                                            encs[i].pre, dead, self.aux_k, err_after, blocks=n - i)
             loss = loss + tcfg.aux_coefficient * aux_total
         return loss, mse, err2, Y, encs, aux_total, n_dead  # type: ignore[return-value]
 

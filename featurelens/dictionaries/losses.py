@@ -116,8 +116,9 @@ def decode_for_training(enc: TrainEncoding, W_dec: torch.Tensor) -> torch.Tensor
 
 def dead_latent_aux(x: torch.Tensor, b_dec_in: torch.Tensor | None, W_enc: torch.Tensor, b_enc: torch.Tensor,
                     W_dec: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor, aux_k: int,
-                    err: torch.Tensor) -> torch.Tensor:
-    """AuxK (Gao et al. 2024): the top aux_k dead latents' pre-activations reconstruct the error err [B, n]."""
+                    err: torch.Tensor, blocks: int = 1) -> torch.Tensor:
+    """AuxK (Gao et al. 2024): the top aux_k dead latents' pre-activations reconstruct the error err [B, n].
+    blocks: W_dec's rows hold that many outputs side by side (a cross-layer transcoder's layer; see sparse_decode)."""
     with torch.no_grad():  # the dead latents' top pre-activations (their values need not be exact)
         dead_idx = dead.nonzero().squeeze(1)
         aux_v, local = pre[:, dead_idx].topk(min(aux_k, len(dead_idx)), dim=-1, sorted=False)
@@ -125,7 +126,7 @@ def dead_latent_aux(x: torch.Tensor, b_dec_in: torch.Tensor | None, W_enc: torch
     # no ReLU here (as in Gao et al.): a dead latent's pre-activation is usually negative, and the gradient
     # must reach it to bring it back
     aux_acts = SelectedEncode.apply(x, b_dec_in, W_enc, b_enc, aux_i, aux_v)
-    return (sparse_decode(aux_acts, aux_i, W_dec) + err.detach()).pow(2).sum(-1).mean()
+    return (sparse_decode(aux_acts, aux_i, W_dec, blocks) + err.detach()).pow(2).sum(-1).mean()
 
 
 def reconstruction_loss(err2: torch.Tensor, y2: torch.Tensor, kind: str) -> torch.Tensor:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from builders import tiny_model
-from featurelens.dictionaries.autograd import cross_layer_decode
+from featurelens.dictionaries.autograd import cross_layer_decode, sparse_decode
 from featurelens.dictionaries.clt import CLTConfig
 from featurelens.dictionaries.learner import CLTLearner
 from featurelens.dictionaries.losses import (
@@ -119,3 +119,14 @@ def test_project_decoder_grad_removes_the_component_along_each_row():
     project_decoder_grad(W)
     torch.testing.assert_close(W.grad, want)
     torch.testing.assert_close((W.grad * W).sum(1), torch.zeros(7, dtype=torch.float64))
+
+
+def test_sparse_decode_block_by_block_equals_the_whole_rows():
+    """A CLT layer's AuxK decodes its rows as `blocks` outputs side by side: same values and gradients."""
+    torch.manual_seed(0)
+    S, B, m, d = 7, 5, 3, 4
+    W = torch.randn(S, m * d, dtype=torch.float64, requires_grad=True)
+    idx = torch.randint(0, S - 2, (B, 3))  # the last two latents never chosen
+    vals = torch.rand(B, 3, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(sparse_decode(vals, idx, W, 3), sparse_decode(vals, idx, W))
+    torch.autograd.gradcheck(lambda v, w: sparse_decode(v, idx, w, m), (vals, W))
