@@ -169,7 +169,7 @@ class CrossLayerDecode(torch.autograd.Function):
                 acc.add_(F.embedding_bag(idxs[i], blocks[i][L - i], per_sample_weights=acts[i], mode="sum")
                          if idxs[i] is not None else blocks[i][:, L - i])
             out[:, L].copy_(acc)
-        ctx.n, ctx.d_out = n, d_out
+        ctx.n = n
         ctx.sparse = [ix is not None for ix in idxs]
         empty = acts[0].new_empty(0)
         ctx.save_for_backward(*acts, *[ix if ix is not None else empty for ix in idxs],
@@ -178,7 +178,7 @@ class CrossLayerDecode(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
-        n, d_out = ctx.n, ctx.d_out
+        n = ctx.n
         saved = ctx.saved_tensors
         acts, idxs, Ws = saved[:n], saved[n:2 * n], saved[2 * n:]  # Ws[i]: target-major blocks where sparse
         B = grad_out.shape[0]
