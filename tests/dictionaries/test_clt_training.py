@@ -128,5 +128,5 @@ def test_sparse_decode_block_by_block_equals_the_whole_rows():
     W = torch.randn(S, m * d, dtype=torch.float64, requires_grad=True)
     idx = torch.randint(0, S - 2, (B, 3))  # the last two latents never chosen
     vals = torch.rand(B, 3, dtype=torch.float64, requires_grad=True)
-    torch.testing.assert_close(sparse_decode(vals, idx, W, 3), sparse_decode(vals, idx, W))
+    torch.testing.assert_close(sparse_decode(vals, idx, W, m), sparse_decode(vals, idx, W))
     torch.autograd.gradcheck(lambda v, w: sparse_decode(v, idx, w, m), (vals, W))
