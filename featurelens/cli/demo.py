@@ -20,6 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="a small budget: about 10 minutes on 2 CPU cores")
     p.add_argument("--budget-scale", type=float, default=1.0, metavar="FACTOR",
                    help="multiply every token budget (and the graphs' feature rows) by this, e.g. 8 on a GPU")
+    p.add_argument("--replacement", choices=("transcoders", "clt"), default="transcoders",
+                   help="the replacement model the graphs use: per-layer skip transcoders (default) or one cross-layer "
+                        "transcoder (trained on half the rows; more faithful to the real model, see docs/benchmarks.md)")
     common.add(p, "device")
     p.add_argument("--force", action="append", default=[], choices=STEP_NAMES, metavar="STEP",
                    help=f"redo this step even if it is done (repeatable): {', '.join(STEP_NAMES)}")
@@ -31,7 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from ..pipeline import run_demo
 
-    report = run_demo(quick=args.quick, scale=args.budget_scale, device=args.device, force=args.force)
+    report = run_demo(quick=args.quick, scale=args.budget_scale, replacement=args.replacement, device=args.device,
+                      force=args.force)
     print(report.summary(), flush=True)
     if args.no_serve:
         return 0

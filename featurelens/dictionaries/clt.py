@@ -26,7 +26,9 @@ one, `formats.clt` saves and loads it.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -34,7 +36,7 @@ from torch import nn
 
 from ..engine.errors import InputError
 from .protocol import TRANSCODER_IN, TRANSCODER_OUT, Transcoders, decode_contributions
-from .sae import ConfigBase, DictionaryConfig, LayerError, sparse_activation
+from .sae import ConfigBase, DictionaryConfig, LayerError, SparseDictionary, sparse_activation
 
 
 class CLTLayerError(LayerError):
@@ -210,6 +212,35 @@ class CrossLayerTranscoder(nn.Module, Transcoders):
 
     def b_dec_out(self, layer: int) -> torch.Tensor:
         return self.b_dec[self.index(layer)]
+
+    @torch.no_grad()
+    def layer_features(self, layer: int) -> SparseDictionary:
+        """Layer `layer`'s features as one transcoder-shaped dictionary, for analysis, dashboards, search and steering.
+
+        It encodes exactly as the CLT does (same encoder, bias, threshold, k). Its W_dec [d_sae, d_out] is each
+        feature's decoder summed over every layer it writes to: what the feature adds to the residual stream in all,
+        the direction whose logit lens and similarity to other features mean something. So it is not a
+        reconstruction of layer `layer`'s MLP output (b_dec is zero, no skip): steering with it adds the feature's
+        whole write at its own layer, where the CLT spreads it over its output layers.
+
+        >>> view = clt.layer_features(6)
+        >>> torch.equal(view.encode(x6), clt.encode_layer(6, x6))
+        True
+        """
+        i = self.index(layer)
+        cfg = dataclasses.replace(self.cfg.layer_config(layer), skip=False, metadata={
+            "cross_layer_transcoder_layer": int(layer), "decoder": "summed over its output layers"})
+        view = SparseDictionary(cfg, device=self.device)
+        view.W_enc.copy_(self.W_enc[i])
+        view.b_enc.copy_(self.b_enc[i])
+        if self.threshold is not None and view.threshold is not None:
+            view.threshold.copy_(self.threshold[i])
+        view.W_dec.copy_(self.decoder(layer).sum(1))
+        view.b_dec.zero_()
+        src = getattr(self, "source", None)  # loaded from a directory: the view is <dir>/layer_L (load_dictionary)
+        if src is not None:
+            view.source = Path(src) / f"layer_{layer}"
+        return view.requires_grad_(False)
 
     def encode(self, inputs: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         return {layer: self.encode_layer(layer, x) for layer, x in inputs.items()}

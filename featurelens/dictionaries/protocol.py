@@ -16,7 +16,7 @@ layers of a source layer.
 from __future__ import annotations
 
 import abc
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 
@@ -83,6 +83,11 @@ class Transcoders(abc.ABC):
     @abc.abstractmethod
     def reconstruct(self, inputs: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """{output layer: reconstruction} from {source layer: input}."""
+
+    @abc.abstractmethod
+    def layer_features(self, layer: int) -> "Any":
+        """Layer `layer`'s features as one dictionary (a `SparseDictionary` reading `input_hook(layer)`), the form
+        analysis, dashboards, search and steering take. What its `W_dec` holds is in each class's docstring."""
 
     @abc.abstractmethod
     def describe(self) -> str:

@@ -330,6 +330,10 @@ class TranscoderSet(nn.Module, Transcoders):
     def __iter__(self):  # type: ignore[override]
         return iter(self._by_layer.values())
 
+    def layer_features(self, layer: int) -> SparseDictionary:
+        """Layer `layer`'s transcoder itself (`self[layer]`)."""
+        return self[layer]
+
     def items(self) -> list[tuple[int, SparseDictionary]]:
         return [(int(k), v) for k, v in self._by_layer.items()]  # type: ignore[misc]
 

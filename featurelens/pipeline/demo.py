@@ -8,7 +8,8 @@ Steps, in order (`DEMO_STEPS`):
 
 1. **model**: convert the embedded model once (later runs load the cache);
 2. **corpus**: fetch and tokenize the embedded corpus (training and held-out splits);
-3. **transcoders**: skip transcoders for every layer, the replacement model the graphs are computed on;
+3. **transcoders**: the replacement model the graphs are computed on: skip transcoders for every layer (the
+   default), or one cross-layer transcoder (`replacement="clt"`, `featurelens demo --replacement clt`);
 4. **saes**: TopK SAEs on the residual stream of a few layers;
 5. **evaluate**: L0, explained variance, CE loss recovered and KL of every SAE; L0 and explained variance of each
    transcoder, and CE / KL with all of them spliced in at once; written beside each dictionary (eval.json), where
@@ -47,6 +48,11 @@ ANSWERS = {"The capital of France is": " Paris", "2 + 2 = ": "4", 'The opposite 
            "The keys to the old cabinet": " are", "The Eiffel Tower is located in the city of": " Paris"}
 STATE_FILE = "state.json"
 GRAPH_SET = "demo"
+REPLACEMENTS = ("transcoders", "clt")  # per-layer skip transcoders, or a cross-layer transcoder
+# A CLT row costs several per-layer rows (benchmarks/clt_train.py), and a CLT trained on half the rows still predicted
+# the real model's ablations better than the per-layer set on all of them (docs/benchmarks.md, "The CLT as the
+# replacement model"): its presets take half the transcoder rows.
+CLT_ROW_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -76,17 +82,28 @@ class DemoBudget:
     prompts: tuple[str, ...] = PROMPTS
     max_feature_nodes: int = 1024
     check_features: int = 10
+    replacement: str = "transcoders"  # REPLACEMENTS: what the "transcoders" step trains
+
+    def __post_init__(self) -> None:
+        if self.replacement not in REPLACEMENTS:
+            raise InputError(f"replacement must be one of {', '.join(REPLACEMENTS)}, got {self.replacement!r}")
 
     @classmethod
-    def preset(cls, quick: bool = False, scale: float = 1.0, **overrides: Any) -> "DemoBudget":
+    def preset(cls, quick: bool = False, scale: float = 1.0, replacement: str = "transcoders",
+               **overrides: Any) -> "DemoBudget":
         """The default budget (under 45 minutes on 2 CPU cores) or the quick one (under 10); `scale` multiplies
-        every token budget and the feature rows of the graphs (use it on a bigger machine or a GPU)."""
+        every token budget and the feature rows of the graphs (use it on a bigger machine or a GPU).
+        replacement: "transcoders" (per-layer skip transcoders) or "clt" (a cross-layer transcoder, on
+        CLT_ROW_SHARE of the rows)."""
         if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
             raise InputError(f"scale must be a positive number, got {scale!r}")
-        base = cls() if not quick else cls(
+        base = cls(replacement=replacement) if not quick else cls(
             transcoder_tokens=80_000, transcoder_width=512, transcoder_k=16, sae_layers=(6,), sae_tokens=60_000,
             sae_width=1024, eval_tokens=8_000, ce_contexts=2, analysis_tokens=30_000, transcoder_analysis_tokens=2_000,
-            transcoder_embed=False, prompts=PROMPTS[:2], max_feature_nodes=256, check_features=5)
+            transcoder_embed=False, prompts=PROMPTS[:2], max_feature_nodes=256, check_features=5,
+            replacement=replacement)
+        if replacement == "clt":
+            base = dataclasses.replace(base, transcoder_tokens=int(base.transcoder_tokens * CLT_ROW_SHARE))
         scaled = {f: max(1, int(round(getattr(base, f) * scale))) for f in (
             "transcoder_tokens", "sae_tokens", "eval_tokens", "ce_contexts", "analysis_tokens",
             "transcoder_analysis_tokens", "max_feature_nodes")}
@@ -111,9 +128,9 @@ class DemoStep:
 DEMO_STEPS = (
     DemoStep("model", "convert and load the model", ("model",), ()),
     DemoStep("corpus", "fetch and tokenize the embedded corpus", ("ctx_len",), ("model",)),
-    DemoStep("transcoders", "train skip transcoders for every layer",
-             ("transcoder_tokens", "transcoder_width", "transcoder_k", "transcoder_reuse", "transcoder_batch_size"),
-             ("corpus",)),
+    DemoStep("transcoders", "train the replacement model (transcoders for every layer)",
+             ("transcoder_tokens", "transcoder_width", "transcoder_k", "transcoder_reuse", "transcoder_batch_size",
+              "replacement"), ("corpus",)),
     DemoStep("saes", "train residual-stream SAEs", ("sae_layers", "sae_tokens", "sae_width", "sae_k"), ("corpus",)),
     DemoStep("evaluate", "evaluate every dictionary", ("eval_tokens", "ce_contexts"), ("transcoders", "saes")),
     DemoStep("analyze", "analyse every feature (dashboards, labels, search)",
@@ -127,6 +144,7 @@ STEP_NAMES = tuple(s.name for s in DEMO_STEPS)
 # transcoder step ~0.04 ms a token and layer, the sentence embedder ~110 features/s), for the time-left estimate
 # before a step has run; it is rescaled by how fast the finished steps actually went.
 _FORWARD = 650.0  # tokens/s, all layers
+_CLT_STEP = 4.6  # a CLT row over a per-layer set's: the default budget's CLT trained in 18:28 (dead latents' AuxK too)
 
 
 def _upto(layer: int) -> float:
@@ -135,7 +153,7 @@ def _upto(layer: int) -> float:
 
 _COST = {"model": lambda b: 40.0, "corpus": lambda b: 15.0,
          "transcoders": lambda b: b.transcoder_tokens * 18 * 4e-5 * b.transcoder_width / 1024
-         + b.transcoder_tokens / b.transcoder_reuse / _FORWARD,
+         * (_CLT_STEP if b.replacement == "clt" else 1.0) + b.transcoder_tokens / b.transcoder_reuse / _FORWARD,
          "saes": lambda b: sum(b.sae_tokens * (_upto(l) / _FORWARD + 1e-4) for l in b.sae_layers),
          "evaluate": lambda b: (len(b.sae_layers) + 1) * b.eval_tokens / _FORWARD + (len(b.sae_layers) + 1)
          * 1.5 * b.ce_contexts * b.ctx_len / 180,
@@ -207,12 +225,15 @@ def _one_line(summary: Any) -> str:
     return ", ".join(f"{k} {v}" for k, v in summary.items() if isinstance(v, (str, int, float)))[:110]
 
 
-def run_demo(budget: DemoBudget | None = None, *, quick: bool = False, scale: float = 1.0, device: str | None = None,
-             force: "list[str] | tuple[str, ...]" = (), progress: bool = True,
-             log: Callable[[str], None] | None = None) -> DemoReport:
+def run_demo(budget: DemoBudget | None = None, *, quick: bool = False, scale: float = 1.0,
+             replacement: str = "transcoders", device: str | None = None, force: "list[str] | tuple[str, ...]" = (),
+             progress: bool = True, log: Callable[[str], None] | None = None) -> DemoReport:
     """Run (or finish, or reuse) every demo step; returns the report. Artifacts go under the data directory:
     dictionaries/<model>/demo-*, graphs/demo/, demo/state.json.
 
+    budget: what to run (default: `DemoBudget.preset(quick, scale, replacement)`).
+    replacement: "transcoders" (per-layer skip transcoders, in demo-transcoders/) or "clt" (a cross-layer
+        transcoder, in demo-clt/), when no budget is given.
     force: step names to redo even when their record matches.
 
     >>> report = run_demo(quick=True)   # doctest: +SKIP
@@ -222,7 +243,7 @@ def run_demo(budget: DemoBudget | None = None, *, quick: bool = False, scale: fl
     from ..device import check_device
 
     check_device(device)  # before any step: `device` is where the model, training and analyses run
-    budget = budget or DemoBudget.preset(quick=quick, scale=scale)
+    budget = budget or DemoBudget.preset(quick=quick, scale=scale, replacement=replacement)
     bad = [f for f in force if f not in STEP_NAMES]
     if bad:
         raise InputError(f"unknown demo step(s) {', '.join(map(repr, bad))}; the steps are {', '.join(STEP_NAMES)}")
@@ -241,7 +262,7 @@ class _Demo:
         self._model: Any = None
         safe_model = budget.model.replace("/", "_")
         self.dict_root = self.root / "dictionaries" / safe_model
-        self.tc_dir = self.dict_root / "demo-transcoders"
+        self.tc_dir = self.dict_root / ("demo-clt" if budget.replacement == "clt" else "demo-transcoders")
         self.graph_dir = self.root / "graphs" / GRAPH_SET
 
     # -------------------------------------------------------------------------------------------- bookkeeping
@@ -326,16 +347,20 @@ class _Demo:
         return {"resume": resume, "overwrite": not resume, "progress": self.progress, "ctx_len": self.budget.ctx_len}
 
     def _step_transcoders(self) -> dict[str, Any]:
-        from ..dictionaries import train_transcoders
+        from ..dictionaries import train_clt, train_transcoders
 
         b = self.budget
-        tcs = train_transcoders(self.model, layers="all", skip=True, arch="topk", k=b.transcoder_k,
-                                width=b.transcoder_width, tokens=b.transcoder_tokens, out=self.tc_dir,
-                                reuse=b.transcoder_reuse, batch_size=b.transcoder_batch_size,
-                                **self._train_kwargs("transcoders", self.tc_dir))
-        stats = next(iter(tcs)).stats
-        return {"path": str(self.tc_dir), "layers": len(tcs), "tokens": stats.get("tokens_trained"),
-                "steps": stats.get("steps")}
+        kw = dict(layers="all", skip=True, arch="topk", k=b.transcoder_k, width=b.transcoder_width,
+                  tokens=b.transcoder_tokens, out=self.tc_dir, reuse=b.transcoder_reuse,
+                  batch_size=b.transcoder_batch_size, **self._train_kwargs("transcoders", self.tc_dir))
+        if b.replacement == "clt":
+            clt = train_clt(self.model, **kw)
+            n_layers, stats = len(clt.layers), clt.stats
+        else:
+            tcs = train_transcoders(self.model, **kw)
+            n_layers, stats = len(tcs), next(iter(tcs)).stats
+        return {"path": str(self.tc_dir), "kind": b.replacement, "layers": n_layers,
+                "tokens": stats.get("tokens_trained"), "steps": stats.get("steps")}
 
     def _step_saes(self) -> dict[str, Any]:
         from ..dictionaries import train_sae
@@ -370,7 +395,8 @@ class _Demo:
         per_layer = evaluate_dictionary(self.model, tcs, per_layer_ce=False, **kw)
         atomic_write_json(self.tc_dir / "eval.json", {str(k): m.to_dict() for k, m in per_layer.items()})
         for layer, m in per_layer.items():
-            if layer != "all":
+            if layer != "all":  # a CLT's layer_<layer> folder holds only what is about that layer's features
+                (self.tc_dir / f"layer_{layer}").mkdir(exist_ok=True)
                 atomic_write_json(self.tc_dir / f"layer_{layer}" / "eval.json", m.to_dict())
         summary: dict[str, Any] = {}
         every = per_layer["all"]
@@ -385,32 +411,33 @@ class _Demo:
             summary[f"SAE {layer} CE recovered"] = round(m.ce_loss_recovered, 4)
         return summary
 
-    def _analyze_one(self, path: Path, tokens: int, embed: bool = True, model: Any = None) -> Any:
+    def _analyze_one(self, dictionary: Any, tokens: int, embed: bool = True, model: Any = None) -> Any:
+        """Analyse `dictionary` (a directory, or one loaded from its directory) into <its directory>/analysis."""
         from ..analysis import analyze
         from ..dictionaries.compat import dictionary_fingerprint, resolve_dictionary
         from ..store import DB_FILE, FeatureStore
 
-        dictionary, _ = resolve_dictionary(path)
+        dictionary, path = resolve_dictionary(dictionary)
         final = path / "analysis" / DB_FILE
         stale = False
         if final.is_file():  # a finished analysis: keep it only if it is of these weights, under this budget
             with FeatureStore(final, readonly=True) as st:
                 same_weights = st.get("dictionary_fingerprint") == dictionary_fingerprint(dictionary)
             stale = not same_weights or not self._started_same("analyze") or "analyze" in self.force
-        return analyze(model or self.model, path, n_tokens=tokens, ctx_len=self.budget.ctx_len, overwrite=stale,
+        return analyze(model or self.model, dictionary, n_tokens=tokens, ctx_len=self.budget.ctx_len, overwrite=stale,
                        embed=embed, progress=self.progress)
 
     def _step_analyze(self) -> dict[str, Any]:
         from ..analysis import SharedForward
-        from ..dictionaries.protocol import TRANSCODER_IN
 
         b = self.budget
         for layer in b.sae_layers:
             self._analyze_one(self.sae_dir(layer), b.analysis_tokens)
+        tcs, _ = self._dictionaries()
         # the 18 layers read the same contexts: one forward pass records every layer's input for all of them
-        shared = SharedForward(self.model, [TRANSCODER_IN.format(layer) for layer in range(self.model.cfg.n_layers)])
-        for layer in range(self.model.cfg.n_layers):
-            self._analyze_one(self.tc_dir / f"layer_{layer}", b.transcoder_analysis_tokens, embed=b.transcoder_embed,
+        shared = SharedForward(self.model, [tcs.input_hook(layer) for layer in tcs.layers])
+        for layer in tcs.layers:  # each layer's features, in <replacement dir>/layer_<layer>/analysis
+            self._analyze_one(tcs.layer_features(layer), b.transcoder_analysis_tokens, embed=b.transcoder_embed,
                               model=shared)
         return {"saes": len(b.sae_layers), "transcoder layers": self.model.cfg.n_layers}
 
@@ -422,7 +449,7 @@ class _Demo:
 
         b = self.budget
         tcs, _ = self._dictionaries()
-        analyses = {layer: open_analysis(tc) for layer, tc in tcs.items()}
+        analyses = {layer: open_analysis(tcs.layer_features(layer)) for layer in tcs.layers}
         # one record per graph, keyed by what it depends on: a changed prompt list redoes only the new prompts
         done = self.state.setdefault("graphs", {})
         if "graphs" in self.force:

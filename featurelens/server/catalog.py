@@ -103,11 +103,29 @@ def set_metrics(d: Path) -> dict[str, float | None]:
             "source": "eval (L0 and EV: mean over layers; CE: all layers spliced at once)" if per or every else None}
 
 
+def _clt_layers(d: Path) -> list[int] | None:
+    """The layers of the cross-layer transcoder in `d`, or None when `d` holds none."""
+    cfg = _read_json(d / "cfg.json")
+    if not isinstance(cfg, dict) or cfg.get("architecture") != "cross_layer_transcoder":
+        return None
+    layers = cfg.get("layers")
+    return [int(x) for x in layers if isinstance(x, int)] if isinstance(layers, list) else None
+
+
+def is_clt_layer(d: Path) -> bool:
+    """Whether `d` is <a cross-layer transcoder's directory>/layer_L for one of its layers L (its weights are the
+    parent's; the folder holds at most that layer's analysis)."""
+    return re.fullmatch(r"layer_(\d+)", d.name) is not None and int(d.name[6:]) in (_clt_layers(d.parent) or ())
+
+
 def _dictionary_entry(root: Path, d: Path) -> dict[str, Any]:
     cfg = _read_json(d / "cfg.json") or {}
     meta = _read_json(d / "featurelens.json") or {}
     layers = meta.get("layers") if isinstance(meta, dict) else None
+    clt_layers = _clt_layers(d)
     is_set = isinstance(layers, (dict, list)) and not (d / "cfg.json").is_file()
+    if clt_layers is not None:  # one set of weights, but per-layer features, figures and pages like a set
+        layers = {str(x): f"layer_{x}" for x in clt_layers}
     if is_set:
         first = None
         names = sorted(layers) if isinstance(layers, dict) else []
@@ -116,7 +134,8 @@ def _dictionary_entry(root: Path, d: Path) -> dict[str, Any]:
             sub_dir = d / (sub if isinstance(sub, str) else f"layer_{names[0]}")
             first = _read_json(sub_dir / "cfg.json")
         cfg = first or {}
-    kind = "transcoders" if is_set or meta.get("kind") in ("clt", "cross_layer_transcoder") else (
+    many = is_set or clt_layers is not None
+    kind = "transcoders" if many else (
         "transcoder" if cfg.get("transcoder") or cfg.get("hook_name_out") else "sae")
     own = meta.get("config") if isinstance(meta.get("config"), dict) else {}
     adir = d / "analysis"
@@ -125,19 +144,24 @@ def _dictionary_entry(root: Path, d: Path) -> dict[str, Any]:
             "hook_name": cfg.get("hook_name", ""), "d_sae": cfg.get("d_sae"),
             "arch": own.get("arch") or cfg.get("architecture"),
             "k": own.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k"),
-            "layers": sorted(int(x) for x in layers if str(x).isdigit()) if is_set and isinstance(layers, dict) else None,
-            "metrics": dictionary_metrics(d) if not is_set else set_metrics(d),
+            "layers": sorted(int(x) for x in layers if str(x).isdigit()) if many and isinstance(layers, dict) else None,
+            "cross_layer": clt_layers is not None,
+            "metrics": dictionary_metrics(d) if not many else set_metrics(d),
             "analyzed": (adir / "features.sqlite").is_file(), "analysis_dir": str(adir) if adir.is_dir() else None,
-            "analyzed_layers": sorted(layer_analyses(d)) if is_set else None,
+            "analyzed_layers": sorted(layer_analyses(d)) if many else None,
             # each analyzed layer's own dictionary id (its feature pages: /api/dictionaries/<id>/features/<n>)
             "layer_ids": {str(layer): id_of(a.parent.relative_to(root)) for layer, a in layer_analyses(d).items()}
-            if is_set else None}
+            if many else None}
 
 
 def layer_analyses(set_dir: Path) -> dict[int, Path]:
-    """{layer: analysis dir} of a transcoder set's layers that were analyzed (`featurelens analyze <set>/layer_L`)."""
+    """{layer: analysis dir} of the layers of a transcoder set, or of a cross-layer transcoder, that were analyzed
+    (`featurelens analyze <dir>/layer_L`)."""
     meta = _read_json(set_dir / "featurelens.json") or {}
     layers = meta.get("layers") if isinstance(meta, dict) else None
+    clt_layers = _clt_layers(set_dir)
+    if clt_layers is not None:
+        layers = {str(x): f"layer_{x}" for x in clt_layers}
     out = {}
     if isinstance(layers, dict):
         for layer, sub in layers.items():
@@ -234,6 +258,9 @@ def dictionary_dir(data: Path, ident: str, db: str | None = None) -> tuple[Path 
             raise UnknownIdError(f"no analysis {ident!r} in {data / 'analysis'}")
         return None, a
     d = path_of(data / "dictionaries", ident)
+    if is_clt_layer(d):  # a cross-layer transcoder's layer: its features, analysed in <clt>/layer_L/analysis
+        a = d / "analysis"
+        return d, (a if (a / "features.sqlite").is_file() else None)
     if not d.is_dir() or not ((d / "cfg.json").is_file() or (d / "featurelens.json").is_file()):
         raise UnknownIdError(f"no dictionary {ident!r}: {d} is not a dictionary directory; GET /api/dictionaries "
                              f"lists them")

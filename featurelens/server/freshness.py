@@ -44,8 +44,10 @@ def check_fresh(analysis: Any, dictionary: Any, fingerprint: str, ident: str) ->
 
 
 def fingerprint_of(dictionary: Any) -> str | None:
-    """The dictionary's fingerprint, or None for what analyses are not made of (a set of transcoders)."""
-    if getattr(dictionary, "W_enc", None) is None:
+    """The dictionary's fingerprint, or None for what analyses are not made of (a transcoder set, a CLT)."""
+    from ..dictionaries.protocol import Transcoders
+
+    if isinstance(dictionary, Transcoders) or getattr(dictionary, "W_enc", None) is None:
         return None
     from ..dictionaries.compat import dictionary_fingerprint
 

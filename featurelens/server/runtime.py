@@ -71,7 +71,9 @@ class Runtime:
             return self._dictionary_locked(ident, d, adir)[1]
 
     def _dictionary_locked(self, ident: str, d: Path | None, adir: Path | None) -> tuple[Any, Any, str | None]:
-        sig = dir_signature(d)
+        # a CLT layer's weights are its parent's files
+        sig = (dir_signature(d), dir_signature(d.parent)) if d is not None and catalog.is_clt_layer(d) else \
+            dir_signature(d)
         cached = self._dictionaries.get(ident)
         if cached is None or (d is not None and cached[0] != sig):  # saved again since: load the new weights
             from ..dictionaries import load_dictionary
@@ -114,7 +116,8 @@ class Runtime:
         return self._analyses[ident]
 
     def layer_analyses(self, ident: str) -> dict[int, Any]:
-        """{layer: DictionaryAnalysis} for the analyzed layers of a transcoder set (opened once, shared)."""
+        """{layer: DictionaryAnalysis} for the analyzed layers of a transcoder set or a cross-layer transcoder
+        (opened once, shared)."""
         d, _ = catalog.dictionary_dir(self.data_dir, ident, self.db)
         out = {}
         for layer, adir in catalog.layer_analyses(d).items() if d is not None else ():
@@ -124,8 +127,7 @@ class Runtime:
                 sig, tset, _ = self._dictionary_locked(ident, d, None)
                 fp = self._layer_fingerprints.get((key, sig))
                 if fp is None:
-                    layers = dict(tset.items()) if hasattr(tset, "items") else {}
-                    fp = fingerprint_of(layers[layer]) if layer in layers else ""
+                    fp = fingerprint_of(tset.layer_features(layer)) if layer in tset.layers else ""
                     self._layer_fingerprints[(key, sig)] = fp
             if not fp or a.meta.get("dictionary_fingerprint") in (None, fp):
                 out[layer] = a  # a layer analyzed before it was trained again is left out

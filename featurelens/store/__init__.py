@@ -45,7 +45,8 @@ def analysis_dir_for_path(path: str | Path) -> Path:
     if p.is_file():
         p = p.parent
     local = p / ANALYSIS_SUBDIR
-    if local.is_dir() or _writable(p):
+    # a folder not made yet under a writable one (a cross-layer transcoder's layer_L) is made with the analysis
+    if local.is_dir() or _writable(p) or (not p.exists() and _writable(p.parent)):
         return local
     return data_analysis_dir(p.name, str(p))
 

@@ -1,8 +1,8 @@
 import { h, fmt, pct, table } from "./dom.js";
 import { get, enc } from "./api.js";
 
-// A dictionary's dashboards: "analyzed", or for a transcoder set its layers' (all of them: "analyzed", with a link to
-// each layer's feature pages).
+// A dictionary's dashboards: "analyzed", or for a transcoder set or a cross-layer transcoder its layers' (all of
+// them: "analyzed", with a link to each layer's feature pages).
 function status(d) {
   if (d.analyzed) return h("span", { class: "ok", text: "analyzed" });
   const layers = d.layers || [], done = d.analyzed_layers || [];
@@ -34,7 +34,8 @@ export async function homePage(root) {
       dicts.map((d) => [
         d.analyzed ? h("a", { href: `#/search?tab=concept&d=${enc(d.id)}`, text: d.id, class: "dict-link" })
                    : h("span", { text: d.id }),
-        d.model, d.hook_name || (d.layers ? `layers ${d.layers.join(",")}` : ""), d.kind, d.d_sae ?? "",
+        d.model, d.hook_name || (d.layers ? `layers ${d.layers.join(",")}` : ""),
+        d.cross_layer ? "cross-layer transcoder" : d.kind, d.d_sae ?? "",
         fmt(d.metrics.l0), fmt(d.metrics.explained_variance), pct(d.metrics.ce_loss_recovered),
         status(d),
       ]))

@@ -854,3 +854,34 @@ def test_train_transcoders_interrupted_resumes_to_what_an_uninterrupted_run_trai
         for name in ("W_enc", "b_enc", "W_dec", "b_dec", "W_skip"):
             torch.testing.assert_close(getattr(resumed[layer], name), getattr(straight[layer], name),
                                        rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["set", "clt"])
+def test_layer_features_encode_as_the_replacement_model_and_write_its_whole_decoder(tmp_path, kind):
+    """`layer_features(l)`, the form analysis and the web app take: a set's own transcoder; for a CLT a view that
+    encodes exactly as the CLT and whose decoder is each feature's write summed over its output layers. On disk
+    <clt dir>/layer_L loads that view, and an analysis of it lands in that folder."""
+    tc = random_set() if kind == "set" else random_clt(arch="topk", k=5)
+    x = torch.randn(7, D)
+    for layer in tc.layers:
+        view = tc.layer_features(layer)
+        assert isinstance(view, SparseDictionary) and view.cfg.hook_name == tc.input_hook(layer)
+        assert torch.equal(view.encode(x), tc.encode_layer(layer, x))
+        torch.testing.assert_close(view.W_dec, tc.decoder(layer).sum(1))
+    if kind == "set":
+        assert tc.layer_features(1) is tc[1]
+        return
+    save_clt(tc, tmp_path / "clt")
+    loaded = load_dictionary(tmp_path / "clt" / "layer_1")  # no such folder yet: the CLT's layer 1 all the same
+    assert isinstance(loaded, SparseDictionary) and loaded.cfg.metadata["cross_layer_transcoder_layer"] == 1
+    assert torch.equal(loaded.W_dec, tc.layer_features(1).W_dec) and Path(loaded.source) == tmp_path / "clt" / "layer_1"
+    from featurelens.dictionaries.compat import dictionary_fingerprint, resolve_dictionary
+    from featurelens.store import analysis_dir_for_path
+
+    assert dictionary_fingerprint(loaded) == dictionary_fingerprint(load_dictionary(tmp_path / "clt").layer_features(1))
+    _, where = resolve_dictionary(loaded)
+    assert analysis_dir_for_path(where) == (tmp_path / "clt" / "layer_1" / "analysis").resolve()
+    with pytest.raises(MissingFileError, match="has no layer 7; its layers are \\[0, 1, 2\\]"):
+        load_dictionary(tmp_path / "clt" / "layer_7")
+    with pytest.raises(CLTLayerError, match="no layer 9"):
+        tc.layer_features(9)

@@ -1,5 +1,5 @@
-"""`featurelens demo`, the main job: budgets and step keys (fast), an interrupted tiny demo that resumes in every
-long step (slow), and `demo --quick --no-serve` from an empty data directory under 10 minutes, its output served
+"""`featurelens demo`, the main job: budgets and step keys (fast), an interrupted tiny demo on a cross-layer
+transcoder that resumes in every long step (slow), and `demo --quick --no-serve` from an empty data directory under 10 minutes, its output served
 to a browser (slow)."""
 
 from __future__ import annotations
@@ -51,6 +51,15 @@ def test_a_changed_budget_redoes_what_depends_on_it_and_nothing_else():
     assert {s for s in base if base[s] != saes[s]} == {"saes", "evaluate", "analyze", "graphs"}
 
 
+def test_the_replacement_model_is_a_budget_choice():
+    quick, clt = DemoBudget.preset(quick=True), DemoBudget.preset(quick=True, replacement="clt")
+    assert clt.replacement == "clt" and clt.transcoder_tokens == quick.transcoder_tokens // 2  # CLT_ROW_SHARE
+    assert {s for s in step_keys(quick) if step_keys(quick)[s] != step_keys(clt)[s]} == {
+        "transcoders", "evaluate", "analyze", "graphs"}
+    with pytest.raises(InputError, match="replacement must be one of transcoders, clt, got 'mlp'"):
+        DemoBudget.preset(replacement="mlp")
+
+
 def test_unknown_step_to_force_is_refused(tmp_path):
     with pytest.raises(InputError, match="unknown demo step.*'train'.*transcoders"):
         run_demo(DemoBudget.preset(quick=True), force=["train"])
@@ -95,7 +104,11 @@ class _Interrupt:
 
 
 @pytest.mark.slow
-def test_tiny_demo_interrupted_in_every_long_step_resumes_to_the_same_result(tmp_path, monkeypatch, gemma):
+def test_tiny_clt_demo_interrupted_in_every_long_step_resumes_and_serves_its_layers(tmp_path, monkeypatch, gemma):
+    """The demo with a cross-layer transcoder as the replacement model (`replacement="clt"`; the per-layer set runs
+    end to end in the quick demo's test), stopped by Ctrl-C in each long step and resumed; then every layer's
+    features analysed in demo-clt/layer_L/analysis, the graphs traced through the CLT with feature cards from those
+    analyses, and the web app's API listing the CLT with its figures and per-layer feature pages."""
     from featurelens import paths
     import featurelens.attribution as attribution
 
@@ -103,7 +116,7 @@ def test_tiny_demo_interrupted_in_every_long_step_resumes_to_the_same_result(tmp
     home.mkdir()
     (home / "models").symlink_to(paths.data_dir() / "models", target_is_directory=True)
     monkeypatch.setattr(paths, "_override", home)
-    budget = DemoBudget.preset(quick=True, **TINY)
+    budget = DemoBudget.preset(quick=True, replacement="clt", **TINY)
     for step in ("transcoders", "saes", "analyze"):  # each stops at its first safe point, then resumes
         with monkeypatch.context() as mp:
             _Interrupt(mp, step)
@@ -125,8 +138,9 @@ def test_tiny_demo_interrupted_in_every_long_step_resumes_to_the_same_result(tmp
     state = demo_state()
     assert all(state["steps"][s.name]["status"] == "done" for s in DEMO_STEPS)
     root = paths.data_dir()
-    tc_dir = root / "dictionaries" / "gemma-3-270m" / "demo-transcoders"
-    meta = json.loads((tc_dir / "layer_0" / "featurelens.json").read_text())
+    tc_dir = root / "dictionaries" / "gemma-3-270m" / "demo-clt"
+    assert not (root / "dictionaries" / "gemma-3-270m" / "demo-transcoders").exists()
+    meta = json.loads((tc_dir / "featurelens.json").read_text())
     # training really resumed from its checkpoint; that a resumed run equals an uninterrupted one is
     # tests/dictionaries/test_transcoders.py's test_train_transcoders_interrupted_resumes_to_what_an_uninterrupted_run_trains
     assert meta["stats"]["resumed_from_step"] is not None
@@ -144,9 +158,26 @@ def test_tiny_demo_interrupted_in_every_long_step_resumes_to_the_same_result(tmp
         assert 0 <= row["sign agreement"] <= 1 and 0 <= row["ablations lowering the target"] <= 1
     assert all((tc_dir / f"layer_{layer}" / "analysis" / "features.sqlite").is_file() for layer in range(18))
     assert (tc_dir / "eval.json").is_file() and "all" in json.loads((tc_dir / "eval.json").read_text())
+    graph = json.loads((root / "graphs" / "demo" / "the-capital-of-france-is.json").read_text())
+    assert "CrossLayerTranscoder" in json.dumps(graph["metadata"])
 
     again = run_demo(budget, progress=False)
     assert again.ran == []  # a second run reuses everything
+
+    from fastapi.testclient import TestClient
+
+    from featurelens.server import create_app
+
+    client = TestClient(create_app(root))
+    entry = {d["id"]: d for d in client.get("/api/dictionaries").json()}["gemma-3-270m~demo-clt"]
+    assert entry["kind"] == "transcoders" and entry["cross_layer"] and entry["analyzed_layers"] == list(range(18))
+    assert entry["metrics"]["ce_loss_recovered"] is not None and entry["metrics"]["l0"] is not None
+    layer_id = entry["layer_ids"]["3"]
+    assert layer_id == "gemma-3-270m~demo-clt~layer_3"
+    page = client.get(f"/api/dictionaries/{layer_id}/features/0")
+    assert page.status_code == 200, page.text
+    assert client.get(f"/api/dictionaries/{layer_id}/features/{10**6}").status_code in (400, 404, 422)
+    assert client.get("/api/dictionaries/gemma-3-270m~demo-clt~layer_30/features/0").status_code == 404
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ layouts apart and pick the module.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,22 @@ from .saelens import load_saelens, save_saelens
 from .transcoder_set import load_transcoder_set, save_transcoder_set
 
 
+def clt_layer_of(path: Path) -> int | None:
+    """L when `path` is <a cross-layer transcoder's directory>/layer_L (a layer it has), else None. Such a folder
+    holds no weights of its own, at most the analysis of those features."""
+    m = re.fullmatch(r"layer_(\d+)", path.name)
+    if m is None or (path / CFG_FILE).is_file():
+        return None
+    cfg = clt_config_json(path.parent)
+    if cfg is None:
+        return None
+    layers = cfg.get("layers", (cfg.get("config") or {}).get("layers"))
+    if isinstance(layers, list) and int(m.group(1)) not in layers:
+        raise MissingFileError(f"{path}: the cross-layer transcoder in {path.parent} has no layer {m.group(1)}; its "
+                               f"layers are {layers}")
+    return int(m.group(1))
+
+
 def load_dictionary(path: str | Path, *, device: str | torch.device = "cpu", hook_name: str | None = None,
                     hook_name_out: str | None = None, model_name: str | None = None) -> Any:
     """Read a dictionary in any layout featurelens knows (see the module docstring).
@@ -39,6 +56,11 @@ def load_dictionary(path: str | Path, *, device: str | torch.device = "cpu", hoo
     `hook_name` / `hook_name_out` / `model_name` override what the files say (Gemma Scope files say nothing).
     """
     path = Path(path).expanduser()
+    layer = clt_layer_of(path)
+    if layer is not None:  # <clt dir>/layer_L: the CLT's layer-L features as one dictionary
+        view = load_clt(path.parent, device=device).layer_features(layer)
+        view.stats = {}
+        return view
     if not path.exists():
         raise MissingFileError(f"{path}: no such dictionary (expected a directory with {CFG_FILE} and {WEIGHTS_FILE})")
     if path.is_file():
