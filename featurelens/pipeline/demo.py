@@ -376,12 +376,17 @@ class _Demo:
                       tokens=b.sae_tokens, out=out, **self._train_kwargs("saes", out))
         return {"paths": [str(self.sae_dir(layer)) for layer in b.sae_layers], "saes": len(b.sae_layers)}
 
+    def _replacement(self) -> Any:
+        """The trained replacement model (a TranscoderSet or a CrossLayerTranscoder), next to the model."""
+        from ..dictionaries import load_dictionary
+
+        return load_dictionary(self.tc_dir, device=self.device or "cpu")  # graphs and evaluations run there
+
     def _dictionaries(self) -> tuple[Any, dict[int, Any]]:
         from ..dictionaries import load_dictionary
 
-        on = self.device or "cpu"  # next to the model: graphs and evaluations run there
-        return load_dictionary(self.tc_dir, device=on), {layer: load_dictionary(self.sae_dir(layer), device=on)
-                                                         for layer in self.budget.sae_layers}
+        return self._replacement(), {layer: load_dictionary(self.sae_dir(layer), device=self.device or "cpu")
+                                     for layer in self.budget.sae_layers}
 
     def _step_evaluate(self) -> dict[str, Any]:
         from ..data import load_contexts
@@ -433,7 +438,7 @@ class _Demo:
         b = self.budget
         for layer in b.sae_layers:
             self._analyze_one(self.sae_dir(layer), b.analysis_tokens)
-        tcs, _ = self._dictionaries()
+        tcs = self._replacement()
         # the 18 layers read the same contexts: one forward pass records every layer's input for all of them
         shared = SharedForward(self.model, [tcs.input_hook(layer) for layer in tcs.layers])
         for layer in tcs.layers:  # each layer's features, in <replacement dir>/layer_<layer>/analysis
@@ -448,7 +453,7 @@ class _Demo:
         from ..attribution.targets import parse_target
 
         b = self.budget
-        tcs, _ = self._dictionaries()
+        tcs = self._replacement()
         analyses = {layer: open_analysis(tcs.layer_features(layer)) for layer in tcs.layers}
         # one record per graph, keyed by what it depends on: a changed prompt list redoes only the new prompts
         done = self.state.setdefault("graphs", {})

@@ -118,14 +118,21 @@ def is_clt_layer(d: Path) -> bool:
     return re.fullmatch(r"layer_(\d+)", d.name) is not None and int(d.name[6:]) in (_clt_layers(d.parent) or ())
 
 
+def _layer_folders(d: Path, meta: Any) -> tuple[Any, list[int] | None]:
+    """(the layers a set's featurelens.json lists, or for a cross-layer transcoder {layer: "layer_<layer>"}; the
+    CLT's layers or None): a CLT is one set of weights, but its features, figures and pages are per layer, as a
+    set's are."""
+    clt_layers = _clt_layers(d)
+    if clt_layers is not None:
+        return {str(x): f"layer_{x}" for x in clt_layers}, clt_layers
+    return (meta.get("layers") if isinstance(meta, dict) else None), None
+
+
 def _dictionary_entry(root: Path, d: Path) -> dict[str, Any]:
     cfg = _read_json(d / "cfg.json") or {}
     meta = _read_json(d / "featurelens.json") or {}
-    layers = meta.get("layers") if isinstance(meta, dict) else None
-    clt_layers = _clt_layers(d)
+    layers, clt_layers = _layer_folders(d, meta)
     is_set = isinstance(layers, (dict, list)) and not (d / "cfg.json").is_file()
-    if clt_layers is not None:  # one set of weights, but per-layer features, figures and pages like a set
-        layers = {str(x): f"layer_{x}" for x in clt_layers}
     if is_set:
         first = None
         names = sorted(layers) if isinstance(layers, dict) else []
@@ -139,6 +146,7 @@ def _dictionary_entry(root: Path, d: Path) -> dict[str, Any]:
         "transcoder" if cfg.get("transcoder") or cfg.get("hook_name_out") else "sae")
     own = meta.get("config") if isinstance(meta.get("config"), dict) else {}
     adir = d / "analysis"
+    analysed = layer_analyses(d) if many else {}
     return {"id": id_of(d.relative_to(root)), "path": str(d), "kind": kind,
             "model": cfg.get("model_name") or meta.get("model") or "",
             "hook_name": cfg.get("hook_name", ""), "d_sae": cfg.get("d_sae"),
@@ -148,20 +156,16 @@ def _dictionary_entry(root: Path, d: Path) -> dict[str, Any]:
             "cross_layer": clt_layers is not None,
             "metrics": dictionary_metrics(d) if not many else set_metrics(d),
             "analyzed": (adir / "features.sqlite").is_file(), "analysis_dir": str(adir) if adir.is_dir() else None,
-            "analyzed_layers": sorted(layer_analyses(d)) if many else None,
+            "analyzed_layers": sorted(analysed) if many else None,
             # each analyzed layer's own dictionary id (its feature pages: /api/dictionaries/<id>/features/<n>)
-            "layer_ids": {str(layer): id_of(a.parent.relative_to(root)) for layer, a in layer_analyses(d).items()}
+            "layer_ids": {str(layer): id_of(a.parent.relative_to(root)) for layer, a in analysed.items()}
             if many else None}
 
 
 def layer_analyses(set_dir: Path) -> dict[int, Path]:
     """{layer: analysis dir} of the layers of a transcoder set, or of a cross-layer transcoder, that were analyzed
     (`featurelens analyze <dir>/layer_L`)."""
-    meta = _read_json(set_dir / "featurelens.json") or {}
-    layers = meta.get("layers") if isinstance(meta, dict) else None
-    clt_layers = _clt_layers(set_dir)
-    if clt_layers is not None:
-        layers = {str(x): f"layer_{x}" for x in clt_layers}
+    layers, _ = _layer_folders(set_dir, _read_json(set_dir / "featurelens.json") or {})
     out = {}
     if isinstance(layers, dict):
         for layer, sub in layers.items():
