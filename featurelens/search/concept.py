@@ -66,7 +66,7 @@ class SearchHit:
     label_score: float | None = None  # how well the label predicts where it fires (AUROC), None when unscored
     label_score_method: str | None = None
     max_tokens: list[str] = field(default_factory=list)  # the token at the max of each of its top examples
-    # filled in by a steering-checked search (featurelens.search.steerable); then `score` is the combined score
+    # filled in by a steering-checked search (featurelens.interventions.checked_search); then `score` is its score
     match_score: float | None = None  # the concept match alone
     steer_ratio: float | None = None  # the concept words' next-token mass when steered / unsteered
     steer_strength: float | None = None  # the relative strength that ratio was measured at

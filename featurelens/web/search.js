@@ -20,7 +20,7 @@ export async function searchPage(root, parts, query) {
   const go = h("button", { type: "submit", text: "Search" });
   const fast = h("input", { type: "checkbox", name: "fast", checked: query.get("fast") === "1" });
   const steerBox = h("label", { class: "steer-check", title: "skip the steering check: by default the 10 best matches " +
-    "are steered on neutral prompts, and those that make the model say the concept's words lead (a few seconds)" },
+    "are steered on neutral prompts in match order, and the first that makes the model say the concept's words leads" },
     fast, " fast (no steering check)");
   const form = h("form", { class: "search", onsubmit: (e) => { e.preventDefault(); run(); } }, input, go, steerBox);
   const out = h("div", { class: "results" });

@@ -416,27 +416,43 @@ def test_concept_search_lexical_fallback(analyzed, monkeypatch):
 
 
 def test_steering_checked_search(gemma, analyzed):
-    """fl.steerable_search steers each of the best matches, stronger where the first strength did not steer, and
-    ranks those that raise the concept's words STEERS-fold first; the ratios it reports are the ones a user measures
-    by steering the feature with fl.steer at the strength it reports."""
+    """fl.steerable_search steers the best matches in match order, gentlest strength first, until one raises the
+    concept's words STEERS-fold: that one leads, the others keep their match order; the ratios it reports are the
+    ones a user measures by steering the feature with fl.steer at the strength it reports."""
     from featurelens.interventions import checked_search as steerable
     from featurelens.search import PROBE_PROMPTS, next_token_mass, single_token_ids
 
     analyzed._model = gemma
     plain = analyzed.search("numbers", k=6)
-    hits = fl.steerable_search(analyzed, "numbers", k=4, pool=6)
-    assert len(hits) == 4 and {h.feature for h in hits} <= {h.feature for h in plain}
+    hits = fl.steerable_search(analyzed, "numbers", k=6, pool=6)
+    assert len(hits) == 6 and {h.feature for h in hits} == {h.feature for h in plain}
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
     matched = {h.feature: h.score for h in plain}
+    best = max(matched.values())
     words = hits[0].steer_words
     assert words and all(h.steer_words == words for h in hits)
     ids = single_token_ids(gemma, words)
     assert ids and all(len(gemma.encode(gemma.tokenizer.decode([i]), prepend_bos=False)) == 1 for i in ids)
+    leaders = [h for h in hits if h.score > 1]
+    assert len(leaders) <= 1 and all(h.steer_ratio >= steerable.STEERS for h in leaders)
+    rest = [h.feature for h in hits if h.score <= 1]
+    assert rest == [h.feature for h in plain if h.feature in rest]  # the others in match order
+    # steered in match order, among the close matches, until one steered: everything before the leader was
+    # steered and did not steer; nothing after it was
+    close = [h.feature for h in plain if h.score / best >= steerable.CLOSE_MATCH]
+    by_feature = {h.feature: h for h in hits}
+    stop = close.index(leaders[0].feature) if leaders else len(close) - 1
+    assert all(by_feature[f].steer_ratio is not None for f in close[:stop + 1])
+    assert all(by_feature[f].steer_ratio < steerable.STEERS for f in close[:stop])
+    if leaders and leaders[0].steer_strength == steerable.STRENGTHS[0]:
+        assert all(by_feature[f].steer_ratio is None for f in close[stop + 1:])
     clean = next_token_mass(gemma, PROBE_PROMPTS, ids)
     for h in hits:
         assert h.match_score == pytest.approx(matched[h.feature])
-        assert h.score == pytest.approx(steerable.combined_score(h.match_score / max(matched.values()), h.steer_ratio))
-        assert (h.score >= 1) == (h.steer_ratio >= steerable.STEERS)  # the hits that steer lead
+        assert h.score == pytest.approx(steerable.checked_score(h.match_score / best, h in leaders))
+        if h.steer_ratio is None:
+            assert h.steer_strength is None and h.feature not in close[:stop + 1]
+            continue
         assert h.steer_strength in steerable.STRENGTHS
         # measured again through the user-facing context manager, on the same prompts
         top = float(analyzed.store.column("max_act")[h.feature])  # relative strength 1 = the dashboard's max

@@ -329,6 +329,28 @@ def test_search_prints_markup_like_text_as_it_is(monkeypatch, capsys):
     assert ODD2 in capsys.readouterr().out  # not bold text and an emoji
 
 
+def test_checked_search_table_marks_the_hits_it_did_not_steer(monkeypatch, capsys):
+    """The steering check stops at the first match that steers: the table shows the leader's ratio and strength,
+    and "not steered" for the hits after it (steer_ratio None), instead of failing to format None."""
+    import featurelens.analysis as analysis
+    import featurelens.interventions as interventions
+    from featurelens.search.concept import SearchHit
+
+    class Analysis:
+        model_name = "some-model"  # a model is known: the search is checked by steering
+
+    lead = SearchHit(feature=7, score=1.9, label="film", match_score=0.9, steer_ratio=8.5, steer_strength=1.0,
+                     steer_words=["film", "movie"], steer_promotes=["cinema"])
+    rest = SearchHit(feature=3, score=1.0, label="movie", match_score=1.0, steer_words=["film", "movie"])
+    monkeypatch.setattr(analysis, "open_analysis", lambda path: Analysis())
+    monkeypatch.setattr(interventions, "steerable_search", lambda *a, **kw: [lead, rest])
+    monkeypatch.setenv("COLUMNS", "400")
+    assert main(["search", "x", "movies"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "checked by steering" in out and "(1) 8.5x; cinema" in out and "not steered" in out
+    assert out.index("film") < out.index("not steered")
+
+
 def test_generate_prints_prompts_and_continuations_as_they_are(monkeypatch, capsys):
     class Model:
         def generate(self, prompts, **kw):

@@ -175,8 +175,8 @@ def test_concept_search_finds_labelled_features(client, web_data):
     assert client.get("/api/search/concept", params={"q": "x", "k": 0}).status_code == 422
     assert client.get("/api/search/concept", params={"q": "x", "dictionaries": "nope"}).status_code == 404
     assert client.get("/api/search/concept", params={"q": "x", "method": "magic"}).status_code == 422
-    # checked by steering by default: the same matches, each steered; those that raise the concept's words
-    # STEERS-fold lead (steerable.combined_score)
+    # checked by steering by default: the same matches; the first close match (in match order) that raises the
+    # concept's words STEERS-fold leads, the others keep their match order (steerable.checked_score)
     from featurelens.interventions import checked_search as steerable
 
     assert client.get("/api/search/concept", params={"q": "x", "pool": 0}).status_code == 422
@@ -186,12 +186,17 @@ def test_concept_search_finds_labelled_features(client, web_data):
     plain = {h["feature"]: h["score"] for h in hits}
     assert len(checked) == min(3, len(plain)) and {h["feature"] for h in checked} <= set(plain)
     assert [h["score"] for h in checked] == sorted((h["score"] for h in checked), reverse=True)
+    from featurelens.search import single_token_ids
+
+    if single_token_ids(web_data[1], checked[0]["steer_words"]):  # words to measure: the best match is steered
+        assert checked[0]["steer_ratio"] is not None
     for h in checked:
-        assert h["match_score"] == pytest.approx(plain[h["feature"]]) and h["steer_ratio"] > 0
-        assert h["steer_strength"] in steerable.STRENGTHS
-        assert h["score"] == pytest.approx(steerable.combined_score(h["match_score"] / max(plain.values()),
-                                                                    h["steer_ratio"]))
-        assert (h["score"] >= 1) == (h["steer_ratio"] >= steerable.STEERS)
+        assert h["match_score"] == pytest.approx(plain[h["feature"]])
+        assert h["steer_ratio"] is None or (h["steer_ratio"] > 0 and h["steer_strength"] in steerable.STRENGTHS)
+        leads = h["score"] > 1
+        assert h["score"] == pytest.approx(steerable.checked_score(h["match_score"] / max(plain.values()), leads))
+        assert not leads or h["steer_ratio"] >= steerable.STEERS
+    assert sum(h["score"] > 1 for h in checked) <= 1
 
 
 def test_search_by_text_and_by_token(client, web_data):
