@@ -501,11 +501,16 @@ def test_local_replacement_is_exact_for_small_edits(setup):
     for f in quiet:
         assert f.measured_a == pytest.approx(f.predicted_total, rel=1e-3, abs=1e-6), f.node_id
     assert res.tiers_no_crossing["a"].sign_agreement == 1.0
-    # the real model's own gradient is its first-order prediction: a 0.1% nudge in (c) moves the target by it (to
-    # its curvature: 1-3% off at a 1% nudge on these random models, 10x less at 0.1%)
-    nudge = check_graph(graph, model, tcs, k=8, scale=0.999, tiers=("c",))
-    for f in nudge.features:
-        assert f.measured == pytest.approx(f.predicted_gradient, rel=1.5e-2, abs=1e-7), f.node_id
+    # the real model's own gradient is its first-order prediction: nudges of -0.1% and +0.1% in (c) differ by it
+    # with the curvature cancelled (a one-sided nudge is off by the curvature: 1-3% at a 1% nudge on these random
+    # models, and up to 1.7% at 0.1% for a feature whose first-order effect nearly cancels). What is left, 0.1-0.2%
+    # on these models, is not curvature; its source is not pinned down yet.
+    down = check_graph(graph, model, tcs, k=8, scale=0.999, tiers=("c",))
+    up = {f.node_id: f for f in check_graph(graph, model, tcs, k=8, scale=1.001, tiers=("c",)).features}
+    for f in down.features:
+        g = up[f.node_id]
+        assert f.measured - g.measured == pytest.approx(f.predicted_gradient - g.predicted_gradient, rel=5e-3,
+                                                        abs=1e-9), f.node_id
     # the live tiers differ from the frozen one (attention, norms and the real MLPs respond)
     assert any(abs(f.measured_b - f.measured_a) > 1e-3 * abs(f.measured_a) for f in res.features)
     assert set(res.tiers) == {"a", "b", "c"}
