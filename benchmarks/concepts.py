@@ -326,6 +326,7 @@ def tune_close_match(dict_paths: list[Path], model, sets: list[str], values: lis
     method, embed_on = RANKINGS[ranking][:2]
     analyses = [(p, fl.open_analysis(p), fl.load_dictionary(p)) for p in dict_paths]
     near = {id(a): near_max_tokens(a.store, a.store.token_strings()) for _, a, _ in analyses}
+    max_act = {id(a): a.store.column("max_act") for _, a, _ in analyses}  # relative strength's scale, read once
     per_concept = []  # (concept, [(match share, best probe ratio, about)] in match order)
     for set_name in sets:
         for q in SETS[set_name]:
@@ -335,7 +336,7 @@ def tune_close_match(dict_paths: list[Path], model, sets: list[str], values: lis
                 ids = single_token_ids(model, concept_words(q, [h for _, _, h in found], get_embedder()))
             if not found:
                 continue
-            cands = [(d, h.feature, float(a.store.column("max_act")[h.feature])) for a, d, h in found]
+            cands = [(d, h.feature, float(max_act[id(a)][h.feature])) for a, d, h in found]
             ratios = [r for r, _ in steering_effects(model, cands, ids, strength=STRENGTHS[0])]
             for strength in STRENGTHS[1:]:
                 weak = [i for i, r in enumerate(ratios) if r < STEERS]
