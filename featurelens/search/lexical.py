@@ -33,6 +33,11 @@ def word_forms(w: str) -> set[str]:
     return out
 
 
+def query_words(query: str) -> list[str]:
+    """The query's own content words (3 letters or more, not stopwords), in order, each once."""
+    return list(dict.fromkeys(w for w in re.findall(r"[a-z]+", query.lower()) if len(w) >= 3 and w not in STOPWORDS))
+
+
 def terms(text: str) -> list[str]:
     return [_stem(w) for w in _TOKEN.findall(text.lower()) if w not in STOPWORDS]
 

@@ -60,8 +60,8 @@ export async function searchPage(root, parts, query) {
           out.appendChild(h("div", { class: "hit" }, featureLink(hit.dictionary, hit.feature, hit.label, hit.steer_strength),
             labelScore(hit.label_score, hit.label_clear, hit.label_score_method),
             h("span", { class: "muted", text: `  match ${fmt(hit.match_score ?? hit.score)} (${hit.method})` }),
-            hit.steer_ratio == null ? null : h("span", { class: hit.steer_ratio >= 3 ? "steer-ratio good" : "steer-ratio",
-              title: `next-token probability of the concept's words, steered at strength ${hit.steer_strength} / unsteered`,
+            hit.steer_ratio == null ? null : h("span", { class: hit.score > 1 ? "steer-ratio good" : "steer-ratio",  // over 1: the check's leader
+              title: `next-token probability of the concept's words, steered at strength ${hit.steer_strength} / unsteered (median over neutral prompts)`,
               text: `  steered: ${fmt(hit.steer_ratio, 2)}x at ${hit.steer_strength}` }),
             hit.steer_promotes && hit.steer_promotes.length ? h("span", { class: "muted steer-promotes",
               title: "the words whose next-token probability steering raised most", text: `  steering promotes: ${hit.steer_promotes.join(", ")}` }) : null,
