@@ -28,9 +28,9 @@ MIN_WORD_COS = 0.35
 def concept_words(query: str, hits: Sequence[SearchHit], embedder: Any, n: int = CONCEPT_WORDS,
                   min_cos: float | None = None) -> list[str]:
     """Words of the concept `query`: the query's own words first (`query_words`), then words drawn from the hits'
-    labels, max tokens and snippets and the query words' other forms (`word_forms`), closest to the query first, kept at cosine >=
-    min_cos (default MIN_WORD_COS). Without an embedder (None): the query's own words, and the hits' words that
-    share a stem with one of them."""
+    labels, max tokens and snippets and the query words' other forms (`word_forms`), closest to the query first,
+    kept at cosine >= min_cos (default MIN_WORD_COS). Without an embedder (None): the query's own words, and the
+    hits' words that share a stem with one of them."""
     from .lexical import query_words, terms, word_forms
 
     own = query_words(query)
