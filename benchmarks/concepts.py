@@ -350,8 +350,8 @@ def tune_check(dict_paths: list[Path], model, sets: list[str], close_values: lis
                 for st in STRENGTHS:
                     hooks = fl.Steer(d, h.feature, st, max_activation=float(max_act[id(a)][h.feature])).hooks(model)
                     probe[st] = next_token_probs(model, PROBE_PROMPTS, hooks, per_prompt=True)[:, ids].sum(1).tolist()
-                    steered = next_token_mass(model, NEUTRAL_PROMPTS, lex, [fl.Steer(d, h.feature, st)])
-                    bench[st] = steered / max(lex_clean, 1e-12)
+                    lex_steered = next_token_mass(model, NEUTRAL_PROMPTS, lex, [fl.Steer(d, h.feature, st)])
+                    bench[st] = lex_steered / max(lex_clean, 1e-12)
                 hits.append({"share": h.score / best, "about": about(near[id(a)], h.feature, CONCEPTS_LEX[q]),
                              "probe": probe, "bench": bench})
             records.append({"set": set_name, "concept": q, "probe_clean": probe_clean[:, ids].sum(1).tolist(),

@@ -59,7 +59,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fast", action="store_true",
                    help="concept search: skip the steering check. By default, where the model is known (-m, or the "
                         "model the dictionary records), the best --pool matches are steered on neutral prompts in "
-                        "match order and the first that raises the concept's words 4x or more (on the median prompt) leads the ranking")
+                        "match order and the first that raises the concept's words 4x or more (on the median "
+                        "prompt) leads the ranking")
     # the check's old opt-in flag, from before it ran by default: accepted, changes nothing
     p.add_argument("--steerable", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--pool", type=int, default=10, help="matches the steering check may steer (default 10)")

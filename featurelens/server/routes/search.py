@@ -21,8 +21,9 @@ def search_concept(state: State,
                    k: int = Query(10, ge=1, le=MAX_K),
                    method: Literal["auto", "peaks", "fused", "embedding", "lexical"] = "auto",
                    steerable: bool = Query(True, description="steer the best `pool` matches on neutral prompts in "
-                                           "match order; the first that raises the concept's words 4x or more (median prompt) leads "
-                                           "(false: the match ranking alone, without loading the model)"),
+                                           "match order; the first that raises the concept's words 4x or "
+                                           "more (median prompt) leads (false: the match ranking alone, "
+                                           "without loading the model)"),
                    pool: int = Query(10, ge=1, le=50)) -> JSONResponse:
     from ...interventions import rerank_analyses_by_steering
     from ...search import concept_search
