@@ -13,6 +13,9 @@ dictionaries given with --dict), and for each ranking of RANKINGS:
   position but BOS) on NEUTRAL_PROMPTS, at the strength the steering check chose for it (`hit.steer_strength`),
   else at the library's default: the lexicon's next-token probability mass (every single-token spelling " word",
   " Word") steered over unsteered, averaged over prompts; a concept counts when the ratio is >= 3;
+  **split-half agreement**: how much that verdict depends on the prompts chosen (`split_half_agreement`: over
+  every split of NEUTRAL_PROMPTS into two halves, the share where both halves give the same verdict), averaged
+  over concepts;
 - **fluency**: the perplexity, under the unsteered model, of 20-token continuations sampled (seed 0, T 0.7)
   with and without that steering; medians over concepts and prompts, and the median over concepts of steered /
   unsteered (the issue's goal: within 2x);
@@ -49,6 +52,7 @@ import statistics
 import sys
 import time
 from contextlib import contextmanager
+from itertools import combinations
 from pathlib import Path
 
 import torch
@@ -57,7 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import featurelens as fl  # noqa: E402
 from featurelens.interventions import rerank_analyses_by_steering  # noqa: E402
-from featurelens.search import next_token_mass as token_mass, single_token_ids  # noqa: E402
+from featurelens.search import next_token_probs, single_token_ids  # noqa: E402
 
 CONCEPTS: dict[str, list[str]] = {
     "movies and films": "film films movie movies cinema actor actors actress director hollywood starring oscar",
@@ -194,8 +198,11 @@ def lexicon_token_ids(model, lexicon: set[str]) -> list[int]:
     return single_token_ids(model, sorted(lexicon))
 
 
-def next_token_mass(model, prompts: list[str], ids: list[int], interventions=None) -> float:
-    return token_mass(model, prompts, ids, [h for it in (interventions or []) for h in it.hooks(model)])
+def prompt_masses(model, prompts: list[str], ids: list[int], interventions=None) -> list[float]:
+    """Each prompt's next-token mass of `ids`, with `interventions` (their mean is the library's
+    `next_token_mass`)."""
+    hooks = [h for it in (interventions or []) for h in it.hooks(model)]
+    return next_token_probs(model, prompts, hooks, per_prompt=True)[:, ids].sum(1).tolist()
 
 
 GEN = dict(max_new_tokens=20, temperature=0.7, seed=0, return_new_only=True)
@@ -245,12 +252,28 @@ class Steering:
         if key not in self.done:
             ids = lexicon_token_ids(self.model, lexicon)
             steer = [fl.Steer(dictionary, feature, strength, steer_bos=self.steer_bos)]
-            clean = next_token_mass(self.model, NEUTRAL_PROMPTS, ids)
-            steered = next_token_mass(self.model, NEUTRAL_PROMPTS, ids, steer)
+            clean = prompt_masses(self.model, NEUTRAL_PROMPTS, ids)
+            steered = prompt_masses(self.model, NEUTRAL_PROMPTS, ids, steer)
             ppl = fl.continuation_perplexities(self.model, NEUTRAL_PROMPTS,
                                                self.model.generate(NEUTRAL_PROMPTS, interventions=steer, **GEN))
-            self.done[key] = {"ratio": steered / max(clean, 1e-12), "ppl_steered": statistics.median(ppl)}
+            self.done[key] = {"ratio": sum(steered) / max(sum(clean), 1e-12), "ppl_steered": statistics.median(ppl),
+                              "split_half": split_half_agreement(steered, clean)}
         return self.done[key]
+
+
+def split_half_agreement(steered: list[float], clean: list[float], threshold: float = 3.0) -> float | None:
+    """How reliable "steered 3x" is on these prompts: over every split of the prompts into two halves, the share in
+    which both halves' ratios (mean mass steered / unsteered) fall on the same side of `threshold`. 1 where the
+    verdict holds whatever half of the prompts is asked, 0.5 or less where it is a coin toss; None under 4 prompts."""
+    n = len(clean)
+    if n < 4:
+        return None
+
+    def verdict(part: tuple[int, ...]) -> bool:
+        return sum(steered[i] for i in part) / max(sum(clean[i] for i in part), 1e-12) >= threshold
+
+    halves = [a for a in combinations(range(n), n // 2) if n % 2 or 0 in a]  # each split once
+    return statistics.mean(verdict(a) == verdict(tuple(i for i in range(n) if i not in a)) for a in halves)
 
 
 def rank(analyses, q: str, ranking: str, k: int, pool: int) -> tuple[list, float]:
@@ -324,7 +347,7 @@ def tune_check(dict_paths: list[Path], model, sets: list[str], close_values: lis
     strength the rule chose) for: "mean" (the mass's mean over prompts steered / unsteered) and "median" (the
     library's: the median over prompts of each prompt's ratio). For choosing the check's constants on the tuning
     concepts, never on the held-out ones. dump: the pass's records, for replaying other rules."""
-    from featurelens.interventions.checked_search import STRENGTHS
+    from featurelens.interventions.checked_search import STRENGTHS, pick_leader
     from featurelens.search import concept_words, get_embedder
     from featurelens.search.steerable import PROBE_PROMPTS, next_token_probs
 
@@ -343,14 +366,15 @@ def tune_check(dict_paths: list[Path], model, sets: list[str], close_values: lis
             if not found:
                 continue
             lex = lexicon_token_ids(model, CONCEPTS_LEX[q])
-            lex_clean = next_token_mass(model, NEUTRAL_PROMPTS, lex)
+            lex_clean = statistics.mean(prompt_masses(model, NEUTRAL_PROMPTS, lex))
             best, hits = max(found[0][2].score, 1e-12), []
             for a, d, h in found:
                 probe, bench = {}, {}
                 for st in STRENGTHS:
                     hooks = fl.Steer(d, h.feature, st, max_activation=float(max_act[id(a)][h.feature])).hooks(model)
                     probe[st] = next_token_probs(model, PROBE_PROMPTS, hooks, per_prompt=True)[:, ids].sum(1).tolist()
-                    lex_steered = next_token_mass(model, NEUTRAL_PROMPTS, lex, [fl.Steer(d, h.feature, st)])
+                    steer = [fl.Steer(d, h.feature, st)]
+                    lex_steered = statistics.mean(prompt_masses(model, NEUTRAL_PROMPTS, lex, steer))
                     bench[st] = lex_steered / max(lex_clean, 1e-12)
                 hits.append({"share": h.score / best, "about": about(near[id(a)], h.feature, CONCEPTS_LEX[q]),
                              "probe": probe, "bench": bench})
@@ -375,18 +399,11 @@ def tune_check(dict_paths: list[Path], model, sets: list[str], close_values: lis
                 for r in records:
                     hits = r["hits"]
                     eligible = [i for i, x in enumerate(hits) if x["share"] >= v]
-                    lead, best_st = None, {}
-                    for st in STRENGTHS:  # the library's loop: every eligible match at one strength, then the next
-                        for i in eligible:
-                            x = ratio(hits[i]["probe"][st], r["probe_clean"], pooling)
-                            if i not in best_st or x > best_st[i][0]:
-                                best_st[i] = (x, st)
-                            if x >= steers:
-                                lead = (i, st)
-                                break
-                        if lead:
-                            break
-                    i0, st = lead or (0, best_st.get(0, (0.0, STRENGTHS[0]))[1])
+                    lead, best_st = pick_leader(
+                        eligible, lambda i, st: ratio(hits[i]["probe"][st], r["probe_clean"], pooling),
+                        STRENGTHS, steers)
+                    i0 = 0 if lead is None else lead
+                    st = best_st[lead][1] if lead is not None else best_st.get(0, (0.0, STRENGTHS[0]))[1]
                     order = [i0] + [i for i in range(len(hits)) if i != i0]
                     p5.append(sum(hits[i]["about"] for i in order[:k]) / len(order[:k]))
                     top1.append(hits[i0]["about"])
@@ -417,6 +434,8 @@ def summarize(rows: list[dict]) -> list[dict]:
             if "ratio" in rs[0]:
                 s.update(steer_3x_fraction=statistics.mean(r["ratio"] >= 3 for r in rs),
                          median_mass_ratio=statistics.median(r["ratio"] for r in rs),
+                         split_half_agreement=statistics.mean(halves) if (halves := [
+                             r["split_half"] for r in rs if r.get("split_half") is not None]) else None,
                          median_ppl_steered=statistics.median(r["ppl_steered"] for r in rs),
                          median_ppl_ratio=statistics.median(r["ppl_steered"] / r["ppl_clean"] for r in rs),
                          median_ppl_clean=rs[0]["ppl_clean"])
@@ -426,12 +445,14 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 def table(summary: list[dict]) -> str:
     lines = ["| ranking | concepts | n | precision@5 | of attainable | top-1 | steered 3x | median ratio "
-             "| ppl steered (unsteered) | ppl steered / unsteered | search s (median) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| split-half agreement | ppl steered (unsteered) | ppl steered / unsteered | search s (median) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
-        steer = (f"{s['steer_3x_fraction']:.2f} | {s['median_mass_ratio']:.2f} | {s['median_ppl_steered']:.1f} "
+        halves = s.get("split_half_agreement")
+        steer = (f"{s['steer_3x_fraction']:.2f} | {s['median_mass_ratio']:.2f} | "
+                 f"{'–' if halves is None else format(halves, '.2f')} | {s['median_ppl_steered']:.1f} "
                  f"({s['median_ppl_clean']:.1f}) | {s['median_ppl_ratio']:.2f}") if "steer_3x_fraction" in s \
-            else "– | – | – | –"
+            else "– | – | – | – | –"
         lines.append(f"| {s['ranking']} | {s['set']} | {s['concepts']} | {s['precision_at_5']:.2f} | "
                      f"{'–' if s['attainable_precision'] is None else format(s['attainable_precision'], '.2f')} | "
                      f"{s['top1_about']:.2f} | {steer} | {s['median_search_seconds']:.2f} |")

@@ -27,7 +27,7 @@ Each steered candidate costs one forward pass over the probe prompts, so the che
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -88,6 +88,28 @@ def checked_score(match_share: float, leads: bool) -> float:
     return float(leads) + max(match_share, 0.0)
 
 
+def pick_leader(eligible: Sequence[int], ratio: Callable[[int, float], float],
+                strengths: Sequence[float] = STRENGTHS, steers: float = STEERS,
+                ) -> tuple[int | None, dict[int, tuple[float, float]]]:
+    """The check's leader rule, apart from how a ratio is measured: each of `eligible` (candidates in match
+    order) is steered at the first strength, then each at the next, and the first whose `ratio(i, strength)` is at
+    least `steers` leads. Returns (the leader, or None where none steers; each steered candidate's best
+    (ratio, strength)). One rule for the library and for benchmarks/concepts.py's replay of it.
+
+    >>> pick_leader([0, 1], lambda i, s: 5.0 * i * s, strengths=(1.0, 1.5), steers=4.0)
+    (1, {0: (0.0, 1.0), 1: (5.0, 1.0)})
+    """
+    best: dict[int, tuple[float, float]] = {}
+    for strength in strengths:  # the first match that steers at the gentler strength leads
+        for i in eligible:
+            r = ratio(i, strength)
+            if i not in best or r > best[i][0]:
+                best[i] = (r, float(strength))
+            if r >= steers:
+                return i, best
+    return None, best
+
+
 def rerank_by_steering(model: Any, query: str, candidates: Sequence[tuple[Any, SearchHit]], k: int | None = None,
                        strengths: Sequence[float] = STRENGTHS, embedder: Any = None,
                        max_activations: Sequence[float | None] | None = None,
@@ -122,27 +144,24 @@ def rerank_by_steering(model: Any, query: str, candidates: Sequence[tuple[Any, S
     shares = [m / top_match for m in matches]
     in_match_order = sorted(range(len(candidates)), key=lambda i: -shares[i])
     eligible = [i for i in in_match_order if shares[i] >= CLOSE_MATCH] if ids else []
-    best: dict[int, tuple[float, float, list[str]]] = {}  # candidate -> (ratio, strength, raised words)
-    lead = None
     clean = next_token_probs(model, PROBE_PROMPTS, per_prompt=True) if eligible else None
+    raised_at: dict[tuple[int, float], list[str]] = {}  # (candidate, strength) -> the words steering raised most
     bar = tqdm(total=len(eligible) * len(strengths), desc="steering candidates", unit="feature",
                disable=not progress, leave=False)
-    for strength in strengths:  # the first match that steers at the gentler strength leads
-        for i in eligible:
-            (r, raised), = steering_effects(model, [(candidates[i][0], candidates[i][1].feature, tops[i])], ids,
-                                            strength=strength, clean=clean)
-            bar.update(1)
-            if i not in best or r > best[i][0]:
-                best[i] = (r, strength, raised)
-            if r >= STEERS:
-                lead = i
-                break
-        if lead is not None:
-            break
+
+    def ratio(i: int, strength: float) -> float:
+        (r, raised), = steering_effects(model, [(candidates[i][0], candidates[i][1].feature, tops[i])], ids,
+                                        strength=strength, clean=clean)
+        raised_at[i, strength] = raised
+        bar.update(1)
+        return r
+
+    lead, best = pick_leader(eligible, ratio, strengths)
     bar.close()
     out = []
     for i, ((d, h), m) in enumerate(zip(candidates, matches)):
-        r, strength, raised = best.get(i, (None, None, []))
+        r, strength = best.get(i, (None, None))
+        raised = raised_at.get((i, strength), [])
         out.append((d, replace(h, score=checked_score(shares[i], i == lead), match_score=m, steer_ratio=r,
                                steer_strength=None if strength is None else float(strength), steer_words=words,
                                steer_promotes=raised)))

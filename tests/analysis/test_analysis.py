@@ -475,6 +475,27 @@ def test_steering_checked_search(gemma, analyzed):
         fl.steerable_search(analyzed, "numbers", strengths=[])
 
 
+def test_the_leader_is_the_first_match_that_steers_at_the_gentlest_strength():
+    from featurelens.interventions.checked_search import pick_leader
+
+    ratios = {(0, 1.0): 2.0, (1, 1.0): 3.0, (2, 1.0): 4.5, (0, 1.5): 9.0, (1, 1.5): 5.0, (2, 1.5): 6.0}
+    calls = []
+
+    def ratio(i, strength):
+        calls.append((i, strength))
+        return ratios[i, strength]
+
+    # match 0 steers far more at 1.5, but match 2 already steers at 1: gentler wins, and the check stops there
+    assert pick_leader([0, 1, 2], ratio, strengths=(1.0, 1.5), steers=4.0) == (2, {0: (2.0, 1.0), 1: (3.0, 1.0),
+                                                                                  2: (4.5, 1.0)})
+    assert calls == [(0, 1.0), (1, 1.0), (2, 1.0)]
+    # without match 2, the next strength is tried in match order
+    assert pick_leader([1, 0], ratio, strengths=(1.0, 1.5), steers=4.0) == (1, {1: (5.0, 1.5), 0: (2.0, 1.0)})
+    # none steers: no leader, each keeps its best ratio and where it was measured
+    assert pick_leader([0, 1], ratio, strengths=(1.0, 1.5), steers=10.0) == (None, {0: (9.0, 1.5), 1: (5.0, 1.5)})
+    assert pick_leader([], ratio) == (None, {})
+
+
 def test_concept_words_come_from_the_hits_and_fit_the_query():
     from featurelens.search import SearchHit, concept_words, get_embedder
 
