@@ -349,7 +349,7 @@ def tune_check(dict_paths: list[Path], model, sets: list[str], close_values: lis
     concepts, never on the held-out ones. dump: the pass's records, for replaying other rules."""
     from featurelens.interventions.checked_search import STRENGTHS, pick_leader
     from featurelens.search import concept_words, get_embedder
-    from featurelens.search.steerable import PROBE_PROMPTS, next_token_probs
+    from featurelens.search.steerable import PROBE_PROMPTS
 
     method, embed_on = RANKINGS[ranking][:2]
     analyses = [(p, fl.open_analysis(p), fl.load_dictionary(p)) for p in dict_paths]
