@@ -28,9 +28,12 @@ class AnalysisTimings:
         stream = self.model_forward + self.encoding + self.bookkeeping
         parts = [f"{self.tokens:,} tokens streamed"]
         if stream:
+            # a forward that another analysis ran (`SharedForward`) costs this one next to nothing: a share of it
+            # would read "75749%"
+            share = (f" (dictionary work {(self.encoding + self.bookkeeping) / self.model_forward:.0%} of the forward)"
+                     if self.model_forward >= 0.05 * stream else "")
             parts.append(f"model forward {self.model_forward:.1f}s, encoding {self.encoding:.1f}s, "
-                         f"top-k bookkeeping {self.bookkeeping:.1f}s (dictionary work "
-                         f"{(self.encoding + self.bookkeeping) / max(self.model_forward, 1e-9):.0%} of the forward)")
+                         f"top-k bookkeeping {self.bookkeeping:.1f}s{share}")
         parts.append(f"checkpoints {self.checkpointing:.1f}s, logit lens {self.logit_lens:.1f}s, decoder similarity "
                      f"{self.similarity:.1f}s, writing {self.writing:.1f}s, labels {self.labels:.1f}s, "
                      f"embeddings {self.embedding:.1f}s")

@@ -141,9 +141,11 @@ DEMO_STEPS = (
 STEP_NAMES = tuple(s.name for s in DEMO_STEPS)
 
 # Seconds on a 2-core CPU (measured: the model's forward ~650 tokens/s through all 18 layers, a width-1024 skip
-# transcoder step ~0.04 ms a token and layer, the sentence embedder ~110 features/s), for the time-left estimate
-# before a step has run; it is rescaled by how fast the finished steps actually went.
+# transcoder step ~0.04 ms a token and layer; in the analysis, labels and their scores ~80 features/s and search
+# embeddings ~150 features/s), for the time-left estimate before a step has run; it is rescaled by how fast the
+# finished steps actually went.
 _FORWARD = 650.0  # tokens/s, all layers
+_LABELS, _EMBED = 80.0, 150.0  # features/s
 _CLT_STEP = 4.6  # a CLT row over a per-layer set's: the default budget's CLT trained in 18:28 (dead latents' AuxK too)
 
 
@@ -157,9 +159,12 @@ _COST = {"model": lambda b: 40.0, "corpus": lambda b: 15.0,
          "saes": lambda b: sum(b.sae_tokens * (_upto(l) / _FORWARD + 1e-4) for l in b.sae_layers),
          "evaluate": lambda b: (len(b.sae_layers) + 1) * b.eval_tokens / _FORWARD + (len(b.sae_layers) + 1)
          * 1.5 * b.ce_contexts * b.ctx_len / 180,
-         "analyze": lambda b: sum(b.analysis_tokens * _upto(l) / _FORWARD + b.sae_width / 110 for l in b.sae_layers)
-         + sum(b.transcoder_analysis_tokens * _upto(l) / _FORWARD + 4 for l in range(18))
-         + (18 * b.transcoder_width / 110 if b.transcoder_embed else 0),
+         # one forward for the SAEs and one for the transcoder layers (`SharedForward`), then per feature
+         "analyze": lambda b: b.analysis_tokens * _upto(max(b.sae_layers, default=-1)) / _FORWARD
+         + b.transcoder_analysis_tokens / _FORWARD
+         + (len(b.sae_layers) * b.sae_width + 18 * b.transcoder_width) / _LABELS
+         + (len(b.sae_layers) * b.sae_width + (18 * b.transcoder_width if b.transcoder_embed else 0)) / _EMBED
+         + 20 * len(b.sae_layers) + 3 * 18,  # logit lens, writing
          "graphs": lambda b: len(b.prompts) * (10 + b.max_feature_nodes / 40)}
 
 
@@ -269,6 +274,10 @@ class _Demo:
     def sae_dir(self, layer: int) -> Path:
         return self.dict_root / f"demo-sae-resid-post-{layer}"
 
+    @staticmethod
+    def sae_hook(layer: int) -> str:
+        return f"blocks.{layer}.hook_resid_post"
+
     @property
     def model(self) -> Any:
         if self._model is None:
@@ -372,7 +381,7 @@ class _Demo:
                 (out / "checkpoints").glob("step-*.pt")) and "saes" not in self.force
             if sae_done:  # this budget's SAE finished before the interruption
                 continue
-            train_sae(self.model, f"blocks.{layer}.hook_resid_post", arch="topk", k=b.sae_k, width=b.sae_width,
+            train_sae(self.model, self.sae_hook(layer), arch="topk", k=b.sae_k, width=b.sae_width,
                       tokens=b.sae_tokens, out=out, **self._train_kwargs("saes", out))
         return {"paths": [str(self.sae_dir(layer)) for layer in b.sae_layers], "saes": len(b.sae_layers)}
 
@@ -436,8 +445,11 @@ class _Demo:
         from ..analysis import SharedForward
 
         b = self.budget
+        # the SAEs read the same contexts too: one forward (to the deepest) records every SAE's hook for all of them
+        shared = SharedForward(self.model, [self.sae_hook(layer) for layer in b.sae_layers])
         for layer in b.sae_layers:
-            self._analyze_one(self.sae_dir(layer), b.analysis_tokens)
+            self._analyze_one(self.sae_dir(layer), b.analysis_tokens, model=shared)
+        del shared  # its record (every batch of every hook) is not needed past the SAEs
         tcs = self._replacement()
         # the 18 layers read the same contexts: one forward pass records every layer's input for all of them
         shared = SharedForward(self.model, [tcs.input_hook(layer) for layer in tcs.layers])

@@ -587,3 +587,13 @@ def test_cli(analyzed, tmp_path, capsys):
     assert "exactly one of" in capsys.readouterr().err
     assert main(["search", str(tmp_path), "numbers"]) == 2
     assert "has not been analyzed" in capsys.readouterr().err
+
+
+def test_timings_summary_gives_the_dictionary_share_only_of_a_forward_it_ran():
+    from featurelens.analysis.timings import AnalysisTimings
+
+    own = AnalysisTimings(model_forward=60.0, encoding=6.0, bookkeeping=12.0, tokens=150_000).summary()
+    assert "dictionary work 30% of the forward" in own
+    # a transcoder layer answered from a `SharedForward` record: its forward took no time of its own
+    shared = AnalysisTimings(model_forward=0.001, encoding=0.2, bookkeeping=0.4, tokens=10_112).summary()
+    assert "model forward 0.0s" in shared and "of the forward" not in shared
