@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import featurelens as fl  # noqa: E402
-from concepts import GEN, NEUTRAL_PROMPTS, demo_dictionaries, lexicon_token_ids, next_token_mass  # noqa: E402
+from concepts import GEN, NEUTRAL_PROMPTS, demo_dictionaries, lexicon_token_ids, prompt_masses  # noqa: E402
 
 
 def word_features(analysis, min_count: int = 3, seed: int = 0) -> list[tuple[int, set[str]]]:
@@ -70,11 +70,11 @@ def main(argv: list[str] | None = None) -> int:
             ids = lexicon_token_ids(model, lex)
             if not ids:
                 continue
-            clean = next_token_mass(model, NEUTRAL_PROMPTS, ids)
+            clean = statistics.mean(prompt_masses(model, NEUTRAL_PROMPTS, ids))
             line = []
             for s in strengths:
                 steer = [fl.Steer(d, f, s)]
-                ratio = next_token_mass(model, NEUTRAL_PROMPTS, ids, steer) / max(clean, 1e-12)
+                ratio = statistics.mean(prompt_masses(model, NEUTRAL_PROMPTS, ids, steer)) / max(clean, 1e-12)
                 ppl = statistics.median(fl.continuation_perplexities(model, NEUTRAL_PROMPTS,
                                                      model.generate(NEUTRAL_PROMPTS, interventions=steer, **GEN)))
                 results[s].append((ratio, ppl))
