@@ -371,8 +371,9 @@ def tune_check(dict_paths: list[Path], model, sets: list[str], close_values: lis
             for a, d, h in found:
                 probe, bench = {}, {}
                 for st in STRENGTHS:
-                    hooks = fl.Steer(d, h.feature, st, max_activation=float(max_act[id(a)][h.feature])).hooks(model)
-                    probe[st] = next_token_probs(model, PROBE_PROMPTS, hooks, per_prompt=True)[:, ids].sum(1).tolist()
+                    top = float(max_act[id(a)][h.feature])
+                    probe[st] = prompt_masses(model, PROBE_PROMPTS, ids,
+                                              [fl.Steer(d, h.feature, st, max_activation=top)])
                     steer = [fl.Steer(d, h.feature, st)]
                     lex_steered = statistics.mean(prompt_masses(model, NEUTRAL_PROMPTS, lex, steer))
                     bench[st] = lex_steered / max(lex_clean, 1e-12)
