@@ -25,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "transcoder (trained on half the rows; more faithful to the real model, see docs/benchmarks.md)")
     common.add(p, "device")
     p.add_argument("--force", action="append", default=[], choices=STEP_NAMES, metavar="STEP",
-                   help=f"redo this step even if it is done (repeatable): {', '.join(STEP_NAMES)}")
+                   help=f"redo this step even if it is done, and the steps that build on it (repeatable): "
+                        f"{', '.join(STEP_NAMES)}")
     p.add_argument("--no-serve", action="store_true", help="stop after the last step instead of serving the web app")
     add_server_args(p)
     p.set_defaults(func=cmd_demo)

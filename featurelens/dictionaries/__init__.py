@@ -29,7 +29,7 @@ from .protocol import Transcoders
 from .sae import (ARCHITECTURES, DictionaryConfig, FeatureIndexError, LayerError, SparseDictionary, TranscoderSet,
                   check_feature_index)
 from .splice import splice_hooks
-from .train import train_clt, train_sae, train_transcoders
+from .train import train_clt, train_sae, train_saes, train_transcoders
 from .train_config import TrainConfig
 
 __all__ = [
@@ -39,5 +39,5 @@ __all__ = [
     "FeatureIndexError", "LayerError", "Learner", "SparseDictionary", "TrainConfig", "TranscoderSet", "Transcoders", "check_fits",
     "check_feature_index", "evaluate_dictionary", "iterate_tensors", "load_dictionary", "model_batches",
     "reconstruction_metrics", "run_training", "save_dictionary", "save_transcoder_set", "splice_hooks",
-    "splice_metrics", "train_sae", "train_transcoders",
+    "splice_metrics", "train_sae", "train_saes", "train_transcoders",
 ]

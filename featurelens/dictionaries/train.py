@@ -1,13 +1,14 @@
-"""From a model and a hook to a trained, saved dictionary: `train_sae`, `train_transcoders` and `train_clt`.
+"""From a model and a hook to a trained, saved dictionary: `train_sae` (`train_saes`), `train_transcoders`, `train_clt`.
 
     sae = fl.train_sae(model, hook="blocks.6.hook_resid_post", arch="topk", k=32, width=8192,
                        tokens=2_000_000, out="~/sae-l6")
+    saes = fl.train_saes(model, {"blocks.4.hook_resid_post": "~/sae-l4", "blocks.8.hook_resid_post": "~/sae-l8"})
     tcs = fl.train_transcoders(model, layers="all", arch="topk", k=32, width=4096, tokens=1_000_000, out="~/tc")
     clt = fl.train_clt(model, layers="all", arch="batchtopk", k=16, width=2048, tokens=2_000_000, out="~/clt")
 
 Activations come from `batches.model_batches` over the training split of a corpus (BOS positions left out), in
 chunks of contexts whose order is fixed by the seed, so a resumed run skips exactly the rows it already trained on.
-One forward pass feeds every dictionary of a run (all layers' transcoders at once). The learners are in `learner`,
+One forward pass feeds every dictionary of a run (all layers' transcoders at once, several SAEs). The learners are in `learner`,
 the loop in `loop.run_training`, the checkpoints in `checkpoints`.
 """
 
@@ -17,7 +18,7 @@ import contextlib
 import dataclasses
 import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -161,27 +162,70 @@ def train_sae(model: Any, hook: str, *, arch: str = "topk", k: int | None = None
     by `write_activation_cache` / `featurelens cache-activations`) reads activations and contexts from a cache
     instead of running the model. on_progress: called with a `ProgressEvent` (tokens trained on) after every step.
     Under torchrun every rank calls this: the run is data parallel (see `distributed`, TrainConfig.shards).
+    `train_saes` trains several hooks' SAEs on one forward pass.
+
+    >>> sae = fl.train_sae(model, "blocks.6.hook_resid_post", width=4096, tokens=250_000, out="~/sae-l6")
     """
-    d = _check_hook(model, hook)
+    out = Path(out).expanduser() if out is not None else _default_out(model, f"{hook}-{arch}-{width}")
+    return train_saes(model, {hook: out}, arch=arch, k=k, width=width, tokens=tokens, lr=lr, batch_size=batch_size,
+                      source=source, ctx_len=ctx_len, resume=resume, overwrite=overwrite, progress=progress,
+                      seed=seed, checkpoint_every=checkpoint_every, contexts=contexts, on_progress=on_progress,
+                      from_cache=from_cache, **options)[0]
+
+
+def train_saes(model: Any, outs: Mapping[str, str | Path], *, arch: str = "topk", k: int | None = None,
+               width: int = 8192, tokens: int = 2_000_000, lr: float | None = None, batch_size: int = 4096,
+               source: Any = "nlp-corpus", ctx_len: int = 128, resume: bool = False, overwrite: bool = False,
+               progress: bool = True, seed: int = 0, checkpoint_every: int | None = None,
+               contexts: torch.Tensor | None = None, on_progress: OnProgress | None = None,
+               from_cache: str | Path | None = None, **options: Any) -> list[SparseDictionary]:
+    """Train one SAE per hook of `outs` ({hook: its out directory}) on one activation stream; returns them in order.
+
+    One forward pass (to the deepest hook) feeds every SAE, so two SAEs at layers 4 and 8 cost the forward of the
+    layer-8 one alone. Each SAE is the one `train_sae` trains on its hook with the same settings (same initial weights,
+    same rows in the same order). The run's checkpoints live in the first out directory; resume=True continues it.
+    The other arguments are `train_sae`'s.
+
+    >>> sae4, sae8 = fl.train_saes(model, {"blocks.4.hook_resid_post": "~/sae-l4",
+    ...                                     "blocks.8.hook_resid_post": "~/sae-l8"}, width=4096, tokens=250_000)
+    """
+    if not outs:
+        raise InputError("train_saes needs at least one hook and its out directory")
+    hooks = list(outs)
+    dirs = [Path(o).expanduser() for o in outs.values()]
+    if len(set(dirs)) < len(dirs):
+        raise InputError(f"each SAE needs an out directory of its own; got {[str(d) for d in dirs]}")
+    widths = [_check_hook(model, h) for h in hooks]
     tcfg = _train_options(arch, k, width, tokens, lr, batch_size, seed, checkpoint_every, options)
     _per_layer_transcoders_only(tcfg, "an SAE")
-    out = Path(out).expanduser() if out is not None else _default_out(model, f"{hook}-{arch}-{width}")
-    _prepare_out(out, resume, overwrite)
-    acts, contexts, source, ctx_len = _activations(model, [hook], contexts, source, ctx_len, progress, from_cache)
-    torch.manual_seed(seed)
-    cfg = DictionaryConfig(d_in=d, d_sae=width, arch=arch, k=tcfg.k, hook_name=hook, model_name=model.name,
-                           metadata={"context_size": ctx_len, "dataset_path": str(source), "prepend_bos": True})
-    learner = Learner(hook, cfg, tcfg, device=model.device)
-    batches = _shard_batches(acts, [hook], contexts, tcfg, d)
-    res = run_training([learner], batches, tcfg, out, resume=resume, progress=progress,
-                       desc=f"{arch} SAE {hook}", on_progress=on_progress)
-    sae = learner.export()
+    _prepare_out(dirs[0], resume, overwrite)
+    # the run's checkpoints are in the first directory; a run stopped while saving may have written some others
+    resuming = resume and any((dirs[0] / "checkpoints").rglob("step-*.pt"))
+    for d in dirs[1:]:
+        _prepare_out(d, False, overwrite or resuming)
+    acts, contexts, source, ctx_len = _activations(model, hooks, contexts, source, ctx_len, progress, from_cache)
+    learners = []
+    for hook, d in zip(hooks, widths):
+        torch.manual_seed(seed)  # each SAE starts where it would alone
+        cfg = DictionaryConfig(d_in=d, d_sae=width, arch=arch, k=tcfg.k, hook_name=hook, model_name=model.name,
+                               metadata={"context_size": ctx_len, "dataset_path": str(source), "prepend_bos": True})
+        learners.append(Learner(hook, cfg, tcfg, device=model.device))
+    batches = _shard_batches(acts, hooks, contexts, tcfg, sum(widths))
+    desc = f"{arch} SAE {hooks[0]}" if len(hooks) == 1 else f"{arch} SAEs x{len(hooks)}"
+    res = run_training(learners, batches, tcfg, dirs[0], resume=resume, progress=progress, desc=desc,
+                       on_progress=on_progress)
+    saes = []
+    for learner, out in zip(learners, dirs):
+        sae = learner.export()
+        meta = _run_metadata(model, source, ctx_len, tcfg, res, learner)
+        if dist.is_main():
+            save_dictionary(sae, out, meta)
+        sae.stats, sae.source = meta, out
+        saes.append(sae)
     if dist.is_main():
-        save_dictionary(sae, out, _run_metadata(model, source, ctx_len, tcfg, res, learner))
-        clear_checkpoints(out)
+        clear_checkpoints(dirs[0])
     dist.barrier()
-    sae.stats, sae.source = _run_metadata(model, source, ctx_len, tcfg, res, learner), out
-    return sae
+    return saes
 
 
 def _parse_layers(layers: "str | int | Sequence[int]", n_layers: int) -> list[int]:

@@ -142,10 +142,12 @@ STEP_NAMES = tuple(s.name for s in DEMO_STEPS)
 
 # Seconds on a 2-core CPU (measured: the model's forward ~650 tokens/s through all 18 layers, a width-1024 skip
 # transcoder step ~0.04 ms a token and layer; in the analysis, labels and their scores ~80 features/s and search
-# embeddings ~150 features/s), for the time-left estimate before a step has run; it is rescaled by how fast the
+# embeddings ~150 features/s, 4-6x that for the transcoder layers, whose windows repeat from layer to layer: the
+# embedder encodes each once), for the time-left estimate before a step has run; it is rescaled by how fast the
 # finished steps actually went.
 _FORWARD = 650.0  # tokens/s, all layers
 _LABELS, _EMBED = 80.0, 150.0  # features/s
+_TC_LABELS, _TC_EMBED = 350.0, 850.0  # features/s, the transcoder layers (analysed on the same tokens)
 _CLT_STEP = 4.6  # a CLT row over a per-layer set's: the default budget's CLT trained in 18:28 (dead latents' AuxK too)
 
 
@@ -156,15 +158,16 @@ def _upto(layer: int) -> float:
 _COST = {"model": lambda b: 40.0, "corpus": lambda b: 15.0,
          "transcoders": lambda b: b.transcoder_tokens * 18 * 4e-5 * b.transcoder_width / 1024
          * (_CLT_STEP if b.replacement == "clt" else 1.0) + b.transcoder_tokens / b.transcoder_reuse / _FORWARD,
-         "saes": lambda b: sum(b.sae_tokens * (_upto(l) / _FORWARD + 1e-4) for l in b.sae_layers),
+         # one forward to the deepest SAE's layer feeds them all (`train_saes`)
+         "saes": lambda b: b.sae_tokens * (_upto(max(b.sae_layers, default=-1)) / _FORWARD + 1e-4 * len(b.sae_layers)),
          "evaluate": lambda b: (len(b.sae_layers) + 1) * b.eval_tokens / _FORWARD + (len(b.sae_layers) + 1)
          * 1.5 * b.ce_contexts * b.ctx_len / 180,
          # one forward for the SAEs and one for the transcoder layers (`SharedForward`), then per feature
          "analyze": lambda b: b.analysis_tokens * _upto(max(b.sae_layers, default=-1)) / _FORWARD
          + b.transcoder_analysis_tokens / _FORWARD
-         + (len(b.sae_layers) * b.sae_width + 18 * b.transcoder_width) / _LABELS
-         + (len(b.sae_layers) * b.sae_width + (18 * b.transcoder_width if b.transcoder_embed else 0)) / _EMBED
-         + 20 * len(b.sae_layers) + 3 * 18,  # logit lens, writing
+         + len(b.sae_layers) * b.sae_width * (1 / _LABELS + 1 / _EMBED)
+         + 18 * b.transcoder_width * (1 / _TC_LABELS + (1 / _TC_EMBED if b.transcoder_embed else 0))
+         + 35 * len(b.sae_layers) + 5 * 18,  # logit lens, dashboards, writing
          "graphs": lambda b: len(b.prompts) * (10 + b.max_feature_nodes / 40)}
 
 
@@ -175,6 +178,16 @@ def step_keys(budget: DemoBudget) -> dict[str, str]:
         ident = {"reads": {f: getattr(budget, f) for f in s.reads}, "after": [keys[a] for a in s.after]}
         keys[s.name] = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
     return keys
+
+
+def with_later_steps(force: "set[str] | list[str] | tuple[str, ...]") -> set[str]:
+    """The steps to redo when `force` is redone: those, and every step that builds on one of them (retrained SAEs
+    make their evaluation and analyses stale; the retraining even deletes the old analyses)."""
+    out = set(force)
+    for s in DEMO_STEPS:  # in order: a step's `after` comes before it
+        if any(a in out for a in s.after):
+            out.add(s.name)
+    return out
 
 
 def demo_dir(root: Path | None = None) -> Path:
@@ -239,7 +252,7 @@ def run_demo(budget: DemoBudget | None = None, *, quick: bool = False, scale: fl
     budget: what to run (default: `DemoBudget.preset(quick, scale, replacement)`).
     replacement: "transcoders" (per-layer skip transcoders, in demo-transcoders/) or "clt" (a cross-layer
         transcoder, in demo-clt/), when no budget is given.
-    force: step names to redo even when their record matches.
+    force: step names to redo even when their record matches (and the steps that build on them).
 
     >>> report = run_demo(quick=True)   # doctest: +SKIP
     >>> report.steps["graphs"]["summary"]["graphs"]   # doctest: +SKIP
@@ -252,7 +265,8 @@ def run_demo(budget: DemoBudget | None = None, *, quick: bool = False, scale: fl
     bad = [f for f in force if f not in STEP_NAMES]
     if bad:
         raise InputError(f"unknown demo step(s) {', '.join(map(repr, bad))}; the steps are {', '.join(STEP_NAMES)}")
-    return _Demo(budget, device, set(force), progress, log or (lambda m: print(m, file=sys.stderr, flush=True))).run()
+    return _Demo(budget, device, with_later_steps(force), progress,
+                 log or (lambda m: print(m, file=sys.stderr, flush=True))).run()
 
 
 class _Demo:
@@ -372,18 +386,18 @@ class _Demo:
                 "tokens": stats.get("tokens_trained"), "steps": stats.get("steps")}
 
     def _step_saes(self) -> dict[str, Any]:
-        from ..dictionaries import train_sae
+        from ..dictionaries import train_saes
 
         b = self.budget
-        for layer in b.sae_layers:
-            out = self.sae_dir(layer)
-            sae_done = (out / "cfg.json").is_file() and self._started_same("saes") and not any(
-                (out / "checkpoints").glob("step-*.pt")) and "saes" not in self.force
-            if sae_done:  # this budget's SAE finished before the interruption
-                continue
-            train_sae(self.model, self.sae_hook(layer), arch="topk", k=b.sae_k, width=b.sae_width,
-                      tokens=b.sae_tokens, out=out, **self._train_kwargs("saes", out))
-        return {"paths": [str(self.sae_dir(layer)) for layer in b.sae_layers], "saes": len(b.sae_layers)}
+        outs = {self.sae_hook(layer): self.sae_dir(layer) for layer in b.sae_layers}
+        first = next(iter(outs.values()), None)  # where the run keeps its checkpoints
+        # one run trains them all and saves them together: all finished, or the run is to do (or to resume)
+        done = all((out / "cfg.json").is_file() for out in outs.values()) and self._started_same("saes") \
+            and not any((first / "checkpoints").glob("step-*.pt")) and "saes" not in self.force if first else True
+        if not done:  # one forward pass (to the deepest layer) feeds every SAE
+            train_saes(self.model, outs, arch="topk", k=b.sae_k, width=b.sae_width, tokens=b.sae_tokens,
+                       **self._train_kwargs("saes", first))
+        return {"paths": [str(p) for p in outs.values()], "saes": len(outs)}
 
     def _replacement(self) -> Any:
         """The trained replacement model (a TranscoderSet or a CrossLayerTranscoder), next to the model."""

