@@ -47,8 +47,9 @@ __all__ += [
 
 # Sparse dictionaries: SAEs and transcoders (train, evaluate, save and load in SAELens's layout).
 from .dictionaries import (  # noqa: E402
-    CorruptDictionaryError, DictionaryConfig, DictionaryMetrics, SparseDictionary, TranscoderSet, evaluate_dictionary,
-    load_dictionary, save_dictionary, train_sae, train_saes, train_transcoders,
+    CorruptDictionaryError, DictionaryConfig, DictionaryMetrics, SparseDictionary, TranscoderSet,
+    evaluate_dictionaries, evaluate_dictionary, load_dictionary, save_dictionary, train_sae, train_saes,
+    train_transcoders,
 )
 from .dictionaries import (  # noqa: E402  (cross-layer transcoders, circuit-tracer's layout)
     CLTConfig, CrossLayerTranscoder, load_circuit_tracer, save_circuit_tracer, train_clt,
@@ -57,7 +58,8 @@ from .dictionaries import (  # noqa: E402  (cross-layer transcoders, circuit-tra
 __all__ += ["CLTConfig", "CrossLayerTranscoder", "load_circuit_tracer", "save_circuit_tracer", "train_clt"]
 __all__ += [
     "CorruptDictionaryError", "DictionaryConfig", "DictionaryMetrics", "SparseDictionary", "TranscoderSet",
-    "evaluate_dictionary", "load_dictionary", "save_dictionary", "train_sae", "train_saes", "train_transcoders",
+    "evaluate_dictionaries", "evaluate_dictionary", "load_dictionary", "save_dictionary", "train_sae", "train_saes",
+    "train_transcoders",
 ]
 
 # Feature analysis: dashboards, logit lens, labels, and search by concept, text and output token.

@@ -18,7 +18,7 @@ MLP at once) and `evaluate` (`evaluate_dictionary`); `formats` (every file layou
 from .batches import iterate_tensors, model_batches
 from .clt import CLTConfig, CrossLayerTranscoder
 from .compat import DictionaryModelMismatchError, check_fits
-from .evaluate import evaluate_dictionary
+from .evaluate import evaluate_dictionaries, evaluate_dictionary
 from .formats import (CorruptDictionaryError, load_circuit_tracer, load_clt, load_dictionary, save_circuit_tracer,
                       save_clt, save_dictionary, save_transcoder_set)
 from .learner import Learner
@@ -37,7 +37,8 @@ __all__ = [
     "save_circuit_tracer", "save_clt", "train_clt",
     "ARCHITECTURES", "CorruptDictionaryError", "DictionaryConfig", "DictionaryMetrics", "DictionaryModelMismatchError",
     "FeatureIndexError", "LayerError", "Learner", "SparseDictionary", "TrainConfig", "TranscoderSet", "Transcoders", "check_fits",
-    "check_feature_index", "evaluate_dictionary", "iterate_tensors", "load_dictionary", "model_batches",
+    "check_feature_index", "evaluate_dictionaries", "evaluate_dictionary", "iterate_tensors", "load_dictionary",
+    "model_batches",
     "reconstruction_metrics", "run_training", "save_dictionary", "save_transcoder_set", "splice_hooks",
     "splice_metrics", "train_sae", "train_saes", "train_transcoders",
 ]

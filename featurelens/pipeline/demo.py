@@ -160,8 +160,9 @@ _COST = {"model": lambda b: 40.0, "corpus": lambda b: 15.0,
          * (_CLT_STEP if b.replacement == "clt" else 1.0) + b.transcoder_tokens / b.transcoder_reuse / _FORWARD,
          # one forward to the deepest SAE's layer feeds them all (`train_saes`)
          "saes": lambda b: b.sae_tokens * (_upto(max(b.sae_layers, default=-1)) / _FORWARD + 1e-4 * len(b.sae_layers)),
-         "evaluate": lambda b: (len(b.sae_layers) + 1) * b.eval_tokens / _FORWARD + (len(b.sae_layers) + 1)
-         * 1.5 * b.ce_contexts * b.ctx_len / 180,
+         # one pass for every dictionary's reconstruction (`evaluate_dictionaries`), then its spliced CE passes
+         "evaluate": lambda b: 1.3 * b.eval_tokens / _FORWARD + (len(b.sae_layers) + 1)
+         * 1.5 * b.ce_contexts * b.ctx_len / 120,
          # one forward for the SAEs and one for the transcoder layers (`SharedForward`), then per feature
          "analyze": lambda b: b.analysis_tokens * _upto(max(b.sae_layers, default=-1)) / _FORWARD
          + b.transcoder_analysis_tokens / _FORWARD
@@ -413,14 +414,17 @@ class _Demo:
 
     def _step_evaluate(self) -> dict[str, Any]:
         from ..data import load_contexts
-        from ..dictionaries import evaluate_dictionary
+        from ..dictionaries import evaluate_dictionaries
 
         b = self.budget
         tcs, saes = self._dictionaries()
         contexts = load_contexts(self.model, "nlp-corpus", b.ctx_len, "test", progress=False)
-        kw = dict(tokens=b.eval_tokens, ce_contexts=b.ce_contexts, contexts=contexts, progress=self.progress)
-        # all layers spliced at once; each layer alone would cost two full forwards (logits included) per layer
-        per_layer = evaluate_dictionary(self.model, tcs, per_layer_ce=False, **kw)
+        # one pass records every dictionary's hooks; the transcoders spliced all at once (each layer alone would
+        # cost two full forwards, logits included, per layer)
+        named = {"transcoders": tcs, **{f"sae {layer}": sae for layer, sae in saes.items()}}
+        got = evaluate_dictionaries(self.model, named, tokens=b.eval_tokens, ce_contexts=b.ce_contexts,
+                                    contexts=contexts, per_layer_ce=False, progress=self.progress)
+        per_layer = got["transcoders"]
         atomic_write_json(self.tc_dir / "eval.json", {str(k): m.to_dict() for k, m in per_layer.items()})
         for layer, m in per_layer.items():
             if layer != "all":  # a CLT's layer_<layer> folder holds only what is about that layer's features
@@ -432,8 +436,8 @@ class _Demo:
         summary["KL"] = round(every.kl_div, 4)
         evs = [m.explained_variance for k, m in per_layer.items() if k != "all"]
         summary["transcoder EV min"] = round(min(evs), 4)
-        for layer, sae in saes.items():
-            m = evaluate_dictionary(self.model, sae, **kw)
+        for layer in saes:
+            m = got[f"sae {layer}"]
             atomic_write_json(self.sae_dir(layer) / "eval.json", m.to_dict())
             summary[f"SAE {layer} EV"] = round(m.explained_variance, 4)
             summary[f"SAE {layer} CE recovered"] = round(m.ce_loss_recovered, 4)

@@ -920,3 +920,33 @@ def test_saes_trained_on_one_stream_equal_each_trained_alone_and_resume_together
         fl.train_saes(tiny, outs, **kw)
     with pytest.raises(InputError, match="an out directory of its own"):
         fl.train_saes(tiny, {hooks[0]: tmp_path / "x", hooks[1]: tmp_path / "x"}, **kw)
+
+
+def test_dictionaries_evaluated_together_get_the_figures_each_gets_alone(tiny, contexts):
+    tset = random_set(skip=True, arch="topk", seed=3)
+    saes = {}
+    for i, hook in enumerate(["blocks.0.hook_resid_post", "blocks.2.hook_resid_post"]):
+        torch.manual_seed(10 + i)
+        sae = SparseDictionary(DictionaryConfig(d_in=D, d_sae=24, arch="topk", k=4, hook_name=hook,
+                                                model_name="tiny-random"))
+        with torch.no_grad():
+            for p in sae.parameters():
+                p.copy_(torch.randn(p.shape) * 0.3)
+        saes[f"sae {i}"] = sae.eval()
+    clt = random_clt(arch="jumprelu")
+    kw = dict(contexts=contexts[:6], tokens=300, ce_contexts=3, progress=False)
+    together = fl.evaluate_dictionaries(tiny, {"set": tset, **saes, "clt": clt}, per_layer_ce=False, **kw)
+    assert list(together) == ["set", "sae 0", "sae 1", "clt"]
+    alone = {"set": fl.evaluate_dictionary(tiny, tset, per_layer_ce=False, **kw),
+             "clt": fl.evaluate_dictionary(tiny, clt, per_layer_ce=False, **kw),
+             **{name: fl.evaluate_dictionary(tiny, sae, **kw) for name, sae in saes.items()}}
+    for name in ("set", "clt"):
+        assert set(together[name]) == set(alone[name]) == {0, 1, 2, "all"}
+    pairs = [(f"{name} {key}", together[name][key], alone[name][key])
+             for name in ("set", "clt") for key in alone[name]]
+    pairs += [(name, together[name], alone[name]) for name in saes]
+    for what, got, want in pairs:
+        for field, value in want.to_dict().items():
+            # nan_ok: a figure an evaluation does not fill in (CE of a layer whose CE was not measured)
+            assert got.to_dict()[field] == pytest.approx(value, rel=1e-5, abs=1e-7, nan_ok=True), (what, field)
+    assert together["sae 1"].ce_loss_recovered != pytest.approx(together["sae 0"].ce_loss_recovered)
