@@ -77,6 +77,12 @@ def check_resumable(state: dict[str, Any], tcfg: TrainConfig, learners: list[Lea
                          "use the same settings, or start over with overwrite=True (--overwrite)")
 
 
+def has_checkpoints(out: Path) -> bool:
+    """Whether <out>/checkpoints holds a checkpoint (of the whole run, or of a layer group's): an unfinished run."""
+    ckdir = out / "checkpoints"
+    return ckdir.is_dir() and any(ckdir.rglob("step-*.pt"))
+
+
 def clear_checkpoints(out: Path) -> None:
     ckdir = out / "checkpoints"
     if ckdir.is_dir():

@@ -57,19 +57,18 @@ def evaluate_dictionaries(model: Any, dictionaries: Mapping[str, Any], *, tokens
     """
     kw = dict(tokens=tokens, ce_contexts=ce_contexts, source=source, ctx_len=ctx_len, dense_threshold=dense_threshold,
               batch_size=batch_size, per_layer_ce=per_layer_ce, progress=progress)
-    results: dict[str, Any] = {}
-    shared = {}
-    for name, dictionary in dictionaries.items():
-        if isinstance(dictionary, Transcoders) and not isinstance(dictionary, TranscoderSet):
-            results[name] = evaluate_replacement(model, dictionary, contexts=contexts, **kw)
-        else:
-            if isinstance(dictionary, TranscoderSet):
-                check_fits(model, dictionary)  # model, layers, hooks and widths, naming what does not fit
-            shared[name] = dictionary
+    # a cross-layer transcoder is measured as a replacement model; the others share the passes below
+    own = {name: d for name, d in dictionaries.items()
+           if isinstance(d, Transcoders) and not isinstance(d, TranscoderSet)}
+    shared = {name: d for name, d in dictionaries.items() if name not in own}
+    for dictionary in shared.values():
+        if isinstance(dictionary, TranscoderSet):
+            check_fits(model, dictionary)  # model, layers, hooks and widths, naming what does not fit
+    if contexts is None:  # once, for every dictionary
+        contexts = load_contexts(model, source, ctx_len, "test", progress=progress)
+    results: dict[str, Any] = {name: evaluate_replacement(model, d, contexts=contexts, **kw) for name, d in own.items()}
     if not shared:
         return results
-    if contexts is None:
-        contexts = load_contexts(model, source, ctx_len, "test", progress=progress)
     # (name, layer or None, dictionary): a transcoder set's layers are members of their own
     members = [(name, key, d) for name, dictionary in shared.items()
                for key, d in (dictionary.items() if isinstance(dictionary, TranscoderSet) else [(None, dictionary)])]

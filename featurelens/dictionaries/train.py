@@ -28,7 +28,7 @@ from ..engine.errors import InputError
 from ..paths import sub_dir
 from ..progress import OnProgress
 from .batches import Batches, chunk_for, model_batches, with_mlp_probes
-from .checkpoints import clear_checkpoints
+from .checkpoints import clear_checkpoints, has_checkpoints
 from .clt import CLTConfig, CrossLayerTranscoder
 from .formats import META_FILE, save_clt, save_dictionary, save_transcoder_set
 from .learner import CLTLearner, Learner
@@ -99,7 +99,7 @@ def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
     if main:
         clean_stale_tmp(out.parent, recursive=False)  # a save of `out` cut off by a crash: finished or undone
         clean_stale_tmp(out)
-    has_ckpt = (out / "checkpoints").is_dir() and any((out / "checkpoints").rglob("step-*.pt"))
+    has_ckpt = has_checkpoints(out)
     finished = (out / META_FILE).is_file() or (out / "cfg.json").is_file()
     if overwrite:
         if main:
@@ -200,7 +200,7 @@ def train_saes(model: Any, outs: Mapping[str, str | Path], *, arch: str = "topk"
     _per_layer_transcoders_only(tcfg, "an SAE")
     _prepare_out(dirs[0], resume, overwrite)
     # the run's checkpoints are in the first directory; a run stopped while saving may have written some others
-    resuming = resume and any((dirs[0] / "checkpoints").rglob("step-*.pt"))
+    resuming = resume and has_checkpoints(dirs[0])
     for d in dirs[1:]:
         _prepare_out(d, False, overwrite or resuming)
     acts, contexts, source, ctx_len = _activations(model, hooks, contexts, source, ctx_len, progress, from_cache)

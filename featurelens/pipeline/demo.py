@@ -366,8 +366,9 @@ class _Demo:
 
     def _train_kwargs(self, step: str, out: Path) -> dict[str, Any]:
         """resume an interrupted run of this very budget; otherwise start over (a changed budget, or a rerun)."""
-        has_ckpt = (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("step-*.pt"))
-        resume = has_ckpt and self._started_same(step) and step not in self.force
+        from ..dictionaries.checkpoints import has_checkpoints
+
+        resume = has_checkpoints(out) and self._started_same(step) and step not in self.force
         return {"resume": resume, "overwrite": not resume, "progress": self.progress, "ctx_len": self.budget.ctx_len}
 
     def _step_transcoders(self) -> dict[str, Any]:
@@ -388,13 +389,16 @@ class _Demo:
 
     def _step_saes(self) -> dict[str, Any]:
         from ..dictionaries import train_saes
+        from ..dictionaries.checkpoints import has_checkpoints
 
         b = self.budget
         outs = {self.sae_hook(layer): self.sae_dir(layer) for layer in b.sae_layers}
-        first = next(iter(outs.values()), None)  # where the run keeps its checkpoints
+        if not outs:
+            return {"paths": [], "saes": 0}
+        first = next(iter(outs.values()))  # where the run keeps its checkpoints
         # one run trains them all and saves them together: all finished, or the run is to do (or to resume)
-        done = all((out / "cfg.json").is_file() for out in outs.values()) and self._started_same("saes") \
-            and not any((first / "checkpoints").glob("step-*.pt")) and "saes" not in self.force if first else True
+        done = (self._started_same("saes") and "saes" not in self.force and not has_checkpoints(first)
+                and all((out / "cfg.json").is_file() for out in outs.values()))
         if not done:  # one forward pass (to the deepest layer) feeds every SAE
             train_saes(self.model, outs, arch="topk", k=b.sae_k, width=b.sae_width, tokens=b.sae_tokens,
                        **self._train_kwargs("saes", first))
