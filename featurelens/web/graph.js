@@ -35,7 +35,9 @@ export async function graphPage(root, parts, query) {
   }
   const st = readState(query);
   const view = new GraphView(g, st, () => { writeState(gid, st); sidePanels(); });
-  const scoresBox = h("div", { class: "scores" });
+  // on a line of its own with its height kept: the scores arrive after the canvas is drawn, and must not move it
+  // under the reader's pointer
+  const scoresBox = h("div", { class: "scores" }, h("span", { class: "muted", text: "graph scores: computing…" }));
   const nt = h("input", { type: "range", min: 0.05, max: 1, step: 0.01, value: st.nt, "aria-label": "pruning threshold" });
   const ntOut = h("output", { text: fmt(st.nt, 2) });
   const dens = h("input", { type: "range", min: -6, max: 0, step: 0.1, value: Math.log10(Math.max(st.dens, 1e-6)), "aria-label": "feature density threshold" });
@@ -61,8 +63,9 @@ export async function graphPage(root, parts, query) {
     h("div", { class: "prompt-line" }, h("b", { text: "prompt: " }), h("span", { class: "graph-prompt", text: meta.prompt })),
     h("div", { class: "controls" },
       h("label", {}, "pruning (node influence) ", nt, " ", ntOut),
-      h("label", {}, " feature density ≤ ", dens, " ", densOut), h("label", {}, " edges ", edgeSel, edgeNote), scoresBox,
+      h("label", {}, " feature density ≤ ", dens, " ", densOut), h("label", {}, " edges ", edgeSel, edgeNote),
       h("span", { class: "muted", text: "  edges: blue +, red −; width ∝ |weight|" })),
+    scoresBox,
     faithfulnessPanel(meta),
     h("div", { class: "graph-layout" }, h("div", { class: "canvas-wrap" }, view.canvas, view.tip),
       h("div", { class: "side" }, card, sub)),

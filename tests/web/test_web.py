@@ -447,6 +447,11 @@ def test_attention_panels_explain_a_clicked_edge(server, page, tmp_path):
 
     page.goto(f"{base}/#/graph/{gid}")
     page.wait_for_selector("#graph-canvas")
+    # the graph's scores arrive after the canvas is drawn and must not move it (a click aimed before they came
+    # would land elsewhere)
+    top = page.evaluate("document.querySelector('#graph-canvas').getBoundingClientRect().top")
+    page.wait_for_selector(".scores .score")
+    assert page.evaluate("document.querySelector('#graph-canvas').getBoundingClientRect().top") == top
     # a point on the edge that picks it and no node (edges cross; try along its length)
     point = page.evaluate("""([s, t]) => {
       const v = window.__featurelens.view, r = v.canvas.getBoundingClientRect();
