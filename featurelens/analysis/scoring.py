@@ -133,8 +133,7 @@ def score_labels(store: FeatureStore, embedder: Any = "auto", provenance: str | 
         part = labels[k:k + batch]
         pos_text = {f: [_window(strings, e) for e in positives(f)] for f, _, _ in part}
         if embedder is not None:
-            uniq = sorted({t for ts in pos_text.values() for t in ts} | {label_reading(lab) for _, _, lab in part})
-            vec = dict(zip(uniq, embedder.encode(uniq)))
+            vec = embedder.vectors([t for ts in pos_text.values() for t in ts] + [label_reading(lab) for _, _, lab in part])
         rows = []
         for f, p, lab in part:
             own: dict[int, list[int]] = {}

@@ -22,7 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Train a sparse dictionary on a model's activations and save it in SAELens's "
                                    "layout. Progress shows live L0 and explained variance; checkpoints allow --resume.")
     common.add_model(p, default=DEFAULT_MODEL, dtype=False)
-    common.add(p, "hook", note="(train an SAE on this hook)")
+    common.add(p, "hook", note="(train an SAE on this hook; several, comma-separated, train one SAE each on one "
+                               "pass of the model, each in its own directory under --out)")
     p.add_argument("--transcoder", action="store_true",
                    help="train transcoders blocks.L.ln2.hook_normalized -> blocks.L.hook_mlp_out instead")
     common.add(p, "layers", note="(transcoder layers; default all)")
@@ -83,7 +84,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "sharded safetensors with a manifest; under torchrun the ranks write the shards "
                                    "in parallel. Train on it with `featurelens train --from-cache DIR`.")
     common.add_model(p, default=DEFAULT_MODEL, dtype=False)
-    common.add(p, "hook", note="(an SAE's hook)")
+    common.add(p, "hook", note="(an SAE's hook; several, comma-separated)")
     p.add_argument("--mlp", action="store_true",
                    help="the MLP inputs and outputs of --layers: what `train --transcoder` and `train --clt` read")
     common.add(p, "layers", note="(with --mlp; default all)")
@@ -116,6 +117,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                          "transcoder)")
     if not args.transcoder and not args.hook and not args.clt:
         raise InputError("give --hook HOOK (e.g. blocks.6.hook_resid_post) to train an SAE, --transcoder, or --clt")
+    if args.hook:
+        _hooks(args.hook)  # a malformed list is refused before the model loads
     if args.shard == "layers" and not args.transcoder:
         raise InputError(f"--shard layers puts a transcoder set's layers on different ranks; "
                          f"{'a CLT couples its layers' if args.clt else 'an SAE has a single hook'}, so it is trained "
@@ -140,34 +143,49 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace, model: Any, settings: dict[str, Any]) -> int:
-    from ..dictionaries import train_clt, train_sae, train_transcoders
+    from ..dictionaries import train_clt, train_saes, train_transcoders
 
     if args.clt:
         result: Any = train_clt(model, layers=args.layers or "all", width=args.width or 2048, tokens=args.tokens or 1_000_000,
                            skip=bool(args.skip), **settings)
-        out = Path(result.source)
-        print(f"saved {result!r} to {out}")
+        saved = [Path(result.source)]
+        print(f"saved {result!r} to {saved[0]}")
         _print_train_summary("CLT", result.stats)
     elif args.transcoder:
         result = train_transcoders(model, layers=args.layers or "all", width=args.width or 4096, tokens=args.tokens or 1_000_000,
                                    skip=True if args.skip is None else args.skip, shard=args.shard, **settings)
         first = next(iter(result))
-        out = Path(first.source).parent
-        print(f"saved {len(result)} transcoders (layers {result.layers}) to {out}")
+        saved = [Path(first.source).parent]
+        print(f"saved {len(result)} transcoders (layers {result.layers}) to {saved[0]}")
         for layer, tc in result.items():
             _print_train_summary(f"layer {layer}", tc.stats)
     else:
         if args.skip:
             raise InputError("--skip is for transcoders")
-        result = train_sae(model, args.hook, width=args.width or 8192, tokens=args.tokens or 2_000_000, **settings)
-        out = Path(result.source)
-        print(f"saved {result!r} to {out}")
-        _print_train_summary(args.hook, result.stats)
+        hooks = _hooks(args.hook)
+        base = settings.pop("out")
+        # one hook: --out is its directory; several: one directory each under --out
+        outs = {h: Path(base).expanduser() / h if base and len(hooks) > 1 else base for h in hooks}
+        saes = train_saes(model, outs, width=args.width or 8192, tokens=args.tokens or 2_000_000, **settings)
+        for hook, sae in zip(hooks, saes):
+            print(f"saved {sae!r} to {sae.source}")
+            _print_train_summary(hook, sae.stats)
+        result = saes[0] if len(saes) == 1 else dict(zip(hooks, saes))
+        saved = [Path(sae.source) for sae in saes]
     if args.eval and settings["progress"]:  # rank 0 (or the only process) evaluates
         _report(_evaluate(model, result, args.ctx_len, args.corpus, 100_000, 32), as_json=False)
     else:
-        print(f"evaluate it with: featurelens eval {out}")
+        print("evaluate it with: " + "; ".join(f"featurelens eval {d}" for d in saved))
     return 0
+
+
+def _hooks(text: str) -> list[str]:
+    """--hook's hook names (comma-separated)."""
+    hooks = [h.strip() for h in text.split(",")]
+    if not all(hooks) or len(set(hooks)) != len(hooks):
+        raise InputError(f"--hook {text!r}: give hook names separated by commas, each once (e.g. "
+                         f"blocks.4.hook_resid_post,blocks.8.hook_resid_post)")
+    return hooks
 
 
 def cmd_cache_activations(args: argparse.Namespace) -> int:
@@ -183,7 +201,7 @@ def cmd_cache_activations(args: argparse.Namespace) -> int:
     distributed.init_from_env(args.device)
     model = common.load_model(args)
     if args.hook:
-        hooks = [args.hook]
+        hooks = _hooks(args.hook)
     else:
         layers = args.layers if args.layers not in (None, "all") else range(model.cfg.n_layers)
         hooks = [h for layer in layers for h in (TRANSCODER_IN.format(layer), TRANSCODER_OUT.format(layer))]
@@ -206,10 +224,13 @@ def _print_train_summary(name: str, stats: dict[str, Any]) -> None:
 
 
 def _evaluate(model: Any, dictionary: Any, ctx_len: int, source: str, tokens: int, ce_contexts: int) -> Any:
-    from ..dictionaries import evaluate_dictionary
+    """A dictionary's figures; for {name: dictionary} (several SAEs), each one's, measured on shared passes."""
+    from ..dictionaries import evaluate_dictionaries
 
-    return evaluate_dictionary(model, dictionary, tokens=tokens, ce_contexts=ce_contexts, source=source,
-                               ctx_len=ctx_len)
+    several = isinstance(dictionary, dict)
+    results = evaluate_dictionaries(model, dictionary if several else {"": dictionary}, tokens=tokens,
+                                    ce_contexts=ce_contexts, source=source, ctx_len=ctx_len)
+    return results if several else results[""]
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -247,7 +268,7 @@ def _report(result: Any, as_json: bool) -> None:
     else:  # transcoders: a layer per row (and "all" spliced in together), the main metrics as columns
         table = Table(caption=f"{first.eval_tokens:,} tokens; CE loss over {first.ce_tokens:,} tokens; "
                               f"CE clean {first.ce_clean:.4f}")
-        table.add_column("layer")
+        table.add_column("layer" if all(isinstance(k, int) or k == "all" for k in results) else "hook")
         wide = {"l0": "L0", "explained_variance": "expl. var.", "dead_fraction": "dead", "dense_fraction": "dense",
                 "ce_spliced": "CE spliced", "ce_zero_ablation": "CE zeroed", "ce_loss_recovered": "CE recov.",
                 "kl_div": "KL"}

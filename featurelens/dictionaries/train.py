@@ -166,20 +166,20 @@ def train_sae(model: Any, hook: str, *, arch: str = "topk", k: int | None = None
 
     >>> sae = fl.train_sae(model, "blocks.6.hook_resid_post", width=4096, tokens=250_000, out="~/sae-l6")
     """
-    out = Path(out).expanduser() if out is not None else _default_out(model, f"{hook}-{arch}-{width}")
     return train_saes(model, {hook: out}, arch=arch, k=k, width=width, tokens=tokens, lr=lr, batch_size=batch_size,
                       source=source, ctx_len=ctx_len, resume=resume, overwrite=overwrite, progress=progress,
                       seed=seed, checkpoint_every=checkpoint_every, contexts=contexts, on_progress=on_progress,
                       from_cache=from_cache, **options)[0]
 
 
-def train_saes(model: Any, outs: Mapping[str, str | Path], *, arch: str = "topk", k: int | None = None,
+def train_saes(model: Any, outs: Mapping[str, str | Path | None], *, arch: str = "topk", k: int | None = None,
                width: int = 8192, tokens: int = 2_000_000, lr: float | None = None, batch_size: int = 4096,
                source: Any = "nlp-corpus", ctx_len: int = 128, resume: bool = False, overwrite: bool = False,
                progress: bool = True, seed: int = 0, checkpoint_every: int | None = None,
                contexts: torch.Tensor | None = None, on_progress: OnProgress | None = None,
                from_cache: str | Path | None = None, **options: Any) -> list[SparseDictionary]:
-    """Train one SAE per hook of `outs` ({hook: its out directory}) on one activation stream; returns them in order.
+    """Train one SAE per hook of `outs` ({hook: its out directory, or None for `train_sae`'s default one}) on one
+    activation stream; returns them in order.
 
     One forward pass (to the deepest hook) feeds every SAE, so two SAEs at layers 4 and 8 cost the forward of the
     layer-8 one alone. Each SAE is the one `train_sae` trains on its hook with the same settings (same initial weights,
@@ -192,7 +192,8 @@ def train_saes(model: Any, outs: Mapping[str, str | Path], *, arch: str = "topk"
     if not outs:
         raise InputError("train_saes needs at least one hook and its out directory")
     hooks = list(outs)
-    dirs = [Path(o).expanduser() for o in outs.values()]
+    dirs = [Path(o).expanduser() if o is not None else _default_out(model, f"{h}-{arch}-{width}")
+            for h, o in outs.items()]
     if len(set(dirs)) < len(dirs):
         raise InputError(f"each SAE needs an out directory of its own; got {[str(d) for d in dirs]}")
     widths = [_check_hook(model, h) for h in hooks]

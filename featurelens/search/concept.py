@@ -216,8 +216,7 @@ def ensure_embeddings(store: FeatureStore, embedder: Any, texts: dict[int, list[
         for k in range(0, len(todo), batch):
             part = todo[k:k + batch]
             # the same sentence is often a top example of several features: each is encoded once (the memo)
-            uniq = sorted({t for f in part for t in texts[f] if t})
-            vec = dict(zip(uniq, embedder.encode(uniq)))
+            vec = embedder.vectors(t for f in part for t in texts[f] if t)
             rows = []
             for f in part:
                 m = np.stack([vec[t] if t else np.zeros(embedder.dim, dtype=np.float32) for t in texts[f]])

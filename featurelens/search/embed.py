@@ -16,7 +16,7 @@ import os
 import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -57,6 +57,11 @@ class Embedder(ABC):
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         return np.stack([known[t] for t in texts])
+
+    def vectors(self, texts: Iterable[str], batch_size: int = 64) -> dict[str, np.ndarray]:
+        """{text: its vector} for the distinct texts given (for callers that look texts up by value)."""
+        distinct = list(dict.fromkeys(texts))
+        return dict(zip(distinct, self.encode(distinct, batch_size)))
 
     @property
     @abstractmethod

@@ -219,6 +219,9 @@ def test_the_embedder_encodes_a_text_once_while_it_is_remembered():
     emb.encode(["b"])
     assert emb.encoded == ["a", "b", "c", "d", "b"]
     assert emb.encode([]).shape == (0, 4)
+    by_text = emb.vectors(iter(["e", "b", "e"]))  # any iterable; each distinct text once
+    assert list(by_text) == ["e", "b"] and emb.encoded[-1] == "e"
+    np.testing.assert_array_equal(by_text["b"], emb.encode(["b"])[0])
 
 
 def test_a_remembered_vector_is_the_one_the_model_gives_alone():

@@ -376,12 +376,12 @@ def test_renamed_flags_reach_the_library_with_their_units(saved, monkeypatch, ca
 
     monkeypatch.setattr("featurelens.models.loader.load_model", lambda name, **kw: object())
     monkeypatch.setattr(analysis, "analyze", capture("analyze"))
-    monkeypatch.setattr(dictionaries, "train_sae", capture("train_sae"))
+    monkeypatch.setattr(dictionaries, "train_saes", capture("train_saes"))
     assert main(["analyze", saved["sae", "made-up-model"], "--checkpoint-seconds", "7", "--batch-size", "4",
                  "--tokens", "2k"]) == 2
     assert (got["analyze"]["checkpoint_every"], got["analyze"]["batch_size"], got["analyze"]["n_tokens"]) == (7.0, 4, 2000)
     assert main(["train", "--hook", "blocks.0.hook_resid_post", "--checkpoint-steps", "9", "--batch-tokens", "2k"]) == 2
-    assert (got["train_sae"]["checkpoint_every"], got["train_sae"]["batch_size"]) == (9, 2000)
+    assert (got["train_saes"]["checkpoint_every"], got["train_saes"]["batch_size"]) == (9, 2000)
     capsys.readouterr()
 
 

@@ -563,6 +563,22 @@ def test_cli_train_and_eval(gemma, tmp_path, capsys):
     assert main(["train", "--hook", "blocks.2.hook_resid_post", "--k", "0", "--out", str(tmp_path / "z")]) == 2
     assert "k must be a positive integer" in capsys.readouterr().err
 
+    # several hooks: one SAE each on one pass of the model, in <--out>/<hook>; each the one trained alone
+    both = tmp_path / "both"
+    rc = main(["train", "-m", "gemma-3-270m", "--hook", "blocks.1.hook_resid_post, blocks.2.hook_resid_post",
+               "--arch", "topk", "--k", "8", "--width", "256", "--tokens", "2_048", "--batch-tokens", "512",
+               "--out", str(both)])
+    printed = capsys.readouterr().out
+    assert rc == 0 and sorted(p.name for p in both.iterdir()) == ["blocks.1.hook_resid_post", "blocks.2.hook_resid_post"]
+    assert printed.count("explained variance") == 2 and f"featurelens eval {both / 'blocks.2.hook_resid_post'}" in printed
+    alone, joint = fl.load_dictionary(out), fl.load_dictionary(both / "blocks.2.hook_resid_post")
+    for name, a in alone.state_dict().items():
+        torch.testing.assert_close(joint.state_dict()[name], a, rtol=1e-5, atol=1e-6, msg=name)
+    for bad in ("blocks.1.hook_resid_post,,blocks.2.hook_resid_post", "blocks.1.hook_resid_post,blocks.1.hook_resid_post"):
+        assert main(["train", "--hook", bad, "--out", str(tmp_path / "z")]) == 2
+        assert "give hook names separated by commas, each once" in capsys.readouterr().err
+    assert not (tmp_path / "z").exists()
+
 
 # ----------------------------------------------------------------------------------------------- splicing
 def _splice_dictionary(transcoder: bool = False, skip: bool = False, seed: int = 0) -> SparseDictionary:
