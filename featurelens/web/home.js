@@ -14,6 +14,17 @@ function status(d) {
       ? h("a", { href: `#/feature/${enc(ids[String(l)])}/0`, class: "layer-link", text: `${l} ` }) : `${l} `)));
 }
 
+// A dictionary's hook; a transcoder set's or a cross-layer transcoder's with its layer as L (each layer reads its
+// own: "blocks.L.ln2.hook_normalized, L = 0–17"), where its first layer's hook alone would mislead.
+function hookText(d) {
+  const layers = d.layers || [];
+  if (!layers.length) return d.hook_name || "";
+  const first = layers[0], last = layers[layers.length - 1];
+  const which = layers.length === 1 ? `${first}` : last - first + 1 === layers.length ? `${first}–${last}` : layers.join(",");
+  const hook = (d.hook_name || "").replace(`blocks.${first}.`, "blocks.L.");
+  return hook ? `${hook}, L = ${which}` : `layers ${which}`;
+}
+
 export async function homePage(root) {
   const o = await get("/api/overview");
   const search = h("form", { class: "bigsearch", onsubmit: (e) => {
@@ -34,7 +45,7 @@ export async function homePage(root) {
       dicts.map((d) => [
         d.analyzed ? h("a", { href: `#/search?tab=concept&d=${enc(d.id)}`, text: d.id, class: "dict-link" })
                    : h("span", { text: d.id }),
-        d.model, d.hook_name || (d.layers ? `layers ${d.layers.join(",")}` : ""),
+        d.model, h("span", { class: "hook", text: hookText(d) }),
         d.cross_layer ? "cross-layer transcoder" : d.kind, d.d_sae ?? "",
         fmt(d.metrics.l0), fmt(d.metrics.explained_variance), pct(d.metrics.ce_loss_recovered),
         status(d),

@@ -275,6 +275,9 @@ def _browse_the_demo(home: Path, sae_id: str, feature: int, shots: Path) -> None
             page.wait_for_selector("a.dict-link")
             body = page.inner_text("main")
             assert "gemma-3-270m~demo-transcoders" in body and sae_id in body
+            # the transcoder set's row names its hooks by layer, not its first layer's hook alone
+            set_row = page.locator("tr", has_text="gemma-3-270m~demo-transcoders")
+            assert set_row.locator("span.hook").inner_text() == "blocks.L.ln2.hook_normalized, L = 0–17"
             assert "The capital of France is" in body
             page.screenshot(path=str(shots / "demo-home.png"))
 
