@@ -78,6 +78,10 @@ def test_training_from_the_cache_equals_training_on_the_model(cache: Path, tmp_p
     assert on_cache[0].stats["source"] == "random-ids"
     sae = fl.train_sae(model, HOOKS[2], from_cache=cache, out=tmp_path / "sae", **common)
     assert sae.stats["tokens_trained"] == 512
+    # several SAEs on one read of the cache: each the one trained alone
+    _, both = fl.train_saes(model, {HOOKS[0]: tmp_path / "s0", HOOKS[2]: tmp_path / "s2"}, from_cache=cache, **common)
+    for name, p in sae.state_dict().items():
+        torch.testing.assert_close(both.state_dict()[name], p, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_the_manifest_is_checked_on_read(cache: Path, tmp_path: Path) -> None:
