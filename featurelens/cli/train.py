@@ -225,12 +225,10 @@ def _print_train_summary(name: str, stats: dict[str, Any]) -> None:
 
 def _evaluate(model: Any, dictionary: Any, ctx_len: int, source: str, tokens: int, ce_contexts: int) -> Any:
     """A dictionary's figures; for {name: dictionary} (several SAEs), each one's, measured on shared passes."""
-    from ..dictionaries import evaluate_dictionaries
+    from ..dictionaries import evaluate_dictionaries, evaluate_dictionary
 
-    several = isinstance(dictionary, dict)
-    results = evaluate_dictionaries(model, dictionary if several else {"": dictionary}, tokens=tokens,
-                                    ce_contexts=ce_contexts, source=source, ctx_len=ctx_len)
-    return results if several else results[""]
+    evaluate = evaluate_dictionaries if isinstance(dictionary, dict) else evaluate_dictionary
+    return evaluate(model, dictionary, tokens=tokens, ce_contexts=ce_contexts, source=source, ctx_len=ctx_len)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
